@@ -1,0 +1,134 @@
+/* config.h — the one configuration of every agentq program.
+ *
+ * One table of keys (type, default, bounds, doc) drives everything: the
+ * defaults, reading a libconfig file, AGENTQ_<SECTION>_<KEY> environment
+ * overrides, command-line overrides, the example file and the dump of the
+ * effective configuration. Order of precedence, lowest first: defaults,
+ * file, environment, command line (aq_config_set after aq_config_load).
+ *
+ * API keys are never configuration values: llm.api_key_env names the
+ * environment variable that holds the key, and aq_config_api_key() reads it.
+ *
+ * The config is a plain struct passed explicitly; there is no global. */
+#ifndef AGENTQ_CONFIG_H
+#define AGENTQ_CONFIG_H
+
+#include "agentq/common.h"
+#include <stdio.h>
+
+/* A skill declared in the config file: the worker POSTs the arguments to
+ * `url` and hands the reply to the model. */
+typedef struct aq_http_skill {
+    char *name;
+    char *description;
+    char *parameters; /* JSON Schema object, as JSON text */
+    char *url;
+    int timeout_ms;
+} aq_http_skill;
+
+/* Price of a model in USD per million tokens. */
+typedef struct aq_model_price {
+    char *model;
+    double input_per_mtok;
+    double output_per_mtok;
+} aq_model_price;
+
+typedef struct aq_config {
+    /* amqp */
+    char *amqp_url;
+    int amqp_heartbeat;
+    char *amqp_exchange;
+    char *amqp_queue;
+    char *amqp_dlx;
+    char *amqp_dead_queue;
+    char *amqp_retry_prefix;
+    char *amqp_retry_delays;
+    int amqp_max_attempts;
+    int amqp_consumer_timeout_ms;
+    /* postgres */
+    char *pg_dsn;
+    int pg_batch_max;
+    int pg_flush_ms;
+    /* llm */
+    char *llm_base_url;
+    char *llm_api_key_env;
+    char *llm_model;
+    char *llm_models;
+    int llm_timeout_ms;
+    int llm_connect_timeout_ms;
+    int llm_max_connections;
+    int llm_max_retries;
+    int llm_retry_backoff_ms;
+    int llm_requests_per_minute;
+    int llm_tokens_per_minute;
+    double llm_price_input_per_mtok;
+    double llm_price_output_per_mtok;
+    /* worker */
+    char *worker_id;
+    int worker_concurrency;
+    int worker_drain_seconds;
+    /* agent */
+    char *agent_system_prompt;
+    int agent_max_context_bytes;
+    int agent_max_tool_calls;
+    /* skills */
+    char *skills_enabled;
+    char *skills_http_get_allow;
+    int skills_http_get_max_bytes;
+    int skills_http_get_timeout_ms;
+    /* limits */
+    char *limits_mode;
+    int limits_max_inflight_per_user;
+    /* metrics */
+    char *metrics_listen;
+    /* log */
+    char *log_level;
+
+    /* lists, file only */
+    aq_http_skill *http_skills;
+    int n_http_skills;
+    aq_model_price *prices;
+    int n_prices;
+} aq_config;
+
+/* Fills every key with its default. The caller frees with aq_config_free(). */
+void aq_config_init(aq_config *cfg);
+
+/* aq_config_init, then the file at `path` (NULL: none), then the
+ * environment. On error returns AQ_EINVAL and writes a message naming the
+ * file, line and key into err; cfg is then still safe to free. */
+int aq_config_load(aq_config *cfg, const char *path, char *err, size_t errlen) AQ_MUSTCHECK;
+
+/* Sets "section.key" from text, with the same checks as the file. */
+int aq_config_set(aq_config *cfg, const char *key, const char *value,
+                  char *err, size_t errlen) AQ_MUSTCHECK;
+
+/* Cross-key checks (e.g. a task timeout the broker's consumer_timeout
+ * allows). Called by aq_config_load; call again after aq_config_set. */
+int aq_config_check(const aq_config *cfg, char *err, size_t errlen) AQ_MUSTCHECK;
+
+void aq_config_free(aq_config *cfg);
+
+/* Prints the effective configuration as a libconfig file (secrets masked). */
+void aq_config_dump(const aq_config *cfg, FILE *out);
+/* Prints an example file: every key, its default and its doc. */
+void aq_config_write_example(FILE *out);
+/* Prints the environment variables that override keys, for --help. */
+void aq_config_print_env_help(FILE *out);
+
+/* The API key from the variable llm.api_key_env names, or NULL. Borrowed
+ * from the environment. */
+const char *aq_config_api_key(const aq_config *cfg);
+
+/* The price of `model` (falls back on llm.price_* for unlisted models). */
+void aq_config_price(const aq_config *cfg, const char *model,
+                     double *input_per_mtok, double *output_per_mtok);
+
+/* Parses amqp.retry_delays into up to `max` delays in ms; returns how
+ * many, or AQ_EINVAL. */
+int aq_config_retry_delays(const aq_config *cfg, long *ms, int max);
+
+/* True if `name` is in the comma-separated list `list`. */
+bool aq_config_list_has(const char *list, const char *name);
+
+#endif

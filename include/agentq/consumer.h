@@ -1,0 +1,74 @@
+/* consumer.h — the worker's broker side: one thread that owns an AMQP
+ * connection, consumes the task queue (prefetch = concurrency) and the
+ * dead-letter queue, and carries out acks, rejects and confirmed publishes
+ * that the loop thread asks for.
+ *
+ * rabbitmq-c has no background thread and its calls block, so they stay
+ * off the event loop: the loop talks to this thread through mailboxes, and
+ * the thread calls into the library at least every heartbeat/2 so
+ * heartbeats flow. A lost connection is re-established with backoff and
+ * jitter; deliveries of the lost connection are void (the broker redelivers
+ * them), so acks for them are dropped, and publishes not yet confirmed are
+ * reported as failed. */
+#ifndef AGENTQ_CONSUMER_H
+#define AGENTQ_CONSUMER_H
+
+#include "agentq/broker.h"
+#include "agentq/config.h"
+
+struct event_base;
+typedef struct aq_consumer aq_consumer;
+
+typedef enum { AQ_FROM_TASKS, AQ_FROM_DEAD } aq_delivery_source;
+
+/* One message handed to the loop. Owned by the receiver; free with
+ * aq_delivery_free(). */
+typedef struct aq_delivery {
+    uint64_t tag;            /* opaque: pass back to ack/reject */
+    aq_delivery_source source;
+    bool redelivered;
+    char *body;              /* NUL-terminated copy; len excludes the NUL */
+    size_t len;
+    char *message_id;        /* NULL if absent */
+    char *expiration;        /* NULL if absent */
+    char *routing_key;
+    int priority;
+    int64_t timestamp;       /* seconds; 0 if absent */
+    json_t *headers;         /* object (may be empty); owned */
+} aq_delivery;
+
+void aq_delivery_free(aq_delivery *d);
+
+typedef struct aq_consumer_callbacks {
+    /* A delivery; takes ownership of d. */
+    void (*on_delivery)(aq_delivery *d, void *arg);
+    /* A publish's outcome: ok = confirmed by the broker. */
+    void (*on_published)(void *cookie, bool ok, void *arg);
+    /* Connected (true) or lost (false). */
+    void (*on_state)(bool connected, void *arg);
+    void *arg;
+} aq_consumer_callbacks;
+
+/* Starts the thread; it connects in the background and keeps trying.
+ * `cfg` is borrowed and must outlive the consumer. `consume_dead` also
+ * consumes the dead-letter queue. Callbacks run on `base`'s loop. */
+aq_consumer *aq_consumer_new(const aq_config *cfg, struct event_base *base,
+                             const aq_consumer_callbacks *cb, bool consume_dead,
+                             char *err, size_t errlen);
+
+/* Stops the thread (after sending what was asked), closes the connection
+ * and frees. Unacked deliveries go back to the queue by the broker. */
+void aq_consumer_free(aq_consumer *c);
+
+/* Thread-safe requests; they are carried out in order. */
+void aq_consumer_ack(aq_consumer *c, uint64_t tag);
+void aq_consumer_reject(aq_consumer *c, uint64_t tag, bool requeue);
+/* Copies msg; on_published(cookie, ...) reports the confirm. */
+void aq_consumer_publish(aq_consumer *c, const aq_publish *msg, void *cookie);
+/* Stops consuming the task queue (drain); deliveries already received are
+ * still handed over. */
+void aq_consumer_stop_consuming(aq_consumer *c);
+
+bool aq_consumer_connected(const aq_consumer *c);
+
+#endif

@@ -1,0 +1,49 @@
+/* ratelimit.h — keeps a worker's LLM calls inside the provider's
+ * requests/min and tokens/min, and shares the waiting fairly.
+ *
+ * Two token buckets (requests, tokens) refill continuously at limit/60 per
+ * second. A bucket holds at most one second's worth (at least one
+ * request, or one call's tokens), so no sliding minute ever sees more than
+ * the limit plus that second: the fleet spends the limit fully without
+ * bursting past it. Token use is estimated when a call starts and corrected
+ * with the reported usage when it ends (the bucket may go into debt).
+ *
+ * Sessions that must wait are served round-robin by user: each user has a
+ * FIFO, and grants rotate over users, so one user's burst of a thousand
+ * tasks waits behind everyone else's next call, not in front of it.
+ *
+ * A 429's Retry-After pauses every grant until it has passed. All calls are
+ * on the loop thread. */
+#ifndef AGENTQ_RATELIMIT_H
+#define AGENTQ_RATELIMIT_H
+
+#include "agentq/common.h"
+
+struct event_base;
+typedef struct aq_ratelimit aq_ratelimit;
+typedef struct aq_rl_wait aq_rl_wait;
+typedef void (*aq_rl_cb)(void *arg);
+
+/* rpm, tpm: 0 = unlimited. Free with aq_ratelimit_free(), which drops
+ * waiters without calling them. */
+aq_ratelimit *aq_ratelimit_new(struct event_base *base, int64_t rpm, int64_t tpm);
+void aq_ratelimit_free(aq_ratelimit *rl);
+
+/* Takes one request and `tokens` estimated tokens for `user` (borrowed).
+ * Returns true if granted now (cb is not called). Otherwise queues the
+ * caller, sets *wait, and calls cb(arg) on the loop once granted; cancel
+ * with aq_ratelimit_cancel() before then. */
+bool aq_ratelimit_acquire(aq_ratelimit *rl, const char *user, int64_t tokens,
+                          aq_rl_cb cb, void *arg, aq_rl_wait **wait);
+/* Removes a queued waiter; its cb is never called. */
+void aq_ratelimit_cancel(aq_ratelimit *rl, aq_rl_wait *wait);
+
+/* Corrects the token bucket by `delta` (actual - estimated). */
+void aq_ratelimit_adjust(aq_ratelimit *rl, int64_t delta);
+/* Pauses grants for `ms` (a 429's Retry-After). */
+void aq_ratelimit_pause(aq_ratelimit *rl, int64_t ms);
+
+/* Number of waiting sessions, and of users with waiters. */
+size_t aq_ratelimit_waiting(const aq_ratelimit *rl, size_t *users);
+
+#endif

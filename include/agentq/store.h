@@ -1,0 +1,189 @@
+/* store.h — the worker's PostgreSQL writer: every task status row, step row
+ * and dead-letter row goes through it.
+ *
+ * A store owns one writer thread and one libpq connection. The verbs are
+ * called on the event-loop thread, never block, copy their inputs and
+ * queue a request; the writer takes what is queued (up to batch_max,
+ * waiting up to flush_ms for more after the first) and writes it as ONE
+ * transaction in libpq pipeline mode with prepared statements. A statement
+ * that fails sinks only its own request: the batch is then retried one
+ * request per transaction. A lost connection (or a database that is down
+ * at start) is waited out with exponential backoff and jitter, and the
+ * uncommitted batch is replayed; every statement is idempotent under replay
+ * (claims carry a token, steps have a unique key, dead letters a store
+ * key: see sql/010_store.sql), so nothing is lost or written twice.
+ *
+ * Callbacks run on the loop thread of the event_base given to
+ * aq_store_new() (the writer wakes the loop through an eventfd), exactly
+ * once per accepted request: after COMMIT on success, or with an error
+ * code — also from aq_store_free() for requests that could not be written.
+ * A verb that returns an error never calls its callback.
+ *
+ * The queue is not bounded: while the database is away requests pile up in
+ * memory. Callers that care watch aq_store_pending().
+ *
+ * What it does not own: the schema (sql/), migrations (migrate.h), the
+ * decision of what status a task gets (the worker's), acking deliveries. */
+#ifndef AGENTQ_STORE_H
+#define AGENTQ_STORE_H
+
+#include "agentq/common.h"
+
+struct event_base;
+
+typedef struct aq_store aq_store;
+
+/* All strings borrowed for the aq_store_new() call (the store copies). */
+typedef struct aq_store_config {
+    const char *dsn;       /* libpq connection string or URI */
+    const char *worker_id; /* written to agentq.tasks.worker_id; NULL: "" */
+    int batch_max;         /* most requests per transaction; <= 0: 500 */
+    int flush_ms;          /* after a first request, wait this long for
+                            * more before writing; <= 0: write at once */
+    int flush_timeout_ms;  /* how long aq_store_free() waits for queued
+                            * requests to be written; <= 0: 5000 */
+    int reconnect_max_ms;  /* reconnect backoff cap; <= 0: 5000 */
+} aq_store_config;
+
+/* What a claim found. */
+typedef enum aq_store_outcome {
+    AQ_STORE_RUN = 0,   /* the row now says running for this worker: go */
+    AQ_STORE_FINAL,     /* the row was already final: ack without running */
+    AQ_STORE_CANCELLED, /* cancel_requested: finish as cancelled and ack */
+} aq_store_outcome;
+
+/* The task being claimed. Strings borrowed for the call. */
+typedef struct aq_store_task {
+    const char *task_id;   /* canonical UUID text */
+    const char *user_id;
+    const char *goal;
+    int priority;          /* 0..255 */
+    int attempt;           /* the delivery's attempt (x-agentq-attempt); <= 0: 1 */
+    int max_steps;
+    double budget_usd;
+    double timeout_seconds;
+    const char *model;     /* NULL: none */
+    const char *metadata;  /* JSON object text; NULL: none */
+    int64_t enqueued_at_us;/* epoch microseconds; 0: now */
+} aq_store_task;
+
+/* Claim result. On code 0: `outcome`; `attempt` is the attempt the row now
+ * holds (the one to run, or the final row's); `status` the row's status
+ * (borrowed for the call). On a negative AQ_E* code nothing was written
+ * and the other arguments are meaningless: AQ_EINVAL when PostgreSQL
+ * rejected the row (the message is logged), AQ_EAGAIN when another writer
+ * raced this claim, AQ_ECLOSED/AQ_ETIMEDOUT when the store was freed first. */
+typedef void (*aq_store_claim_cb)(void *arg, aq_store_outcome outcome, int attempt,
+                                  const char *status, int code);
+
+/* Completion of a finish or dead letter: 0 once committed, else AQ_E*. */
+typedef void (*aq_store_done_cb)(void *arg, int code);
+
+/* A task's new status and totals. Strings borrowed for the call. */
+typedef struct aq_store_result {
+    const char *task_id;
+    int attempt;           /* the claimed attempt; the row is changed only
+                            * while it holds it; <= 0: whatever it holds */
+    const char *status;    /* any status; final ones set finished_at */
+    int steps;
+    int64_t prompt_tokens;
+    int64_t completion_tokens;
+    double cost_usd;
+    const char *result;    /* NULL: SQL NULL */
+    const char *error;     /* NULL: SQL NULL */
+} aq_store_result;
+
+/* One agentq.steps row. Strings borrowed for the call. (task_id, attempt,
+ * step, kind, seq) is its key: writing it twice keeps the first. */
+typedef struct aq_store_step_row {
+    const char *task_id;
+    int attempt;
+    int step;              /* step number, 1 for the first LLM call */
+    int seq;               /* 0 for the LLM call; the tool call's index
+                            * among the step's parallel tool calls */
+    const char *kind;      /* "llm" or "tool" */
+    const char *name;      /* model or skill name; NULL allowed */
+    const char *status;    /* e.g. "ok", "error"; NULL allowed */
+    int64_t started_at_us; /* epoch microseconds; 0: NULL */
+    double duration_ms;
+    int64_t prompt_tokens;
+    int64_t completion_tokens;
+    double cost_usd;
+    const char *detail;    /* JSON text; NULL: SQL NULL */
+} aq_store_step_row;
+
+/* A dead letter, and optionally the task row's final status, written in
+ * one transaction. Pointers borrowed for the call. */
+typedef struct aq_store_dead {
+    const char *task_id;   /* canonical UUID, or NULL/invalid: no task */
+    const char *reason;    /* "rejected", "expired", "failed", ... */
+    const char *error;     /* names the problem; NULL allowed */
+    const void *body;      /* any bytes (need not be UTF-8 nor text) */
+    size_t body_len;
+    const char *headers;   /* JSON object text; NULL: SQL NULL */
+    const char *status;    /* final status for the task row, or NULL to
+                            * leave the row alone; ignored without task_id.
+                            * A row already final is kept as it is. */
+    const char *user_id;   /* for a row that does not exist yet; NULL: "" */
+    const char *goal;      /* likewise; NULL: "" */
+    int attempt;           /* likewise; <= 0: 1 */
+} aq_store_dead;
+
+typedef struct aq_store_counters {
+    uint64_t transactions; /* committed */
+    uint64_t requests;     /* written and committed */
+    uint64_t failed;       /* reported with an error */
+    uint64_t reconnects;   /* connections made after the first */
+    uint64_t pending;      /* as aq_store_pending() */
+    bool connected;
+} aq_store_counters;
+
+/* Starts the writer thread, which connects in the background (a database
+ * that is down is retried, requests queue meanwhile). `cfg` is borrowed;
+ * `base` is borrowed and must outlive the store. Returns NULL and fills err
+ * only for a bad config or when the thread or eventfd cannot be made.
+ * The caller frees the store with aq_store_free(). */
+aq_store *aq_store_new(const aq_store_config *cfg, struct event_base *base,
+                       char *err, size_t errlen);
+
+/* Stops taking requests, waits up to flush_timeout_ms for the queued ones
+ * to be written, joins the writer, then calls the callbacks of everything
+ * left (code AQ_ECLOSED, or AQ_ETIMEDOUT if a transaction was cut short)
+ * on the calling thread, which must be the loop thread; not from inside a
+ * store callback. NULL is a no-op. */
+void aq_store_free(aq_store *s);
+
+/* Upserts the task row as running for this worker (see design.md's
+ * delivery guarantees for the attempt rule). `t` is borrowed. Returns 0
+ * (cb will be called), AQ_EINVAL (bad input) or AQ_ECLOSED (freeing). */
+int aq_store_claim(aq_store *s, const aq_store_task *t, aq_store_claim_cb cb,
+                   void *arg) AQ_MUSTCHECK;
+
+/* Sets a task's status and totals. cb runs after COMMIT with 0 when the
+ * row holds this result or was already final (either way the delivery may
+ * be acked), AQ_ENOTFOUND when no row exists for this task and attempt
+ * (another attempt owns it), AQ_EINVAL when PostgreSQL rejected it. `r` is
+ * borrowed. Returns 0, AQ_EINVAL or AQ_ECLOSED. */
+int aq_store_finish(aq_store *s, const aq_store_result *r, aq_store_done_cb cb,
+                    void *arg) AQ_MUSTCHECK;
+
+/* Queues one step row; no callback (a row PostgreSQL rejects is logged and
+ * dropped). `row` is borrowed. Returns 0, AQ_EINVAL or AQ_ECLOSED. */
+int aq_store_step(aq_store *s, const aq_store_step_row *row) AQ_MUSTCHECK;
+
+/* Records a dead letter (and the task's final status, see aq_store_dead).
+ * cb gets 0 after COMMIT. `d` is borrowed. Returns 0, AQ_EINVAL or
+ * AQ_ECLOSED. */
+int aq_store_dead_letter(aq_store *s, const aq_store_dead *d, aq_store_done_cb cb,
+                         void *arg) AQ_MUSTCHECK;
+
+/* Requests accepted and not yet committed or failed. Any thread. */
+size_t aq_store_pending(aq_store *s);
+
+/* A snapshot of the counters. Any thread. */
+void aq_store_stats(aq_store *s, aq_store_counters *out);
+
+/* True for the statuses a task never leaves (agentq.is_final). */
+bool aq_store_status_final(const char *status);
+
+#endif

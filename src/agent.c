@@ -1,0 +1,554 @@
+/* agent.c — agent sessions as state machines on the loop (see agent.h).
+ *
+ * Owns: each session's history, its timers, its in-flight LLM request and
+ * tool calls. Does not own: the task (the worker's), the HTTP client, the
+ * skills, the limiter, or where step rows go (deps->on_step).
+ *
+ * Every path that ends a session goes through finish(), and finish() is
+ * only ever reached from a loop callback, so the done callback never runs
+ * inside a caller's call. */
+#include "agentq/agent.h"
+#include "agentq/chat.h"
+#include "agentq/log.h"
+
+#include <event2/event.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef enum { S_WAIT_GRANT, S_LLM, S_TOOLS, S_BACKOFF, S_STOPPING, S_DONE } sstate;
+
+typedef struct tool_slot {
+    aq_skill_call *call;
+    char *output;
+    size_t len;
+    bool is_error;
+    bool done;
+    int64_t started_us, mono_start;
+} tool_slot;
+
+struct aq_engine {
+    aq_engine_deps d;
+    char *url;
+    char *auth_header;   /* "Authorization: Bearer ..." or NULL */
+    size_t sessions;
+    unsigned rng;
+};
+
+struct aq_session {
+    aq_engine *e;
+    const aq_task *task;
+    int attempt;
+    sstate state;
+    aq_chat *chat;
+    char *tools_owned;      /* a task's subset of tools, or NULL */
+    const char *tools;      /* the tools JSON offered */
+    double price_in, price_out; /* USD per token */
+    struct event *deadline_ev;
+    struct event *wake_ev;  /* backoff, and deferred finish */
+    aq_rl_wait *rl_wait;
+    aq_http_req *req;
+    int64_t est_tokens;
+    int retries;
+    int steps;
+    int64_t prompt_tokens, completion_tokens;
+    double cost;
+    int64_t llm_started_us, llm_mono;
+    aq_chat_reply reply;    /* the reply whose tool calls are running */
+    bool have_reply;
+    tool_slot *tools_run;
+    size_t ntools, tools_left;
+    /* the outcome, once known */
+    const char *stop_status;
+    bool stop_retryable;
+    char *stop_error;
+    char *result;
+    aq_session_done_cb cb;
+    void *cb_arg;
+};
+
+static void next_step(aq_session *s);
+static void send_llm(aq_session *s);
+static void tools_done(aq_session *s);
+
+static unsigned jitter(aq_engine *e, unsigned max)
+{
+    e->rng = e->rng * 1103515245u + 12345u;
+    return max ? (e->rng >> 8) % max : 0;
+}
+
+aq_engine *aq_engine_new(const aq_engine_deps *deps, char *err, size_t errlen)
+{
+    aq_engine *e = aq_xcalloc(1, sizeof *e);
+    e->d = *deps;
+    const char *base = deps->cfg->llm_base_url;
+    size_t bl = strlen(base);
+    while (bl && base[bl - 1] == '/') bl--;
+    e->url = aq_xmalloc(bl + sizeof "/chat/completions");
+    memcpy(e->url, base, bl);
+    strcpy(e->url + bl, "/chat/completions");
+    const char *key = aq_config_api_key(deps->cfg);
+    if (key) {
+        aq_log_add_secret(key);
+        size_t n = strlen(key) + sizeof "Authorization: Bearer ";
+        e->auth_header = aq_xmalloc(n);
+        snprintf(e->auth_header, n, "Authorization: Bearer %s", key);
+    }
+    e->rng = (unsigned)aq_now_us();
+    (void)err;
+    (void)errlen;
+    return e;
+}
+
+void aq_engine_free(aq_engine *e)
+{
+    if (!e) return;
+    free(e->url);
+    free(e->auth_header);
+    free(e);
+}
+
+size_t aq_engine_sessions(const aq_engine *e) { return e->sessions; }
+
+static void set_stop(aq_session *s, const char *status, bool retryable, const char *fmt, ...) AQ_PRINTF(4, 5);
+
+static void set_stop(aq_session *s, const char *status, bool retryable, const char *fmt, ...)
+{
+    if (s->stop_status) return; /* the first reason wins */
+    s->stop_status = status;
+    s->stop_retryable = retryable;
+    if (fmt) {
+        char buf[1024];
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(buf, sizeof buf, fmt, ap);
+        va_end(ap);
+        s->stop_error = aq_xstrdup(buf);
+    }
+}
+
+static void free_tools(aq_session *s)
+{
+    for (size_t i = 0; i < s->ntools; i++) {
+        if (s->tools_run[i].call && !s->tools_run[i].done) aq_skill_call_cancel(s->tools_run[i].call);
+        free(s->tools_run[i].output);
+    }
+    free(s->tools_run);
+    s->tools_run = NULL;
+    s->ntools = s->tools_left = 0;
+    if (s->have_reply) aq_chat_reply_free(&s->reply);
+    s->have_reply = false;
+}
+
+static void session_free(aq_session *s)
+{
+    free_tools(s);
+    if (s->rl_wait) aq_ratelimit_cancel(s->e->d.ratelimit, s->rl_wait);
+    event_free(s->deadline_ev);
+    event_free(s->wake_ev);
+    aq_chat_free(s->chat);
+    free(s->tools_owned);
+    free(s->stop_error);
+    free(s->result);
+    s->e->sessions--;
+    free(s);
+}
+
+/* Reports the outcome and frees the session. Only from loop callbacks. */
+static void finish(aq_session *s)
+{
+    s->state = S_DONE;
+    aq_session_result r = {
+        .status = s->stop_status ? s->stop_status : "failed",
+        .retryable = s->stop_retryable,
+        .steps = s->steps,
+        .prompt_tokens = s->prompt_tokens,
+        .completion_tokens = s->completion_tokens,
+        .cost_usd = s->cost,
+        .result = s->result,
+        .error = s->stop_error,
+    };
+    s->cb(s, &r, s->cb_arg);
+    session_free(s);
+}
+
+/* Stops whatever is in flight; finishes now or when the aborted LLM
+ * request calls back. */
+static void stop_now(aq_session *s)
+{
+    if (s->rl_wait) {
+        aq_ratelimit_cancel(s->e->d.ratelimit, s->rl_wait);
+        s->rl_wait = NULL;
+    }
+    free_tools(s);
+    event_del(s->wake_ev);
+    event_del(s->deadline_ev);
+    if (s->req) {
+        s->state = S_STOPPING;
+        aq_http_cancel(s->req);
+        return;
+    }
+    finish(s);
+}
+
+static void on_deadline(evutil_socket_t fd, short what, void *arg)
+{
+    aq_session *s = arg;
+    set_stop(s, "timeout", false, "timed out after %.1f s (timeout_seconds)", s->task->timeout_seconds);
+    stop_now(s);
+}
+
+static void on_wake(evutil_socket_t fd, short what, void *arg)
+{
+    aq_session *s = arg;
+    if (s->stop_status) {
+        stop_now(s);
+        return;
+    }
+    if (s->state == S_BACKOFF) next_step(s);
+    else if (s->state == S_TOOLS && s->tools_left == 0) tools_done(s);
+}
+
+static void emit_step(aq_session *s, int seq, const char *kind, const char *name, const char *status,
+                      int64_t started_us, int64_t mono_start, int64_t ptok, int64_t ctok, double cost,
+                      const char *detail)
+{
+    if (!s->e->d.on_step) return;
+    aq_store_step_row row = {
+        .task_id = s->task->task_id,
+        .attempt = s->attempt,
+        .step = s->steps,
+        .seq = seq,
+        .kind = kind,
+        .name = name,
+        .status = status,
+        .started_at_us = started_us,
+        .duration_ms = (double)(aq_mono_us() - mono_start) / 1000.0,
+        .prompt_tokens = ptok,
+        .completion_tokens = ctok,
+        .cost_usd = cost,
+        .detail = detail,
+    };
+    s->e->d.on_step(&row, s->e->d.step_arg);
+}
+
+static void backoff(aq_session *s, int64_t ms)
+{
+    s->state = S_BACKOFF;
+    struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
+    event_add(s->wake_ev, &tv);
+}
+
+/* A failed LLM call that may succeed if repeated. */
+static void retry_or_fail(aq_session *s, const char *why)
+{
+    aq_engine *e = s->e;
+    if (s->retries >= e->d.cfg->llm_max_retries) {
+        set_stop(s, "failed", true, "LLM call failed after %d retries: %s", s->retries, why);
+        stop_now(s);
+        return;
+    }
+    int64_t ms = (int64_t)e->d.cfg->llm_retry_backoff_ms << (s->retries < 16 ? s->retries : 16);
+    ms = ms / 2 + jitter(e, (unsigned)(ms / 2 + 1));
+    s->retries++;
+    aq_log_task(AQ_LOG_INFO, s->task->task_id, s->task->user_id, "LLM call failed (%s); retry %d in %lld ms", why,
+                s->retries, (long long)ms);
+    backoff(s, ms);
+}
+
+static void tools_done(aq_session *s)
+{
+    char err[256];
+    for (size_t i = 0; i < s->ntools; i++) {
+        tool_slot *t = &s->tools_run[i];
+        aq_chat_tool_call *tc = &s->reply.tool_calls[i];
+        if (aq_chat_add_tool_result(s->chat, tc->id, tc->name, t->output ? t->output : "", t->len, err, sizeof err)) {
+            set_stop(s, "failed", false, "cannot record a tool result: %s", err);
+            stop_now(s);
+            return;
+        }
+    }
+    free_tools(s);
+    next_step(s);
+}
+
+static void on_tool(const char *output, size_t len, bool is_error, void *arg);
+
+typedef struct tool_ctx {
+    aq_session *s;
+    size_t index;
+} tool_ctx;
+
+static void record_tool(aq_session *s, size_t i)
+{
+    tool_slot *t = &s->tools_run[i];
+    aq_chat_tool_call *tc = &s->reply.tool_calls[i];
+    json_t *d = json_object();
+    json_object_set_new(d, "tool_call_id", json_string(tc->id));
+    json_t *args = json_loadb(tc->args, tc->args_len, 0, NULL);
+    json_object_set_new(d, "arguments", args ? args : json_stringn_nocheck(tc->args, tc->args_len));
+    size_t shown = t->len < 2048 ? t->len : 2048;
+    json_t *out = json_stringn(t->output ? t->output : "", shown);
+    json_object_set_new(d, "output", out ? out : json_string("(not UTF-8)"));
+    char *detail = json_dumps(d, JSON_COMPACT);
+    json_decref(d);
+    emit_step(s, (int)i + 1, "tool", tc->name, t->is_error ? "error" : "ok", t->started_us, t->mono_start, 0, 0, 0,
+              detail);
+    free(detail);
+}
+
+static void on_tool(const char *output, size_t len, bool is_error, void *arg)
+{
+    tool_ctx *c = arg;
+    aq_session *s = c->s;
+    size_t i = c->index;
+    free(c);
+    tool_slot *t = &s->tools_run[i];
+    t->done = true;
+    t->call = NULL;
+    t->output = aq_xstrndup(output ? output : "", len);
+    t->len = len;
+    t->is_error = is_error;
+    record_tool(s, i);
+    if (--s->tools_left == 0) tools_done(s);
+}
+
+/* Runs every tool call of s->reply at once. */
+static void run_tools(aq_session *s)
+{
+    aq_engine *e = s->e;
+    size_t n = s->reply.n_tool_calls;
+    s->state = S_TOOLS;
+    s->tools_run = aq_xcalloc(n, sizeof *s->tools_run);
+    s->ntools = n;
+    s->tools_left = n;
+    size_t immediate = 0;
+    for (size_t i = 0; i < n; i++) {
+        aq_chat_tool_call *tc = &s->reply.tool_calls[i];
+        tool_slot *t = &s->tools_run[i];
+        t->started_us = aq_now_us();
+        t->mono_start = aq_mono_us();
+        const char *refuse = NULL;
+        char why[512];
+        if ((int)i >= e->d.cfg->agent_max_tool_calls) {
+            snprintf(why, sizeof why, "too many tool calls in one reply (limit %d); call it again in the next turn",
+                     e->d.cfg->agent_max_tool_calls);
+            refuse = why;
+        } else if (tc->args_error) {
+            snprintf(why, sizeof why, "%s: %s", tc->name, tc->args_error);
+            refuse = why;
+        } else if (!aq_task_skill_allowed(s->task, tc->name)) {
+            snprintf(why, sizeof why, "tool '%s' is not available to this task", tc->name);
+            refuse = why;
+        }
+        if (refuse) {
+            t->output = aq_xstrdup(refuse);
+            t->len = strlen(refuse);
+            t->is_error = true;
+            t->done = true;
+            record_tool(s, i);
+            immediate++;
+            continue;
+        }
+        tool_ctx *c = aq_xmalloc(sizeof *c);
+        c->s = s;
+        c->index = i;
+        t->call = aq_skills_call(e->d.skills, tc->name, tc->args, tc->args_len, s->task->task_id, s->task->user_id,
+                                 on_tool, c);
+        if (!t->call) {
+            free(c);
+            t->output = aq_xstrdup("tool could not be started");
+            t->len = strlen(t->output);
+            t->is_error = true;
+            t->done = true;
+            immediate++;
+        }
+    }
+    s->tools_left -= immediate;
+    /* Every call was refused: go on from the loop (on_wake). */
+    if (s->tools_left == 0) event_active(s->wake_ev, EV_TIMEOUT, 0);
+}
+
+static void on_llm(aq_http_req *req, const aq_http_result *res, void *arg)
+{
+    aq_session *s = arg;
+    aq_engine *e = s->e;
+    s->req = NULL;
+    if (s->state == S_STOPPING) {
+        finish(s);
+        return;
+    }
+    char err[512];
+    if (res->code != AQ_OK) {
+        emit_step(s, 0, "llm", s->task->model, "error", s->llm_started_us, s->llm_mono, 0, 0, 0, NULL);
+        aq_ratelimit_adjust(e->d.ratelimit, -s->est_tokens);
+        retry_or_fail(s, res->error && *res->error ? res->error : aq_strerror(res->code));
+        return;
+    }
+    if (res->status == 429) {
+        int64_t ms = res->retry_after_ms >= 0 ? res->retry_after_ms : e->d.cfg->llm_retry_backoff_ms;
+        aq_ratelimit_adjust(e->d.ratelimit, -s->est_tokens);
+        aq_ratelimit_pause(e->d.ratelimit, ms);
+        aq_log_task(AQ_LOG_DEBUG, s->task->task_id, s->task->user_id, "LLM rate limited; waiting %lld ms",
+                    (long long)ms);
+        next_step(s); /* queues behind the pause; uses no step */
+        return;
+    }
+    if (res->status >= 500 || res->status < 200) {
+        snprintf(err, sizeof err, "HTTP %ld", res->status);
+        aq_ratelimit_adjust(e->d.ratelimit, -s->est_tokens);
+        retry_or_fail(s, err);
+        return;
+    }
+    if (res->status >= 400) {
+        char msg[512] = "";
+        aq_chat_parse_error(res->body, res->body_len, msg, sizeof msg);
+        set_stop(s, "failed", false, "LLM provider refused the request (HTTP %ld): %s", res->status,
+                 *msg ? msg : "no message");
+        stop_now(s);
+        return;
+    }
+    aq_chat_reply reply;
+    if (aq_chat_parse_reply(res->body, res->body_len, &reply, err, sizeof err) != AQ_OK) {
+        retry_or_fail(s, err);
+        return;
+    }
+    s->retries = 0;
+    s->steps++;
+    s->prompt_tokens += reply.prompt_tokens;
+    s->completion_tokens += reply.completion_tokens;
+    double cost = (double)reply.prompt_tokens * s->price_in + (double)reply.completion_tokens * s->price_out;
+    s->cost += cost;
+    aq_ratelimit_adjust(e->d.ratelimit, reply.prompt_tokens + reply.completion_tokens - s->est_tokens);
+    char detail[256];
+    snprintf(detail, sizeof detail, "{\"finish_reason\":\"%s\",\"tool_calls\":%zu,\"http_ms\":%lld}",
+             reply.finish_reason ? reply.finish_reason : "", reply.n_tool_calls, (long long)res->total_ms);
+    emit_step(s, 0, "llm", reply.model ? reply.model : s->task->model, "ok", s->llm_started_us, s->llm_mono,
+              reply.prompt_tokens, reply.completion_tokens, cost, detail);
+    if (reply.n_tool_calls == 0) {
+        s->result = aq_xstrndup(reply.content ? reply.content : "", reply.content_len);
+        aq_chat_reply_free(&reply);
+        set_stop(s, "completed", false, NULL);
+        stop_now(s);
+        return;
+    }
+    if (aq_chat_add_reply(s->chat, &reply, err, sizeof err) != AQ_OK) {
+        aq_chat_reply_free(&reply);
+        set_stop(s, "failed", false, "cannot record the reply: %s", err);
+        stop_now(s);
+        return;
+    }
+    s->reply = reply;
+    s->have_reply = true;
+    run_tools(s);
+}
+
+static void send_llm(aq_session *s)
+{
+    aq_engine *e = s->e;
+    char *body = NULL, err[256];
+    size_t len = 0;
+    s->rl_wait = NULL;
+    if (aq_chat_request(s->chat, s->task->model, s->tools, &body, &len) != AQ_OK) {
+        set_stop(s, "failed", false, "cannot build the LLM request");
+        stop_now(s);
+        return;
+    }
+    const char *headers[2] = {"Content-Type: application/json", e->auth_header};
+    aq_http_request rq = {
+        .method = AQ_HTTP_POST,
+        .url = e->url,
+        .headers = headers,
+        .nheaders = e->auth_header ? 2 : 1,
+        .body = body,
+        .body_len = len,
+        .timeout_ms = e->d.cfg->llm_timeout_ms,
+    };
+    s->state = S_LLM;
+    s->llm_started_us = aq_now_us();
+    s->llm_mono = aq_mono_us();
+    int rc = aq_http_submit(e->d.http, &rq, on_llm, s, &s->req, err, sizeof err);
+    free(body);
+    if (rc != AQ_OK) {
+        s->req = NULL;
+        retry_or_fail(s, err);
+    }
+}
+
+static void on_grant(void *arg)
+{
+    send_llm(arg);
+}
+
+/* Starts the next LLM call, unless a limit says stop. */
+static void next_step(aq_session *s)
+{
+    const aq_task *t = s->task;
+    if (s->steps >= t->max_steps) {
+        set_stop(s, "max_steps", false, "stopped after %d steps (max_steps) without a final answer", s->steps);
+        stop_now(s);
+        return;
+    }
+    if (t->budget_usd > 0 && s->cost >= t->budget_usd) {
+        set_stop(s, "budget_exceeded", false, "spent $%.6f of a $%.6f budget (budget_usd)", s->cost, t->budget_usd);
+        stop_now(s);
+        return;
+    }
+    s->state = S_WAIT_GRANT;
+    /* Tokens: the prompt (about 4 bytes each) and a typical reply. */
+    s->est_tokens = (int64_t)(aq_chat_bytes(s->chat) / 4) + 256;
+    if (aq_ratelimit_acquire(s->e->d.ratelimit, t->user_id, s->est_tokens, on_grant, s, &s->rl_wait))
+        send_llm(s);
+}
+
+static void on_start(evutil_socket_t fd, short what, void *arg)
+{
+    aq_session *s = arg;
+    event_assign(s->wake_ev, s->e->d.base, -1, 0, on_wake, s);
+    next_step(s);
+}
+
+aq_session *aq_session_start(aq_engine *e, const aq_task *task, int attempt, int64_t deadline_us,
+                             aq_session_done_cb cb, void *arg)
+{
+    aq_session *s = aq_xcalloc(1, sizeof *s);
+    s->e = e;
+    s->task = task;
+    s->attempt = attempt;
+    s->cb = cb;
+    s->cb_arg = arg;
+    s->chat = aq_chat_new(e->d.cfg->agent_system_prompt, task->goal, (size_t)e->d.cfg->agent_max_context_bytes);
+    if (task->n_skills) {
+        s->tools_owned = aq_skills_tools_json_for(e->d.skills, task->skills, task->n_skills);
+        s->tools = s->tools_owned;
+    } else {
+        s->tools = aq_skills_tools_json(e->d.skills);
+    }
+    double in, out;
+    aq_config_price(e->d.cfg, task->model, &in, &out);
+    s->price_in = in / 1e6;
+    s->price_out = out / 1e6;
+    s->deadline_ev = evtimer_new(e->d.base, on_deadline, s);
+    s->wake_ev = evtimer_new(e->d.base, on_start, s);
+    if (!s->deadline_ev || !s->wake_ev) aq_oom("session timers");
+    int64_t left = deadline_us - aq_now_us();
+    if (left < 0) left = 0;
+    struct timeval tv = {left / 1000000, left % 1000000};
+    event_add(s->deadline_ev, &tv);
+    /* Start from the loop so the callback can never run inside this call. */
+    event_active(s->wake_ev, EV_TIMEOUT, 0);
+    e->sessions++;
+    return s;
+}
+
+void aq_session_cancel(aq_session *s, const char *status)
+{
+    if (s->state == S_DONE || s->state == S_STOPPING) return;
+    set_stop(s, status ? status : "cancelled", false, "cancelled");
+    /* Finish from the loop: the wake event sees stop_status. */
+    event_del(s->wake_ev);
+    event_assign(s->wake_ev, s->e->d.base, -1, 0, on_wake, s);
+    event_active(s->wake_ev, EV_TIMEOUT, 0);
+}

@@ -1,0 +1,409 @@
+/* broker.c — blocking rabbitmq-c client (see broker.h). Owns one AMQP
+ * connection and its two channels; knows agentq's topology. It does not
+ * consume: consumer.c drives the frames of a consuming connection. */
+#include "agentq/broker.h"
+#include "agentq/log.h"
+
+#include <amqp.h>
+#include <amqp_tcp_socket.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+
+struct aq_broker {
+    amqp_connection_state_t conn;
+    int timeout_ms;
+    uint64_t next_seq;     /* confirm sequence of the next publish */
+    uint64_t confirmed_to; /* every seq <= this is confirmed (acked or nacked) */
+    int64_t nacked;
+};
+
+static const char *reply_text(amqp_rpc_reply_t r, char *buf, size_t len)
+{
+    switch (r.reply_type) {
+    case AMQP_RESPONSE_NORMAL: return "ok";
+    case AMQP_RESPONSE_NONE: return "missing reply";
+    case AMQP_RESPONSE_LIBRARY_EXCEPTION: return amqp_error_string2(r.library_error);
+    case AMQP_RESPONSE_SERVER_EXCEPTION:
+        if (r.reply.id == AMQP_CONNECTION_CLOSE_METHOD) {
+            amqp_connection_close_t *m = r.reply.decoded;
+            snprintf(buf, len, "connection closed by broker: %u %.*s", m->reply_code,
+                     (int)m->reply_text.len, (char *)m->reply_text.bytes);
+        } else if (r.reply.id == AMQP_CHANNEL_CLOSE_METHOD) {
+            amqp_channel_close_t *m = r.reply.decoded;
+            snprintf(buf, len, "channel closed by broker: %u %.*s", m->reply_code,
+                     (int)m->reply_text.len, (char *)m->reply_text.bytes);
+        } else {
+            snprintf(buf, len, "broker error (method 0x%08x)", r.reply.id);
+        }
+        return buf;
+    }
+    return "unknown reply";
+}
+
+/* Fills err from the last RPC reply; returns AQ_OK if it was normal. */
+static int check_reply(aq_broker *b, const char *what, char *err, size_t errlen)
+{
+    char buf[256];
+    amqp_rpc_reply_t r = amqp_get_rpc_reply(b->conn);
+    if (r.reply_type == AMQP_RESPONSE_NORMAL) return AQ_OK;
+    aq_seterr(err, errlen, "%s: %s", what, reply_text(r, buf, sizeof buf));
+    return AQ_EIO;
+}
+
+aq_broker *aq_broker_connect(const char *url, int heartbeat, int timeout_ms, char *err, size_t errlen)
+{
+    struct amqp_connection_info ci;
+    char *copy = aq_xstrdup(url);
+    char shown[512];
+    aq_log_redact(url, shown, sizeof shown);
+    if (amqp_parse_url(copy, &ci) != AMQP_STATUS_OK) {
+        aq_seterr(err, errlen, "amqp.url '%s' is not a valid amqp://user:pass@host:port/vhost URL", shown);
+        free(copy);
+        return NULL;
+    }
+    if (ci.ssl) {
+        aq_seterr(err, errlen, "amqp.url '%s': amqps is not supported by this build", shown);
+        free(copy);
+        return NULL;
+    }
+    aq_broker *b = aq_xcalloc(1, sizeof *b);
+    b->timeout_ms = timeout_ms;
+    b->next_seq = 1;
+    b->conn = amqp_new_connection();
+    amqp_socket_t *sock = amqp_tcp_socket_new(b->conn);
+    struct timeval tv = {timeout_ms / 1000, (timeout_ms % 1000) * 1000};
+    int st = sock ? amqp_socket_open_noblock(sock, ci.host, ci.port, &tv) : AMQP_STATUS_NO_MEMORY;
+    if (st != AMQP_STATUS_OK) {
+        aq_seterr(err, errlen, "cannot connect to broker %s: %s", shown, amqp_error_string2(st));
+        goto fail;
+    }
+    /* Guard every later write: a publish must not block forever on a dead
+     * peer (rabbitmq-c 0.11 issue #780). */
+    int fd = amqp_socket_get_sockfd(sock);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    amqp_set_handshake_timeout(b->conn, &tv);
+    amqp_set_rpc_timeout(b->conn, &tv);
+    amqp_rpc_reply_t r = amqp_login(b->conn, ci.vhost, 0, 131072, heartbeat, AMQP_SASL_METHOD_PLAIN,
+                                    ci.user, ci.password);
+    if (r.reply_type != AMQP_RESPONSE_NORMAL) {
+        char buf[256];
+        aq_seterr(err, errlen, "cannot log in to broker %s: %s", shown, reply_text(r, buf, sizeof buf));
+        goto fail;
+    }
+    amqp_channel_open(b->conn, AQ_BROKER_CH_MAIN);
+    if (check_reply(b, "opening channel", err, errlen)) goto fail;
+    amqp_channel_open(b->conn, AQ_BROKER_CH_PUBLISH);
+    if (check_reply(b, "opening channel", err, errlen)) goto fail;
+    amqp_confirm_select(b->conn, AQ_BROKER_CH_PUBLISH);
+    if (check_reply(b, "enabling publisher confirms", err, errlen)) goto fail;
+    free(copy);
+    return b;
+fail:
+    free(copy);
+    aq_broker_free(b);
+    return NULL;
+}
+
+void aq_broker_free(aq_broker *b)
+{
+    if (!b) return;
+    amqp_connection_close(b->conn, AMQP_REPLY_SUCCESS);
+    amqp_destroy_connection(b->conn);
+    free(b);
+}
+
+void *aq_broker_conn(aq_broker *b) { return b->conn; }
+
+static amqp_table_entry_t entry_long(const char *key, int64_t v)
+{
+    amqp_table_entry_t e;
+    e.key = amqp_cstring_bytes(key);
+    e.value.kind = AMQP_FIELD_KIND_I64;
+    e.value.value.i64 = v;
+    return e;
+}
+
+static amqp_table_entry_t entry_str(const char *key, const char *v)
+{
+    amqp_table_entry_t e;
+    e.key = amqp_cstring_bytes(key);
+    e.value.kind = AMQP_FIELD_KIND_UTF8;
+    e.value.value.bytes = amqp_cstring_bytes(v);
+    return e;
+}
+
+static int declare_queue(aq_broker *b, const char *name, amqp_table_entry_t *args, int nargs,
+                         char *err, size_t errlen)
+{
+    amqp_table_t t = {nargs, args};
+    char what[300];
+    snprintf(what, sizeof what, "declaring queue %s", name);
+    amqp_queue_declare(b->conn, AQ_BROKER_CH_MAIN, amqp_cstring_bytes(name), 0, 1, 0, 0, t);
+    return check_reply(b, what, err, errlen);
+}
+
+static int bind_queue(aq_broker *b, const char *queue, const char *exchange, const char *key,
+                      char *err, size_t errlen)
+{
+    char what[300];
+    snprintf(what, sizeof what, "binding %s to %s", queue, exchange);
+    amqp_queue_bind(b->conn, AQ_BROKER_CH_MAIN, amqp_cstring_bytes(queue), amqp_cstring_bytes(exchange),
+                    amqp_cstring_bytes(key), amqp_empty_table);
+    return check_reply(b, what, err, errlen);
+}
+
+/* 5000 ms -> "5s", the suffix of retry queue names (agentq.retry.5s). */
+static void delay_name(long ms, char *buf, size_t len)
+{
+    if (ms % 1000 == 0) snprintf(buf, len, "%lds", ms / 1000);
+    else snprintf(buf, len, "%ldms", ms);
+}
+
+int aq_broker_declare(aq_broker *b, const aq_config *cfg, char *err, size_t errlen)
+{
+    amqp_exchange_declare(b->conn, AQ_BROKER_CH_MAIN, amqp_cstring_bytes(cfg->amqp_exchange),
+                          amqp_cstring_bytes("direct"), 0, 1, 0, 0, amqp_empty_table);
+    if (check_reply(b, "declaring exchange", err, errlen)) return AQ_EIO;
+    amqp_exchange_declare(b->conn, AQ_BROKER_CH_MAIN, amqp_cstring_bytes(cfg->amqp_dlx),
+                          amqp_cstring_bytes("fanout"), 0, 1, 0, 0, amqp_empty_table);
+    if (check_reply(b, "declaring dead-letter exchange", err, errlen)) return AQ_EIO;
+
+    amqp_table_entry_t task_args[] = {entry_long("x-max-priority", 9), entry_str("x-dead-letter-exchange", cfg->amqp_dlx)};
+    if (declare_queue(b, cfg->amqp_queue, task_args, 2, err, errlen)) return AQ_EIO;
+    if (bind_queue(b, cfg->amqp_queue, cfg->amqp_exchange, "task", err, errlen)) return AQ_EIO;
+    if (declare_queue(b, cfg->amqp_dead_queue, NULL, 0, err, errlen)) return AQ_EIO;
+    if (bind_queue(b, cfg->amqp_dead_queue, cfg->amqp_dlx, "", err, errlen)) return AQ_EIO;
+
+    long delays[32];
+    int n = aq_config_retry_delays(cfg, delays, 32);
+    for (int i = 0; i < n; i++) {
+        char name[256];
+        aq_broker_retry_queue(cfg, delays[i], name, sizeof name);
+        amqp_table_entry_t args[] = {entry_long("x-message-ttl", delays[i]),
+                                     entry_str("x-dead-letter-exchange", cfg->amqp_exchange),
+                                     entry_str("x-dead-letter-routing-key", "task")};
+        if (declare_queue(b, name, args, 3, err, errlen)) return AQ_EIO;
+    }
+    return AQ_OK;
+}
+
+void aq_broker_retry_queue(const aq_config *cfg, long delay_ms, char *buf, size_t len)
+{
+    char suffix[32];
+    delay_name(delay_ms, suffix, sizeof suffix);
+    snprintf(buf, len, "%s%s", cfg->amqp_retry_prefix, suffix);
+}
+
+/* JSON object -> AMQP table. Entries and nested tables are allocated in
+ * `pool`; strings are borrowed from the JSON. */
+static void json_to_table(const json_t *obj, amqp_table_t *t, amqp_pool_t *pool)
+{
+    size_t n = json_object_size(obj), i = 0;
+    t->num_entries = 0;
+    t->entries = n ? amqp_pool_alloc(pool, n * sizeof *t->entries) : NULL;
+    const char *key;
+    json_t *v;
+    json_object_foreach((json_t *)obj, key, v) {
+        amqp_table_entry_t *e = &t->entries[i];
+        e->key = amqp_cstring_bytes(key);
+        switch (json_typeof(v)) {
+        case JSON_STRING:
+            e->value.kind = AMQP_FIELD_KIND_UTF8;
+            e->value.value.bytes.bytes = (void *)json_string_value(v);
+            e->value.value.bytes.len = json_string_length(v);
+            break;
+        case JSON_INTEGER:
+            e->value.kind = AMQP_FIELD_KIND_I64;
+            e->value.value.i64 = json_integer_value(v);
+            break;
+        case JSON_REAL:
+            e->value.kind = AMQP_FIELD_KIND_F64;
+            e->value.value.f64 = json_real_value(v);
+            break;
+        case JSON_TRUE:
+        case JSON_FALSE:
+            e->value.kind = AMQP_FIELD_KIND_BOOLEAN;
+            e->value.value.boolean = json_is_true(v);
+            break;
+        case JSON_OBJECT:
+            e->value.kind = AMQP_FIELD_KIND_TABLE;
+            json_to_table(v, &e->value.value.table, pool);
+            break;
+        default:
+            continue; /* arrays and null are not sent */
+        }
+        i++;
+    }
+    t->num_entries = (int)i;
+}
+
+static json_t *field_to_json(const amqp_field_value_t *f);
+
+json_t *aq_broker_table_to_json(const void *table)
+{
+    const amqp_table_t *t = table;
+    json_t *obj = json_object();
+    for (int i = 0; t && i < t->num_entries; i++) {
+        char key[257];
+        size_t kl = t->entries[i].key.len < 256 ? t->entries[i].key.len : 256;
+        memcpy(key, t->entries[i].key.bytes, kl);
+        key[kl] = '\0';
+        json_t *v = field_to_json(&t->entries[i].value);
+        if (v) json_object_set_new(obj, key, v);
+    }
+    return obj;
+}
+
+static json_t *field_to_json(const amqp_field_value_t *f)
+{
+    switch (f->kind) {
+    case AMQP_FIELD_KIND_BOOLEAN: return json_boolean(f->value.boolean);
+    case AMQP_FIELD_KIND_I8: return json_integer(f->value.i8);
+    case AMQP_FIELD_KIND_U8: return json_integer(f->value.u8);
+    case AMQP_FIELD_KIND_I16: return json_integer(f->value.i16);
+    case AMQP_FIELD_KIND_U16: return json_integer(f->value.u16);
+    case AMQP_FIELD_KIND_I32: return json_integer(f->value.i32);
+    case AMQP_FIELD_KIND_U32: return json_integer(f->value.u32);
+    case AMQP_FIELD_KIND_I64: return json_integer(f->value.i64);
+    case AMQP_FIELD_KIND_U64: return json_integer((json_int_t)f->value.u64);
+    case AMQP_FIELD_KIND_TIMESTAMP: return json_integer((json_int_t)f->value.u64);
+    case AMQP_FIELD_KIND_F32: return json_real(f->value.f32);
+    case AMQP_FIELD_KIND_F64: return json_real(f->value.f64);
+    case AMQP_FIELD_KIND_UTF8:
+    case AMQP_FIELD_KIND_BYTES: {
+        json_t *s = json_stringn_nocheck(f->value.bytes.bytes, f->value.bytes.len);
+        /* Not UTF-8: keep a marker rather than invalid JSON. */
+        if (s && !json_stringn(f->value.bytes.bytes, f->value.bytes.len)) {
+            json_decref(s);
+            return json_string("(binary)");
+        }
+        return s;
+    }
+    case AMQP_FIELD_KIND_TABLE: return aq_broker_table_to_json(&f->value.table);
+    case AMQP_FIELD_KIND_ARRAY: {
+        json_t *a = json_array();
+        for (int i = 0; i < f->value.array.num_entries; i++) {
+            json_t *v = field_to_json(&f->value.array.entries[i]);
+            if (v) json_array_append_new(a, v);
+        }
+        return a;
+    }
+    default: return json_null();
+    }
+}
+
+int64_t aq_broker_publish(aq_broker *b, const aq_publish *msg, char *err, size_t errlen)
+{
+    amqp_basic_properties_t p;
+    amqp_pool_t pool;
+    init_amqp_pool(&pool, 1024);
+    memset(&p, 0, sizeof p);
+    p._flags = AMQP_BASIC_CONTENT_TYPE_FLAG | AMQP_BASIC_DELIVERY_MODE_FLAG | AMQP_BASIC_PRIORITY_FLAG;
+    p.content_type = amqp_cstring_bytes("application/json");
+    p.delivery_mode = AMQP_DELIVERY_PERSISTENT;
+    p.priority = (uint8_t)(msg->priority < 0 ? 0 : msg->priority > 9 ? 9 : msg->priority);
+    if (msg->message_id) {
+        p._flags |= AMQP_BASIC_MESSAGE_ID_FLAG;
+        p.message_id = amqp_cstring_bytes(msg->message_id);
+    }
+    if (msg->expiration) {
+        p._flags |= AMQP_BASIC_EXPIRATION_FLAG;
+        p.expiration = amqp_cstring_bytes(msg->expiration);
+    }
+    if (msg->timestamp) {
+        p._flags |= AMQP_BASIC_TIMESTAMP_FLAG;
+        p.timestamp = (uint64_t)msg->timestamp;
+    }
+    if (msg->headers && json_object_size(msg->headers)) {
+        p._flags |= AMQP_BASIC_HEADERS_FLAG;
+        json_to_table(msg->headers, &p.headers, &pool);
+    }
+    amqp_bytes_t body = {msg->len, (void *)msg->body};
+    int st = amqp_basic_publish(b->conn, AQ_BROKER_CH_PUBLISH, amqp_cstring_bytes(msg->exchange),
+                                amqp_cstring_bytes(msg->routing_key), 0, 0, &p, body);
+    empty_amqp_pool(&pool);
+    if (st != AMQP_STATUS_OK) {
+        aq_seterr(err, errlen, "publish to %s failed: %s", msg->exchange, amqp_error_string2(st));
+        return AQ_EIO;
+    }
+    return (int64_t)b->next_seq++;
+}
+
+int64_t aq_broker_unconfirmed(const aq_broker *b) { return (int64_t)(b->next_seq - 1 - b->confirmed_to); }
+
+int64_t aq_broker_note_confirm(aq_broker *b, uint64_t tag, bool multiple, bool ack)
+{
+    int64_t n = 0;
+    if (tag <= b->confirmed_to) return 0;
+    if (multiple) {
+        n = (int64_t)(tag - b->confirmed_to);
+        b->confirmed_to = tag;
+    } else {
+        /* Confirms arrive in order for one channel; a lone tag above the
+         * watermark confirms everything up to it that was not yet. */
+        n = (int64_t)(tag - b->confirmed_to);
+        b->confirmed_to = tag;
+    }
+    if (!ack) b->nacked += n;
+    return n;
+}
+
+int aq_broker_wait_confirms(aq_broker *b, int timeout_ms, int64_t *nacked, char *err, size_t errlen)
+{
+    int64_t deadline = aq_mono_us() + (int64_t)timeout_ms * 1000;
+    while (b->confirmed_to + 1 < b->next_seq) {
+        int64_t left = deadline - aq_mono_us();
+        if (left <= 0) {
+            aq_seterr(err, errlen, "timed out waiting for %lld publisher confirms",
+                      (long long)aq_broker_unconfirmed(b));
+            return AQ_ETIMEDOUT;
+        }
+        struct timeval tv = {left / 1000000, left % 1000000};
+        amqp_frame_t f;
+        int st = amqp_simple_wait_frame_noblock(b->conn, &f, &tv);
+        if (st == AMQP_STATUS_TIMEOUT) continue;
+        if (st != AMQP_STATUS_OK) {
+            aq_seterr(err, errlen, "connection lost waiting for confirms: %s", amqp_error_string2(st));
+            return AQ_EIO;
+        }
+        if (f.frame_type != AMQP_FRAME_METHOD) continue;
+        if (f.payload.method.id == AMQP_BASIC_ACK_METHOD) {
+            amqp_basic_ack_t *a = f.payload.method.decoded;
+            aq_broker_note_confirm(b, a->delivery_tag, a->multiple, true);
+        } else if (f.payload.method.id == AMQP_BASIC_NACK_METHOD) {
+            amqp_basic_nack_t *a = f.payload.method.decoded;
+            aq_broker_note_confirm(b, a->delivery_tag, a->multiple, false);
+        } else if (f.payload.method.id == AMQP_CHANNEL_CLOSE_METHOD ||
+                   f.payload.method.id == AMQP_CONNECTION_CLOSE_METHOD) {
+            amqp_channel_close_t *m = f.payload.method.decoded;
+            aq_seterr(err, errlen, "broker closed the %s: %u %.*s",
+                      f.payload.method.id == AMQP_CHANNEL_CLOSE_METHOD ? "channel" : "connection",
+                      m->reply_code, (int)m->reply_text.len, (char *)m->reply_text.bytes);
+            return AQ_EIO;
+        }
+        amqp_maybe_release_buffers(b->conn);
+    }
+    if (nacked) *nacked = b->nacked;
+    if (b->nacked) {
+        aq_seterr(err, errlen, "broker refused %lld messages (nack)", (long long)b->nacked);
+        return AQ_EIO;
+    }
+    return AQ_OK;
+}
+
+int aq_broker_queue_depth(aq_broker *b, const char *queue, int64_t *messages, int64_t *consumers,
+                          char *err, size_t errlen)
+{
+    amqp_queue_declare_ok_t *ok = amqp_queue_declare(b->conn, AQ_BROKER_CH_MAIN, amqp_cstring_bytes(queue),
+                                                     1, 0, 0, 0, amqp_empty_table);
+    char what[300];
+    snprintf(what, sizeof what, "reading depth of queue %s", queue);
+    if (check_reply(b, what, err, errlen) || !ok) return AQ_EIO;
+    if (messages) *messages = ok->message_count;
+    if (consumers) *consumers = ok->consumer_count;
+    return AQ_OK;
+}

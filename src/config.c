@@ -1,0 +1,617 @@
+/* config.c — the key table and everything it drives (see config.h).
+ *
+ * Every scalar key is one row of config_keys[]: its section and name, its
+ * type, where it lives in struct aq_config, its default as text, its bounds
+ * and its doc. Defaults go through the same parser as file, environment and
+ * flag values, so a default can never be out of its own bounds unnoticed.
+ * The two lists (skills.http, llm.prices) are file-only and parsed by hand. */
+#include "agentq/config.h"
+#include "agentq/log.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <libconfig.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+typedef enum { K_STR, K_INT, K_DBL } key_type;
+
+typedef struct config_key {
+    const char *section;
+    const char *name;
+    key_type type;
+    size_t offset;
+    const char *def;
+    double min, max;  /* for K_INT / K_DBL */
+    bool secret_url;  /* mask the password when dumped */
+    const char *doc;
+} config_key;
+
+#define OFF(f) offsetof(aq_config, f)
+
+static const config_key config_keys[] = {
+    {"amqp", "url", K_STR, OFF(amqp_url), "amqp://guest:guest@127.0.0.1:5672/%2f", 0, 0, true,
+     "Broker URL: amqp://user:pass@host:port/vhost (vhost '/' is %2f)."},
+    {"amqp", "heartbeat", K_INT, OFF(amqp_heartbeat), "30", 0, 600, false,
+     "AMQP heartbeat in seconds (0 disables)."},
+    {"amqp", "exchange", K_STR, OFF(amqp_exchange), "agentq", 0, 0, false,
+     "Direct exchange tasks are published to (routing key 'task')."},
+    {"amqp", "queue", K_STR, OFF(amqp_queue), "agentq.tasks", 0, 0, false,
+     "Task queue (classic, durable, x-max-priority 9)."},
+    {"amqp", "dlx", K_STR, OFF(amqp_dlx), "agentq.dlx", 0, 0, false,
+     "Fanout exchange for dead letters."},
+    {"amqp", "dead_queue", K_STR, OFF(amqp_dead_queue), "agentq.dead", 0, 0, false,
+     "Queue bound to the dead-letter exchange."},
+    {"amqp", "retry_prefix", K_STR, OFF(amqp_retry_prefix), "agentq.retry.", 0, 0, false,
+     "Prefix of the retry tier queues (prefix + delay, e.g. agentq.retry.5s)."},
+    {"amqp", "retry_delays", K_STR, OFF(amqp_retry_delays), "5s,30s,120s,600s", 0, 0, false,
+     "Retry tiers: delay before attempt 2, 3, ... (units ms, s, m); the last repeats."},
+    {"amqp", "max_attempts", K_INT, OFF(amqp_max_attempts), "4", 1, 100, false,
+     "Attempts before a failing task goes to the dead-letter queue."},
+    {"amqp", "consumer_timeout_ms", K_INT, OFF(amqp_consumer_timeout_ms), "7200000", 60000, 2147483647, false,
+     "The broker's consumer_timeout; task timeouts must stay well below it."},
+
+    {"postgres", "dsn", K_STR, OFF(pg_dsn), "postgresql://agentq@127.0.0.1:5432/agentq", 0, 0, true,
+     "libpq connection string or URI of the result store."},
+    {"postgres", "batch_max", K_INT, OFF(pg_batch_max), "500", 1, 100000, false,
+     "Most status/step rows written in one transaction."},
+    {"postgres", "flush_ms", K_INT, OFF(pg_flush_ms), "5", 0, 10000, false,
+     "How long a write may wait to be batched with others."},
+
+    {"llm", "base_url", K_STR, OFF(llm_base_url), "http://127.0.0.1:8080/v1", 0, 0, true,
+     "OpenAI-compatible API base URL (…/v1)."},
+    {"llm", "api_key_env", K_STR, OFF(llm_api_key_env), "AGENTQ_LLM_API_KEY", 0, 0, false,
+     "Name of the environment variable that holds the API key (never the key itself)."},
+    {"llm", "model", K_STR, OFF(llm_model), "mock-1", 0, 0, false,
+     "Default model for tasks that name none."},
+    {"llm", "models", K_STR, OFF(llm_models), "", 0, 0, false,
+     "Comma-separated models tasks may ask for (empty: only llm.model)."},
+    {"llm", "timeout_ms", K_INT, OFF(llm_timeout_ms), "120000", 100, 3600000, false,
+     "Timeout of one LLM request once it is sent."},
+    {"llm", "connect_timeout_ms", K_INT, OFF(llm_connect_timeout_ms), "10000", 100, 600000, false,
+     "Timeout to connect to the provider."},
+    {"llm", "max_connections", K_INT, OFF(llm_max_connections), "1024", 1, 100000, false,
+     "Most open connections to the provider (kept alive and reused)."},
+    {"llm", "max_retries", K_INT, OFF(llm_max_retries), "3", 0, 100, false,
+     "Retries of a 5xx, network error or malformed reply within one step."},
+    {"llm", "retry_backoff_ms", K_INT, OFF(llm_retry_backoff_ms), "500", 1, 600000, false,
+     "First retry backoff; doubles each retry, with jitter."},
+    {"llm", "requests_per_minute", K_INT, OFF(llm_requests_per_minute), "0", 0, 100000000, false,
+     "Provider request limit for this fleet (0: unlimited)."},
+    {"llm", "tokens_per_minute", K_INT, OFF(llm_tokens_per_minute), "0", 0, 2000000000, false,
+     "Provider token limit for this fleet (0: unlimited)."},
+    {"llm", "price_input_per_mtok", K_DBL, OFF(llm_price_input_per_mtok), "0.15", 0, 1e6, false,
+     "USD per million prompt tokens, for models not in llm.prices."},
+    {"llm", "price_output_per_mtok", K_DBL, OFF(llm_price_output_per_mtok), "0.60", 0, 1e6, false,
+     "USD per million completion tokens, for models not in llm.prices."},
+
+    {"worker", "id", K_STR, OFF(worker_id), "", 0, 0, false,
+     "Worker id in rows and logs (empty: hostname-pid)."},
+    {"worker", "concurrency", K_INT, OFF(worker_concurrency), "256", 1, 100000, false,
+     "Sessions run at once; also the AMQP prefetch."},
+    {"worker", "drain_seconds", K_INT, OFF(worker_drain_seconds), "30", 0, 86400, false,
+     "On SIGTERM, how long in-flight sessions may finish before they are requeued."},
+
+    {"agent", "system_prompt", K_STR, OFF(agent_system_prompt),
+     "You are a capable assistant. Use the tools when they help, then answer concisely.", 0, 0, false,
+     "System prompt of every session."},
+    {"agent", "max_context_bytes", K_INT, OFF(agent_max_context_bytes), "65536", 1024, 16777216, false,
+     "Cap on a session's history; the oldest tool turns are dropped first."},
+    {"agent", "max_tool_calls", K_INT, OFF(agent_max_tool_calls), "8", 1, 128, false,
+     "Most tool calls run from one LLM reply."},
+
+    {"skills", "enabled", K_STR, OFF(skills_enabled), "calculator,http_get,current_time", 0, 0, false,
+     "Built-in skills offered to the model (HTTP skills in skills.http are added)."},
+    {"skills", "http_get_allow", K_STR, OFF(skills_http_get_allow), "", 0, 0, false,
+     "Hosts http_get may reach even when they resolve to private addresses."},
+    {"skills", "http_get_max_bytes", K_INT, OFF(skills_http_get_max_bytes), "65536", 1024, 16777216, false,
+     "Largest http_get response read; the text given to the model is truncated."},
+    {"skills", "http_get_timeout_ms", K_INT, OFF(skills_http_get_timeout_ms), "10000", 100, 600000, false,
+     "Timeout of one http_get."},
+
+    {"limits", "mode", K_STR, OFF(limits_mode), "local", 0, 0, false,
+     "Rate-limit mode: 'local' (per process) or 'fleet' (shared buckets in Postgres)."},
+    {"limits", "max_inflight_per_user", K_INT, OFF(limits_max_inflight_per_user), "0", 0, 1000000, false,
+     "Most running tasks per user across the fleet (0: no cap)."},
+
+    {"metrics", "listen", K_STR, OFF(metrics_listen), "0.0.0.0:9464", 0, 0, false,
+     "Address of /metrics, /healthz and /readyz (empty: off)."},
+
+    {"log", "level", K_STR, OFF(log_level), "info", 0, 0, false,
+     "debug, info, warn or error."},
+};
+
+#define STR_AT(cfg, k) ((char **)((char *)(cfg) + (k)->offset))
+#define INT_AT(cfg, k) ((int *)((char *)(cfg) + (k)->offset))
+#define DBL_AT(cfg, k) ((double *)((char *)(cfg) + (k)->offset))
+
+static const config_key *find_key(const char *section, size_t seclen, const char *name)
+{
+    for (size_t i = 0; i < AQ_ARRAY_LEN(config_keys); i++) {
+        const config_key *k = &config_keys[i];
+        if (strlen(k->section) == seclen && !strncmp(k->section, section, seclen) &&
+            !strcmp(k->name, name))
+            return k;
+    }
+    return NULL;
+}
+
+/* Checks bounds and stores; `where` prefixes the message ("file:3: "). */
+static int set_value(aq_config *cfg, const config_key *k, const char *text, const char *where,
+                     char *err, size_t errlen)
+{
+    char *end;
+    switch (k->type) {
+    case K_STR:
+        free(*STR_AT(cfg, k));
+        *STR_AT(cfg, k) = aq_xstrdup(text);
+        return AQ_OK;
+    case K_INT: {
+        errno = 0;
+        long long v = strtoll(text, &end, 10);
+        while (isspace((unsigned char)*end)) end++;
+        if (errno || end == text || *end) {
+            aq_seterr(err, errlen, "%skey '%s.%s': expected an integer, got '%s'", where,
+                      k->section, k->name, text);
+            return AQ_EINVAL;
+        }
+        if ((double)v < k->min || (double)v > k->max) {
+            aq_seterr(err, errlen, "%skey '%s.%s': must be from %.0f to %.0f (got %lld)", where,
+                      k->section, k->name, k->min, k->max, v);
+            return AQ_EINVAL;
+        }
+        *INT_AT(cfg, k) = (int)v;
+        return AQ_OK;
+    }
+    case K_DBL: {
+        errno = 0;
+        double v = strtod(text, &end);
+        while (isspace((unsigned char)*end)) end++;
+        if (errno || end == text || *end || !isfinite(v)) {
+            aq_seterr(err, errlen, "%skey '%s.%s': expected a number, got '%s'", where,
+                      k->section, k->name, text);
+            return AQ_EINVAL;
+        }
+        if (v < k->min || v > k->max) {
+            aq_seterr(err, errlen, "%skey '%s.%s': must be from %g to %g (got %g)", where,
+                      k->section, k->name, k->min, k->max, v);
+            return AQ_EINVAL;
+        }
+        *DBL_AT(cfg, k) = v;
+        return AQ_OK;
+    }
+    }
+    return AQ_EINVAL;
+}
+
+void aq_config_init(aq_config *cfg)
+{
+    memset(cfg, 0, sizeof *cfg);
+    for (size_t i = 0; i < AQ_ARRAY_LEN(config_keys); i++) {
+        int rc = set_value(cfg, &config_keys[i], config_keys[i].def, "", NULL, 0);
+        if (rc != AQ_OK) abort(); /* a default outside its own bounds is a build bug */
+    }
+}
+
+int aq_config_set(aq_config *cfg, const char *key, const char *value, char *err, size_t errlen)
+{
+    const char *dot = strchr(key, '.');
+    const config_key *k = dot ? find_key(key, (size_t)(dot - key), dot + 1) : NULL;
+    if (!k) {
+        aq_seterr(err, errlen, "unknown configuration key '%s'", key);
+        return AQ_EINVAL;
+    }
+    return set_value(cfg, k, value, "", err, errlen);
+}
+
+static char *dup_setting_string(const config_setting_t *s, const char *name)
+{
+    const char *v = NULL;
+    if (!config_setting_lookup_string(s, name, &v)) return NULL;
+    return aq_xstrdup(v);
+}
+
+static int where_prefix(const config_setting_t *s, const char *path, char *buf, size_t len)
+{
+    const char *file = config_setting_source_file(s);
+    return snprintf(buf, len, "%s:%d: ", file ? file : path, config_setting_source_line(s));
+}
+
+static int parse_http_skills(aq_config *cfg, config_setting_t *list, const char *path,
+                             char *err, size_t errlen)
+{
+    char where[512];
+    if (!config_setting_is_list(list) && !config_setting_is_array(list)) {
+        where_prefix(list, path, where, sizeof where);
+        aq_seterr(err, errlen, "%skey 'skills.http': must be a list of groups ( { name = ...; }, ... )", where);
+        return AQ_EINVAL;
+    }
+    int n = config_setting_length(list);
+    cfg->http_skills = aq_xcalloc((size_t)n, sizeof *cfg->http_skills);
+    for (int i = 0; i < n; i++) {
+        config_setting_t *g = config_setting_get_elem(list, (unsigned)i);
+        aq_http_skill *sk = &cfg->http_skills[cfg->n_http_skills++];
+        where_prefix(g, path, where, sizeof where);
+        if (!config_setting_is_group(g)) {
+            aq_seterr(err, errlen, "%skey 'skills.http[%d]': must be a group { ... }", where, i);
+            return AQ_EINVAL;
+        }
+        sk->name = dup_setting_string(g, "name");
+        sk->description = dup_setting_string(g, "description");
+        sk->parameters = dup_setting_string(g, "parameters");
+        sk->url = dup_setting_string(g, "url");
+        sk->timeout_ms = 10000;
+        int t;
+        if (config_setting_lookup_int(g, "timeout_ms", &t)) sk->timeout_ms = t;
+        const char *missing = !sk->name ? "name" : !sk->url ? "url" : NULL;
+        if (missing) {
+            aq_seterr(err, errlen, "%skey 'skills.http[%d].%s': required", where, i, missing);
+            return AQ_EINVAL;
+        }
+        for (const char *p = sk->name; *p; p++)
+            if (!isalnum((unsigned char)*p) && *p != '_' && *p != '-') {
+                aq_seterr(err, errlen, "%skey 'skills.http[%d].name': '%s' may hold only letters, digits, '_' and '-'",
+                          where, i, sk->name);
+                return AQ_EINVAL;
+            }
+        if (sk->timeout_ms < 100 || sk->timeout_ms > 600000) {
+            aq_seterr(err, errlen, "%skey 'skills.http[%d].timeout_ms': must be from 100 to 600000", where, i);
+            return AQ_EINVAL;
+        }
+        if (!sk->description) sk->description = aq_xstrdup(sk->name);
+        if (!sk->parameters) sk->parameters = aq_xstrdup("{\"type\":\"object\",\"properties\":{}}");
+    }
+    return AQ_OK;
+}
+
+static int parse_prices(aq_config *cfg, config_setting_t *list, const char *path, char *err, size_t errlen)
+{
+    char where[512];
+    int n = config_setting_length(list);
+    cfg->prices = aq_xcalloc((size_t)n, sizeof *cfg->prices);
+    for (int i = 0; i < n; i++) {
+        config_setting_t *g = config_setting_get_elem(list, (unsigned)i);
+        aq_model_price *p = &cfg->prices[cfg->n_prices++];
+        where_prefix(g, path, where, sizeof where);
+        p->model = g ? dup_setting_string(g, "model") : NULL;
+        if (!p->model || !config_setting_lookup_float(g, "input_per_mtok", &p->input_per_mtok) ||
+            !config_setting_lookup_float(g, "output_per_mtok", &p->output_per_mtok) ||
+            p->input_per_mtok < 0 || p->output_per_mtok < 0) {
+            aq_seterr(err, errlen,
+                      "%skey 'llm.prices[%d]': needs model (string), input_per_mtok and output_per_mtok (numbers >= 0, written with a decimal point)",
+                      where, i);
+            return AQ_EINVAL;
+        }
+    }
+    return AQ_OK;
+}
+
+static int load_file(aq_config *cfg, const char *path, char *err, size_t errlen)
+{
+    config_t lc;
+    config_init(&lc);
+    int rc = AQ_OK;
+    if (!config_read_file(&lc, path)) {
+        if (config_error_type(&lc) == CONFIG_ERR_FILE_IO)
+            aq_seterr(err, errlen, "%s: cannot read configuration file: %s", path, strerror(errno));
+        else
+            aq_seterr(err, errlen, "%s:%d: %s", config_error_file(&lc) ? config_error_file(&lc) : path,
+                      config_error_line(&lc), config_error_text(&lc));
+        config_destroy(&lc);
+        return AQ_EINVAL;
+    }
+    config_setting_t *root = config_root_setting(&lc);
+    char where[512];
+    for (int i = 0; rc == AQ_OK && i < config_setting_length(root); i++) {
+        config_setting_t *sec = config_setting_get_elem(root, (unsigned)i);
+        const char *sname = config_setting_name(sec);
+        where_prefix(sec, path, where, sizeof where);
+        if (!config_setting_is_group(sec)) {
+            aq_seterr(err, errlen, "%s'%s': expected a section { ... }", where, sname);
+            rc = AQ_EINVAL;
+            break;
+        }
+        for (int j = 0; rc == AQ_OK && j < config_setting_length(sec); j++) {
+            config_setting_t *s = config_setting_get_elem(sec, (unsigned)j);
+            const char *kname = config_setting_name(s);
+            where_prefix(s, path, where, sizeof where);
+            if (!strcmp(sname, "skills") && !strcmp(kname, "http")) {
+                rc = parse_http_skills(cfg, s, path, err, errlen);
+                continue;
+            }
+            if (!strcmp(sname, "llm") && !strcmp(kname, "prices")) {
+                rc = parse_prices(cfg, s, path, err, errlen);
+                continue;
+            }
+            const config_key *k = find_key(sname, strlen(sname), kname);
+            if (!k) {
+                aq_seterr(err, errlen, "%sunknown key '%s.%s'", where, sname, kname);
+                rc = AQ_EINVAL;
+                break;
+            }
+            char text[64];
+            const char *val = text;
+            switch (config_setting_type(s)) {
+            case CONFIG_TYPE_STRING: val = config_setting_get_string(s); break;
+            case CONFIG_TYPE_INT: snprintf(text, sizeof text, "%d", config_setting_get_int(s)); break;
+            case CONFIG_TYPE_INT64:
+                snprintf(text, sizeof text, "%lld", config_setting_get_int64(s));
+                break;
+            case CONFIG_TYPE_FLOAT: snprintf(text, sizeof text, "%.17g", config_setting_get_float(s)); break;
+            case CONFIG_TYPE_BOOL: snprintf(text, sizeof text, "%d", config_setting_get_bool(s)); break;
+            default:
+                aq_seterr(err, errlen, "%skey '%s.%s': expected a single value", where, sname, kname);
+                rc = AQ_EINVAL;
+                continue;
+            }
+            if (k->type == K_STR && config_setting_type(s) != CONFIG_TYPE_STRING) {
+                aq_seterr(err, errlen, "%skey '%s.%s': expected a string in double quotes", where, sname, kname);
+                rc = AQ_EINVAL;
+            } else if (k->type != K_STR && config_setting_type(s) == CONFIG_TYPE_STRING) {
+                aq_seterr(err, errlen, "%skey '%s.%s': expected a number, got a string", where, sname, kname);
+                rc = AQ_EINVAL;
+            } else if (k->type == K_INT && config_setting_type(s) == CONFIG_TYPE_FLOAT) {
+                aq_seterr(err, errlen, "%skey '%s.%s': expected an integer, got %s", where, sname, kname, text);
+                rc = AQ_EINVAL;
+            } else {
+                rc = set_value(cfg, k, val, where, err, errlen);
+            }
+        }
+    }
+    config_destroy(&lc);
+    return rc;
+}
+
+/* AGENTQ_<SECTION>_<KEY>, upper-cased. */
+static void env_name(const config_key *k, char *buf, size_t len)
+{
+    snprintf(buf, len, "AGENTQ_%s_%s", k->section, k->name);
+    for (char *p = buf; *p; p++) *p = (char)toupper((unsigned char)*p);
+}
+
+static int load_env(aq_config *cfg, char *err, size_t errlen)
+{
+    for (size_t i = 0; i < AQ_ARRAY_LEN(config_keys); i++) {
+        char name[128], where[160];
+        env_name(&config_keys[i], name, sizeof name);
+        const char *v = getenv(name);
+        if (!v) continue;
+        snprintf(where, sizeof where, "environment %s: ", name);
+        int rc = set_value(cfg, &config_keys[i], v, where, err, errlen);
+        if (rc != AQ_OK) return rc;
+    }
+    return AQ_OK;
+}
+
+/* Parses one delay like "5s", "500ms", "2m"; returns ms or -1. */
+static long parse_delay_ms(const char *s, size_t n)
+{
+    char buf[32];
+    if (n == 0 || n >= sizeof buf) return -1;
+    memcpy(buf, s, n);
+    buf[n] = '\0';
+    char *end;
+    long v = strtol(buf, &end, 10);
+    if (end == buf || v <= 0) return -1;
+    if (!strcmp(end, "ms")) return v;
+    if (!strcmp(end, "s") || !*end) return v * 1000;
+    if (!strcmp(end, "m")) return v * 60000;
+    if (!strcmp(end, "h")) return v * 3600000;
+    return -1;
+}
+
+int aq_config_retry_delays(const aq_config *cfg, long *ms, int max)
+{
+    int n = 0;
+    const char *p = cfg->amqp_retry_delays;
+    while (*p) {
+        size_t len = strcspn(p, ",");
+        const char *s = p;
+        size_t l = len;
+        while (l && isspace((unsigned char)*s)) { s++; l--; }
+        while (l && isspace((unsigned char)s[l - 1])) l--;
+        long v = parse_delay_ms(s, l);
+        if (v < 0 || n >= max) return AQ_EINVAL;
+        ms[n++] = v;
+        p += len;
+        if (*p == ',') p++;
+    }
+    return n > 0 ? n : AQ_EINVAL;
+}
+
+int aq_config_check(const aq_config *cfg, char *err, size_t errlen)
+{
+    long delays[32];
+    if (aq_config_retry_delays(cfg, delays, 32) < 0) {
+        aq_seterr(err, errlen, "key 'amqp.retry_delays': '%s' must be a comma-separated list of delays like 5s,30s,2m (at most 32)",
+                  cfg->amqp_retry_delays);
+        return AQ_EINVAL;
+    }
+    if (aq_log_level_parse(cfg->log_level) < 0) {
+        aq_seterr(err, errlen, "key 'log.level': '%s' must be debug, info, warn or error", cfg->log_level);
+        return AQ_EINVAL;
+    }
+    if (strcmp(cfg->limits_mode, "local") && strcmp(cfg->limits_mode, "fleet")) {
+        aq_seterr(err, errlen, "key 'limits.mode': '%s' must be 'local' or 'fleet'", cfg->limits_mode);
+        return AQ_EINVAL;
+    }
+    if (!*cfg->amqp_url || strncmp(cfg->amqp_url, "amqp", 4)) {
+        aq_seterr(err, errlen, "key 'amqp.url': must be an amqp:// or amqps:// URL");
+        return AQ_EINVAL;
+    }
+    if (strncmp(cfg->llm_base_url, "http://", 7) && strncmp(cfg->llm_base_url, "https://", 8)) {
+        aq_seterr(err, errlen, "key 'llm.base_url': must be an http:// or https:// URL");
+        return AQ_EINVAL;
+    }
+    if (!*cfg->llm_model) {
+        aq_seterr(err, errlen, "key 'llm.model': must name a model");
+        return AQ_EINVAL;
+    }
+    for (int i = 0; i < cfg->n_http_skills; i++)
+        for (int j = 0; j < i; j++)
+            if (!strcmp(cfg->http_skills[i].name, cfg->http_skills[j].name)) {
+                aq_seterr(err, errlen, "key 'skills.http': skill '%s' is declared twice", cfg->http_skills[i].name);
+                return AQ_EINVAL;
+            }
+    return AQ_OK;
+}
+
+int aq_config_load(aq_config *cfg, const char *path, char *err, size_t errlen)
+{
+    aq_config_init(cfg);
+    int rc = path ? load_file(cfg, path, err, errlen) : AQ_OK;
+    if (rc == AQ_OK) rc = load_env(cfg, err, errlen);
+    if (rc == AQ_OK) rc = aq_config_check(cfg, err, errlen);
+    return rc;
+}
+
+void aq_config_free(aq_config *cfg)
+{
+    if (!cfg) return;
+    for (size_t i = 0; i < AQ_ARRAY_LEN(config_keys); i++)
+        if (config_keys[i].type == K_STR) {
+            free(*STR_AT(cfg, &config_keys[i]));
+            *STR_AT(cfg, &config_keys[i]) = NULL;
+        }
+    for (int i = 0; i < cfg->n_http_skills; i++) {
+        aq_http_skill *s = &cfg->http_skills[i];
+        free(s->name);
+        free(s->description);
+        free(s->parameters);
+        free(s->url);
+    }
+    free(cfg->http_skills);
+    for (int i = 0; i < cfg->n_prices; i++) free(cfg->prices[i].model);
+    free(cfg->prices);
+    cfg->http_skills = NULL;
+    cfg->prices = NULL;
+    cfg->n_http_skills = cfg->n_prices = 0;
+}
+
+static void print_string(FILE *out, const char *s)
+{
+    fputc('"', out);
+    for (; *s; s++) {
+        if (*s == '"' || *s == '\\') fputc('\\', out);
+        if (*s == '\n') { fputs("\\n", out); continue; }
+        fputc(*s, out);
+    }
+    fputc('"', out);
+}
+
+static void print_value(FILE *out, const config_key *k, const aq_config *cfg, bool mask)
+{
+    char buf[2048];
+    switch (k->type) {
+    case K_STR:
+        if (mask && k->secret_url) {
+            aq_log_redact(*STR_AT(cfg, k), buf, sizeof buf);
+            print_string(out, buf);
+        } else {
+            print_string(out, *STR_AT(cfg, k));
+        }
+        break;
+    case K_INT: fprintf(out, "%d", *INT_AT(cfg, k)); break;
+    case K_DBL: fprintf(out, "%.6f", *DBL_AT(cfg, k)); break;
+    }
+}
+
+static void dump(FILE *out, const aq_config *cfg, bool with_docs)
+{
+    const char *section = NULL;
+    for (size_t i = 0; i < AQ_ARRAY_LEN(config_keys); i++) {
+        const config_key *k = &config_keys[i];
+        if (!section || strcmp(section, k->section)) {
+            if (section) fputs("};\n\n", out);
+            section = k->section;
+            fprintf(out, "%s = {\n", section);
+        }
+        if (with_docs) {
+            char env[128];
+            env_name(k, env, sizeof env);
+            fprintf(out, "  # %s (env %s)\n", k->doc, env);
+        }
+        fprintf(out, "  %s = ", k->name);
+        print_value(out, k, cfg, true);
+        fputs(";\n", out);
+        if (with_docs && !strcmp(k->section, "llm") && !strcmp(k->name, "price_output_per_mtok"))
+            fputs("  # Per-model prices (file only):\n"
+                  "  # prices = ( { model = \"gpt-4o-mini\"; input_per_mtok = 0.15; output_per_mtok = 0.60; } );\n",
+                  out);
+        if (with_docs && !strcmp(k->section, "skills") && !strcmp(k->name, "http_get_timeout_ms"))
+            fputs("  # HTTP skills (file only): the worker POSTs {\"arguments\",\"task_id\",\"user_id\"} to url\n"
+                  "  # and gives the reply to the model.\n"
+                  "  # http = ( { name = \"weather\"; description = \"Weather for a city\";\n"
+                  "  #            parameters = \"{\\\"type\\\":\\\"object\\\",\\\"properties\\\":{\\\"city\\\":{\\\"type\\\":\\\"string\\\"}}}\";\n"
+                  "  #            url = \"http://weather.internal/v1/skill\"; timeout_ms = 5000; } );\n",
+                  out);
+    }
+    if (section) fputs("};\n", out);
+}
+
+void aq_config_dump(const aq_config *cfg, FILE *out)
+{
+    dump(out, cfg, false);
+    for (int i = 0; i < cfg->n_http_skills; i++)
+        fprintf(out, "# skills.http: %s -> %s\n", cfg->http_skills[i].name, cfg->http_skills[i].url);
+    for (int i = 0; i < cfg->n_prices; i++)
+        fprintf(out, "# llm.prices: %s in %.4f out %.4f per Mtok\n", cfg->prices[i].model,
+                cfg->prices[i].input_per_mtok, cfg->prices[i].output_per_mtok);
+}
+
+void aq_config_write_example(FILE *out)
+{
+    aq_config cfg;
+    aq_config_init(&cfg);
+    fputs("# agentq configuration (libconfig syntax). Every key is shown with its default.\n"
+          "# Every key can be overridden by AGENTQ_<SECTION>_<KEY> in the environment.\n"
+          "# API keys are never written here: llm.api_key_env names the variable holding it.\n\n",
+          out);
+    dump(out, &cfg, true);
+    aq_config_free(&cfg);
+}
+
+void aq_config_print_env_help(FILE *out)
+{
+    fputs("Environment (overrides the file; every key has one):\n", out);
+    for (size_t i = 0; i < AQ_ARRAY_LEN(config_keys); i++) {
+        char env[128];
+        env_name(&config_keys[i], env, sizeof env);
+        fprintf(out, "  %-36s %s\n", env, config_keys[i].doc);
+    }
+}
+
+const char *aq_config_api_key(const aq_config *cfg)
+{
+    const char *v = *cfg->llm_api_key_env ? getenv(cfg->llm_api_key_env) : NULL;
+    return v && *v ? v : NULL;
+}
+
+void aq_config_price(const aq_config *cfg, const char *model, double *in, double *out)
+{
+    for (int i = 0; model && i < cfg->n_prices; i++)
+        if (!strcmp(cfg->prices[i].model, model)) {
+            *in = cfg->prices[i].input_per_mtok;
+            *out = cfg->prices[i].output_per_mtok;
+            return;
+        }
+    *in = cfg->llm_price_input_per_mtok;
+    *out = cfg->llm_price_output_per_mtok;
+}
+
+bool aq_config_list_has(const char *list, const char *name)
+{
+    size_t n = strlen(name);
+    const char *p = list;
+    while (p && *p) {
+        while (*p == ' ' || *p == ',') p++;
+        size_t len = strcspn(p, ",");
+        size_t l = len;
+        while (l && p[l - 1] == ' ') l--;
+        if (l == n && !strncmp(p, name, n)) return true;
+        p += len;
+    }
+    return false;
+}

@@ -1,0 +1,854 @@
+/* http.c — the asynchronous HTTP client (see http.h for the contract).
+ *
+ * Owns one curl multi handle driven from a libevent base, hiperfifo-style:
+ * curl tells us which sockets to watch (CURLMOPT_SOCKETFUNCTION, one
+ * `event` per socket) and when to wake it (CURLMOPT_TIMERFUNCTION, one
+ * evtimer); we call curl_multi_socket_action() on either and then collect
+ * finished transfers with curl_multi_info_read().
+ *
+ * A request lives in exactly one place at a time:
+ *   queue   — waiting for a slot (not yet known to curl)
+ *   active  — added to the multi handle
+ *   done    — has its result, waits for its callback (a cancelled one may
+ *             still be attached to the multi handle: see below)
+ *   neither — its callback is running; freed when it returns.
+ * Callbacks run only from the `done_ev` event (or aq_http_free), never
+ * from inside curl: so user code cannot re-enter curl from a curl callback,
+ * and curl_multi_remove_handle() for a cancelled transfer is deferred to
+ * that event too, which is outside every curl call.
+ *
+ * Not here: retries, rate limiting, JSON, logging of requests (headers
+ * carry API keys). */
+#include "agentq/http.h"
+
+#include <arpa/inet.h>
+#include <curl/curl.h>
+#include <event2/event.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/queue.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#if LIBCURL_VERSION_NUM < 0x075500
+#error "libcurl 7.85 or newer is needed (CURLOPT_PROTOCOLS_STR)"
+#endif
+
+#ifndef AGENTQ_VERSION
+#define AGENTQ_VERSION "dev"
+#endif
+
+enum req_state { REQ_QUEUED, REQ_ACTIVE, REQ_DONE, REQ_DELIVERING };
+
+struct aq_http_req {
+    aq_http *http;
+    CURL *easy;
+    enum req_state state;
+    bool in_multi;
+    TAILQ_ENTRY(aq_http_req) link;   /* queue, active or done list */
+
+    aq_http_cb cb;
+    void *arg;
+
+    struct curl_slist *headers;
+    char *body;                      /* our copy of the POST body */
+    bool block_private;
+    char **allowlist;                /* normalised copies */
+    size_t nallowlist;
+
+    char *resp;                      /* response body, NUL-terminated */
+    size_t resp_len, resp_cap, max_bytes;
+    bool too_large;
+
+    int64_t submit_us, start_us, done_us;
+
+    /* the result, filled by complete() */
+    int code;
+    long status;
+    int64_t retry_after_ms;
+    char refused[160];
+    char curl_err[CURL_ERROR_SIZE];
+    char error[CURL_ERROR_SIZE + 64];
+};
+
+TAILQ_HEAD(req_list, aq_http_req);
+
+struct aq_http_sock {
+    struct event *ev;
+    LIST_ENTRY(aq_http_sock) link;
+};
+
+struct aq_http {
+    struct event_base *base;
+    CURLM *multi;
+    struct event *timer;     /* curl's single timeout */
+    struct event *done_ev;   /* delivers callbacks outside curl */
+    LIST_HEAD(, aq_http_sock) socks;
+
+    int max_conns;
+    long connect_timeout_ms, timeout_ms;
+    size_t max_response_bytes;
+    char *user_agent;
+
+    struct req_list queue, active, done;
+    uint64_t nqueued, nactive, ndone;
+    uint64_t submitted, completed, failed;
+    uint64_t open_sockets, sockets_opened;
+
+    bool dispatching;        /* inside on_done's callback loop */
+    bool free_pending;       /* aq_http_free called from a callback */
+    bool closing;            /* teardown under way */
+};
+
+/* ---- address policy --------------------------------------------------- */
+
+static bool v4_forbidden(uint32_t a, char *why, size_t whylen)
+{
+    const char *r = NULL;
+    if (a == 0xA9FEA9FEu) r = "cloud metadata address";            /* 169.254.169.254 */
+    else if ((a >> 24) == 0) r = "unspecified address";              /* 0/8 */
+    else if ((a >> 24) == 127) r = "loopback address";               /* 127/8 */
+    else if ((a >> 24) == 10) r = "private address";                 /* 10/8 */
+    else if ((a & 0xFFF00000u) == 0xAC100000u) r = "private address"; /* 172.16/12 */
+    else if ((a & 0xFFFF0000u) == 0xC0A80000u) r = "private address"; /* 192.168/16 */
+    else if ((a & 0xFFC00000u) == 0x64400000u) r = "shared (CGNAT) address"; /* 100.64/10 */
+    else if ((a & 0xFFFF0000u) == 0xA9FE0000u) r = "link-local address"; /* 169.254/16 */
+    else if ((a & 0xF0000000u) == 0xE0000000u) r = "multicast address"; /* 224/4 */
+    else if ((a & 0xF0000000u) == 0xF0000000u) r = "reserved address";  /* 240/4, broadcast */
+    if (r) aq_seterr(why, whylen, "%s", r);
+    return r != NULL;
+}
+
+static uint32_t load_be32(const unsigned char *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+static bool v6_forbidden(const unsigned char *b, char *why, size_t whylen)
+{
+    static const unsigned char zero[16];
+    static const unsigned char mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+    static const unsigned char nat64[12] = {0, 0x64, 0xff, 0x9b};
+    static const unsigned char metadata[16] = {0xfd, 0, 0x0e, 0xc2, 0, 0, 0, 0,
+                                               0, 0, 0, 0, 0, 0, 0x02, 0x54};
+    const char *r = NULL;
+
+    if (memcmp(b, zero, 15) == 0 && b[15] == 0) r = "unspecified address";
+    else if (memcmp(b, zero, 15) == 0 && b[15] == 1) r = "loopback address";
+    /* IPv4 inside IPv6: ::ffff:a.b.c.d (mapped), ::a.b.c.d (compatible,
+     * deprecated but still routed by some stacks), 64:ff9b::a.b.c.d (NAT64)
+     * and 2002:AABB:CCDD::/48 (6to4) all reach the embedded IPv4 address. */
+    else if (memcmp(b, mapped, 12) == 0 || memcmp(b, zero, 12) == 0 ||
+             memcmp(b, nat64, 12) == 0)
+        return v4_forbidden(load_be32(b + 12), why, whylen);
+    else if (b[0] == 0x20 && b[1] == 0x02)
+        return v4_forbidden(load_be32(b + 2), why, whylen);
+    else if (memcmp(b, metadata, 16) == 0) r = "cloud metadata address";
+    else if ((b[0] & 0xfe) == 0xfc) r = "private address";            /* fc00::/7 */
+    else if (b[0] == 0xfe && (b[1] & 0xc0) == 0x80) r = "link-local address"; /* fe80::/10 */
+    else if (b[0] == 0xfe && (b[1] & 0xc0) == 0xc0) r = "private (site-local) address"; /* fec0::/10 */
+    else if (b[0] == 0xff) r = "multicast address";
+    if (r) aq_seterr(why, whylen, "%s", r);
+    return r != NULL;
+}
+
+bool aq_http_addr_forbidden(const struct sockaddr *sa, char *why, size_t whylen)
+{
+    if (why && whylen) why[0] = '\0';
+    if (!sa) {
+        aq_seterr(why, whylen, "no address");
+        return true;
+    }
+    if (sa->sa_family == AF_INET) {
+        struct sockaddr_in in;
+        memcpy(&in, sa, sizeof in);
+        return v4_forbidden(ntohl(in.sin_addr.s_addr), why, whylen);
+    }
+    if (sa->sa_family == AF_INET6) {
+        struct sockaddr_in6 in6;
+        memcpy(&in6, sa, sizeof in6);
+        return v6_forbidden(in6.sin6_addr.s6_addr, why, whylen);
+    }
+    aq_seterr(why, whylen, "not an IP address");
+    return true;
+}
+
+/* Host names are compared without IPv6 brackets and without a trailing dot
+ * ("localhost." reaches the same place as "localhost"). */
+static char *host_normalise(const char *host)
+{
+    size_t n = strlen(host);
+    if (n >= 2 && host[0] == '[' && host[n - 1] == ']') {
+        host++;
+        n -= 2;
+    }
+    if (n > 1 && host[n - 1] == '.') n--;
+    return aq_xstrndup(host, n);
+}
+
+/* Is the host of the URL being connected right now (it changes on a
+ * redirect, before the new connection is opened) on the allowlist? */
+static bool host_allowlisted(aq_http_req *req)
+{
+    if (req->nallowlist == 0) return false;
+    char *url = NULL;
+    if (curl_easy_getinfo(req->easy, CURLINFO_EFFECTIVE_URL, &url) != CURLE_OK || !url)
+        return false;
+    bool ok = false;
+    CURLU *u = curl_url();
+    char *host = NULL;
+    if (u && curl_url_set(u, CURLUPART_URL, url, 0) == CURLUE_OK &&
+        curl_url_get(u, CURLUPART_HOST, &host, 0) == CURLUE_OK) {
+        char *h = host_normalise(host);
+        for (size_t i = 0; i < req->nallowlist && !ok; i++)
+            ok = strcasecmp(h, req->allowlist[i]) == 0;
+        free(h);
+    }
+    curl_free(host);
+    curl_url_cleanup(u);
+    return ok;
+}
+
+static void addr_text(const struct sockaddr_storage *ss, char *out, size_t outlen)
+{
+    const void *src = NULL;
+    if (ss->ss_family == AF_INET) src = &((const struct sockaddr_in *)ss)->sin_addr;
+    else if (ss->ss_family == AF_INET6) src = &((const struct sockaddr_in6 *)ss)->sin6_addr;
+    if (!src || !inet_ntop(ss->ss_family, src, out, (socklen_t)outlen))
+        aq_seterr(out, outlen, "address family %d", (int)ss->ss_family);
+}
+
+/* ---- curl callbacks (no user code runs here) ------------------------- */
+
+static curl_socket_t on_open_socket(void *clientp, curlsocktype purpose,
+                                    struct curl_sockaddr *a)
+{
+    aq_http_req *req = clientp;
+    aq_http *h = req->http;
+    (void)purpose;
+
+    if (req->block_private) {
+        /* curl passes a struct sized for the real address family. */
+        struct sockaddr_storage ss;
+        memset(&ss, 0, sizeof ss);
+        size_t n = a->addrlen < sizeof ss ? a->addrlen : sizeof ss;
+        memcpy(&ss, &a->addr, n);
+        char why[64];
+        if (aq_http_addr_forbidden((const struct sockaddr *)&ss, why, sizeof why) &&
+            !host_allowlisted(req)) {
+            if (!req->refused[0]) {
+                char ip[INET6_ADDRSTRLEN];
+                addr_text(&ss, ip, sizeof ip);
+                aq_seterr(req->refused, sizeof req->refused,
+                          "refused to connect to %s: %s (not allowlisted)", ip, why);
+            }
+            return CURL_SOCKET_BAD;
+        }
+    }
+    curl_socket_t s = socket(a->family, a->socktype | SOCK_CLOEXEC, a->protocol);
+    if (s == CURL_SOCKET_BAD) return CURL_SOCKET_BAD;
+    h->open_sockets++;
+    h->sockets_opened++;
+    return s;
+}
+
+static int on_close_socket(void *clientp, curl_socket_t s)
+{
+    aq_http *h = clientp;
+    if (h->open_sockets > 0) h->open_sockets--;
+    return close(s);
+}
+
+static size_t on_write(char *data, size_t size, size_t nmemb, void *userp)
+{
+    aq_http_req *req = userp;
+    size_t n = size * nmemb;
+    if (req->state != REQ_ACTIVE) return 0; /* cancelled: abort now */
+    if (n > req->max_bytes - req->resp_len) {
+        req->too_large = true;
+        return 0;
+    }
+    if (req->resp_len + n + 1 > req->resp_cap) {
+        size_t cap = req->resp_cap ? req->resp_cap : 4096;
+        while (cap < req->resp_len + n + 1) cap *= 2;
+        if (cap > req->max_bytes + 1) cap = req->max_bytes + 1;
+        req->resp = aq_xrealloc(req->resp, cap);
+        req->resp_cap = cap;
+    }
+    memcpy(req->resp + req->resp_len, data, n);
+    req->resp_len += n;
+    req->resp[req->resp_len] = '\0';
+    return n;
+}
+
+static void check_multi_info(aq_http *h);
+
+static void on_sock_event(evutil_socket_t fd, short what, void *arg)
+{
+    aq_http *h = arg;
+    int action = ((what & EV_READ) ? CURL_CSELECT_IN : 0) |
+                 ((what & EV_WRITE) ? CURL_CSELECT_OUT : 0);
+    int running = 0;
+    curl_multi_socket_action(h->multi, fd, action, &running);
+    check_multi_info(h);
+}
+
+static void on_timer(evutil_socket_t fd, short what, void *arg)
+{
+    aq_http *h = arg;
+    int running = 0;
+    (void)fd;
+    (void)what;
+    curl_multi_socket_action(h->multi, CURL_SOCKET_TIMEOUT, 0, &running);
+    check_multi_info(h);
+}
+
+static void sock_free(struct aq_http_sock *sk)
+{
+    LIST_REMOVE(sk, link);
+    event_free(sk->ev);
+    free(sk);
+}
+
+static int on_curl_socket(CURL *easy, curl_socket_t s, int what, void *userp, void *sockp)
+{
+    aq_http *h = userp;
+    struct aq_http_sock *sk = sockp;
+    (void)easy;
+
+    if (what == CURL_POLL_REMOVE) {
+        if (sk) sock_free(sk);
+        return 0;
+    }
+    short kind = (short)(((what & CURL_POLL_IN) ? EV_READ : 0) |
+                         ((what & CURL_POLL_OUT) ? EV_WRITE : 0) | EV_PERSIST);
+    if (!sk) {
+        sk = aq_xcalloc(1, sizeof *sk);
+        sk->ev = event_new(h->base, s, kind, on_sock_event, h);
+        if (!sk->ev) aq_oom("a socket event");
+        LIST_INSERT_HEAD(&h->socks, sk, link);
+        curl_multi_assign(h->multi, s, sk);
+    } else {
+        event_del(sk->ev);
+        event_assign(sk->ev, h->base, s, kind, on_sock_event, h);
+    }
+    event_add(sk->ev, NULL);
+    return 0;
+}
+
+static int on_curl_timer(CURLM *multi, long timeout_ms, void *userp)
+{
+    aq_http *h = userp;
+    (void)multi;
+    if (timeout_ms < 0) {
+        evtimer_del(h->timer);
+    } else {
+        struct timeval tv = {timeout_ms / 1000, (timeout_ms % 1000) * 1000};
+        evtimer_add(h->timer, &tv);
+    }
+    return 0;
+}
+
+/* ---- request life cycle ---------------------------------------------- */
+
+static void req_free(aq_http_req *req)
+{
+    if (req->easy) curl_easy_cleanup(req->easy);
+    curl_slist_free_all(req->headers);
+    free(req->body);
+    free(req->resp);
+    for (size_t i = 0; i < req->nallowlist; i++) free(req->allowlist[i]);
+    free(req->allowlist);
+    free(req);
+}
+
+/* Outside any curl callback only. */
+static void detach(aq_http *h, aq_http_req *req)
+{
+    if (!req->in_multi) return;
+    curl_multi_remove_handle(h->multi, req->easy);
+    req->in_multi = false;
+    h->nactive--;
+}
+
+/* Moves a request (already out of the queue/active lists) to the done list
+ * with its result; the callback follows from the loop. */
+static void complete(aq_http *h, aq_http_req *req, int code, const char *error)
+{
+    req->state = REQ_DONE;
+    req->code = code;
+    req->done_us = aq_mono_us();
+    aq_seterr(req->error, sizeof req->error, "%s", error ? error : "");
+    TAILQ_INSERT_TAIL(&h->done, req, link);
+    h->ndone++;
+    if (!h->closing) event_active(h->done_ev, EV_TIMEOUT, 0);
+}
+
+static void finish_from_curl(aq_http *h, aq_http_req *req, CURLcode rc)
+{
+    long status = 0;
+    curl_easy_getinfo(req->easy, CURLINFO_RESPONSE_CODE, &status);
+    req->status = status;
+    req->retry_after_ms = -1;
+    struct curl_header *hh = NULL;
+    if (curl_easy_header(req->easy, "Retry-After", 0, CURLH_HEADER, -1, &hh) == CURLHE_OK) {
+        curl_off_t secs = 0;
+        curl_easy_getinfo(req->easy, CURLINFO_RETRY_AFTER, &secs);
+        if (secs < 0) secs = 0;
+        if (secs > INT64_MAX / 1000) secs = INT64_MAX / 1000;
+        req->retry_after_ms = (int64_t)secs * 1000;
+    }
+
+    const char *cmsg = req->curl_err[0] ? req->curl_err : curl_easy_strerror(rc);
+    char msg[sizeof req->error];
+    int code;
+    switch (rc) {
+    case CURLE_OK:
+        code = AQ_OK;
+        msg[0] = '\0';
+        break;
+    case CURLE_OPERATION_TIMEDOUT:
+        code = AQ_ETIMEDOUT;
+        aq_seterr(msg, sizeof msg, "%s", cmsg);
+        break;
+    case CURLE_TOO_MANY_REDIRECTS:
+    case CURLE_WEIRD_SERVER_REPLY:
+    case CURLE_BAD_CONTENT_ENCODING:
+    case CURLE_UNSUPPORTED_PROTOCOL: /* a redirect to ftp:, file:, ... */
+        code = AQ_EPROTO;
+        aq_seterr(msg, sizeof msg, "%s", cmsg);
+        break;
+    case CURLE_URL_MALFORMAT:
+        code = AQ_EINVAL;
+        aq_seterr(msg, sizeof msg, "%s", cmsg);
+        break;
+    default:
+        code = AQ_EIO;
+        aq_seterr(msg, sizeof msg, "%s", cmsg);
+        break;
+    }
+    /* Our own reasons win over curl's generic wording. */
+    if (req->too_large || rc == CURLE_FILESIZE_EXCEEDED) {
+        code = AQ_EPROTO;
+        aq_seterr(msg, sizeof msg, "response larger than %zu bytes", req->max_bytes);
+    } else if (req->refused[0] && rc == CURLE_COULDNT_CONNECT) {
+        code = AQ_EINVAL;
+        aq_seterr(msg, sizeof msg, "%s", req->refused);
+    }
+    TAILQ_REMOVE(&h->active, req, link);
+    complete(h, req, code, msg);
+}
+
+/* Hands queued requests to curl while slots are free. Outside any curl
+ * callback only. */
+static void admit(aq_http *h)
+{
+    aq_http_req *req;
+    while (!h->closing && h->nactive < (uint64_t)h->max_conns &&
+           (req = TAILQ_FIRST(&h->queue)) != NULL) {
+        TAILQ_REMOVE(&h->queue, req, link);
+        h->nqueued--;
+        req->start_us = aq_mono_us();
+        CURLMcode mc = curl_multi_add_handle(h->multi, req->easy);
+        if (mc != CURLM_OK) {
+            char msg[128];
+            aq_seterr(msg, sizeof msg, "curl_multi_add_handle: %s", curl_multi_strerror(mc));
+            complete(h, req, AQ_EIO, msg);
+            continue;
+        }
+        req->in_multi = true;
+        req->state = REQ_ACTIVE;
+        h->nactive++;
+        TAILQ_INSERT_TAIL(&h->active, req, link);
+    }
+}
+
+static void check_multi_info(aq_http *h)
+{
+    CURLMsg *msg;
+    int left = 0;
+    while ((msg = curl_multi_info_read(h->multi, &left)) != NULL) {
+        if (msg->msg != CURLMSG_DONE) continue;
+        /* msg is invalid once the handle is removed: copy first. */
+        CURL *easy = msg->easy_handle;
+        CURLcode rc = msg->data.result;
+        char *priv = NULL;
+        curl_easy_getinfo(easy, CURLINFO_PRIVATE, &priv);
+        aq_http_req *req = (aq_http_req *)(void *)priv;
+        if (!req) continue;
+        detach(h, req);
+        if (req->state == REQ_ACTIVE) finish_from_curl(h, req, rc);
+        /* else: cancelled, already on the done list */
+    }
+    admit(h);
+}
+
+static void deliver(aq_http *h, aq_http_req *req)
+{
+    req->state = REQ_DELIVERING;
+    int64_t start = req->start_us ? req->start_us : req->done_us;
+    aq_http_result res = {
+        .code = req->code,
+        .status = req->status,
+        .body = req->resp ? req->resp : "",
+        .body_len = req->resp_len,
+        .retry_after_ms = req->retry_after_ms,
+        .total_ms = (req->done_us - req->submit_us) / 1000,
+        .queue_ms = (start - req->submit_us) / 1000,
+        .error = req->error,
+        .aq__req = req,
+    };
+    h->completed++;
+    if (req->code != AQ_OK) h->failed++;
+    req->cb(req, &res, req->arg);
+    req_free(req);
+}
+
+static void teardown(aq_http *h);
+
+static void on_done(evutil_socket_t fd, short what, void *arg)
+{
+    aq_http *h = arg;
+    aq_http_req *req;
+    (void)fd;
+    (void)what;
+
+    /* Cancelled transfers leave curl here, outside every curl call. */
+    TAILQ_FOREACH(req, &h->done, link) detach(h, req);
+    admit(h);
+
+    /* Only what is done now: callbacks that cancel or fail more requests
+     * get them delivered on the next activation, so this loop ends. */
+    uint64_t n = h->ndone;
+    h->dispatching = true;
+    while (n-- > 0 && (req = TAILQ_FIRST(&h->done)) != NULL) {
+        TAILQ_REMOVE(&h->done, req, link);
+        h->ndone--;
+        deliver(h, req);
+        if (h->free_pending) {
+            h->dispatching = false;
+            teardown(h);
+            return;
+        }
+    }
+    h->dispatching = false;
+    if (!TAILQ_EMPTY(&h->done)) event_active(h->done_ev, EV_TIMEOUT, 0);
+}
+
+/* ---- public API ------------------------------------------------------- */
+
+static pthread_once_t global_once = PTHREAD_ONCE_INIT;
+static CURLcode global_rc = CURLE_FAILED_INIT;
+
+static void global_init_once(void)
+{
+    global_rc = curl_global_init(CURL_GLOBAL_DEFAULT);
+}
+
+int aq_http_global_init(void)
+{
+    pthread_once(&global_once, global_init_once);
+    return global_rc == CURLE_OK ? AQ_OK : AQ_EIO;
+}
+
+aq_http *aq_http_new(struct event_base *base, const aq_http_config *cfg,
+                     char *err, size_t errlen)
+{
+    static const aq_http_config defaults;
+    if (!base) {
+        aq_seterr(err, errlen, "http: no event base");
+        return NULL;
+    }
+    if (!cfg) cfg = &defaults;
+    if (aq_http_global_init() != AQ_OK) {
+        aq_seterr(err, errlen, "http: curl_global_init failed");
+        return NULL;
+    }
+
+    aq_http *h = aq_xcalloc(1, sizeof *h);
+    h->base = base;
+    h->max_conns = cfg->max_connections > 0 ? cfg->max_connections
+                                            : AQ_HTTP_DEFAULT_MAX_CONNECTIONS;
+    h->connect_timeout_ms = cfg->connect_timeout_ms > 0 ? cfg->connect_timeout_ms
+                                                        : AQ_HTTP_DEFAULT_CONNECT_TIMEOUT_MS;
+    h->timeout_ms = cfg->timeout_ms > 0 ? cfg->timeout_ms : AQ_HTTP_DEFAULT_TIMEOUT_MS;
+    h->max_response_bytes = cfg->max_response_bytes ? cfg->max_response_bytes
+                                                    : AQ_HTTP_DEFAULT_MAX_RESPONSE_BYTES;
+    h->user_agent = aq_xstrdup(cfg->user_agent ? cfg->user_agent : "agentq/" AGENTQ_VERSION);
+    TAILQ_INIT(&h->queue);
+    TAILQ_INIT(&h->active);
+    TAILQ_INIT(&h->done);
+    LIST_INIT(&h->socks);
+
+    h->multi = curl_multi_init();
+    h->timer = evtimer_new(base, on_timer, h);
+    h->done_ev = event_new(base, -1, 0, on_done, h);
+    if (!h->multi || !h->timer || !h->done_ev) {
+        aq_seterr(err, errlen, "http: cannot create the curl multi handle or events");
+        goto fail;
+    }
+    long maxc = h->max_conns;
+    if (curl_multi_setopt(h->multi, CURLMOPT_SOCKETFUNCTION, on_curl_socket) ||
+        curl_multi_setopt(h->multi, CURLMOPT_SOCKETDATA, h) ||
+        curl_multi_setopt(h->multi, CURLMOPT_TIMERFUNCTION, on_curl_timer) ||
+        curl_multi_setopt(h->multi, CURLMOPT_TIMERDATA, h) ||
+        curl_multi_setopt(h->multi, CURLMOPT_MAX_TOTAL_CONNECTIONS, maxc) ||
+        curl_multi_setopt(h->multi, CURLMOPT_MAX_HOST_CONNECTIONS, maxc) ||
+        curl_multi_setopt(h->multi, CURLMOPT_MAXCONNECTS, maxc) ||
+        /* One transfer per connection keeps the slot count exact, which is
+         * what makes curl's timeout start at the transfer's start. */
+        curl_multi_setopt(h->multi, CURLMOPT_PIPELINING, (long)CURLPIPE_NOTHING)) {
+        aq_seterr(err, errlen, "http: curl_multi_setopt failed");
+        goto fail;
+    }
+    return h;
+
+fail:
+    if (h->multi) curl_multi_cleanup(h->multi);
+    if (h->timer) event_free(h->timer);
+    if (h->done_ev) event_free(h->done_ev);
+    free(h->user_agent);
+    free(h);
+    return NULL;
+}
+
+static void teardown(aq_http *h)
+{
+    aq_http_req *req;
+    h->closing = true;
+    h->free_pending = false;
+
+    TAILQ_FOREACH(req, &h->done, link) detach(h, req);
+    while ((req = TAILQ_FIRST(&h->active)) != NULL) {
+        TAILQ_REMOVE(&h->active, req, link);
+        detach(h, req);
+        complete(h, req, AQ_ECLOSED, "client closed");
+    }
+    while ((req = TAILQ_FIRST(&h->queue)) != NULL) {
+        TAILQ_REMOVE(&h->queue, req, link);
+        h->nqueued--;
+        complete(h, req, AQ_ECLOSED, "client closed");
+    }
+    while ((req = TAILQ_FIRST(&h->done)) != NULL) {
+        TAILQ_REMOVE(&h->done, req, link);
+        h->ndone--;
+        deliver(h, req);
+    }
+
+    curl_multi_cleanup(h->multi);
+    struct aq_http_sock *sk;
+    while ((sk = LIST_FIRST(&h->socks)) != NULL) sock_free(sk);
+    event_free(h->timer);
+    event_free(h->done_ev);
+    free(h->user_agent);
+    free(h);
+}
+
+void aq_http_free(aq_http *http)
+{
+    if (!http || http->closing) return;
+    if (http->dispatching) {
+        http->free_pending = true;
+        return;
+    }
+    teardown(http);
+}
+
+static bool header_ok(const char *hdr)
+{
+    const char *colon = strchr(hdr, ':');
+    if (!colon || colon == hdr) return false;
+    return strpbrk(hdr, "\r\n") == NULL;
+}
+
+#define SETOPT(opt, val)                                                     \
+    do {                                                                     \
+        CURLcode rc_ = curl_easy_setopt(req->easy, opt, val);                \
+        if (rc_ != CURLE_OK) {                                               \
+            aq_seterr(err, errlen, "http: %s: %s", #opt, curl_easy_strerror(rc_)); \
+            goto fail;                                                       \
+        }                                                                    \
+    } while (0)
+
+int aq_http_submit(aq_http *http, const aq_http_request *rq, aq_http_cb cb, void *arg,
+                   aq_http_req **out, char *err, size_t errlen)
+{
+    if (out) *out = NULL;
+    if (!http || !rq || !cb) {
+        aq_seterr(err, errlen, "http: missing client, request or callback");
+        return AQ_EINVAL;
+    }
+    if (http->closing || http->free_pending) {
+        aq_seterr(err, errlen, "http: client is closing");
+        return AQ_ECLOSED;
+    }
+    if (rq->method != AQ_HTTP_GET && rq->method != AQ_HTTP_POST) {
+        aq_seterr(err, errlen, "http: unknown method %d", (int)rq->method);
+        return AQ_EINVAL;
+    }
+    if (!rq->url) {
+        aq_seterr(err, errlen, "http: no URL");
+        return AQ_EINVAL;
+    }
+    if (rq->nheaders && !rq->headers) {
+        aq_seterr(err, errlen, "http: %zu headers but no array", rq->nheaders);
+        return AQ_EINVAL;
+    }
+    if (rq->body_len && !rq->body) {
+        aq_seterr(err, errlen, "http: body length without a body");
+        return AQ_EINVAL;
+    }
+    for (size_t i = 0; i < rq->nheaders; i++) {
+        if (!rq->headers[i] || !header_ok(rq->headers[i])) {
+            /* the header itself may be a secret: name its position only */
+            aq_seterr(err, errlen, "http: header %zu is not a \"Name: value\" line", i);
+            return AQ_EINVAL;
+        }
+    }
+    {
+        CURLU *u = curl_url();
+        char *scheme = NULL;
+        if (!u) aq_oom("a URL parser");
+        CURLUcode uc = curl_url_set(u, CURLUPART_URL, rq->url, 0);
+        if (uc == CURLUE_OK) uc = curl_url_get(u, CURLUPART_SCHEME, &scheme, 0);
+        bool web = uc == CURLUE_OK && scheme &&
+                   (strcmp(scheme, "http") == 0 || strcmp(scheme, "https") == 0);
+        curl_free(scheme);
+        curl_url_cleanup(u);
+        if (uc != CURLUE_OK) {
+            aq_seterr(err, errlen, "http: invalid URL: %s", curl_url_strerror(uc));
+            return AQ_EINVAL;
+        }
+        if (!web) {
+            aq_seterr(err, errlen, "http: only http and https URLs are allowed");
+            return AQ_EINVAL;
+        }
+    }
+
+    aq_http_req *req = aq_xcalloc(1, sizeof *req);
+    req->http = http;
+    req->cb = cb;
+    req->arg = arg;
+    req->state = REQ_QUEUED;
+    req->retry_after_ms = -1;
+    req->submit_us = aq_mono_us();
+    req->max_bytes = rq->max_response_bytes ? rq->max_response_bytes : http->max_response_bytes;
+    req->block_private = rq->block_private;
+    if (rq->block_private && rq->nallowlist) {
+        req->allowlist = aq_xcalloc(rq->nallowlist, sizeof *req->allowlist);
+        for (size_t i = 0; i < rq->nallowlist; i++)
+            if (rq->allowlist[i]) req->allowlist[req->nallowlist++] = host_normalise(rq->allowlist[i]);
+    }
+    req->easy = curl_easy_init();
+    if (!req->easy) {
+        aq_seterr(err, errlen, "http: curl_easy_init failed");
+        goto fail;
+    }
+
+    bool user_expect = false;
+    for (size_t i = 0; i < rq->nheaders; i++) {
+        struct curl_slist *l = curl_slist_append(req->headers, rq->headers[i]);
+        if (!l) aq_oom("a header list");
+        req->headers = l;
+        if (strncasecmp(rq->headers[i], "Expect:", 7) == 0) user_expect = true;
+    }
+    if (rq->method == AQ_HTTP_POST && !user_expect) {
+        /* No "Expect: 100-continue" round trip on large bodies. */
+        struct curl_slist *l = curl_slist_append(req->headers, "Expect:");
+        if (!l) aq_oom("a header list");
+        req->headers = l;
+    }
+
+    long timeout = rq->timeout_ms > 0 ? rq->timeout_ms : http->timeout_ms;
+    SETOPT(CURLOPT_URL, rq->url);
+    SETOPT(CURLOPT_PRIVATE, (void *)req);
+    SETOPT(CURLOPT_ERRORBUFFER, req->curl_err);
+    SETOPT(CURLOPT_NOSIGNAL, 1L);
+    SETOPT(CURLOPT_PROTOCOLS_STR, "http,https");
+    SETOPT(CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
+    SETOPT(CURLOPT_FOLLOWLOCATION, rq->follow_redirects ? 1L : 0L);
+    SETOPT(CURLOPT_MAXREDIRS, (long)AQ_HTTP_MAX_REDIRECTS);
+    SETOPT(CURLOPT_TIMEOUT_MS, timeout);
+    SETOPT(CURLOPT_CONNECTTIMEOUT_MS, http->connect_timeout_ms);
+    SETOPT(CURLOPT_TCP_KEEPALIVE, 1L);
+    SETOPT(CURLOPT_USERAGENT, http->user_agent);
+    SETOPT(CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)(req->max_bytes > (size_t)INT64_MAX
+                                                       ? INT64_MAX : (int64_t)req->max_bytes));
+    SETOPT(CURLOPT_WRITEFUNCTION, on_write);
+    SETOPT(CURLOPT_WRITEDATA, (void *)req);
+    SETOPT(CURLOPT_OPENSOCKETFUNCTION, on_open_socket);
+    SETOPT(CURLOPT_OPENSOCKETDATA, (void *)req);
+    SETOPT(CURLOPT_CLOSESOCKETFUNCTION, on_close_socket);
+    SETOPT(CURLOPT_CLOSESOCKETDATA, (void *)http);
+    if (req->headers) SETOPT(CURLOPT_HTTPHEADER, req->headers);
+    if (rq->method == AQ_HTTP_POST) {
+        req->body = aq_xmalloc(rq->body_len);
+        if (rq->body_len) memcpy(req->body, rq->body, rq->body_len);
+        SETOPT(CURLOPT_POST, 1L);
+        SETOPT(CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)rq->body_len);
+        SETOPT(CURLOPT_POSTFIELDS, req->body);
+    } else {
+        SETOPT(CURLOPT_HTTPGET, 1L);
+    }
+    if (rq->block_private) {
+        /* A proxy would connect for us (unchecked), and a pooled connection
+         * may have been opened by a request without the check. */
+        SETOPT(CURLOPT_NOPROXY, "*");
+        SETOPT(CURLOPT_FRESH_CONNECT, 1L);
+        SETOPT(CURLOPT_FORBID_REUSE, 1L);
+    }
+
+    TAILQ_INSERT_TAIL(&http->queue, req, link);
+    http->nqueued++;
+    http->submitted++;
+    if (out) *out = req;
+    admit(http);
+    return AQ_OK;
+
+fail:
+    req_free(req);
+    return AQ_EINVAL;
+}
+
+void aq_http_cancel(aq_http_req *req)
+{
+    if (!req) return;
+    aq_http *h = req->http;
+    if (h->closing) return;
+    if (req->state == REQ_QUEUED) {
+        TAILQ_REMOVE(&h->queue, req, link);
+        h->nqueued--;
+        complete(h, req, AQ_ECLOSED, "cancelled");
+    } else if (req->state == REQ_ACTIVE) {
+        /* Stays attached to curl until on_done detaches it: this may be
+         * reached from code we cannot prove runs outside a curl call. */
+        TAILQ_REMOVE(&h->active, req, link);
+        complete(h, req, AQ_ECLOSED, "cancelled");
+    }
+}
+
+const char *aq_http_result_header(const aq_http_result *res, const char *name)
+{
+    if (!res || !res->aq__req || !res->aq__req->easy || !name) return NULL;
+    struct curl_header *hh = NULL;
+    if (curl_easy_header(res->aq__req->easy, name, 0, CURLH_HEADER, -1, &hh) != CURLHE_OK)
+        return NULL;
+    return hh->value;
+}
+
+void aq_http_stats_get(const aq_http *http, aq_http_stats *out)
+{
+    memset(out, 0, sizeof *out);
+    if (!http) return;
+    out->inflight = http->submitted - http->completed;
+    out->queued = http->nqueued;
+    out->active = http->nactive;
+    out->open_sockets = http->open_sockets;
+    out->sockets_opened = http->sockets_opened;
+    out->completed = http->completed;
+    out->failed = http->failed;
+}

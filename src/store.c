@@ -1,0 +1,1191 @@
+/* store.c — the worker's PostgreSQL writer (see store.h).
+ *
+ * Owns: the request queue and the done list (both under one mutex), the
+ * writer thread, its libpq connection, and the eventfd through which the
+ * writer wakes the loop to run callbacks. Does not own the event_base, the
+ * schema, or what the statuses mean beyond agentq.is_final.
+ *
+ * Flow: a verb builds a request (its statements with every parameter
+ * already rendered as text, or bytes for a body) on the loop thread and
+ * queues it. The writer takes a batch, sends BEGIN, each request's
+ * prepared statements, COMMIT and a sync in one pipeline, then reads the
+ * results. Requests move to the done list only once their transaction's
+ * outcome is known; the loop thread drains the done list and calls back.
+ *
+ * The connection is non-blocking and every wait is a poll() in 100 ms
+ * slices, so that aq_store_free() can cut a hung server short at its
+ * deadline. */
+#include "agentq/store.h"
+#include "agentq/log.h"
+#include "agentq/task.h"
+
+#include <errno.h>
+#include <event2/event.h>
+#include <libpq-fe.h>
+#include <limits.h>
+#include <math.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/random.h>
+#include <time.h>
+#include <unistd.h>
+
+#define STORE_MAX_PARAMS 13
+#define STORE_MAX_STMTS 2
+#define STORE_BATCH_DEFAULT 500
+#define STORE_FLUSH_TIMEOUT_DEFAULT_MS 5000
+#define STORE_RECONNECT_MAX_DEFAULT_MS 5000
+#define STORE_BACKOFF_MIN_MS 100
+#define STORE_CONNECT_TIMEOUT_US (10 * 1000000LL)
+#define STORE_IDLE_CHECK_US 1000000LL
+#define STORE_POLL_SLICE_MS 100
+#define STORE_TRANSIENT_RETRIES 5
+#define STORE_BYTEA_OID 17
+
+/* ------------------------------------------------------------ statements */
+
+enum { S_CLAIM, S_FINISH, S_STEP, S_DEAD, S_DEAD_TASK, S_COUNT };
+
+static const struct {
+    const char *name;
+    int nparams;
+    int bytea_param; /* 1-based index of a binary bytea parameter, or 0 */
+    const char *sql;
+} stmts[S_COUNT] = {
+    /* The upsert returns the row it made running; when its WHERE keeps the
+     * row as it is (final, cancel requested, or this very claim replayed)
+     * the second branch reads the row from the statement's snapshot. */
+    [S_CLAIM] = {"aq_claim", 13, 0,
+        "WITH up AS ("
+        " INSERT INTO agentq.tasks AS t"
+        "  (task_id, user_id, goal, priority, status, attempt, max_steps, budget_usd,"
+        "   timeout_seconds, model, metadata, enqueued_at, started_at, finished_at,"
+        "   worker_id, claim_token)"
+        " VALUES ($1::uuid, $2::text, $3::text, $4::int, 'running', $5::int, $6::int,"
+        "   $7::float8, $8::float8, $9::text, $10::jsonb,"
+        "   coalesce(timestamptz 'epoch' + $11::bigint * interval '1 microsecond', now()),"
+        "   now(), NULL, $12::text, $13::text)"
+        " ON CONFLICT (task_id) DO UPDATE SET"
+        "   status = 'running',"
+        "   attempt = CASE WHEN t.status = 'running'"
+        "                  THEN greatest(t.attempt + 1, EXCLUDED.attempt)"
+        "                  ELSE greatest(t.attempt, EXCLUDED.attempt) END,"
+        "   user_id = EXCLUDED.user_id, goal = EXCLUDED.goal, priority = EXCLUDED.priority,"
+        "   max_steps = EXCLUDED.max_steps, budget_usd = EXCLUDED.budget_usd,"
+        "   timeout_seconds = EXCLUDED.timeout_seconds, model = EXCLUDED.model,"
+        "   metadata = EXCLUDED.metadata,"
+        "   enqueued_at = coalesce(t.enqueued_at, EXCLUDED.enqueued_at),"
+        "   started_at = EXCLUDED.started_at, finished_at = NULL,"
+        "   worker_id = EXCLUDED.worker_id, claim_token = EXCLUDED.claim_token"
+        " WHERE NOT agentq.is_final(t.status) AND NOT t.cancel_requested"
+        "   AND t.claim_token IS DISTINCT FROM EXCLUDED.claim_token"
+        " RETURNING t.attempt, t.status, t.cancel_requested, true AS claimed)"
+        " SELECT attempt, status, cancel_requested, claimed FROM up"
+        " UNION ALL"
+        " SELECT attempt, status, cancel_requested, coalesce(claim_token = $13::text, false)"
+        "   FROM agentq.tasks WHERE task_id = $1::uuid AND NOT EXISTS (SELECT 1 FROM up)"},
+    /* Changes the row only while it is not final and holds this attempt;
+     * the second column (pre-update snapshot) tells "already final" from
+     * "not ours". */
+    [S_FINISH] = {"aq_finish", 9, 0,
+        "WITH u AS ("
+        " UPDATE agentq.tasks SET status = $3::text, steps = $4::int,"
+        "   prompt_tokens = $5::bigint, completion_tokens = $6::bigint,"
+        "   cost_usd = $7::float8, result = $8::text, error = $9::text,"
+        "   finished_at = CASE WHEN agentq.is_final($3::text) THEN now() END"
+        " WHERE task_id = $1::uuid AND ($2::int <= 0 OR attempt = $2::int)"
+        "   AND NOT agentq.is_final(status)"
+        " RETURNING 1)"
+        " SELECT (SELECT count(*) FROM u)::int,"
+        "        (SELECT status FROM agentq.tasks WHERE task_id = $1::uuid)"},
+    [S_STEP] = {"aq_step", 13, 0,
+        "INSERT INTO agentq.steps (task_id, attempt, step, seq, kind, name, status,"
+        "   started_at, duration_ms, prompt_tokens, completion_tokens, cost_usd, detail)"
+        " VALUES ($1::uuid, $2::int, $3::int, $4::int, $5::text, $6::text, $7::text,"
+        "   timestamptz 'epoch' + $8::bigint * interval '1 microsecond',"
+        "   $9::float8, $10::bigint, $11::bigint, $12::float8, $13::jsonb)"
+        " ON CONFLICT (task_id, attempt, step, kind, seq) DO NOTHING"},
+    [S_DEAD] = {"aq_dead", 6, 4,
+        "INSERT INTO agentq.dead_letters (task_id, reason, error, body, headers, store_key)"
+        " VALUES ($1::uuid, $2::text, $3::text, $4::bytea, $5::jsonb, $6::text)"
+        " ON CONFLICT (store_key) DO NOTHING"},
+    /* A task dead-lettered before any claim (a malformed body, an expired
+     * message) gets a minimal row; a final row is left alone. */
+    [S_DEAD_TASK] = {"aq_dead_task", 7, 0,
+        "INSERT INTO agentq.tasks AS t (task_id, user_id, goal, status, attempt, error,"
+        "   worker_id, finished_at)"
+        " VALUES ($1::uuid, $2::text, $3::text, $4::text, $5::int, $6::text, $7::text, now())"
+        " ON CONFLICT (task_id) DO UPDATE SET status = EXCLUDED.status,"
+        "   error = EXCLUDED.error, worker_id = EXCLUDED.worker_id, finished_at = now()"
+        " WHERE NOT agentq.is_final(t.status)"},
+};
+
+/* -------------------------------------------------------------- requests */
+
+enum { REQ_CLAIM, REQ_FINISH, REQ_STEP, REQ_DEAD };
+static const char *const req_names[] = {"claim", "finish", "step", "dead letter"};
+
+typedef struct stmt {
+    int id;
+    int n;
+    char *v[STORE_MAX_PARAMS]; /* owned; NULL is SQL NULL */
+    int len[STORE_MAX_PARAMS];
+    int fmt[STORE_MAX_PARAMS];
+} stmt;
+
+typedef struct req {
+    struct req *next;
+    int kind;
+    int nstmt;
+    stmt st[STORE_MAX_STMTS];
+    char task_id[AQ_TASK_ID_LEN + 1]; /* for log lines; may be "" */
+    int64_t queued_us;
+    aq_store_claim_cb claim_cb;
+    aq_store_done_cb done_cb;
+    void *arg;
+    /* Set by the writer before the request reaches the done list. */
+    int code;
+    aq_store_outcome outcome;
+    int attempt;
+    char status[32];
+} req;
+
+enum { LINK_UNKNOWN, LINK_UP, LINK_DOWN };
+
+struct aq_store {
+    char *dsn;
+    char *dsn_shown; /* the DSN without its password, for log lines */
+    char *worker_id;
+    int batch_max;
+    int flush_ms;
+    int flush_timeout_ms;
+    int reconnect_max_ms;
+    char token_prefix[24];
+    uint64_t token_seq; /* atomic */
+
+    struct event_base *base;
+    struct event *wake_ev;
+    int efd;
+    pthread_t thread;
+    bool thread_started;
+
+    pthread_mutex_t mu;
+    pthread_cond_t cond;
+    /* under mu */
+    req *q_head, *q_tail;
+    size_t q_len;
+    req *done_head, *done_tail;
+    size_t pending;
+    bool closing;
+    int64_t stop_deadline_us;
+    aq_store_counters counters;
+
+    /* writer thread only */
+    PGconn *conn;
+    int link;
+    bool ever_connected;
+    int backoff_ms;
+    int64_t next_connect_us;
+    int64_t next_check_us;
+    unsigned int rnd;
+};
+
+static void stmt_init(stmt *st, int id)
+{
+    memset(st, 0, sizeof *st);
+    st->id = id;
+}
+
+static void p_str(stmt *st, const char *s)
+{
+    st->v[st->n++] = s ? aq_xstrdup(s) : NULL;
+}
+
+static void p_int(stmt *st, long long v)
+{
+    char buf[32];
+    snprintf(buf, sizeof buf, "%lld", v);
+    p_str(st, buf);
+}
+
+static void p_dbl(stmt *st, double v)
+{
+    char buf[40];
+    snprintf(buf, sizeof buf, "%.17g", v);
+    p_str(st, buf);
+}
+
+static void p_bin(stmt *st, const void *b, size_t n)
+{
+    char *copy = aq_xmalloc(n);
+    if (n) memcpy(copy, b, n);
+    st->v[st->n] = copy;
+    st->len[st->n] = (int)n;
+    st->fmt[st->n] = 1;
+    st->n++;
+}
+
+static req *req_new(int kind, const char *task_id)
+{
+    req *r = aq_xcalloc(1, sizeof *r);
+    r->kind = kind;
+    if (task_id) snprintf(r->task_id, sizeof r->task_id, "%s", task_id);
+    return r;
+}
+
+static void req_free(req *r)
+{
+    for (int i = 0; i < r->nstmt; i++)
+        for (int j = 0; j < r->st[i].n; j++) free(r->st[i].v[j]);
+    free(r);
+}
+
+bool aq_store_status_final(const char *status)
+{
+    static const char *const finals[] = {"completed", "failed", "timeout", "budget_exceeded",
+                                         "max_steps", "cancelled", "expired", "rejected"};
+    if (!status) return false;
+    for (size_t i = 0; i < AQ_ARRAY_LEN(finals); i++)
+        if (!strcmp(status, finals[i])) return true;
+    return false;
+}
+
+static bool status_known(const char *status)
+{
+    return status && (aq_store_status_final(status) || !strcmp(status, "queued") ||
+                      !strcmp(status, "running") || !strcmp(status, "retrying"));
+}
+
+/* ----------------------------------------------------------------- locks */
+
+static void lock(aq_store *s) { pthread_mutex_lock(&s->mu); }
+static void unlock(aq_store *s) { pthread_mutex_unlock(&s->mu); }
+
+/* Waits on the store's condition (mu held) until the monotonic time `due`. */
+static void wait_until(aq_store *s, int64_t due_us)
+{
+    struct timespec ts;
+    ts.tv_sec = (time_t)(due_us / 1000000);
+    ts.tv_nsec = (long)(due_us % 1000000) * 1000;
+    pthread_cond_timedwait(&s->cond, &s->mu, &ts);
+}
+
+static bool stop_passed(aq_store *s)
+{
+    lock(s);
+    bool passed = s->closing && aq_mono_us() >= s->stop_deadline_us;
+    unlock(s);
+    return passed;
+}
+
+/* ------------------------------------------------------- completing side */
+
+/* Moves finished requests to the done list (steps are freed: nobody waits
+ * for them) and wakes the loop. Writer thread. */
+static void complete(aq_store *s, req **v, size_t n, bool committed)
+{
+    uint64_t one = 1;
+    bool wake = false;
+    lock(s);
+    if (committed) {
+        s->counters.transactions++;
+        s->counters.requests += n;
+    }
+    for (size_t i = 0; i < n; i++) {
+        req *r = v[i];
+        s->pending--;
+        if (r->code != AQ_OK) s->counters.failed++;
+        if (r->kind == REQ_STEP) {
+            req_free(r);
+            continue;
+        }
+        r->next = NULL;
+        if (s->done_tail)
+            s->done_tail->next = r;
+        else
+            s->done_head = r;
+        s->done_tail = r;
+        wake = true;
+    }
+    unlock(s);
+    if (wake && write(s->efd, &one, sizeof one) < 0 && errno != EAGAIN)
+        aq_log(AQ_LOG_ERROR, "store: cannot wake the event loop: %s", strerror(errno));
+}
+
+static void fail_reqs(aq_store *s, req **v, size_t n, int code, const char *why)
+{
+    for (size_t i = 0; i < n; i++) {
+        v[i]->code = code;
+        aq_log_task(AQ_LOG_WARN, v[i]->task_id[0] ? v[i]->task_id : NULL, NULL,
+                    "store: %s not written: %s", req_names[v[i]->kind], why);
+    }
+    complete(s, v, n, false);
+}
+
+/* Runs the callbacks of everything on the done list. Loop thread. */
+static void deliver(aq_store *s)
+{
+    lock(s);
+    req *list = s->done_head;
+    s->done_head = s->done_tail = NULL;
+    unlock(s);
+    while (list) {
+        req *r = list;
+        list = r->next;
+        if (r->kind == REQ_CLAIM) {
+            if (r->claim_cb) r->claim_cb(r->arg, r->outcome, r->attempt, r->status, r->code);
+        } else if (r->done_cb) {
+            r->done_cb(r->arg, r->code);
+        }
+        req_free(r);
+    }
+}
+
+static void on_wake(evutil_socket_t fd, short what, void *arg)
+{
+    aq_store *s = arg;
+    uint64_t v;
+    (void)what;
+    /* A failed read only means another wake-up drained it first. */
+    if (read(fd, &v, sizeof v) < 0 && errno != EAGAIN)
+        aq_log(AQ_LOG_ERROR, "store: eventfd read: %s", strerror(errno));
+    deliver(s);
+}
+
+/* ------------------------------------------------------------ connection */
+
+static void one_line(char *msg)
+{
+    size_t n = strlen(msg);
+    while (n && (msg[n - 1] == '\n' || msg[n - 1] == ' ')) msg[--n] = '\0';
+    for (char *p = msg; *p; p++)
+        if (*p == '\n' || *p == '\t') *p = ' ';
+}
+
+static void set_msg(char *msg, size_t msglen, const char *text)
+{
+    snprintf(msg, msglen, "%s", text && *text ? text : "unknown error");
+    one_line(msg);
+}
+
+static void drop_conn(aq_store *s)
+{
+    if (s->conn) PQfinish(s->conn);
+    s->conn = NULL;
+    lock(s);
+    s->counters.connected = false;
+    unlock(s);
+}
+
+/* The connection went away under us: log it once, reconnect at once. */
+static void lost_conn(aq_store *s, const char *why)
+{
+    if (s->link != LINK_DOWN)
+        aq_log(AQ_LOG_WARN, "store: lost the PostgreSQL connection (%s): %s; reconnecting",
+               s->dsn_shown, why);
+    s->link = LINK_DOWN;
+    drop_conn(s);
+    s->backoff_ms = 0;
+    s->next_connect_us = aq_mono_us();
+}
+
+enum { IO_OK = 0, IO_CONN = -1, IO_ABANDON = -2 };
+
+/* Next result of the pipeline (NULL at the end of a query's results),
+ * flushing what is still unsent meanwhile. */
+static int next_result(aq_store *s, PGresult **out)
+{
+    PGconn *c = s->conn;
+    *out = NULL;
+    for (;;) {
+        int f = PQflush(c);
+        if (f < 0) return IO_CONN;
+        if (!PQisBusy(c)) {
+            *out = PQgetResult(c);
+            return IO_OK;
+        }
+        struct pollfd pfd = {.fd = PQsocket(c), .events = (short)(POLLIN | (f ? POLLOUT : 0))};
+        if (pfd.fd < 0) return IO_CONN;
+        int pr = poll(&pfd, 1, STORE_POLL_SLICE_MS);
+        if (pr < 0 && errno != EINTR) return IO_CONN;
+        if (stop_passed(s)) return IO_ABANDON;
+        if (pr > 0 && (pfd.revents & (POLLIN | POLLERR | POLLHUP)) && !PQconsumeInput(c))
+            return IO_CONN;
+    }
+}
+
+/* Reads one query's result and the NULL that ends it. *out is NULL only
+ * when something other than IO_OK is returned. */
+static int read_one(aq_store *s, PGresult **out)
+{
+    PGresult *end;
+    int rc = next_result(s, out);
+    if (rc != IO_OK) return rc;
+    if (!*out) return IO_CONN; /* out of step with the pipeline: start over */
+    if (PQstatus(s->conn) == CONNECTION_BAD) goto bad;
+    rc = next_result(s, &end);
+    if (rc != IO_OK) goto bad;
+    if (end) {
+        PQclear(end);
+        goto bad;
+    }
+    return IO_OK;
+bad:
+    PQclear(*out);
+    *out = NULL;
+    return rc == IO_ABANDON ? IO_ABANDON : IO_CONN;
+}
+
+static int read_sync(aq_store *s)
+{
+    PGresult *r;
+    int rc = next_result(s, &r);
+    if (rc != IO_OK) return rc;
+    rc = r && PQresultStatus(r) == PGRES_PIPELINE_SYNC ? IO_OK : IO_CONN;
+    PQclear(r);
+    return rc;
+}
+
+/* Makes every statement known on the fresh connection. */
+static bool prepare_all(aq_store *s, char *msg, size_t msglen)
+{
+    for (int i = 0; i < S_COUNT; i++) {
+        Oid types[STORE_MAX_PARAMS] = {0};
+        if (stmts[i].bytea_param) types[stmts[i].bytea_param - 1] = STORE_BYTEA_OID;
+        if (!PQsendPrepare(s->conn, stmts[i].name, stmts[i].sql, stmts[i].nparams, types)) {
+            set_msg(msg, msglen, PQerrorMessage(s->conn));
+            return false;
+        }
+    }
+    if (!PQpipelineSync(s->conn)) {
+        set_msg(msg, msglen, PQerrorMessage(s->conn));
+        return false;
+    }
+    bool ok = true;
+    for (int i = 0; i < S_COUNT; i++) {
+        PGresult *r;
+        if (read_one(s, &r) != IO_OK) {
+            set_msg(msg, msglen, PQerrorMessage(s->conn));
+            return false;
+        }
+        if (ok && PQresultStatus(r) != PGRES_COMMAND_OK) {
+            const char *primary = PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY);
+            snprintf(msg, msglen, "preparing %s: %s (is the schema migrated? agentqctl migrate)",
+                     stmts[i].name, primary ? primary : PQresStatus(PQresultStatus(r)));
+            one_line(msg);
+            ok = false;
+        }
+        PQclear(r);
+    }
+    if (read_sync(s) != IO_OK && ok) {
+        set_msg(msg, msglen, PQerrorMessage(s->conn));
+        ok = false;
+    }
+    return ok;
+}
+
+/* One connection attempt (bounded by STORE_CONNECT_TIMEOUT_US and the stop
+ * deadline). On failure, schedules the next one with backoff and jitter. */
+static bool try_connect(aq_store *s)
+{
+    /* Defaults first: what the DSN says overrides them. */
+    const char *kw[] = {"application_name", "keepalives", "keepalives_idle",
+                        "keepalives_interval", "keepalives_count", "dbname", NULL};
+    const char *val[] = {"agentq-worker", "1", "10", "5", "3", s->dsn, NULL};
+    char msg[512] = "";
+    int64_t deadline = aq_mono_us() + STORE_CONNECT_TIMEOUT_US;
+
+    PGconn *c = PQconnectStartParams(kw, val, 1);
+    if (!c) aq_oom("a PostgreSQL connection");
+    PostgresPollingStatusType ps = PGRES_POLLING_WRITING;
+    if (PQstatus(c) == CONNECTION_BAD) ps = PGRES_POLLING_FAILED;
+    while (ps != PGRES_POLLING_OK && ps != PGRES_POLLING_FAILED) {
+        struct pollfd pfd = {.fd = PQsocket(c),
+                             .events = ps == PGRES_POLLING_READING ? POLLIN : POLLOUT};
+        int pr = pfd.fd >= 0 ? poll(&pfd, 1, STORE_POLL_SLICE_MS) : 1;
+        if (pr < 0 && errno != EINTR) {
+            snprintf(msg, sizeof msg, "poll: %s", strerror(errno));
+            break;
+        }
+        if (stop_passed(s) || aq_mono_us() >= deadline) {
+            snprintf(msg, sizeof msg, "timed out connecting");
+            break;
+        }
+        if (pr > 0) ps = PQconnectPoll(c);
+    }
+    if (ps == PGRES_POLLING_OK) {
+        s->conn = c;
+        if (PQsetnonblocking(c, 1) != 0 || !PQenterPipelineMode(c)) {
+            set_msg(msg, sizeof msg, PQerrorMessage(c));
+            ps = PGRES_POLLING_FAILED;
+        } else if (!prepare_all(s, msg, sizeof msg)) {
+            ps = PGRES_POLLING_FAILED;
+        }
+        if (ps != PGRES_POLLING_OK) {
+            s->conn = NULL;
+        }
+    } else if (!msg[0]) {
+        set_msg(msg, sizeof msg, PQerrorMessage(c));
+    }
+
+    int64_t now = aq_mono_us();
+    if (s->conn) {
+        lock(s);
+        s->counters.connected = true;
+        if (s->ever_connected) s->counters.reconnects++;
+        unlock(s);
+        if (s->link == LINK_DOWN)
+            aq_log(AQ_LOG_INFO, "store: PostgreSQL connection restored (%s)", s->dsn_shown);
+        else if (s->link == LINK_UNKNOWN)
+            aq_log(AQ_LOG_INFO, "store: connected to PostgreSQL (%s)", s->dsn_shown);
+        s->link = LINK_UP;
+        s->ever_connected = true;
+        s->backoff_ms = 0;
+        s->next_check_us = now + STORE_IDLE_CHECK_US;
+        return true;
+    }
+    PQfinish(c);
+    if (s->link != LINK_DOWN)
+        aq_log(AQ_LOG_WARN,
+               "store: cannot connect to PostgreSQL (%s): %s; retrying with backoff, "
+               "requests queue meanwhile", s->dsn_shown, msg);
+    s->link = LINK_DOWN;
+    s->backoff_ms = s->backoff_ms ? s->backoff_ms * 2 : STORE_BACKOFF_MIN_MS;
+    if (s->backoff_ms > s->reconnect_max_ms) s->backoff_ms = s->reconnect_max_ms;
+    /* Half fixed, half random: replicas that lost the same server do not
+     * come back in step. */
+    int half = s->backoff_ms / 2;
+    int delay = half + (int)(rand_r(&s->rnd) % (unsigned)(half + 1));
+    s->next_connect_us = now + (int64_t)delay * 1000;
+    return false;
+}
+
+/* Connects, waiting out an outage; false only once the stop deadline has
+ * passed without a connection. */
+static bool ensure_conn(aq_store *s)
+{
+    while (!s->conn) {
+        if (stop_passed(s)) return false;
+        if (aq_mono_us() >= s->next_connect_us) {
+            try_connect(s);
+            continue;
+        }
+        lock(s);
+        int64_t due = s->next_connect_us;
+        if (s->closing && s->stop_deadline_us < due) due = s->stop_deadline_us;
+        wait_until(s, due);
+        unlock(s);
+    }
+    return true;
+}
+
+/* While idle, notices a connection the server closed (restart,
+ * pg_terminate_backend) before a batch has to. */
+static void check_idle_conn(aq_store *s)
+{
+    struct pollfd pfd = {.fd = PQsocket(s->conn), .events = POLLIN};
+    if (pfd.fd < 0) {
+        lost_conn(s, "no socket");
+        return;
+    }
+    if (poll(&pfd, 1, 0) <= 0) return;
+    if (!PQconsumeInput(s->conn) || PQstatus(s->conn) == CONNECTION_BAD) {
+        char msg[512];
+        set_msg(msg, sizeof msg, PQerrorMessage(s->conn));
+        lost_conn(s, msg);
+        return;
+    }
+    PGnotify *n;
+    while ((n = PQnotifies(s->conn))) PQfreemem(n);
+}
+
+/* ----------------------------------------------------------- the writer */
+
+enum { TXN_OK, TXN_CONN, TXN_TRANSIENT, TXN_STMT, TXN_ABANDONED };
+
+static int classify(PGconn *c, const PGresult *r)
+{
+    if (PQstatus(c) == CONNECTION_BAD) return TXN_CONN;
+    const char *state = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
+    /* No SQLSTATE: libpq's own error, i.e. the connection. */
+    if (!state) return TXN_CONN;
+    /* 08: connection exception; 57P: server shutting down or admin
+     * termination; 26000: our prepared statements are gone (a pooler);
+     * 25P02: the session is stuck in an aborted transaction. A fresh
+     * connection fixes all of them. */
+    if (!strncmp(state, "08", 2) || !strncmp(state, "57P", 3) || !strcmp(state, "26000") ||
+        !strcmp(state, "25P02"))
+        return TXN_CONN;
+    /* Serialization failure, deadlock, lock not available, out of
+     * resources: the same batch may well pass next time. */
+    if (!strcmp(state, "40001") || !strcmp(state, "40P01") || !strcmp(state, "55P03") ||
+        !strncmp(state, "53", 2))
+        return TXN_TRANSIENT;
+    return TXN_STMT;
+}
+
+static void result_msg(const PGresult *r, char *msg, size_t msglen)
+{
+    const char *state = PQresultErrorField(r, PG_DIAG_SQLSTATE);
+    const char *primary = PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY);
+    const char *detail = PQresultErrorField(r, PG_DIAG_MESSAGE_DETAIL);
+    if (primary)
+        snprintf(msg, msglen, "%s%s%s%s%s", state ? state : "", state ? ": " : "", primary,
+                 detail ? " — " : "", detail ? detail : "");
+    else
+        set_msg(msg, msglen, PQresultErrorMessage(r));
+    one_line(msg);
+}
+
+static void interpret_claim(req *r, const PGresult *res)
+{
+    if (PQntuples(res) < 1) {
+        /* A row inserted by a concurrent transaction after our snapshot. */
+        r->code = AQ_EAGAIN;
+        aq_log_task(AQ_LOG_WARN, r->task_id, NULL, "store: claim raced with another writer");
+        return;
+    }
+    int attempt = atoi(PQgetvalue(res, 0, 0));
+    const char *status = PQgetvalue(res, 0, 1);
+    bool cancel = PQgetvalue(res, 0, 2)[0] == 't';
+    bool claimed = PQgetvalue(res, 0, 3)[0] == 't';
+    r->attempt = attempt;
+    snprintf(r->status, sizeof r->status, "%s", status);
+    r->code = AQ_OK;
+    if (claimed && !aq_store_status_final(status))
+        r->outcome = AQ_STORE_RUN; /* claimed now, or this claim replayed */
+    else if (aq_store_status_final(status))
+        r->outcome = AQ_STORE_FINAL;
+    else if (cancel)
+        r->outcome = AQ_STORE_CANCELLED;
+    else
+        r->code = AQ_EAGAIN;
+}
+
+static void interpret_finish(req *r, const PGresult *res)
+{
+    int updated = PQntuples(res) ? atoi(PQgetvalue(res, 0, 0)) : 0;
+    const char *status = PQntuples(res) && !PQgetisnull(res, 0, 1) ? PQgetvalue(res, 0, 1) : NULL;
+    if (updated > 0 || aq_store_status_final(status)) {
+        r->code = AQ_OK;
+        return;
+    }
+    r->code = AQ_ENOTFOUND;
+    aq_log_task(AQ_LOG_WARN, r->task_id, NULL,
+                "store: finish changed nothing: the row %s", status ? "belongs to another attempt"
+                                                                   : "does not exist");
+}
+
+/* Sends ROLLBACK after a failed pipeline left the session in an aborted
+ * transaction block. */
+static void rollback(aq_store *s)
+{
+    PGTransactionStatusType ts = PQtransactionStatus(s->conn);
+    if (ts != PQTRANS_INERROR && ts != PQTRANS_INTRANS) return;
+    PGresult *r = NULL;
+    if (!PQsendQueryParams(s->conn, "ROLLBACK", 0, NULL, NULL, NULL, NULL, 0) ||
+        !PQpipelineSync(s->conn) || read_one(s, &r) != IO_OK || read_sync(s) != IO_OK) {
+        PQclear(r);
+        lost_conn(s, "rollback failed");
+        return;
+    }
+    PQclear(r);
+}
+
+/* One transaction holding every request of v. On TXN_STMT, *bad is the
+ * index of the request whose statement failed (n if unknown). */
+static int run_txn(aq_store *s, req **v, size_t n, size_t *bad, char *msg, size_t msglen)
+{
+    PGconn *c = s->conn;
+    size_t nops = 2;
+    for (size_t i = 0; i < n; i++) nops += (size_t)v[i]->nstmt;
+    PGresult **res = aq_xcalloc(nops, sizeof *res);
+    size_t *owner = aq_xcalloc(nops, sizeof *owner);
+    int rc = TXN_OK;
+    *bad = n;
+
+    /* Send everything, then read: one round trip for the whole batch. */
+    bool sent = PQsendQueryParams(c, "BEGIN", 0, NULL, NULL, NULL, NULL, 0);
+    size_t k = 1;
+    owner[0] = n;
+    for (size_t i = 0; sent && i < n; i++) {
+        for (int j = 0; sent && j < v[i]->nstmt; j++, k++) {
+            const stmt *st = &v[i]->st[j];
+            owner[k] = i;
+            sent = PQsendQueryPrepared(c, stmts[st->id].name, st->n,
+                                       (const char *const *)st->v, st->len, st->fmt, 0);
+        }
+    }
+    owner[nops - 1] = n;
+    sent = sent && PQsendQueryParams(c, "COMMIT", 0, NULL, NULL, NULL, NULL, 0) &&
+           PQpipelineSync(c);
+    if (!sent) {
+        set_msg(msg, msglen, PQerrorMessage(c));
+        rc = TXN_CONN;
+        goto out;
+    }
+
+    for (k = 0; k < nops; k++) {
+        int r = read_one(s, &res[k]);
+        if (r != IO_OK) {
+            set_msg(msg, msglen, PQerrorMessage(c));
+            rc = r == IO_ABANDON ? TXN_ABANDONED : TXN_CONN;
+            goto out;
+        }
+        if (PQresultStatus(res[k]) == PGRES_FATAL_ERROR && PQstatus(c) == CONNECTION_BAD) {
+            result_msg(res[k], msg, msglen);
+            rc = TXN_CONN;
+            goto out;
+        }
+    }
+    int r = read_sync(s);
+    if (r != IO_OK) {
+        set_msg(msg, msglen, PQerrorMessage(c));
+        rc = r == IO_ABANDON ? TXN_ABANDONED : TXN_CONN;
+        goto out;
+    }
+
+    for (k = 0; k < nops; k++) {
+        ExecStatusType st = PQresultStatus(res[k]);
+        if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) continue;
+        /* The first error; the rest of the pipeline is merely aborted. */
+        result_msg(res[k], msg, msglen);
+        rc = st == PGRES_FATAL_ERROR ? classify(c, res[k]) : TXN_CONN;
+        *bad = owner[k];
+        break;
+    }
+    if (rc == TXN_OK) {
+        for (k = 1; k + 1 < nops; k++) {
+            req *q = v[owner[k]];
+            if (q->kind == REQ_CLAIM)
+                interpret_claim(q, res[k]);
+            else if (q->kind == REQ_FINISH)
+                interpret_finish(q, res[k]);
+            else
+                q->code = AQ_OK;
+        }
+    } else if (rc != TXN_CONN) {
+        rollback(s);
+    }
+
+out:
+    for (k = 0; k < nops; k++) PQclear(res[k]);
+    free(res);
+    free(owner);
+    return rc;
+}
+
+/* Sleeps (interruptibly) before retrying a transient failure; false if the
+ * stop deadline passed meanwhile. */
+static bool pause_before_retry(aq_store *s, int attempt)
+{
+    int64_t due = aq_mono_us() + (int64_t)STORE_BACKOFF_MIN_MS * 1000 * (1 << attempt);
+    lock(s);
+    while (aq_mono_us() < due && !(s->closing && aq_mono_us() >= s->stop_deadline_us)) {
+        int64_t d = due;
+        if (s->closing && s->stop_deadline_us < d) d = s->stop_deadline_us;
+        wait_until(s, d);
+    }
+    unlock(s);
+    return !stop_passed(s);
+}
+
+static void write_batch(aq_store *s, req **v, size_t n)
+{
+    int transient = 0;
+    char msg[1024];
+    while (n > 0) {
+        if (!ensure_conn(s)) {
+            fail_reqs(s, v, n, AQ_ECLOSED, "the store closed before PostgreSQL could be reached");
+            return;
+        }
+        size_t bad;
+        msg[0] = '\0';
+        int rc = run_txn(s, v, n, &bad, msg, sizeof msg);
+        switch (rc) {
+        case TXN_OK:
+            complete(s, v, n, true);
+            return;
+        case TXN_CONN:
+            /* Nothing of the batch is known to be committed: replay it all
+             * on a new connection (every statement is replay-safe). */
+            lost_conn(s, msg);
+            continue;
+        case TXN_ABANDONED:
+            drop_conn(s);
+            fail_reqs(s, v, n, AQ_ETIMEDOUT, "the store closed while the transaction was in flight");
+            return;
+        case TXN_TRANSIENT:
+            if (transient < STORE_TRANSIENT_RETRIES) {
+                aq_log(AQ_LOG_INFO, "store: transaction of %zu requests failed (%s); retrying", n, msg);
+                if (!pause_before_retry(s, transient++)) {
+                    fail_reqs(s, v, n, AQ_ETIMEDOUT, msg);
+                    return;
+                }
+                continue;
+            }
+            /* Persistent: treat as the rows' fault. */
+            /* fall through */
+        default:
+            if (n == 1) {
+                fail_reqs(s, v, 1, AQ_EINVAL, msg);
+                return;
+            }
+            if (bad >= n) {
+                /* Unknown culprit (COMMIT failed): one transaction each. */
+                for (size_t i = 0; i < n; i++) write_batch(s, &v[i], 1);
+                return;
+            }
+            /* Those before the culprit together, the culprit alone, then
+             * the rest, in order (a step may depend on an earlier claim). */
+            if (bad > 0) write_batch(s, v, bad);
+            write_batch(s, &v[bad], 1);
+            v += bad + 1;
+            n -= bad + 1;
+            transient = 0;
+            continue;
+        }
+    }
+}
+
+/* Takes the next batch, waiting for requests (and the flush window);
+ * keeps the connection up meanwhile. Returns 0 when closing and empty. */
+static size_t take_batch(aq_store *s, req **batch)
+{
+    lock(s);
+    for (;;) {
+        int64_t now = aq_mono_us();
+        if (s->q_head) {
+            if (s->closing || s->flush_ms <= 0 || s->q_len >= (size_t)s->batch_max) break;
+            int64_t due = s->q_head->queued_us + (int64_t)s->flush_ms * 1000;
+            if (now >= due) break;
+            wait_until(s, due);
+            continue;
+        }
+        if (s->closing) {
+            unlock(s);
+            return 0;
+        }
+        int64_t wake = now + STORE_IDLE_CHECK_US;
+        if (!s->conn) {
+            if (now >= s->next_connect_us) {
+                unlock(s);
+                try_connect(s);
+                lock(s);
+                continue;
+            }
+            if (s->next_connect_us < wake) wake = s->next_connect_us;
+        } else if (now >= s->next_check_us) {
+            unlock(s);
+            check_idle_conn(s);
+            lock(s);
+            s->next_check_us = aq_mono_us() + STORE_IDLE_CHECK_US;
+            continue;
+        } else {
+            wake = s->next_check_us;
+        }
+        wait_until(s, wake);
+    }
+    size_t n = 0;
+    while (s->q_head && n < (size_t)s->batch_max) {
+        req *r = s->q_head;
+        s->q_head = r->next;
+        r->next = NULL;
+        batch[n++] = r;
+    }
+    if (!s->q_head) s->q_tail = NULL;
+    s->q_len -= n;
+    unlock(s);
+    return n;
+}
+
+static void *writer_main(void *arg)
+{
+    aq_store *s = arg;
+    req **batch = aq_xcalloc((size_t)s->batch_max, sizeof *batch);
+    size_t n;
+    while ((n = take_batch(s, batch)) > 0) write_batch(s, batch, n);
+    free(batch);
+    drop_conn(s);
+    return NULL;
+}
+
+/* ---------------------------------------------------------------- public */
+
+/* "host=... port=... dbname=... user=..." without the password, or NULL
+ * (and err filled) when libpq cannot parse the DSN. */
+static char *dsn_for_logs(const char *dsn, char *err, size_t errlen)
+{
+    char *perr = NULL;
+    PQconninfoOption *opts = PQconninfoParse(dsn, &perr);
+    if (!opts) {
+        char msg[512];
+        set_msg(msg, sizeof msg, perr ? perr : "out of memory");
+        aq_seterr(err, errlen, "postgres.dsn: %s", msg);
+        PQfreemem(perr);
+        return NULL;
+    }
+    static const char *const shown[] = {"host", "hostaddr", "port", "dbname", "user"};
+    char out[1024] = "";
+    size_t len = 0;
+    for (PQconninfoOption *o = opts; o->keyword; o++) {
+        if (!o->val || !*o->val) continue;
+        for (size_t i = 0; i < AQ_ARRAY_LEN(shown); i++) {
+            if (strcmp(o->keyword, shown[i])) continue;
+            int w = snprintf(out + len, sizeof out - len, "%s%s=%s", len ? " " : "", o->keyword,
+                             o->val);
+            if (w > 0 && (size_t)w < sizeof out - len) len += (size_t)w;
+        }
+    }
+    PQconninfoFree(opts);
+    return aq_xstrdup(len ? out : "(libpq defaults)");
+}
+
+aq_store *aq_store_new(const aq_store_config *cfg, struct event_base *base, char *err,
+                       size_t errlen)
+{
+    if (!cfg || !cfg->dsn || !base) {
+        aq_seterr(err, errlen, "store: a config with a dsn and an event base are required");
+        return NULL;
+    }
+    char *shown = dsn_for_logs(cfg->dsn, err, errlen);
+    if (!shown) return NULL;
+
+    aq_store *s = aq_xcalloc(1, sizeof *s);
+    s->dsn = aq_xstrdup(cfg->dsn);
+    s->dsn_shown = shown;
+    s->worker_id = aq_xstrdup(cfg->worker_id ? cfg->worker_id : "");
+    s->batch_max = cfg->batch_max > 0 ? cfg->batch_max : STORE_BATCH_DEFAULT;
+    s->flush_ms = cfg->flush_ms > 0 ? cfg->flush_ms : 0;
+    s->flush_timeout_ms = cfg->flush_timeout_ms > 0 ? cfg->flush_timeout_ms
+                                                    : STORE_FLUSH_TIMEOUT_DEFAULT_MS;
+    s->reconnect_max_ms = cfg->reconnect_max_ms > 0 ? cfg->reconnect_max_ms
+                                                    : STORE_RECONNECT_MAX_DEFAULT_MS;
+    if (s->reconnect_max_ms < STORE_BACKOFF_MIN_MS) s->reconnect_max_ms = STORE_BACKOFF_MIN_MS;
+    s->base = base;
+    s->efd = -1;
+
+    /* Tokens must differ across processes and restarts: random prefix. */
+    uint64_t seed;
+    if (getrandom(&seed, sizeof seed, 0) != (ssize_t)sizeof seed)
+        seed = (uint64_t)aq_now_us() ^ ((uint64_t)getpid() << 32);
+    snprintf(s->token_prefix, sizeof s->token_prefix, "%016llx", (unsigned long long)seed);
+    s->rnd = (unsigned int)(seed >> 7);
+
+    pthread_mutex_init(&s->mu, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&s->cond, &ca);
+    pthread_condattr_destroy(&ca);
+
+    s->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (s->efd < 0) {
+        aq_seterr(err, errlen, "store: eventfd: %s", strerror(errno));
+        goto fail;
+    }
+    s->wake_ev = event_new(base, s->efd, EV_READ | EV_PERSIST, on_wake, s);
+    if (!s->wake_ev || event_add(s->wake_ev, NULL) != 0) {
+        aq_seterr(err, errlen, "store: cannot register the wake-up event");
+        goto fail;
+    }
+
+    /* The writer takes no signals: they belong to the loop (evsignal). */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int prc = pthread_create(&s->thread, NULL, writer_main, s);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (prc != 0) {
+        aq_seterr(err, errlen, "store: cannot start the writer thread: %s", strerror(prc));
+        goto fail;
+    }
+    s->thread_started = true;
+    return s;
+
+fail:
+    aq_store_free(s);
+    return NULL;
+}
+
+void aq_store_free(aq_store *s)
+{
+    if (!s) return;
+    lock(s);
+    s->closing = true;
+    s->stop_deadline_us = aq_mono_us() + (int64_t)s->flush_timeout_ms * 1000;
+    pthread_cond_broadcast(&s->cond);
+    unlock(s);
+    if (s->thread_started) pthread_join(s->thread, NULL);
+    deliver(s);
+    if (s->wake_ev) event_free(s->wake_ev);
+    if (s->efd >= 0) close(s->efd);
+    pthread_cond_destroy(&s->cond);
+    pthread_mutex_destroy(&s->mu);
+    free(s->dsn);
+    free(s->dsn_shown);
+    free(s->worker_id);
+    free(s);
+}
+
+static int submit(aq_store *s, req *r)
+{
+    lock(s);
+    if (s->closing) {
+        unlock(s);
+        req_free(r);
+        return AQ_ECLOSED;
+    }
+    r->queued_us = aq_mono_us();
+    if (s->q_tail)
+        s->q_tail->next = r;
+    else
+        s->q_head = r;
+    s->q_tail = r;
+    s->q_len++;
+    s->pending++;
+    pthread_cond_signal(&s->cond);
+    unlock(s);
+    return AQ_OK;
+}
+
+static void next_token(aq_store *s, char prefix, char *out, size_t len)
+{
+    unsigned long long seq = __atomic_add_fetch(&s->token_seq, 1, __ATOMIC_RELAXED);
+    snprintf(out, len, "%c%s-%llu", prefix, s->token_prefix, seq);
+}
+
+int aq_store_claim(aq_store *s, const aq_store_task *t, aq_store_claim_cb cb, void *arg)
+{
+    if (!s || !t || !cb || !aq_task_uuid_valid(t->task_id) || !t->user_id || !t->goal ||
+        !isfinite(t->budget_usd) || !isfinite(t->timeout_seconds))
+        return AQ_EINVAL;
+    char token[64];
+    next_token(s, 'c', token, sizeof token);
+    req *r = req_new(REQ_CLAIM, t->task_id);
+    stmt *st = &r->st[r->nstmt++];
+    stmt_init(st, S_CLAIM);
+    p_str(st, t->task_id);
+    p_str(st, t->user_id);
+    p_str(st, t->goal);
+    p_int(st, t->priority);
+    p_int(st, t->attempt > 0 ? t->attempt : 1);
+    p_int(st, t->max_steps);
+    p_dbl(st, t->budget_usd);
+    p_dbl(st, t->timeout_seconds);
+    p_str(st, t->model);
+    p_str(st, t->metadata);
+    if (t->enqueued_at_us > 0)
+        p_int(st, t->enqueued_at_us);
+    else
+        p_str(st, NULL);
+    p_str(st, s->worker_id);
+    p_str(st, token);
+    r->claim_cb = cb;
+    r->arg = arg;
+    return submit(s, r);
+}
+
+int aq_store_finish(aq_store *s, const aq_store_result *res, aq_store_done_cb cb, void *arg)
+{
+    if (!s || !res || !aq_task_uuid_valid(res->task_id) || !status_known(res->status) ||
+        !isfinite(res->cost_usd))
+        return AQ_EINVAL;
+    req *r = req_new(REQ_FINISH, res->task_id);
+    stmt *st = &r->st[r->nstmt++];
+    stmt_init(st, S_FINISH);
+    p_str(st, res->task_id);
+    p_int(st, res->attempt);
+    p_str(st, res->status);
+    p_int(st, res->steps);
+    p_int(st, res->prompt_tokens);
+    p_int(st, res->completion_tokens);
+    p_dbl(st, res->cost_usd);
+    p_str(st, res->result);
+    p_str(st, res->error);
+    r->done_cb = cb;
+    r->arg = arg;
+    return submit(s, r);
+}
+
+int aq_store_step(aq_store *s, const aq_store_step_row *row)
+{
+    if (!s || !row || !aq_task_uuid_valid(row->task_id) || !row->kind ||
+        (strcmp(row->kind, "llm") && strcmp(row->kind, "tool")) || row->seq < 0 ||
+        !isfinite(row->duration_ms) || !isfinite(row->cost_usd))
+        return AQ_EINVAL;
+    req *r = req_new(REQ_STEP, row->task_id);
+    stmt *st = &r->st[r->nstmt++];
+    stmt_init(st, S_STEP);
+    p_str(st, row->task_id);
+    p_int(st, row->attempt > 0 ? row->attempt : 1);
+    p_int(st, row->step);
+    p_int(st, row->seq);
+    p_str(st, row->kind);
+    p_str(st, row->name);
+    p_str(st, row->status);
+    if (row->started_at_us > 0)
+        p_int(st, row->started_at_us);
+    else
+        p_str(st, NULL);
+    p_dbl(st, row->duration_ms);
+    p_int(st, row->prompt_tokens);
+    p_int(st, row->completion_tokens);
+    p_dbl(st, row->cost_usd);
+    p_str(st, row->detail);
+    return submit(s, r);
+}
+
+int aq_store_dead_letter(aq_store *s, const aq_store_dead *d, aq_store_done_cb cb, void *arg)
+{
+    if (!s || !d || !d->reason || (d->body_len && !d->body) || d->body_len > INT_MAX ||
+        (d->status && !aq_store_status_final(d->status)))
+        return AQ_EINVAL;
+    bool has_id = d->task_id && aq_task_uuid_valid(d->task_id);
+    char key[64];
+    next_token(s, 'd', key, sizeof key);
+    req *r = req_new(REQ_DEAD, has_id ? d->task_id : NULL);
+    stmt *st = &r->st[r->nstmt++];
+    stmt_init(st, S_DEAD);
+    p_str(st, has_id ? d->task_id : NULL);
+    p_str(st, d->reason);
+    p_str(st, d->error);
+    p_bin(st, d->body, d->body_len);
+    p_str(st, d->headers);
+    p_str(st, key);
+    if (has_id && d->status) {
+        st = &r->st[r->nstmt++];
+        stmt_init(st, S_DEAD_TASK);
+        p_str(st, d->task_id);
+        p_str(st, d->user_id ? d->user_id : "");
+        p_str(st, d->goal ? d->goal : "");
+        p_str(st, d->status);
+        p_int(st, d->attempt > 0 ? d->attempt : 1);
+        p_str(st, d->error);
+        p_str(st, s->worker_id);
+    }
+    r->done_cb = cb;
+    r->arg = arg;
+    return submit(s, r);
+}
+
+size_t aq_store_pending(aq_store *s)
+{
+    lock(s);
+    size_t n = s->pending;
+    unlock(s);
+    return n;
+}
+
+void aq_store_stats(aq_store *s, aq_store_counters *out)
+{
+    lock(s);
+    *out = s->counters;
+    out->pending = s->pending;
+    unlock(s);
+}

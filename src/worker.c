@@ -1,0 +1,575 @@
+/* worker.c — deliveries in, sessions run, rows committed, acks out (see
+ * worker.h).
+ *
+ * Owns: the jobs (one per task in flight, found by task id so a second
+ * delivery of a running task joins it instead of running twice), the
+ * drain timer, and the modules it wires. Every ack happens in a store
+ * callback (after COMMIT) or a publish confirm, never before. */
+#include "agentq/worker.h"
+#include "agentq/agent.h"
+#include "agentq/consumer.h"
+#include "agentq/http.h"
+#include "agentq/log.h"
+#include "agentq/ratelimit.h"
+#include "agentq/skill.h"
+#include "agentq/store.h"
+#include "agentq/strmap.h"
+#include "agentq/task.h"
+
+#include <event2/event.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+typedef struct job {
+    aq_worker *w;
+    aq_delivery *d;
+    aq_task *task;
+    aq_session *session;
+    uint64_t *extra_tags;  /* duplicate deliveries of the same task */
+    size_t nextra;
+    int attempt;
+    int64_t deadline_us;
+    char *error;           /* kept across the retry publish */
+    bool in_map;
+} job;
+
+struct aq_worker {
+    const aq_config *cfg;
+    struct event_base *base;
+    char worker_id[256];
+    aq_http *http;
+    aq_skills *skills;
+    aq_ratelimit *rl;
+    aq_engine *engine;
+    aq_store *store;
+    aq_consumer *consumer;
+    aq_strmap *jobs;       /* task_id -> job, while claimed or running */
+    size_t pending;        /* jobs alive (claim, run, finish, publish) */
+    long retry_delays[32];
+    int nretry_delays;
+    char *skill_names;
+    bool draining, drain_expired;
+    struct event *drain_ev;
+    aq_worker_stats st;
+};
+
+static void job_free(job *j)
+{
+    aq_worker *w = j->w;
+    if (j->in_map) aq_strmap_del(w->jobs, j->task->task_id);
+    aq_delivery_free(j->d);
+    aq_task_free(j->task);
+    free(j->extra_tags);
+    free(j->error);
+    free(j);
+    w->pending--;
+    if (w->draining && w->pending == 0) {
+        aq_log(AQ_LOG_INFO, "drained: no task in flight");
+        event_base_loopexit(w->base, NULL);
+    }
+}
+
+/* Acks every delivery of the job (the original and duplicates). */
+static void ack_all(job *j)
+{
+    aq_consumer_ack(j->w->consumer, j->d->tag);
+    for (size_t i = 0; i < j->nextra; i++) aq_consumer_ack(j->w->consumer, j->extra_tags[i]);
+}
+
+static void on_finished(void *arg, int code)
+{
+    job *j = arg;
+    if (code == AQ_OK) ack_all(j);
+    /* else: not committed; the delivery stays unacked and is redelivered
+     * when this worker's connection goes away. */
+    else aq_log_task(AQ_LOG_ERROR, j->task->task_id, j->task->user_id, "could not record the task's status: %s",
+                     aq_strerror(code));
+    job_free(j);
+}
+
+static void record(job *j, const char *status, const aq_session_result *r, const char *error,
+                   aq_store_done_cb cb)
+{
+    aq_store_result res = {
+        .task_id = j->task->task_id,
+        .attempt = j->attempt,
+        .status = status,
+        .steps = r ? r->steps : 0,
+        .prompt_tokens = r ? r->prompt_tokens : 0,
+        .completion_tokens = r ? r->completion_tokens : 0,
+        .cost_usd = r ? r->cost_usd : 0,
+        .result = r ? r->result : NULL,
+        .error = error,
+    };
+    if (aq_store_finish(j->w->store, &res, cb, j) != AQ_OK) {
+        aq_log_task(AQ_LOG_ERROR, j->task->task_id, j->task->user_id, "store refused the status write");
+        job_free(j);
+    }
+}
+
+/* Requeue (drain) finishes by rejecting with requeue after the row says
+ * queued again. */
+static void on_requeued(void *arg, int code)
+{
+    job *j = arg;
+    aq_consumer_reject(j->w->consumer, j->d->tag, true);
+    for (size_t i = 0; i < j->nextra; i++) aq_consumer_ack(j->w->consumer, j->extra_tags[i]);
+    job_free(j);
+}
+
+static void on_retry_published(void *cookie, bool ok, void *arg);
+
+static json_t *retry_headers(job *j, int next_attempt, const char *error, const char *reason)
+{
+    json_t *h = json_object();
+    json_object_set_new(h, "x-agentq-attempt", json_integer(next_attempt));
+    json_object_set_new(h, "x-agentq-deadline", json_integer(j->deadline_us));
+    if (error) json_object_set_new(h, "x-agentq-error", json_string(error));
+    if (reason) json_object_set_new(h, "x-agentq-reason", json_string(reason));
+    return h;
+}
+
+/* Publishes the task again: to its retry tier, or (out of attempts) to
+ * the dead-letter exchange. The original is acked after the confirm. */
+static void republish(job *j, const char *error)
+{
+    aq_worker *w = j->w;
+    const aq_config *cfg = w->cfg;
+    bool dead = j->attempt >= cfg->amqp_max_attempts;
+    char queue[256];
+    json_t *h;
+    aq_publish p = {
+        .body = j->d->body,
+        .len = j->d->len,
+        .message_id = j->task->task_id,
+        .priority = j->task->priority,
+        .timestamp = j->task->enqueued_at_us / 1000000,
+    };
+    if (dead) {
+        h = retry_headers(j, j->attempt, error, "failed");
+        p.exchange = cfg->amqp_dlx;
+        p.routing_key = "task";
+    } else {
+        int tier = j->attempt - 1 < w->nretry_delays ? j->attempt - 1 : w->nretry_delays - 1;
+        aq_broker_retry_queue(cfg, w->retry_delays[tier], queue, sizeof queue);
+        h = retry_headers(j, j->attempt + 1, error, NULL);
+        p.exchange = "";  /* the default exchange routes by queue name */
+        p.routing_key = queue;
+    }
+    p.headers = h;
+    j->error = aq_xstrdup(error ? error : "");
+    aq_consumer_publish(w->consumer, &p, j);
+    json_decref(h);
+}
+
+static void on_retry_recorded(void *arg, int code)
+{
+    job *j = arg;
+    if (code == AQ_OK) ack_all(j);
+    job_free(j);
+}
+
+static void on_retry_published(void *cookie, bool ok, void *arg)
+{
+    job *j = cookie;
+    if (!ok) {
+        /* Not confirmed: leave the original unacked; it comes back. */
+        aq_log_task(AQ_LOG_WARN, j->task->task_id, j->task->user_id, "retry publish not confirmed; the broker will redeliver");
+        job_free(j);
+        return;
+    }
+    bool dead = j->attempt >= j->w->cfg->amqp_max_attempts;
+    if (dead) j->w->st.failed++;
+    else j->w->st.retried++;
+    record(j, dead ? "failed" : "retrying", NULL, j->error, on_retry_recorded);
+}
+
+static void on_session_done(aq_session *s, const aq_session_result *r, void *arg)
+{
+    job *j = arg;
+    aq_worker *w = j->w;
+    j->session = NULL;
+    w->st.running--;
+    aq_log_task(r->retryable || strcmp(r->status, "completed") ? AQ_LOG_INFO : AQ_LOG_DEBUG, j->task->task_id,
+                j->task->user_id, "task %s after %d steps ($%.6f)%s%s", r->status, r->steps, r->cost_usd,
+                r->error ? ": " : "", r->error ? r->error : "");
+    if (!strcmp(r->status, "queued")) { /* drain ran out: back to the queue */
+        record(j, "queued", r, NULL, on_requeued);
+        return;
+    }
+    if (r->retryable) {
+        republish(j, r->error);
+        return;
+    }
+    if (!strcmp(r->status, "completed")) w->st.completed++;
+    else w->st.failed++;
+    record(j, r->status, r, r->error, on_finished);
+}
+
+static void on_claimed(void *arg, aq_store_outcome outcome, int attempt, const char *status, int code)
+{
+    job *j = arg;
+    aq_worker *w = j->w;
+    if (code != AQ_OK) {
+        aq_log_task(AQ_LOG_ERROR, j->task->task_id, j->task->user_id, "could not claim the task: %s",
+                    aq_strerror(code));
+        job_free(j); /* unacked: redelivered later */
+        return;
+    }
+    switch (outcome) {
+    case AQ_STORE_FINAL:
+        aq_log_task(AQ_LOG_INFO, j->task->task_id, j->task->user_id, "already %s; acked without running", status);
+        w->st.redelivered_final++;
+        ack_all(j);
+        job_free(j);
+        return;
+    case AQ_STORE_CANCELLED:
+        record(j, "cancelled", NULL, "cancelled before it ran", on_finished);
+        return;
+    case AQ_STORE_RUN: break;
+    }
+    j->attempt = attempt;
+    if (!j->deadline_us) j->deadline_us = aq_now_us() + (int64_t)(j->task->timeout_seconds * 1e6);
+    w->st.running++;
+    j->session = aq_session_start(w->engine, j->task, attempt, j->deadline_us, on_session_done, j);
+    if (w->drain_expired) aq_session_cancel(j->session, "queued");
+}
+
+static int64_t header_int(const json_t *h, const char *key)
+{
+    json_t *v = json_object_get(h, key);
+    if (json_is_integer(v)) return json_integer_value(v);
+    if (json_is_string(v)) return strtoll(json_string_value(v), NULL, 10);
+    return 0;
+}
+
+static aq_task_limits limits_of(const aq_worker *w)
+{
+    aq_task_limits l = {w->skill_names, *w->cfg->llm_models ? w->cfg->llm_models : w->cfg->llm_model,
+                        w->cfg->llm_model};
+    return l;
+}
+
+static aq_task_props props_of(const aq_delivery *d)
+{
+    aq_task_props p = {
+        .priority = d->priority,
+        .expiration = d->expiration,
+        .message_id = d->message_id,
+        .timestamp = d->timestamp,
+        .attempt = (int)header_int(d->headers, "x-agentq-attempt"),
+        .deadline_us = header_int(d->headers, "x-agentq-deadline"),
+    };
+    return p;
+}
+
+static void on_dead_recorded(void *arg, int code)
+{
+    job *j = arg;
+    if (code == AQ_OK) {
+        aq_consumer_ack(j->w->consumer, j->d->tag);
+        j->w->st.dead_recorded++;
+    }
+    aq_delivery_free(j->d);
+    j->w->pending--;
+    free(j);
+}
+
+/* A message from the dead-letter queue: record it, set the task's status,
+ * ack. */
+static void handle_dead(aq_worker *w, aq_delivery *d)
+{
+    char reason[64] = "dead", error[700] = "";
+    const char *hr = json_string_value(json_object_get(d->headers, "x-agentq-reason"));
+    json_t *deaths = json_object_get(d->headers, "x-death");
+    const char *xr = json_string_value(json_object_get(json_array_get(deaths, 0), "reason"));
+    if (hr) snprintf(reason, sizeof reason, "%s", hr);
+    else if (xr) snprintf(reason, sizeof reason, "%s", xr);
+    const char *herr = json_string_value(json_object_get(d->headers, "x-agentq-error"));
+    if (herr) snprintf(error, sizeof error, "%s", herr);
+
+    aq_task_props props = props_of(d);
+    props.expiration = NULL; /* the TTL already did its work */
+    aq_task_limits limits = limits_of(w);
+    aq_task *t = NULL;
+    aq_task_error terr;
+    memset(&terr, 0, sizeof terr);
+    int prc = aq_task_parse(d->body, d->len, &props, &limits, &t, &terr);
+    const char *task_id = t ? t->task_id : (*terr.task_id ? terr.task_id : NULL);
+    if (!*error) {
+        if (!strcmp(reason, "rejected") && prc != AQ_OK) snprintf(error, sizeof error, "%s", terr.message);
+        else if (!strcmp(reason, "expired"))
+            snprintf(error, sizeof error, "expired while queued (per-message TTL %s ms)",
+                     d->expiration ? d->expiration : "?");
+        else if (!strcmp(reason, "rejected")) snprintf(error, sizeof error, "rejected by a consumer");
+    }
+    const char *status = !strcmp(reason, "rejected") ? "rejected"
+                         : !strcmp(reason, "expired") ? "expired"
+                         : !strcmp(reason, "failed")  ? "failed"
+                                                      : NULL;
+    char *headers = json_dumps(d->headers, JSON_COMPACT);
+    aq_store_dead dl = {
+        .task_id = task_id,
+        .reason = reason,
+        .error = *error ? error : NULL,
+        .body = d->body,
+        .body_len = d->len,
+        .headers = headers,
+        .status = status,
+        .user_id = t ? t->user_id : NULL,
+        .goal = t ? t->goal : NULL,
+        .attempt = props.attempt,
+    };
+    job *j = aq_xcalloc(1, sizeof *j);
+    j->w = w;
+    j->d = d;
+    w->pending++;
+    aq_log_task(AQ_LOG_INFO, task_id, t ? t->user_id : NULL, "dead letter (%s): %s", reason, error);
+    if (aq_store_dead_letter(w->store, &dl, on_dead_recorded, j) != AQ_OK) {
+        aq_delivery_free(d);
+        w->pending--;
+        free(j);
+    }
+    free(headers);
+    aq_task_free(t);
+}
+
+static void on_delivery(aq_delivery *d, void *arg)
+{
+    aq_worker *w = arg;
+    if (d->source == AQ_FROM_DEAD) {
+        handle_dead(w, d);
+        return;
+    }
+    w->st.received++;
+    aq_task_props props = props_of(d);
+    aq_task_limits limits = limits_of(w);
+    aq_task *t = NULL;
+    aq_task_error terr;
+    if (aq_task_parse(d->body, d->len, &props, &limits, &t, &terr) != AQ_OK) {
+        /* To agentq.dead through the queue's dead-letter exchange; the
+         * dead-letter consumer records why. */
+        aq_log_task(AQ_LOG_WARN, *terr.task_id ? terr.task_id : NULL, NULL, "rejected message: %s", terr.message);
+        w->st.rejected++;
+        aq_consumer_reject(w->consumer, d->tag, false);
+        aq_delivery_free(d);
+        return;
+    }
+    if (t->id_generated)
+        aq_log_task(AQ_LOG_WARN, t->task_id, t->user_id, "message had no task_id or UUID message_id; generated one");
+
+    job *running = aq_strmap_get(w->jobs, t->task_id);
+    if (running) {
+        /* The same task again (a redelivery after a lost connection, or a
+         * duplicate publish): it finishes with the one in flight. */
+        running->extra_tags = aq_xrealloc(running->extra_tags, (running->nextra + 1) * sizeof *running->extra_tags);
+        running->extra_tags[running->nextra++] = d->tag;
+        aq_task_free(t);
+        aq_delivery_free(d);
+        return;
+    }
+    job *j = aq_xcalloc(1, sizeof *j);
+    j->w = w;
+    j->d = d;
+    j->task = t;
+    j->attempt = t->attempt;
+    j->deadline_us = t->deadline_us;
+    w->pending++;
+    aq_strmap_put(w->jobs, t->task_id, j);
+    j->in_map = true;
+
+    if (j->deadline_us && aq_now_us() >= j->deadline_us) {
+        record(j, "timeout", NULL, "deadline passed before the retry could run", on_finished);
+        return;
+    }
+    char *meta = t->metadata ? json_dumps(t->metadata, JSON_COMPACT) : NULL;
+    aq_store_task st = {
+        .task_id = t->task_id,
+        .user_id = t->user_id,
+        .goal = t->goal,
+        .priority = t->priority,
+        .attempt = t->attempt,
+        .max_steps = t->max_steps,
+        .budget_usd = t->budget_usd,
+        .timeout_seconds = t->timeout_seconds,
+        .model = t->model,
+        .metadata = meta,
+        .enqueued_at_us = t->enqueued_at_us,
+    };
+    int rc = aq_store_claim(w->store, &st, on_claimed, j);
+    free(meta);
+    if (rc != AQ_OK) job_free(j);
+}
+
+static void on_published(void *cookie, bool ok, void *arg)
+{
+    on_retry_published(cookie, ok, arg);
+}
+
+static void on_broker_state(bool connected, void *arg)
+{
+    aq_worker *w = arg;
+    w->st.broker_connected = connected;
+}
+
+static void on_step(const aq_store_step_row *row, void *arg)
+{
+    aq_worker *w = arg;
+    if (aq_store_step(w->store, row) != AQ_OK)
+        aq_log_task(AQ_LOG_WARN, row->task_id, NULL, "step row dropped: store not accepting");
+}
+
+static void cancel_one(const char *key, void *value, void *arg)
+{
+    job *j = value;
+    if (j->session) aq_session_cancel(j->session, "queued");
+}
+
+static void on_drain_timeout(evutil_socket_t fd, short what, void *arg)
+{
+    aq_worker *w = arg;
+    w->drain_expired = true;
+    aq_log(AQ_LOG_WARN, "drain time is up; requeueing %zu running tasks", (size_t)w->st.running);
+    aq_strmap_each(w->jobs, cancel_one, w);
+}
+
+void aq_worker_drain(aq_worker *w)
+{
+    if (w->draining) return;
+    w->draining = true;
+    w->st.draining = true;
+    aq_log(AQ_LOG_INFO, "draining: stopped consuming; %zu tasks in flight, waiting up to %d s", w->pending,
+           w->cfg->worker_drain_seconds);
+    aq_consumer_stop_consuming(w->consumer);
+    if (w->pending == 0) {
+        event_base_loopexit(w->base, NULL);
+        return;
+    }
+    struct timeval tv = {w->cfg->worker_drain_seconds, 0};
+    event_add(w->drain_ev, &tv);
+}
+
+aq_worker *aq_worker_new(const aq_config *cfg, struct event_base *base, char *err, size_t errlen)
+{
+    aq_worker *w = aq_xcalloc(1, sizeof *w);
+    w->cfg = cfg;
+    w->base = base;
+    if (*cfg->worker_id) {
+        snprintf(w->worker_id, sizeof w->worker_id, "%s", cfg->worker_id);
+    } else {
+        char host[128] = "worker";
+        gethostname(host, sizeof host - 1);
+        snprintf(w->worker_id, sizeof w->worker_id, "%s-%d", host, (int)getpid());
+    }
+    aq_log_set_worker_id(w->worker_id);
+    w->nretry_delays = aq_config_retry_delays(cfg, w->retry_delays, 32);
+    w->jobs = aq_strmap_new();
+    w->drain_ev = evtimer_new(base, on_drain_timeout, w);
+
+    if (aq_http_global_init() != AQ_OK) {
+        aq_seterr(err, errlen, "cannot initialise libcurl");
+        goto fail;
+    }
+    aq_http_config hc = {.max_connections = cfg->llm_max_connections,
+                         .connect_timeout_ms = cfg->llm_connect_timeout_ms,
+                         .timeout_ms = cfg->llm_timeout_ms};
+    if (!(w->http = aq_http_new(base, &hc, err, errlen))) goto fail;
+    if (!(w->skills = aq_skills_new(cfg, base, w->http, err, errlen))) goto fail;
+    w->skill_names = aq_xstrdup(aq_skills_names(w->skills));
+    w->rl = aq_ratelimit_new(base, cfg->llm_requests_per_minute, cfg->llm_tokens_per_minute);
+    aq_engine_deps deps = {cfg, base, w->http, w->skills, w->rl, on_step, w};
+    if (!(w->engine = aq_engine_new(&deps, err, errlen))) goto fail;
+    aq_store_config sc = {.dsn = cfg->pg_dsn,
+                          .worker_id = w->worker_id,
+                          .batch_max = cfg->pg_batch_max,
+                          .flush_ms = cfg->pg_flush_ms};
+    if (!(w->store = aq_store_new(&sc, base, err, errlen))) goto fail;
+    aq_consumer_callbacks cb = {on_delivery, on_published, on_broker_state, w};
+    if (!(w->consumer = aq_consumer_new(cfg, base, &cb, true, err, errlen))) goto fail;
+    aq_log(AQ_LOG_INFO, "worker started: concurrency %d, model %s, skills %s", cfg->worker_concurrency,
+           cfg->llm_model, w->skill_names);
+    return w;
+fail:
+    aq_worker_free(w);
+    return NULL;
+}
+
+void aq_worker_free(aq_worker *w)
+{
+    if (!w) return;
+    /* The consumer goes first: no new deliveries, and unacked ones return
+     * to the queue with its connection. */
+    aq_consumer_free(w->consumer);
+    w->consumer = NULL;
+    aq_store_free(w->store);
+    aq_engine_free(w->engine);
+    aq_ratelimit_free(w->rl);
+    aq_skills_free(w->skills);
+    aq_http_free(w->http);
+    if (w->drain_ev) event_free(w->drain_ev);
+    aq_strmap_free(w->jobs);
+    free(w->skill_names);
+    free(w);
+}
+
+void aq_worker_stats_get(const aq_worker *w, aq_worker_stats *out)
+{
+    *out = w->st;
+    aq_store_counters sc;
+    aq_store_stats(w->store, &sc);
+    out->db_connected = sc.connected;
+    out->broker_connected = aq_consumer_connected(w->consumer);
+}
+
+bool aq_worker_ready(const aq_worker *w)
+{
+    aq_worker_stats s;
+    aq_worker_stats_get(w, &s);
+    return s.broker_connected && s.db_connected && !s.draining;
+}
+
+char *aq_worker_metrics(const aq_worker *w)
+{
+    aq_worker_stats s;
+    aq_worker_stats_get(w, &s);
+    aq_store_counters sc;
+    aq_store_stats(w->store, &sc);
+    aq_http_stats hs;
+    aq_http_stats_get(w->http, &hs);
+    size_t users = 0, waiting = aq_ratelimit_waiting(w->rl, &users);
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&buf, &len);
+    fprintf(f,
+            "# HELP agentq_tasks_received_total Task deliveries received.\n# TYPE agentq_tasks_received_total counter\n"
+            "agentq_tasks_received_total %llu\n"
+            "# HELP agentq_tasks_finished_total Tasks finished by outcome.\n# TYPE agentq_tasks_finished_total counter\n"
+            "agentq_tasks_finished_total{outcome=\"completed\"} %llu\n"
+            "agentq_tasks_finished_total{outcome=\"failed\"} %llu\n"
+            "agentq_tasks_finished_total{outcome=\"retried\"} %llu\n"
+            "agentq_tasks_finished_total{outcome=\"rejected\"} %llu\n"
+            "agentq_tasks_finished_total{outcome=\"already_final\"} %llu\n"
+            "# HELP agentq_dead_letters_recorded_total Dead letters written to Postgres.\n# TYPE agentq_dead_letters_recorded_total counter\n"
+            "agentq_dead_letters_recorded_total %llu\n"
+            "# HELP agentq_sessions_running Agent sessions running now.\n# TYPE agentq_sessions_running gauge\n"
+            "agentq_sessions_running %llu\n"
+            "# HELP agentq_ratelimit_waiting Sessions waiting for an LLM rate-limit grant.\n# TYPE agentq_ratelimit_waiting gauge\n"
+            "agentq_ratelimit_waiting %zu\n"
+            "agentq_ratelimit_waiting_users %zu\n"
+            "# HELP agentq_llm_inflight HTTP requests in flight (LLM and skills).\n# TYPE agentq_llm_inflight gauge\n"
+            "agentq_http_inflight %llu\nagentq_http_open_connections %llu\nagentq_http_completed_total %llu\n"
+            "agentq_http_failed_total %llu\n"
+            "# HELP agentq_store_pending Rows queued for Postgres.\n# TYPE agentq_store_pending gauge\n"
+            "agentq_store_pending %llu\nagentq_store_transactions_total %llu\nagentq_store_reconnects_total %llu\n"
+            "agentq_broker_connected %d\nagentq_db_connected %d\nagentq_draining %d\n",
+            (unsigned long long)s.received, (unsigned long long)s.completed, (unsigned long long)s.failed,
+            (unsigned long long)s.retried, (unsigned long long)s.rejected, (unsigned long long)s.redelivered_final,
+            (unsigned long long)s.dead_recorded, (unsigned long long)s.running, waiting, users,
+            (unsigned long long)hs.inflight, (unsigned long long)hs.open_sockets, (unsigned long long)hs.completed,
+            (unsigned long long)hs.failed, (unsigned long long)sc.pending, (unsigned long long)sc.transactions,
+            (unsigned long long)sc.reconnects, s.broker_connected, s.db_connected, s.draining);
+    fclose(f);
+    return buf;
+}

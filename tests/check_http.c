@@ -1,0 +1,1014 @@
+/* check_http.c — the HTTP client against an in-process evhttp server on
+ * 127.0.0.1 sharing the client's event_base: bodies and headers both ways,
+ * concurrency and connection reuse on one thread, timeouts that start when
+ * the transfer starts, cancel and free calling back exactly once, response
+ * size limits, Retry-After, and the block_private address guard (checked
+ * without sending a packet anywhere but loopback: refused addresses are
+ * refused before the socket exists). */
+#include "agentq/http.h"
+
+#include <arpa/inet.h>
+#include <check.h>
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+#include <event2/event.h>
+#include <event2/http.h>
+#include <event2/keyvalq_struct.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/queue.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#define BIG_LEN (1024 * 1024)
+
+/* ---- the test server ------------------------------------------------- */
+
+struct srv;
+
+struct pending {
+    struct srv *srv;
+    struct evhttp_request *req;
+    struct event *ev;
+    LIST_ENTRY(pending) link;
+};
+
+struct srv {
+    struct event_base *base;
+    struct evhttp *http;
+    int port;
+    int accepted;       /* TCP connections accepted */
+    int requests;       /* requests received */
+    int npending, max_pending;
+    LIST_HEAD(, pending) pending;
+};
+
+static struct bufferevent *srv_new_conn(struct event_base *base, void *arg)
+{
+    struct srv *s = arg;
+    s->accepted++;
+    return bufferevent_socket_new(base, -1, BEV_OPT_CLOSE_ON_FREE);
+}
+
+static void reply(struct evhttp_request *r, int code, const char *reason, const char *body)
+{
+    evbuffer_add(evhttp_request_get_output_buffer(r), body, strlen(body));
+    evhttp_send_reply(r, code, reason, NULL);
+}
+
+static void pending_done(struct pending *p, int code)
+{
+    LIST_REMOVE(p, link);
+    p->srv->npending--;
+    event_free(p->ev);
+    reply(p->req, code, code == 200 ? "OK" : "Unavailable", "slow reply");
+    free(p);
+}
+
+static void on_slow_timer(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    pending_done(arg, 200);
+}
+
+static void srv_handle(struct evhttp_request *r, void *arg)
+{
+    struct srv *s = arg;
+    s->requests++;
+    const struct evhttp_uri *u = evhttp_request_get_evhttp_uri(r);
+    const char *path = evhttp_uri_get_path(u);
+    const char *query = evhttp_uri_get_query(u);
+    struct evkeyvalq *out_h = evhttp_request_get_output_headers(r);
+    char loc[128];
+
+    if (strcmp(path, "/ok") == 0) {
+        evhttp_add_header(out_h, "X-Server", "agentq-test");
+        reply(r, 200, "OK", "hello from ok");
+    } else if (strcmp(path, "/slow") == 0) {
+        int ms = 200;
+        if (query && strncmp(query, "ms=", 3) == 0) ms = atoi(query + 3);
+        struct pending *p = calloc(1, sizeof *p);
+        ck_assert_ptr_nonnull(p);
+        p->srv = s;
+        p->req = r;
+        p->ev = evtimer_new(s->base, on_slow_timer, p);
+        struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
+        evtimer_add(p->ev, &tv);
+        LIST_INSERT_HEAD(&s->pending, p, link);
+        if (++s->npending > s->max_pending) s->max_pending = s->npending;
+    } else if (strcmp(path, "/big") == 0 || strcmp(path, "/bigchunked") == 0) {
+        char *big = malloc(BIG_LEN);
+        ck_assert_ptr_nonnull(big);
+        memset(big, 'b', BIG_LEN);
+        if (strcmp(path, "/big") == 0) {
+            evbuffer_add(evhttp_request_get_output_buffer(r), big, BIG_LEN);
+            evhttp_send_reply(r, 200, "OK", NULL);
+        } else {
+            /* no Content-Length: only the running count can stop it */
+            struct evbuffer *chunk = evbuffer_new();
+            evhttp_send_reply_start(r, 200, "OK");
+            for (int i = 0; i < 16; i++) {
+                evbuffer_add(chunk, big + i * (BIG_LEN / 16), BIG_LEN / 16);
+                evhttp_send_reply_chunk(r, chunk);
+            }
+            evhttp_send_reply_end(r);
+            evbuffer_free(chunk);
+        }
+        free(big);
+    } else if (strcmp(path, "/status/429") == 0) {
+        evhttp_add_header(out_h, "Retry-After", "2");
+        reply(r, 429, "Too Many Requests", "slow down");
+    } else if (strcmp(path, "/echo") == 0) {
+        struct evkeyvalq *in_h = evhttp_request_get_input_headers(r);
+        const char *t = evhttp_find_header(in_h, "X-Test");
+        evhttp_add_header(out_h, "X-Echo", t ? t : "(none)");
+        evhttp_add_header(out_h, "X-Method",
+                          evhttp_request_get_command(r) == EVHTTP_REQ_POST ? "POST" : "other");
+        evbuffer_add_buffer(evhttp_request_get_output_buffer(r),
+                            evhttp_request_get_input_buffer(r));
+        evhttp_send_reply(r, 200, "OK", NULL);
+    } else if (strcmp(path, "/redirect") == 0) {
+        evhttp_add_header(out_h, "Location", "/ok");
+        reply(r, 302, "Found", "go to /ok");
+    } else if (strcmp(path, "/redirect-ip") == 0) {
+        snprintf(loc, sizeof loc, "http://127.0.0.1:%d/ok", s->port);
+        evhttp_add_header(out_h, "Location", loc);
+        reply(r, 302, "Found", "go");
+    } else if (strcmp(path, "/redirect-ftp") == 0) {
+        snprintf(loc, sizeof loc, "ftp://127.0.0.1:%d/file", s->port);
+        evhttp_add_header(out_h, "Location", loc);
+        reply(r, 302, "Found", "go");
+    } else if (strcmp(path, "/redirect-loop") == 0) {
+        evhttp_add_header(out_h, "Location", "/redirect-loop");
+        reply(r, 302, "Found", "again");
+    } else {
+        reply(r, 404, "Not Found", "no such path");
+    }
+}
+
+static int bound_port(int fd)
+{
+    struct sockaddr_in sin;
+    socklen_t len = sizeof sin;
+    ck_assert_int_eq(getsockname(fd, (struct sockaddr *)&sin, &len), 0);
+    return ntohs(sin.sin_port);
+}
+
+static struct srv *srv_start(struct event_base *base)
+{
+    struct srv *s = calloc(1, sizeof *s);
+    ck_assert_ptr_nonnull(s);
+    s->base = base;
+    LIST_INIT(&s->pending);
+    s->http = evhttp_new(base);
+    ck_assert_ptr_nonnull(s->http);
+    evhttp_set_bevcb(s->http, srv_new_conn, s);
+    evhttp_set_gencb(s->http, srv_handle, s);
+    evhttp_set_allowed_methods(s->http, EVHTTP_REQ_GET | EVHTTP_REQ_POST);
+    struct evhttp_bound_socket *bs = evhttp_bind_socket_with_handle(s->http, "127.0.0.1", 0);
+    ck_assert_ptr_nonnull(bs);
+    s->port = bound_port(evhttp_bound_socket_get_fd(bs));
+    return s;
+}
+
+static void srv_stop(struct srv *s)
+{
+    struct pending *p;
+    while ((p = LIST_FIRST(&s->pending)) != NULL) pending_done(p, 503);
+    evhttp_free(s->http);
+    free(s);
+}
+
+/* A TCP listener that completes handshakes (kernel backlog) and never
+ * accepts, so never answers. */
+static int silent_listener(int *port)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    ck_assert_int_ge(fd, 0);
+    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    ck_assert_int_eq(bind(fd, (struct sockaddr *)&sin, sizeof sin), 0);
+    ck_assert_int_eq(listen(fd, 16), 0);
+    *port = bound_port(fd);
+    return fd;
+}
+
+/* ---- the client side ------------------------------------------------- */
+
+struct fx {
+    struct event_base *base;
+    struct srv *srv;
+    aq_http *http;
+    char url[128];
+};
+
+static void fx_start(struct fx *f, int max_connections)
+{
+    memset(f, 0, sizeof *f);
+    f->base = event_base_new();
+    ck_assert_ptr_nonnull(f->base);
+    f->srv = srv_start(f->base);
+    aq_http_config cfg = {.max_connections = max_connections, .connect_timeout_ms = 2000,
+                          .timeout_ms = 10000, .user_agent = "check_http"};
+    char err[256] = "";
+    f->http = aq_http_new(f->base, &cfg, err, sizeof err);
+    ck_assert_msg(f->http != NULL, "aq_http_new: %s", err);
+}
+
+static void fx_stop(struct fx *f)
+{
+    aq_http_free(f->http);
+    srv_stop(f->srv);
+    event_base_free(f->base);
+}
+
+static const char *url(struct fx *f, const char *host, const char *path)
+{
+    snprintf(f->url, sizeof f->url, "http://%s:%d%s", host, f->srv->port, path);
+    return f->url;
+}
+
+/* What one callback saw, copied out of the borrowed result. */
+struct got {
+    int calls;
+    int code;
+    long status;
+    char *body;
+    size_t len;
+    int64_t retry_after_ms, total_ms, queue_ms;
+    char error[512];
+    char hdr[3][128];     /* X-Server, X-Echo, X-Method */
+    int *counter;         /* bumped on every call when set */
+    aq_http *free_me;     /* freed from inside the callback when set */
+};
+
+static void copy_hdr(char *dst, const aq_http_result *res, const char *name)
+{
+    const char *v = aq_http_result_header(res, name);
+    snprintf(dst, 128, "%s", v ? v : "");
+}
+
+static void got_cb(aq_http_req *req, const aq_http_result *res, void *arg)
+{
+    struct got *g = arg;
+    (void)req;
+    g->calls++;
+    g->code = res->code;
+    g->status = res->status;
+    free(g->body);
+    g->body = malloc(res->body_len + 1);
+    ck_assert_ptr_nonnull(g->body);
+    memcpy(g->body, res->body, res->body_len + 1); /* includes the NUL */
+    g->len = res->body_len;
+    g->retry_after_ms = res->retry_after_ms;
+    g->total_ms = res->total_ms;
+    g->queue_ms = res->queue_ms;
+    snprintf(g->error, sizeof g->error, "%s", res->error);
+    copy_hdr(g->hdr[0], res, "x-server");
+    copy_hdr(g->hdr[1], res, "X-Echo");
+    copy_hdr(g->hdr[2], res, "X-Method");
+    if (g->counter) (*g->counter)++;
+    if (g->free_me) aq_http_free(g->free_me);
+}
+
+static void tick(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    (void)arg;
+}
+
+/* Runs the loop until *n reaches want or ms pass. */
+static void run_until(struct event_base *base, const int *n, int want, int ms)
+{
+    struct event *t = event_new(base, -1, EV_PERSIST, tick, NULL);
+    struct timeval tv = {0, 10000};
+    event_add(t, &tv);
+    int64_t end = aq_mono_us() + (int64_t)ms * 1000;
+    while (*n < want && aq_mono_us() < end) event_base_loop(base, EVLOOP_ONCE);
+    event_free(t);
+}
+
+static void run_for(struct event_base *base, int ms)
+{
+    int never = 0;
+    run_until(base, &never, 1, ms);
+}
+
+static aq_http_req *submit(struct fx *f, const aq_http_request *rq, struct got *g)
+{
+    aq_http_req *req = NULL;
+    char err[256] = "";
+    int rc = aq_http_submit(f->http, rq, got_cb, g, &req, err, sizeof err);
+    ck_assert_msg(rc == AQ_OK, "submit %s: %s", rq->url, err);
+    ck_assert_ptr_nonnull(req);
+    return req;
+}
+
+static void get_one(struct fx *f, const aq_http_request *rq, struct got *g)
+{
+    submit(f, rq, g);
+    ck_assert_int_eq(g->calls, 0); /* never from inside submit */
+    run_until(f->base, &g->calls, 1, 10000);
+    ck_assert_int_eq(g->calls, 1);
+}
+
+/* ---- core -------------------------------------------------------------- */
+
+START_TEST(test_get)
+{
+    struct fx f;
+    fx_start(&f, 4);
+    struct got g = {0};
+    aq_http_request rq = {.url = url(&f, "127.0.0.1", "/ok")};
+    get_one(&f, &rq, &g);
+    ck_assert_msg(g.code == AQ_OK, "%s", g.error);
+    ck_assert_int_eq(g.status, 200);
+    ck_assert_str_eq(g.body, "hello from ok");
+    ck_assert_uint_eq(g.len, strlen("hello from ok"));
+    ck_assert_str_eq(g.hdr[0], "agentq-test"); /* case-insensitive lookup */
+    ck_assert_str_eq(g.hdr[1], "");            /* absent header */
+    ck_assert_int_eq(g.retry_after_ms, -1);
+    ck_assert_str_eq(g.error, "");
+
+    aq_http_stats st;
+    aq_http_stats_get(f.http, &st);
+    ck_assert_uint_eq(st.completed, 1);
+    ck_assert_uint_eq(st.failed, 0);
+    ck_assert_uint_eq(st.inflight, 0);
+    ck_assert_uint_eq(st.sockets_opened, 1);
+    ck_assert_uint_eq(st.open_sockets, 1); /* kept alive */
+    free(g.body);
+    fx_stop(&f);
+}
+END_TEST
+
+START_TEST(test_post_echo)
+{
+    struct fx f;
+    fx_start(&f, 4);
+    struct got g = {0};
+    static const char payload[] = "{\"a\":1}\0binary tail";
+    char *body = malloc(sizeof payload);
+    memcpy(body, payload, sizeof payload);
+    const char *hdrs[] = {"X-Test: abc 123", "Authorization: Bearer sk-not-a-real-key",
+                          "Content-Type: application/json"};
+    aq_http_request rq = {.method = AQ_HTTP_POST, .url = url(&f, "127.0.0.1", "/echo"),
+                          .headers = hdrs, .nheaders = 3,
+                          .body = body, .body_len = sizeof payload};
+    submit(&f, &rq, &g);
+    /* the body was copied: scribbling on ours changes nothing */
+    memset(body, 'X', sizeof payload);
+    free(body);
+    run_until(f.base, &g.calls, 1, 10000);
+    ck_assert_int_eq(g.calls, 1);
+    ck_assert_msg(g.code == AQ_OK, "%s", g.error);
+    ck_assert_int_eq(g.status, 200);
+    ck_assert_uint_eq(g.len, sizeof payload);
+    ck_assert(memcmp(g.body, payload, sizeof payload) == 0);
+    ck_assert_str_eq(g.hdr[1], "abc 123");
+    ck_assert_str_eq(g.hdr[2], "POST");
+    free(g.body);
+    fx_stop(&f);
+}
+END_TEST
+
+START_TEST(test_redirect)
+{
+    struct fx f;
+    fx_start(&f, 4);
+    struct got g = {0};
+    aq_http_request rq = {.url = url(&f, "127.0.0.1", "/redirect"), .follow_redirects = true};
+    get_one(&f, &rq, &g);
+    ck_assert_msg(g.code == AQ_OK, "%s", g.error);
+    ck_assert_int_eq(g.status, 200);
+    ck_assert_str_eq(g.body, "hello from ok");
+    ck_assert_str_eq(g.hdr[0], "agentq-test"); /* headers of the last response */
+
+    struct got g2 = {0};
+    rq.follow_redirects = false;
+    get_one(&f, &rq, &g2);
+    ck_assert_int_eq(g2.code, AQ_OK);
+    ck_assert_int_eq(g2.status, 302);
+    ck_assert_str_eq(g2.body, "go to /ok");
+    free(g.body);
+    free(g2.body);
+    fx_stop(&f);
+}
+END_TEST
+
+START_TEST(test_retry_after)
+{
+    struct fx f;
+    fx_start(&f, 4);
+    struct got g = {0};
+    aq_http_request rq = {.url = url(&f, "127.0.0.1", "/status/429")};
+    get_one(&f, &rq, &g);
+    ck_assert_int_eq(g.code, AQ_OK); /* an HTTP error status is still a response */
+    ck_assert_int_eq(g.status, 429);
+    ck_assert_int_eq(g.retry_after_ms, 2000);
+    ck_assert_str_eq(g.body, "slow down");
+    free(g.body);
+    fx_stop(&f);
+}
+END_TEST
+
+/* Each request is submitted from the previous one's callback: all ride on
+ * one kept-alive connection. */
+struct chain {
+    struct fx *f;
+    int left, done, failures;
+};
+
+static void chain_cb(aq_http_req *req, const aq_http_result *res, void *arg)
+{
+    struct chain *c = arg;
+    (void)req;
+    c->done++;
+    if (res->code != AQ_OK || res->status != 200) c->failures++;
+    if (--c->left > 0) {
+        aq_http_request rq = {.url = c->f->url};
+        char err[128];
+        ck_assert_int_eq(aq_http_submit(c->f->http, &rq, chain_cb, c, NULL, err, sizeof err), 0);
+    }
+}
+
+START_TEST(test_keepalive_reuse)
+{
+    struct fx f;
+    fx_start(&f, 4);
+    struct chain c = {.f = &f, .left = 5};
+    aq_http_request rq = {.url = url(&f, "127.0.0.1", "/ok")};
+    char err[128];
+    ck_assert_int_eq(aq_http_submit(f.http, &rq, chain_cb, &c, NULL, err, sizeof err), 0);
+    run_until(f.base, &c.done, 5, 10000);
+    ck_assert_int_eq(c.done, 5);
+    ck_assert_int_eq(c.failures, 0);
+    ck_assert_int_eq(f.srv->accepted, 1);
+    ck_assert_int_eq(f.srv->requests, 5);
+    fx_stop(&f);
+}
+END_TEST
+
+/* ---- limits ------------------------------------------------------------ */
+
+START_TEST(test_concurrency_one_thread)
+{
+    enum { N = 500, SLOTS = 50, SLOW_MS = 200 };
+    struct fx f;
+    fx_start(&f, SLOTS);
+    static struct got g[N];
+    memset(g, 0, sizeof g);
+    int done = 0;
+    aq_http_request rq = {.url = url(&f, "127.0.0.1", "/slow?ms=200")};
+    int64_t t0 = aq_mono_us();
+    for (int i = 0; i < N; i++) {
+        g[i].counter = &done;
+        submit(&f, &rq, &g[i]);
+    }
+    aq_http_stats st;
+    aq_http_stats_get(f.http, &st);
+    ck_assert_uint_eq(st.inflight, N);
+    ck_assert_uint_eq(st.active, SLOTS);
+    ck_assert_uint_eq(st.queued, N - SLOTS);
+
+    run_until(f.base, &done, N, 20000);
+    int64_t ms = (aq_mono_us() - t0) / 1000;
+    ck_assert_int_eq(done, N);
+    for (int i = 0; i < N; i++) {
+        ck_assert_msg(g[i].calls == 1 && g[i].code == AQ_OK && g[i].status == 200,
+                      "request %d: calls %d code %d status %ld %s", i, g[i].calls,
+                      g[i].code, g[i].status, g[i].error);
+        free(g[i].body);
+    }
+    /* Sequentially this is 100 s; 50 at a time it is 10 rounds of 200 ms. */
+    ck_assert_msg(ms < 5000, "took %lld ms", (long long)ms);
+    ck_assert_msg(ms >= (N / SLOTS) * SLOW_MS - 50, "only %lld ms: slot limit not kept",
+                  (long long)ms);
+    ck_assert_msg(f.srv->max_pending <= SLOTS && f.srv->max_pending >= SLOTS / 2,
+                  "server saw %d at once", f.srv->max_pending);
+    ck_assert_msg(f.srv->accepted <= SLOTS, "%d connections for %d slots",
+                  f.srv->accepted, SLOTS);
+    ck_assert_int_eq(f.srv->requests, N);
+    aq_http_stats_get(f.http, &st);
+    ck_assert_uint_le(st.sockets_opened, SLOTS);
+    ck_assert_uint_le(st.open_sockets, SLOTS);
+    ck_assert_uint_eq(st.completed, N);
+    ck_assert_uint_eq(st.inflight, 0);
+    fx_stop(&f);
+}
+END_TEST
+
+START_TEST(test_timeout_silent_server)
+{
+    struct fx f;
+    fx_start(&f, 4);
+    int port;
+    int lfd = silent_listener(&port);
+    char u[128];
+    snprintf(u, sizeof u, "http://127.0.0.1:%d/never", port);
+    struct got g = {0};
+    aq_http_request rq = {.url = u, .timeout_ms = 300};
+    get_one(&f, &rq, &g);
+    ck_assert_int_eq(g.code, AQ_ETIMEDOUT);
+    ck_assert_int_eq(g.status, 0);
+    ck_assert_msg(strstr(g.error, "timed out") != NULL, "%s", g.error);
+    ck_assert_msg(g.total_ms >= 280 && g.total_ms < 3000, "total %lld ms",
+                  (long long)g.total_ms);
+    close(lfd);
+    free(g.body);
+    fx_stop(&f);
+}
+END_TEST
+
+/* With one slot, B waits ~600 ms behind A; its 300 ms timeout must not
+ * count that wait (curl's CURLOPT_TIMEOUT_MS would, if curl queued it). */
+START_TEST(test_timeout_starts_at_transfer)
+{
+    struct fx f;
+    fx_start(&f, 1);
+    struct got a = {0}, b = {0};
+    int done = 0;
+    a.counter = b.counter = &done;
+    char ua[128];
+    snprintf(ua, sizeof ua, "%s", url(&f, "127.0.0.1", "/slow?ms=600"));
+    aq_http_request ra = {.url = ua, .timeout_ms = 5000};
+    aq_http_request rb = {.url = url(&f, "127.0.0.1", "/ok"), .timeout_ms = 300};
+    submit(&f, &ra, &a);
+    submit(&f, &rb, &b);
+    run_until(f.base, &done, 2, 10000);
+    ck_assert_int_eq(done, 2);
+    ck_assert_msg(a.code == AQ_OK, "%s", a.error);
+    ck_assert_msg(b.code == AQ_OK, "B: %s", b.error);
+    ck_assert_str_eq(b.body, "hello from ok");
+    ck_assert_msg(b.queue_ms >= 500, "B queued %lld ms", (long long)b.queue_ms);
+    ck_assert_int_ge(b.total_ms, b.queue_ms);
+    ck_assert_int_eq(f.srv->accepted, 1);
+    free(a.body);
+    free(b.body);
+    fx_stop(&f);
+}
+END_TEST
+
+START_TEST(test_max_response_bytes)
+{
+    struct fx f;
+    fx_start(&f, 4);
+    const char *paths[] = {"/big", "/bigchunked"}; /* Content-Length, then counted */
+    for (size_t i = 0; i < 2; i++) {
+        char u[128];
+        snprintf(u, sizeof u, "%s", url(&f, "127.0.0.1", paths[i]));
+        struct got small = {0}, fits = {0};
+        aq_http_request rq = {.url = u, .max_response_bytes = 1000};
+        get_one(&f, &rq, &small);
+        ck_assert_msg(small.code == AQ_EPROTO, "%s: code %d", paths[i], small.code);
+        ck_assert_str_eq(small.error, "response larger than 1000 bytes");
+        ck_assert_uint_le(small.len, 1000);
+
+        rq.max_response_bytes = BIG_LEN; /* exactly the size: allowed */
+        get_one(&f, &rq, &fits);
+        ck_assert_msg(fits.code == AQ_OK, "%s: %s", paths[i], fits.error);
+        ck_assert_uint_eq(fits.len, BIG_LEN);
+        ck_assert(fits.body[0] == 'b' && fits.body[BIG_LEN - 1] == 'b' && fits.body[BIG_LEN] == 0);
+        free(small.body);
+        free(fits.body);
+    }
+    fx_stop(&f);
+}
+END_TEST
+
+START_TEST(test_too_many_redirects)
+{
+    struct fx f;
+    fx_start(&f, 4);
+    struct got g = {0};
+    aq_http_request rq = {.url = url(&f, "127.0.0.1", "/redirect-loop"), .follow_redirects = true};
+    get_one(&f, &rq, &g);
+    ck_assert_int_eq(g.code, AQ_EPROTO);
+    ck_assert_int_eq(f.srv->requests, 1 + AQ_HTTP_MAX_REDIRECTS);
+    free(g.body);
+    fx_stop(&f);
+}
+END_TEST
+
+/* ---- errors ------------------------------------------------------------ */
+
+static void cancel_later(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    aq_http_cancel(arg);
+}
+
+START_TEST(test_cancel_in_flight)
+{
+    struct fx f;
+    fx_start(&f, 4);
+    struct got g = {0};
+    aq_http_request rq = {.url = url(&f, "127.0.0.1", "/slow?ms=3000")};
+    aq_http_req *req = submit(&f, &rq, &g);
+    struct event *t = evtimer_new(f.base, cancel_later, req);
+    struct timeval tv = {0, 100000};
+    evtimer_add(t, &tv);
+    run_until(f.base, &g.calls, 1, 5000);
+    ck_assert_int_eq(g.calls, 1);
+    ck_assert_int_eq(g.code, AQ_ECLOSED);
+    ck_assert_str_eq(g.error, "cancelled");
+    ck_assert_msg(g.total_ms >= 90 && g.total_ms < 1500, "total %lld ms", (long long)g.total_ms);
+    ck_assert_int_eq(f.srv->requests, 1); /* it was really in flight */
+    run_for(f.base, 200);
+    ck_assert_int_eq(g.calls, 1);
+    aq_http_stats st;
+    aq_http_stats_get(f.http, &st);
+    ck_assert_uint_eq(st.inflight, 0);
+    ck_assert_uint_eq(st.active, 0);
+    ck_assert_uint_eq(st.failed, 1);
+    event_free(t);
+    free(g.body);
+    fx_stop(&f);
+}
+END_TEST
+
+START_TEST(test_cancel_queued)
+{
+    struct fx f;
+    fx_start(&f, 1);
+    struct got a = {0}, b = {0};
+    int done = 0;
+    a.counter = b.counter = &done;
+    char ua[128];
+    snprintf(ua, sizeof ua, "%s", url(&f, "127.0.0.1", "/slow?ms=300"));
+    aq_http_request ra = {.url = ua};
+    aq_http_request rb = {.url = url(&f, "127.0.0.1", "/ok")};
+    submit(&f, &ra, &a);
+    aq_http_req *rqb = submit(&f, &rb, &b);
+    aq_http_cancel(rqb);
+    ck_assert_int_eq(b.calls, 0); /* never from inside cancel */
+    run_until(f.base, &done, 2, 5000);
+    ck_assert_int_eq(b.calls, 1);
+    ck_assert_int_eq(b.code, AQ_ECLOSED);
+    ck_assert_str_eq(b.error, "cancelled");
+    ck_assert_int_eq(a.calls, 1);
+    ck_assert_msg(a.code == AQ_OK, "%s", a.error);
+    run_for(f.base, 100);
+    ck_assert_int_eq(f.srv->requests, 1); /* B never reached the server */
+    ck_assert_int_eq(b.calls, 1);
+    free(a.body);
+    free(b.body);
+    fx_stop(&f);
+}
+END_TEST
+
+START_TEST(test_free_calls_back_once)
+{
+    struct fx f;
+    fx_start(&f, 2);
+    struct got g[4] = {{0}};
+    aq_http_request rq = {.url = url(&f, "127.0.0.1", "/slow?ms=5000")};
+    for (int i = 0; i < 4; i++) submit(&f, &rq, &g[i]); /* 2 active, 2 queued */
+    run_for(f.base, 100);
+    for (int i = 0; i < 4; i++) ck_assert_int_eq(g[i].calls, 0);
+    aq_http_free(f.http);
+    for (int i = 0; i < 4; i++) {
+        ck_assert_int_eq(g[i].calls, 1);
+        ck_assert_int_eq(g[i].code, AQ_ECLOSED);
+        ck_assert_str_eq(g[i].error, "client closed");
+        free(g[i].body);
+    }
+    f.http = NULL;
+    fx_stop(&f);
+}
+END_TEST
+
+START_TEST(test_free_from_callback)
+{
+    struct fx f;
+    fx_start(&f, 4);
+    struct got first = {0}, other = {0};
+    first.free_me = f.http;
+    char u1[128];
+    snprintf(u1, sizeof u1, "%s", url(&f, "127.0.0.1", "/ok"));
+    aq_http_request r1 = {.url = u1};
+    aq_http_request r2 = {.url = url(&f, "127.0.0.1", "/slow?ms=5000")};
+    submit(&f, &r1, &first);
+    submit(&f, &r2, &other);
+    run_until(f.base, &first.calls, 1, 5000);
+    ck_assert_int_eq(first.calls, 1);
+    ck_assert_int_eq(first.code, AQ_OK);
+    ck_assert_int_eq(other.calls, 1);
+    ck_assert_int_eq(other.code, AQ_ECLOSED);
+    f.http = NULL;
+    run_for(f.base, 50);
+    ck_assert_int_eq(other.calls, 1);
+    free(first.body);
+    free(other.body);
+    fx_stop(&f);
+}
+END_TEST
+
+START_TEST(test_network_errors)
+{
+    struct fx f;
+    fx_start(&f, 4);
+    /* a port nobody listens on */
+    int port;
+    int lfd = silent_listener(&port);
+    close(lfd);
+    char u[128];
+    snprintf(u, sizeof u, "http://127.0.0.1:%d/", port);
+    struct got g = {0};
+    aq_http_request rq = {.url = u};
+    get_one(&f, &rq, &g);
+    ck_assert_int_eq(g.code, AQ_EIO);
+    ck_assert_msg(g.error[0] != '\0', "no error text");
+
+    /* a redirect to a scheme other than http/https is not followed */
+    struct got g2 = {0};
+    aq_http_request r2 = {.url = url(&f, "127.0.0.1", "/redirect-ftp"), .follow_redirects = true};
+    get_one(&f, &r2, &g2);
+    ck_assert_int_eq(g2.code, AQ_EPROTO);
+    free(g.body);
+    free(g2.body);
+    fx_stop(&f);
+}
+END_TEST
+
+START_TEST(test_submit_rejects)
+{
+    struct fx f;
+    fx_start(&f, 4);
+    struct got g = {0};
+    char err[256];
+    const char *bad_urls[] = {"not a url", "ftp://127.0.0.1/x", "file:///etc/passwd",
+                              "gopher://127.0.0.1/", ""};
+    for (size_t i = 0; i < AQ_ARRAY_LEN(bad_urls); i++) {
+        aq_http_request rq = {.url = bad_urls[i]};
+        aq_http_req *out = (aq_http_req *)&g; /* must be cleared */
+        err[0] = '\0';
+        ck_assert_msg(aq_http_submit(f.http, &rq, got_cb, &g, &out, err, sizeof err) == AQ_EINVAL,
+                      "accepted %s", bad_urls[i]);
+        ck_assert_ptr_null(out);
+        ck_assert_msg(err[0] != '\0', "no message for %s", bad_urls[i]);
+    }
+    const char *inject[] = {"X-A: 1\r\nX-Injected: 2"};
+    const char *noname[] = {"just words"};
+    aq_http_request rh = {.url = url(&f, "127.0.0.1", "/ok"), .headers = inject, .nheaders = 1};
+    ck_assert_int_eq(aq_http_submit(f.http, &rh, got_cb, &g, NULL, err, sizeof err), AQ_EINVAL);
+    ck_assert_ptr_null(strstr(err, "X-Injected")); /* headers may be secrets */
+    rh.headers = noname;
+    ck_assert_int_eq(aq_http_submit(f.http, &rh, got_cb, &g, NULL, err, sizeof err), AQ_EINVAL);
+    aq_http_request rm = {.url = url(&f, "127.0.0.1", "/ok"), .method = (aq_http_method)7};
+    ck_assert_int_eq(aq_http_submit(f.http, &rm, got_cb, &g, NULL, err, sizeof err), AQ_EINVAL);
+    ck_assert_int_eq(aq_http_submit(f.http, &rm, NULL, &g, NULL, err, sizeof err), AQ_EINVAL);
+    aq_http_cancel(NULL);
+    run_for(f.base, 50);
+    ck_assert_int_eq(g.calls, 0); /* a failed submit never calls back */
+    ck_assert_int_eq(f.srv->requests, 0);
+    aq_http_stats st;
+    aq_http_stats_get(f.http, &st);
+    ck_assert_uint_eq(st.inflight, 0);
+    fx_stop(&f);
+}
+END_TEST
+
+/* block_private: every one of these is refused before a socket exists. */
+START_TEST(test_block_private_refuses)
+{
+    struct fx f;
+    fx_start(&f, 4);
+    char u[5][128];
+    snprintf(u[0], 128, "http://127.0.0.1:%d/ok", f.srv->port);
+    snprintf(u[1], 128, "http://10.0.0.1:%d/ok", f.srv->port);
+    snprintf(u[2], 128, "http://169.254.169.254/latest/meta-data/");
+    snprintf(u[3], 128, "http://[::1]:%d/ok", f.srv->port);
+    snprintf(u[4], 128, "http://localhost:%d/ok", f.srv->port);
+    const char *want[] = {
+        "refused to connect to 127.0.0.1: loopback address (not allowlisted)",
+        "refused to connect to 10.0.0.1: private address (not allowlisted)",
+        "refused to connect to 169.254.169.254: cloud metadata address (not allowlisted)",
+        "refused to connect to ::1: loopback address (not allowlisted)",
+        "loopback address (not allowlisted)", /* ::1 or 127.0.0.1, whichever first */
+    };
+    const char *other_host[] = {"example.com"}; /* an allowlist that does not match */
+    for (int i = 0; i < 5; i++) {
+        struct got g = {0};
+        aq_http_request rq = {.url = u[i], .block_private = true, .timeout_ms = 3000,
+                              .allowlist = other_host, .nallowlist = 1};
+        get_one(&f, &rq, &g);
+        ck_assert_msg(g.code == AQ_EINVAL, "%s: code %d (%s)", u[i], g.code, g.error);
+        ck_assert_msg(strstr(g.error, want[i]) != NULL, "%s: %s", u[i], g.error);
+        free(g.body);
+    }
+    aq_http_stats st;
+    aq_http_stats_get(f.http, &st);
+    ck_assert_uint_eq(st.sockets_opened, 0);
+    ck_assert_int_eq(f.srv->accepted, 0);
+    fx_stop(&f);
+}
+END_TEST
+
+START_TEST(test_block_private_allowlist)
+{
+    struct fx f;
+    fx_start(&f, 4);
+    const char *allow[] = {"LocalHost.", "127.0.0.1"};
+    char u[128];
+    snprintf(u, sizeof u, "%s", url(&f, "localhost", "/ok"));
+    struct got g = {0};
+    aq_http_request rq = {.url = u, .block_private = true, .allowlist = allow, .nallowlist = 1};
+    get_one(&f, &rq, &g);
+    ck_assert_msg(g.code == AQ_OK, "%s", g.error);
+    ck_assert_str_eq(g.body, "hello from ok");
+
+    struct got g2 = {0};
+    rq.url = url(&f, "127.0.0.1", "/ok");
+    rq.nallowlist = 2;
+    get_one(&f, &rq, &g2);
+    ck_assert_msg(g2.code == AQ_OK, "%s", g2.error);
+
+    /* only "localhost" allowed: the redirect's new connection to 127.0.0.1
+     * is checked again and refused */
+    struct got g3 = {0};
+    snprintf(u, sizeof u, "%s", url(&f, "localhost", "/redirect-ip"));
+    rq.url = u;
+    rq.nallowlist = 1;
+    rq.follow_redirects = true;
+    int before = f.srv->requests;
+    get_one(&f, &rq, &g3);
+    ck_assert_int_eq(g3.code, AQ_EINVAL);
+    ck_assert_str_eq(g3.error,
+                     "refused to connect to 127.0.0.1: loopback address (not allowlisted)");
+    ck_assert_int_eq(f.srv->requests, before + 1); /* the redirect, not /ok */
+    free(g.body);
+    free(g2.body);
+    free(g3.body);
+    fx_stop(&f);
+}
+END_TEST
+
+/* A guarded request never rides a connection an unguarded one left open. */
+START_TEST(test_block_private_no_shared_connection)
+{
+    struct fx f;
+    fx_start(&f, 4);
+    struct got g = {0}, g2 = {0};
+    aq_http_request rq = {.url = url(&f, "127.0.0.1", "/ok")};
+    get_one(&f, &rq, &g);
+    ck_assert_int_eq(g.code, AQ_OK);
+    rq.block_private = true;
+    get_one(&f, &rq, &g2);
+    ck_assert_int_eq(g2.code, AQ_EINVAL);
+    ck_assert_int_eq(f.srv->requests, 1);
+    free(g.body);
+    free(g2.body);
+    fx_stop(&f);
+}
+END_TEST
+
+static bool forbidden(const char *ip, char *why, size_t whylen)
+{
+    struct sockaddr_storage ss;
+    memset(&ss, 0, sizeof ss);
+    if (strchr(ip, ':')) {
+        struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)&ss;
+        s6->sin6_family = AF_INET6;
+        ck_assert_msg(inet_pton(AF_INET6, ip, &s6->sin6_addr) == 1, "bad test address %s", ip);
+    } else {
+        struct sockaddr_in *s4 = (struct sockaddr_in *)&ss;
+        s4->sin_family = AF_INET;
+        ck_assert_msg(inet_pton(AF_INET, ip, &s4->sin_addr) == 1, "bad test address %s", ip);
+    }
+    return aq_http_addr_forbidden((const struct sockaddr *)&ss, why, whylen);
+}
+
+START_TEST(test_addr_forbidden)
+{
+    static const struct {
+        const char *ip;
+        const char *why; /* NULL: allowed */
+    } cases[] = {
+        {"127.0.0.1", "loopback address"},
+        {"127.255.255.254", "loopback address"},
+        {"10.0.0.1", "private address"},
+        {"10.255.255.255", "private address"},
+        {"172.16.0.1", "private address"},
+        {"172.31.255.255", "private address"},
+        {"172.15.255.255", NULL},
+        {"172.32.0.1", NULL},
+        {"192.168.1.1", "private address"},
+        {"192.169.0.1", NULL},
+        {"169.254.169.254", "cloud metadata address"},
+        {"169.254.1.1", "link-local address"},
+        {"169.255.0.1", NULL},
+        {"100.64.0.1", "shared (CGNAT) address"},
+        {"100.127.255.255", "shared (CGNAT) address"},
+        {"100.63.255.255", NULL},
+        {"100.128.0.0", NULL},
+        {"0.0.0.0", "unspecified address"},
+        {"224.0.0.1", "multicast address"},
+        {"255.255.255.255", "reserved address"},
+        {"8.8.8.8", NULL},
+        {"93.184.216.34", NULL},
+        {"::", "unspecified address"},
+        {"::1", "loopback address"},
+        {"fc00::1", "private address"},
+        {"fd12:3456::1", "private address"},
+        {"fd00:ec2::254", "cloud metadata address"},
+        {"fe80::1", "link-local address"},
+        {"febf::1", "link-local address"},
+        {"fec0::1", "private (site-local) address"},
+        {"ff02::1", "multicast address"},
+        {"2606:4700:4700::1111", NULL},
+        {"2a00:1450::1", NULL},
+        {"::ffff:127.0.0.1", "loopback address"},
+        {"::ffff:10.1.2.3", "private address"},
+        {"::ffff:192.168.0.1", "private address"},
+        {"::ffff:169.254.169.254", "cloud metadata address"},
+        {"::ffff:100.64.0.1", "shared (CGNAT) address"},
+        {"::ffff:0.0.0.0", "unspecified address"},
+        {"::ffff:8.8.8.8", NULL},
+        {"::127.0.0.1", "loopback address"},       /* IPv4-compatible */
+        {"64:ff9b::10.0.0.1", "private address"},  /* NAT64 */
+        {"64:ff9b::8.8.8.8", NULL},
+        {"2002:a9fe:a9fe::1", "cloud metadata address"}, /* 6to4 */
+        {"2002:808:808::1", NULL},
+    };
+    for (size_t i = 0; i < AQ_ARRAY_LEN(cases); i++) {
+        char why[64] = "unchanged";
+        bool f = forbidden(cases[i].ip, why, sizeof why);
+        if (cases[i].why) {
+            ck_assert_msg(f, "%s allowed", cases[i].ip);
+            ck_assert_msg(strcmp(why, cases[i].why) == 0, "%s: \"%s\", want \"%s\"",
+                          cases[i].ip, why, cases[i].why);
+        } else {
+            ck_assert_msg(!f, "%s forbidden: %s", cases[i].ip, why);
+            ck_assert_str_eq(why, "");
+        }
+    }
+    struct sockaddr un = {.sa_family = AF_UNIX};
+    char why[64];
+    ck_assert(aq_http_addr_forbidden(&un, why, sizeof why));
+    ck_assert_str_eq(why, "not an IP address");
+    ck_assert(forbidden("127.0.0.1", NULL, 0)); /* why is optional */
+}
+END_TEST
+
+static Suite *http_suite(void)
+{
+    Suite *s = suite_create("http");
+
+    TCase *core = tcase_create("core");
+    tcase_set_timeout(core, 30);
+    tcase_add_test(core, test_get);
+    tcase_add_test(core, test_post_echo);
+    tcase_add_test(core, test_redirect);
+    tcase_add_test(core, test_retry_after);
+    tcase_add_test(core, test_keepalive_reuse);
+    tcase_add_test(core, test_addr_forbidden);
+    suite_add_tcase(s, core);
+
+    TCase *limits = tcase_create("limits");
+    tcase_set_timeout(limits, 60);
+    tcase_add_test(limits, test_concurrency_one_thread);
+    tcase_add_test(limits, test_timeout_silent_server);
+    tcase_add_test(limits, test_timeout_starts_at_transfer);
+    tcase_add_test(limits, test_max_response_bytes);
+    tcase_add_test(limits, test_too_many_redirects);
+    suite_add_tcase(s, limits);
+
+    TCase *errors = tcase_create("errors");
+    tcase_set_timeout(errors, 30);
+    tcase_add_test(errors, test_cancel_in_flight);
+    tcase_add_test(errors, test_cancel_queued);
+    tcase_add_test(errors, test_free_calls_back_once);
+    tcase_add_test(errors, test_free_from_callback);
+    tcase_add_test(errors, test_network_errors);
+    tcase_add_test(errors, test_submit_rejects);
+    tcase_add_test(errors, test_block_private_refuses);
+    tcase_add_test(errors, test_block_private_allowlist);
+    tcase_add_test(errors, test_block_private_no_shared_connection);
+    suite_add_tcase(s, errors);
+    return s;
+}
+
+int main(void)
+{
+    /* Everything here talks to 127.0.0.1: no proxy may carry it elsewhere. */
+    const char *proxies[] = {"http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY",
+                             "all_proxy", "ALL_PROXY"};
+    for (size_t i = 0; i < AQ_ARRAY_LEN(proxies); i++) unsetenv(proxies[i]);
+    /* The test server writes to clients that hung up (cancel, size limit). */
+    signal(SIGPIPE, SIG_IGN);
+    if (aq_http_global_init() != AQ_OK) {
+        fprintf(stderr, "curl_global_init failed\n");
+        return EXIT_FAILURE;
+    }
+    SRunner *sr = srunner_create(http_suite());
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}

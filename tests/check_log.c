@@ -1,0 +1,135 @@
+/* check_log.c — log lines are JSON, carry the ids, and never a secret. */
+#include "agentq/log.h"
+
+#include <check.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+/* Runs one log call with the logger pointed at a pipe; returns the line. */
+static char line[16384];
+
+static void capture_begin(int fds[2])
+{
+    ck_assert_int_eq(pipe(fds), 0);
+    aq_log_set_fd(fds[1]);
+}
+
+static json_t *capture_end(int fds[2])
+{
+    close(fds[1]);
+    ssize_t n = read(fds[0], line, sizeof line - 1);
+    close(fds[0]);
+    aq_log_set_fd(2);
+    ck_assert_int_gt(n, 0);
+    line[n] = '\0';
+    ck_assert_int_eq(line[n - 1], '\n');
+    json_error_t jerr;
+    json_t *j = json_loads(line, 0, &jerr);
+    ck_assert_msg(j != NULL, "not JSON: %s (%s)", line, jerr.text);
+    return j;
+}
+
+START_TEST(json_line_with_ids)
+{
+    int fds[2];
+    aq_log_set_worker_id("w-1");
+    capture_begin(fds);
+    aq_log_task(AQ_LOG_WARN, "t-9", "alice", "quote \" and newline \n and tab \t %d", 42);
+    json_t *j = capture_end(fds);
+    ck_assert_str_eq(json_string_value(json_object_get(j, "level")), "warn");
+    ck_assert_str_eq(json_string_value(json_object_get(j, "msg")), "quote \" and newline \n and tab \t 42");
+    ck_assert_str_eq(json_string_value(json_object_get(j, "worker_id")), "w-1");
+    ck_assert_str_eq(json_string_value(json_object_get(j, "task_id")), "t-9");
+    ck_assert_str_eq(json_string_value(json_object_get(j, "user_id")), "alice");
+    ck_assert_ptr_nonnull(json_object_get(j, "ts"));
+    json_decref(j);
+    aq_log_set_worker_id(NULL);
+}
+END_TEST
+
+static int evaluated;
+static int touch(void) { return ++evaluated; }
+
+START_TEST(below_level_not_evaluated)
+{
+    aq_log_set_level(AQ_LOG_WARN);
+    evaluated = 0;
+    aq_log(AQ_LOG_DEBUG, "%d", touch());
+    ck_assert_int_eq(evaluated, 0);
+    aq_log_set_level(AQ_LOG_INFO);
+}
+END_TEST
+
+START_TEST(secrets_masked)
+{
+    int fds[2];
+    aq_log_add_secret("sk-live-abcdef123456");
+    capture_begin(fds);
+    aq_log(AQ_LOG_ERROR, "key sk-live-abcdef123456 url amqp://bob:hunter2@host:5672/%%2f dsn host=db password=pw123 user=x");
+    json_t *j = capture_end(fds);
+    const char *msg = json_string_value(json_object_get(j, "msg"));
+    ck_assert_ptr_null(strstr(msg, "sk-live-abcdef123456"));
+    ck_assert_ptr_null(strstr(msg, "hunter2"));
+    ck_assert_ptr_null(strstr(msg, "pw123"));
+    ck_assert_ptr_nonnull(strstr(msg, "amqp://bob:***@host"));
+    ck_assert_ptr_nonnull(strstr(msg, "user=x"));
+    json_decref(j);
+}
+END_TEST
+
+START_TEST(redact_keeps_plain_text)
+{
+    char out[128];
+    aq_log_redact("http://host:8080/v1 ratio 3:2", out, sizeof out);
+    ck_assert_str_eq(out, "http://host:8080/v1 ratio 3:2");
+    aq_log_redact("password='a b\\'c' next", out, sizeof out);
+    ck_assert_str_eq(out, "password=*** next");
+}
+END_TEST
+
+START_TEST(long_message_truncated_still_json)
+{
+    int fds[2];
+    static char big[20000];
+    memset(big, 'x', sizeof big - 1);
+    capture_begin(fds);
+    aq_log(AQ_LOG_INFO, "%s", big);
+    json_t *j = capture_end(fds);
+    ck_assert_ptr_nonnull(json_object_get(j, "msg"));
+    json_decref(j);
+}
+END_TEST
+
+START_TEST(level_names)
+{
+    ck_assert_int_eq(aq_log_level_parse("debug"), AQ_LOG_DEBUG);
+    ck_assert_int_eq(aq_log_level_parse("WARNING"), AQ_LOG_WARN);
+    ck_assert_int_eq(aq_log_level_parse("error"), AQ_LOG_ERROR);
+    ck_assert_int_eq(aq_log_level_parse("loud"), -1);
+}
+END_TEST
+
+int main(void)
+{
+    Suite *s = suite_create("log");
+    TCase *core = tcase_create("core");
+    tcase_add_test(core, json_line_with_ids);
+    tcase_add_test(core, below_level_not_evaluated);
+    tcase_add_test(core, secrets_masked);
+    tcase_add_test(core, redact_keeps_plain_text);
+    suite_add_tcase(s, core);
+    TCase *limits = tcase_create("limits");
+    tcase_add_test(limits, long_message_truncated_still_json);
+    suite_add_tcase(s, limits);
+    TCase *errors = tcase_create("errors");
+    tcase_add_test(errors, level_names);
+    suite_add_tcase(s, errors);
+    SRunner *sr = srunner_create(s);
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}

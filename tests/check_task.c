@@ -1,0 +1,686 @@
+/* check_task.c — the task message model: what a producer may send, what
+ * the worker makes of it, and the exact errors a rejected message gets. */
+#include "agentq/task.h"
+
+#include <check.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static const aq_task_limits LIM = {
+    .skills = "calculator,http_get,current_time,weather",
+    .models = "gpt-4o-mini, llama3",
+    .default_model = "gpt-4o-mini",
+};
+
+static aq_task *parse_ok_props(const char *body, const aq_task_props *props)
+{
+    aq_task *t = (aq_task *)1;
+    aq_task_error e;
+    int rc = aq_task_parse(body, strlen(body), props, &LIM, &t, &e);
+    ck_assert_msg(rc == AQ_OK, "rejected %.200s: %s", body, e.message);
+    ck_assert_ptr_nonnull(t);
+    return t;
+}
+
+static aq_task *parse_ok(const char *body)
+{
+    return parse_ok_props(body, NULL);
+}
+
+/* Asserts the body is rejected, the error records `field` and the message
+ * contains `want`; returns the error for further checks. */
+static aq_task_error parse_bad_n(const char *body, size_t len, const aq_task_props *props,
+                                 const char *field, const char *want)
+{
+    aq_task *t = (aq_task *)1;
+    aq_task_error e;
+    int rc = aq_task_parse(body, len, props, &LIM, &t, &e);
+    ck_assert_msg(rc == AQ_EINVAL, "accepted %.200s", body);
+    ck_assert_ptr_null(t);
+    ck_assert_str_eq(e.field, field);
+    ck_assert_msg(strstr(e.message, want), "message '%s' lacks '%s'", e.message, want);
+    return e;
+}
+
+static aq_task_error parse_bad(const char *body, const char *field, const char *want)
+{
+    return parse_bad_n(body, strlen(body), NULL, field, want);
+}
+
+/* A valid body whose goal is n bytes of `fill`; caller frees. */
+static char *goal_body(char fill, size_t n)
+{
+    char *s = malloc(n + 64);
+    ck_assert_ptr_nonnull(s);
+    int off = sprintf(s, "{\"user_id\":\"u\",\"goal\":\"");
+    memset(s + off, fill, n);
+    strcpy(s + off + n, "\"}");
+    return s;
+}
+
+static bool printable_utf8(const char *s)
+{
+    for (const unsigned char *p = (const unsigned char *)s; *p; p++)
+        if (*p < 0x20 || *p == 0x7f || *p >= 0x80) return false;
+    return true;
+}
+
+/* ---- core -------------------------------------------------------------- */
+
+START_TEST(test_defaults)
+{
+    int64_t before = aq_now_us();
+    aq_task *t = parse_ok("{\"user_id\":\"alice\",\"goal\":\"What is 2+2?\"}");
+    ck_assert_str_eq(t->user_id, "alice");
+    ck_assert_str_eq(t->goal, "What is 2+2?");
+    ck_assert_int_eq(t->max_steps, 15);
+    ck_assert_double_eq(t->budget_usd, 0.50);
+    ck_assert_double_eq(t->timeout_seconds, 60.0);
+    ck_assert_ptr_null(t->skills);
+    ck_assert_int_eq(t->n_skills, 0);
+    ck_assert_str_eq(t->model, "gpt-4o-mini");
+    ck_assert(t->model_default);
+    ck_assert_ptr_null(t->metadata);
+    ck_assert_int_eq(t->priority, 0);
+    ck_assert_int_eq(t->expiration_ms, -1);
+    ck_assert_int_eq(t->attempt, 1);
+    ck_assert_int_eq(t->deadline_us, 0);
+    ck_assert(t->enqueued_at_us >= before && t->enqueued_at_us <= aq_now_us());
+    ck_assert(t->id_generated);
+    ck_assert(aq_task_uuid_valid(t->task_id));
+    ck_assert(aq_task_skill_allowed(t, "weather"));
+    aq_task_free(t);
+}
+END_TEST
+
+START_TEST(test_all_fields)
+{
+    aq_task *t = parse_ok(
+        "{\"task_id\":\"0B9E2A4C-6C1E-4D2A-9F3B-7D8E5A1C2B3F\",\"user_id\":\"bob\","
+        "\"goal\":\"Weather in Oslo, then \xc3\xa5 convert\",\"max_steps\":7,"
+        "\"budget_usd\":2,\"timeout_seconds\":12.5,"
+        "\"skills\":[\"weather\",\"calculator\"],\"model\":\"llama3\","
+        "\"metadata\":{\"batch\":\"b1\",\"n\":[1,2]}}");
+    ck_assert_str_eq(t->task_id, "0b9e2a4c-6c1e-4d2a-9f3b-7d8e5a1c2b3f");
+    ck_assert(!t->id_generated);
+    ck_assert_str_eq(t->goal, "Weather in Oslo, then \xc3\xa5 convert");
+    ck_assert_int_eq(t->max_steps, 7);
+    ck_assert_double_eq(t->budget_usd, 2.0);
+    ck_assert_double_eq(t->timeout_seconds, 12.5);
+    ck_assert_int_eq(t->n_skills, 2);
+    ck_assert_str_eq(t->skills[0], "weather");
+    ck_assert_str_eq(t->skills[1], "calculator");
+    ck_assert(aq_task_skill_allowed(t, "calculator"));
+    ck_assert(!aq_task_skill_allowed(t, "http_get"));
+    ck_assert_str_eq(t->model, "llama3");
+    ck_assert(!t->model_default);
+    ck_assert_str_eq(json_string_value(json_object_get(t->metadata, "batch")), "b1");
+    aq_task_free(t);
+}
+END_TEST
+
+START_TEST(test_task_id_sources)
+{
+    const char *min = "{\"user_id\":\"u\",\"goal\":\"g\"}";
+    aq_task_props p = {.message_id = "AAAAAAAA-BBBB-4CCC-8DDD-EEEEEEEEEEEE"};
+    aq_task *t = parse_ok_props(min, &p);
+    ck_assert_str_eq(t->task_id, "aaaaaaaa-bbbb-4ccc-8ddd-eeeeeeeeeeee");
+    ck_assert(!t->id_generated);
+    aq_task_free(t);
+
+    /* the body's id wins over message_id */
+    t = parse_ok_props("{\"task_id\":\"11111111-2222-4333-8444-555555555555\","
+                       "\"user_id\":\"u\",\"goal\":\"g\"}", &p);
+    ck_assert_str_eq(t->task_id, "11111111-2222-4333-8444-555555555555");
+    aq_task_free(t);
+
+    /* a message_id that is not a UUID is ignored, not an error */
+    p.message_id = "order-42";
+    t = parse_ok_props(min, &p);
+    ck_assert(t->id_generated);
+    char first[37];
+    strcpy(first, t->task_id);
+    ck_assert(aq_task_uuid_valid(first));
+    ck_assert_int_eq(first[14], '4');
+    ck_assert(strchr("89ab", first[19]));
+    aq_task_free(t);
+    t = parse_ok_props(min, &p);
+    ck_assert_str_ne(t->task_id, first);
+    aq_task_free(t);
+}
+END_TEST
+
+START_TEST(test_props)
+{
+    const char *min = "{\"user_id\":\"u\",\"goal\":\"g\"}";
+    aq_task_props p = {.priority = 5, .expiration = "60000", .timestamp = 1700000000,
+                       .attempt = 3, .deadline_us = 1700000123456789};
+    aq_task *t = parse_ok_props(min, &p);
+    ck_assert_int_eq(t->priority, 5);
+    ck_assert_int_eq(t->expiration_ms, 60000);
+    ck_assert_int_eq(t->enqueued_at_us, 1700000000000000);
+    ck_assert_int_eq(t->attempt, 3);
+    ck_assert_int_eq(t->deadline_us, 1700000123456789);
+    aq_task_free(t);
+}
+END_TEST
+
+static void assert_same_task(const aq_task *a, const aq_task *b)
+{
+    ck_assert_str_eq(a->task_id, b->task_id);
+    ck_assert_str_eq(a->user_id, b->user_id);
+    ck_assert_str_eq(a->goal, b->goal);
+    ck_assert_int_eq(a->max_steps, b->max_steps);
+    ck_assert_double_eq(a->budget_usd, b->budget_usd);
+    ck_assert_double_eq(a->timeout_seconds, b->timeout_seconds);
+    ck_assert_int_eq(a->n_skills, b->n_skills);
+    for (int i = 0; i < a->n_skills; i++) ck_assert_str_eq(a->skills[i], b->skills[i]);
+    ck_assert_str_eq(a->model, b->model);
+    ck_assert_int_eq(a->model_default, b->model_default);
+    ck_assert(a->metadata ? json_equal(a->metadata, b->metadata) : !b->metadata);
+}
+
+static aq_task *reparse(const aq_task *t)
+{
+    json_t *j = aq_task_to_json(t);
+    char *text = json_dumps(j, JSON_COMPACT);
+    json_decref(j);
+    aq_task *u = parse_ok(text);
+    free(text);
+    return u;
+}
+
+START_TEST(test_round_trip)
+{
+    aq_task *t = parse_ok(
+        "{\"user_id\":\"u\\u00e9\",\"goal\":\"line1\\nline2 \\\"q\\\"\",\"max_steps\":100,"
+        "\"budget_usd\":0.1,\"timeout_seconds\":0.3,\"skills\":[\"http_get\"],"
+        "\"model\":\"gpt-4o-mini\",\"metadata\":{\"k\":{\"deep\":[null,true,1.5]}}}");
+    aq_task *u = reparse(t);
+    assert_same_task(t, u);
+    ck_assert(!u->id_generated); /* the id travels in the body */
+    aq_task_free(u);
+    aq_task_free(t);
+
+    /* a defaulted model stays a default: it is not pinned into the body */
+    t = parse_ok("{\"user_id\":\"u\",\"goal\":\"g\"}");
+    json_t *j = aq_task_to_json(t);
+    ck_assert_ptr_null(json_object_get(j, "model"));
+    ck_assert_ptr_null(json_object_get(j, "skills"));
+    ck_assert_ptr_null(json_object_get(j, "metadata"));
+    ck_assert_str_eq(json_string_value(json_object_get(j, "task_id")), t->task_id);
+    json_decref(j);
+    u = reparse(t);
+    assert_same_task(t, u);
+    aq_task_free(u);
+    aq_task_free(t);
+}
+END_TEST
+
+START_TEST(test_from_json_copies_metadata)
+{
+    json_t *body = json_pack("{s:s, s:s, s:{s:i}}", "user_id", "u", "goal", "g",
+                             "metadata", "n", 1);
+    aq_task *t;
+    aq_task_error e;
+    ck_assert_int_eq(aq_task_from_json(body, NULL, &LIM, &t, &e), AQ_OK);
+    json_object_set_new(json_object_get(body, "metadata"), "n", json_integer(2));
+    json_decref(body);
+    ck_assert_int_eq(json_integer_value(json_object_get(t->metadata, "n")), 1);
+    aq_task_free(t);
+}
+END_TEST
+
+START_TEST(test_body_not_nul_terminated)
+{
+    /* bytes after len belong to someone else and must not be read as JSON */
+    const char buf[] = "{\"user_id\":\"u\",\"goal\":\"g\"}garbage";
+    aq_task *t;
+    aq_task_error e;
+    ck_assert_int_eq(aq_task_parse(buf, sizeof buf - 1 - 7, NULL, &LIM, &t, &e), AQ_OK);
+    aq_task_free(t);
+    ck_assert_int_eq(aq_task_parse(buf, sizeof buf - 1, NULL, &LIM, &t, &e), AQ_EINVAL);
+    ck_assert_str_eq(e.field, "body");
+}
+END_TEST
+
+START_TEST(test_unchecked_names)
+{
+    /* the producer may not know the worker's configuration */
+    const char *b = "{\"user_id\":\"u\",\"goal\":\"g\",\"skills\":[\"teleport\"],\"model\":\"m9\"}";
+    aq_task *t;
+    aq_task_error e;
+    ck_assert_int_eq(aq_task_parse(b, strlen(b), NULL, NULL, &t, &e), AQ_OK);
+    ck_assert_str_eq(t->skills[0], "teleport");
+    ck_assert_str_eq(t->model, "m9");
+    aq_task_free(t);
+    /* no default and no body model: no model */
+    const char *m = "{\"user_id\":\"u\",\"goal\":\"g\"}";
+    ck_assert_int_eq(aq_task_parse(m, strlen(m), NULL, NULL, &t, &e), AQ_OK);
+    ck_assert_ptr_null(t->model);
+    aq_task_free(t);
+}
+END_TEST
+
+START_TEST(test_uuid)
+{
+    ck_assert(aq_task_uuid_valid("0b9e2a4c-6c1e-4d2a-9f3b-7d8e5a1c2b3f"));
+    ck_assert(aq_task_uuid_valid("0B9E2A4C-6C1E-4D2A-9F3B-7D8E5A1C2B3F"));
+    ck_assert(aq_task_uuid_valid("00000000-0000-0000-0000-000000000000"));
+    ck_assert(!aq_task_uuid_valid(NULL));
+    ck_assert(!aq_task_uuid_valid(""));
+    ck_assert(!aq_task_uuid_valid("0b9e2a4c6c1e4d2a9f3b7d8e5a1c2b3f"));
+    ck_assert(!aq_task_uuid_valid("{0b9e2a4c-6c1e-4d2a-9f3b-7d8e5a1c2b3f}"));
+    ck_assert(!aq_task_uuid_valid("0b9e2a4c-6c1e-4d2a-9f3b-7d8e5a1c2b3f0"));
+    ck_assert(!aq_task_uuid_valid("0b9e2a4c-6c1e-4d2a-9f3b-7d8e5a1c2b3g"));
+    ck_assert(!aq_task_uuid_valid("0b9e2a4c-6c1e4-d2a-9f3b-7d8e5a1c2b3f"));
+    char a[37], b[37];
+    aq_task_uuid_generate(a);
+    aq_task_uuid_generate(b);
+    ck_assert(aq_task_uuid_valid(a));
+    ck_assert_str_ne(a, b);
+}
+END_TEST
+
+/* ---- limits ------------------------------------------------------------ */
+
+START_TEST(test_max_steps_bounds)
+{
+    aq_task *t = parse_ok("{\"user_id\":\"u\",\"goal\":\"g\",\"max_steps\":1}");
+    ck_assert_int_eq(t->max_steps, 1);
+    aq_task_free(t);
+    t = parse_ok("{\"user_id\":\"u\",\"goal\":\"g\",\"max_steps\":100}");
+    ck_assert_int_eq(t->max_steps, 100);
+    aq_task_free(t);
+    aq_task_error e = parse_bad("{\"user_id\":\"u\",\"goal\":\"g\",\"max_steps\":0}",
+                                "max_steps", "");
+    ck_assert_str_eq(e.message, "max_steps: must be an integer from 1 to 100 (got 0)");
+    parse_bad("{\"user_id\":\"u\",\"goal\":\"g\",\"max_steps\":101}",
+              "max_steps", "from 1 to 100 (got 101)");
+    parse_bad("{\"user_id\":\"u\",\"goal\":\"g\",\"max_steps\":-5}",
+              "max_steps", "(got -5)");
+    parse_bad("{\"user_id\":\"u\",\"goal\":\"g\",\"max_steps\":9223372036854775807}",
+              "max_steps", "(got 9223372036854775807)");
+}
+END_TEST
+
+START_TEST(test_budget_bounds)
+{
+    aq_task *t = parse_ok("{\"user_id\":\"u\",\"goal\":\"g\",\"budget_usd\":0}");
+    ck_assert_double_eq(t->budget_usd, 0.0);
+    aq_task_free(t);
+    t = parse_ok("{\"user_id\":\"u\",\"goal\":\"g\",\"budget_usd\":0.0}");
+    ck_assert_double_eq(t->budget_usd, 0.0);
+    aq_task_free(t);
+    t = parse_ok("{\"user_id\":\"u\",\"goal\":\"g\",\"budget_usd\":1000}");
+    ck_assert_double_eq(t->budget_usd, 1000.0);
+    aq_task_free(t);
+    parse_bad("{\"user_id\":\"u\",\"goal\":\"g\",\"budget_usd\":-0.01}",
+              "budget_usd", "budget_usd: must be a number >= 0 (got -0.01)");
+    parse_bad("{\"user_id\":\"u\",\"goal\":\"g\",\"budget_usd\":-1}",
+              "budget_usd", "(got -1)");
+}
+END_TEST
+
+START_TEST(test_timeout_bounds)
+{
+    aq_task *t = parse_ok("{\"user_id\":\"u\",\"goal\":\"g\",\"timeout_seconds\":3600}");
+    ck_assert_double_eq(t->timeout_seconds, 3600.0);
+    aq_task_free(t);
+    t = parse_ok("{\"user_id\":\"u\",\"goal\":\"g\",\"timeout_seconds\":0.001}");
+    ck_assert_double_eq(t->timeout_seconds, 0.001);
+    aq_task_free(t);
+    parse_bad("{\"user_id\":\"u\",\"goal\":\"g\",\"timeout_seconds\":0}", "timeout_seconds",
+              "timeout_seconds: must be a number > 0 and <= 3600 (got 0)");
+    parse_bad("{\"user_id\":\"u\",\"goal\":\"g\",\"timeout_seconds\":3600.5}",
+              "timeout_seconds", "(got 3600.5)");
+    parse_bad("{\"user_id\":\"u\",\"goal\":\"g\",\"timeout_seconds\":-1.0}",
+              "timeout_seconds", "(got -1.0)");
+}
+END_TEST
+
+START_TEST(test_user_id_bounds)
+{
+    char body[400];
+    char id[200];
+    memset(id, 'x', 128);
+    id[128] = '\0';
+    snprintf(body, sizeof body, "{\"user_id\":\"%s\",\"goal\":\"g\"}", id);
+    aq_task *t = parse_ok(body);
+    ck_assert_uint_eq(strlen(t->user_id), 128);
+    aq_task_free(t);
+    strcat(id, "x");
+    snprintf(body, sizeof body, "{\"user_id\":\"%s\",\"goal\":\"g\"}", id);
+    parse_bad(body, "user_id", "user_id: must be a string of 1 to 128 bytes (got 129 bytes)");
+    parse_bad("{\"user_id\":\"\",\"goal\":\"g\"}", "user_id", "(got 0 bytes)");
+}
+END_TEST
+
+START_TEST(test_goal_bounds)
+{
+    char *b = goal_body('a', 65536);
+    aq_task *t = parse_ok(b);
+    ck_assert_uint_eq(strlen(t->goal), 65536);
+    aq_task_free(t);
+    free(b);
+
+    b = goal_body('a', 65537);
+    parse_bad(b, "goal", "goal: must be a string of 1 to 65536 bytes (got 65537 bytes)");
+    free(b);
+
+    /* the limit counts bytes, not characters: 65535 + a 2-byte letter */
+    b = goal_body('a', 65537);
+    char *end = strstr(b, "\"}");
+    memcpy(end - 2, "\xc3\xa9", 2);
+    parse_bad(b, "goal", "(got 65537 bytes)");
+    free(b);
+
+    parse_bad("{\"user_id\":\"u\",\"goal\":\"\"}", "goal", "(got 0 bytes)");
+}
+END_TEST
+
+START_TEST(test_skills_bounds)
+{
+    aq_task *t = parse_ok("{\"user_id\":\"u\",\"goal\":\"g\",\"skills\":"
+                          "[\"calculator\",\"http_get\",\"current_time\",\"weather\"]}");
+    ck_assert_int_eq(t->n_skills, 4);
+    aq_task_free(t);
+    parse_bad("{\"user_id\":\"u\",\"goal\":\"g\",\"skills\":[]}", "skills",
+              "skills: must name at least one skill");
+
+    /* unchecked names still have a ceiling */
+    size_t cap = 300 * 12 + 64;
+    char *body = malloc(cap);
+    size_t off = (size_t)sprintf(body, "{\"user_id\":\"u\",\"goal\":\"g\",\"skills\":[");
+    for (int i = 0; i < 257; i++) off += (size_t)sprintf(body + off, "%s\"s%d\"", i ? "," : "", i);
+    strcpy(body + off, "]}");
+    aq_task *t2;
+    aq_task_error e;
+    ck_assert_int_eq(aq_task_parse(body, strlen(body), NULL, NULL, &t2, &e), AQ_EINVAL);
+    ck_assert_str_eq(e.message, "skills: must name at most 256 skills (got 257)");
+    free(body);
+}
+END_TEST
+
+START_TEST(test_priority_clamp)
+{
+    const char *min = "{\"user_id\":\"u\",\"goal\":\"g\"}";
+    int in[] = {0, 9, 10, 255, -3};
+    int want[] = {0, 9, 9, 9, 0};
+    for (size_t i = 0; i < AQ_ARRAY_LEN(in); i++) {
+        aq_task_props p = {.priority = in[i]};
+        aq_task *t = parse_ok_props(min, &p);
+        ck_assert_int_eq(t->priority, want[i]);
+        aq_task_free(t);
+    }
+}
+END_TEST
+
+START_TEST(test_expiration_bounds)
+{
+    const char *min = "{\"user_id\":\"u\",\"goal\":\"g\"}";
+    aq_task_props p = {.expiration = "0"};
+    aq_task *t = parse_ok_props(min, &p);
+    ck_assert_int_eq(t->expiration_ms, 0);
+    aq_task_free(t);
+    p.expiration = "9223372036854775807";
+    t = parse_ok_props(min, &p);
+    ck_assert_int_eq(t->expiration_ms, INT64_MAX);
+    aq_task_free(t);
+    p.expiration = "9223372036854775808";
+    parse_bad_n(min, strlen(min), &p, "expiration", "expiration: must be a whole number");
+}
+END_TEST
+
+/* ---- errors ------------------------------------------------------------ */
+
+START_TEST(test_type_errors)
+{
+    static const struct { const char *field, *value, *message; } cases[] = {
+        {"task_id", "42", "task_id: must be a UUID like 0b9e2a4c-6c1e-4d2a-9f3b-7d8e5a1c2b3f (got number)"},
+        {"user_id", "7", "user_id: must be a string of 1 to 128 bytes (got number)"},
+        {"goal", "1", "goal: must be a string of 1 to 65536 bytes (got number)"},
+        {"goal", "null", "goal: must be a string of 1 to 65536 bytes (got null)"},
+        {"max_steps", "\"5\"", "max_steps: must be an integer from 1 to 100 (got string)"},
+        {"max_steps", "3.0", "max_steps: must be an integer from 1 to 100 (got 3.0)"},
+        {"max_steps", "1e1", "max_steps: must be an integer from 1 to 100 (got 10.0)"},
+        {"max_steps", "true", "max_steps: must be an integer from 1 to 100 (got boolean)"},
+        {"budget_usd", "\"1\"", "budget_usd: must be a number >= 0 (got string)"},
+        {"timeout_seconds", "null", "timeout_seconds: must be a number > 0 and <= 3600 (got null)"},
+        {"skills", "\"calculator\"", "skills: must be an array of skill names (got string)"},
+        {"skills", "[\"weather\",1]", "skills[1]: must be a skill name string (got number)"},
+        {"skills", "[{}]", "skills[0]: must be a skill name string (got object)"},
+        {"model", "5", "model: must be a model name string (got number)"},
+        {"model", "null", "model: must be a model name string (got null)"},
+        {"metadata", "[1]", "metadata: must be an object (got array)"},
+        {"metadata", "\"{}\"", "metadata: must be an object (got string)"},
+    };
+    for (size_t i = 0; i < AQ_ARRAY_LEN(cases); i++) {
+        char body[256];
+        if (strcmp(cases[i].field, "user_id") == 0)
+            snprintf(body, sizeof body, "{\"user_id\":%s,\"goal\":\"g\"}", cases[i].value);
+        else if (strcmp(cases[i].field, "goal") == 0)
+            snprintf(body, sizeof body, "{\"user_id\":\"u\",\"goal\":%s}", cases[i].value);
+        else
+            snprintf(body, sizeof body, "{\"user_id\":\"u\",\"goal\":\"g\",\"%s\":%s}",
+                     cases[i].field, cases[i].value);
+        aq_task_error e = parse_bad(body, cases[i].field, "");
+        ck_assert_str_eq(e.message, cases[i].message);
+    }
+}
+END_TEST
+
+START_TEST(test_bad_task_id)
+{
+    parse_bad("{\"task_id\":\"abc\",\"user_id\":\"u\",\"goal\":\"g\"}", "task_id",
+              "task_id: must be a UUID like 0b9e2a4c-6c1e-4d2a-9f3b-7d8e5a1c2b3f (got 'abc')");
+    parse_bad("{\"task_id\":\"0b9e2a4c6c1e4d2a9f3b7d8e5a1c2b3f\",\"user_id\":\"u\",\"goal\":\"g\"}",
+              "task_id", "(got '0b9e2a4c6c1e4d2a9f3b7d8e5a1c2b3f')");
+    parse_bad("{\"task_id\":\"{0b9e2a4c-6c1e-4d2a-9f3b-7d8e5a1c2b3f}\",\"user_id\":\"u\",\"goal\":\"g\"}",
+              "task_id", "must be a UUID");
+}
+END_TEST
+
+START_TEST(test_missing_fields)
+{
+    aq_task_error e = parse_bad("{\"goal\":\"g\"}", "user_id", "");
+    ck_assert_str_eq(e.message, "user_id: required field is missing");
+    e = parse_bad("{\"user_id\":\"u\"}", "goal", "");
+    ck_assert_str_eq(e.message, "goal: required field is missing");
+    parse_bad("{}", "user_id", "user_id: required field is missing");
+}
+END_TEST
+
+START_TEST(test_unknown_field)
+{
+    aq_task_error e = parse_bad("{\"user_id\":\"u\",\"goal\":\"g\",\"foo\":1}", "foo", "");
+    ck_assert_msg(strncmp(e.message, "unknown field 'foo'", 19) == 0, "%s", e.message);
+    /* names are case-sensitive, and unknown fields are reported first */
+    parse_bad("{\"user_id\":\"u\",\"Goal\":\"g\"}", "Goal", "unknown field 'Goal'");
+    parse_bad("{\"max_steps\":0,\"priority\":3}", "priority", "unknown field 'priority'");
+    /* a hostile name is cut short and made printable */
+    e = parse_bad("{\"user_id\":\"u\",\"goal\":\"g\",\"a\\nb\\u0007c\":1}", "a?b?c",
+                  "unknown field 'a?b?c'");
+    parse_bad("{\"\":1}", "(empty name)", "unknown field ''");
+    char body[400];
+    char key[201];
+    memset(key, 'k', 200);
+    key[200] = '\0';
+    snprintf(body, sizeof body, "{\"%s\":1}", key);
+    e = parse_bad(body, "kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk...", "kkk...'");
+}
+END_TEST
+
+START_TEST(test_not_json)
+{
+    aq_task_error e = parse_bad("{\"user_id\":", "body", "body is not valid JSON: ");
+    ck_assert_msg(strstr(e.message, " at line 1 column 11"), "%s", e.message);
+    parse_bad("hello", "body", "body is not valid JSON: ");
+    parse_bad("{} x", "body", "body is not valid JSON: end of file expected");
+    parse_bad_n(NULL, 0, NULL, "body", "body is not valid JSON: the body is empty");
+    parse_bad("{\"user_id\":\"u\",\n\"goal\":\"g\",}", "body", "at line 2 column");
+}
+END_TEST
+
+START_TEST(test_top_level_not_object)
+{
+    parse_bad("[]", "body", "body: must be a JSON object (got array)");
+    parse_bad("42", "body", "body: must be a JSON object (got number)");
+    parse_bad("\"task\"", "body", "body: must be a JSON object (got string)");
+    parse_bad("null", "body", "body: must be a JSON object (got null)");
+}
+END_TEST
+
+START_TEST(test_invalid_utf8)
+{
+    /* a raw 0xff, an overlong '/', a lone surrogate escape */
+    const char *bodies[] = {
+        "{\"user_id\":\"u\",\"goal\":\"a\xff\"}",
+        "{\"user_id\":\"u\",\"goal\":\"\xc0\xaf\"}",
+        "{\"user_id\":\"u\",\"goal\":\"\\ud800\"}",
+        "{\"user_id\":\"u\xed\xa0\x80\",\"goal\":\"g\"}",
+    };
+    for (size_t i = 0; i < AQ_ARRAY_LEN(bodies); i++) {
+        aq_task_error e = parse_bad(bodies[i], "body", "body is not valid JSON: ");
+        /* jansson quotes the bad bytes; the message must not carry them */
+        ck_assert_msg(printable_utf8(e.message), "%s", e.message);
+    }
+    /* a json_t built in memory without checks is caught too */
+    json_t *body = json_pack("{s:s}", "user_id", "u");
+    json_object_set_new(body, "goal", json_stringn_nocheck("a\xff", 2));
+    aq_task *t;
+    aq_task_error e;
+    ck_assert_int_eq(aq_task_from_json(body, NULL, &LIM, &t, &e), AQ_EINVAL);
+    ck_assert_str_eq(e.message, "goal: must be valid UTF-8");
+    json_object_set_new(body, "goal", json_stringn("a\0b", 3));
+    ck_assert_int_eq(aq_task_from_json(body, NULL, &LIM, &t, &e), AQ_EINVAL);
+    ck_assert_str_eq(e.message, "goal: must not contain NUL characters");
+    json_decref(body);
+    parse_bad("{\"user_id\":\"u\",\"goal\":\"a\\u0000b\"}", "body", "body is not valid JSON");
+}
+END_TEST
+
+START_TEST(test_duplicate_keys)
+{
+    parse_bad("{\"user_id\":\"a\",\"user_id\":\"b\",\"goal\":\"g\"}", "body",
+              "duplicate object key");
+    parse_bad("{\"user_id\":\"a\",\"goal\":\"g\",\"metadata\":{\"x\":1,\"x\":2}}", "body",
+              "duplicate object key");
+}
+END_TEST
+
+START_TEST(test_unknown_skill_and_model)
+{
+    aq_task_error e = parse_bad("{\"user_id\":\"u\",\"goal\":\"g\",\"skills\":[\"calculator\",\"teleport\"]}",
+                                "skills", "");
+    ck_assert_str_eq(e.message, "skills: 'teleport' is not a configured skill "
+                     "(configured: calculator,http_get,current_time,weather)");
+    parse_bad("{\"user_id\":\"u\",\"goal\":\"g\",\"skills\":[\"weather\",\"weather\"]}",
+              "skills", "skills: 'weather' is listed more than once");
+    parse_bad("{\"user_id\":\"u\",\"goal\":\"g\",\"skills\":[\"\"]}",
+              "skills", "skills[0]: must be a skill name (got an empty string)");
+    /* entries of the configured list are whole names, not prefixes */
+    parse_bad("{\"user_id\":\"u\",\"goal\":\"g\",\"skills\":[\"calc\"]}",
+              "skills", "'calc' is not a configured skill");
+    e = parse_bad("{\"user_id\":\"u\",\"goal\":\"g\",\"model\":\"gpt-5\"}", "model", "");
+    ck_assert_str_eq(e.message, "model: 'gpt-5' is not a configured model "
+                     "(configured: gpt-4o-mini, llama3)");
+    parse_bad("{\"user_id\":\"u\",\"goal\":\"g\",\"model\":\"\"}", "model",
+              "model: must be a model name (got an empty string)");
+}
+END_TEST
+
+START_TEST(test_bad_expiration)
+{
+    const char *min = "{\"user_id\":\"u\",\"goal\":\"g\"}";
+    const char *bad[] = {"abc", "-5", "", "12a", " 12", "1.5"};
+    for (size_t i = 0; i < AQ_ARRAY_LEN(bad); i++) {
+        aq_task_props p = {.expiration = bad[i]};
+        aq_task_error e = parse_bad_n(min, strlen(min), &p, "expiration", "");
+        char want[128];
+        snprintf(want, sizeof want,
+                 "expiration: must be a whole number of milliseconds (got '%s')", bad[i]);
+        ck_assert_str_eq(e.message, want);
+    }
+}
+END_TEST
+
+START_TEST(test_error_carries_task_id)
+{
+    /* the worker records a rejected task under the id the message names */
+    aq_task_error e = parse_bad("{\"task_id\":\"0B9E2A4C-6C1E-4D2A-9F3B-7D8E5A1C2B3F\",\"goal\":\"g\"}",
+                                "user_id", "required");
+    ck_assert_str_eq(e.task_id, "0b9e2a4c-6c1e-4d2a-9f3b-7d8e5a1c2b3f");
+    aq_task_props p = {.message_id = "11111111-2222-4333-8444-555555555555"};
+    e = parse_bad_n("not json", 8, &p, "body", "not valid JSON");
+    ck_assert_str_eq(e.task_id, "11111111-2222-4333-8444-555555555555");
+    e = parse_bad_n("{\"task_id\":\"nope\"}", 18, &p, "task_id", "must be a UUID");
+    ck_assert_str_eq(e.task_id, "");
+    e = parse_bad("{\"goal\":\"g\"}", "user_id", "required");
+    ck_assert_str_eq(e.task_id, "");
+}
+END_TEST
+
+START_TEST(test_null_error_buffer)
+{
+    aq_task *t = (aq_task *)1;
+    ck_assert_int_eq(aq_task_parse("[", 1, NULL, &LIM, &t, NULL), AQ_EINVAL);
+    ck_assert_ptr_null(t);
+    ck_assert_int_eq(aq_task_parse("{\"skills\":[1]}", 14, NULL, &LIM, &t, NULL), AQ_EINVAL);
+    const char *b = "{\"user_id\":\"u\",\"goal\":\"g\",\"skills\":[\"x\"]}";
+    ck_assert_int_eq(aq_task_parse(b, strlen(b), NULL, &LIM, &t, NULL), AQ_EINVAL);
+}
+END_TEST
+
+static Suite *task_suite(void)
+{
+    Suite *s = suite_create("task");
+    TCase *core = tcase_create("core");
+    tcase_add_test(core, test_defaults);
+    tcase_add_test(core, test_all_fields);
+    tcase_add_test(core, test_task_id_sources);
+    tcase_add_test(core, test_props);
+    tcase_add_test(core, test_round_trip);
+    tcase_add_test(core, test_from_json_copies_metadata);
+    tcase_add_test(core, test_body_not_nul_terminated);
+    tcase_add_test(core, test_unchecked_names);
+    tcase_add_test(core, test_uuid);
+    suite_add_tcase(s, core);
+
+    TCase *limits = tcase_create("limits");
+    tcase_add_test(limits, test_max_steps_bounds);
+    tcase_add_test(limits, test_budget_bounds);
+    tcase_add_test(limits, test_timeout_bounds);
+    tcase_add_test(limits, test_user_id_bounds);
+    tcase_add_test(limits, test_goal_bounds);
+    tcase_add_test(limits, test_skills_bounds);
+    tcase_add_test(limits, test_priority_clamp);
+    tcase_add_test(limits, test_expiration_bounds);
+    suite_add_tcase(s, limits);
+
+    TCase *errors = tcase_create("errors");
+    tcase_add_test(errors, test_type_errors);
+    tcase_add_test(errors, test_bad_task_id);
+    tcase_add_test(errors, test_missing_fields);
+    tcase_add_test(errors, test_unknown_field);
+    tcase_add_test(errors, test_not_json);
+    tcase_add_test(errors, test_top_level_not_object);
+    tcase_add_test(errors, test_invalid_utf8);
+    tcase_add_test(errors, test_duplicate_keys);
+    tcase_add_test(errors, test_unknown_skill_and_model);
+    tcase_add_test(errors, test_bad_expiration);
+    tcase_add_test(errors, test_error_carries_task_id);
+    tcase_add_test(errors, test_null_error_buffer);
+    suite_add_tcase(s, errors);
+    return s;
+}
+
+int main(void)
+{
+    SRunner *sr = srunner_create(task_suite());
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}

@@ -1,0 +1,815 @@
+/* it_schema.c — integration suite for the SQL schema and the migrator,
+ * against the private PostgreSQL (and a first handshake with the private
+ * RabbitMQ) that the `servers` fixture starts. Every test works in a
+ * database of its own (aq_test_fresh_db), so tests never see each other's
+ * rows; roles are cluster-wide, so role names carry the test's pid. */
+#include <check.h>
+#include <dirent.h>
+#include <errno.h>
+#include <libpq-fe.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <amqp.h>
+#include <amqp_tcp_socket.h>
+
+#include "agentq/log.h"
+#include "agentq/migrate.h"
+#include "testenv.h"
+
+static char *dsn; /* the current test's migrated database */
+
+/* Number of NNN_*.sql files the migrator should find, counted here
+ * independently of migrate.c. */
+static int count_sql_files(void)
+{
+    DIR *d = opendir(aq_migrate_default_dir());
+    ck_assert_msg(d != NULL, "cannot open %s", aq_migrate_default_dir());
+    int n = 0;
+    struct dirent *de;
+    while ((de = readdir(d)) != NULL) {
+        size_t len = strlen(de->d_name);
+        if (len > 8 && de->d_name[0] >= '0' && de->d_name[0] <= '9' &&
+            strcmp(de->d_name + len - 4, ".sql") == 0)
+            n++;
+    }
+    closedir(d);
+    return n;
+}
+
+static void migrated_db(void)
+{
+    dsn = aq_test_fresh_db("it_schema");
+    char err[1024] = "";
+    int applied = -1;
+    int rc = aq_migrate_apply(dsn, NULL, &applied, err, sizeof err);
+    ck_assert_msg(rc == 0, "migrate: %s", err);
+    ck_assert_int_eq(applied, count_sql_files());
+}
+
+static void drop_dsn(void)
+{
+    free(dsn);
+    dsn = NULL;
+}
+
+/* Asserts that `sql` yields `want` as text (NULL: SQL NULL / no row). */
+#define assert_sql(sql, want)                                                  \
+    do {                                                                       \
+        char *got_ = aq_test_pg_value(dsn, (sql));                             \
+        const char *want_ = (want);                                            \
+        if (want_ == NULL)                                                     \
+            ck_assert_msg(got_ == NULL, "%s\n  got '%s', want NULL", (sql),    \
+                          got_);                                               \
+        else                                                                   \
+            ck_assert_msg(got_ && strcmp(got_, want_) == 0,                    \
+                          "%s\n  got '%s', want '%s'", (sql),                  \
+                          got_ ? got_ : "NULL", want_);                        \
+        free(got_);                                                            \
+    } while (0)
+
+#define exec_ok(sql)                                                           \
+    do {                                                                       \
+        char err_[1024] = "";                                                  \
+        ck_assert_msg(aq_test_pg_exec(dsn, (sql), err_, sizeof err_) == 0,     \
+                      "%s\n  %s", (sql), err_);                                \
+    } while (0)
+
+/* ------------------------------------------------------------ core --- */
+
+START_TEST(test_migrate_records_every_version_once)
+{
+    dsn = aq_test_fresh_db("it_schema_mig");
+    int nfiles = count_sql_files();
+    ck_assert_int_ge(nfiles, 3);
+
+    char err[1024] = "";
+    int applied = -1;
+    ck_assert_msg(aq_migrate_apply(dsn, NULL, &applied, err, sizeof err) == 0, "%s", err);
+    ck_assert_int_eq(applied, nfiles);
+
+    char want[16];
+    snprintf(want, sizeof want, "%d", nfiles);
+    assert_sql("SELECT count(*) FROM agentq.schema_migrations", want);
+    assert_sql("SELECT string_agg(version, ',' ORDER BY version) FROM agentq.schema_migrations"
+               " WHERE version IN ('001', '002', '003')",
+               "001,002,003");
+    assert_sql("SELECT count(*) FROM unnest(ARRAY['agentq.tasks', 'agentq.steps',"
+               " 'agentq.dead_letters', 'agentq.rate_limits', 'agentq.usage_by_user',"
+               " 'agentq.throughput_per_minute', 'agentq.latency_percentiles',"
+               " 'agentq.status_counts', 'agentq.dead_letters_text']) AS t(n)"
+               " WHERE to_regclass(n) IS NOT NULL",
+               "9");
+
+    applied = -1;
+    ck_assert_msg(aq_migrate_apply(dsn, NULL, &applied, err, sizeof err) == 0, "%s", err);
+    ck_assert_int_eq(applied, 0);
+    assert_sql("SELECT count(*) FROM agentq.schema_migrations", want);
+
+    aq_migration *list = NULL;
+    size_t n = 0;
+    ck_assert_msg(aq_migrate_status(dsn, NULL, &list, &n, err, sizeof err) == 0, "%s", err);
+    ck_assert_uint_eq(n, (size_t)nfiles);
+    ck_assert_str_eq(list[0].version, "001");
+    ck_assert_str_eq(list[0].file, "001_schema.sql");
+    for (size_t i = 0; i < n; i++) {
+        ck_assert_msg(list[i].applied, "%s not applied", list[i].version);
+        ck_assert_ptr_nonnull(list[i].applied_at);
+        ck_assert_msg(!list[i].changed, "%s reported changed", list[i].version);
+    }
+    aq_migrate_list_free(list, n);
+    drop_dsn();
+}
+END_TEST
+
+START_TEST(test_status_lists_pending_on_a_new_database)
+{
+    dsn = aq_test_fresh_db("it_schema_new");
+    aq_migration *list = NULL;
+    size_t n = 0;
+    char err[1024] = "";
+    ck_assert_msg(aq_migrate_status(dsn, NULL, &list, &n, err, sizeof err) == 0, "%s", err);
+    ck_assert_uint_eq(n, (size_t)count_sql_files());
+    for (size_t i = 0; i < n; i++) {
+        ck_assert(!list[i].applied);
+        ck_assert_ptr_null(list[i].applied_at);
+    }
+    aq_migrate_list_free(list, n);
+    drop_dsn();
+}
+END_TEST
+
+START_TEST(test_task_row_round_trips)
+{
+    migrated_db();
+    exec_ok("INSERT INTO agentq.tasks (task_id, user_id, goal, priority, status, attempt,"
+            " max_steps, budget_usd, timeout_seconds, model, steps, prompt_tokens,"
+            " completion_tokens, cost_usd, result, error, worker_id, metadata, enqueued_at,"
+            " started_at, finished_at, updated_at, cancel_requested) VALUES ("
+            " '6f1c2b8e-3d4a-4b5c-9d6e-7f8091a2b3c4', 'alice', 'Résumé the ☃ report', 7,"
+            " 'completed', 2, 15, 0.5, 60.25, 'gpt-4o-mini', 3, 1234567890123, 42,"
+            " 0.01234567, 'the answer', 'none', 'worker-1', '{\"k\": [1, 2], \"s\": \"x\"}',"
+            " '2024-01-02 03:04:05.123456+00', '2024-01-02 03:04:06+00',"
+            " '2024-01-02 03:05:00.5+00', '2024-01-02 03:05:01+00', true)");
+    assert_sql("SET TIME ZONE 'UTC';"
+               " SELECT concat_ws('|', task_id, user_id, goal, priority, status, attempt,"
+               " max_steps, budget_usd, timeout_seconds, model, steps, prompt_tokens,"
+               " completion_tokens, cost_usd, result, error, worker_id, metadata, enqueued_at,"
+               " started_at, finished_at, updated_at, cancel_requested)"
+               " FROM agentq.tasks",
+               "6f1c2b8e-3d4a-4b5c-9d6e-7f8091a2b3c4|alice|Résumé the ☃ report|7|completed|2|"
+               "15|0.500000|60.25|gpt-4o-mini|3|1234567890123|42|0.01234567|the answer|none|"
+               "worker-1|{\"k\": [1, 2], \"s\": \"x\"}|2024-01-02 03:04:05.123456+00|"
+               "2024-01-02 03:04:06+00|2024-01-02 03:05:00.5+00|2024-01-02 03:05:01+00|t");
+
+    /* The defaults a worker relies on when it inserts only what it knows. */
+    exec_ok("INSERT INTO agentq.tasks (task_id, user_id, goal, status)"
+            " VALUES ('00000000-0000-0000-0000-000000000002', 'bob', 'g', 'queued')");
+    assert_sql("SELECT concat_ws('|', priority, attempt, steps, prompt_tokens, completion_tokens,"
+               " cost_usd, cancel_requested, updated_at IS NOT NULL) FROM agentq.tasks"
+               " WHERE user_id = 'bob'",
+               "0|1|0|0|0|0.00000000|f|t");
+
+    /* updated_at follows every update. */
+    exec_ok("UPDATE agentq.tasks SET status = 'running'"
+            " WHERE task_id = '6f1c2b8e-3d4a-4b5c-9d6e-7f8091a2b3c4'");
+    assert_sql("SELECT updated_at > '2024-01-02 03:05:01+00' FROM agentq.tasks"
+               " WHERE task_id = '6f1c2b8e-3d4a-4b5c-9d6e-7f8091a2b3c4'",
+               "t");
+    drop_dsn();
+}
+END_TEST
+
+START_TEST(test_steps_and_dead_letters_store_what_workers_write)
+{
+    migrated_db();
+    exec_ok("INSERT INTO agentq.tasks (task_id, user_id, goal, status)"
+            " VALUES ('00000000-0000-0000-0000-000000000001', 'u', 'g', 'running')");
+    exec_ok("INSERT INTO agentq.steps (task_id, attempt, step, kind, name, status, started_at,"
+            " duration_ms, prompt_tokens, completion_tokens, cost_usd, detail) VALUES"
+            " ('00000000-0000-0000-0000-000000000001', 1, 1, 'llm', 'gpt', 'ok', now(), 812.5,"
+            "  100, 20, 0.0001, '{\"finish\": \"tool_calls\"}'),"
+            " ('00000000-0000-0000-0000-000000000001', 1, 1, 'tool', 'calculator', 'ok', now(),"
+            "  0.25, NULL, NULL, NULL, '{\"args\": \"1+1\"}')");
+    assert_sql("SELECT string_agg(kind || ':' || name, ',' ORDER BY id) FROM agentq.steps"
+               " WHERE task_id = '00000000-0000-0000-0000-000000000001' AND attempt = 1",
+               "llm:gpt,tool:calculator");
+    /* Steps go with their task. */
+    exec_ok("DELETE FROM agentq.tasks WHERE task_id = '00000000-0000-0000-0000-000000000001'");
+    assert_sql("SELECT count(*) FROM agentq.steps", "0");
+
+    /* A body that is not UTF-8 is kept byte for byte; the text view shows
+     * it as NULL instead of failing the whole query. */
+    exec_ok("INSERT INTO agentq.dead_letters (reason, error, body, headers) VALUES"
+            " ('rejected', 'not JSON', '\\xff00fe41'::bytea, '{\"x-death\": []}'),"
+            " ('rejected', 'missing field user_id', convert_to('{\"goal\": \"ü\"}', 'UTF8'),"
+            "  NULL)");
+    assert_sql("SELECT encode(body, 'hex') FROM agentq.dead_letters WHERE error = 'not JSON'",
+               "ff00fe41");
+    assert_sql("SELECT coalesce(body_text, '<null>') FROM agentq.dead_letters_text"
+               " WHERE error = 'not JSON'",
+               "<null>");
+    assert_sql("SELECT body_text FROM agentq.dead_letters_text"
+               " WHERE error = 'missing field user_id'",
+               "{\"goal\": \"ü\"}");
+    assert_sql("SELECT count(*) FROM agentq.dead_letters"
+               " WHERE recorded_at IS NOT NULL AND requeued_at IS NULL AND task_id IS NULL",
+               "2");
+    drop_dsn();
+}
+END_TEST
+
+/* Rows whose counts and latencies are known: alice 2 completed + 1
+ * failed, bob 1 running + 1 timeout, all within the last hour; carol 1
+ * completed two days ago (only in the `all` period). */
+static void insert_view_rows(void)
+{
+    exec_ok("INSERT INTO agentq.tasks (task_id, user_id, goal, status, prompt_tokens,"
+            " completion_tokens, cost_usd, enqueued_at, started_at, finished_at)"
+            " SELECT v.id::uuid, v.u, 'g', v.st, v.pt, v.ct, v.cost,"
+            "        b.t, b.t + v.wait * interval '1 s',"
+            "        b.t + (v.wait + v.run) * interval '1 s'"
+            "   FROM (SELECT date_trunc('minute', now()) - interval '30 min' AS t) b,"
+            "        (VALUES ('00000000-0000-0000-0000-00000000000a', 'alice', 'completed',"
+            "                 100, 50, 0.01, 1, 10),"
+            "                ('00000000-0000-0000-0000-00000000000b', 'alice', 'completed',"
+            "                 200, 100, 0.02, 2, 20),"
+            "                ('00000000-0000-0000-0000-00000000000c', 'alice', 'failed',"
+            "                 10, 0, 0.001, 3, 30),"
+            "                ('00000000-0000-0000-0000-00000000000d', 'bob', 'timeout',"
+            "                 5, 5, 0.002, 5, 60))"
+            "        AS v(id, u, st, pt, ct, cost, wait, run)");
+    /* bob's running task: started, not finished. */
+    exec_ok("INSERT INTO agentq.tasks (task_id, user_id, goal, status, enqueued_at, started_at)"
+            " SELECT '00000000-0000-0000-0000-00000000000e', 'bob', 'g', 'running',"
+            "        t, t + interval '4 s'"
+            "   FROM (SELECT date_trunc('minute', now()) - interval '30 min' AS t) b");
+    exec_ok("INSERT INTO agentq.tasks (task_id, user_id, goal, status, prompt_tokens,"
+            " completion_tokens, cost_usd, enqueued_at, started_at, finished_at)"
+            " VALUES ('00000000-0000-0000-0000-00000000000f', 'carol', 'g', 'completed', 1, 1,"
+            " 0.5, now() - interval '2 days', now() - interval '2 days' + interval '100 s',"
+            " now() - interval '2 days' + interval '1100 s')");
+}
+
+START_TEST(test_views_count_what_was_inserted)
+{
+    migrated_db();
+    insert_view_rows();
+    assert_sql("SELECT string_agg(concat_ws(',', user_id, tasks, completed, failed, in_flight,"
+               " tokens, cost_usd), ';' ORDER BY user_id) FROM agentq.usage_by_user",
+               "alice,3,2,1,0,460,0.03100000;bob,2,0,1,1,10,0.00200000;"
+               "carol,1,1,0,0,2,0.50000000");
+
+    /* alice's three finished in the same minute (base + 11/22/33 s), bob's
+     * timeout in the next (base + 65 s). */
+    assert_sql("SELECT string_agg(concat_ws(',', minute - (date_trunc('minute', now())"
+               " - interval '30 min'), status, tasks), ';' ORDER BY minute, status)"
+               " FROM agentq.throughput_per_minute WHERE minute > now() - interval '1 hour'",
+               "00:00:00,completed,2;00:00:00,failed,1;00:01:00,timeout,1");
+    assert_sql("SELECT sum(tasks) FROM agentq.throughput_per_minute", "5");
+
+    /* Waits 1,2,3,5 and 4 (running) s; runs 10,20,30,60 s; carol adds a
+     * 100 s wait and a 1000 s run to `all` only. */
+    assert_sql("SELECT string_agg(concat_ws(',', period, started,"
+               " round(queue_wait_p50_s::numeric, 2), finished,"
+               " round(run_time_p50_s::numeric, 2), round(run_time_p95_s::numeric, 2)), ';')"
+               " FROM agentq.latency_percentiles",
+               "last_hour,5,3.00,4,25.00,55.50;all,6,3.50,5,30.00,812.00");
+    assert_sql("SELECT queue_wait_p99_s BETWEEN 4.9 AND 5 FROM agentq.latency_percentiles"
+               " WHERE period = 'last_hour'",
+               "t");
+
+    assert_sql("SELECT string_agg(status || '=' || tasks, ',' ORDER BY status)"
+               " FROM agentq.status_counts WHERE tasks > 0",
+               "completed=3,failed=1,running=1,timeout=1");
+    assert_sql("SELECT count(*) || '/' || count(*) FILTER (WHERE final)"
+               " FROM agentq.status_counts",
+               "11/8");
+    drop_dsn();
+}
+END_TEST
+
+START_TEST(test_take_tokens_refills_and_takes)
+{
+    migrated_db();
+    exec_ok("SELECT agentq.define_bucket('b', 10, 0)");
+    assert_sql("SELECT agentq.take_tokens('b', 4)", "4");
+    /* Partial grants are whole tokens; fractional wants are met in full. */
+    assert_sql("SELECT agentq.take_tokens('b', 2.5)", "2.5");
+    assert_sql("SELECT agentq.take_tokens('b', 10)", "3");
+    assert_sql("SELECT agentq.take_tokens('b', 1)", "0");
+    assert_sql("SELECT tokens < 1 AND tokens >= 0 FROM agentq.rate_limits WHERE name = 'b'", "t");
+    assert_sql("SELECT agentq.take_tokens('b', -5)", "0");
+    assert_sql("SELECT agentq.take_tokens('nope', 1)", NULL);
+
+    /* Refill at 5/s: a second's worth after one second... */
+    exec_ok("SELECT agentq.define_bucket('r', 10, 5)");
+    assert_sql("SELECT agentq.take_tokens('r', 10)", "10");
+    exec_ok("UPDATE agentq.rate_limits SET updated_at = clock_timestamp() - interval '1 s'"
+            " WHERE name = 'r'");
+    assert_sql("SELECT agentq.take_tokens('r', 10)", "5");
+    /* ...and never beyond the capacity after a long idle time. */
+    exec_ok("UPDATE agentq.rate_limits SET updated_at = now() - interval '1 hour'"
+            " WHERE name = 'r'");
+    assert_sql("SELECT agentq.take_tokens('r', 3)", "3");
+    assert_sql("SELECT tokens BETWEEN 7 AND 7.01 FROM agentq.rate_limits WHERE name = 'r'", "t");
+
+    /* Redefining keeps the tokens, capped at the new capacity. */
+    exec_ok("SELECT agentq.define_bucket('r', 2, 5)");
+    assert_sql("SELECT tokens || '/' || capacity FROM agentq.rate_limits WHERE name = 'r'",
+               "2/2");
+
+    /* A pause (429 Retry-After) grants nothing until it ends, then the
+     * bucket refills from empty. */
+    exec_ok("SELECT agentq.define_bucket('p', 10, 1000)");
+    exec_ok("SELECT agentq.pause_bucket('p', now() + interval '1 hour')");
+    assert_sql("SELECT agentq.take_tokens('p', 1)", "0");
+    exec_ok("SELECT agentq.pause_bucket('p', now() + interval '1 minute')");
+    assert_sql("SELECT paused_until > now() + interval '59 minutes' FROM agentq.rate_limits"
+               " WHERE name = 'p'",
+               "t");
+    exec_ok("UPDATE agentq.rate_limits SET paused_until = now() - interval '1 s',"
+            " updated_at = now() - interval '1 s' WHERE name = 'p'");
+    assert_sql("SELECT agentq.take_tokens('p', 5)", "5");
+
+    /* Leased tokens given back, up to the capacity. */
+    exec_ok("SELECT agentq.define_bucket('g', 10, 0)");
+    assert_sql("SELECT agentq.take_tokens('g', 8)", "8");
+    assert_sql("SELECT agentq.return_tokens('g', 3)", "5");
+    assert_sql("SELECT agentq.return_tokens('g', 100)", "10");
+    drop_dsn();
+}
+END_TEST
+
+/* The next notification on `conn` within `ms` milliseconds, or NULL
+ * (caller frees with PQfreemem). */
+static PGnotify *wait_notify(PGconn *conn, int ms)
+{
+    for (int waited = 0;; waited += 50) {
+        ck_assert_int_eq(PQconsumeInput(conn), 1);
+        PGnotify *n = PQnotifies(conn);
+        if (n || waited >= ms)
+            return n;
+        struct pollfd pfd = {.fd = PQsocket(conn), .events = POLLIN};
+        (void)poll(&pfd, 1, 50);
+    }
+}
+
+START_TEST(test_cancel_request_notifies_listeners)
+{
+    migrated_db();
+    exec_ok("INSERT INTO agentq.tasks (task_id, user_id, goal, status)"
+            " VALUES ('00000000-0000-0000-0000-0000000000cc', 'u', 'g', 'running')");
+    PGconn *listener = PQconnectdb(dsn);
+    ck_assert_int_eq(PQstatus(listener), CONNECTION_OK);
+    PGresult *res = PQexec(listener, "LISTEN agentq_cancel");
+    ck_assert_int_eq(PQresultStatus(res), PGRES_COMMAND_OK);
+    PQclear(res);
+
+    exec_ok("UPDATE agentq.tasks SET cancel_requested = true"
+            " WHERE task_id = '00000000-0000-0000-0000-0000000000cc'");
+    /* A second request for the same task does not notify again. */
+    exec_ok("UPDATE agentq.tasks SET cancel_requested = true"
+            " WHERE task_id = '00000000-0000-0000-0000-0000000000cc'");
+
+    PGnotify *n = wait_notify(listener, 5000);
+    ck_assert_ptr_nonnull(n);
+    ck_assert_str_eq(n->relname, "agentq_cancel");
+    ck_assert_str_eq(n->extra, "00000000-0000-0000-0000-0000000000cc");
+    PQfreemem(n);
+    ck_assert_ptr_null(wait_notify(listener, 300));
+    PQfinish(listener);
+    drop_dsn();
+}
+END_TEST
+
+START_TEST(test_worker_role_can_write)
+{
+    migrated_db();
+    char sql[512], user[64];
+    snprintf(user, sizeof user, "it_worker_%ld", (long)getpid());
+    snprintf(sql, sizeof sql, "CREATE ROLE %s LOGIN IN ROLE agentq_worker", user);
+    exec_ok(sql);
+    char *super = dsn;
+    dsn = aq_test_dsn_as(super, user);
+
+    exec_ok("INSERT INTO agentq.tasks (task_id, user_id, goal, status)"
+            " VALUES ('00000000-0000-0000-0000-000000000077', 'u', 'g', 'queued')");
+    exec_ok("UPDATE agentq.tasks SET status = 'running', attempt = 2"
+            " WHERE task_id = '00000000-0000-0000-0000-000000000077'");
+    exec_ok("INSERT INTO agentq.steps (task_id, step, kind)"
+            " VALUES ('00000000-0000-0000-0000-000000000077', 1, 'llm')");
+    exec_ok("INSERT INTO agentq.dead_letters (reason, body) VALUES ('expired', 'x')");
+    exec_ok("SELECT agentq.define_bucket('w', 5, 1)");
+    assert_sql("SELECT agentq.take_tokens('w', 2)", "2");
+    assert_sql("SELECT count(*) FROM agentq.usage_by_user", "1");
+
+    char err[1024] = "";
+    ck_assert_int_ne(aq_test_pg_exec(dsn, "CREATE TABLE agentq.mine (x int)", err, sizeof err), 0);
+    ck_assert_msg(strstr(err, "permission denied") != NULL, "%s", err);
+    ck_assert_int_ne(aq_test_pg_exec(dsn, "DELETE FROM agentq.schema_migrations", err,
+                                     sizeof err), 0);
+    ck_assert_msg(strstr(err, "permission denied") != NULL, "%s", err);
+    free(dsn);
+    dsn = super;
+    drop_dsn();
+}
+END_TEST
+
+/* ---------------------------------------------------------- limits --- */
+
+#define TAKERS 4
+#define TAKES_EACH 60
+
+struct taker {
+    const char *dsn;
+    double granted;
+    int failures;
+};
+
+static void *take_loop(void *arg)
+{
+    struct taker *t = arg;
+    PGconn *c = PQconnectdb(t->dsn);
+    if (PQstatus(c) != CONNECTION_OK) {
+        t->failures++;
+        PQfinish(c);
+        return NULL;
+    }
+    for (int i = 0; i < TAKES_EACH; i++) {
+        PGresult *r = PQexec(c, "SELECT agentq.take_tokens('c', 1)");
+        if (PQresultStatus(r) == PGRES_TUPLES_OK)
+            t->granted += atof(PQgetvalue(r, 0, 0));
+        else
+            t->failures++;
+        PQclear(r);
+    }
+    PQfinish(c);
+    return NULL;
+}
+
+START_TEST(test_take_tokens_never_overgrants_under_contention)
+{
+    migrated_db();
+    exec_ok("SELECT agentq.define_bucket('c', 100, 0)");
+    pthread_t th[TAKERS];
+    struct taker tk[TAKERS];
+    for (int i = 0; i < TAKERS; i++) {
+        tk[i] = (struct taker){.dsn = dsn};
+        ck_assert_int_eq(pthread_create(&th[i], NULL, take_loop, &tk[i]), 0);
+    }
+    double total = 0;
+    for (int i = 0; i < TAKERS; i++) {
+        pthread_join(th[i], NULL);
+        ck_assert_int_eq(tk[i].failures, 0);
+        total += tk[i].granted;
+    }
+    /* 240 asks for a bucket of 100 that does not refill: exactly 100. */
+    ck_assert_double_eq(total, 100.0);
+    assert_sql("SELECT tokens FROM agentq.rate_limits WHERE name = 'c'", "0");
+    drop_dsn();
+}
+END_TEST
+
+struct migrator {
+    const char *dsn;
+    int rc, applied;
+    char err[512];
+};
+
+static void *migrate_thread(void *arg)
+{
+    struct migrator *m = arg;
+    m->rc = aq_migrate_apply(m->dsn, NULL, &m->applied, m->err, sizeof m->err);
+    return NULL;
+}
+
+START_TEST(test_concurrent_migrators_apply_each_file_once)
+{
+    dsn = aq_test_fresh_db("it_schema_race");
+    enum { N = 3 };
+    pthread_t th[N];
+    struct migrator m[N];
+    for (int i = 0; i < N; i++) {
+        m[i] = (struct migrator){.dsn = dsn};
+        ck_assert_int_eq(pthread_create(&th[i], NULL, migrate_thread, &m[i]), 0);
+    }
+    int total = 0;
+    for (int i = 0; i < N; i++) {
+        pthread_join(th[i], NULL);
+        ck_assert_msg(m[i].rc == 0, "migrator %d: %s", i, m[i].err);
+        total += m[i].applied;
+    }
+    ck_assert_int_eq(total, count_sql_files());
+    drop_dsn();
+}
+END_TEST
+
+START_TEST(test_task_counters_cannot_go_negative)
+{
+    migrated_db();
+    char err[1024] = "";
+    ck_assert_int_ne(aq_test_pg_exec(dsn,
+                                     "INSERT INTO agentq.tasks (task_id, user_id, goal, status,"
+                                     " cost_usd) VALUES (gen_random_uuid(), 'u', 'g', 'failed',"
+                                     " -1)",
+                                     err, sizeof err),
+                     0);
+    ck_assert_msg(strstr(err, "check constraint") != NULL, "%s", err);
+    ck_assert_int_ne(aq_test_pg_exec(dsn,
+                                     "INSERT INTO agentq.rate_limits (name, capacity, tokens,"
+                                     " refill_per_sec) VALUES ('n', 1, -1, 0)",
+                                     err, sizeof err),
+                     0);
+    ck_assert_msg(strstr(err, "check constraint") != NULL, "%s", err);
+    drop_dsn();
+}
+END_TEST
+
+/* ---------------------------------------------------------- errors --- */
+
+START_TEST(test_status_check_rejects_unknown_status)
+{
+    migrated_db();
+    char err[1024] = "";
+    ck_assert_int_ne(aq_test_pg_exec(dsn,
+                                     "INSERT INTO agentq.tasks (task_id, user_id, goal, status)"
+                                     " VALUES (gen_random_uuid(), 'u', 'g', 'done')",
+                                     err, sizeof err),
+                     0);
+    ck_assert_msg(strstr(err, "tasks_status_check") != NULL, "%s", err);
+    ck_assert_int_ne(aq_test_pg_exec(dsn,
+                                     "INSERT INTO agentq.tasks (task_id, user_id, goal, status)"
+                                     " VALUES (gen_random_uuid(), 'u', 'g', NULL)",
+                                     err, sizeof err),
+                     0);
+    ck_assert_int_ne(aq_test_pg_exec(dsn,
+                                     "INSERT INTO agentq.tasks (task_id, user_id, goal, status)"
+                                     " VALUES (gen_random_uuid(), 'u', 'g', 'queued');"
+                                     " INSERT INTO agentq.steps (task_id, step, kind)"
+                                     " SELECT task_id, 1, 'think' FROM agentq.tasks",
+                                     err, sizeof err),
+                     0);
+    ck_assert_msg(strstr(err, "steps_kind_check") != NULL, "%s", err);
+    /* Every documented status is accepted. */
+    exec_ok("INSERT INTO agentq.tasks (task_id, user_id, goal, status)"
+            " SELECT gen_random_uuid(), 'u', 'g', s FROM unnest(ARRAY['queued', 'running',"
+            " 'retrying', 'completed', 'failed', 'timeout', 'budget_exceeded', 'max_steps',"
+            " 'cancelled', 'expired', 'rejected']) AS s");
+    drop_dsn();
+}
+END_TEST
+
+START_TEST(test_reader_role_cannot_write)
+{
+    migrated_db();
+    insert_view_rows();
+    char sql[512], user[64];
+    snprintf(user, sizeof user, "it_reader_%ld", (long)getpid());
+    snprintf(sql, sizeof sql, "CREATE ROLE %s LOGIN IN ROLE agentq_reader", user);
+    exec_ok(sql);
+    char *super = dsn;
+    dsn = aq_test_dsn_as(super, user);
+
+    char err[1024] = "";
+    ck_assert_int_ne(aq_test_pg_exec(dsn,
+                                     "INSERT INTO agentq.tasks (task_id, user_id, goal, status)"
+                                     " VALUES (gen_random_uuid(), 'u', 'g', 'queued')",
+                                     err, sizeof err),
+                     0);
+    ck_assert_msg(strstr(err, "permission denied") != NULL, "%s", err);
+    ck_assert_int_ne(aq_test_pg_exec(dsn, "UPDATE agentq.tasks SET cancel_requested = true",
+                                     err, sizeof err), 0);
+    ck_assert_msg(strstr(err, "permission denied") != NULL, "%s", err);
+    ck_assert_int_ne(aq_test_pg_exec(dsn, "DELETE FROM agentq.dead_letters", err, sizeof err),
+                     0);
+    ck_assert_msg(strstr(err, "permission denied") != NULL, "%s", err);
+    ck_assert_int_ne(aq_test_pg_exec(dsn, "SELECT agentq.take_tokens('x', 1)", err, sizeof err),
+                     0);
+    ck_assert_msg(strstr(err, "permission denied") != NULL, "%s", err);
+
+    /* Reading every table and view works. */
+    assert_sql("SELECT count(*) FROM agentq.tasks", "6");
+    assert_sql("SELECT count(*) FROM agentq.steps", "0");
+    assert_sql("SELECT count(*) FROM agentq.dead_letters", "0");
+    assert_sql("SELECT count(*) FROM agentq.rate_limits", "0");
+    assert_sql("SELECT count(*) FROM agentq.usage_by_user", "3");
+    assert_sql("SELECT sum(tasks) FROM agentq.throughput_per_minute", "5");
+    assert_sql("SELECT count(*) FROM agentq.latency_percentiles", "2");
+    assert_sql("SELECT sum(tasks) FROM agentq.status_counts", "6");
+    assert_sql("SELECT count(*) FROM agentq.dead_letters_text", "0");
+    free(dsn);
+    dsn = super;
+    drop_dsn();
+}
+END_TEST
+
+static char *make_sql_dir(void)
+{
+    char *dir = aq_xstrdup("/tmp/agentq-it-sql.XXXXXX");
+    ck_assert_ptr_nonnull(mkdtemp(dir));
+    return dir;
+}
+
+static void write_file(const char *dir, const char *name, const char *content)
+{
+    char path[1024];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    FILE *f = fopen(path, "w");
+    ck_assert_msg(f != NULL, "%s: %s", path, strerror(errno));
+    fputs(content, f);
+    fclose(f);
+}
+
+static void remove_sql_dir(char *dir)
+{
+    DIR *d = opendir(dir);
+    struct dirent *de;
+    while (d && (de = readdir(d)) != NULL) {
+        if (de->d_name[0] == '.')
+            continue;
+        char path[1024];
+        snprintf(path, sizeof path, "%s/%s", dir, de->d_name);
+        unlink(path);
+    }
+    if (d)
+        closedir(d);
+    rmdir(dir);
+    free(dir);
+}
+
+START_TEST(test_failing_migration_names_file_and_line_and_rolls_back)
+{
+    dsn = aq_test_fresh_db("it_schema_bad");
+    char *dir = make_sql_dir();
+    write_file(dir, "001_ok.sql", "CREATE TABLE agentq.t1 (x int);\n");
+    write_file(dir, "002_bad.sql", "CREATE TABLE agentq.t2 (x int);\n"
+                                   "SELECT 1;\n"
+                                   "INSERT INTO agentq.nope VALUES (1);\n");
+    write_file(dir, "003_after.sql", "CREATE TABLE agentq.t3 (x int);\n");
+    write_file(dir, "README.md", "not a migration");
+    write_file(dir, "04_short.sql", "not a migration either: two digits");
+
+    char err[1024] = "";
+    int applied = -1;
+    int rc = aq_migrate_apply(dsn, dir, &applied, err, sizeof err);
+    ck_assert_int_eq(rc, AQ_EINVAL);
+    ck_assert_int_eq(applied, 1);
+    ck_assert_msg(strstr(err, "002_bad.sql") != NULL, "%s", err);
+    ck_assert_msg(strstr(err, "agentq.nope") != NULL, "%s", err);
+    ck_assert_msg(strstr(err, "LINE 3") != NULL, "%s", err);
+    assert_sql("SELECT string_agg(version, ',' ORDER BY version) FROM agentq.schema_migrations",
+               "001");
+    /* The failing file's transaction left nothing; later files did not run. */
+    assert_sql("SELECT concat_ws(',', to_regclass('agentq.t1') IS NOT NULL,"
+               " to_regclass('agentq.t2') IS NOT NULL, to_regclass('agentq.t3') IS NOT NULL)",
+               "t,f,f");
+
+    write_file(dir, "002_bad.sql", "CREATE TABLE agentq.t2 (x int);\n");
+    ck_assert_msg(aq_migrate_apply(dsn, dir, &applied, err, sizeof err) == 0, "%s", err);
+    ck_assert_int_eq(applied, 2);
+
+    /* An applied file edited afterwards shows up as changed. */
+    write_file(dir, "001_ok.sql", "CREATE TABLE agentq.t1 (x bigint);\n");
+    aq_migration *list = NULL;
+    size_t n = 0;
+    ck_assert_msg(aq_migrate_status(dsn, dir, &list, &n, err, sizeof err) == 0, "%s", err);
+    ck_assert_uint_eq(n, 3);
+    ck_assert(list[0].changed);
+    ck_assert(!list[1].changed);
+    aq_migrate_list_free(list, n);
+
+    /* Two files with one version are refused before anything runs. */
+    write_file(dir, "003_twin.sql", "SELECT 1;\n");
+    rc = aq_migrate_apply(dsn, dir, &applied, err, sizeof err);
+    ck_assert_int_eq(rc, AQ_EINVAL);
+    ck_assert_msg(strstr(err, "003_after.sql") && strstr(err, "003_twin.sql"), "%s", err);
+
+    remove_sql_dir(dir);
+    drop_dsn();
+}
+END_TEST
+
+START_TEST(test_migrate_reports_missing_dir_and_unreachable_db)
+{
+    char err[1024] = "";
+    int applied = -1;
+    int rc = aq_migrate_apply("host=127.0.0.1 port=1", "/nonexistent/agentq-sql", &applied, err,
+                              sizeof err);
+    ck_assert_int_eq(rc, AQ_ENOTFOUND);
+    ck_assert_int_eq(applied, 0);
+    ck_assert_msg(strstr(err, "/nonexistent/agentq-sql") != NULL, "%s", err);
+
+    char *dir = make_sql_dir();
+    rc = aq_migrate_apply("host=127.0.0.1 port=1", dir, &applied, err, sizeof err);
+    ck_assert_int_eq(rc, AQ_ENOTFOUND);
+    ck_assert_msg(strstr(err, "no migrations") != NULL, "%s", err);
+    remove_sql_dir(dir);
+
+    /* Port 1 on loopback refuses at once. */
+    rc = aq_migrate_apply("host=127.0.0.1 port=1 connect_timeout=5", NULL, &applied, err,
+                          sizeof err);
+    ck_assert_int_eq(rc, AQ_EIO);
+    ck_assert_msg(strstr(err, "cannot connect") != NULL, "%s", err);
+}
+END_TEST
+
+/* ------------------------------------------------------- rabbitmq --- */
+
+START_TEST(test_rabbitmq_answers)
+{
+    const char *port = aq_test_env_require("AGENTQ_TEST_AMQP_PORT");
+    const char *ctl = aq_test_env_require("AGENTQ_TEST_RABBITMQCTL");
+    ck_assert_ptr_nonnull(aq_test_env_require("AGENTQ_TEST_AMQP_URL"));
+
+    amqp_connection_state_t conn = amqp_new_connection();
+    amqp_socket_t *sock = amqp_tcp_socket_new(conn);
+    ck_assert_ptr_nonnull(sock);
+    struct timeval tv = {.tv_sec = 10};
+    int rc = amqp_socket_open_noblock(sock, "127.0.0.1", atoi(port), &tv);
+    ck_assert_msg(rc == AMQP_STATUS_OK, "connect to %s: %s", port, amqp_error_string2(rc));
+    amqp_rpc_reply_t r = amqp_login(conn, "/", 0, 131072, 0, AMQP_SASL_METHOD_PLAIN, "guest",
+                                    "guest");
+    ck_assert_int_eq(r.reply_type, AMQP_RESPONSE_NORMAL);
+    amqp_channel_open(conn, 1);
+    ck_assert_int_eq(amqp_get_rpc_reply(conn).reply_type, AMQP_RESPONSE_NORMAL);
+
+    char qname[64];
+    snprintf(qname, sizeof qname, "it_schema.%ld", (long)getpid());
+    amqp_queue_declare(conn, 1, amqp_cstring_bytes(qname), 0, 0, 0, 0, amqp_empty_table);
+    ck_assert_int_eq(amqp_get_rpc_reply(conn).reply_type, AMQP_RESPONSE_NORMAL);
+
+    /* The rabbitmqctl the env names talks to this very broker. */
+    char cmd[1024];
+    snprintf(cmd, sizeof cmd, "%s -q list_queues name 2>&1", ctl);
+    FILE *p = popen(cmd, "r");
+    ck_assert_ptr_nonnull(p);
+    char line[512];
+    bool found = false;
+    while (fgets(line, sizeof line, p)) {
+        line[strcspn(line, "\r\n")] = '\0';
+        if (strcmp(line, qname) == 0)
+            found = true;
+    }
+    int status = pclose(p);
+    ck_assert_msg(status == 0, "%s exited with %d", cmd, status);
+    ck_assert_msg(found, "queue %s not listed by %s", qname, cmd);
+
+    amqp_queue_delete(conn, 1, amqp_cstring_bytes(qname), 0, 0);
+    ck_assert_int_eq(amqp_get_rpc_reply(conn).reply_type, AMQP_RESPONSE_NORMAL);
+    amqp_channel_close(conn, 1, AMQP_REPLY_SUCCESS);
+    amqp_connection_close(conn, AMQP_REPLY_SUCCESS);
+    amqp_destroy_connection(conn);
+}
+END_TEST
+
+static Suite *schema_suite(void)
+{
+    Suite *s = suite_create("schema");
+
+    TCase *core = tcase_create("core");
+    tcase_set_timeout(core, 120);
+    tcase_add_test(core, test_migrate_records_every_version_once);
+    tcase_add_test(core, test_status_lists_pending_on_a_new_database);
+    tcase_add_test(core, test_task_row_round_trips);
+    tcase_add_test(core, test_steps_and_dead_letters_store_what_workers_write);
+    tcase_add_test(core, test_views_count_what_was_inserted);
+    tcase_add_test(core, test_take_tokens_refills_and_takes);
+    tcase_add_test(core, test_cancel_request_notifies_listeners);
+    tcase_add_test(core, test_worker_role_can_write);
+    tcase_add_test(core, test_rabbitmq_answers);
+    suite_add_tcase(s, core);
+
+    TCase *limits = tcase_create("limits");
+    tcase_set_timeout(limits, 120);
+    tcase_add_test(limits, test_take_tokens_never_overgrants_under_contention);
+    tcase_add_test(limits, test_concurrent_migrators_apply_each_file_once);
+    tcase_add_test(limits, test_task_counters_cannot_go_negative);
+    suite_add_tcase(s, limits);
+
+    TCase *errors = tcase_create("errors");
+    tcase_set_timeout(errors, 120);
+    tcase_add_test(errors, test_status_check_rejects_unknown_status);
+    tcase_add_test(errors, test_reader_role_cannot_write);
+    tcase_add_test(errors, test_failing_migration_names_file_and_line_and_rolls_back);
+    tcase_add_test(errors, test_migrate_reports_missing_dir_and_unreachable_db);
+    suite_add_tcase(s, errors);
+    return s;
+}
+
+int main(void)
+{
+    /* The migrator logs each file it applies; keep the test output to
+     * failures. */
+    aq_log_set_level(AQ_LOG_WARN);
+    SRunner *sr = srunner_create(schema_suite());
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}

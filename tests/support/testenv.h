@@ -1,0 +1,45 @@
+/* testenv.h — what tests share: paths of built programs and the private
+ * RabbitMQ and PostgreSQL started by scripts/testenv (integration tests).
+ *
+ * The servers' coordinates come from the env file scripts/testenv writes
+ * (the build's testenv/env, or $AGENTQ_TEST_ENV_FILE); a variable of the
+ * same name in the process environment wins, so a test can be pointed at
+ * other servers by hand. */
+#ifndef AGENTQ_TESTENV_H
+#define AGENTQ_TESTENV_H
+
+#include <stddef.h>
+
+/* Path of a built executable (e.g. "agentq-mockllm"); static buffer. */
+const char *aq_test_bin(const char *name);
+
+/* The value of `key` (e.g. "AGENTQ_TEST_PG_DSN"), or NULL when the
+ * servers are not running. Borrowed; valid for the process's lifetime. */
+const char *aq_test_env(const char *key);
+
+/* Like aq_test_env(), but fails the current Check test with a message
+ * saying how to start the servers when the key is missing. */
+const char *aq_test_env_require(const char *key);
+
+/* Creates an empty database with a unique name starting with `prefix`
+ * (lower-cased, non-alphanumerics become '_') on the test PostgreSQL and
+ * returns a superuser DSN for it (caller frees with free()). Fails the
+ * current Check test if it cannot. The database is left behind: the
+ * whole cluster goes away with `scripts/testenv stop`. */
+char *aq_test_fresh_db(const char *prefix);
+
+/* The same DSN as `dsn` (a key=value string) but logging in as `user`
+ * (caller frees with free()). */
+char *aq_test_dsn_as(const char *dsn, const char *user);
+
+/* Runs `sql` on `dsn` (its own short connection) and returns the first
+ * column of the first row as text (caller frees with free()), or NULL
+ * when there is no row or the value is NULL. Fails the current Check test
+ * if the statement fails. */
+char *aq_test_pg_value(const char *dsn, const char *sql);
+
+/* Runs `sql` on `dsn`; returns 0, or -1 with PostgreSQL's message in
+ * `err` (may be NULL) — for statements a test expects to be refused. */
+int aq_test_pg_exec(const char *dsn, const char *sql, char *err, size_t errlen);
+
+#endif
