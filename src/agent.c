@@ -22,6 +22,7 @@ typedef enum { S_WAIT_GRANT, S_LLM, S_TOOLS, S_BACKOFF, S_STOPPING, S_DONE } sst
 
 typedef struct tool_slot {
     aq_skill_call *call;
+    void *ctx;              /* the callback's argument, freed by whoever ends the call */
     char *output;
     size_t len;
     bool is_error;
@@ -132,7 +133,10 @@ static void set_stop(aq_session *s, const char *status, bool retryable, const ch
 static void free_tools(aq_session *s)
 {
     for (size_t i = 0; i < s->ntools; i++) {
-        if (s->tools_run[i].call && !s->tools_run[i].done) aq_skill_call_cancel(s->tools_run[i].call);
+        if (s->tools_run[i].call && !s->tools_run[i].done) {
+            aq_skill_call_cancel(s->tools_run[i].call); /* its callback never runs */
+            free(s->tools_run[i].ctx);
+        }
         free(s->tools_run[i].output);
     }
     free(s->tools_run);
@@ -308,6 +312,7 @@ static void on_tool(const char *output, size_t len, bool is_error, void *arg)
     tool_slot *t = &s->tools_run[i];
     t->done = true;
     t->call = NULL;
+    t->ctx = NULL;
     t->output = aq_xstrndup(output ? output : "", len);
     t->len = len;
     t->is_error = is_error;
@@ -355,10 +360,12 @@ static void run_tools(aq_session *s)
         tool_ctx *c = aq_xmalloc(sizeof *c);
         c->s = s;
         c->index = i;
+        t->ctx = c;
         t->call = aq_skills_call(e->d.skills, tc->name, tc->args, tc->args_len, s->task->task_id, s->task->user_id,
                                  on_tool, c);
         if (!t->call) {
             free(c);
+            t->ctx = NULL;
             t->output = aq_xstrdup("tool could not be started");
             t->len = strlen(t->output);
             t->is_error = true;
@@ -386,6 +393,12 @@ static void on_llm(aq_http_req *req, const aq_http_result *res, void *arg)
         aq_ratelimit_adjust(e->d.ratelimit, -s->est_tokens);
         retry_or_fail(s, res->error && *res->error ? res->error : aq_strerror(res->code));
         return;
+    }
+    if (res->status != 200) {
+        char detail[64];
+        snprintf(detail, sizeof detail, "{\"http_status\":%ld}", res->status);
+        emit_step(s, 0, "llm", s->task->model, res->status == 429 ? "rate_limited" : "error", s->llm_started_us,
+                  s->llm_mono, 0, 0, 0, detail);
     }
     if (res->status == 429) {
         int64_t ms = res->retry_after_ms >= 0 ? res->retry_after_ms : e->d.cfg->llm_retry_backoff_ms;

@@ -2,8 +2,8 @@
  *
  * Owns: finding NNN_*.sql files, the agentq.schema_migrations table and the
  * advisory lock that serialises migrators. Does not own the schema itself
- * (the files in sql/) nor any long-lived connection: each call connects, works and
- * disconnects, since it runs once per deployment, not per task. */
+ * (the files in sql/) nor any long-lived connection: each call connects,
+ * works and disconnects, since it runs once per deployment, not per task. */
 #include "agentq/migrate.h"
 #include "agentq/log.h"
 
@@ -267,8 +267,8 @@ static int apply_one(PGconn *conn, const char *dir, const mfile *m, char *err, s
     if (rc == AQ_OK) {
         const char *params[] = {m->version, m->name, sql};
         PGresult *res = PQexecParams(conn,
-                                     "INSERT INTO agentq.schema_migrations (version, name, checksum)"
-                                     " VALUES ($1, $2, md5($3))",
+                                     "INSERT INTO agentq.schema_migrations"
+                                     " (version, name, checksum) VALUES ($1, $2, md5($3))",
                                      3, NULL, params, NULL, NULL, 0);
         if (PQresultStatus(res) != PGRES_COMMAND_OK) {
             set_pg_err(err, errlen, prefix,

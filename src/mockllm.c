@@ -1104,6 +1104,7 @@ static void mock_on_request(struct evhttp_request *req, void *arg)
 
     if (!strcmp(path, "/v1/chat/completions") || !strcmp(path, "/chat/completions")) {
         if (cmd != EVHTTP_REQ_POST) {
+            m->st.requests++;
             m->st.failures++;
             mock_send_now(req, 405,
                           mock_error_json("invalid_request_error", NULL,

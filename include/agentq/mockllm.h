@@ -27,7 +27,7 @@
  * Every reply is scheduled with a timer on the loop; nothing sleeps, and a
  * waiting request costs one small struct plus its reply, so one loop holds
  * tens of thousands of delayed requests. A held request whose client closes
- * the connection is freed at once.
+ * (or half-closes) the connection is freed at once, without a reply.
  *
  * Threads: not thread-safe; call everything on the loop's thread (read
  * counters from elsewhere through GET /stats). The embedding program must

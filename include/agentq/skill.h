@@ -29,7 +29,13 @@
  * without the guard: the operator chose their URLs. The worker POSTs
  *     {"arguments": <the call's arguments>, "task_id": ..., "user_id": ...}
  * as application/json and hands the reply body to the model; a non-2xx
- * reply is a tool error carrying the status and the start of the body.
+ * reply is a tool error carrying the status and the start of the body, and
+ * a reply over 1 MiB is a tool error too.
+ *
+ * current_time answers "YYYY-MM-DDTHH:MM:SSZ", or with the offset asked for
+ * ("+02:00"); it takes "UTC"/"GMT"/"Z" and fixed offsets "+HH:MM", "+HHMM",
+ * "+HH" (optionally after "UTC"), up to 14 hours. Named zones are a tool
+ * error: their rules need the tz database.
  *
  * Threads: an aq_skills and its calls belong to the thread running its
  * event loop. */

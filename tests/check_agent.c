@@ -1,0 +1,721 @@
+/* check_agent.c — the agent engine end to end on one event_base: the mock
+ * LLM (mockllm.h), the HTTP client, the skills, the rate limiter and the
+ * engine all run in this process on one loop, plus a small evhttp server
+ * for HTTP skills (a slow one, a big one) and, for one test, a scripted
+ * "rogue" model that calls tools it was not offered.
+ *
+ * What is asserted is what a user reads in agentq.tasks and agentq.steps:
+ * the final status and its reason, steps, tokens and cost (and that the
+ * step rows add up to them), parallel tool calls, every stop (max_steps,
+ * timeout with the transfer aborted, budget, cancel), the provider error
+ * classes (429, 5xx, malformed, 400), a task's skill subset, the history
+ * cap, and a thousand sessions in flight on one thread. */
+#include "agentq/agent.h"
+#include "agentq/mockllm.h"
+
+#include <arpa/inet.h>
+#include <check.h>
+#include <event2/buffer.h>
+#include <event2/event.h>
+#include <event2/http.h>
+#include <event2/keyvalq_struct.h>
+#include <jansson.h>
+#include <math.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/queue.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+
+#define SLOW_MS 300
+#define BIG_BYTES 12000
+#define TOOL_SCHEMA \
+    "{\"type\":\"object\",\"properties\":{\"q\":{\"type\":\"string\"}},\"required\":[\"q\"]}"
+#define PRICE_IN 3.0   /* USD per million prompt tokens */
+#define PRICE_OUT 15.0 /* USD per million completion tokens */
+
+/* ---- the tool server (and the rogue model) ----------------------------- */
+
+struct srv;
+
+struct held {
+    struct srv *srv;
+    struct evhttp_request *req;
+    struct event *ev;
+    LIST_ENTRY(held) link;
+};
+
+struct srv {
+    struct event_base *base;
+    struct evhttp *http;
+    int port;
+    int slow_now, slow_peak, slow_total;
+    int rogue_requests;
+    LIST_HEAD(, held) held;
+};
+
+static void reply(struct evhttp_request *r, int code, const char *body, size_t len)
+{
+    evbuffer_add(evhttp_request_get_output_buffer(r), body, len);
+    evhttp_send_reply(r, code, code == 200 ? "OK" : "Error", NULL);
+}
+
+static void held_done(struct held *h)
+{
+    LIST_REMOVE(h, link);
+    event_free(h->ev);
+    h->srv->slow_now--;
+    reply(h->req, 200, "slow done", 9);
+    free(h);
+}
+
+static void on_held(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    held_done(arg);
+}
+
+/* A model that ignores the offered tools: its first reply calls
+ * `calculator` (well formed) and `current_time` with arguments that are
+ * not an object; once tool results are in, it answers with all of them
+ * joined, so the test reads what the engine told it. */
+static void rogue_model(struct srv *s, struct evhttp_request *r)
+{
+    s->rogue_requests++;
+    struct evbuffer *in = evhttp_request_get_input_buffer(r);
+    size_t n = evbuffer_get_length(in);
+    json_t *req = json_loadb((const char *)evbuffer_pullup(in, -1), n, 0, NULL);
+    ck_assert_ptr_nonnull(req);
+    json_t *msgs = json_object_get(req, "messages"), *m;
+    size_t i;
+    char answer[4096] = "";
+    bool any = false;
+    json_array_foreach(msgs, i, m) {
+        if (strcmp(json_string_value(json_object_get(m, "role")), "tool")) continue;
+        any = true;
+        size_t len = strlen(answer);
+        snprintf(answer + len, sizeof answer - len, "[%s] ",
+                 json_string_value(json_object_get(m, "content")));
+    }
+    json_t *msg;
+    if (!any) {
+        msg = json_pack("{s:s, s:n, s:[{s:s, s:s, s:{s:s, s:s}}, {s:s, s:s, s:{s:s, s:s}}]}",
+                        "role", "assistant", "content", "tool_calls", "id", "c1", "type",
+                        "function", "function", "name", "calculator", "arguments",
+                        "{\"expression\":\"1+1\"}", "id", "c2", "type", "function", "function",
+                        "name", "current_time", "arguments", "[1,2]");
+    } else {
+        msg = json_pack("{s:s, s:s}", "role", "assistant", "content", answer);
+    }
+    json_t *resp = json_pack("{s:s, s:s, s:s, s:[{s:i, s:o, s:s}], s:{s:i, s:i}}", "id", "x",
+                             "object", "chat.completion", "model", "rogue-1", "choices", "index",
+                             0, "message", msg, "finish_reason", any ? "stop" : "tool_calls",
+                             "usage", "prompt_tokens", 10, "completion_tokens", 5);
+    ck_assert_ptr_nonnull(resp);
+    char *text = json_dumps(resp, JSON_COMPACT);
+    json_decref(resp);
+    json_decref(req);
+    evhttp_add_header(evhttp_request_get_output_headers(r), "Content-Type", "application/json");
+    reply(r, 200, text, strlen(text));
+    free(text);
+}
+
+static void srv_handle(struct evhttp_request *r, void *arg)
+{
+    struct srv *s = arg;
+    const char *path = evhttp_uri_get_path(evhttp_request_get_evhttp_uri(r));
+    if (!strcmp(path, "/slow")) {
+        struct held *h = calloc(1, sizeof *h);
+        ck_assert_ptr_nonnull(h);
+        h->srv = s;
+        h->req = r;
+        h->ev = evtimer_new(s->base, on_held, h);
+        struct timeval tv = {0, SLOW_MS * 1000};
+        evtimer_add(h->ev, &tv);
+        LIST_INSERT_HEAD(&s->held, h, link);
+        s->slow_total++;
+        if (++s->slow_now > s->slow_peak) s->slow_peak = s->slow_now;
+    } else if (!strcmp(path, "/big")) {
+        char *b = malloc(BIG_BYTES);
+        ck_assert_ptr_nonnull(b);
+        for (size_t i = 0; i < BIG_BYTES; i++) b[i] = (char)('a' + i % 26);
+        reply(r, 200, b, BIG_BYTES);
+        free(b);
+    } else if (!strcmp(path, "/v1/chat/completions")) {
+        rogue_model(s, r);
+    } else {
+        reply(r, 404, "no", 2);
+    }
+}
+
+static struct srv *srv_start(struct event_base *base)
+{
+    struct srv *s = calloc(1, sizeof *s);
+    ck_assert_ptr_nonnull(s);
+    s->base = base;
+    LIST_INIT(&s->held);
+    s->http = evhttp_new(base);
+    ck_assert_ptr_nonnull(s->http);
+    evhttp_set_gencb(s->http, srv_handle, s);
+    evhttp_set_allowed_methods(s->http, EVHTTP_REQ_GET | EVHTTP_REQ_POST);
+    struct evhttp_bound_socket *bs = evhttp_bind_socket_with_handle(s->http, "127.0.0.1", 0);
+    ck_assert_ptr_nonnull(bs);
+    struct sockaddr_in sin;
+    socklen_t len = sizeof sin;
+    ck_assert_int_eq(getsockname(evhttp_bound_socket_get_fd(bs), (struct sockaddr *)&sin, &len), 0);
+    s->port = ntohs(sin.sin_port);
+    return s;
+}
+
+static void srv_stop(struct srv *s)
+{
+    struct held *h;
+    while ((h = LIST_FIRST(&s->held)) != NULL) held_done(h);
+    evhttp_free(s->http);
+    free(s);
+}
+
+/* ---- the fixture --------------------------------------------------------- */
+
+/* A step row as the engine reported it (strings copied). */
+typedef struct row {
+    char task_id[AQ_TASK_ID_LEN + 1];
+    int attempt, step, seq;
+    char kind[8], name[64], status[16];
+    int64_t started_us;
+    double duration_ms;
+    int64_t prompt_tokens, completion_tokens;
+    double cost;
+    char *detail;
+} row;
+
+struct fx;
+
+/* One session and what its callback reported. */
+typedef struct run {
+    struct fx *f;
+    aq_task *task;
+    aq_session *s;
+    int calls;             /* done callbacks: must end at 1 */
+    bool in_cancel;        /* set around aq_session_cancel */
+    bool cb_in_cancel;     /* the callback ran inside aq_session_cancel */
+    char status[32];
+    bool retryable;
+    int steps;
+    int64_t prompt_tokens, completion_tokens;
+    double cost;
+    char *result, *error;
+    int64_t start_mono, end_mono;
+} run;
+
+typedef struct fx {
+    struct event_base *base;
+    aq_mockllm *mock;
+    struct srv *srv;
+    aq_config cfg;
+    aq_http *http;
+    aq_skills *skills;
+    aq_ratelimit *rl;
+    aq_engine *engine;
+    row *rows;
+    size_t nrows, caprows;
+    int want, ndone;
+    bool expired;
+    /* cancel-after-first-step */
+    run *cancel_target;
+    struct event *cancel_ev;
+} fx;
+
+static void set(aq_config *cfg, const char *key, const char *value)
+{
+    char err[256] = "";
+    ck_assert_msg(aq_config_set(cfg, key, value, err, sizeof err) == AQ_OK, "%s: %s", key, err);
+}
+
+static void add_http_skill(fx *f, const char *name, const char *path)
+{
+    aq_config *cfg = &f->cfg;
+    cfg->http_skills =
+        realloc(cfg->http_skills, (size_t)(cfg->n_http_skills + 1) * sizeof *cfg->http_skills);
+    ck_assert_ptr_nonnull(cfg->http_skills);
+    aq_http_skill *sk = &cfg->http_skills[cfg->n_http_skills++];
+    char url[128];
+    snprintf(url, sizeof url, "http://127.0.0.1:%d%s", f->srv->port, path);
+    sk->name = strdup(name);
+    sk->description = strdup("A test tool");
+    sk->parameters = strdup(TOOL_SCHEMA);
+    sk->url = strdup(url);
+    sk->timeout_ms = 5000;
+}
+
+static void on_step(const aq_store_step_row *r, void *arg)
+{
+    fx *f = arg;
+    if (f->nrows == f->caprows) {
+        f->caprows = f->caprows ? f->caprows * 2 : 64;
+        f->rows = realloc(f->rows, f->caprows * sizeof *f->rows);
+        ck_assert_ptr_nonnull(f->rows);
+    }
+    row *w = &f->rows[f->nrows++];
+    memset(w, 0, sizeof *w);
+    snprintf(w->task_id, sizeof w->task_id, "%s", r->task_id);
+    w->attempt = r->attempt;
+    w->step = r->step;
+    w->seq = r->seq;
+    snprintf(w->kind, sizeof w->kind, "%s", r->kind);
+    snprintf(w->name, sizeof w->name, "%s", r->name ? r->name : "");
+    snprintf(w->status, sizeof w->status, "%s", r->status ? r->status : "");
+    w->started_us = r->started_at_us;
+    w->duration_ms = r->duration_ms;
+    w->prompt_tokens = r->prompt_tokens;
+    w->completion_tokens = r->completion_tokens;
+    w->cost = r->cost_usd;
+    w->detail = r->detail ? strdup(r->detail) : NULL;
+    /* The store writes detail as jsonb: it must be JSON. */
+    if (r->detail) {
+        json_t *j = json_loads(r->detail, 0, NULL);
+        ck_assert_msg(j != NULL, "step detail is not JSON: %s", r->detail);
+        json_decref(j);
+    }
+    if (f->cancel_target && !strcmp(r->kind, "llm") && !strcmp(w->status, "ok") &&
+        !strcmp(r->task_id, f->cancel_target->task->task_id))
+        event_active(f->cancel_ev, EV_TIMEOUT, 0); /* cancel from the loop, as the worker does */
+}
+
+/* The base, the tool server, the mock (NULL mcfg: none) and a config
+ * pointing at it; tests adjust f->cfg, then call fx_start. */
+static void fx_init(fx *f, const aq_mockllm_config *mcfg)
+{
+    memset(f, 0, sizeof *f);
+    f->base = event_base_new();
+    ck_assert_ptr_nonnull(f->base);
+    f->srv = srv_start(f->base);
+    char err[256] = "", url[128];
+    aq_config_init(&f->cfg);
+    if (mcfg) {
+        f->mock = aq_mockllm_new(f->base, mcfg, err, sizeof err);
+        ck_assert_msg(f->mock != NULL, "aq_mockllm_new: %s", err);
+        snprintf(url, sizeof url, "http://127.0.0.1:%d/v1", aq_mockllm_port(f->mock));
+    } else {
+        snprintf(url, sizeof url, "http://127.0.0.1:%d/v1/", f->srv->port);
+    }
+    set(&f->cfg, "llm.base_url", url);
+    set(&f->cfg, "llm.retry_backoff_ms", "5");
+    set(&f->cfg, "llm.timeout_ms", "10000");
+    set(&f->cfg, "llm.price_input_per_mtok", "3.0");
+    set(&f->cfg, "llm.price_output_per_mtok", "15.0");
+    set(&f->cfg, "agent.system_prompt", "Be brief.");
+    add_http_skill(f, "slow", "/slow");
+    add_http_skill(f, "big", "/big");
+}
+
+static void fx_start(fx *f)
+{
+    char err[256] = "";
+    aq_http_config hc = {.max_connections = f->cfg.llm_max_connections,
+                         .connect_timeout_ms = f->cfg.llm_connect_timeout_ms,
+                         .timeout_ms = f->cfg.llm_timeout_ms,
+                         .user_agent = "check_agent"};
+    f->http = aq_http_new(f->base, &hc, err, sizeof err);
+    ck_assert_msg(f->http != NULL, "aq_http_new: %s", err);
+    f->skills = aq_skills_new(&f->cfg, f->base, f->http, err, sizeof err);
+    ck_assert_msg(f->skills != NULL, "aq_skills_new: %s", err);
+    f->rl = aq_ratelimit_new(f->base, f->cfg.llm_requests_per_minute,
+                             f->cfg.llm_tokens_per_minute);
+    aq_engine_deps deps = {&f->cfg, f->base, f->http, f->skills, f->rl, on_step, f};
+    f->engine = aq_engine_new(&deps, err, sizeof err);
+    ck_assert_msg(f->engine != NULL, "aq_engine_new: %s", err);
+}
+
+static void run_free(run *r)
+{
+    aq_task_free(r->task);
+    free(r->result);
+    free(r->error);
+}
+
+static void fx_stop(fx *f)
+{
+    ck_assert_uint_eq(aq_engine_sessions(f->engine), 0);
+    aq_engine_free(f->engine);
+    aq_ratelimit_free(f->rl);
+    aq_skills_free(f->skills);
+    aq_http_free(f->http);
+    aq_mockllm_free(f->mock);
+    srv_stop(f->srv);
+    if (f->cancel_ev) event_free(f->cancel_ev);
+    for (size_t i = 0; i < f->nrows; i++) free(f->rows[i].detail);
+    free(f->rows);
+    aq_config_free(&f->cfg);
+    event_base_free(f->base);
+}
+
+/* A task from a JSON body; model and skills checked against the fixture. */
+static aq_task *make_task(fx *f, const char *body)
+{
+    aq_task_limits lim = {.skills = aq_skills_names(f->skills),
+                          .models = NULL,
+                          .default_model = f->cfg.llm_model};
+    aq_task *t = NULL;
+    aq_task_error e;
+    memset(&e, 0, sizeof e);
+    int rc = aq_task_parse(body, strlen(body), NULL, &lim, &t, &e);
+    ck_assert_msg(rc == AQ_OK, "task %s: %s", body, e.message);
+    return t;
+}
+
+static void on_done(aq_session *s, const aq_session_result *res, void *arg)
+{
+    run *r = arg;
+    ck_assert_ptr_eq(s, r->s);
+    r->calls++;
+    r->cb_in_cancel = r->cb_in_cancel || r->in_cancel;
+    r->end_mono = aq_mono_us();
+    snprintf(r->status, sizeof r->status, "%s", res->status);
+    r->retryable = res->retryable;
+    r->steps = res->steps;
+    r->prompt_tokens = res->prompt_tokens;
+    r->completion_tokens = res->completion_tokens;
+    r->cost = res->cost_usd;
+    r->result = res->result ? strdup(res->result) : NULL;
+    r->error = res->error ? strdup(res->error) : NULL;
+    fx *f = r->f;
+    if (++f->ndone == f->want) event_base_loopbreak(f->base);
+}
+
+/* Starts a session of `body` with the task's own timeout. */
+static void start(fx *f, run *r, const char *body)
+{
+    memset(r, 0, sizeof *r);
+    r->f = f;
+    r->task = make_task(f, body);
+    r->start_mono = aq_mono_us();
+    int64_t deadline = aq_now_us() + (int64_t)(r->task->timeout_seconds * 1e6);
+    r->s = aq_session_start(f->engine, r->task, 1, deadline, on_done, r);
+    ck_assert_ptr_nonnull(r->s);
+    ck_assert_int_eq(r->calls, 0); /* never from inside start */
+    f->want++;
+}
+
+static void on_expire(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    fx *f = arg;
+    f->expired = true;
+    event_base_loopbreak(f->base);
+}
+
+/* Runs the loop until every started session has called back; fails the
+ * test after `ms`. */
+static void run_all(fx *f, int ms)
+{
+    struct event *t = evtimer_new(f->base, on_expire, f);
+    struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
+    evtimer_add(t, &tv);
+    while (f->ndone < f->want && !f->expired) event_base_loop(f->base, EVLOOP_ONCE);
+    event_free(t);
+    ck_assert_msg(!f->expired, "only %d of %d sessions called back within %d ms", f->ndone,
+                  f->want, ms);
+}
+
+/* Runs the loop for `ms`. */
+static void spin(fx *f, int ms)
+{
+    struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
+    event_base_loopexit(f->base, &tv);
+    event_base_dispatch(f->base);
+}
+
+/* Spins until the mock holds no request (up to `ms`); returns in_flight. */
+static uint64_t mock_drained(fx *f, int ms)
+{
+    aq_mockllm_stats st;
+    for (int waited = 0;; waited += 20) {
+        aq_mockllm_get_stats(f->mock, &st);
+        if (st.in_flight == 0 || waited >= ms) return st.in_flight;
+        spin(f, 20);
+    }
+}
+
+static size_t count_rows(const fx *f, const char *task_id, const char *kind, const char *status)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < f->nrows; i++) {
+        const row *w = &f->rows[i];
+        if (task_id && strcmp(w->task_id, task_id)) continue;
+        if (kind && strcmp(w->kind, kind)) continue;
+        if (status && strcmp(w->status, status)) continue;
+        n++;
+    }
+    return n;
+}
+
+static void assert_close(double got, double want, const char *what)
+{
+    ck_assert_msg(fabs(got - want) <= 1e-9 + 1e-9 * fabs(want), "%s: got %.12g, want %.12g", what,
+                  got, want);
+}
+
+/* The outcome's tokens and cost equal the sum of its step rows, and the
+ * cost is tokens x the configured prices. */
+static void assert_accounting(const fx *f, const run *r)
+{
+    int64_t pt = 0, ct = 0;
+    double cost = 0;
+    for (size_t i = 0; i < f->nrows; i++) {
+        const row *w = &f->rows[i];
+        if (strcmp(w->task_id, r->task->task_id)) continue;
+        pt += w->prompt_tokens;
+        ct += w->completion_tokens;
+        cost += w->cost;
+        if (!strcmp(w->kind, "llm"))
+            assert_close(w->cost,
+                         ((double)w->prompt_tokens * PRICE_IN +
+                          (double)w->completion_tokens * PRICE_OUT) / 1e6,
+                         "row cost");
+    }
+    ck_assert_int_eq(r->prompt_tokens, pt);
+    ck_assert_int_eq(r->completion_tokens, ct);
+    assert_close(r->cost, cost, "cost = sum of rows");
+    assert_close(r->cost, ((double)pt * PRICE_IN + (double)ct * PRICE_OUT) / 1e6,
+                 "cost = tokens x prices");
+}
+
+static aq_mockllm_config mock_defaults(void)
+{
+    aq_mockllm_config mc;
+    aq_mockllm_config_defaults(&mc);
+    mc.seed = 42;
+    return mc;
+}
+
+/* ---- core ---------------------------------------------------------------- */
+
+START_TEST(test_completed)
+{
+    fx f;
+    aq_mockllm_config mc = mock_defaults();
+    fx_init(&f, &mc);
+    fx_start(&f);
+    run r;
+    start(&f, &r, "{\"user_id\":\"u1\",\"goal\":\"steps=3\"}");
+    ck_assert_uint_eq(aq_engine_sessions(f.engine), 1);
+    run_all(&f, 10000);
+
+    ck_assert_int_eq(r.calls, 1);
+    ck_assert_str_eq(r.status, "completed");
+    ck_assert(!r.retryable);
+    ck_assert_ptr_null(r.error);
+    ck_assert_int_eq(r.steps, 4);
+    ck_assert_ptr_nonnull(r.result);
+    ck_assert_msg(!strncmp(r.result, "done: 3 tool result(s)", 22), "result: %s", r.result);
+    ck_assert_msg(strstr(r.result, "= 14") || strstr(r.result, "14"), "calculator result: %s",
+                  r.result);
+
+    /* 4 llm rows numbered 1..4 (seq 0), 3 calculator rows of steps 1..3 (seq 1) */
+    ck_assert_uint_eq(count_rows(&f, r.task->task_id, "llm", "ok"), 4);
+    ck_assert_uint_eq(count_rows(&f, r.task->task_id, "tool", "ok"), 3);
+    ck_assert_uint_eq(f.nrows, 7);
+    int llm_step = 0;
+    for (size_t i = 0; i < f.nrows; i++) {
+        row *w = &f.rows[i];
+        ck_assert_int_eq(w->attempt, 1);
+        ck_assert(w->started_us > 0 && w->duration_ms >= 0);
+        if (!strcmp(w->kind, "llm")) {
+            ck_assert_int_eq(w->step, ++llm_step);
+            ck_assert_int_eq(w->seq, 0);
+            ck_assert_str_eq(w->name, "mock-1");
+            ck_assert(w->prompt_tokens > 0 && w->completion_tokens > 0);
+        } else {
+            ck_assert_int_eq(w->step, llm_step); /* the step whose reply asked for it */
+            ck_assert_int_eq(w->seq, 1);
+            ck_assert_str_eq(w->name, "calculator");
+            ck_assert_int_eq(w->prompt_tokens, 0);
+            assert_close(w->cost, 0, "tool cost");
+            ck_assert_ptr_nonnull(strstr(w->detail, "\"output\""));
+        }
+    }
+    assert_accounting(&f, &r);
+    /* what the provider counted is what the task is charged */
+    aq_mockllm_stats st;
+    aq_mockllm_get_stats(f.mock, &st);
+    ck_assert_uint_eq(st.requests, 4);
+    ck_assert_uint_eq(st.prompt_tokens, (uint64_t)r.prompt_tokens);
+    ck_assert_uint_eq(st.completion_tokens, (uint64_t)r.completion_tokens);
+    run_free(&r);
+    fx_stop(&f);
+}
+END_TEST
+
+START_TEST(test_parallel_tools)
+{
+    fx f;
+    aq_mockllm_config mc = mock_defaults();
+    fx_init(&f, &mc);
+    fx_start(&f);
+    run r;
+    start(&f, &r, "{\"user_id\":\"u1\",\"goal\":\"steps=1 parallel=3 tool=slow\"}");
+    run_all(&f, 10000);
+
+    ck_assert_str_eq(r.status, "completed");
+    ck_assert_int_eq(r.steps, 2);
+    ck_assert_int_eq(f.srv->slow_total, 3);
+    ck_assert_int_eq(f.srv->slow_peak, 3); /* all three were held at once */
+    ck_assert_uint_eq(count_rows(&f, NULL, "tool", "ok"), 3);
+    int64_t last_start = 0, first_end = INT64_MAX, first_start = INT64_MAX, last_end = 0;
+    bool seqs[4] = {false};
+    for (size_t i = 0; i < f.nrows; i++) {
+        row *w = &f.rows[i];
+        if (strcmp(w->kind, "tool")) continue;
+        ck_assert_int_eq(w->step, 1);
+        ck_assert_str_eq(w->name, "slow");
+        ck_assert(w->seq >= 1 && w->seq <= 3 && !seqs[w->seq]);
+        seqs[w->seq] = true;
+        ck_assert(w->duration_ms >= SLOW_MS * 0.9);
+        int64_t end = w->started_us + (int64_t)(w->duration_ms * 1000);
+        if (w->started_us > last_start) last_start = w->started_us;
+        if (w->started_us < first_start) first_start = w->started_us;
+        if (end < first_end) first_end = end;
+        if (end > last_end) last_end = end;
+    }
+    ck_assert_msg(last_start < first_end, "a tool call started after another had finished");
+    /* concurrently: about 300 ms in all, not 900 */
+    ck_assert_msg(last_end - first_start < 750000, "tool phase took %lld us",
+                  (long long)(last_end - first_start));
+    ck_assert_ptr_nonnull(strstr(r.result, "slow done"));
+    run_free(&r);
+    fx_stop(&f);
+}
+END_TEST
+
+START_TEST(test_calculator_verified)
+{
+    fx f;
+    aq_mockllm_config mc = mock_defaults();
+    fx_init(&f, &mc);
+    fx_start(&f);
+    run r[3];
+    for (int i = 0; i < 3; i++) start(&f, &r[i], "{\"user_id\":\"u1\",\"goal\":\"calc\"}");
+    run_all(&f, 10000);
+    for (int i = 0; i < 3; i++) {
+        ck_assert_str_eq(r[i].status, "completed");
+        ck_assert_int_eq(r[i].steps, 2);
+        ck_assert_msg(!strncmp(r[i].result, "correct:", 8), "mock's verdict: %s", r[i].result);
+        run_free(&r[i]);
+    }
+    fx_stop(&f);
+}
+END_TEST
+
+static void do_cancel(run *r, const char *status)
+{
+    if (r->calls) return; /* already over: the handle is gone */
+    r->in_cancel = true;
+    aq_session_cancel(r->s, status);
+    r->in_cancel = false;
+    ck_assert_int_eq(r->calls, 0); /* never from inside cancel */
+}
+
+static void on_cancel_ev(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    fx *f = arg;
+    do_cancel(f->cancel_target, NULL);
+}
+
+START_TEST(test_cancelled)
+{
+    fx f;
+    aq_mockllm_config mc = mock_defaults();
+    fx_init(&f, &mc);
+    fx_start(&f);
+    f.cancel_ev = event_new(f.base, -1, 0, on_cancel_ev, &f);
+
+    /* after the first step, from the loop (as the worker's NOTIFY does),
+     * while the slow tool call runs: that call is abandoned */
+    run a, b, c;
+    start(&f, &a, "{\"user_id\":\"u1\",\"goal\":\"loop tool=slow\"}");
+    f.cancel_target = &a;
+    /* before it ever ran, twice, with the worker's drain status */
+    start(&f, &b, "{\"user_id\":\"u2\",\"goal\":\"loop\"}");
+    do_cancel(&b, "queued");
+    do_cancel(&b, NULL);
+    run_all(&f, 10000);
+    f.cancel_target = NULL;
+
+    ck_assert_int_eq(a.calls, 1);
+    ck_assert(!a.cb_in_cancel);
+    ck_assert_str_eq(a.status, "cancelled");
+    ck_assert(!a.retryable);
+    ck_assert_int_eq(a.steps, 1);
+    ck_assert_ptr_null(a.result);
+    ck_assert_msg((a.end_mono - a.start_mono) < SLOW_MS * 1000,
+                  "cancel waited for the tool call (%lld us)",
+                  (long long)(a.end_mono - a.start_mono));
+    ck_assert_int_eq(f.srv->slow_total, 1);
+    ck_assert_uint_eq(count_rows(&f, a.task->task_id, "tool", "ok"), 0);
+    assert_accounting(&f, &a);
+
+    ck_assert_int_eq(b.calls, 1);
+    ck_assert(!b.cb_in_cancel);
+    ck_assert_str_eq(b.status, "queued"); /* the first status given wins */
+    ck_assert_int_eq(b.steps, 0);
+    ck_assert_uint_eq(count_rows(&f, b.task->task_id, NULL, NULL), 0);
+
+    /* while the LLM call is in flight: the transfer is aborted */
+    start(&f, &c, "{\"user_id\":\"u3\",\"goal\":\"sleep=3000\"}");
+    spin(&f, 150);
+    aq_mockllm_stats st;
+    aq_mockllm_get_stats(f.mock, &st);
+    ck_assert_uint_eq(st.in_flight, 1);
+    int64_t t0 = aq_mono_us();
+    do_cancel(&c, NULL);
+    run_all(&f, 2000);
+    ck_assert_str_eq(c.status, "cancelled");
+    ck_assert_int_eq(c.steps, 0);
+    ck_assert_msg(c.end_mono - t0 < 500000, "cancel took %lld us", (long long)(c.end_mono - t0));
+    ck_assert_uint_eq(mock_drained(&f, 2000), 0);
+    aq_mockllm_get_stats(f.mock, &st);
+    ck_assert_uint_ge(st.cancelled, 1);
+    aq_http_stats hs;
+    aq_http_stats_get(f.http, &hs);
+    ck_assert_uint_eq(hs.inflight, 0);
+
+    run_free(&a);
+    run_free(&b);
+    run_free(&c);
+    fx_stop(&f);
+}
+END_TEST
+
+START_TEST(test_max_steps)
+{
+    fx f;
+    aq_mockllm_config mc = mock_defaults();
+    fx_init(&f, &mc);
+    fx_start(&f);
+    run r;
+    start(&f, &r, "{\"user_id\":\"u1\",\"goal\":\"loop\",\"max_steps\":3}");
+    run_all(&f, 10000);
+    ck_assert_str_eq(r.status, "max_steps");
+    ck_assert(!r.retryable);
+    ck_assert_int_eq(r.steps, 3);
+    ck_assert_ptr_null(r.result);
+    ck_assert_ptr_nonnull(strstr(r.error, "max_steps"));
+    aq_mockllm_stats st;
+    aq_mockllm_get_stats(f.mock, &st);
+    ck_assert_uint_eq(st.requests, 3);
+    /* the third reply's tool calls still ran and were recorded */
+    ck_assert_uint_eq(count_rows(&f, NULL, "llm", "ok"), 3);
+    ck_assert_uint_eq(count_rows(&f, NULL, "tool", "ok"), 3);
+    assert_accounting(&f, &r);
+    run_free(&r);
+    fx_stop(&f);
+}
+END_TEST

@@ -1,0 +1,431 @@
+/* it_queue.c — the queue layer end to end, against the private RabbitMQ
+ * and PostgreSQL of the `servers` fixture, with real agentq-worker,
+ * agentq-producer and agentq-mockllm processes.
+ *
+ * Each test gets its own database and its own AMQP names (a prefix on the
+ * exchange and queues), so tests do not see each other's messages. */
+#include "agentq/broker.h"
+#include "agentq/config.h"
+#include "agentq/migrate.h"
+#include "proc.h"
+#include "testenv.h"
+
+#include <check.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+typedef struct env {
+    char *dsn;
+    char prefix[32];
+    char logdir[256];
+    int mock_port;
+    aq_test_proc *mock;
+    char *vars[32];
+    int nvars;
+} env;
+
+static env E;
+static int test_seq;
+
+/* Adds NAME=VALUE to the environment the test's programs get. */
+static void add_var(const char *name, const char *v)
+{
+    char buf[1024];
+    snprintf(buf, sizeof buf, "%s=%s", name, v);
+    E.vars[E.nvars++] = strdup(buf);
+    E.vars[E.nvars] = NULL;
+}
+
+/* Sets up a database, AMQP names and a mock LLM started with `mock_flags`. */
+static void setup_env(const char *name, const char *const *mock_flags)
+{
+    memset(&E, 0, sizeof E);
+    snprintf(E.prefix, sizeof E.prefix, "it%d_%d_%s", (int)getpid(), ++test_seq, name);
+    E.dsn = aq_test_fresh_db(E.prefix);
+    int applied = 0;
+    char err[1024];
+    ck_assert_msg(aq_migrate_apply(E.dsn, aq_migrate_default_dir(), &applied, err, sizeof err) == 0, "%s", err);
+    snprintf(E.logdir, sizeof E.logdir, "%s/logs/%s", aq_test_env_require("AGENTQ_TEST_DIR"), E.prefix);
+    char cmd[400];
+    snprintf(cmd, sizeof cmd, "mkdir -p '%s'", E.logdir);
+    ck_assert_int_eq(system(cmd), 0);
+    char log[300];
+    snprintf(log, sizeof log, "%s/mock.log", E.logdir);
+    E.mock = aq_test_start_mock(mock_flags, log, &E.mock_port);
+
+    char url[128];
+    snprintf(url, sizeof url, "http://127.0.0.1:%d/v1", E.mock_port);
+    add_var("AGENTQ_AMQP_URL", aq_test_env_require("AGENTQ_TEST_AMQP_URL"));
+    add_var("AGENTQ_POSTGRES_DSN", E.dsn);
+    add_var("AGENTQ_LLM_BASE_URL", url);
+    add_var("AGENTQ_AMQP_EXCHANGE", E.prefix);
+    char q[128];
+    snprintf(q, sizeof q, "%s.tasks", E.prefix);
+    add_var("AGENTQ_AMQP_QUEUE", q);
+    snprintf(q, sizeof q, "%s.dlx", E.prefix);
+    add_var("AGENTQ_AMQP_DLX", q);
+    snprintf(q, sizeof q, "%s.dead", E.prefix);
+    add_var("AGENTQ_AMQP_DEAD_QUEUE", q);
+    snprintf(q, sizeof q, "%s.retry.", E.prefix);
+    add_var("AGENTQ_AMQP_RETRY_PREFIX", q);
+    add_var("AGENTQ_AMQP_RETRY_DELAYS", "1s");
+    add_var("AGENTQ_AMQP_MAX_ATTEMPTS", "3");
+    add_var("AGENTQ_LLM_MAX_RETRIES", "0");
+    add_var("AGENTQ_METRICS_LISTEN", "127.0.0.1:0");
+    add_var("AGENTQ_LOG_LEVEL", "debug");
+    for (int i = 0; i < E.nvars; i++) putenv(E.vars[i]); /* for in-process config and the producer */
+}
+
+static void teardown_env(void)
+{
+    aq_test_proc_free(E.mock);
+    free(E.dsn);
+    /* E.vars stay: putenv keeps pointers to them */
+}
+
+static aq_test_proc *start_worker(const char *name, const char *const *extra_env)
+{
+    char log[300];
+    snprintf(log, sizeof log, "%s/%s.log", E.logdir, name);
+    const char *argv[] = {aq_test_bin("agentq-worker"), NULL};
+    const char *envv[40];
+    int n = 0;
+    for (int i = 0; i < E.nvars; i++) envv[n++] = E.vars[i];
+    for (int i = 0; extra_env && extra_env[i]; i++) envv[n++] = extra_env[i];
+    envv[n] = NULL;
+    return aq_test_spawn(argv, envv, log);
+}
+
+/* Runs agentq-producer with args; returns its exit status and the first
+ * task id it printed in id (37 bytes). */
+static int produce(const char *const *args, char *id)
+{
+    char log[300], out[300], cmd[4096];
+    snprintf(log, sizeof log, "%s/producer.log", E.logdir);
+    snprintf(out, sizeof out, "%s/producer.out", E.logdir);
+    int n = snprintf(cmd, sizeof cmd, "'%s'", aq_test_bin("agentq-producer"));
+    for (int i = 0; args[i]; i++) n += snprintf(cmd + n, sizeof cmd - (size_t)n, " '%s'", args[i]);
+    snprintf(cmd + n, sizeof cmd - (size_t)n, " >'%s' 2>>'%s'", out, log);
+    int rc = system(cmd);
+    if (id) {
+        FILE *f = fopen(out, "r");
+        ck_assert_ptr_nonnull(f);
+        ck_assert_msg(fscanf(f, "%36s", id) == 1, "producer printed no id");
+        fclose(f);
+    }
+    return WEXITSTATUS(rc);
+}
+
+static void publish_raw(const char *body, const char *message_id, int priority)
+{
+    aq_config cfg;
+    char err[512];
+    ck_assert_msg(aq_config_load(&cfg, NULL, err, sizeof err) == 0, "%s", err);
+    aq_broker *b = aq_broker_connect(cfg.amqp_url, 0, 5000, err, sizeof err);
+    ck_assert_msg(b != NULL, "%s", err);
+    ck_assert_msg(aq_broker_declare(b, &cfg, err, sizeof err) == 0, "%s", err);
+    aq_publish p = {cfg.amqp_exchange, "task", body, strlen(body), message_id, priority, NULL, 0, NULL};
+    ck_assert_int_gt(aq_broker_publish(b, &p, err, sizeof err), 0);
+    int64_t nacked;
+    ck_assert_msg(aq_broker_wait_confirms(b, 5000, &nacked, err, sizeof err) == 0, "%s", err);
+    aq_broker_free(b);
+    aq_config_free(&cfg);
+}
+
+static char *task_value(const char *id, const char *expr)
+{
+    char sql[512];
+    snprintf(sql, sizeof sql, "SELECT %s FROM agentq.tasks WHERE task_id = '%s'", expr, id);
+    return aq_test_pg_value(E.dsn, sql);
+}
+
+static void wait_status(const char *id, const char *want, int timeout_ms, aq_test_proc *w, const char *wname)
+{
+    char sql[256];
+    snprintf(sql, sizeof sql, "SELECT status FROM agentq.tasks WHERE task_id = '%s'", id);
+    if (!aq_test_pg_wait_value(E.dsn, sql, want, timeout_ms)) {
+        char log[300];
+        snprintf(log, sizeof log, "%s/%s.log", E.logdir, wname);
+        aq_test_dump_log(log, 40);
+        char *got = aq_test_pg_value(E.dsn, sql);
+        ck_abort_msg("task %s: status %s, want %s", id, got ? got : "(no row)", want);
+    }
+    (void)w;
+}
+
+START_TEST(producer_to_completed_row)
+{
+    const char *mock[] = {"--latency-ms", "20", NULL};
+    setup_env("basic", mock);
+    aq_test_proc *w = start_worker("worker", NULL);
+    char id[40];
+    const char *args[] = {"--user", "alice", "--goal", "add things steps=2", "--metadata", "{\"k\":1}", NULL};
+    ck_assert_int_eq(produce(args, id), 0);
+    wait_status(id, "completed", 15000, w, "worker");
+    char *v = task_value(id, "steps || ' ' || attempt || ' ' || (metadata->>'k') || ' ' || (cost_usd > 0)");
+    ck_assert_str_eq(v, "3 1 1 true");
+    free(v);
+    v = task_value(id, "(SELECT count(*) FROM agentq.steps s WHERE s.task_id = tasks.task_id)");
+    ck_assert_str_eq(v, "5"); /* 3 LLM calls + 2 tool calls */
+    free(v);
+    aq_test_proc_signal(w, SIGTERM);
+    ck_assert_int_eq(aq_test_proc_wait(w, 10000), 0);
+    aq_test_proc_free(w);
+    teardown_env();
+}
+END_TEST
+
+START_TEST(priority_runs_first)
+{
+    const char *mock[] = {"--latency-ms", "30", NULL};
+    setup_env("prio", mock);
+    /* A backlog of low-priority tasks, then one high: with no worker yet. */
+    char cmd[1024], file[300];
+    snprintf(file, sizeof file, "%s/low.jsonl", E.logdir);
+    FILE *f = fopen(file, "w");
+    for (int i = 0; i < 15; i++) fprintf(f, "{\"user_id\":\"low\",\"goal\":\"low %d\"}\n", i);
+    fclose(f);
+    const char *low[] = {"--file", file, "--priority", "0", NULL};
+    ck_assert_int_eq(produce(low, NULL), 0);
+    char high[40];
+    const char *hi[] = {"--user", "vip", "--goal", "urgent", "--priority", "9", NULL};
+    ck_assert_int_eq(produce(hi, high), 0);
+    const char *one[] = {"AGENTQ_WORKER_CONCURRENCY=1", NULL};
+    aq_test_proc *w = start_worker("worker", one);
+    wait_status(high, "completed", 15000, w, "worker");
+    ck_assert(aq_test_pg_wait_value(E.dsn, "SELECT count(*) FROM agentq.tasks WHERE status = 'completed'", "16", 20000));
+    snprintf(cmd, sizeof cmd,
+             "SELECT count(*) FROM agentq.tasks WHERE user_id = 'low' AND started_at < (SELECT started_at FROM agentq.tasks WHERE task_id = '%s')",
+             high);
+    char *v = aq_test_pg_value(E.dsn, cmd);
+    ck_assert_msg(!strcmp(v, "0"), "%s low-priority tasks started before the high one", v);
+    free(v);
+    aq_test_proc_free(w);
+    teardown_env();
+}
+END_TEST
+
+START_TEST(ttl_expiry_recorded)
+{
+    setup_env("ttl", NULL);
+    char id[40];
+    const char *args[] = {"--user", "u", "--goal", "too late", "--ttl", "300", NULL};
+    ck_assert_int_eq(produce(args, id), 0);
+    sleep(1); /* expires while no worker consumes the task queue */
+    aq_test_proc *w = start_worker("worker", NULL);
+    wait_status(id, "expired", 15000, w, "worker");
+    char sql[256];
+    snprintf(sql, sizeof sql, "SELECT reason || '|' || (headers ? 'x-death') FROM agentq.dead_letters WHERE task_id = '%s'", id);
+    char *v = aq_test_pg_value(E.dsn, sql);
+    ck_assert_str_eq(v, "expired|true");
+    free(v);
+    aq_test_proc_free(w);
+    teardown_env();
+}
+END_TEST
+
+START_TEST(retries_through_tiers_then_failed)
+{
+    setup_env("retry", NULL);
+    aq_test_proc *w = start_worker("worker", NULL);
+    char id[40];
+    const char *args[] = {"--user", "u", "--goal", "always fail=500", NULL};
+    ck_assert_int_eq(produce(args, id), 0);
+    wait_status(id, "failed", 30000, w, "worker");
+    char *v = task_value(id, "attempt || '|' || (error LIKE '%HTTP 500%')");
+    ck_assert_str_eq(v, "3|true");
+    free(v);
+    /* One errored LLM call per attempt, and the dead letter with reason failed. */
+    char sql[512];
+    snprintf(sql, sizeof sql,
+             "SELECT string_agg(attempt::text, ',' ORDER BY attempt) FROM agentq.steps WHERE task_id = '%s' AND status = 'error'", id);
+    v = aq_test_pg_value(E.dsn, sql);
+    ck_assert_str_eq(v, "1,2,3");
+    free(v);
+    snprintf(sql, sizeof sql, "SELECT reason FROM agentq.dead_letters WHERE task_id = '%s'", id);
+    ck_assert(aq_test_pg_wait_value(E.dsn, sql, "failed", 10000));
+    aq_test_proc_free(w);
+    teardown_env();
+}
+END_TEST
+
+START_TEST(malformed_and_invalid_rejected)
+{
+    setup_env("reject", NULL);
+    aq_test_proc *w = start_worker("worker", NULL);
+    publish_raw("this is not json", NULL, 0);
+    const char *id = "0b6f4d1e-3c2a-4e5f-9a8b-7c6d5e4f3a2b";
+    char body[256];
+    snprintf(body, sizeof body, "{\"task_id\":\"%s\",\"user_id\":\"u\",\"goal\":\"g\",\"max_steps\":0}", id);
+    publish_raw(body, NULL, 0);
+    ck_assert(aq_test_pg_wait_value(E.dsn, "SELECT count(*) FROM agentq.dead_letters WHERE reason = 'rejected'", "2", 15000));
+    char *v = aq_test_pg_value(E.dsn, "SELECT error FROM agentq.dead_letters WHERE task_id IS NULL");
+    ck_assert_msg(strstr(v, "not valid JSON") != NULL, "%s", v);
+    free(v);
+    char sql[256];
+    snprintf(sql, sizeof sql, "SELECT error FROM agentq.dead_letters WHERE task_id = '%s'", id);
+    v = aq_test_pg_value(E.dsn, sql);
+    ck_assert_msg(strstr(v, "max_steps") != NULL, "%s", v);
+    free(v);
+    wait_status(id, "rejected", 5000, w, "worker");
+    /* The worker goes on: a good task after them completes. */
+    char good[40];
+    const char *args[] = {"--user", "u", "--goal", "fine", NULL};
+    ck_assert_int_eq(produce(args, good), 0);
+    wait_status(good, "completed", 10000, w, "worker");
+    aq_test_proc_free(w);
+    teardown_env();
+}
+END_TEST
+
+START_TEST(plain_amqp_client_task_runs)
+{
+    setup_env("pika", NULL);
+    aq_test_proc *w = start_worker("worker", NULL);
+    const char *id = "5a0c7a9e-1d52-4c8e-a0e6-2b9c6f1e7d30";
+    char script[300], cmd[1200];
+    snprintf(script, sizeof script, "%s/pub.py", E.logdir);
+    FILE *f = fopen(script, "w");
+    fprintf(f,
+            "import json, os, pika\n"
+            "params = pika.URLParameters(os.environ['AGENTQ_AMQP_URL'])\n"
+            "conn = pika.BlockingConnection(params)\n"
+            "ch = conn.channel()\n"
+            "ch.confirm_delivery()\n"
+            "body = json.dumps({'task_id': '%s', 'user_id': 'py', 'goal': 'from python steps=1'})\n"
+            "ch.basic_publish(exchange=os.environ['AGENTQ_AMQP_EXCHANGE'], routing_key='task', body=body,\n"
+            "    properties=pika.BasicProperties(content_type='application/json', delivery_mode=2, priority=3))\n"
+            "conn.close()\n",
+            id);
+    fclose(f);
+    sleep(1); /* the worker declares the topology */
+    snprintf(cmd, sizeof cmd, "/usr/bin/python3 '%s' >>'%s/pub.log' 2>&1", script, E.logdir);
+    int rc = system(cmd);
+    if (rc != 0) {
+        snprintf(cmd, sizeof cmd, "%s/pub.log", E.logdir);
+        aq_test_dump_log(cmd, 20);
+    }
+    ck_assert_int_eq(rc, 0);
+    wait_status(id, "completed", 15000, w, "worker");
+    char *v = task_value(id, "priority");
+    ck_assert_str_eq(v, "3");
+    free(v);
+    aq_test_proc_free(w);
+    teardown_env();
+}
+END_TEST
+
+START_TEST(kill9_redelivers_and_completes_once)
+{
+    const char *mock[] = {"--latency-ms", "1500", NULL};
+    setup_env("kill9", mock);
+    aq_test_proc *a = start_worker("worker-a", NULL);
+    char id[40];
+    const char *args[] = {"--user", "u", "--goal", "slow steps=1", NULL};
+    ck_assert_int_eq(produce(args, id), 0);
+    wait_status(id, "running", 10000, a, "worker-a");
+    usleep(300000);
+    aq_test_proc_signal(a, SIGKILL);
+    aq_test_proc_wait(a, 5000);
+    aq_test_proc *b = start_worker("worker-b", NULL);
+    wait_status(id, "completed", 20000, b, "worker-b");
+    char *v = task_value(id, "attempt");
+    ck_assert_str_eq(v, "2");
+    free(v);
+    /* Exactly one completed attempt: attempt 2's two LLM calls, no more. */
+    char sql[256];
+    snprintf(sql, sizeof sql, "SELECT count(*) FROM agentq.steps WHERE task_id = '%s' AND attempt = 2 AND kind = 'llm'", id);
+    v = aq_test_pg_value(E.dsn, sql);
+    ck_assert_str_eq(v, "2");
+    free(v);
+    sleep(1);
+    v = task_value(id, "status");
+    ck_assert_str_eq(v, "completed");
+    free(v);
+    aq_test_proc_free(a);
+    aq_test_proc_free(b);
+    teardown_env();
+}
+END_TEST
+
+START_TEST(sigterm_drains_then_requeues)
+{
+    const char *mock[] = {"--latency-ms", "1000", NULL};
+    setup_env("drain", mock);
+    const char *drain[] = {"AGENTQ_WORKER_DRAIN_SECONDS=10", NULL};
+    aq_test_proc *w = start_worker("worker", drain);
+    char file[300];
+    snprintf(file, sizeof file, "%s/five.jsonl", E.logdir);
+    FILE *f = fopen(file, "w");
+    for (int i = 0; i < 5; i++) fprintf(f, "{\"user_id\":\"d\",\"goal\":\"drain me %d\"}\n", i);
+    fclose(f);
+    const char *args[] = {"--file", file, NULL};
+    ck_assert_int_eq(produce(args, NULL), 0);
+    ck_assert(aq_test_pg_wait_value(E.dsn, "SELECT count(*) FROM agentq.tasks WHERE status = 'running'", "5", 10000));
+    aq_test_proc_signal(w, SIGTERM);
+    ck_assert_int_eq(aq_test_proc_wait(w, 15000), 0);
+    char *v = aq_test_pg_value(E.dsn, "SELECT count(*) FROM agentq.tasks WHERE status = 'completed'");
+    ck_assert_str_eq(v, "5"); /* they finished during the drain */
+    free(v);
+    aq_test_proc_free(w);
+
+    /* A drain too short for the work: tasks go back to the queue as
+     * queued, and another worker completes them. */
+    const char *mock_slow[] = {"--latency-ms", "4000", NULL};
+    aq_test_proc_free(E.mock);
+    char log[300];
+    snprintf(log, sizeof log, "%s/mock2.log", E.logdir);
+    E.mock = aq_test_start_mock(mock_slow, log, &E.mock_port);
+    char url[128], var[160];
+    snprintf(url, sizeof url, "http://127.0.0.1:%d/v1", E.mock_port);
+    snprintf(var, sizeof var, "AGENTQ_LLM_BASE_URL=%s", url);
+    const char *short_drain[] = {"AGENTQ_WORKER_DRAIN_SECONDS=1", var, NULL};
+    w = start_worker("worker-2", short_drain);
+    char id[40];
+    const char *one[] = {"--user", "d", "--goal", "requeue me", NULL};
+    ck_assert_int_eq(produce(one, id), 0);
+    wait_status(id, "running", 10000, w, "worker-2");
+    aq_test_proc_signal(w, SIGTERM);
+    ck_assert_int_eq(aq_test_proc_wait(w, 10000), 0);
+    v = task_value(id, "status");
+    ck_assert_str_eq(v, "queued");
+    free(v);
+    aq_test_proc_free(w);
+    const char *fast_env[] = {var, NULL};
+    (void)fast_env;
+    aq_test_proc *w3 = start_worker("worker-3", short_drain);
+    wait_status(id, "completed", 20000, w3, "worker-3");
+    aq_test_proc_free(w3);
+    teardown_env();
+}
+END_TEST
+
+int main(void)
+{
+    Suite *s = suite_create("queue");
+    TCase *core = tcase_create("core");
+    tcase_set_timeout(core, 120);
+    tcase_add_test(core, producer_to_completed_row);
+    tcase_add_test(core, priority_runs_first);
+    tcase_add_test(core, plain_amqp_client_task_runs);
+    suite_add_tcase(s, core);
+    TCase *limits = tcase_create("limits");
+    tcase_set_timeout(limits, 120);
+    tcase_add_test(limits, ttl_expiry_recorded);
+    tcase_add_test(limits, retries_through_tiers_then_failed);
+    tcase_add_test(limits, sigterm_drains_then_requeues);
+    suite_add_tcase(s, limits);
+    TCase *errors = tcase_create("errors");
+    tcase_set_timeout(errors, 120);
+    tcase_add_test(errors, malformed_and_invalid_rejected);
+    tcase_add_test(errors, kill9_redelivers_and_completes_once);
+    suite_add_tcase(s, errors);
+    SRunner *sr = srunner_create(s);
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
