@@ -534,7 +534,7 @@ static void dump(FILE *out, const aq_config *cfg, bool with_docs)
             fprintf(out, "  # %s (env %s)\n", k->doc, env);
         }
         fprintf(out, "  %s = ", k->name);
-        print_value(out, k, cfg, true);
+        print_value(out, k, cfg, !with_docs); /* the example holds only defaults: nothing secret */
         fputs(";\n", out);
         if (with_docs && !strcmp(k->section, "llm") && !strcmp(k->name, "price_output_per_mtok"))
             fputs("  # Per-model prices (file only):\n"

@@ -359,18 +359,37 @@ static void on_wake(evutil_socket_t fd, short what, void *arg)
 
 /* ------------------------------------------------------------ connection */
 
+/* libpq's messages span lines; a log line is one line. */
 static void one_line(char *msg)
 {
-    size_t n = strlen(msg);
-    while (n && (msg[n - 1] == '\n' || msg[n - 1] == ' ')) msg[--n] = '\0';
-    for (char *p = msg; *p; p++)
-        if (*p == '\n' || *p == '\t') *p = ' ';
+    char *w = msg;
+    bool space = false;
+    for (const char *p = msg; *p; p++) {
+        bool ws = *p == '\n' || *p == '\t' || *p == ' ' || *p == '\r';
+        if (ws) {
+            space = w != msg;
+            continue;
+        }
+        if (space) *w++ = ' ';
+        space = false;
+        *w++ = *p;
+    }
+    *w = '\0';
 }
 
 static void set_msg(char *msg, size_t msglen, const char *text)
 {
     snprintf(msg, msglen, "%s", text && *text ? text : "unknown error");
     one_line(msg);
+}
+
+/* Server notices would otherwise go to stderr raw, breaking JSON lines. */
+static void on_notice(void *arg, const char *message)
+{
+    char msg[512];
+    (void)arg;
+    set_msg(msg, sizeof msg, message);
+    aq_log(AQ_LOG_INFO, "store: PostgreSQL says: %s", msg);
 }
 
 static void drop_conn(aq_store *s)
@@ -520,6 +539,7 @@ static bool try_connect(aq_store *s)
     }
     if (ps == PGRES_POLLING_OK) {
         s->conn = c;
+        PQsetNoticeProcessor(c, on_notice, NULL);
         if (PQsetnonblocking(c, 1) != 0 || !PQenterPipelineMode(c)) {
             set_msg(msg, sizeof msg, PQerrorMessage(c));
             ps = PGRES_POLLING_FAILED;

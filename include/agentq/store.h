@@ -153,9 +153,12 @@ aq_store *aq_store_new(const aq_store_config *cfg, struct event_base *base,
  * store callback. NULL is a no-op. */
 void aq_store_free(aq_store *s);
 
-/* Upserts the task row as running for this worker (see design.md's
- * delivery guarantees for the attempt rule). `t` is borrowed. Returns 0
- * (cb will be called), AQ_EINVAL (bad input) or AQ_ECLOSED (freeing). */
+/* Upserts the task row as running for this worker: a new row runs the
+ * delivered attempt; a row left `running` (its worker died) runs attempt
+ * + 1; a `queued`/`retrying` row runs max(its attempt, the delivered one).
+ * A final row or one with cancel_requested is left as it is and reported.
+ * `t` is borrowed; `cb` is required. Returns 0 (cb will be called),
+ * AQ_EINVAL (bad input) or AQ_ECLOSED (freeing). */
 int aq_store_claim(aq_store *s, const aq_store_task *t, aq_store_claim_cb cb,
                    void *arg) AQ_MUSTCHECK;
 
@@ -163,7 +166,7 @@ int aq_store_claim(aq_store *s, const aq_store_task *t, aq_store_claim_cb cb,
  * row holds this result or was already final (either way the delivery may
  * be acked), AQ_ENOTFOUND when no row exists for this task and attempt
  * (another attempt owns it), AQ_EINVAL when PostgreSQL rejected it. `r` is
- * borrowed. Returns 0, AQ_EINVAL or AQ_ECLOSED. */
+ * borrowed; `cb` may be NULL. Returns 0, AQ_EINVAL or AQ_ECLOSED. */
 int aq_store_finish(aq_store *s, const aq_store_result *r, aq_store_done_cb cb,
                     void *arg) AQ_MUSTCHECK;
 
@@ -172,8 +175,8 @@ int aq_store_finish(aq_store *s, const aq_store_result *r, aq_store_done_cb cb,
 int aq_store_step(aq_store *s, const aq_store_step_row *row) AQ_MUSTCHECK;
 
 /* Records a dead letter (and the task's final status, see aq_store_dead).
- * cb gets 0 after COMMIT. `d` is borrowed. Returns 0, AQ_EINVAL or
- * AQ_ECLOSED. */
+ * cb gets 0 after COMMIT. `d` is borrowed; `cb` may be NULL. Returns 0,
+ * AQ_EINVAL or AQ_ECLOSED. */
 int aq_store_dead_letter(aq_store *s, const aq_store_dead *d, aq_store_done_cb cb,
                          void *arg) AQ_MUSTCHECK;
 
