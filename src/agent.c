@@ -53,6 +53,7 @@ struct aq_session {
     aq_http_req *req;
     int64_t est_tokens;
     int retries;
+    int tries;              /* calls of the coming step that did not make it (row seq) */
     int steps;
     int64_t prompt_tokens, completion_tokens;
     double cost;
@@ -200,7 +201,7 @@ static void stop_now(aq_session *s)
 static void on_deadline(evutil_socket_t fd, short what, void *arg)
 {
     aq_session *s = arg;
-    set_stop(s, "timeout", false, "timed out after %.1f s (timeout_seconds)", s->task->timeout_seconds);
+    set_stop(s, "timeout", false, "timed out after %g s (timeout_seconds)", s->task->timeout_seconds);
     stop_now(s);
 }
 
@@ -215,7 +216,7 @@ static void on_wake(evutil_socket_t fd, short what, void *arg)
     else if (s->state == S_TOOLS && s->tools_left == 0) tools_done(s);
 }
 
-static void emit_step(aq_session *s, int seq, const char *kind, const char *name, const char *status,
+static void emit_step(aq_session *s, int step, int seq, const char *kind, const char *name, const char *status,
                       int64_t started_us, int64_t mono_start, int64_t ptok, int64_t ctok, double cost,
                       const char *detail)
 {
@@ -223,7 +224,7 @@ static void emit_step(aq_session *s, int seq, const char *kind, const char *name
     aq_store_step_row row = {
         .task_id = s->task->task_id,
         .attempt = s->attempt,
-        .step = s->steps,
+        .step = step,
         .seq = seq,
         .kind = kind,
         .name = name,
@@ -236,6 +237,26 @@ static void emit_step(aq_session *s, int seq, const char *kind, const char *name
         .detail = detail,
     };
     s->e->d.on_step(&row, s->e->d.step_arg);
+}
+
+/* A row for an LLM call that did not make its step: it belongs to the
+ * step it tried (s->steps + 1) and takes seq 1, 2, ... in that step, so the
+ * store's key (task, attempt, step, kind, seq) never clashes with the call
+ * that does make it (seq 0) nor with another failed try. */
+static void emit_llm_failure(aq_session *s, const char *status, long http_status, const char *why)
+{
+    if (!s->e->d.on_step) return;
+    json_t *d = json_object();
+    if (http_status) json_object_set_new(d, "http_status", json_integer(http_status));
+    if (why && *why) {
+        json_t *w = json_string(why);
+        json_object_set_new(d, "error", w ? w : json_string("(not UTF-8)"));
+    }
+    char *detail = json_dumps(d, JSON_COMPACT);
+    json_decref(d);
+    emit_step(s, s->steps + 1, ++s->tries, "llm", s->task->model, status, s->llm_started_us, s->llm_mono, 0, 0, 0,
+              detail);
+    free(detail);
 }
 
 static void backoff(aq_session *s, int64_t ms)
@@ -294,12 +315,14 @@ static void record_tool(aq_session *s, size_t i)
     json_t *args = json_loadb(tc->args, tc->args_len, 0, NULL);
     json_object_set_new(d, "arguments", args ? args : json_stringn_nocheck(tc->args, tc->args_len));
     size_t shown = t->len < 2048 ? t->len : 2048;
+    /* cut on a character boundary, or a long UTF-8 output shows as not UTF-8 */
+    while (shown && shown < t->len && ((unsigned char)t->output[shown] & 0xC0) == 0x80) shown--;
     json_t *out = json_stringn(t->output ? t->output : "", shown);
     json_object_set_new(d, "output", out ? out : json_string("(not UTF-8)"));
     char *detail = json_dumps(d, JSON_COMPACT);
     json_decref(d);
-    emit_step(s, (int)i + 1, "tool", tc->name, t->is_error ? "error" : "ok", t->started_us, t->mono_start, 0, 0, 0,
-              detail);
+    emit_step(s, s->steps, (int)i + 1, "tool", tc->name, t->is_error ? "error" : "ok", t->started_us,
+              t->mono_start, 0, 0, 0, detail);
     free(detail);
 }
 
@@ -384,21 +407,24 @@ static void on_llm(aq_http_req *req, const aq_http_result *res, void *arg)
     aq_engine *e = s->e;
     s->req = NULL;
     if (s->state == S_STOPPING) {
+        /* Aborted by a stop (or it ended just before): the time it took is
+         * still worth a row; its reply, if any, is dropped. */
+        emit_llm_failure(s, "aborted", res->status, s->stop_status);
         finish(s);
         return;
     }
     char err[512];
     if (res->code != AQ_OK) {
-        emit_step(s, 0, "llm", s->task->model, "error", s->llm_started_us, s->llm_mono, 0, 0, 0, NULL);
+        const char *why = res->error && *res->error ? res->error : aq_strerror(res->code);
+        emit_llm_failure(s, "error", res->status, why);
         aq_ratelimit_adjust(e->d.ratelimit, -s->est_tokens);
-        retry_or_fail(s, res->error && *res->error ? res->error : aq_strerror(res->code));
+        retry_or_fail(s, why);
         return;
     }
     if (res->status != 200) {
-        char detail[64];
-        snprintf(detail, sizeof detail, "{\"http_status\":%ld}", res->status);
-        emit_step(s, 0, "llm", s->task->model, res->status == 429 ? "rate_limited" : "error", s->llm_started_us,
-                  s->llm_mono, 0, 0, 0, detail);
+        char msg[512] = "";
+        aq_chat_parse_error(res->body, res->body_len, msg, sizeof msg);
+        emit_llm_failure(s, res->status == 429 ? "rate_limited" : "error", res->status, msg);
     }
     if (res->status == 429) {
         int64_t ms = res->retry_after_ms >= 0 ? res->retry_after_ms : e->d.cfg->llm_retry_backoff_ms;
@@ -425,25 +451,37 @@ static void on_llm(aq_http_req *req, const aq_http_result *res, void *arg)
     }
     aq_chat_reply reply;
     if (aq_chat_parse_reply(res->body, res->body_len, &reply, err, sizeof err) != AQ_OK) {
+        aq_chat_reply_free(&reply);
+        emit_llm_failure(s, "error", res->status, err);
+        aq_ratelimit_adjust(e->d.ratelimit, -s->est_tokens);
         retry_or_fail(s, err);
         return;
     }
     s->retries = 0;
+    s->tries = 0;
     s->steps++;
     s->prompt_tokens += reply.prompt_tokens;
     s->completion_tokens += reply.completion_tokens;
     double cost = (double)reply.prompt_tokens * s->price_in + (double)reply.completion_tokens * s->price_out;
     s->cost += cost;
     aq_ratelimit_adjust(e->d.ratelimit, reply.prompt_tokens + reply.completion_tokens - s->est_tokens);
-    char detail[256];
-    snprintf(detail, sizeof detail, "{\"finish_reason\":\"%s\",\"tool_calls\":%zu,\"http_ms\":%lld}",
-             reply.finish_reason ? reply.finish_reason : "", reply.n_tool_calls, (long long)res->total_ms);
-    emit_step(s, 0, "llm", reply.model ? reply.model : s->task->model, "ok", s->llm_started_us, s->llm_mono,
-              reply.prompt_tokens, reply.completion_tokens, cost, detail);
+    /* finish_reason is the provider's text: jansson escapes it (detail is jsonb) */
+    json_t *dj = json_pack("{s:s?, s:I, s:I}", "finish_reason", reply.finish_reason, "tool_calls",
+                           (json_int_t)reply.n_tool_calls, "http_ms", (json_int_t)res->total_ms);
+    char *detail = dj ? json_dumps(dj, JSON_COMPACT) : NULL;
+    json_decref(dj);
+    emit_step(s, s->steps, 0, "llm", reply.model ? reply.model : s->task->model, "ok", s->llm_started_us,
+              s->llm_mono, reply.prompt_tokens, reply.completion_tokens, cost, detail);
+    free(detail);
     if (reply.n_tool_calls == 0) {
         s->result = aq_xstrndup(reply.content ? reply.content : "", reply.content_len);
         aq_chat_reply_free(&reply);
         set_stop(s, "completed", false, NULL);
+        stop_now(s);
+        return;
+    }
+    if (s->stop_status) { /* a cancel is pending on wake_ev: start no tools */
+        aq_chat_reply_free(&reply);
         stop_now(s);
         return;
     }
@@ -499,6 +537,10 @@ static void on_grant(void *arg)
 static void next_step(aq_session *s)
 {
     const aq_task *t = s->task;
+    if (s->stop_status) { /* a cancel came in while the tools ran */
+        stop_now(s);
+        return;
+    }
     if (s->steps >= t->max_steps) {
         set_stop(s, "max_steps", false, "stopped after %d steps (max_steps) without a final answer", s->steps);
         stop_now(s);

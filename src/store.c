@@ -45,6 +45,7 @@
 #define STORE_IDLE_CHECK_US 1000000LL
 #define STORE_POLL_SLICE_MS 100
 #define STORE_TRANSIENT_RETRIES 5
+#define STORE_MAX_LOSSES 10 /* connection losses under one batch */
 #define STORE_BYTEA_OID 17
 
 /* ------------------------------------------------------------ statements */
@@ -319,11 +320,14 @@ static void complete(aq_store *s, req **v, size_t n, bool committed)
 
 static void fail_reqs(aq_store *s, req **v, size_t n, int code, const char *why)
 {
-    for (size_t i = 0; i < n; i++) {
-        v[i]->code = code;
-        aq_log_task(AQ_LOG_WARN, v[i]->task_id[0] ? v[i]->task_id : NULL, NULL,
-                    "store: %s not written: %s", req_names[v[i]->kind], why);
-    }
+    for (size_t i = 0; i < n; i++) v[i]->code = code;
+    /* One line per request only when it is that request's own fault;
+     * a shutdown with thousands queued gets one line. */
+    if (n == 1)
+        aq_log_task(AQ_LOG_WARN, v[0]->task_id[0] ? v[0]->task_id : NULL, NULL,
+                    "store: %s not written: %s", req_names[v[0]->kind], why);
+    else
+        aq_log(AQ_LOG_WARN, "store: %zu requests not written: %s", n, why);
     complete(s, v, n, false);
 }
 
@@ -817,7 +821,7 @@ static bool pause_before_retry(aq_store *s, int attempt)
 
 static void write_batch(aq_store *s, req **v, size_t n)
 {
-    int transient = 0;
+    int transient = 0, losses = 0;
     char msg[1024];
     while (n > 0) {
         if (!ensure_conn(s)) {
@@ -835,7 +839,16 @@ static void write_batch(aq_store *s, req **v, size_t n)
             /* Nothing of the batch is known to be committed: replay it all
              * on a new connection (every statement is replay-safe). */
             lost_conn(s, msg);
-            continue;
+            if (++losses < STORE_MAX_LOSSES) continue;
+            /* The connection keeps dying under this very batch, though it
+             * comes back each time: suspect a request that crashes the
+             * backend, and isolate it rather than loop forever. */
+            if (n == 1) {
+                fail_reqs(s, v, 1, AQ_EIO, "the connection broke every time it was sent");
+                return;
+            }
+            for (size_t i = 0; i < n; i++) write_batch(s, &v[i], 1);
+            return;
         case TXN_ABANDONED:
             drop_conn(s);
             fail_reqs(s, v, n, AQ_ETIMEDOUT, "the store closed while the transaction was in flight");

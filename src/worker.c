@@ -7,6 +7,7 @@
  * callback (after COMMIT) or a publish confirm, never before. */
 #include "agentq/worker.h"
 #include "agentq/agent.h"
+#include "agentq/cancelwatch.h"
 #include "agentq/consumer.h"
 #include "agentq/http.h"
 #include "agentq/log.h"
@@ -45,6 +46,7 @@ struct aq_worker {
     aq_engine *engine;
     aq_store *store;
     aq_consumer *consumer;
+    aq_cancelwatch *cancels;
     aq_strmap *jobs;       /* task_id -> job, while claimed or running */
     size_t pending;        /* jobs alive (claim, run, finish, publish) */
     long retry_delays[32];
@@ -421,6 +423,16 @@ static void on_step(const aq_store_step_row *row, void *arg)
         aq_log_task(AQ_LOG_WARN, row->task_id, NULL, "step row dropped: store not accepting");
 }
 
+static void on_cancel_request(const char *task_id, void *arg)
+{
+    aq_worker *w = arg;
+    job *j = aq_strmap_get(w->jobs, task_id);
+    if (j && j->session) {
+        aq_log_task(AQ_LOG_INFO, task_id, j->task->user_id, "cancel requested; stopping the session");
+        aq_session_cancel(j->session, "cancelled");
+    }
+}
+
 static void cancel_one(const char *key, void *value, void *arg)
 {
     job *j = value;
@@ -486,6 +498,8 @@ aq_worker *aq_worker_new(const aq_config *cfg, struct event_base *base, char *er
                           .batch_max = cfg->pg_batch_max,
                           .flush_ms = cfg->pg_flush_ms};
     if (!(w->store = aq_store_new(&sc, base, err, errlen))) goto fail;
+    if (!(w->cancels = aq_cancelwatch_new(cfg->pg_dsn, w->worker_id, base, on_cancel_request, w, err, errlen)))
+        goto fail;
     aq_consumer_callbacks cb = {on_delivery, on_published, on_broker_state, w};
     if (!(w->consumer = aq_consumer_new(cfg, base, &cb, true, err, errlen))) goto fail;
     aq_log(AQ_LOG_INFO, "worker started: concurrency %d, model %s, skills %s", cfg->worker_concurrency,
@@ -503,6 +517,7 @@ void aq_worker_free(aq_worker *w)
      * to the queue with its connection. */
     aq_consumer_free(w->consumer);
     w->consumer = NULL;
+    aq_cancelwatch_free(w->cancels);
     aq_store_free(w->store);
     aq_engine_free(w->engine);
     aq_ratelimit_free(w->rl);

@@ -403,6 +403,139 @@ START_TEST(sigterm_drains_then_requeues)
 }
 END_TEST
 
+/* Runs agentqctl with args; returns its exit status. */
+static int ctl(const char *const *args)
+{
+    char cmd[2048], log[300];
+    snprintf(log, sizeof log, "%s/agentqctl.log", E.logdir);
+    int n = snprintf(cmd, sizeof cmd, "'%s'", aq_test_bin("agentqctl"));
+    for (int i = 0; args[i]; i++) n += snprintf(cmd + n, sizeof cmd - (size_t)n, " '%s'", args[i]);
+    snprintf(cmd + n, sizeof cmd - (size_t)n, " >>'%s' 2>&1", log);
+    return WEXITSTATUS(system(cmd));
+}
+
+START_TEST(cancel_stops_running_task)
+{
+    const char *mock[] = {"--latency-ms", "300", NULL};
+    setup_env("cancel", mock);
+    aq_test_proc *w = start_worker("worker", NULL);
+    char id[40];
+    const char *args[] = {"--user", "u", "--goal", "loop forever", "--max-steps", "100", "--timeout", "120", NULL};
+    ck_assert_int_eq(produce(args, id), 0);
+    wait_status(id, "running", 10000, w, "worker");
+    usleep(500000);
+    const char *cancel[] = {"cancel", id, NULL};
+    ck_assert_int_eq(ctl(cancel), 0);
+    wait_status(id, "cancelled", 5000, w, "worker");
+    char *v = task_value(id, "steps < 100");
+    ck_assert_str_eq(v, "t");
+    free(v);
+    aq_test_proc_free(w);
+    teardown_env();
+}
+END_TEST
+
+START_TEST(requeue_dead_letters)
+{
+    setup_env("requeue", NULL);
+    char id[40];
+    const char *args[] = {"--user", "u", "--goal", "second chance", "--ttl", "200", NULL};
+    ck_assert_int_eq(produce(args, id), 0);
+    sleep(1);
+    aq_test_proc *w = start_worker("worker", NULL);
+    wait_status(id, "expired", 15000, w, "worker");
+    const char *rq[] = {"requeue", "--dead", "--reason", "expired", NULL};
+    ck_assert_int_eq(ctl(rq), 0);
+    wait_status(id, "completed", 15000, w, "worker");
+    char sql[256];
+    snprintf(sql, sizeof sql, "SELECT requeued_at IS NOT NULL FROM agentq.dead_letters WHERE task_id = '%s'", id);
+    char *v = aq_test_pg_value(E.dsn, sql);
+    ck_assert_str_eq(v, "t");
+    free(v);
+    /* Nothing left to requeue: says so and exits 1. */
+    ck_assert_int_eq(ctl(rq), 1);
+    aq_test_proc_free(w);
+    teardown_env();
+}
+END_TEST
+
+static void write_tasks(const char *file, int n, const char *goal)
+{
+    FILE *f = fopen(file, "w");
+    ck_assert_ptr_nonnull(f);
+    for (int i = 0; i < n; i++) fprintf(f, "{\"user_id\":\"u%d\",\"goal\":\"%s %d\"}\n", i % 3, goal, i);
+    fclose(f);
+}
+
+START_TEST(broker_connection_loss_loses_nothing)
+{
+    const char *mock[] = {"--latency-ms", "800", NULL};
+    setup_env("amqploss", mock);
+    aq_test_proc *w = start_worker("worker", NULL);
+    char file[300];
+    snprintf(file, sizeof file, "%s/tasks.jsonl", E.logdir);
+    write_tasks(file, 6, "survive steps=1");
+    const char *args[] = {"--file", file, NULL};
+    ck_assert_int_eq(produce(args, NULL), 0);
+    ck_assert(aq_test_pg_wait_value(E.dsn, "SELECT count(*) FROM agentq.tasks WHERE status = 'running'", "6", 10000));
+    char cmd[600];
+    snprintf(cmd, sizeof cmd, "'%s' close_all_connections 'test: broker connection loss' >/dev/null 2>&1",
+             aq_test_env_require("AGENTQ_TEST_RABBITMQCTL"));
+    ck_assert_int_eq(system(cmd), 0);
+    ck_assert_msg(aq_test_pg_wait_value(E.dsn, "SELECT count(*) FROM agentq.tasks WHERE status = 'completed'", "6", 30000),
+                  "not every task completed after the broker connection was lost");
+    /* Each ran to one final row, and nothing is left in the queue. */
+    char *v = aq_test_pg_value(E.dsn, "SELECT count(*) FROM agentq.tasks");
+    ck_assert_str_eq(v, "6");
+    free(v);
+    aq_config cfg;
+    char err[256];
+    ck_assert(aq_config_load(&cfg, NULL, err, sizeof err) == 0);
+    int64_t depth = -1;
+    for (int i = 0; i < 100 && depth != 0; i++) {
+        aq_broker *b = aq_broker_connect(cfg.amqp_url, 0, 5000, err, sizeof err);
+        ck_assert_msg(b != NULL, "%s", err);
+        ck_assert(aq_broker_queue_depth(b, cfg.amqp_queue, &depth, NULL, err, sizeof err) == 0);
+        aq_broker_free(b);
+        if (depth) usleep(100000);
+    }
+    ck_assert_int_eq(depth, 0);
+    aq_config_free(&cfg);
+    ck_assert_int_eq(aq_test_proc_wait(w, 0), -1); /* the worker lives on */
+    aq_test_proc_free(w);
+    teardown_env();
+}
+END_TEST
+
+START_TEST(database_connection_loss_loses_nothing)
+{
+    const char *mock[] = {"--latency-ms", "800", NULL};
+    setup_env("pgloss", mock);
+    aq_test_proc *w = start_worker("worker", NULL);
+    char file[300];
+    snprintf(file, sizeof file, "%s/tasks.jsonl", E.logdir);
+    write_tasks(file, 6, "persist steps=1");
+    const char *args[] = {"--file", file, NULL};
+    ck_assert_int_eq(produce(args, NULL), 0);
+    ck_assert(aq_test_pg_wait_value(E.dsn, "SELECT count(*) FROM agentq.tasks WHERE status = 'running'", "6", 10000));
+    /* Cut every connection the worker has to this database. */
+    char *dbname = aq_test_pg_value(E.dsn, "SELECT current_database()");
+    char sql[512];
+    snprintf(sql, sizeof sql,
+             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = '%s' AND pid <> pg_backend_pid()",
+             dbname);
+    free(aq_test_pg_value(E.dsn, sql));
+    free(dbname);
+    ck_assert_msg(aq_test_pg_wait_value(E.dsn, "SELECT count(*) FROM agentq.tasks WHERE status = 'completed'", "6", 30000),
+                  "not every task completed after the database connection was cut");
+    char *v = aq_test_pg_value(E.dsn, "SELECT count(*) FROM agentq.steps WHERE kind = 'llm'");
+    ck_assert_str_eq(v, "12"); /* two LLM calls each, none written twice */
+    free(v);
+    aq_test_proc_free(w);
+    teardown_env();
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("queue");
@@ -417,11 +550,15 @@ int main(void)
     tcase_add_test(limits, ttl_expiry_recorded);
     tcase_add_test(limits, retries_through_tiers_then_failed);
     tcase_add_test(limits, sigterm_drains_then_requeues);
+    tcase_add_test(limits, cancel_stops_running_task);
+    tcase_add_test(limits, requeue_dead_letters);
     suite_add_tcase(s, limits);
     TCase *errors = tcase_create("errors");
     tcase_set_timeout(errors, 120);
     tcase_add_test(errors, malformed_and_invalid_rejected);
     tcase_add_test(errors, kill9_redelivers_and_completes_once);
+    tcase_add_test(errors, broker_connection_loss_loses_nothing);
+    tcase_add_test(errors, database_connection_loss_loses_nothing);
     suite_add_tcase(s, errors);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);

@@ -170,8 +170,8 @@ static int cmd_cancel(PGconn *pg, const char *id)
     } else if (!strcmp(PQgetvalue(r, 0, 1), "t")) {
         printf("task %s is already %s\n", id, PQgetvalue(r, 0, 0));
     } else {
+        /* A trigger NOTIFYs agentq_cancel; the worker running it stops it. */
         printf("cancel requested for task %s (now %s)\n", id, PQgetvalue(r, 0, 0));
-        PQclear(q(pg, "SELECT pg_notify('agentq_cancel', $1)", 1, p, PGRES_TUPLES_OK));
     }
     PQclear(r);
     return rc;
