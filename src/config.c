@@ -112,9 +112,9 @@ static const config_key config_keys[] = {
      "Timeout of one http_get."},
 
     {"limits", "mode", K_STR, OFF(limits_mode), "local", 0, 0, false,
-     "Rate-limit mode: 'local' (per process) or 'fleet' (shared buckets in Postgres)."},
+     "Rate-limit mode: 'local' (each process holds llm.*_per_minute); 'fleet' is planned."},
     {"limits", "max_inflight_per_user", K_INT, OFF(limits_max_inflight_per_user), "0", 0, 1000000, false,
-     "Most running tasks per user across the fleet (0: no cap)."},
+     "Most running tasks per user across the fleet (0: no cap; other values are planned)."},
 
     {"metrics", "listen", K_STR, OFF(metrics_listen), "0.0.0.0:9464", 0, 0, false,
      "Address of /metrics, /healthz and /readyz (empty: off)."},
@@ -433,8 +433,15 @@ int aq_config_check(const aq_config *cfg, char *err, size_t errlen)
         aq_seterr(err, errlen, "key 'log.level': '%s' must be debug, info, warn or error", cfg->log_level);
         return AQ_EINVAL;
     }
-    if (strcmp(cfg->limits_mode, "local") && strcmp(cfg->limits_mode, "fleet")) {
-        aq_seterr(err, errlen, "key 'limits.mode': '%s' must be 'local' or 'fleet'", cfg->limits_mode);
+    if (strcmp(cfg->limits_mode, "local")) {
+        /* 'fleet' (shared buckets in agentq.rate_limits) is specified in the
+         * contract but not built yet: refuse it rather than run unlimited. */
+        aq_seterr(err, errlen, "key 'limits.mode': '%s' is not available; this version supports 'local' "
+                  "(set llm.requests_per_minute / tokens_per_minute to each worker's share)", cfg->limits_mode);
+        return AQ_EINVAL;
+    }
+    if (cfg->limits_max_inflight_per_user) {
+        aq_seterr(err, errlen, "key 'limits.max_inflight_per_user': not available in this version; leave it 0");
         return AQ_EINVAL;
     }
     if (!*cfg->amqp_url || strncmp(cfg->amqp_url, "amqp", 4)) {
