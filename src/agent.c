@@ -48,6 +48,7 @@ struct aq_session {
     const char *tools;      /* the tools JSON offered */
     double price_in, price_out; /* USD per token */
     struct event *deadline_ev;
+    int64_t deadline_us;    /* epoch microseconds */
     struct event *wake_ev;  /* backoff, and deferred finish */
     aq_rl_wait *rl_wait;
     aq_http_req *req;
@@ -562,6 +563,13 @@ static void on_start(evutil_socket_t fd, short what, void *arg)
 {
     aq_session *s = arg;
     event_assign(s->wake_ev, s->e->d.base, -1, 0, on_wake, s);
+    /* A redelivered task may arrive past its deadline: this event runs
+     * before the deadline timer does, so look first, or a call goes out
+     * only to be aborted. */
+    if (aq_now_us() >= s->deadline_us) {
+        on_deadline(-1, EV_TIMEOUT, s);
+        return;
+    }
     next_step(s);
 }
 
@@ -588,6 +596,7 @@ aq_session *aq_session_start(aq_engine *e, const aq_task *task, int attempt, int
     s->deadline_ev = evtimer_new(e->d.base, on_deadline, s);
     s->wake_ev = evtimer_new(e->d.base, on_start, s);
     if (!s->deadline_ev || !s->wake_ev) aq_oom("session timers");
+    s->deadline_us = deadline_us;
     int64_t left = deadline_us - aq_now_us();
     if (left < 0) left = 0;
     struct timeval tv = {left / 1000000, left % 1000000};

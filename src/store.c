@@ -85,6 +85,8 @@ static const struct {
         "   worker_id = EXCLUDED.worker_id, claim_token = EXCLUDED.claim_token"
         " WHERE NOT agentq.is_final(t.status) AND NOT t.cancel_requested"
         "   AND t.claim_token IS DISTINCT FROM EXCLUDED.claim_token"
+        /* A copy of an attempt that already handed over to its retry. */
+        "   AND NOT (t.status = 'retrying' AND EXCLUDED.attempt <= t.attempt)"
         " RETURNING t.attempt, t.status, t.cancel_requested, true AS claimed)"
         " SELECT attempt, status, cancel_requested, claimed FROM up"
         " UNION ALL"
@@ -687,6 +689,8 @@ static void interpret_claim(req *r, const PGresult *res)
         r->outcome = AQ_STORE_FINAL;
     else if (cancel)
         r->outcome = AQ_STORE_CANCELLED;
+    else if (!strcmp(status, "retrying"))
+        r->outcome = AQ_STORE_STALE;
     else
         r->code = AQ_EAGAIN;
 }

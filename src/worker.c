@@ -31,7 +31,7 @@ typedef struct job {
     uint64_t *extra_tags;  /* duplicate deliveries of the same task */
     size_t nextra;
     int attempt;
-    int64_t deadline_us;
+    int64_t deadline_us;   /* absolute: the TTL carried across retries; 0 = none */
     char *error;           /* kept across the retry publish */
     bool in_map;
 } job;
@@ -83,7 +83,7 @@ static void ack_all(job *j)
 static void on_finished(void *arg, int code)
 {
     job *j = arg;
-    if (code == AQ_OK) ack_all(j);
+    if (code == AQ_OK || code == AQ_ENOTFOUND) ack_all(j); /* ENOTFOUND: another attempt owns the row */
     /* else: not committed; the delivery stays unacked and is redelivered
      * when this worker's connection goes away. */
     else aq_log_task(AQ_LOG_ERROR, j->task->task_id, j->task->user_id, "could not record the task's status: %s",
@@ -227,15 +227,29 @@ static void on_claimed(void *arg, aq_store_outcome outcome, int attempt, const c
         ack_all(j);
         job_free(j);
         return;
+    case AQ_STORE_STALE:
+        aq_log_task(AQ_LOG_INFO, j->task->task_id, j->task->user_id,
+                    "stale copy of attempt %d (a retry is on its way); acked without running", j->attempt);
+        ack_all(j);
+        job_free(j);
+        return;
     case AQ_STORE_CANCELLED:
         record(j, "cancelled", NULL, "cancelled before it ran", on_finished);
         return;
     case AQ_STORE_RUN: break;
     }
     j->attempt = attempt;
-    if (!j->deadline_us) j->deadline_us = aq_now_us() + (int64_t)(j->task->timeout_seconds * 1e6);
+    /* The broker enforces the TTL of a first delivery; a retry carries it
+     * in x-agentq-deadline and is checked here. */
+    if (j->task->deadline_us && aq_now_us() >= j->task->deadline_us) {
+        /* The per-message TTL, carried across retries as an absolute
+         * deadline, passed while the task waited for this attempt. */
+        record(j, "expired", NULL, "its TTL passed before this attempt could start", on_finished);
+        return;
+    }
     w->st.running++;
-    j->session = aq_session_start(w->engine, j->task, attempt, j->deadline_us, on_session_done, j);
+    int64_t session_deadline = aq_now_us() + (int64_t)(j->task->timeout_seconds * 1e6);
+    j->session = aq_session_start(w->engine, j->task, attempt, session_deadline, on_session_done, j);
     if (w->drain_expired) aq_session_cancel(j->session, "queued");
 }
 
@@ -377,15 +391,13 @@ static void on_delivery(aq_delivery *d, void *arg)
     j->d = d;
     j->task = t;
     j->attempt = t->attempt;
+    /* The absolute deadline: from a retry's header, else from the TTL. */
     j->deadline_us = t->deadline_us;
+    if (!j->deadline_us && t->expiration_ms >= 0) j->deadline_us = t->enqueued_at_us + t->expiration_ms * 1000;
     w->pending++;
     aq_strmap_put(w->jobs, t->task_id, j);
     j->in_map = true;
 
-    if (j->deadline_us && aq_now_us() >= j->deadline_us) {
-        record(j, "timeout", NULL, "deadline passed before the retry could run", on_finished);
-        return;
-    }
     char *meta = t->metadata ? json_dumps(t->metadata, JSON_COMPACT) : NULL;
     aq_store_task st = {
         .task_id = t->task_id,

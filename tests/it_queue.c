@@ -536,6 +536,24 @@ START_TEST(database_connection_loss_loses_nothing)
 }
 END_TEST
 
+START_TEST(ttl_carries_across_retries)
+{
+    setup_env("ttlretry", NULL);
+    aq_test_proc *w = start_worker("worker", NULL);
+    sleep(1); /* topology declared, consumer ready: attempt 1 starts within the TTL */
+    char id[40];
+    const char *args[] = {"--user", "u", "--goal", "fail=500", "--ttl", "700", NULL};
+    ck_assert_int_eq(produce(args, id), 0);
+    /* Attempt 1 fails at once; the retry comes back after 1 s, past the TTL. */
+    wait_status(id, "expired", 15000, w, "worker");
+    char *v = task_value(id, "attempt || '|' || error");
+    ck_assert_msg(!strcmp(v, "2|its TTL passed before this attempt could start"), "%s", v);
+    free(v);
+    aq_test_proc_free(w);
+    teardown_env();
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("queue");
@@ -548,6 +566,7 @@ int main(void)
     TCase *limits = tcase_create("limits");
     tcase_set_timeout(limits, 120);
     tcase_add_test(limits, ttl_expiry_recorded);
+    tcase_add_test(limits, ttl_carries_across_retries);
     tcase_add_test(limits, retries_through_tiers_then_failed);
     tcase_add_test(limits, sigterm_drains_then_requeues);
     tcase_add_test(limits, cancel_stops_running_task);

@@ -435,6 +435,14 @@ START_TEST(test_claim_attempt_rules)
     ck_assert_int_eq(c.outcome, AQ_STORE_RUN);
     ck_assert_int_eq(c.attempt, 3);
 
+    /* A copy of attempt 2 (the original redelivered after it handed over
+     * to its retry) is stale: not run, row untouched. */
+    c = claim_sync(s, retrying, 2);
+    ck_assert_int_eq(c.code, 0);
+    ck_assert_int_eq(c.outcome, AQ_STORE_STALE);
+    ck_assert_str_eq(val(sqlf("SELECT status || ',' || attempt FROM agentq.tasks WHERE task_id = '%s'", retrying)),
+                     "retrying,2");
+
     c = claim_sync(s, retrying, 3);
     ck_assert_int_eq(c.outcome, AQ_STORE_RUN);
     ck_assert_int_eq(c.attempt, 3);

@@ -50,6 +50,9 @@ typedef enum aq_store_outcome {
     AQ_STORE_RUN = 0,   /* the row now says running for this worker: go */
     AQ_STORE_FINAL,     /* the row was already final: ack without running */
     AQ_STORE_CANCELLED, /* cancel_requested: finish as cancelled and ack */
+    AQ_STORE_STALE,     /* a copy of an attempt that already handed over to
+                         * its retry (row says retrying with that attempt
+                         * or a later one): ack without running */
 } aq_store_outcome;
 
 /* The task being claimed. Strings borrowed for the call. */
