@@ -554,6 +554,54 @@ START_TEST(ttl_carries_across_retries)
 }
 END_TEST
 
+static char *slurp(const char *path)
+{
+    FILE *f = fopen(path, "r");
+    ck_assert_ptr_nonnull(f);
+    static char buf[65536];
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    buf[n] = '\0';
+    fclose(f);
+    return buf;
+}
+
+START_TEST(producer_reports_bad_lines)
+{
+    setup_env("prodlines", NULL);
+    char file[300], log[300];
+    snprintf(file, sizeof file, "%s/mixed.jsonl", E.logdir);
+    snprintf(log, sizeof log, "%s/producer.log", E.logdir);
+    FILE *f = fopen(file, "w");
+    fprintf(f, "{\"user_id\":\"a\",\"goal\":\"one\"}\n"
+               "{\"user_id\":\"a\",\"goal\":\"two\",\"max_steps\":500}\n"
+               "not json at all\n"
+               "\n"
+               "{\"task\":{\"user_id\":\"b\",\"goal\":\"three\"},\"priority\":7}\n");
+    fclose(f);
+    /* Default: bad lines reported with their numbers and skipped, exit 1. */
+    const char *args[] = {"--file", file, "--record", "--json", NULL};
+    ck_assert_int_eq(produce(args, NULL), 1);
+    char *errs = slurp(log);
+    ck_assert_msg(strstr(errs, "line 2: max_steps") != NULL, "%s", errs);
+    ck_assert_msg(strstr(errs, "line 3: not valid JSON") != NULL, "%s", errs);
+    char out[300];
+    snprintf(out, sizeof out, "%s/producer.out", E.logdir);
+    char *printed = slurp(out);
+    ck_assert_msg(strstr(printed, "\"line\":1") && strstr(printed, "\"line\":5"), "%s", printed);
+    /* --record wrote queued rows for the two good ones, priority kept. */
+    char *v = aq_test_pg_value(E.dsn, "SELECT string_agg(status || ':' || priority, ',' ORDER BY priority) FROM agentq.tasks");
+    ck_assert_str_eq(v, "queued:0,queued:7");
+    free(v);
+    /* --strict stops at the first bad line. */
+    truncate(log, 0);
+    const char *strict[] = {"--file", file, "--strict", NULL};
+    ck_assert_int_eq(produce(strict, NULL), 1);
+    errs = slurp(log);
+    ck_assert_msg(strstr(errs, "line 2") && !strstr(errs, "line 3"), "%s", errs);
+    teardown_env();
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("queue");
@@ -575,6 +623,7 @@ int main(void)
     TCase *errors = tcase_create("errors");
     tcase_set_timeout(errors, 120);
     tcase_add_test(errors, malformed_and_invalid_rejected);
+    tcase_add_test(errors, producer_reports_bad_lines);
     tcase_add_test(errors, kill9_redelivers_and_completes_once);
     tcase_add_test(errors, broker_connection_loss_loses_nothing);
     tcase_add_test(errors, database_connection_loss_loses_nothing);
