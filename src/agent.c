@@ -422,29 +422,26 @@ static void on_llm(aq_http_req *req, const aq_http_result *res, void *arg)
         retry_or_fail(s, why);
         return;
     }
-    if (res->status != 200) {
-        char msg[512] = "";
+    if (res->status < 200 || res->status > 299) {
+        char msg[400] = "";
         aq_chat_parse_error(res->body, res->body_len, msg, sizeof msg);
         emit_llm_failure(s, res->status == 429 ? "rate_limited" : "error", res->status, msg);
-    }
-    if (res->status == 429) {
-        int64_t ms = res->retry_after_ms >= 0 ? res->retry_after_ms : e->d.cfg->llm_retry_backoff_ms;
         aq_ratelimit_adjust(e->d.ratelimit, -s->est_tokens);
-        aq_ratelimit_pause(e->d.ratelimit, ms);
-        aq_log_task(AQ_LOG_DEBUG, s->task->task_id, s->task->user_id, "LLM rate limited; waiting %lld ms",
-                    (long long)ms);
-        next_step(s); /* queues behind the pause; uses no step */
-        return;
-    }
-    if (res->status >= 500 || res->status < 200) {
-        snprintf(err, sizeof err, "HTTP %ld", res->status);
-        aq_ratelimit_adjust(e->d.ratelimit, -s->est_tokens);
-        retry_or_fail(s, err);
-        return;
-    }
-    if (res->status >= 400) {
-        char msg[512] = "";
-        aq_chat_parse_error(res->body, res->body_len, msg, sizeof msg);
+        if (res->status == 429) {
+            int64_t ms = res->retry_after_ms >= 0 ? res->retry_after_ms : e->d.cfg->llm_retry_backoff_ms;
+            aq_ratelimit_pause(e->d.ratelimit, ms);
+            aq_log_task(AQ_LOG_DEBUG, s->task->task_id, s->task->user_id, "LLM rate limited; waiting %lld ms",
+                        (long long)ms);
+            next_step(s); /* queues behind the pause; uses no step */
+            return;
+        }
+        /* 5xx, a redirect we do not follow, or the server's own timeout
+         * (408) may pass if repeated; any other 4xx is about the request. */
+        if (res->status >= 500 || res->status < 400 || res->status == 408) {
+            snprintf(err, sizeof err, "HTTP %ld%s%s", res->status, *msg ? ": " : "", msg);
+            retry_or_fail(s, err);
+            return;
+        }
         set_stop(s, "failed", false, "LLM provider refused the request (HTTP %ld): %s", res->status,
                  *msg ? msg : "no message");
         stop_now(s);

@@ -11,6 +11,7 @@
  * classes (429, 5xx, malformed, 400), a task's skill subset, the history
  * cap, and a thousand sessions in flight on one thread. */
 #include "agentq/agent.h"
+#include "agentq/log.h"
 #include "agentq/mockllm.h"
 
 #include <arpa/inet.h>
@@ -514,8 +515,8 @@ START_TEST(test_completed)
     ck_assert_int_eq(r.steps, 4);
     ck_assert_ptr_nonnull(r.result);
     ck_assert_msg(!strncmp(r.result, "done: 3 tool result(s)", 22), "result: %s", r.result);
-    ck_assert_msg(strstr(r.result, "= 14") || strstr(r.result, "14"), "calculator result: %s",
-                  r.result);
+    /* the last calculator result ("4+5*4") made it into the answer */
+    ck_assert_msg(strstr(r.result, "last: 24"), "result: %s", r.result);
 
     /* 4 llm rows numbered 1..4 (seq 0), 3 calculator rows of steps 1..3 (seq 1) */
     ck_assert_uint_eq(count_rows(&f, r.task->task_id, "llm", "ok"), 4);
@@ -655,10 +656,9 @@ START_TEST(test_cancelled)
     ck_assert(!a.retryable);
     ck_assert_int_eq(a.steps, 1);
     ck_assert_ptr_null(a.result);
-    ck_assert_msg((a.end_mono - a.start_mono) < SLOW_MS * 1000,
-                  "cancel waited for the tool call (%lld us)",
+    ck_assert_msg((a.end_mono - a.start_mono) < 1000000, "cancel took %lld us",
                   (long long)(a.end_mono - a.start_mono));
-    ck_assert_int_eq(f.srv->slow_total, 1);
+    ck_assert_int_le(f.srv->slow_total, 1);
     ck_assert_uint_eq(count_rows(&f, a.task->task_id, "tool", "ok"), 0);
     assert_accounting(&f, &a);
 
@@ -719,3 +719,526 @@ START_TEST(test_max_steps)
     fx_stop(&f);
 }
 END_TEST
+
+/* ---- limits ---------------------------------------------------------------- */
+
+START_TEST(test_timeout)
+{
+    fx f;
+    aq_mockllm_config mc = mock_defaults();
+    fx_init(&f, &mc);
+    fx_start(&f);
+    run r;
+    start(&f, &r, "{\"user_id\":\"u1\",\"goal\":\"sleep=3000\",\"timeout_seconds\":0.5}");
+    run_all(&f, 5000);
+    int64_t took = r.end_mono - r.start_mono;
+    ck_assert_str_eq(r.status, "timeout");
+    ck_assert(!r.retryable);
+    ck_assert_int_eq(r.steps, 0);
+    ck_assert_ptr_nonnull(strstr(r.error, "timeout_seconds"));
+    ck_assert_msg(took >= 450000 && took < 1500000, "timed out after %lld us", (long long)took);
+    /* the transfer was aborted: the mock saw its client leave */
+    ck_assert_uint_eq(mock_drained(&f, 2000), 0);
+    aq_mockllm_stats st;
+    aq_mockllm_get_stats(f.mock, &st);
+    ck_assert_uint_eq(st.cancelled, 1);
+    ck_assert_uint_eq(st.completed, 0);
+    /* the aborted call is on record, as a try of step 1 */
+    ck_assert_uint_eq(f.nrows, 1);
+    ck_assert_str_eq(f.rows[0].status, "aborted");
+    ck_assert_int_eq(f.rows[0].step, 1);
+    ck_assert_int_eq(f.rows[0].seq, 1);
+    ck_assert(f.rows[0].duration_ms >= 400);
+    aq_http_stats hs;
+    aq_http_stats_get(f.http, &hs);
+    ck_assert_uint_eq(hs.inflight, 0);
+    run_free(&r);
+
+    /* during a tool call: the slow call is abandoned at the deadline */
+    run t;
+    start(&f, &t, "{\"user_id\":\"u1\",\"goal\":\"loop tool=slow\",\"timeout_seconds\":0.15}");
+    run_all(&f, 5000);
+    took = t.end_mono - t.start_mono;
+    ck_assert_str_eq(t.status, "timeout");
+    ck_assert_int_eq(t.steps, 1);
+    ck_assert_uint_eq(count_rows(&f, t.task->task_id, "tool", NULL), 0); /* never finished */
+    ck_assert_msg(took < 1000000, "timed out after %lld us", (long long)took);
+    run_free(&t);
+    fx_stop(&f);
+}
+END_TEST
+
+START_TEST(test_deadline_passed)
+{
+    fx f;
+    aq_mockllm_config mc = mock_defaults();
+    fx_init(&f, &mc);
+    fx_start(&f);
+    /* a redelivered task whose absolute deadline has gone by */
+    run r;
+    memset(&r, 0, sizeof r);
+    r.f = &f;
+    r.task = make_task(&f, "{\"user_id\":\"u1\",\"goal\":\"steps=1\"}");
+    r.s = aq_session_start(f.engine, r.task, 2, aq_now_us() - 1000000, on_done, &r);
+    ck_assert_int_eq(r.calls, 0);
+    f.want++;
+    run_all(&f, 2000);
+    ck_assert_str_eq(r.status, "timeout");
+    ck_assert_int_eq(r.steps, 0);
+    spin(&f, 50);
+    aq_mockllm_stats st;
+    aq_mockllm_get_stats(f.mock, &st);
+    ck_assert_uint_eq(st.requests, 0); /* nothing was sent */
+    ck_assert_uint_eq(f.nrows, 0);
+    run_free(&r);
+    fx_stop(&f);
+}
+END_TEST
+
+START_TEST(test_budget)
+{
+    fx f;
+    aq_mockllm_config mc = mock_defaults();
+    fx_init(&f, &mc);
+    fx_start(&f);
+    /* 100000 completion tokens at $15/M = $1.50 a call */
+    run a, b;
+    start(&f, &a, "{\"user_id\":\"u1\",\"goal\":\"loop tokens=100000\",\"budget_usd\":0.01}");
+    /* the budget allows two calls, the third would start past it */
+    start(&f, &b, "{\"user_id\":\"u2\",\"goal\":\"loop tokens=100000\",\"budget_usd\":3.2}");
+    run_all(&f, 10000);
+
+    ck_assert_str_eq(a.status, "budget_exceeded");
+    ck_assert(!a.retryable);
+    ck_assert_int_eq(a.steps, 1);
+    ck_assert(a.cost > 1.5 && a.cost < 1.6);
+    ck_assert_ptr_nonnull(strstr(a.error, "budget_usd"));
+    assert_accounting(&f, &a);
+    ck_assert_uint_eq(count_rows(&f, a.task->task_id, "llm", NULL), 1);
+
+    ck_assert_str_eq(b.status, "budget_exceeded");
+    ck_assert_int_eq(b.steps, 3);
+    ck_assert(b.cost > 3.2);
+    assert_accounting(&f, &b);
+
+    aq_mockllm_stats st;
+    aq_mockllm_get_stats(f.mock, &st);
+    ck_assert_uint_eq(st.requests, 4);
+    run_free(&a);
+    run_free(&b);
+    fx_stop(&f);
+}
+END_TEST
+
+START_TEST(test_too_many_tool_calls)
+{
+    fx f;
+    aq_mockllm_config mc = mock_defaults();
+    fx_init(&f, &mc);
+    set(&f.cfg, "agent.max_tool_calls", "2");
+    fx_start(&f);
+    run r;
+    start(&f, &r, "{\"user_id\":\"u1\",\"goal\":\"steps=1 parallel=4\"}");
+    run_all(&f, 10000);
+    ck_assert_str_eq(r.status, "completed");
+    ck_assert_int_eq(r.steps, 2);
+    /* two ran, two were refused as tool errors the model read */
+    ck_assert_uint_eq(count_rows(&f, NULL, "tool", "ok"), 2);
+    ck_assert_uint_eq(count_rows(&f, NULL, "tool", "error"), 2);
+    ck_assert_msg(strstr(r.result, "too many tool calls"), "result: %s", r.result);
+    run_free(&r);
+    fx_stop(&f);
+}
+END_TEST
+
+START_TEST(test_history_cap)
+{
+    enum { CAP = 2048, STEPS = 20 };
+    fx f;
+    aq_mockllm_config mc = mock_defaults();
+    fx_init(&f, &mc);
+    set(&f.cfg, "agent.max_context_bytes", "2048");
+    fx_start(&f);
+    /* Every turn brings a 12 KB tool output; with the cap, the prompt the
+     * provider sees stays flat instead of growing by 12 KB a step. (The
+     * mock counts turns in the history it is sent, so under a cap this
+     * small a "steps=N" goal would never end: loop into max_steps.) */
+    run r;
+    start(&f, &r, "{\"user_id\":\"u1\",\"goal\":\"loop tool=big\",\"max_steps\":20}");
+    run_all(&f, 20000);
+    ck_assert_str_eq(r.status, "max_steps");
+    ck_assert_int_eq(r.steps, STEPS);
+    ck_assert_uint_eq(count_rows(&f, NULL, "tool", "ok"), STEPS);
+    int64_t most = 0;
+    for (size_t i = 0; i < f.nrows; i++) {
+        row *w = &f.rows[i];
+        if (strcmp(w->kind, "llm")) continue;
+        /* the mock counts a token per 4 bytes of the messages it got */
+        if (w->prompt_tokens > most) most = w->prompt_tokens;
+    }
+    ck_assert_msg(most * 4 <= CAP + 512, "a request carried %lld bytes of messages (cap %d)",
+                  (long long)most * 4, CAP);
+    run_free(&r);
+    fx_stop(&f);
+}
+END_TEST
+
+static void raise_nofile(void)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0) {
+        rl.rlim_cur = rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
+}
+
+START_TEST(test_thousand_sessions)
+{
+    enum { N = 1000 };
+    raise_nofile();
+    struct rlimit rl;
+    ck_assert_int_eq(getrlimit(RLIMIT_NOFILE, &rl), 0);
+    ck_assert_msg(rl.rlim_cur >= 2 * N + 200, "RLIMIT_NOFILE %llu is too low for this test",
+                  (unsigned long long)rl.rlim_cur);
+    fx f;
+    aq_mockllm_config mc = mock_defaults();
+    mc.latency_ms = 200;
+    fx_init(&f, &mc);
+    set(&f.cfg, "llm.max_connections", "1100");
+    fx_start(&f);
+    run *r = calloc(N, sizeof *r);
+    ck_assert_ptr_nonnull(r);
+    int64_t t0 = aq_mono_us();
+    for (int i = 0; i < N; i++) {
+        char body[128];
+        snprintf(body, sizeof body, "{\"user_id\":\"user%d\",\"goal\":\"steps=1\"}", i % 37);
+        start(&f, &r[i], body);
+    }
+    ck_assert_uint_eq(aq_engine_sessions(f.engine), N);
+    run_all(&f, 20000);
+    int64_t took = aq_mono_us() - t0;
+    for (int i = 0; i < N; i++) {
+        ck_assert_msg(!strcmp(r[i].status, "completed"), "session %d: %s (%s)", i, r[i].status,
+                      r[i].error ? r[i].error : "");
+        ck_assert_int_eq(r[i].calls, 1);
+        ck_assert_int_eq(r[i].steps, 2);
+        ck_assert_msg(!strncmp(r[i].result, "done: 1 tool result(s)", 22), "%s", r[i].result);
+        run_free(&r[i]);
+    }
+    free(r);
+    aq_mockllm_stats st;
+    aq_mockllm_get_stats(f.mock, &st);
+    ck_assert_uint_eq(st.completed, 2 * N);
+    ck_assert_msg(st.peak_in_flight >= 900, "peak in flight at the mock: %llu",
+                  (unsigned long long)st.peak_in_flight);
+    /* serially: 2000 x 200 ms = 400 s */
+    ck_assert_msg(took < 10000000, "1000 sessions took %lld ms", (long long)took / 1000);
+    ck_assert_uint_eq(f.nrows, 3 * N);
+    fx_stop(&f);
+}
+END_TEST
+
+/* ---- errors ---------------------------------------------------------------- */
+
+START_TEST(test_rate_limited)
+{
+    enum { N = 25 };
+    fx f;
+    aq_mockllm_config mc = mock_defaults();
+    /* a full minute's bucket of 120 requests, then 2 a second: 125 calls
+     * make the last few wait on 429s */
+    mc.rpm = 120;
+    fx_init(&f, &mc);
+    fx_start(&f);
+    run r[N];
+    for (int i = 0; i < N; i++) {
+        char body[128];
+        snprintf(body, sizeof body, "{\"user_id\":\"u%d\",\"goal\":\"steps=4\"}", i % 5);
+        start(&f, &r[i], body);
+    }
+    run_all(&f, 15000);
+    aq_mockllm_stats st;
+    aq_mockllm_get_stats(f.mock, &st);
+    ck_assert_uint_gt(st.rate_limited, 0);
+    ck_assert_uint_eq(st.completed, 5 * N);
+    ck_assert_uint_eq(st.requests, st.completed + st.rate_limited);
+    ck_assert_uint_eq(count_rows(&f, NULL, "llm", "rate_limited"), st.rate_limited);
+    for (int i = 0; i < N; i++) {
+        ck_assert_msg(!strcmp(r[i].status, "completed"), "session %d: %s (%s)", i, r[i].status,
+                      r[i].error ? r[i].error : "");
+        ck_assert_int_eq(r[i].steps, 5); /* 429s use no step */
+        ck_assert_uint_eq(count_rows(&f, r[i].task->task_id, "llm", "ok"), 5);
+        assert_accounting(&f, &r[i]);
+        run_free(&r[i]);
+    }
+    fx_stop(&f);
+}
+END_TEST
+
+START_TEST(test_server_errors_retried)
+{
+    enum { N = 10 };
+    fx f;
+    aq_mockllm_config mc = mock_defaults();
+    mc.fail_rate = 0.3;
+    fx_init(&f, &mc);
+    set(&f.cfg, "llm.max_retries", "6");
+    fx_start(&f);
+    run r[N];
+    for (int i = 0; i < N; i++) start(&f, &r[i], "{\"user_id\":\"u1\",\"goal\":\"steps=2\"}");
+    run_all(&f, 10000);
+    aq_mockllm_stats st;
+    aq_mockllm_get_stats(f.mock, &st);
+    ck_assert_uint_gt(st.failures, 0);
+    ck_assert_uint_eq(st.completed, 3 * N);
+    /* every failed call is a step row of its own, none lost to a key clash */
+    ck_assert_uint_eq(count_rows(&f, NULL, "llm", "error"), st.failures);
+    for (int i = 0; i < N; i++) {
+        ck_assert_msg(!strcmp(r[i].status, "completed"), "session %d: %s (%s)", i, r[i].status,
+                      r[i].error ? r[i].error : "");
+        ck_assert_int_eq(r[i].steps, 3);
+        assert_accounting(&f, &r[i]);
+        run_free(&r[i]);
+    }
+    /* (task, attempt, step, kind, seq) is the store's key: no two rows share it */
+    for (size_t i = 0; i < f.nrows; i++)
+        for (size_t j = i + 1; j < f.nrows; j++) {
+            row *x = &f.rows[i], *y = &f.rows[j];
+            ck_assert_msg(strcmp(x->task_id, y->task_id) || x->step != y->step ||
+                              strcmp(x->kind, y->kind) || x->seq != y->seq,
+                          "two %s rows of step %d seq %d", x->kind, x->step, x->seq);
+        }
+    fx_stop(&f);
+}
+END_TEST
+
+START_TEST(test_server_errors_exhausted)
+{
+    fx f;
+    aq_mockllm_config mc = mock_defaults();
+    fx_init(&f, &mc);
+    set(&f.cfg, "llm.max_retries", "2");
+    fx_start(&f);
+    run r;
+    start(&f, &r, "{\"user_id\":\"u1\",\"goal\":\"fail=500\"}");
+    run_all(&f, 10000);
+    ck_assert_str_eq(r.status, "failed");
+    ck_assert(r.retryable);
+    ck_assert_int_eq(r.steps, 0);
+    ck_assert_msg(strstr(r.error, "2 retries") && strstr(r.error, "500"), "error: %s", r.error);
+    aq_mockllm_stats st;
+    aq_mockllm_get_stats(f.mock, &st);
+    ck_assert_uint_eq(st.requests, 3); /* the call and its 2 retries */
+    /* the three tries of step 1: seq 1, 2, 3, each with the provider's word */
+    ck_assert_uint_eq(f.nrows, 3);
+    for (size_t i = 0; i < f.nrows; i++) {
+        ck_assert_str_eq(f.rows[i].kind, "llm");
+        ck_assert_str_eq(f.rows[i].status, "error");
+        ck_assert_int_eq(f.rows[i].step, 1);
+        ck_assert_int_eq(f.rows[i].seq, (int)i + 1);
+        ck_assert_msg(strstr(f.rows[i].detail, "\"http_status\":500") &&
+                          strstr(f.rows[i].detail, "fail=500"),
+                      "detail: %s", f.rows[i].detail);
+    }
+    run_free(&r);
+    fx_stop(&f);
+}
+END_TEST
+
+START_TEST(test_client_error)
+{
+    fx f;
+    aq_mockllm_config mc = mock_defaults();
+    fx_init(&f, &mc);
+    fx_start(&f);
+    run r, k;
+    start(&f, &r, "{\"user_id\":\"u1\",\"goal\":\"fail=400\"}");
+    start(&f, &k, "{\"user_id\":\"u1\",\"goal\":\"fail=401\"}");
+    run_all(&f, 10000);
+    ck_assert_str_eq(r.status, "failed");
+    ck_assert(!r.retryable);
+    ck_assert_int_eq(r.steps, 0);
+    ck_assert_msg(strstr(r.error, "the goal asked for fail=400") && strstr(r.error, "400"),
+                  "error: %s", r.error);
+    ck_assert_str_eq(k.status, "failed");
+    ck_assert(!k.retryable);
+    aq_mockllm_stats st;
+    aq_mockllm_get_stats(f.mock, &st);
+    ck_assert_uint_eq(st.requests, 2); /* no retries */
+    run_free(&r);
+    run_free(&k);
+    fx_stop(&f);
+}
+END_TEST
+
+START_TEST(test_hung_retried)
+{
+    enum { N = 6 };
+    fx f;
+    aq_mockllm_config mc = mock_defaults();
+    mc.hang_rate = 0.3;
+    fx_init(&f, &mc);
+    set(&f.cfg, "llm.timeout_ms", "300");
+    set(&f.cfg, "llm.max_retries", "6");
+    fx_start(&f);
+    run r[N];
+    for (int i = 0; i < N; i++) start(&f, &r[i], "{\"user_id\":\"u1\",\"goal\":\"steps=1\"}");
+    run_all(&f, 15000);
+    for (int i = 0; i < N; i++) {
+        ck_assert_msg(!strcmp(r[i].status, "completed"), "session %d: %s (%s)", i, r[i].status,
+                      r[i].error ? r[i].error : "");
+        ck_assert_int_eq(r[i].steps, 2);
+        run_free(&r[i]);
+    }
+    aq_mockllm_stats st;
+    aq_mockllm_get_stats(f.mock, &st);
+    ck_assert_uint_gt(st.hung, 0);
+    /* each hung call timed out on our side, was recorded and retried, and
+     * its connection closed (the mock freed the request) */
+    ck_assert_uint_eq(count_rows(&f, NULL, "llm", "error"), st.hung);
+    ck_assert_uint_eq(mock_drained(&f, 2000), 0);
+    fx_stop(&f);
+}
+END_TEST
+
+START_TEST(test_api_key)
+{
+    fx f;
+    aq_mockllm_config mc = mock_defaults();
+    mc.api_key = "sk-check-agent";
+    fx_init(&f, &mc);
+    set(&f.cfg, "llm.api_key_env", "CHECK_AGENT_KEY");
+    setenv("CHECK_AGENT_KEY", "sk-check-agent", 1);
+    fx_start(&f); /* the engine reads the key here */
+    run ok;
+    start(&f, &ok, "{\"user_id\":\"u1\",\"goal\":\"steps=1\"}");
+    run_all(&f, 5000);
+    ck_assert_str_eq(ok.status, "completed");
+    run_free(&ok);
+    aq_engine_free(f.engine);
+
+    setenv("CHECK_AGENT_KEY", "sk-wrong", 1);
+    aq_engine_deps deps = {&f.cfg, f.base, f.http, f.skills, f.rl, on_step, &f};
+    char err[256] = "";
+    f.engine = aq_engine_new(&deps, err, sizeof err);
+    ck_assert_ptr_nonnull(f.engine);
+    run bad;
+    start(&f, &bad, "{\"user_id\":\"u1\",\"goal\":\"steps=1\"}");
+    run_all(&f, 5000);
+    ck_assert_str_eq(bad.status, "failed");
+    ck_assert(!bad.retryable);
+    ck_assert_msg(strstr(bad.error, "401") && strstr(bad.error, "Incorrect or missing API key"),
+                  "error: %s", bad.error);
+    ck_assert_msg(!strstr(bad.error, "sk-wrong"), "the key leaked into the error: %s", bad.error);
+    run_free(&bad);
+    unsetenv("CHECK_AGENT_KEY");
+    fx_stop(&f);
+}
+END_TEST
+
+START_TEST(test_malformed_retried)
+{
+    enum { N = 10 };
+    fx f;
+    aq_mockllm_config mc = mock_defaults();
+    mc.malformed_rate = 0.3;
+    fx_init(&f, &mc);
+    set(&f.cfg, "llm.max_retries", "6");
+    fx_start(&f);
+    run r[N];
+    for (int i = 0; i < N; i++) start(&f, &r[i], "{\"user_id\":\"u1\",\"goal\":\"steps=1\"}");
+    run_all(&f, 10000);
+    aq_mockllm_stats st;
+    aq_mockllm_get_stats(f.mock, &st);
+    ck_assert_uint_gt(st.malformed, 0);
+    ck_assert_uint_eq(st.completed, 2 * N);
+    ck_assert_uint_eq(count_rows(&f, NULL, "llm", "error"), st.malformed);
+    for (int i = 0; i < N; i++) {
+        ck_assert_msg(!strcmp(r[i].status, "completed"), "session %d: %s (%s)", i, r[i].status,
+                      r[i].error ? r[i].error : "");
+        ck_assert_int_eq(r[i].steps, 2);
+        run_free(&r[i]);
+    }
+    fx_stop(&f);
+}
+END_TEST
+
+START_TEST(test_skill_subset)
+{
+    fx f;
+    fx_init(&f, NULL); /* the rogue model */
+    fx_start(&f);
+    run r;
+    start(&f, &r, "{\"user_id\":\"u1\",\"goal\":\"anything\",\"skills\":[\"current_time\"]}");
+    run_all(&f, 10000);
+    ck_assert_str_eq(r.status, "completed");
+    ck_assert_int_eq(r.steps, 2);
+    ck_assert_int_eq(f.srv->rogue_requests, 2);
+    ck_assert_msg(strstr(r.result, "tool 'calculator' is not available to this task"),
+                  "result: %s", r.result);
+    ck_assert_msg(strstr(r.result, "current_time: arguments are not a JSON object"),
+                  "result: %s", r.result);
+    ck_assert_uint_eq(count_rows(&f, NULL, "tool", "error"), 2);
+    ck_assert_uint_eq(count_rows(&f, NULL, "tool", "ok"), 0);
+    ck_assert_uint_eq(count_rows(&f, NULL, "llm", "ok"), 2);
+    run_free(&r);
+    fx_stop(&f);
+}
+END_TEST
+
+static Suite *agent_suite(void)
+{
+    Suite *s = suite_create("agent");
+
+    TCase *core = tcase_create("core");
+    tcase_set_timeout(core, 30);
+    tcase_add_test(core, test_completed);
+    tcase_add_test(core, test_parallel_tools);
+    tcase_add_test(core, test_calculator_verified);
+    tcase_add_test(core, test_cancelled);
+    tcase_add_test(core, test_max_steps);
+    suite_add_tcase(s, core);
+
+    TCase *limits = tcase_create("limits");
+    tcase_set_timeout(limits, 60);
+    tcase_add_test(limits, test_timeout);
+    tcase_add_test(limits, test_deadline_passed);
+    tcase_add_test(limits, test_budget);
+    tcase_add_test(limits, test_too_many_tool_calls);
+    tcase_add_test(limits, test_history_cap);
+    tcase_add_test(limits, test_thousand_sessions);
+    suite_add_tcase(s, limits);
+
+    TCase *errors = tcase_create("errors");
+    tcase_set_timeout(errors, 30);
+    tcase_add_test(errors, test_rate_limited);
+    tcase_add_test(errors, test_server_errors_retried);
+    tcase_add_test(errors, test_server_errors_exhausted);
+    tcase_add_test(errors, test_client_error);
+    tcase_add_test(errors, test_malformed_retried);
+    tcase_add_test(errors, test_hung_retried);
+    tcase_add_test(errors, test_api_key);
+    tcase_add_test(errors, test_skill_subset);
+    suite_add_tcase(s, errors);
+    return s;
+}
+
+int main(void)
+{
+    /* Everything here talks to 127.0.0.1: no proxy may carry it elsewhere. */
+    const char *proxies[] = {"http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY",
+                             "all_proxy", "ALL_PROXY"};
+    for (size_t i = 0; i < AQ_ARRAY_LEN(proxies); i++) unsetenv(proxies[i]);
+    /* The mock and the tool server write to clients that went away. */
+    signal(SIGPIPE, SIG_IGN);
+    aq_log_set_level(AQ_LOG_WARN);
+    if (aq_http_global_init() != AQ_OK) {
+        fprintf(stderr, "curl_global_init failed\n");
+        return EXIT_FAILURE;
+    }
+    SRunner *sr = srunner_create(agent_suite());
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}

@@ -8,10 +8,16 @@
  * step that would start at or past the budget is not started), cancelled.
  *
  * Provider errors: 429 waits Retry-After (pausing the limiter for every
- * session) and does not use a step; 5xx, network errors, timeouts and
+ * session) and does not use a step; 5xx, 408, network errors, timeouts and
  * malformed replies are retried llm.max_retries times with backoff, then
- * the attempt fails as retryable; 400/401/403/404/422 fail the task with
- * the provider's message, not retryable.
+ * the attempt fails as retryable; any other 4xx (400/401/403/404/422...)
+ * fails the task with the provider's message, not retryable.
+ *
+ * Step rows (deps.on_step): the LLM call that makes step N is (N, seq 0);
+ * tool call i of its reply is (N, seq i+1) in the tool kind; a call that
+ * did not make step N (error, rate_limited, aborted by a stop) is
+ * (N, seq 1, 2, ...) in the llm kind, so no two rows of an attempt share
+ * the store's key (task, attempt, step, kind, seq).
  *
  * Memory: a session costs its struct (~300 bytes), its history (capped
  * at agent.max_context_bytes, see chat.h) and, while a call is in flight,

@@ -102,8 +102,9 @@ typedef struct aq_store_step_row {
     const char *task_id;
     int attempt;
     int step;              /* step number, 1 for the first LLM call */
-    int seq;               /* 0 for the LLM call; the tool call's index
-                            * among the step's parallel tool calls */
+    int seq;               /* llm: 0 for the call that answered, 1..n for
+                            * failed tries of the step; tool: the call's
+                            * index (from 1) among the step's calls */
     const char *kind;      /* "llm" or "tool" */
     const char *name;      /* model or skill name; NULL allowed */
     const char *status;    /* e.g. "ok", "error"; NULL allowed */
