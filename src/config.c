@@ -608,6 +608,15 @@ void aq_config_price(const aq_config *cfg, const char *model, double *in, double
     *out = cfg->llm_price_output_per_mtok;
 }
 
+double aq_config_max_task_timeout(const aq_config *cfg)
+{
+    /* Keep a tenth (at least 10 s) for queueing behind the claim, the
+     * final write and the ack. */
+    double limit = cfg->amqp_consumer_timeout_ms / 1000.0;
+    double margin = limit / 10 > 10 ? limit / 10 : 10;
+    return limit - margin;
+}
+
 bool aq_config_list_has(const char *list, const char *name)
 {
     size_t n = strlen(name);

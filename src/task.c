@@ -362,18 +362,21 @@ static int parse_budget(const json_t *body, aq_task *t, aq_task_error *e)
     return AQ_OK;
 }
 
-static int parse_timeout(const json_t *body, aq_task *t, aq_task_error *e)
+static int parse_timeout(const json_t *body, const aq_task_limits *limits, aq_task *t, aq_task_error *e)
 {
     const json_t *v = json_object_get(body, "timeout_seconds");
+    double max = AQ_TASK_TIMEOUT_MAX;
+    bool broker_bound = limits && limits->max_timeout_seconds > 0 && limits->max_timeout_seconds < max;
+    if (broker_bound) max = limits->max_timeout_seconds;
     t->timeout_seconds = AQ_TASK_TIMEOUT_DEFAULT;
-    if (!v) return AQ_OK;
-    double d = json_is_number(v) ? json_number_value(v) : -1;
-    if (!json_is_number(v) || !(d > 0 && d <= AQ_TASK_TIMEOUT_MAX)) {
+    if (!v && t->timeout_seconds <= max) return AQ_OK;
+    double d = !v ? t->timeout_seconds : json_is_number(v) ? json_number_value(v) : -1;
+    if ((v && !json_is_number(v)) || !(d > 0 && d <= max)) {
         char got[64];
-        got_number(got, sizeof got, v);
-        return fail(e, "timeout_seconds",
-                    "timeout_seconds: must be a number > 0 and <= %g (got %s)",
-                    AQ_TASK_TIMEOUT_MAX, got);
+        if (v) got_number(got, sizeof got, v);
+        else snprintf(got, sizeof got, "the default %g", d);
+        return fail(e, "timeout_seconds", "timeout_seconds: must be a number > 0 and <= %g%s (got %s)", max,
+                    broker_bound ? ", the most the broker's consumer_timeout allows" : "", got);
     }
     t->timeout_seconds = d;
     return AQ_OK;
@@ -562,7 +565,7 @@ int aq_task_from_json(const json_t *body, const aq_task_props *props,
     if (rc == AQ_OK) rc = parse_string(body, "goal", AQ_TASK_GOAL_MAX, &t->goal, e);
     if (rc == AQ_OK) rc = parse_max_steps(body, t, e);
     if (rc == AQ_OK) rc = parse_budget(body, t, e);
-    if (rc == AQ_OK) rc = parse_timeout(body, t, e);
+    if (rc == AQ_OK) rc = parse_timeout(body, limits, t, e);
     if (rc == AQ_OK) rc = parse_skills(body, limits, t, e);
     if (rc == AQ_OK) rc = parse_model(body, limits, t, e);
     if (rc == AQ_OK) rc = parse_metadata(body, t, e);

@@ -264,7 +264,7 @@ static int64_t header_int(const json_t *h, const char *key)
 static aq_task_limits limits_of(const aq_worker *w)
 {
     aq_task_limits l = {w->skill_names, *w->cfg->llm_models ? w->cfg->llm_models : w->cfg->llm_model,
-                        w->cfg->llm_model};
+                        w->cfg->llm_model, aq_config_max_task_timeout(w->cfg)};
     return l;
 }
 
@@ -569,34 +569,37 @@ char *aq_worker_metrics(const aq_worker *w)
     char *buf = NULL;
     size_t len = 0;
     FILE *f = open_memstream(&buf, &len);
-    fprintf(f,
-            "# HELP agentq_tasks_received_total Task deliveries received.\n# TYPE agentq_tasks_received_total counter\n"
-            "agentq_tasks_received_total %llu\n"
-            "# HELP agentq_tasks_finished_total Tasks finished by outcome.\n# TYPE agentq_tasks_finished_total counter\n"
-            "agentq_tasks_finished_total{outcome=\"completed\"} %llu\n"
-            "agentq_tasks_finished_total{outcome=\"failed\"} %llu\n"
-            "agentq_tasks_finished_total{outcome=\"retried\"} %llu\n"
-            "agentq_tasks_finished_total{outcome=\"rejected\"} %llu\n"
-            "agentq_tasks_finished_total{outcome=\"already_final\"} %llu\n"
-            "# HELP agentq_dead_letters_recorded_total Dead letters written to Postgres.\n# TYPE agentq_dead_letters_recorded_total counter\n"
-            "agentq_dead_letters_recorded_total %llu\n"
-            "# HELP agentq_sessions_running Agent sessions running now.\n# TYPE agentq_sessions_running gauge\n"
-            "agentq_sessions_running %llu\n"
-            "# HELP agentq_ratelimit_waiting Sessions waiting for an LLM rate-limit grant.\n# TYPE agentq_ratelimit_waiting gauge\n"
-            "agentq_ratelimit_waiting %zu\n"
-            "agentq_ratelimit_waiting_users %zu\n"
-            "# HELP agentq_llm_inflight HTTP requests in flight (LLM and skills).\n# TYPE agentq_llm_inflight gauge\n"
-            "agentq_http_inflight %llu\nagentq_http_open_connections %llu\nagentq_http_completed_total %llu\n"
-            "agentq_http_failed_total %llu\n"
-            "# HELP agentq_store_pending Rows queued for Postgres.\n# TYPE agentq_store_pending gauge\n"
-            "agentq_store_pending %llu\nagentq_store_transactions_total %llu\nagentq_store_reconnects_total %llu\n"
-            "agentq_broker_connected %d\nagentq_db_connected %d\nagentq_draining %d\n",
-            (unsigned long long)s.received, (unsigned long long)s.completed, (unsigned long long)s.failed,
-            (unsigned long long)s.retried, (unsigned long long)s.rejected, (unsigned long long)s.redelivered_final,
-            (unsigned long long)s.dead_recorded, (unsigned long long)s.running, waiting, users,
-            (unsigned long long)hs.inflight, (unsigned long long)hs.open_sockets, (unsigned long long)hs.completed,
-            (unsigned long long)hs.failed, (unsigned long long)sc.pending, (unsigned long long)sc.transactions,
-            (unsigned long long)sc.reconnects, s.broker_connected, s.db_connected, s.draining);
+    /* One table: name, type, help, value. */
+    struct {
+        const char *name, *type, *help;
+        double value;
+    } m[] = {
+        {"agentq_tasks_received_total", "counter", "Task deliveries received.", (double)s.received},
+        {"agentq_tasks_completed_total", "counter", "Tasks completed.", (double)s.completed},
+        {"agentq_tasks_failed_total", "counter", "Tasks that ended in any other final status.", (double)s.failed},
+        {"agentq_tasks_retried_total", "counter", "Attempts republished to a retry tier.", (double)s.retried},
+        {"agentq_tasks_rejected_total", "counter", "Messages rejected as invalid.", (double)s.rejected},
+        {"agentq_tasks_already_final_total", "counter", "Redeliveries acked without running (row already final).",
+         (double)s.redelivered_final},
+        {"agentq_dead_letters_recorded_total", "counter", "Dead letters written to Postgres.", (double)s.dead_recorded},
+        {"agentq_sessions_running", "gauge", "Agent sessions running now.", (double)s.running},
+        {"agentq_ratelimit_waiting", "gauge", "Sessions waiting for an LLM rate-limit grant.", (double)waiting},
+        {"agentq_ratelimit_waiting_users", "gauge", "Users with sessions waiting for a grant.", (double)users},
+        {"agentq_http_inflight", "gauge", "HTTP requests in flight (LLM and skills).", (double)hs.inflight},
+        {"agentq_http_open_connections", "gauge", "Open HTTP connections, idle kept-alive ones included.",
+         (double)hs.open_sockets},
+        {"agentq_http_completed_total", "counter", "HTTP requests completed.", (double)hs.completed},
+        {"agentq_http_failed_total", "counter", "HTTP requests that failed (network, timeout, size).", (double)hs.failed},
+        {"agentq_store_pending", "gauge", "Rows queued for Postgres.", (double)sc.pending},
+        {"agentq_store_transactions_total", "counter", "Transactions committed by the store.", (double)sc.transactions},
+        {"agentq_store_reconnects_total", "counter", "Postgres reconnections.", (double)sc.reconnects},
+        {"agentq_broker_connected", "gauge", "1 while the broker connection is up.", s.broker_connected},
+        {"agentq_db_connected", "gauge", "1 while the Postgres connection is up.", s.db_connected},
+        {"agentq_draining", "gauge", "1 while the worker drains after SIGTERM.", s.draining},
+    };
+    for (size_t i = 0; i < AQ_ARRAY_LEN(m); i++)
+        fprintf(f, "# HELP %s %s\n# TYPE %s %s\n%s %.17g\n", m[i].name, m[i].help, m[i].name, m[i].type, m[i].name,
+                m[i].value);
     fclose(f);
     return buf;
 }

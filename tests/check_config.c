@@ -79,6 +79,11 @@ START_TEST(lists_and_prices)
     ck_assert_double_eq(out, 15.0);
     aq_config_price(&cfg, "other", &in, &out);
     ck_assert_double_eq(in, 0.15);
+    /* The broker's default consumer_timeout here (2 h) leaves room for the
+     * longest task timeout (1 h); a 60 s one leaves 50 s. */
+    ck_assert_double_eq(aq_config_max_task_timeout(&cfg), 6480.0);
+    cfg.amqp_consumer_timeout_ms = 60000;
+    ck_assert_double_eq(aq_config_max_task_timeout(&cfg), 50.0);
     long d[8];
     ck_assert_int_eq(aq_config_retry_delays(&cfg, d, 8), 4);
     ck_assert_int_eq(d[0], 5000);

@@ -633,6 +633,27 @@ START_TEST(test_null_error_buffer)
 }
 END_TEST
 
+START_TEST(test_timeout_bound_by_broker)
+{
+    /* A broker whose consumer_timeout allows only 30 s of work. */
+    aq_task_limits lim = LIM;
+    lim.max_timeout_seconds = 30;
+    aq_task *t = NULL;
+    aq_task_error e;
+    const char *ok = "{\"user_id\":\"u\",\"goal\":\"g\",\"timeout_seconds\":30}";
+    ck_assert_int_eq(aq_task_parse(ok, strlen(ok), NULL, &lim, &t, &e), AQ_OK);
+    aq_task_free(t);
+    const char *over = "{\"user_id\":\"u\",\"goal\":\"g\",\"timeout_seconds\":31}";
+    ck_assert_int_eq(aq_task_parse(over, strlen(over), NULL, &lim, &t, &e), AQ_EINVAL);
+    ck_assert_str_eq(e.field, "timeout_seconds");
+    ck_assert_msg(strstr(e.message, "consumer_timeout"), "%s", e.message);
+    /* The default (60 s) does not fit either: said so, not silently cut. */
+    const char *dflt = "{\"user_id\":\"u\",\"goal\":\"g\"}";
+    ck_assert_int_eq(aq_task_parse(dflt, strlen(dflt), NULL, &lim, &t, &e), AQ_EINVAL);
+    ck_assert_msg(strstr(e.message, "the default 60"), "%s", e.message);
+}
+END_TEST
+
 static Suite *task_suite(void)
 {
     Suite *s = suite_create("task");
@@ -652,6 +673,7 @@ static Suite *task_suite(void)
     tcase_add_test(limits, test_max_steps_bounds);
     tcase_add_test(limits, test_budget_bounds);
     tcase_add_test(limits, test_timeout_bounds);
+    tcase_add_test(limits, test_timeout_bound_by_broker);
     tcase_add_test(limits, test_user_id_bounds);
     tcase_add_test(limits, test_goal_bounds);
     tcase_add_test(limits, test_skills_bounds);

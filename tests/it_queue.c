@@ -156,6 +156,43 @@ static void wait_status(const char *id, const char *want, int timeout_ms, aq_tes
     (void)w;
 }
 
+/* GETs http://127.0.0.1:port/path; returns the HTTP status, body in buf. */
+static long http_get(int port, const char *path, char *buf, size_t len)
+{
+    char cmd[512], out[300];
+    snprintf(out, sizeof out, "%s/http.out", E.logdir);
+    snprintf(cmd, sizeof cmd, "curl -s -o '%s' -w '%%{http_code}' http://127.0.0.1:%d%s", out, port, path);
+    FILE *p = popen(cmd, "r");
+    ck_assert_ptr_nonnull(p);
+    long code = 0;
+    if (fscanf(p, "%ld", &code) != 1) code = 0;
+    pclose(p);
+    FILE *f = fopen(out, "r");
+    size_t n = f ? fread(buf, 1, len - 1, f) : 0;
+    buf[n] = '\0';
+    if (f) fclose(f);
+    return code;
+}
+
+/* The metrics port a worker logged at start. */
+static int worker_metrics_port(const char *name)
+{
+    char log[300];
+    snprintf(log, sizeof log, "%s/%s.log", E.logdir, name);
+    for (int i = 0; i < 100; i++) {
+        FILE *f = fopen(log, "r");
+        char line[2048];
+        int port = 0;
+        while (f && fgets(line, sizeof line, f))
+            if (sscanf(line, "{\"ts\":\"%*[^\"]\",\"level\":\"info\",\"msg\":\"metrics on port %d", &port) == 1) break;
+        if (f) fclose(f);
+        if (port > 0) return port;
+        usleep(50000);
+    }
+    ck_abort_msg("worker logged no metrics port");
+    return 0;
+}
+
 START_TEST(producer_to_completed_row)
 {
     const char *mock[] = {"--latency-ms", "20", NULL};
@@ -171,6 +208,13 @@ START_TEST(producer_to_completed_row)
     v = task_value(id, "(SELECT count(*) FROM agentq.steps s WHERE s.task_id = tasks.task_id)");
     ck_assert_str_eq(v, "5"); /* 3 LLM calls + 2 tool calls */
     free(v);
+    int port = worker_metrics_port("worker");
+    static char body[65536];
+    ck_assert_int_eq(http_get(port, "/healthz", body, sizeof body), 200);
+    ck_assert_int_eq(http_get(port, "/readyz", body, sizeof body), 200);
+    ck_assert_int_eq(http_get(port, "/metrics", body, sizeof body), 200);
+    ck_assert_msg(strstr(body, "\nagentq_tasks_completed_total 1\n") != NULL, "%s", body);
+    ck_assert_msg(strstr(body, "# TYPE agentq_sessions_running gauge") != NULL, "%s", body);
     aq_test_proc_signal(w, SIGTERM);
     ck_assert_int_eq(aq_test_proc_wait(w, 10000), 0);
     aq_test_proc_free(w);

@@ -128,6 +128,11 @@ void aq_config_price(const aq_config *cfg, const char *model,
  * many, or AQ_EINVAL. */
 int aq_config_retry_delays(const aq_config *cfg, long *ms, int max);
 
+/* The longest task timeout the broker's consumer_timeout lets a worker
+ * finish: a delivery must be acked before consumer_timeout or the broker
+ * closes the channel, and a task also waits for its claim and its record. */
+double aq_config_max_task_timeout(const aq_config *cfg);
+
 /* True if `name` is in the comma-separated list `list`. */
 bool aq_config_list_has(const char *list, const char *name);
 

@@ -52,6 +52,8 @@ typedef struct aq_task_limits {
     const char *skills;        /* configured skills, comma-separated */
     const char *models;        /* configured models, comma-separated */
     const char *default_model; /* used when the body names none */
+    double max_timeout_seconds; /* below AQ_TASK_TIMEOUT_MAX when the broker's
+                                 * consumer_timeout allows less; 0: no extra bound */
 } aq_task_limits;
 
 /* The AMQP properties and agentq headers of a delivery. A zeroed struct

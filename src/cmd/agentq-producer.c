@@ -331,7 +331,8 @@ int main(int argc, char **argv)
         strcat(skills, ",");
         strcat(skills, cfg.http_skills[i].name);
     }
-    aq_task_limits limits = {skills, cfg.llm_models, cfg.llm_model};
+    aq_task_limits limits = {skills, *cfg.llm_models ? cfg.llm_models : cfg.llm_model, cfg.llm_model,
+                             aq_config_max_task_timeout(&cfg)};
 
     aq_broker *b = aq_broker_connect(cfg.amqp_url, 0, 10000, err, sizeof err);
     if (!b || aq_broker_declare(b, &cfg, err, sizeof err) != AQ_OK) {
