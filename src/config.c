@@ -57,8 +57,9 @@ static const config_key config_keys[] = {
      "libpq connection string or URI of the result store."},
     {"postgres", "batch_max", K_INT, OFF(pg_batch_max), "500", 1, 100000, false,
      "Most status/step rows written in one transaction."},
-    {"postgres", "flush_ms", K_INT, OFF(pg_flush_ms), "5", 0, 10000, false,
-     "How long a write may wait to be batched with others."},
+    {"postgres", "flush_ms", K_INT, OFF(pg_flush_ms), "0", 0, 10000, false,
+     "How long a write may wait to be batched with others (0: write at once; under load, writes that queue"
+     " while a transaction is in flight are batched anyway)."},
 
     {"llm", "base_url", K_STR, OFF(llm_base_url), "http://127.0.0.1:8080/v1", 0, 0, true,
      "OpenAI-compatible API base URL (…/v1)."},

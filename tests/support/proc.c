@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -24,9 +25,15 @@ aq_test_proc *aq_test_spawn(const char *const *argv, const char *const *env, con
     aq_test_proc *p = calloc(1, sizeof *p);
     ck_assert_ptr_nonnull(p);
     fflush(NULL);
+    pid_t parent = getpid();
     pid_t pid = fork();
     ck_assert_int_ge(pid, 0);
     if (pid == 0) {
+        /* Die with the test: a failed assertion exits the test process
+         * without running any teardown, and must not leave a worker or a
+         * mock behind. */
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        if (getppid() != parent) _exit(127);
         setpgid(0, 0);
         int fd = open(log_path, O_WRONLY | O_CREAT | O_APPEND, 0644);
         if (fd >= 0) {
