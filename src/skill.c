@@ -105,6 +105,8 @@ struct aq_skills {
     char *names;                 /* "a,b,c" */
     char *names_human;           /* "a, b, c" for error messages */
     char *tools_json;
+    char **tool_defs;            /* each skill's tool object as JSON text, so a
+                                  * task's subset is a join, not a rebuild */
     char **allow;                /* skills.http_get_allow, trimmed */
     size_t nallow;
     LIST_HEAD(, aq_skill_call) calls;
@@ -325,6 +327,20 @@ aq_skills *aq_skills_new(const aq_config *cfg, struct event_base *base, aq_http 
         goto fail;
     }
 
+    /* Each skill alone: "[{...}]" -> "{...}". */
+    s->tool_defs = aq_xcalloc(s->n ? s->n : 1, sizeof *s->tool_defs);
+    bool *pick = aq_xcalloc(s->n ? s->n : 1, sizeof *pick);
+    for (size_t i = 0; i < s->n; i++) {
+        char *one = NULL;
+        pick[i] = true;
+        if (build_tools(s, pick, &one, tools_err, sizeof tools_err) != AQ_OK) aq_oom("a tool definition");
+        pick[i] = false;
+        size_t len = strlen(one);
+        s->tool_defs[i] = aq_xstrndup(one + 1, len - 2);
+        free(one);
+    }
+    free(pick);
+
     size_t total = 1;
     for (size_t i = 0; i < s->n; i++) total += strlen(s->skills[i].name) + 2;
     s->names = aq_xcalloc(1, total);
@@ -363,6 +379,8 @@ void aq_skills_free(aq_skills *s)
     free(s->names);
     free(s->names_human);
     free(s->tools_json);
+    for (size_t i = 0; s->tool_defs && i < s->n; i++) free(s->tool_defs[i]);
+    free(s->tool_defs);
     free_list(s->allow, s->nallow);
     free(s);
 }
@@ -393,9 +411,20 @@ char *aq_skills_tools_json_for(const aq_skills *s, char *const *names, int n)
         }
         pick[sk - s->skills] = true;
     }
-    char *out = NULL;
-    /* Cannot fail: the same definitions passed when the set was built. */
-    if (build_tools(s, pick, &out, NULL, 0) != AQ_OK) out = NULL;
+    size_t len = 3;
+    for (size_t i = 0; i < s->n; i++)
+        if (pick[i]) len += strlen(s->tool_defs[i]) + 1;
+    char *out = aq_xmalloc(len), *p = out;
+    *p++ = '[';
+    for (size_t i = 0; i < s->n; i++) {
+        if (!pick[i]) continue;
+        if (p > out + 1) *p++ = ',';
+        size_t l = strlen(s->tool_defs[i]);
+        memcpy(p, s->tool_defs[i], l);
+        p += l;
+    }
+    *p++ = ']';
+    *p = '\0';
     free(pick);
     return out;
 }
