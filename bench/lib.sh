@@ -1,0 +1,220 @@
+# shellcheck shell=bash disable=SC2034
+# lib.sh — process plumbing for bench/run (sourced, not run): one private
+# RabbitMQ + Postgres pair (scripts/testenv), and per run a fresh database,
+# a fresh agentq-mockllm, and the workers under test (agentq or Celery).
+#
+# Owns: the processes it starts (their pids are in BENCH_PIDS so that the
+# EXIT trap of bench/run stops them, by pid, and nothing else) and the
+# databases it creates (bench_*). Measuring is drive.py's job.
+#
+# Everything listens on 127.0.0.1 only.
+
+BENCH_PY=/usr/bin/python3 # Debian's, with python3-celery & co
+export PYTHONDONTWRITEBYTECODE=1 # no __pycache__ in the source tree
+BENCH_PIDS=()
+
+say() { printf '\033[1m== %s\033[0m\n' "$*" >&2; }
+die() { echo "bench: error: $*" >&2; exit 1; }
+
+bench_free_port() {
+    "$BENCH_PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# bench_kill PID [GRACE_S]: TERM, wait, KILL — this one pid only.
+bench_kill() {
+    local pid=$1 grace=${2:-30} i
+    [[ -n "$pid" ]] || return 0
+    kill -TERM "$pid" 2>/dev/null || return 0
+    for ((i = 0; i < grace * 10; i++)); do
+        kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
+        sleep 0.1
+    done
+    echo "bench: pid $pid did not stop in ${grace}s; killing it" >&2
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+bench_forget() { # PID: no longer ours to stop
+    local keep=() p
+    for p in "${BENCH_PIDS[@]}"; do [[ "$p" == "$1" ]] || keep+=("$p"); done
+    BENCH_PIDS=("${keep[@]}")
+}
+
+bench_stop_all() {
+    local p
+    for p in "${BENCH_PIDS[@]}"; do bench_kill "$p" 20; done
+    BENCH_PIDS=()
+}
+
+# ------------------------------------------------------------- servers --
+
+bench_servers_start() { # DIR
+    scripts/testenv start "$1" >&2 || die "could not start RabbitMQ and Postgres"
+    set -a
+    # shellcheck disable=SC1091
+    source "$1/env"
+    set +a
+    BENCH_SERVERS=$1
+    BROKER_PID=$(cat "$1/rabbit/rabbit.pid" 2>/dev/null || echo 0)
+    PG_PID=$(head -n 1 "$(bench_pg_data)/postmaster.pid" 2>/dev/null || echo 0)
+    export AGENTQ_AMQP_URL=$AGENTQ_TEST_AMQP_URL
+}
+
+bench_pg_data() {
+    (
+        # shellcheck disable=SC1091
+        source "$BENCH_SERVERS/state"
+        echo "$PG_DATA"
+    )
+}
+
+bench_servers_stop() {
+    [[ -n "${BENCH_SERVERS:-}" ]] && scripts/testenv stop "$BENCH_SERVERS" >/dev/null 2>&1
+    BENCH_SERVERS=
+}
+
+bench_psql() { # psql as the superuser; -d DB in the arguments
+    PGOPTIONS="-c client_min_messages=warning" "$AGENTQ_TEST_PG_BINDIR/psql" -X -q -v ON_ERROR_STOP=1 -h "$AGENTQ_TEST_PG_HOST" \
+        -p "$AGENTQ_TEST_PG_PORT" -U postgres "$@"
+}
+
+# bench_db NAME: a fresh database; sets BENCH_DB_DSN and BENCH_DB_URL.
+bench_db() {
+    bench_psql -d postgres -c "DROP DATABASE IF EXISTS $1" -c "CREATE DATABASE $1" >/dev/null
+    BENCH_DB_DSN="host=$AGENTQ_TEST_PG_HOST port=$AGENTQ_TEST_PG_PORT user=postgres dbname=$1"
+    BENCH_DB_URL="postgresql://postgres@$AGENTQ_TEST_PG_HOST:$AGENTQ_TEST_PG_PORT/$1"
+}
+
+bench_db_drop() { bench_psql -d postgres -c "DROP DATABASE IF EXISTS $1" >/dev/null 2>&1 || true; }
+
+# ---------------------------------------------------------------- mock --
+
+# mock_start LATENCY_MS: a fresh mock (its /stats count this run only);
+# sets MOCK_PID and MOCK_URL (http://127.0.0.1:PORT).
+mock_start() {
+    local pf=$BENCH_WORK/mock.port
+    rm -f "$pf"
+    "$BUILD/agentq-mockllm" --listen 127.0.0.1:0 --port-file "$pf" --latency-ms "$1" \
+        --log-level warn 2>>"$BENCH_WORK/mock.log" &
+    MOCK_PID=$!
+    BENCH_PIDS+=("$MOCK_PID")
+    local i
+    for ((i = 0; i < 200; i++)); do
+        [[ -s "$pf" ]] && break
+        sleep 0.05
+    done
+    [[ -s "$pf" ]] || die "agentq-mockllm did not start (see $BENCH_WORK/mock.log)"
+    MOCK_URL="http://127.0.0.1:$(cat "$pf")"
+}
+
+mock_stop() {
+    bench_kill "$MOCK_PID" 10
+    bench_forget "$MOCK_PID"
+    MOCK_PID=
+}
+
+# -------------------------------------------------------------- agentq --
+
+# agentq_db NAME: fresh database + migrations; exports AGENTQ_POSTGRES_DSN.
+agentq_db() {
+    bench_db "$1"
+    export AGENTQ_POSTGRES_DSN=$BENCH_DB_DSN
+    "$BUILD/agentqctl" migrate >/dev/null 2>>"$BENCH_WORK/migrate.log" || die "agentqctl migrate failed"
+}
+
+# agentq_start CONCURRENCY [KEY=VALUE ...]: one worker process on the
+# current mock and database, the extra environment applied; waits until
+# /readyz says it is connected. Sets WORKER_PID (the process itself, so
+# that /proc shows its own memory and CPU).
+agentq_start() {
+    local conc=$1
+    shift
+    local port
+    port=$(bench_free_port)
+    env AGENTQ_WORKER_CONCURRENCY="$conc" AGENTQ_LLM_BASE_URL="$MOCK_URL/v1" \
+        AGENTQ_METRICS_LISTEN="127.0.0.1:$port" AGENTQ_LOG_LEVEL=warn AGENTQ_WORKER_ID="${AGENTQ_WORKER_ID:-bench-worker}" \
+        AGENTQ_WORKER_DRAIN_SECONDS=5 "$@" \
+        "${WORKER_WRAP[@]}" "$BUILD/agentq-worker" 2>>"$BENCH_WORK/worker.log" &
+    WORKER_PID=$!
+    BENCH_PIDS+=("$WORKER_PID")
+    WORKER_METRICS="http://127.0.0.1:$port"
+    local i
+    for ((i = 0; i < 600; i++)); do
+        curl -sf "$WORKER_METRICS/readyz" >/dev/null 2>&1 && return 0
+        kill -0 "$WORKER_PID" 2>/dev/null || die "agentq-worker exited at start (see $BENCH_WORK/worker.log)"
+        sleep 0.1
+    done
+    die "agentq-worker not ready after 60s (see $BENCH_WORK/worker.log)"
+}
+
+agentq_stop() {
+    bench_kill "$WORKER_PID" 30
+    bench_forget "$WORKER_PID"
+    WORKER_PID=
+}
+
+# -------------------------------------------------------------- celery --
+
+bench_celery_deps() {
+    local pkgs="python3-celery python3-psycopg2 python3-sqlalchemy python3-gevent python3-requests"
+    "$BENCH_PY" -c 'import celery, psycopg2, sqlalchemy, gevent, requests, amqp' 2>/dev/null && return 0
+    say "installing the Celery baseline's Debian packages"
+    [[ $(id -u) -eq 0 ]] || die "run as root, or: sudo apt-get install -y $pkgs"
+    export DEBIAN_FRONTEND=noninteractive
+    # shellcheck disable=SC2086
+    apt-get install -y -q $pkgs >/dev/null ||
+        { apt-get update -q >/dev/null && apt-get install -y -q $pkgs >/dev/null; } ||
+        die "apt-get install $pkgs failed"
+}
+
+# celery_env DB_URL: the baseline's settings (read by bench/celery/tasks.py).
+celery_env() {
+    export BENCH_BROKER_URL="amqp://guest:guest@127.0.0.1:$AGENTQ_TEST_AMQP_PORT//"
+    export BENCH_RESULT_URL=$1
+    export BENCH_LLM_URL="$MOCK_URL/v1/chat/completions"
+}
+
+# celery_start POOL CONCURRENCY: a Celery worker (prefork or gevent) on the
+# current mock; waits for its worker_ready signal. Sets CELERY_PID (the
+# main process; the pool's children are found under it).
+celery_start() {
+    local pool=$1 conc=$2 ready=$BENCH_WORK/celery.ready dbpool=0
+    rm -f "$ready"
+    [[ "$pool" == gevent ]] && dbpool=${BENCH_DB_POOL:-1}
+    # Nothing left over from an earlier run (with late acks, a task whose
+    # ack had not gone out when its worker stopped comes back).
+    (cd bench/celery && "$BENCH_PY" -c 'import tasks; tasks.app.control.purge()') >/dev/null 2>&1 ||
+        die "cannot purge the Celery queue"
+    # Best settings for throughput: no gossip/mingle/heartbeat chatter.
+    (
+        cd bench/celery &&
+            BENCH_READY_FILE=$ready BENCH_HTTP_POOL=$conc BENCH_DB_POOL=$dbpool exec "$BENCH_PY" -m celery -A tasks worker \
+                -P "$pool" -c "$conc" --loglevel=WARNING --without-gossip --without-mingle \
+                --without-heartbeat -n "bench@%h"
+    ) >>"$BENCH_WORK/celery.log" 2>&1 &
+    CELERY_PID=$!
+    BENCH_PIDS+=("$CELERY_PID")
+    local i
+    for ((i = 0; i < 1800; i++)); do
+        [[ -s "$ready" ]] && return 0
+        kill -0 "$CELERY_PID" 2>/dev/null || die "celery exited at start (see $BENCH_WORK/celery.log)"
+        sleep 0.1
+    done
+    die "celery not ready after 180s (see $BENCH_WORK/celery.log)"
+}
+
+celery_stop() {
+    # Warm shutdown (TERM) lets the pool's children exit; the main process
+    # waits for them. Should it have to be killed, its children (noted
+    # first, by pid) are stopped one by one.
+    local kids c
+    kids=$(cat /proc/"$CELERY_PID"/task/*/children 2>/dev/null || true)
+    bench_kill "$CELERY_PID" 60
+    for c in $kids; do
+        if { tr '\0' ' ' </proc/"$c"/cmdline; } 2>/dev/null | grep -q celery; then
+            kill -KILL "$c" 2>/dev/null || true
+        fi
+    done
+    bench_forget "$CELERY_PID"
+    CELERY_PID=
+}
