@@ -316,9 +316,12 @@ static void handle_dead(aq_worker *w, aq_delivery *d)
     const char *task_id = t ? t->task_id : (*terr.task_id ? terr.task_id : NULL);
     if (!*error) {
         if (!strcmp(reason, "rejected") && prc != AQ_OK) snprintf(error, sizeof error, "%s", terr.message);
-        else if (!strcmp(reason, "expired"))
-            snprintf(error, sizeof error, "expired while queued (per-message TTL %s ms)",
-                     d->expiration ? d->expiration : "?");
+        else if (!strcmp(reason, "expired")) {
+            /* Dead-lettering moves the TTL into x-death. */
+            const char *ttl = json_string_value(json_object_get(json_array_get(deaths, 0), "original-expiration"));
+            if (ttl) snprintf(error, sizeof error, "expired while queued (per-message TTL %s ms)", ttl);
+            else snprintf(error, sizeof error, "expired while queued (the queue's message TTL)");
+        }
         else if (!strcmp(reason, "rejected")) snprintf(error, sizeof error, "rejected by a consumer");
     }
     const char *status = !strcmp(reason, "rejected") ? "rejected"

@@ -262,9 +262,10 @@ START_TEST(ttl_expiry_recorded)
     aq_test_proc *w = start_worker("worker", NULL);
     wait_status(id, "expired", 15000, w, "worker");
     char sql[256];
-    snprintf(sql, sizeof sql, "SELECT reason || '|' || (headers ? 'x-death') FROM agentq.dead_letters WHERE task_id = '%s'", id);
+    snprintf(sql, sizeof sql,
+             "SELECT reason || '|' || (headers ? 'x-death') || '|' || error FROM agentq.dead_letters WHERE task_id = '%s'", id);
     char *v = aq_test_pg_value(E.dsn, sql);
-    ck_assert_str_eq(v, "expired|true");
+    ck_assert_str_eq(v, "expired|true|expired while queued (per-message TTL 300 ms)");
     free(v);
     aq_test_proc_free(w);
     teardown_env();

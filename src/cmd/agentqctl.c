@@ -177,6 +177,37 @@ static int cmd_cancel(PGconn *pg, const char *id)
     return rc;
 }
 
+/* Marks dead letters requeued and their tasks queued from attempt 1 (or,
+ * with on = false, parks them again with the status the dead letter
+ * gave). One transaction. Returns 0 or 3. */
+static int mark_requeued(PGconn *pg, char **ids, int n, bool on)
+{
+    PQclear(PQexec(pg, "BEGIN"));
+    for (int i = 0; i < n; i++) {
+        const char *p[] = {ids[i]};
+        PGresult *r = q(pg,
+                        on ? "WITH d AS (UPDATE agentq.dead_letters SET requeued_at = now() WHERE id = $1::bigint"
+                             " RETURNING task_id)"
+                             " UPDATE agentq.tasks t SET status = 'queued', attempt = 1, error = NULL,"
+                             " finished_at = NULL, cancel_requested = false FROM d WHERE t.task_id = d.task_id"
+                           : "WITH d AS (UPDATE agentq.dead_letters SET requeued_at = NULL WHERE id = $1::bigint"
+                             " RETURNING task_id, reason, error)"
+                             " UPDATE agentq.tasks t SET status = CASE d.reason WHEN 'expired' THEN 'expired'"
+                             " WHEN 'rejected' THEN 'rejected' ELSE 'failed' END, error = d.error, finished_at = now()"
+                             " FROM d WHERE t.task_id = d.task_id AND t.status = 'queued'",
+                        1, p, PGRES_COMMAND_OK);
+        if (!r) {
+            PQclear(PQexec(pg, "ROLLBACK"));
+            return 3;
+        }
+        PQclear(r);
+    }
+    PGresult *r = q(pg, "COMMIT", 0, NULL, PGRES_COMMAND_OK);
+    if (!r) return 3;
+    PQclear(r);
+    return 0;
+}
+
 /* Publishes each dead letter selected by `where` back to the task queue
  * with a fresh attempt count, then marks it requeued. */
 static int requeue(const aq_config *cfg, PGconn *pg, const char *where, int n, const char *const *params)
@@ -205,7 +236,19 @@ static int requeue(const aq_config *cfg, PGconn *pg, const char *where, int n, c
         PQclear(r);
         return 3;
     }
+    /* The rows say queued (attempt 1) before the messages exist: a worker
+     * that takes one at once must not find the old final status and ack it
+     * unrun. If the broker does not confirm, the rows are put back. */
+    char **ids = aq_xcalloc((size_t)rows, sizeof *ids);
     for (int i = 0; i < rows; i++) {
+        const unsigned char *v = (const unsigned char *)PQgetvalue(r, i, 0);
+        long long id = 0;
+        for (int k = 0; k < 8; k++) id = (id << 8) | v[k];
+        ids[i] = aq_xmalloc(32);
+        snprintf(ids[i], 32, "%lld", id);
+    }
+    int rc = mark_requeued(pg, ids, rows, true);
+    for (int i = 0; rc == 0 && i < rows; i++) {
         const char *tid = PQgetvalue(r, i, 2);
         int prio = 0;
         if (!PQgetisnull(r, i, 3)) {
@@ -216,30 +259,24 @@ static int requeue(const aq_config *cfg, PGconn *pg, const char *where, int n, c
                         *tid ? tid : NULL, prio, NULL, 0, NULL};
         if (aq_broker_publish(b, &p, err, sizeof err) < 0) {
             fprintf(stderr, "agentqctl: %s\n", err);
-            break;
+            rc = 3;
         }
     }
     int64_t nacked = 0;
-    int rc = aq_broker_wait_confirms(b, 30000, &nacked, err, sizeof err);
-    aq_broker_free(b);
-    if (rc != AQ_OK) {
-        fprintf(stderr, "agentqctl: %s; nothing marked requeued\n", err);
-        PQclear(r);
-        return 3;
+    if (rc == 0 && aq_broker_wait_confirms(b, 30000, &nacked, err, sizeof err) != AQ_OK) {
+        fprintf(stderr, "agentqctl: %s\n", err);
+        rc = 3;
     }
-    /* Confirmed: mark them, and let the tasks run again from attempt 1. */
-    for (int i = 0; i < rows; i++) {
-        const unsigned char *v = (const unsigned char *)PQgetvalue(r, i, 0);
-        long long id = 0;
-        for (int k = 0; k < 8; k++) id = (id << 8) | v[k];
-        char ids[32];
-        snprintf(ids, sizeof ids, "%lld", id);
-        const char *p[] = {ids};
-        PQclear(q(pg,
-                  "WITH d AS (UPDATE agentq.dead_letters SET requeued_at = now() WHERE id = $1::bigint RETURNING task_id)"
-                  " UPDATE agentq.tasks t SET status = 'queued', attempt = 1, error = NULL, finished_at = NULL,"
-                  " cancel_requested = false FROM d WHERE t.task_id = d.task_id",
-                  1, p, PGRES_COMMAND_OK));
+    aq_broker_free(b);
+    if (rc != 0) {
+        fprintf(stderr, "agentqctl: not confirmed by the broker; the dead letters stay parked\n");
+        (void)mark_requeued(pg, ids, rows, false);
+    }
+    for (int i = 0; i < rows; i++) free(ids[i]);
+    free(ids);
+    if (rc != 0) {
+        PQclear(r);
+        return rc;
     }
     printf("requeued %d dead letter%s\n", rows, rows == 1 ? "" : "s");
     PQclear(r);
