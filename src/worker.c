@@ -121,8 +121,6 @@ static void on_requeued(void *arg, int code)
     job_free(j);
 }
 
-static void on_retry_published(void *cookie, bool ok, void *arg);
-
 static json_t *retry_headers(job *j, int next_attempt, const char *error, const char *reason)
 {
     json_t *h = json_object();
@@ -420,11 +418,6 @@ static void on_delivery(aq_delivery *d, void *arg)
     if (rc != AQ_OK) job_free(j);
 }
 
-static void on_published(void *cookie, bool ok, void *arg)
-{
-    on_retry_published(cookie, ok, arg);
-}
-
 static void on_broker_state(bool connected, void *arg)
 {
     aq_worker *w = arg;
@@ -515,7 +508,8 @@ aq_worker *aq_worker_new(const aq_config *cfg, struct event_base *base, char *er
     if (!(w->store = aq_store_new(&sc, base, err, errlen))) goto fail;
     if (!(w->cancels = aq_cancelwatch_new(cfg->pg_dsn, w->worker_id, base, on_cancel_request, w, err, errlen)))
         goto fail;
-    aq_consumer_callbacks cb = {on_delivery, on_published, on_broker_state, w};
+    /* The worker publishes only retries and dead tasks: every confirm is one. */
+    aq_consumer_callbacks cb = {on_delivery, on_retry_published, on_broker_state, w};
     if (!(w->consumer = aq_consumer_new(cfg, base, &cb, true, err, errlen))) goto fail;
     aq_log(AQ_LOG_INFO, "worker started: concurrency %d, model %s, skills %s", cfg->worker_concurrency,
            cfg->llm_model, w->skill_names);
