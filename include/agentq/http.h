@@ -27,7 +27,10 @@
  * measures exactly from the moment a transfer starts (resolving and
  * connecting) to its end. Time spent waiting for a slot is reported as
  * res->queue_ms and is not limited here: the owner of a wall-clock deadline
- * (the agent session) aborts with aq_http_cancel().
+ * (the agent session) aborts with aq_http_cancel(). The slots are spread
+ * over several curl multi handles of at most 256 connections each (libcurl
+ * 7.88 walks a multi handle's whole pool per request); connections are
+ * kept alive and reused within a multi handle.
  *
  * Secrets: request headers (API keys) and URLs are never logged by this
  * module. */
