@@ -90,8 +90,8 @@ static const config_key config_keys[] = {
 
     {"worker", "id", K_STR, OFF(worker_id), "", 0, 0, false,
      "Worker id in rows and logs (empty: hostname-pid)."},
-    {"worker", "concurrency", K_INT, OFF(worker_concurrency), "256", 1, 100000, false,
-     "Sessions run at once; also the AMQP prefetch."},
+    {"worker", "concurrency", K_INT, OFF(worker_concurrency), "256", 1, 65535, false,
+     "Sessions run at once; also the AMQP prefetch (a 16-bit count in AMQP 0-9-1)."},
     {"worker", "drain_seconds", K_INT, OFF(worker_drain_seconds), "30", 0, 86400, false,
      "On SIGTERM, how long in-flight sessions may finish before they are requeued."},
 

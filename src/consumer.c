@@ -138,7 +138,7 @@ static int try_connect(aq_consumer *c)
     if (!b) goto fail;
     if (aq_broker_declare(b, cfg, err, sizeof err)) goto fail;
     amqp_connection_state_t conn = aq_broker_conn(b);
-    amqp_basic_qos(conn, AQ_BROKER_CH_MAIN, 0, (uint16_t)(cfg->worker_concurrency > 65535 ? 0 : cfg->worker_concurrency), 0);
+    amqp_basic_qos(conn, AQ_BROKER_CH_MAIN, 0, (uint16_t)cfg->worker_concurrency, 0); /* config caps it at 65535 */
     if (amqp_get_rpc_reply(conn).reply_type != AMQP_RESPONSE_NORMAL) {
         snprintf(err, sizeof err, "basic.qos refused");
         goto fail;

@@ -647,6 +647,32 @@ START_TEST(producer_reports_bad_lines)
 }
 END_TEST
 
+START_TEST(producer_wait_exit_code_and_ctl_status)
+{
+    setup_env("wait", NULL);
+    aq_test_proc *w = start_worker("worker", NULL);
+    /* --wait follows the tasks to their final status: 0 when all completed... */
+    const char *ok[] = {"--user", "u", "--goal", "fine steps=1", "--wait", "--wait-timeout", "20", NULL};
+    ck_assert_int_eq(produce(ok, NULL), 0);
+    char out[300];
+    snprintf(out, sizeof out, "%s/producer.out", E.logdir);
+    ck_assert_msg(strstr(slurp(out), "summary: completed=1") != NULL, "%s", slurp(out));
+    /* ...1 when one did not. */
+    const char *bad[] = {"--user", "u", "--goal", "refused fail=400", "--wait", "--wait-timeout", "20", NULL};
+    ck_assert_int_eq(produce(bad, NULL), 1);
+    ck_assert_msg(strstr(slurp(out), "summary: failed=1") != NULL, "%s", slurp(out));
+    /* agentqctl status shows the queues and the counts by status. */
+    char cmd[1024], log[300];
+    snprintf(log, sizeof log, "%s/status.out", E.logdir);
+    snprintf(cmd, sizeof cmd, "'%s' status >'%s' 2>&1", aq_test_bin("agentqctl"), log);
+    ck_assert_int_eq(system(cmd), 0);
+    char *st = slurp(log);
+    ck_assert_msg(strstr(st, ".tasks") && strstr(st, "completed") && strstr(st, "failed"), "%s", st);
+    aq_test_proc_free(w);
+    teardown_env();
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("queue");
@@ -655,6 +681,7 @@ int main(void)
     tcase_add_test(core, producer_to_completed_row);
     tcase_add_test(core, priority_runs_first);
     tcase_add_test(core, plain_amqp_client_task_runs);
+    tcase_add_test(core, producer_wait_exit_code_and_ctl_status);
     suite_add_tcase(s, core);
     TCase *limits = tcase_create("limits");
     tcase_set_timeout(limits, 120);
