@@ -286,9 +286,7 @@ static void on_dead_recorded(void *arg, int code)
         aq_consumer_ack(j->w->consumer, j->d->tag);
         j->w->st.dead_recorded++;
     }
-    aq_delivery_free(j->d);
-    j->w->pending--;
-    free(j);
+    job_free(j);
 }
 
 /* A message from the dead-letter queue: record it, set the task's status,
@@ -344,11 +342,7 @@ static void handle_dead(aq_worker *w, aq_delivery *d)
     j->d = d;
     w->pending++;
     aq_log_task(AQ_LOG_INFO, task_id, t ? t->user_id : NULL, "dead letter (%s): %s", reason, error);
-    if (aq_store_dead_letter(w->store, &dl, on_dead_recorded, j) != AQ_OK) {
-        aq_delivery_free(d);
-        w->pending--;
-        free(j);
-    }
+    if (aq_store_dead_letter(w->store, &dl, on_dead_recorded, j) != AQ_OK) job_free(j);
     free(headers);
     aq_task_free(t);
 }
@@ -447,12 +441,24 @@ static void cancel_one(const char *key, void *value, void *arg)
     if (j->session) aq_session_cancel(j->session, "queued");
 }
 
+/* Seconds the requeue writes may take after the drain time is up before
+ * the worker exits anyway (what is unacked returns to the queue). */
+#define DRAIN_GRACE_SECONDS 5
+
 static void on_drain_timeout(evutil_socket_t fd, short what, void *arg)
 {
     aq_worker *w = arg;
+    if (w->drain_expired) {
+        aq_log(AQ_LOG_WARN, "%zu tasks still being recorded after the drain; exiting, the broker redelivers them",
+               w->pending);
+        event_base_loopexit(w->base, NULL);
+        return;
+    }
     w->drain_expired = true;
     aq_log(AQ_LOG_WARN, "drain time is up; requeueing %zu running tasks", (size_t)w->st.running);
     aq_strmap_each(w->jobs, cancel_one, w);
+    struct timeval tv = {DRAIN_GRACE_SECONDS, 0};
+    event_add(w->drain_ev, &tv);
 }
 
 void aq_worker_drain(aq_worker *w)
