@@ -18,6 +18,8 @@ struct aq_broker {
     int timeout_ms;
     uint64_t next_seq;     /* confirm sequence of the next publish */
     uint64_t confirmed_to; /* every seq <= this is confirmed (acked or nacked) */
+    uint64_t *above;       /* confirmed seqs above the watermark, sorted */
+    size_t nabove, capabove;
     int64_t nacked;
 };
 
@@ -113,6 +115,7 @@ void aq_broker_free(aq_broker *b)
     if (!b) return;
     amqp_connection_close(b->conn, AMQP_REPLY_SUCCESS);
     amqp_destroy_connection(b->conn);
+    free(b->above);
     free(b);
 }
 
@@ -333,20 +336,58 @@ int64_t aq_broker_publish(aq_broker *b, const aq_publish *msg, char *err, size_t
     return (int64_t)b->next_seq++;
 }
 
-int64_t aq_broker_unconfirmed(const aq_broker *b) { return (int64_t)(b->next_seq - 1 - b->confirmed_to); }
+int64_t aq_broker_unconfirmed(const aq_broker *b)
+{
+    return (int64_t)(b->next_seq - 1 - b->confirmed_to - b->nabove);
+}
+
+/* Confirms usually arrive in order, but need not (a message routed to
+ * several queues is confirmed when all have it): single confirms above the
+ * watermark are kept until the gap below them closes. */
+static bool above_has(const aq_broker *b, uint64_t tag)
+{
+    for (size_t i = 0; i < b->nabove; i++)
+        if (b->above[i] == tag) return true;
+    return false;
+}
 
 int64_t aq_broker_note_confirm(aq_broker *b, uint64_t tag, bool multiple, bool ack)
 {
     int64_t n = 0;
-    if (tag <= b->confirmed_to) return 0;
+    if (tag <= b->confirmed_to || tag >= b->next_seq) return 0;
     if (multiple) {
         n = (int64_t)(tag - b->confirmed_to);
+        size_t keep = 0;
+        for (size_t i = 0; i < b->nabove; i++) {
+            if (b->above[i] <= tag) n--; /* already counted */
+            else b->above[keep++] = b->above[i];
+        }
+        b->nabove = keep;
         b->confirmed_to = tag;
     } else {
-        /* Confirms arrive in order for one channel; a lone tag above the
-         * watermark confirms everything up to it that was not yet. */
-        n = (int64_t)(tag - b->confirmed_to);
-        b->confirmed_to = tag;
+        if (above_has(b, tag)) return 0;
+        n = 1;
+        if (tag == b->confirmed_to + 1) {
+            b->confirmed_to = tag;
+        } else {
+            if (b->nabove == b->capabove) {
+                b->capabove = b->capabove ? b->capabove * 2 : 64;
+                b->above = aq_xrealloc(b->above, b->capabove * sizeof *b->above);
+            }
+            size_t i = b->nabove++;
+            while (i > 0 && b->above[i - 1] > tag) {
+                b->above[i] = b->above[i - 1];
+                i--;
+            }
+            b->above[i] = tag;
+        }
+    }
+    /* Absorb the confirms that now continue the watermark. */
+    size_t k = 0;
+    while (k < b->nabove && b->above[k] == b->confirmed_to + 1) b->confirmed_to = b->above[k++];
+    if (k) {
+        memmove(b->above, b->above + k, (b->nabove - k) * sizeof *b->above);
+        b->nabove -= k;
     }
     if (!ack) b->nacked += n;
     return n;

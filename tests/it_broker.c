@@ -1,0 +1,154 @@
+/* it_broker.c — the AMQP client against the private RabbitMQ: the
+ * topology it declares, publisher confirms, queue depths. */
+#include "agentq/broker.h"
+#include "agentq/config.h"
+#include "testenv.h"
+
+#include <check.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static aq_config cfg;
+static aq_broker *b;
+
+static void setup(void)
+{
+    char err[512], prefix[64], q[128];
+    aq_config_init(&cfg);
+    snprintf(prefix, sizeof prefix, "itb%d", (int)getpid());
+    ck_assert(aq_config_set(&cfg, "amqp.url", aq_test_env_require("AGENTQ_TEST_AMQP_URL"), err, sizeof err) == 0);
+    ck_assert(aq_config_set(&cfg, "amqp.exchange", prefix, err, sizeof err) == 0);
+    snprintf(q, sizeof q, "%s.tasks", prefix);
+    ck_assert(aq_config_set(&cfg, "amqp.queue", q, err, sizeof err) == 0);
+    snprintf(q, sizeof q, "%s.dlx", prefix);
+    ck_assert(aq_config_set(&cfg, "amqp.dlx", q, err, sizeof err) == 0);
+    snprintf(q, sizeof q, "%s.dead", prefix);
+    ck_assert(aq_config_set(&cfg, "amqp.dead_queue", q, err, sizeof err) == 0);
+    snprintf(q, sizeof q, "%s.retry.", prefix);
+    ck_assert(aq_config_set(&cfg, "amqp.retry_prefix", q, err, sizeof err) == 0);
+    b = aq_broker_connect(cfg.amqp_url, 0, 5000, err, sizeof err);
+    ck_assert_msg(b != NULL, "%s", err);
+    ck_assert_msg(aq_broker_declare(b, &cfg, err, sizeof err) == 0, "%s", err);
+}
+
+static void teardown(void)
+{
+    aq_broker_free(b);
+    aq_config_free(&cfg);
+}
+
+static char *ctl(const char *args)
+{
+    static char out[8192];
+    char cmd[1024];
+    snprintf(cmd, sizeof cmd, "'%s' -q %s 2>&1", aq_test_env_require("AGENTQ_TEST_RABBITMQCTL"), args);
+    FILE *p = popen(cmd, "r");
+    ck_assert_ptr_nonnull(p);
+    size_t n = fread(out, 1, sizeof out - 1, p);
+    out[n] = '\0';
+    pclose(p);
+    return out;
+}
+
+START_TEST(topology_as_the_contract_says)
+{
+    char *q = ctl("list_queues name durable arguments");
+    char line[512];
+    snprintf(line, sizeof line, "%s", cfg.amqp_queue);
+    ck_assert_msg(strstr(q, line) != NULL, "%s", q);
+    /* The task queue: durable, priority 9, dead-lettered to the DLX. */
+    const char *t = strstr(q, cfg.amqp_queue);
+    ck_assert_msg(strstr(t, "x-max-priority") && strstr(t, "x-dead-letter-exchange"), "%s", t);
+    /* One retry queue per tier, each dead-lettering back to the exchange. */
+    const char *tiers[] = {"retry.5s", "retry.30s", "retry.120s", "retry.600s"};
+    for (int i = 0; i < 4; i++) ck_assert_msg(strstr(q, tiers[i]) != NULL, "no %s in %s", tiers[i], q);
+    char *e = ctl("list_exchanges name type durable");
+    ck_assert_msg(strstr(e, "direct") && strstr(e, "fanout"), "%s", e);
+    /* Declaring again changes nothing and does not fail. */
+    char err[256];
+    ck_assert_msg(aq_broker_declare(b, &cfg, err, sizeof err) == 0, "%s", err);
+}
+END_TEST
+
+START_TEST(confirms_and_depth)
+{
+    char err[256];
+    for (int i = 0; i < 50; i++) {
+        aq_publish p = {cfg.amqp_exchange, "task", "{}", 2, NULL, i % 10, NULL, 0, NULL};
+        ck_assert_int_eq(aq_broker_publish(b, &p, err, sizeof err), i + 1);
+    }
+    int64_t nacked = -1;
+    ck_assert_msg(aq_broker_wait_confirms(b, 5000, &nacked, err, sizeof err) == 0, "%s", err);
+    ck_assert_int_eq(nacked, 0);
+    ck_assert_int_eq(aq_broker_unconfirmed(b), 0);
+    int64_t depth = -1, consumers = -1;
+    ck_assert(aq_broker_queue_depth(b, cfg.amqp_queue, &depth, &consumers, err, sizeof err) == 0);
+    ck_assert_int_eq(depth, 50);
+    ck_assert_int_eq(consumers, 0);
+    /* A queue that does not exist is an error naming it. */
+    ck_assert(aq_broker_queue_depth(b, "agentq.no.such.queue", &depth, NULL, err, sizeof err) != 0);
+    ck_assert_msg(strstr(err, "agentq.no.such.queue") != NULL, "%s", err);
+}
+END_TEST
+
+START_TEST(out_of_order_confirms_counted_exactly)
+{
+    char err[256];
+    for (int i = 0; i < 5; i++) {
+        aq_publish p = {cfg.amqp_exchange, "task", "{}", 2, NULL, 0, NULL, 0, NULL};
+        ck_assert_int_gt(aq_broker_publish(b, &p, err, sizeof err), 0);
+    }
+    /* Before the broker's own confirms are read: 3 alone, then 1, then 2
+     * closes the gap, then 5 with multiple covers 4 and 5. */
+    ck_assert_int_eq(aq_broker_note_confirm(b, 3, false, true), 1);
+    ck_assert_int_eq(aq_broker_unconfirmed(b), 4);
+    ck_assert_int_eq(aq_broker_note_confirm(b, 3, false, true), 0); /* no double count */
+    ck_assert_int_eq(aq_broker_note_confirm(b, 1, false, true), 1);
+    ck_assert_int_eq(aq_broker_note_confirm(b, 2, false, false), 1); /* a nack */
+    ck_assert_int_eq(aq_broker_unconfirmed(b), 2);
+    ck_assert_int_eq(aq_broker_note_confirm(b, 5, true, true), 2);
+    ck_assert_int_eq(aq_broker_unconfirmed(b), 0);
+    /* The broker's real confirms, read now, change nothing; the nack shows. */
+    int64_t nacked = 0;
+    ck_assert_int_eq(aq_broker_wait_confirms(b, 1000, &nacked, err, sizeof err), AQ_EIO);
+    ck_assert_int_eq(nacked, 1);
+}
+END_TEST
+
+START_TEST(bad_url_and_refused_connection)
+{
+    char err[256];
+    ck_assert_ptr_null(aq_broker_connect("http://nope", 0, 1000, err, sizeof err));
+    ck_assert_msg(strstr(err, "amqp.url") != NULL, "%s", err);
+    /* A closed port: refused quickly, the password not shown. */
+    ck_assert_ptr_null(aq_broker_connect("amqp://u:s3cretpw@127.0.0.1:1/%2f", 0, 1000, err, sizeof err));
+    ck_assert_msg(strstr(err, "cannot connect") && !strstr(err, "s3cretpw"), "%s", err);
+}
+END_TEST
+
+int main(void)
+{
+    Suite *s = suite_create("broker");
+    TCase *core = tcase_create("core");
+    tcase_add_checked_fixture(core, setup, teardown);
+    tcase_set_timeout(core, 60);
+    tcase_add_test(core, topology_as_the_contract_says);
+    tcase_add_test(core, confirms_and_depth);
+    suite_add_tcase(s, core);
+    TCase *limits = tcase_create("limits");
+    tcase_add_checked_fixture(limits, setup, teardown);
+    tcase_set_timeout(limits, 60);
+    tcase_add_test(limits, out_of_order_confirms_counted_exactly);
+    suite_add_tcase(s, limits);
+    TCase *errors = tcase_create("errors");
+    tcase_set_timeout(errors, 60);
+    tcase_add_test(errors, bad_url_and_refused_connection);
+    suite_add_tcase(s, errors);
+    SRunner *sr = srunner_create(s);
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
