@@ -113,7 +113,10 @@ static const config_key config_keys[] = {
      "Timeout of one http_get."},
 
     {"limits", "mode", K_STR, OFF(limits_mode), "local", 0, 0, false,
-     "Rate-limit mode: 'local' (each process holds llm.*_per_minute); 'fleet' is planned."},
+     "'local': each process holds llm.*_per_minute itself; 'fleet': the whole fleet shares them through "
+     "Postgres (agentq.rate_limits)."},
+    {"limits", "bucket", K_STR, OFF(limits_bucket), "llm", 0, 0, false,
+     "Name of the fleet's shared buckets in agentq.rate_limits (<bucket>:requests, <bucket>:tokens)."},
     {"limits", "max_inflight_per_user", K_INT, OFF(limits_max_inflight_per_user), "0", 0, 1000000, false,
      "Most running tasks per user across the fleet (0: no cap; other values are planned)."},
 
@@ -434,11 +437,12 @@ int aq_config_check(const aq_config *cfg, char *err, size_t errlen)
         aq_seterr(err, errlen, "key 'log.level': '%s' must be debug, info, warn or error", cfg->log_level);
         return AQ_EINVAL;
     }
-    if (strcmp(cfg->limits_mode, "local")) {
-        /* 'fleet' (shared buckets in agentq.rate_limits) is specified in the
-         * contract but not built yet: refuse it rather than run unlimited. */
-        aq_seterr(err, errlen, "key 'limits.mode': '%s' is not available; this version supports 'local' "
-                  "(set llm.requests_per_minute / tokens_per_minute to each worker's share)", cfg->limits_mode);
+    if (strcmp(cfg->limits_mode, "local") && strcmp(cfg->limits_mode, "fleet")) {
+        aq_seterr(err, errlen, "key 'limits.mode': '%s' must be 'local' or 'fleet'", cfg->limits_mode);
+        return AQ_EINVAL;
+    }
+    if (!*cfg->limits_bucket || strlen(cfg->limits_bucket) > 100) {
+        aq_seterr(err, errlen, "key 'limits.bucket': must be a name of 1 to 100 bytes");
         return AQ_EINVAL;
     }
     if (cfg->limits_max_inflight_per_user) {

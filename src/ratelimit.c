@@ -29,6 +29,7 @@ typedef struct bucket {
     double rate;   /* per microsecond; 0 = unlimited */
     double cap;
     double level;
+    bool limited;  /* rate > 0: a limit was configured */
 } bucket;
 
 struct aq_ratelimit {
@@ -41,6 +42,8 @@ struct aq_ratelimit {
     size_t nbuckets, nusers;
     user_q *ring;  /* next user to serve */
     size_t nwaiting, nring;
+    aq_rl_source src;      /* credits instead of the clock, when src.need */
+    bool asked;            /* src.need called, no credit since */
 };
 
 static uint64_t hash(const char *s)
@@ -53,6 +56,7 @@ static uint64_t hash(const char *s)
 static void bucket_init(bucket *b, int64_t per_min, double min_cap)
 {
     b->rate = per_min > 0 ? (double)per_min / 60e6 : 0;
+    b->limited = per_min > 0;
     double second = (double)per_min / 60.0;
     b->cap = second > min_cap ? second : min_cap;
     b->level = b->cap;
@@ -63,6 +67,7 @@ static void refill(aq_ratelimit *rl)
     int64_t now = aq_mono_us();
     double dt = (double)(now - rl->last_us);
     rl->last_us = now;
+    if (rl->src.need) return; /* credited, not refilled */
     bucket *bs[] = {&rl->req, &rl->tok};
     for (int i = 0; i < 2; i++) {
         bucket *b = bs[i];
@@ -80,10 +85,20 @@ static bool can_take(aq_ratelimit *rl, int64_t tokens, int64_t *wait_us)
         *wait_us = rl->paused_until - now;
         return false;
     }
-    double w = 0;
-    if (rl->req.rate && rl->req.level < 1.0) w = (1.0 - rl->req.level) / rl->req.rate;
     /* A call larger than the bucket may go once the bucket is full. */
     double need = (double)tokens < rl->tok.cap ? (double)tokens : rl->tok.cap;
+    if (rl->src.need) {
+        bool short_ = (rl->req.limited && rl->req.level < 1.0) || (rl->tok.limited && rl->tok.level < need);
+        if (!short_) return true;
+        if (!rl->asked) {
+            rl->asked = true;
+            rl->src.need(rl->src.arg);
+        }
+        *wait_us = -1; /* no timer: the credit serves the waiters */
+        return false;
+    }
+    double w = 0;
+    if (rl->req.rate && rl->req.level < 1.0) w = (1.0 - rl->req.level) / rl->req.rate;
     if (rl->tok.rate && rl->tok.level < need) {
         double wt = (need - rl->tok.level) / rl->tok.rate;
         if (wt > w) w = wt;
@@ -94,8 +109,8 @@ static bool can_take(aq_ratelimit *rl, int64_t tokens, int64_t *wait_us)
 
 static void take(aq_ratelimit *rl, int64_t tokens)
 {
-    if (rl->req.rate) rl->req.level -= 1.0;
-    if (rl->tok.rate) rl->tok.level -= (double)tokens;
+    if (rl->req.limited) rl->req.level -= 1.0;
+    if (rl->tok.limited) rl->tok.level -= (double)tokens;
 }
 
 static user_q *user_get(aq_ratelimit *rl, const char *name)
@@ -173,6 +188,7 @@ static void unlink_wait(aq_ratelimit *rl, aq_rl_wait *w)
 
 static void arm(aq_ratelimit *rl, int64_t us)
 {
+    if (us < 0) return; /* waiting for a credit */
     struct timeval tv = {us / 1000000, us % 1000000};
     event_add(rl->timer, &tv);
 }
@@ -279,7 +295,7 @@ void aq_ratelimit_cancel(aq_ratelimit *rl, aq_rl_wait *w)
 
 void aq_ratelimit_adjust(aq_ratelimit *rl, int64_t delta)
 {
-    if (!rl->tok.rate) return;
+    if (!rl->tok.limited) return;
     refill(rl);
     rl->tok.level -= (double)delta;
     if (rl->tok.level > rl->tok.cap) rl->tok.level = rl->tok.cap;
@@ -289,7 +305,24 @@ void aq_ratelimit_pause(aq_ratelimit *rl, int64_t ms)
 {
     int64_t until = aq_mono_us() + ms * 1000;
     if (until > rl->paused_until) rl->paused_until = until;
+    if (rl->src.pause) rl->src.pause(rl->src.arg, ms);
     if (rl->ring) arm(rl, ms * 1000);
+}
+
+void aq_ratelimit_set_source(aq_ratelimit *rl, const aq_rl_source *src)
+{
+    rl->src = *src;
+    /* Start empty: what the fleet may spend comes from the shared bucket. */
+    if (rl->req.limited) rl->req.level = 0;
+    if (rl->tok.limited) rl->tok.level = 0;
+}
+
+void aq_ratelimit_credit(aq_ratelimit *rl, double requests, double tokens)
+{
+    rl->asked = false;
+    if (rl->req.limited) rl->req.level += requests;
+    if (rl->tok.limited) rl->tok.level += tokens;
+    serve(rl);
 }
 
 size_t aq_ratelimit_waiting(const aq_ratelimit *rl, size_t *users)

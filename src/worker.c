@@ -9,6 +9,7 @@
 #include "agentq/agent.h"
 #include "agentq/cancelwatch.h"
 #include "agentq/consumer.h"
+#include "agentq/fleetlimit.h"
 #include "agentq/http.h"
 #include "agentq/log.h"
 #include "agentq/ratelimit.h"
@@ -43,6 +44,7 @@ struct aq_worker {
     aq_http *http;
     aq_skills *skills;
     aq_ratelimit *rl;
+    aq_fleetlimit *fleet;  /* limits.mode = "fleet": leases for rl */
     aq_engine *engine;
     aq_store *store;
     aq_consumer *consumer;
@@ -505,6 +507,11 @@ aq_worker *aq_worker_new(const aq_config *cfg, struct event_base *base, char *er
     if (!(w->skills = aq_skills_new(cfg, base, w->http, err, errlen))) goto fail;
     w->skill_names = aq_xstrdup(aq_skills_names(w->skills));
     w->rl = aq_ratelimit_new(base, cfg->llm_requests_per_minute, cfg->llm_tokens_per_minute);
+    if (!strcmp(cfg->limits_mode, "fleet") && (cfg->llm_requests_per_minute || cfg->llm_tokens_per_minute)) {
+        aq_fleetlimit_config fc = {cfg->pg_dsn, cfg->limits_bucket, cfg->llm_requests_per_minute,
+                                   cfg->llm_tokens_per_minute};
+        if (!(w->fleet = aq_fleetlimit_new(&fc, w->rl, base, err, errlen))) goto fail;
+    }
     aq_engine_deps deps = {cfg, base, w->http, w->skills, w->rl, on_step, w};
     if (!(w->engine = aq_engine_new(&deps, err, errlen))) goto fail;
     aq_store_config sc = {.dsn = cfg->pg_dsn,
@@ -535,6 +542,7 @@ void aq_worker_free(aq_worker *w)
     aq_cancelwatch_free(w->cancels);
     aq_store_free(w->store);
     aq_engine_free(w->engine);
+    aq_fleetlimit_free(w->fleet);
     aq_ratelimit_free(w->rl);
     aq_skills_free(w->skills);
     aq_http_free(w->http);

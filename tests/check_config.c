@@ -183,7 +183,7 @@ START_TEST(cross_checks)
     ck_assert_int_eq(aq_config_check(&cfg, err, sizeof err), AQ_EINVAL);
     ck_assert_ptr_nonnull(strstr(err, "amqp.retry_delays"));
     ck_assert_int_eq(aq_config_set(&cfg, "amqp.retry_delays", "5s", err, sizeof err), AQ_OK);
-    ck_assert_int_eq(aq_config_set(&cfg, "limits.mode", "fleet", err, sizeof err), AQ_OK);
+    ck_assert_int_eq(aq_config_set(&cfg, "limits.mode", "galaxy", err, sizeof err), AQ_OK);
     ck_assert_int_eq(aq_config_check(&cfg, err, sizeof err), AQ_EINVAL);
     ck_assert_ptr_nonnull(strstr(err, "limits.mode"));
     ck_assert_int_eq(aq_config_set(&cfg, "no.such", "1", err, sizeof err), AQ_EINVAL);

@@ -673,6 +673,39 @@ START_TEST(producer_wait_exit_code_and_ctl_status)
 }
 END_TEST
 
+START_TEST(fleet_rate_limit_shared_by_two_workers)
+{
+    setup_env("fleet", NULL);
+    /* The fleet may make 1,200 LLM calls a minute (20/s, 1 s of burst),
+     * whatever the number of workers: two workers together must take about
+     * (100 - 20) / 20 = 4 s for 100 one-call tasks, not half that. */
+    const char *fleet[] = {"AGENTQ_LIMITS_MODE=fleet", "AGENTQ_LLM_REQUESTS_PER_MINUTE=1200", NULL};
+    aq_test_proc *a = start_worker("worker-a", fleet);
+    aq_test_proc *b = start_worker("worker-b", fleet);
+    char file[300];
+    snprintf(file, sizeof file, "%s/tasks.jsonl", E.logdir);
+    write_tasks(file, 100, "quick answer");
+    sleep(1); /* both consuming, so both share the work */
+    const char *args[] = {"--file", file, NULL};
+    ck_assert_int_eq(produce(args, NULL), 0);
+    ck_assert_msg(aq_test_pg_wait_value(E.dsn, "SELECT count(*) FROM agentq.tasks WHERE status = 'completed'", "100", 30000),
+                  "not all tasks completed");
+    char *v = aq_test_pg_value(E.dsn, "SELECT extract(epoch FROM max(finished_at) - min(started_at)) FROM agentq.tasks");
+    double span = atof(v);
+    free(v);
+    ck_assert_msg(span >= 3.4 && span <= 8.0, "100 calls at a fleet limit of 20/s took %.2f s", span);
+    v = aq_test_pg_value(E.dsn, "SELECT count(DISTINCT worker_id) FROM agentq.tasks");
+    ck_assert_str_eq(v, "2"); /* both workers took part */
+    free(v);
+    v = aq_test_pg_value(E.dsn, "SELECT refill_per_sec FROM agentq.rate_limits WHERE name = 'llm:requests'");
+    ck_assert_str_eq(v, "20");
+    free(v);
+    aq_test_proc_free(a);
+    aq_test_proc_free(b);
+    teardown_env();
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("queue");
@@ -691,6 +724,7 @@ int main(void)
     tcase_add_test(limits, sigterm_drains_then_requeues);
     tcase_add_test(limits, cancel_stops_running_task);
     tcase_add_test(limits, requeue_dead_letters);
+    tcase_add_test(limits, fleet_rate_limit_shared_by_two_workers);
     suite_add_tcase(s, limits);
     TCase *errors = tcase_create("errors");
     tcase_set_timeout(errors, 120);

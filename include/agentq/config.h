@@ -78,6 +78,7 @@ typedef struct aq_config {
     int skills_http_get_timeout_ms;
     /* limits */
     char *limits_mode;
+    char *limits_bucket;
     int limits_max_inflight_per_user;
     /* metrics */
     char *metrics_listen;

@@ -43,6 +43,24 @@ void aq_ratelimit_adjust(aq_ratelimit *rl, int64_t delta);
 /* Pauses grants for `ms` (a 429's Retry-After). */
 void aq_ratelimit_pause(aq_ratelimit *rl, int64_t ms);
 
+/* Where tokens come from instead of the clock: the fleet-wide buckets in
+ * Postgres (fleetlimit.h). need(arg) is called on the loop when a waiter
+ * cannot be served, once until the next credit; pause(arg, ms) when a 429
+ * pauses grants. Borrowed; must outlive the limiter. */
+typedef struct aq_rl_source {
+    void (*need)(void *arg);
+    void (*pause)(void *arg, int64_t ms);
+    void *arg;
+} aq_rl_source;
+
+/* Switches the limiter to credits from `src`: the buckets no longer refill
+ * with time, and hold what aq_ratelimit_credit() adds (at least one
+ * second's worth may be held). */
+void aq_ratelimit_set_source(aq_ratelimit *rl, const aq_rl_source *src);
+
+/* Adds leased requests and tokens, then serves waiters. */
+void aq_ratelimit_credit(aq_ratelimit *rl, double requests, double tokens);
+
 /* Number of waiting sessions, and of users with waiters. */
 size_t aq_ratelimit_waiting(const aq_ratelimit *rl, size_t *users);
 

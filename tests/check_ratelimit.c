@@ -1,0 +1,168 @@
+/* check_ratelimit.c — the LLM rate limiter: bucket arithmetic, fairness
+ * between users, pauses, and credit (fleet) mode. Real time on a real
+ * event loop, with loose bounds. */
+#include "agentq/ratelimit.h"
+
+#include <check.h>
+#include <event2/event.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct grant_log {
+    char users[256][8];
+    int64_t at[256];
+    int n;
+} grant_log;
+
+typedef struct waiter {
+    grant_log *log;
+    const char *user;
+} waiter;
+
+static void on_grant(void *arg)
+{
+    waiter *w = arg;
+    grant_log *g = w->log;
+    strcpy(g->users[g->n], w->user);
+    g->at[g->n++] = aq_mono_us();
+}
+
+static void run_until(struct event_base *base, grant_log *g, int want, int timeout_ms)
+{
+    int64_t end = aq_mono_us() + (int64_t)timeout_ms * 1000;
+    while (g->n < want && aq_mono_us() < end) event_base_loop(base, EVLOOP_ONCE | EVLOOP_NONBLOCK);
+}
+
+START_TEST(unlimited_grants_at_once)
+{
+    struct event_base *base = event_base_new();
+    aq_ratelimit *rl = aq_ratelimit_new(base, 0, 0);
+    aq_rl_wait *w;
+    for (int i = 0; i < 1000; i++) ck_assert(aq_ratelimit_acquire(rl, "u", 100000, on_grant, NULL, &w));
+    aq_ratelimit_free(rl);
+    event_base_free(base);
+}
+END_TEST
+
+START_TEST(requests_per_minute_holds)
+{
+    /* 600/min = 10/s with a burst of 10: 30 calls take about 2 s. */
+    struct event_base *base = event_base_new();
+    aq_ratelimit *rl = aq_ratelimit_new(base, 600, 0);
+    grant_log g = {0};
+    waiter ws[30];
+    aq_rl_wait *w;
+    int now = 0;
+    int64_t start = aq_mono_us();
+    for (int i = 0; i < 30; i++) {
+        ws[i] = (waiter){&g, "u"};
+        if (aq_ratelimit_acquire(rl, "u", 10, on_grant, &ws[i], &w)) now++;
+    }
+    ck_assert_int_eq(now, 10); /* the burst */
+    run_until(base, &g, 20, 5000);
+    ck_assert_int_eq(g.n, 20);
+    double took = (double)(g.at[19] - start) / 1e6;
+    ck_assert_msg(took > 1.7 && took < 3.0, "20 queued grants at 10/s took %.2f s", took);
+    aq_ratelimit_free(rl);
+    event_base_free(base);
+}
+END_TEST
+
+START_TEST(users_served_round_robin)
+{
+    /* Alice queues 20 calls, then bob 2: bob does not wait behind alice. */
+    struct event_base *base = event_base_new();
+    aq_ratelimit *rl = aq_ratelimit_new(base, 1200, 0); /* 20/s, burst 20 */
+    aq_rl_wait *w;
+    for (int i = 0; i < 20; i++) ck_assert(aq_ratelimit_acquire(rl, "filler", 1, on_grant, NULL, &w));
+    grant_log g = {0};
+    waiter a = {&g, "alice"}, b = {&g, "bob"};
+    for (int i = 0; i < 20; i++) ck_assert(!aq_ratelimit_acquire(rl, "alice", 1, on_grant, &a, &w));
+    for (int i = 0; i < 2; i++) ck_assert(!aq_ratelimit_acquire(rl, "bob", 1, on_grant, &b, &w));
+    size_t users = 0;
+    ck_assert_int_eq(aq_ratelimit_waiting(rl, &users), 22);
+    ck_assert_int_eq(users, 2);
+    run_until(base, &g, 5, 3000);
+    int bob_seen = 0;
+    for (int i = 0; i < 4; i++) bob_seen += !strcmp(g.users[i], "bob");
+    ck_assert_msg(bob_seen == 2, "bob got %d of the first 4 grants", bob_seen);
+    aq_ratelimit_free(rl);
+    event_base_free(base);
+}
+END_TEST
+
+START_TEST(cancel_and_pause)
+{
+    struct event_base *base = event_base_new();
+    aq_ratelimit *rl = aq_ratelimit_new(base, 60000, 0); /* 1000/s */
+    grant_log g = {0};
+    waiter x = {&g, "u"};
+    aq_rl_wait *w;
+    aq_ratelimit_pause(rl, 300);
+    int64_t start = aq_mono_us();
+    ck_assert(!aq_ratelimit_acquire(rl, "u", 1, on_grant, &x, &w));
+    aq_rl_wait *w2;
+    ck_assert(!aq_ratelimit_acquire(rl, "u", 1, on_grant, &x, &w2));
+    aq_ratelimit_cancel(rl, w2); /* never granted */
+    run_until(base, &g, 1, 2000);
+    ck_assert_int_eq(g.n, 1);
+    double waited = (double)(g.at[0] - start) / 1e3;
+    ck_assert_msg(waited >= 290, "granted %.0f ms into a 300 ms pause", waited);
+    run_until(base, &g, 2, 300);
+    ck_assert_int_eq(g.n, 1);
+    aq_ratelimit_free(rl);
+    event_base_free(base);
+}
+END_TEST
+
+static int needs;
+static int64_t paused_ms;
+static void on_need(void *arg) { needs++; }
+static void on_pause(void *arg, int64_t ms) { paused_ms = ms; }
+
+START_TEST(credit_mode_grants_only_what_is_credited)
+{
+    struct event_base *base = event_base_new();
+    aq_ratelimit *rl = aq_ratelimit_new(base, 600, 0);
+    aq_rl_source src = {on_need, on_pause, NULL};
+    needs = 0;
+    aq_ratelimit_set_source(rl, &src);
+    grant_log g = {0};
+    waiter x = {&g, "u"};
+    aq_rl_wait *w;
+    for (int i = 0; i < 5; i++) ck_assert(!aq_ratelimit_acquire(rl, "u", 1, on_grant, &x, &w));
+    ck_assert_int_eq(needs, 1); /* asked once, not once per waiter */
+    run_until(base, &g, 1, 200);
+    ck_assert_int_eq(g.n, 0); /* time alone grants nothing */
+    aq_ratelimit_credit(rl, 3, 0);
+    ck_assert_int_eq(g.n, 3);
+    ck_assert_int_eq(needs, 2); /* still short: asks again */
+    aq_ratelimit_credit(rl, 2, 0);
+    ck_assert_int_eq(g.n, 5);
+    aq_ratelimit_pause(rl, 1500);
+    ck_assert_int_eq(paused_ms, 1500); /* passed on to the fleet */
+    aq_ratelimit_free(rl);
+    event_base_free(base);
+}
+END_TEST
+
+int main(void)
+{
+    Suite *s = suite_create("ratelimit");
+    TCase *core = tcase_create("core");
+    tcase_set_timeout(core, 30);
+    tcase_add_test(core, unlimited_grants_at_once);
+    tcase_add_test(core, requests_per_minute_holds);
+    tcase_add_test(core, users_served_round_robin);
+    suite_add_tcase(s, core);
+    TCase *limits = tcase_create("limits");
+    tcase_set_timeout(limits, 30);
+    tcase_add_test(limits, cancel_and_pause);
+    tcase_add_test(limits, credit_mode_grants_only_what_is_credited);
+    suite_add_tcase(s, limits);
+    SRunner *sr = srunner_create(s);
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
