@@ -16,6 +16,7 @@
 
 #include <arpa/inet.h>
 #include <check.h>
+#include "testenv.h"
 #include <event2/buffer.h>
 #include <event2/event.h>
 #include <event2/http.h>
@@ -165,10 +166,7 @@ static struct srv *srv_start(struct event_base *base)
     evhttp_set_allowed_methods(s->http, EVHTTP_REQ_GET | EVHTTP_REQ_POST);
     struct evhttp_bound_socket *bs = evhttp_bind_socket_with_handle(s->http, "127.0.0.1", 0);
     ck_assert_ptr_nonnull(bs);
-    struct sockaddr_in sin;
-    socklen_t len = sizeof sin;
-    ck_assert_int_eq(getsockname(evhttp_bound_socket_get_fd(bs), (struct sockaddr *)&sin, &len), 0);
-    s->port = ntohs(sin.sin_port);
+    s->port = aq_test_bound_port(evhttp_bound_socket_get_fd(bs));
     return s;
 }
 
@@ -1236,9 +1234,5 @@ int main(void)
         fprintf(stderr, "curl_global_init failed\n");
         return EXIT_FAILURE;
     }
-    SRunner *sr = srunner_create(agent_suite());
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return aq_test_run(agent_suite());
 }

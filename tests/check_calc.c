@@ -5,6 +5,7 @@
 #include "agentq/calc.h"
 
 #include <check.h>
+#include "testenv.h"
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -335,9 +336,5 @@ static Suite *calc_suite(void)
 
 int main(void)
 {
-    SRunner *sr = srunner_create(calc_suite());
-    srunner_run_all(sr, CK_NORMAL);
-    int failures = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failures ? EXIT_FAILURE : EXIT_SUCCESS;
+    return aq_test_run(calc_suite());
 }

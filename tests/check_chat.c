@@ -6,6 +6,7 @@
 #include "agentq/chat.h"
 
 #include <check.h>
+#include "testenv.h"
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -893,9 +894,5 @@ static Suite *chat_suite(void)
 
 int main(void)
 {
-    SRunner *sr = srunner_create(chat_suite());
-    srunner_run_all(sr, CK_NORMAL);
-    int failures = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failures ? EXIT_FAILURE : EXIT_SUCCESS;
+    return aq_test_run(chat_suite());
 }

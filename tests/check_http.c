@@ -9,6 +9,7 @@
 
 #include <arpa/inet.h>
 #include <check.h>
+#include "testenv.h"
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
 #include <event2/event.h>
@@ -150,14 +151,6 @@ static void srv_handle(struct evhttp_request *r, void *arg)
     }
 }
 
-static int bound_port(int fd)
-{
-    struct sockaddr_in sin;
-    socklen_t len = sizeof sin;
-    ck_assert_int_eq(getsockname(fd, (struct sockaddr *)&sin, &len), 0);
-    return ntohs(sin.sin_port);
-}
-
 static struct srv *srv_start(struct event_base *base)
 {
     struct srv *s = calloc(1, sizeof *s);
@@ -171,7 +164,7 @@ static struct srv *srv_start(struct event_base *base)
     evhttp_set_allowed_methods(s->http, EVHTTP_REQ_GET | EVHTTP_REQ_POST);
     struct evhttp_bound_socket *bs = evhttp_bind_socket_with_handle(s->http, "127.0.0.1", 0);
     ck_assert_ptr_nonnull(bs);
-    s->port = bound_port(evhttp_bound_socket_get_fd(bs));
+    s->port = aq_test_bound_port(evhttp_bound_socket_get_fd(bs));
     return s;
 }
 
@@ -192,7 +185,7 @@ static int silent_listener(int *port)
     struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
     ck_assert_int_eq(bind(fd, (struct sockaddr *)&sin, sizeof sin), 0);
     ck_assert_int_eq(listen(fd, 16), 0);
-    *port = bound_port(fd);
+    *port = aq_test_bound_port(fd);
     return fd;
 }
 
@@ -1006,9 +999,5 @@ int main(void)
         fprintf(stderr, "curl_global_init failed\n");
         return EXIT_FAILURE;
     }
-    SRunner *sr = srunner_create(http_suite());
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return aq_test_run(http_suite());
 }

@@ -2,6 +2,7 @@
 #include "agentq/log.h"
 
 #include <check.h>
+#include "testenv.h"
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -127,9 +128,5 @@ int main(void)
     TCase *errors = tcase_create("errors");
     tcase_add_test(errors, level_names);
     suite_add_tcase(s, errors);
-    SRunner *sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return aq_test_run(s);
 }

@@ -1129,10 +1129,7 @@ int main(void)
     signal(SIGPIPE, SIG_IGN);
     evthread_use_pthreads();
     curl_global_init(CURL_GLOBAL_DEFAULT);
-    SRunner *sr = srunner_create(mockllm_suite());
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
+    int rc = aq_test_run(mockllm_suite());
     curl_global_cleanup();
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return rc;
 }

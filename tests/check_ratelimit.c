@@ -4,6 +4,7 @@
 #include "agentq/ratelimit.h"
 
 #include <check.h>
+#include "testenv.h"
 #include <event2/event.h>
 #include <stdlib.h>
 #include <string.h>
@@ -160,9 +161,5 @@ int main(void)
     tcase_add_test(limits, cancel_and_pause);
     tcase_add_test(limits, credit_mode_grants_only_what_is_credited);
     suite_add_tcase(s, limits);
-    SRunner *sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return aq_test_run(s);
 }

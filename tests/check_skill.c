@@ -9,6 +9,7 @@
 
 #include <arpa/inet.h>
 #include <check.h>
+#include "testenv.h"
 #include <event2/buffer.h>
 #include <event2/event.h>
 #include <event2/http.h>
@@ -138,14 +139,6 @@ static void srv_handle(struct evhttp_request *r, void *arg)
     }
 }
 
-static int bound_port(int fd)
-{
-    struct sockaddr_in sin;
-    socklen_t len = sizeof sin;
-    ck_assert_int_eq(getsockname(fd, (struct sockaddr *)&sin, &len), 0);
-    return ntohs(sin.sin_port);
-}
-
 static struct srv *srv_start(struct event_base *base)
 {
     struct srv *s = calloc(1, sizeof *s);
@@ -158,7 +151,7 @@ static struct srv *srv_start(struct event_base *base)
     evhttp_set_allowed_methods(s->http, EVHTTP_REQ_GET | EVHTTP_REQ_POST);
     struct evhttp_bound_socket *bs = evhttp_bind_socket_with_handle(s->http, "127.0.0.1", 0);
     ck_assert_ptr_nonnull(bs);
-    s->port = bound_port(evhttp_bound_socket_get_fd(bs));
+    s->port = aq_test_bound_port(evhttp_bound_socket_get_fd(bs));
     return s;
 }
 
@@ -726,7 +719,7 @@ START_TEST(test_http_skill_failures)
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
     ck_assert_int_eq(bind(fd, (struct sockaddr *)&sin, sizeof sin), 0);
-    int port = bound_port(fd);
+    int port = aq_test_bound_port(fd);
     close(fd);
     memset(&f, 0, sizeof f);
     f.base = event_base_new();
@@ -936,9 +929,5 @@ int main(void)
         fprintf(stderr, "curl_global_init failed\n");
         return EXIT_FAILURE;
     }
-    SRunner *sr = srunner_create(skill_suite());
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return aq_test_run(skill_suite());
 }

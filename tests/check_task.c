@@ -3,6 +3,7 @@
 #include "agentq/task.h"
 
 #include <check.h>
+#include "testenv.h"
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -700,9 +701,5 @@ static Suite *task_suite(void)
 
 int main(void)
 {
-    SRunner *sr = srunner_create(task_suite());
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return aq_test_run(task_suite());
 }

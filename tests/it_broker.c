@@ -146,9 +146,5 @@ int main(void)
     tcase_set_timeout(errors, 60);
     tcase_add_test(errors, bad_url_and_refused_connection);
     suite_add_tcase(s, errors);
-    SRunner *sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return aq_test_run(s);
 }

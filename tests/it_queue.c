@@ -734,9 +734,5 @@ int main(void)
     tcase_add_test(errors, broker_connection_loss_loses_nothing);
     tcase_add_test(errors, database_connection_loss_loses_nothing);
     suite_add_tcase(s, errors);
-    SRunner *sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return aq_test_run(s);
 }

@@ -807,9 +807,5 @@ int main(void)
     /* The migrator logs each file it applies; keep the test output to
      * failures. */
     aq_log_set_level(AQ_LOG_WARN);
-    SRunner *sr = srunner_create(schema_suite());
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return aq_test_run(schema_suite());
 }

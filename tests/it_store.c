@@ -984,9 +984,5 @@ int main(void)
 {
     /* The store logs its outages by design; keep the output to failures. */
     aq_log_set_level(AQ_LOG_ERROR);
-    SRunner *sr = srunner_create(store_suite());
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return aq_test_run(store_suite());
 }

@@ -2,6 +2,10 @@
  * process) and the short-lived libpq connections behind the SQL helpers. */
 #include "testenv.h"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+
 #include <check.h>
 #include <libpq-fe.h>
 #include <pthread.h>
@@ -172,4 +176,22 @@ int aq_test_pg_exec(const char *dsn, const char *sql, char *err, size_t errlen)
     PQclear(res);
     PQfinish(conn);
     return rc;
+}
+
+int aq_test_run(Suite *s)
+{
+    SRunner *sr = srunner_create(s);
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
+
+int aq_test_bound_port(int fd)
+{
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof ss;
+    ck_assert_int_eq(getsockname(fd, (struct sockaddr *)&ss, &len), 0);
+    return ntohs(ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
+                                          : ((struct sockaddr_in *)&ss)->sin_port);
 }

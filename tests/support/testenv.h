@@ -8,7 +8,16 @@
 #ifndef AGENTQ_TESTENV_H
 #define AGENTQ_TESTENV_H
 
+#include <check.h>
 #include <stddef.h>
+
+/* Runs every test of `s` (forked, as Check does by default), frees the
+ * runner and returns the process exit status: what every suite's main()
+ * returns. */
+int aq_test_run(Suite *s);
+
+/* The port a socket is bound to (tests listen on 127.0.0.1:0). */
+int aq_test_bound_port(int fd);
 
 /* Path of a built executable (e.g. "agentq-mockllm"); static buffer. */
 const char *aq_test_bin(const char *name);
