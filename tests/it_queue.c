@@ -11,6 +11,7 @@
 #include "testenv.h"
 
 #include <check.h>
+#include <jansson.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -208,6 +209,19 @@ START_TEST(producer_to_completed_row)
     v = task_value(id, "(SELECT count(*) FROM agentq.steps s WHERE s.task_id = tasks.task_id)");
     ck_assert_str_eq(v, "5"); /* 3 LLM calls + 2 tool calls */
     free(v);
+    /* agentqctl result: the row and every step, as JSON. */
+    char cmd[1024], out[300];
+    snprintf(out, sizeof out, "%s/result.json", E.logdir);
+    snprintf(cmd, sizeof cmd, "'%s' result %s >'%s' 2>&1", aq_test_bin("agentqctl"), id, out);
+    ck_assert_int_eq(system(cmd), 0);
+    json_error_t jerr;
+    json_t *res = json_load_file(out, 0, &jerr);
+    ck_assert_msg(res != NULL, "agentqctl result printed no JSON: %s", jerr.text);
+    ck_assert_str_eq(json_string_value(json_object_get(json_object_get(res, "task"), "status")), "completed");
+    ck_assert_int_eq(json_array_size(json_object_get(res, "steps")), 5);
+    json_decref(res);
+    snprintf(cmd, sizeof cmd, "'%s' result 00000000-0000-4000-8000-000000000000 >/dev/null 2>&1", aq_test_bin("agentqctl"));
+    ck_assert_int_eq(WEXITSTATUS(system(cmd)), 1); /* no such task */
     int port = worker_metrics_port("worker");
     static char body[65536];
     ck_assert_int_eq(http_get(port, "/healthz", body, sizeof body), 200);
