@@ -118,7 +118,8 @@ static const config_key config_keys[] = {
     {"limits", "bucket", K_STR, OFF(limits_bucket), "llm", 0, 0, false,
      "Name of the fleet's shared buckets in agentq.rate_limits (<bucket>:requests, <bucket>:tokens)."},
     {"limits", "max_inflight_per_user", K_INT, OFF(limits_max_inflight_per_user), "0", 0, 1000000, false,
-     "Most running tasks per user across the fleet (0: no cap; other values are planned)."},
+     "Most running tasks per user across the fleet (0: no cap); a user's task past it waits out the first"
+     " retry tier and tries again."},
 
     {"metrics", "listen", K_STR, OFF(metrics_listen), "0.0.0.0:9464", 0, 0, false,
      "Address of /metrics, /healthz and /readyz (empty: off)."},
@@ -443,10 +444,6 @@ int aq_config_check(const aq_config *cfg, char *err, size_t errlen)
     }
     if (!*cfg->limits_bucket || strlen(cfg->limits_bucket) > 100) {
         aq_seterr(err, errlen, "key 'limits.bucket': must be a name of 1 to 100 bytes");
-        return AQ_EINVAL;
-    }
-    if (cfg->limits_max_inflight_per_user) {
-        aq_seterr(err, errlen, "key 'limits.max_inflight_per_user': not available in this version; leave it 0");
         return AQ_EINVAL;
     }
     if (!*cfg->amqp_url || strncmp(cfg->amqp_url, "amqp", 4)) {

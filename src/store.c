@@ -35,7 +35,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define STORE_MAX_PARAMS 13
+#define STORE_MAX_PARAMS 14
 #define STORE_MAX_STMTS 2
 #define STORE_BATCH_DEFAULT 500
 #define STORE_FLUSH_TIMEOUT_DEFAULT_MS 5000
@@ -61,16 +61,20 @@ static const struct {
     /* The upsert returns the row it made running; when its WHERE keeps the
      * row as it is (final, cancel requested, or this very claim replayed)
      * the second branch reads the row from the statement's snapshot. */
-    [S_CLAIM] = {"aq_claim", 13, 0,
-        "WITH up AS ("
+    /* $14 is the user's cap of running tasks (limits.max_inflight_per_user,
+     * 0: none): with no free slot nothing is written, and the last column
+     * says so. */
+    [S_CLAIM] = {"aq_claim", 14, 0,
+        "WITH slot AS (SELECT agentq.user_slot_free($2::text, $1::uuid, $14::int) AS free),"
+        " up AS ("
         " INSERT INTO agentq.tasks AS t"
         "  (task_id, user_id, goal, priority, status, attempt, max_steps, budget_usd,"
         "   timeout_seconds, model, metadata, enqueued_at, started_at, finished_at,"
         "   worker_id, claim_token)"
-        " VALUES ($1::uuid, $2::text, $3::text, $4::int, 'running', $5::int, $6::int,"
+        " SELECT $1::uuid, $2::text, $3::text, $4::int, 'running', $5::int, $6::int,"
         "   $7::float8, $8::float8, $9::text, $10::jsonb,"
         "   coalesce(timestamptz 'epoch' + $11::bigint * interval '1 microsecond', now()),"
-        "   now(), NULL, $12::text, $13::text)"
+        "   now(), NULL, $12::text, $13::text FROM slot WHERE slot.free"
         " ON CONFLICT (task_id) DO UPDATE SET"
         "   status = 'running',"
         "   attempt = CASE WHEN t.status = 'running'"
@@ -88,10 +92,14 @@ static const struct {
         /* A copy of an attempt that already handed over to its retry. */
         "   AND NOT (t.status = 'retrying' AND EXCLUDED.attempt <= t.attempt)"
         " RETURNING t.attempt, t.status, t.cancel_requested, true AS claimed)"
-        " SELECT attempt, status, cancel_requested, claimed FROM up"
+        " SELECT attempt, status, cancel_requested, claimed, true FROM up"
         " UNION ALL"
-        " SELECT attempt, status, cancel_requested, coalesce(claim_token = $13::text, false)"
-        "   FROM agentq.tasks WHERE task_id = $1::uuid AND NOT EXISTS (SELECT 1 FROM up)"},
+        " SELECT attempt, status, cancel_requested, coalesce(claim_token = $13::text, false),"
+        "   (SELECT free FROM slot)"
+        "   FROM agentq.tasks WHERE task_id = $1::uuid AND NOT EXISTS (SELECT 1 FROM up)"
+        " UNION ALL"
+        " SELECT 0, 'queued', false, false, false FROM slot"
+        "   WHERE NOT slot.free AND NOT EXISTS (SELECT 1 FROM agentq.tasks WHERE task_id = $1::uuid)"},
     /* Changes the row only while it is not final and holds this attempt;
      * the second column (pre-update snapshot) tells "already final" from
      * "not ours". */
@@ -164,6 +172,7 @@ struct aq_store {
     char *dsn;
     char *dsn_shown; /* the DSN without its password, for log lines */
     char *worker_id;
+    int max_inflight_per_user; /* claim refuses past it (0: no cap) */
     int batch_max;
     int flush_ms;
     int flush_timeout_ms;
@@ -680,6 +689,7 @@ static void interpret_claim(req *r, const PGresult *res)
     const char *status = PQgetvalue(res, 0, 1);
     bool cancel = PQgetvalue(res, 0, 2)[0] == 't';
     bool claimed = PQgetvalue(res, 0, 3)[0] == 't';
+    bool slot_free = PQgetvalue(res, 0, 4)[0] == 't';
     r->attempt = attempt;
     snprintf(r->status, sizeof r->status, "%s", status);
     r->code = AQ_OK;
@@ -691,6 +701,8 @@ static void interpret_claim(req *r, const PGresult *res)
         r->outcome = AQ_STORE_CANCELLED;
     else if (!strcmp(status, "retrying"))
         r->outcome = AQ_STORE_STALE;
+    else if (!slot_free)
+        r->outcome = AQ_STORE_BUSY;
     else
         r->code = AQ_EAGAIN;
 }
@@ -997,6 +1009,7 @@ aq_store *aq_store_new(const aq_store_config *cfg, struct event_base *base, char
     s->dsn = aq_xstrdup(cfg->dsn);
     s->dsn_shown = shown;
     s->worker_id = aq_xstrdup(cfg->worker_id ? cfg->worker_id : "");
+    s->max_inflight_per_user = cfg->max_inflight_per_user > 0 ? cfg->max_inflight_per_user : 0;
     s->batch_max = cfg->batch_max > 0 ? cfg->batch_max : STORE_BATCH_DEFAULT;
     s->flush_ms = cfg->flush_ms > 0 ? cfg->flush_ms : 0;
     s->flush_timeout_ms = cfg->flush_timeout_ms > 0 ? cfg->flush_timeout_ms
@@ -1123,6 +1136,7 @@ int aq_store_claim(aq_store *s, const aq_store_task *t, aq_store_claim_cb cb, vo
         p_str(st, NULL);
     p_str(st, s->worker_id);
     p_str(st, token);
+    p_int(st, s->max_inflight_per_user);
     r->claim_cb = cb;
     r->arg = arg;
     return submit(s, r);

@@ -35,6 +35,7 @@ typedef struct job {
     int64_t deadline_us;   /* absolute: the TTL carried across retries; 0 = none */
     char *error;           /* kept across the retry publish */
     bool in_map;
+    bool busy;             /* sent back to wait: the user is at its cap */
 } job;
 
 struct aq_worker {
@@ -176,6 +177,11 @@ static void on_retry_recorded(void *arg, int code)
 static void on_retry_published(void *cookie, bool ok, void *arg)
 {
     job *j = cookie;
+    if (j->busy) {
+        if (ok) ack_all(j); /* the copy waits in the first retry tier */
+        job_free(j);
+        return;
+    }
     if (!ok) {
         /* Not confirmed: leave the original unacked; it comes back. */
         aq_log_task(AQ_LOG_WARN, j->task->task_id, j->task->user_id, "retry publish not confirmed; the broker will redeliver");
@@ -227,6 +233,21 @@ static void on_claimed(void *arg, aq_store_outcome outcome, int attempt, const c
         ack_all(j);
         job_free(j);
         return;
+    case AQ_STORE_BUSY: {
+        /* The user runs limits.max_inflight_per_user tasks already: the
+         * task waits out the first retry tier, same attempt, and tries again. */
+        char queue[256];
+        aq_broker_retry_queue(w->cfg, w->retry_delays[0], queue, sizeof queue);
+        json_t *h = retry_headers(j, j->attempt, NULL, NULL);
+        aq_publish p = {.exchange = "", .routing_key = queue, .body = j->d->body, .len = j->d->len,
+                        .message_id = j->task->task_id, .priority = j->task->priority,
+                        .timestamp = j->task->enqueued_at_us / 1000000, .headers = h};
+        j->busy = true;
+        aq_log_task(AQ_LOG_DEBUG, j->task->task_id, j->task->user_id, "user at its cap of running tasks; waiting");
+        aq_consumer_publish(w->consumer, &p, j);
+        json_decref(h);
+        return;
+    }
     case AQ_STORE_STALE:
         aq_log_task(AQ_LOG_INFO, j->task->task_id, j->task->user_id,
                     "stale copy of attempt %d (a retry is on its way); acked without running", j->attempt);
@@ -517,7 +538,8 @@ aq_worker *aq_worker_new(const aq_config *cfg, struct event_base *base, char *er
     aq_store_config sc = {.dsn = cfg->pg_dsn,
                           .worker_id = w->worker_id,
                           .batch_max = cfg->pg_batch_max,
-                          .flush_ms = cfg->pg_flush_ms};
+                          .flush_ms = cfg->pg_flush_ms,
+                          .max_inflight_per_user = cfg->limits_max_inflight_per_user};
     if (!(w->store = aq_store_new(&sc, base, err, errlen))) goto fail;
     if (!(w->cancels = aq_cancelwatch_new(cfg->pg_dsn, w->worker_id, base, on_cancel_request, w, err, errlen)))
         goto fail;

@@ -720,6 +720,42 @@ START_TEST(fleet_rate_limit_shared_by_two_workers)
 }
 END_TEST
 
+START_TEST(user_cap_holds_fleet_wide)
+{
+    const char *mock[] = {"--latency-ms", "400", NULL};
+    setup_env("usercap", mock);
+    /* One user may run one task at a time, across two workers. */
+    const char *cap[] = {"AGENTQ_LIMITS_MAX_INFLIGHT_PER_USER=1", NULL};
+    aq_test_proc *a = start_worker("worker-a", cap);
+    aq_test_proc *b = start_worker("worker-b", cap);
+    char file[300];
+    snprintf(file, sizeof file, "%s/burst.jsonl", E.logdir);
+    FILE *f = fopen(file, "w");
+    for (int i = 0; i < 3; i++) fprintf(f, "{\"user_id\":\"burst\",\"goal\":\"mine %d\"}\n", i);
+    fprintf(f, "{\"user_id\":\"other\",\"goal\":\"not held back\"}\n");
+    fclose(f);
+    sleep(1);
+    const char *args[] = {"--file", file, NULL};
+    ck_assert_int_eq(produce(args, NULL), 0);
+    ck_assert_msg(aq_test_pg_wait_value(E.dsn, "SELECT count(*) FROM agentq.tasks WHERE status = 'completed'", "4", 30000),
+                  "not all tasks completed");
+    /* The burst user's tasks never ran at the same time... */
+    char *v = aq_test_pg_value(E.dsn,
+                               "SELECT count(*) FROM agentq.tasks x JOIN agentq.tasks y ON x.task_id < y.task_id"
+                               " WHERE x.user_id = 'burst' AND y.user_id = 'burst'"
+                               " AND x.started_at < y.finished_at AND y.started_at < x.finished_at");
+    ck_assert_str_eq(v, "0");
+    free(v);
+    /* ...and the other user did not wait for them. */
+    v = aq_test_pg_value(E.dsn, "SELECT extract(epoch FROM finished_at - enqueued_at) < 3 FROM agentq.tasks WHERE user_id = 'other'");
+    ck_assert_str_eq(v, "t");
+    free(v);
+    aq_test_proc_free(a);
+    aq_test_proc_free(b);
+    teardown_env();
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("queue");
@@ -739,6 +775,7 @@ int main(void)
     tcase_add_test(limits, cancel_stops_running_task);
     tcase_add_test(limits, requeue_dead_letters);
     tcase_add_test(limits, fleet_rate_limit_shared_by_two_workers);
+    tcase_add_test(limits, user_cap_holds_fleet_wide);
     suite_add_tcase(s, limits);
     TCase *errors = tcase_create("errors");
     tcase_set_timeout(errors, 120);

@@ -944,6 +944,46 @@ START_TEST(test_unmigrated_database_is_waited_for)
 }
 END_TEST
 
+START_TEST(test_user_cap_refuses_claims_past_it)
+{
+    aq_store_config cfg = {.dsn = dsn, .worker_id = "w-test", .flush_timeout_ms = 3000,
+                           .reconnect_max_ms = 300, .max_inflight_per_user = 2};
+    char err[512] = "";
+    aq_store *s = aq_store_new(&cfg, base, err, sizeof err);
+    ck_assert_msg(s != NULL, "%s", err);
+    char a[AQ_TASK_ID_LEN + 1], b[AQ_TASK_ID_LEN + 1], c3[AQ_TASK_ID_LEN + 1];
+    new_id(a);
+    new_id(b);
+    new_id(c3);
+    ck_assert_int_eq(claim_sync(s, a, 1).outcome, AQ_STORE_RUN);
+    ck_assert_int_eq(claim_sync(s, b, 1).outcome, AQ_STORE_RUN);
+    /* The third of the same user waits, and nothing is written for it. */
+    claim_rec c = claim_sync(s, c3, 1);
+    ck_assert_int_eq(c.code, 0);
+    ck_assert_int_eq(c.outcome, AQ_STORE_BUSY);
+    ck_assert_str_eq(val(sqlf("SELECT count(*) FROM agentq.tasks WHERE task_id = '%s'", c3)), "0");
+    /* Another user is not held back by it. */
+    aq_store_task other = task_of(c3, 1);
+    char d[AQ_TASK_ID_LEN + 1];
+    new_id(d);
+    other.task_id = d;
+    other.user_id = "bob";
+    claim_rec co = {0};
+    int before = claims_done;
+    ck_assert_int_eq(aq_store_claim(s, &other, on_claim, &co), 0);
+    ck_assert(run_until(&claims_done, before + 1, 10000));
+    ck_assert_int_eq(co.outcome, AQ_STORE_RUN);
+    /* When one of the user's tasks ends, the waiting one gets its slot. */
+    done_rec dr = {0};
+    aq_store_result r = {.task_id = a, .attempt = 1, .status = "completed"};
+    before = dones;
+    ck_assert_int_eq(aq_store_finish(s, &r, on_done, &dr), 0);
+    ck_assert(run_until(&dones, before + 1, 10000));
+    ck_assert_int_eq(claim_sync(s, c3, 1).outcome, AQ_STORE_RUN);
+    aq_store_free(s);
+}
+END_TEST
+
 static Suite *store_suite(void)
 {
     Suite *s = suite_create("store");
@@ -954,6 +994,7 @@ static Suite *store_suite(void)
     tcase_add_test(core, test_claim_new_task_runs_attempt_one);
     tcase_add_test(core, test_finish_commits_before_callback_then_claim_is_final);
     tcase_add_test(core, test_claim_attempt_rules);
+    tcase_add_test(core, test_user_cap_refuses_claims_past_it);
     tcase_add_test(core, test_cancel_requested_is_reported_not_run);
     tcase_add_test(core, test_retrying_status_is_not_final_and_attempt_guarded);
     tcase_add_test(core, test_steps_round_trip_and_are_written_once);

@@ -43,6 +43,8 @@ typedef struct aq_store_config {
     int flush_timeout_ms;  /* how long aq_store_free() waits for queued
                             * requests to be written; <= 0: 5000 */
     int reconnect_max_ms;  /* reconnect backoff cap; <= 0: 5000 */
+    int max_inflight_per_user; /* a claim is refused (AQ_STORE_BUSY) while the
+                            * task's user has this many running; <= 0: no cap */
 } aq_store_config;
 
 /* What a claim found. */
@@ -50,6 +52,8 @@ typedef enum aq_store_outcome {
     AQ_STORE_RUN = 0,   /* the row now says running for this worker: go */
     AQ_STORE_FINAL,     /* the row was already final: ack without running */
     AQ_STORE_CANCELLED, /* cancel_requested: finish as cancelled and ack */
+    AQ_STORE_BUSY,      /* the user already runs max_inflight_per_user
+                         * tasks: nothing written; send the task back */
     AQ_STORE_STALE,     /* a copy of an attempt that already handed over to
                          * its retry (row says retrying with that attempt
                          * or a later one): ack without running */
