@@ -18,6 +18,7 @@ typedef enum { MSG_NEED, MSG_PAUSE, MSG_QUIT } msg_kind;
 typedef struct msg {
     msg_kind kind;
     int64_t ms;
+    bool need_req, need_tok;
     double requests, tokens; /* a grant, thread -> loop */
 } msg;
 
@@ -31,7 +32,7 @@ struct aq_fleetlimit {
     aq_mailbox *to_thread, *to_loop;
     /* thread-only */
     PGconn *pg;
-    bool need;
+    bool need_req, need_tok;
     int64_t pause_ms;
 };
 
@@ -105,13 +106,17 @@ static void *thread_main(void *arg)
         for (size_t i = 0; i < n; i++) {
             msg *m = items[i];
             if (m->kind == MSG_QUIT) quit = true;
-            else if (m->kind == MSG_NEED) f->need = true;
+            else if (m->kind == MSG_NEED) {
+                f->need_req |= m->need_req;
+                f->need_tok |= m->need_tok;
+            }
             else if (m->kind == MSG_PAUSE && m->ms > f->pause_ms) f->pause_ms = m->ms;
             free(m);
         }
         free(items);
         if (quit) break;
-        if ((f->need || f->pause_ms) && !ensure_conn(f)) {
+        bool need = f->need_req || f->need_tok;
+        if ((need || f->pause_ms) && !ensure_conn(f)) {
             struct pollfd pf = {aq_mailbox_fd(f->to_thread), POLLIN, 0};
             poll(&pf, 1, 500);
             continue;
@@ -131,16 +136,17 @@ static void *thread_main(void *arg)
             }
             f->pause_ms = 0;
         }
-        if (f->need) {
+        if (need) {
             double got_req = 0, got_tok = 0;
-            if (f->rpm) lease(f, f->req_name, f->lease_req, &got_req);
-            if (f->tpm && (!f->rpm || got_req > 0)) lease(f, f->tok_name, f->lease_tok, &got_tok);
+            if (f->rpm && f->need_req) lease(f, f->req_name, f->lease_req, &got_req);
+            if (f->tpm && f->need_tok) lease(f, f->tok_name, f->lease_tok, &got_tok);
             if (got_req > 0 || got_tok > 0) {
                 msg *m = aq_xcalloc(1, sizeof *m);
                 m->requests = got_req;
                 m->tokens = got_tok;
                 aq_mailbox_push(f->to_loop, m);
-                f->need = false; /* the limiter asks again if that was not enough */
+                /* The limiter asks again for whatever is still short. */
+                f->need_req = f->need_tok = false;
                 backoff = 20;
             } else {
                 /* Empty or paused: come back when a lease has refilled. */
@@ -164,16 +170,18 @@ static void on_grant(void *item, void *arg)
     free(m);
 }
 
-static void send_msg(aq_fleetlimit *f, msg_kind kind, int64_t ms)
+static void send_msg(aq_fleetlimit *f, msg_kind kind, int64_t ms, bool req, bool tok)
 {
     msg *m = aq_xcalloc(1, sizeof *m);
     m->kind = kind;
     m->ms = ms;
+    m->need_req = req;
+    m->need_tok = tok;
     aq_mailbox_push(f->to_thread, m);
 }
 
-static void on_need(void *arg) { send_msg(arg, MSG_NEED, 0); }
-static void on_pause(void *arg, int64_t ms) { send_msg(arg, MSG_PAUSE, ms); }
+static void on_need(void *arg, bool requests, bool tokens) { send_msg(arg, MSG_NEED, 0, requests, tokens); }
+static void on_pause(void *arg, int64_t ms) { send_msg(arg, MSG_PAUSE, ms, false, false); }
 
 aq_fleetlimit *aq_fleetlimit_new(const aq_fleetlimit_config *cfg, aq_ratelimit *rl, struct event_base *base,
                                  char *err, size_t errlen)
@@ -210,7 +218,7 @@ aq_fleetlimit *aq_fleetlimit_new(const aq_fleetlimit_config *cfg, aq_ratelimit *
 void aq_fleetlimit_free(aq_fleetlimit *f)
 {
     if (!f) return;
-    send_msg(f, MSG_QUIT, 0);
+    send_msg(f, MSG_QUIT, 0, false, false);
     pthread_join(f->thread, NULL);
     void **items;
     size_t n = aq_mailbox_take(f->to_loop, &items);

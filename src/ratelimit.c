@@ -88,11 +88,14 @@ static bool can_take(aq_ratelimit *rl, int64_t tokens, int64_t *wait_us)
     /* A call larger than the bucket may go once the bucket is full. */
     double need = (double)tokens < rl->tok.cap ? (double)tokens : rl->tok.cap;
     if (rl->src.need) {
-        bool short_ = (rl->req.limited && rl->req.level < 1.0) || (rl->tok.limited && rl->tok.level < need);
-        if (!short_) return true;
+        bool req_short = rl->req.limited && rl->req.level < 1.0;
+        bool tok_short = rl->tok.limited && rl->tok.level < need;
+        if (!req_short && !tok_short) return true;
         if (!rl->asked) {
+            /* Only the short bucket: leasing the other would hoard what the
+             * rest of the fleet could spend. */
             rl->asked = true;
-            rl->src.need(rl->src.arg);
+            rl->src.need(rl->src.arg, req_short, tok_short);
         }
         *wait_us = -1; /* no timer: the credit serves the waiters */
         return false;

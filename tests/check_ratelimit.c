@@ -117,8 +117,14 @@ START_TEST(cancel_and_pause)
 END_TEST
 
 static int needs;
+static bool needs_req, needs_tok;
 static int64_t paused_ms;
-static void on_need(void *arg) { needs++; }
+static void on_need(void *arg, bool requests, bool tokens)
+{
+    needs++;
+    needs_req = requests;
+    needs_tok = tokens;
+}
 static void on_pause(void *arg, int64_t ms) { paused_ms = ms; }
 
 START_TEST(credit_mode_grants_only_what_is_credited)
@@ -133,6 +139,7 @@ START_TEST(credit_mode_grants_only_what_is_credited)
     aq_rl_wait *w;
     for (int i = 0; i < 5; i++) ck_assert(!aq_ratelimit_acquire(rl, "u", 1, on_grant, &x, &w));
     ck_assert_int_eq(needs, 1); /* asked once, not once per waiter */
+    ck_assert(needs_req && !needs_tok); /* only the short bucket */
     run_until(base, &g, 1, 200);
     ck_assert_int_eq(g.n, 0); /* time alone grants nothing */
     aq_ratelimit_credit(rl, 3, 0);

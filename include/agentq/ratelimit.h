@@ -44,11 +44,12 @@ void aq_ratelimit_adjust(aq_ratelimit *rl, int64_t delta);
 void aq_ratelimit_pause(aq_ratelimit *rl, int64_t ms);
 
 /* Where tokens come from instead of the clock: the fleet-wide buckets in
- * Postgres (fleetlimit.h). need(arg) is called on the loop when a waiter
- * cannot be served, once until the next credit; pause(arg, ms) when a 429
- * pauses grants. Borrowed; must outlive the limiter. */
+ * Postgres (fleetlimit.h). need(arg, requests, tokens) is called on the
+ * loop when a waiter cannot be served, saying which bucket is short, once
+ * until the next credit; pause(arg, ms) when a 429 pauses grants.
+ * Borrowed; must outlive the limiter. */
 typedef struct aq_rl_source {
-    void (*need)(void *arg);
+    void (*need)(void *arg, bool requests, bool tokens);
     void (*pause)(void *arg, int64_t ms);
     void *arg;
 } aq_rl_source;
