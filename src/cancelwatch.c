@@ -115,8 +115,8 @@ aq_cancelwatch *aq_cancelwatch_new(const char *dsn, const char *worker_id, struc
     if (!w->ids || !w->stop || aq_mailbox_attach(w->ids, base, deliver, w) != AQ_OK ||
         pthread_create(&w->thread, NULL, thread_main, w) != 0) {
         aq_seterr(err, errlen, "cannot start the cancel watcher");
-        aq_mailbox_free(w->ids);
-        aq_mailbox_free(w->stop);
+        aq_mailbox_free(w->ids, free);
+        aq_mailbox_free(w->stop, free);
         free(w->dsn);
         free(w->worker_id);
         free(w);
@@ -131,15 +131,8 @@ void aq_cancelwatch_free(aq_cancelwatch *w)
     w->quit = true;
     aq_mailbox_push(w->stop, aq_xstrdup("quit"));
     pthread_join(w->thread, NULL);
-    void **items;
-    size_t n = aq_mailbox_take(w->ids, &items);
-    for (size_t i = 0; i < n; i++) free(items[i]);
-    free(items);
-    n = aq_mailbox_take(w->stop, &items);
-    for (size_t i = 0; i < n; i++) free(items[i]);
-    free(items);
-    aq_mailbox_free(w->ids);
-    aq_mailbox_free(w->stop);
+    aq_mailbox_free(w->ids, free); /* ids the loop has not taken */
+    aq_mailbox_free(w->stop, free);
     free(w->dsn);
     free(w->worker_id);
     free(w);

@@ -409,8 +409,8 @@ aq_consumer *aq_consumer_new(const aq_config *cfg, struct event_base *base, cons
     }
     return c;
 fail:
-    aq_mailbox_free(c->ops);
-    aq_mailbox_free(c->events);
+    aq_mailbox_free(c->ops, NULL);
+    aq_mailbox_free(c->events, NULL);
     free(c);
     return NULL;
 }
@@ -435,8 +435,8 @@ void aq_consumer_free(aq_consumer *c)
         free(e);
     }
     free(items);
-    aq_mailbox_free(c->ops);
-    aq_mailbox_free(c->events);
+    aq_mailbox_free(c->ops, NULL);    /* the thread ran every op before quitting */
+    aq_mailbox_free(c->events, NULL); /* drained above */
     amqp_bytes_free(c->consumer_tag);
     free(c->pending);
     free(c);

@@ -204,8 +204,8 @@ aq_fleetlimit *aq_fleetlimit_new(const aq_fleetlimit_config *cfg, aq_ratelimit *
     if (!f->to_thread || !f->to_loop || aq_mailbox_attach(f->to_loop, base, on_grant, f) != AQ_OK ||
         pthread_create(&f->thread, NULL, thread_main, f) != 0) {
         aq_seterr(err, errlen, "cannot start the fleet rate limiter");
-        aq_mailbox_free(f->to_thread);
-        aq_mailbox_free(f->to_loop);
+        aq_mailbox_free(f->to_thread, free);
+        aq_mailbox_free(f->to_loop, free);
         free(f->dsn);
         free(f);
         return NULL;
@@ -220,16 +220,9 @@ void aq_fleetlimit_free(aq_fleetlimit *f)
     if (!f) return;
     send_msg(f, MSG_QUIT, 0, false, false);
     pthread_join(f->thread, NULL);
-    void **items;
-    size_t n = aq_mailbox_take(f->to_loop, &items);
-    for (size_t i = 0; i < n; i++) free(items[i]);
-    free(items);
-    n = aq_mailbox_take(f->to_thread, &items);
-    for (size_t i = 0; i < n; i++) free(items[i]);
-    free(items);
     PQfinish(f->pg);
-    aq_mailbox_free(f->to_thread);
-    aq_mailbox_free(f->to_loop);
+    aq_mailbox_free(f->to_thread, free);
+    aq_mailbox_free(f->to_loop, free); /* grants the loop has not taken */
     free(f->dsn);
     free(f);
 }

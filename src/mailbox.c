@@ -31,9 +31,10 @@ aq_mailbox *aq_mailbox_new(void)
     return m;
 }
 
-void aq_mailbox_free(aq_mailbox *m)
+void aq_mailbox_free(aq_mailbox *m, void (*free_item)(void *item))
 {
     if (!m) return;
+    for (size_t i = 0; free_item && i < m->n; i++) free_item(m->items[i]);
     if (m->ev) event_free(m->ev);
     close(m->fd);
     pthread_mutex_destroy(&m->lock);

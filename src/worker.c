@@ -124,47 +124,46 @@ static void on_requeued(void *arg, int code)
     job_free(j);
 }
 
-static json_t *retry_headers(job *j, int next_attempt, const char *error, const char *reason)
+/* Publishes a copy of the task's message as `attempt`, to retry tier
+ * `tier` (its queue's TTL is the wait) or, with tier < 0, to the
+ * dead-letter exchange; headers carry the attempt, the absolute deadline
+ * and why. The confirm reaches on_retry_published with j as cookie. */
+static void send_copy(job *j, int tier, int attempt, const char *error, const char *reason)
 {
+    aq_worker *w = j->w;
+    char queue[256];
     json_t *h = json_object();
-    json_object_set_new(h, "x-agentq-attempt", json_integer(next_attempt));
+    json_object_set_new(h, "x-agentq-attempt", json_integer(attempt));
     json_object_set_new(h, "x-agentq-deadline", json_integer(j->deadline_us));
     if (error) json_object_set_new(h, "x-agentq-error", json_string(error));
     if (reason) json_object_set_new(h, "x-agentq-reason", json_string(reason));
-    return h;
+    aq_publish p = {
+        .exchange = w->cfg->amqp_dlx,
+        .routing_key = "task",
+        .body = j->d->body,
+        .len = j->d->len,
+        .message_id = j->task->task_id,
+        .priority = j->task->priority,
+        .timestamp = j->task->enqueued_at_us / 1000000,
+        .headers = h,
+    };
+    if (tier >= 0) {
+        aq_broker_retry_queue(w->cfg, w->retry_delays[tier < w->nretry_delays ? tier : w->nretry_delays - 1],
+                              queue, sizeof queue);
+        p.exchange = ""; /* the default exchange routes by queue name */
+        p.routing_key = queue;
+    }
+    aq_consumer_publish(w->consumer, &p, j);
+    json_decref(h);
 }
 
 /* Publishes the task again: to its retry tier, or (out of attempts) to
  * the dead-letter exchange. The original is acked after the confirm. */
 static void republish(job *j, const char *error)
 {
-    aq_worker *w = j->w;
-    const aq_config *cfg = w->cfg;
-    bool dead = j->attempt >= cfg->amqp_max_attempts;
-    char queue[256];
-    json_t *h;
-    aq_publish p = {
-        .body = j->d->body,
-        .len = j->d->len,
-        .message_id = j->task->task_id,
-        .priority = j->task->priority,
-        .timestamp = j->task->enqueued_at_us / 1000000,
-    };
-    if (dead) {
-        h = retry_headers(j, j->attempt, error, "failed");
-        p.exchange = cfg->amqp_dlx;
-        p.routing_key = "task";
-    } else {
-        int tier = j->attempt - 1 < w->nretry_delays ? j->attempt - 1 : w->nretry_delays - 1;
-        aq_broker_retry_queue(cfg, w->retry_delays[tier], queue, sizeof queue);
-        h = retry_headers(j, j->attempt + 1, error, NULL);
-        p.exchange = "";  /* the default exchange routes by queue name */
-        p.routing_key = queue;
-    }
-    p.headers = h;
     j->error = aq_xstrdup(error ? error : "");
-    aq_consumer_publish(w->consumer, &p, j);
-    json_decref(h);
+    if (j->attempt >= j->w->cfg->amqp_max_attempts) send_copy(j, -1, j->attempt, error, "failed");
+    else send_copy(j, j->attempt - 1, j->attempt + 1, error, NULL);
 }
 
 static void on_retry_recorded(void *arg, int code)
@@ -233,21 +232,13 @@ static void on_claimed(void *arg, aq_store_outcome outcome, int attempt, const c
         ack_all(j);
         job_free(j);
         return;
-    case AQ_STORE_BUSY: {
+    case AQ_STORE_BUSY:
         /* The user runs limits.max_inflight_per_user tasks already: the
          * task waits out the first retry tier, same attempt, and tries again. */
-        char queue[256];
-        aq_broker_retry_queue(w->cfg, w->retry_delays[0], queue, sizeof queue);
-        json_t *h = retry_headers(j, j->attempt, NULL, NULL);
-        aq_publish p = {.exchange = "", .routing_key = queue, .body = j->d->body, .len = j->d->len,
-                        .message_id = j->task->task_id, .priority = j->task->priority,
-                        .timestamp = j->task->enqueued_at_us / 1000000, .headers = h};
         j->busy = true;
         aq_log_task(AQ_LOG_DEBUG, j->task->task_id, j->task->user_id, "user at its cap of running tasks; waiting");
-        aq_consumer_publish(w->consumer, &p, j);
-        json_decref(h);
+        send_copy(j, 0, j->attempt, NULL, NULL);
         return;
-    }
     case AQ_STORE_STALE:
         aq_log_task(AQ_LOG_INFO, j->task->task_id, j->task->user_id,
                     "stale copy of attempt %d (a retry is on its way); acked without running", j->attempt);

@@ -145,13 +145,7 @@ static struct srv *srv_start(struct event_base *base)
     ck_assert_ptr_nonnull(s);
     s->base = base;
     LIST_INIT(&s->pending);
-    s->http = evhttp_new(base);
-    ck_assert_ptr_nonnull(s->http);
-    evhttp_set_gencb(s->http, srv_handle, s);
-    evhttp_set_allowed_methods(s->http, EVHTTP_REQ_GET | EVHTTP_REQ_POST);
-    struct evhttp_bound_socket *bs = evhttp_bind_socket_with_handle(s->http, "127.0.0.1", 0);
-    ck_assert_ptr_nonnull(bs);
-    s->port = aq_test_bound_port(evhttp_bound_socket_get_fd(bs));
+    s->http = aq_test_httpd(base, srv_handle, s, &s->port);
     return s;
 }
 

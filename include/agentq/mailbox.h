@@ -15,9 +15,11 @@ typedef struct aq_mailbox aq_mailbox;
 typedef void (*aq_mailbox_fn)(void *item, void *arg);
 
 /* Returns NULL if no eventfd can be made (fd limit). Free with
- * aq_mailbox_free(), which frees no items: drain first. */
+ * aq_mailbox_free(). */
 aq_mailbox *aq_mailbox_new(void);
-void aq_mailbox_free(aq_mailbox *m);
+/* Frees the mailbox, passing each item still queued to free_item (NULL:
+ * the caller has drained it). NULL m is a no-op. */
+void aq_mailbox_free(aq_mailbox *m, void (*free_item)(void *item));
 
 /* Thread-safe. Takes ownership of `item` (non-NULL). */
 void aq_mailbox_push(aq_mailbox *m, void *item);

@@ -3,6 +3,7 @@
 #include "testenv.h"
 
 #include <arpa/inet.h>
+#include <event2/http.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 
@@ -194,4 +195,17 @@ int aq_test_bound_port(int fd)
     ck_assert_int_eq(getsockname(fd, (struct sockaddr *)&ss, &len), 0);
     return ntohs(ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
                                           : ((struct sockaddr_in *)&ss)->sin_port);
+}
+
+struct evhttp *aq_test_httpd(struct event_base *base, void (*cb)(struct evhttp_request *, void *), void *arg,
+                             int *port)
+{
+    struct evhttp *http = evhttp_new(base);
+    ck_assert_ptr_nonnull(http);
+    evhttp_set_gencb(http, cb, arg);
+    evhttp_set_allowed_methods(http, EVHTTP_REQ_GET | EVHTTP_REQ_POST);
+    struct evhttp_bound_socket *bs = evhttp_bind_socket_with_handle(http, "127.0.0.1", 0);
+    ck_assert_ptr_nonnull(bs);
+    *port = aq_test_bound_port(evhttp_bound_socket_get_fd(bs));
+    return http;
 }

@@ -19,6 +19,15 @@ int aq_test_run(Suite *s);
 /* The port a socket is bound to (tests listen on 127.0.0.1:0). */
 int aq_test_bound_port(int fd);
 
+struct event_base;
+struct evhttp;
+struct evhttp_request;
+/* An in-process HTTP server on 127.0.0.1:0 taking GET and POST: cb(req,
+ * arg) runs for every request; *port gets the port. Caller frees with
+ * evhttp_free(). Fails the current test if it cannot listen. */
+struct evhttp *aq_test_httpd(struct event_base *base, void (*cb)(struct evhttp_request *, void *), void *arg,
+                             int *port);
+
 /* Path of a built executable (e.g. "agentq-mockllm"); static buffer. */
 const char *aq_test_bin(const char *name);
 
