@@ -49,7 +49,11 @@ static const config_key config_keys[] = {
     {"amqp", "retry_delays", K_STR, OFF(amqp_retry_delays), "5s,30s,120s,600s", 0, 0, false,
      "Retry tiers: delay before attempt 2, 3, ... (units ms, s, m); the last repeats."},
     {"amqp", "max_attempts", K_INT, OFF(amqp_max_attempts), "4", 1, 100, false,
-     "Attempts before a failing task goes to the dead-letter queue."},
+     "Failed attempts (LLM or skill errors out of retries) before a task goes to the dead-letter queue;"
+     " a lost worker or a drain does not count here."},
+    {"amqp", "max_interruptions", K_INT, OFF(amqp_max_interruptions), "10", 1, 1000, false,
+     "Executions cut short by a lost worker (killed, cut off) or a drain before a task ends as failed"
+     " with a dead letter of reason 'interrupted' (a task that brings workers down stops here)."},
     {"amqp", "consumer_timeout_ms", K_INT, OFF(amqp_consumer_timeout_ms), "7200000", 60000, 2147483647, false,
      "The broker's consumer_timeout; task timeouts must stay well below it."},
 
@@ -94,6 +98,10 @@ static const config_key config_keys[] = {
      "Sessions run at once; also the AMQP prefetch (a 16-bit count in AMQP 0-9-1)."},
     {"worker", "drain_seconds", K_INT, OFF(worker_drain_seconds), "30", 0, 86400, false,
      "On SIGTERM, how long in-flight sessions may finish before they are requeued."},
+    {"worker", "lease_seconds", K_INT, OFF(worker_lease_seconds), "30", 3, 3600, false,
+     "Lease of a running task, renewed every third of it: a copy of the task delivered elsewhere runs"
+     " only once the lease expired or its worker is gone; the sweeper republishes running tasks whose"
+     " lease expired."},
 
     {"agent", "system_prompt", K_STR, OFF(agent_system_prompt),
      "You are a capable assistant. Use the tools when they help, then answer concisely.", 0, 0, false,

@@ -44,6 +44,7 @@ typedef struct loop_event {
     aq_delivery *delivery;
     void *cookie;
     bool ok;
+    uint16_t gen;        /* EV_STATE: the connection's generation */
 } loop_event;
 
 typedef struct pending_confirm {
@@ -62,6 +63,8 @@ struct aq_consumer {
     /* thread-only state */
     aq_broker *b;
     uint16_t gen;
+    uint16_t loop_gen;   /* loop thread: the generation deliveries now
+                          * come from, 0 while disconnected */
     bool consuming;
     bool stop_consuming;
     amqp_bytes_t consumer_tag;
@@ -102,6 +105,7 @@ static void emit(aq_consumer *c, event_kind kind, aq_delivery *d, void *cookie, 
     e->delivery = d;
     e->cookie = cookie;
     e->ok = ok;
+    e->gen = c->gen;
     aq_mailbox_push(c->events, e);
 }
 
@@ -164,7 +168,7 @@ static int try_connect(aq_consumer *c)
         }
     }
     c->b = b;
-    c->gen++;
+    if (++c->gen == 0) c->gen = 1; /* 0 means "no connection" to the loop */
     c->backoff_ms = 0;
     c->connected = true;
     aq_log(AQ_LOG_INFO, "broker connected; consuming %s with prefetch %d", cfg->amqp_queue, cfg->worker_concurrency);
@@ -382,6 +386,7 @@ static void on_event(void *item, void *arg)
         if (c->cb.on_published) c->cb.on_published(e->cookie, e->ok, c->cb.arg);
         break;
     case EV_STATE:
+        c->loop_gen = e->ok ? e->gen : 0;
         if (c->cb.on_state) c->cb.on_state(e->ok, c->cb.arg);
         break;
     }
@@ -485,3 +490,8 @@ void aq_consumer_stop_consuming(aq_consumer *c)
 }
 
 bool aq_consumer_connected(const aq_consumer *c) { return c->connected; }
+
+bool aq_consumer_delivery_current(const aq_consumer *c, uint64_t tag)
+{
+    return c->loop_gen && (uint16_t)(tag >> 48) == c->loop_gen;
+}

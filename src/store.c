@@ -35,7 +35,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define STORE_MAX_PARAMS 14
+#define STORE_MAX_PARAMS 18
 #define STORE_MAX_STMTS 2
 #define STORE_BATCH_DEFAULT 500
 #define STORE_FLUSH_TIMEOUT_DEFAULT_MS 5000
@@ -47,10 +47,12 @@
 #define STORE_TRANSIENT_RETRIES 5
 #define STORE_MAX_LOSSES 10 /* connection losses under one batch */
 #define STORE_BYTEA_OID 17
+#define STORE_LEASE_DEFAULT_S 30.0
+#define STORE_MAX_INTERRUPTIONS_DEFAULT 10
 
 /* ------------------------------------------------------------ statements */
 
-enum { S_CLAIM, S_FINISH, S_STEP, S_DEAD, S_DEAD_TASK, S_COUNT };
+enum { S_CLAIM, S_FINISH, S_STEP, S_DEAD, S_DEAD_TASK, S_RENEW, S_SWEEP, S_HOLD, S_COUNT };
 
 static const struct {
     const char *name;
@@ -58,62 +60,30 @@ static const struct {
     int bytea_param; /* 1-based index of a binary bytea parameter, or 0 */
     const char *sql;
 } stmts[S_COUNT] = {
-    /* The upsert returns the row it made running; when its WHERE keeps the
-     * row as it is (final, cancel requested, or this very claim replayed)
-     * the second branch reads the row from the statement's snapshot. */
-    /* $14 is the user's cap of running tasks (limits.max_inflight_per_user,
-     * 0: none): with no free slot nothing is written, and the last column
-     * says so. */
-    [S_CLAIM] = {"aq_claim", 14, 0,
-        "WITH slot AS (SELECT agentq.user_slot_free($2::text, $1::uuid, $14::int) AS free),"
-        " up AS ("
-        " INSERT INTO agentq.tasks AS t"
-        "  (task_id, user_id, goal, priority, status, attempt, max_steps, budget_usd,"
-        "   timeout_seconds, model, metadata, enqueued_at, started_at, finished_at,"
-        "   worker_id, claim_token)"
-        " SELECT $1::uuid, $2::text, $3::text, $4::int, 'running', $5::int, $6::int,"
-        "   $7::float8, $8::float8, $9::text, $10::jsonb,"
-        "   coalesce(timestamptz 'epoch' + $11::bigint * interval '1 microsecond', now()),"
-        "   now(), NULL, $12::text, $13::text FROM slot WHERE slot.free"
-        " ON CONFLICT (task_id) DO UPDATE SET"
-        "   status = 'running',"
-        "   attempt = CASE WHEN t.status = 'running'"
-        "                  THEN greatest(t.attempt + 1, EXCLUDED.attempt)"
-        "                  ELSE greatest(t.attempt, EXCLUDED.attempt) END,"
-        "   user_id = EXCLUDED.user_id, goal = EXCLUDED.goal, priority = EXCLUDED.priority,"
-        "   max_steps = EXCLUDED.max_steps, budget_usd = EXCLUDED.budget_usd,"
-        "   timeout_seconds = EXCLUDED.timeout_seconds, model = EXCLUDED.model,"
-        "   metadata = EXCLUDED.metadata,"
-        "   enqueued_at = coalesce(t.enqueued_at, EXCLUDED.enqueued_at),"
-        "   started_at = EXCLUDED.started_at, finished_at = NULL,"
-        "   worker_id = EXCLUDED.worker_id, claim_token = EXCLUDED.claim_token"
-        " WHERE NOT agentq.is_final(t.status) AND NOT t.cancel_requested"
-        "   AND t.claim_token IS DISTINCT FROM EXCLUDED.claim_token"
-        /* A copy of an attempt that already handed over to its retry. */
-        "   AND NOT (t.status = 'retrying' AND EXCLUDED.attempt <= t.attempt)"
-        " RETURNING t.attempt, t.status, t.cancel_requested, true AS claimed)"
-        " SELECT attempt, status, cancel_requested, claimed, true FROM up"
-        " UNION ALL"
-        " SELECT attempt, status, cancel_requested, coalesce(claim_token = $13::text, false),"
-        "   (SELECT free FROM slot)"
-        "   FROM agentq.tasks WHERE task_id = $1::uuid AND NOT EXISTS (SELECT 1 FROM up)"
-        " UNION ALL"
-        " SELECT 0, 'queued', false, false, false FROM slot"
-        "   WHERE NOT slot.free AND NOT EXISTS (SELECT 1 FROM agentq.tasks WHERE task_id = $1::uuid)"},
-    /* Changes the row only while it is not final and holds this attempt;
-     * the second column (pre-update snapshot) tells "already final" from
-     * "not ours". */
+    /* agentq.claim (sql/012_leases.sql) decides under the row's lock. */
+    [S_CLAIM] = {"aq_claim", 18, 9,
+        "SELECT o_outcome, o_attempt, o_failures, o_status FROM agentq.claim("
+        "$1::uuid, $2::text, $3::text, $4::int, $5::int, $6::float8, $7::float8, $8::text,"
+        " $9::bytea, $10::bool, $11::bigint, $12::bigint, $13::text, $14::text, $15::int,"
+        " $16::float8, $17::int, $18::int)"},
+    /* Changes the row only while this attempt runs it; the last columns
+     * (pre-update snapshot) tell "already final" and "this very finish,
+     * replayed" from "not ours". A failed attempt counts toward
+     * amqp.max_attempts, a drained one toward amqp.max_interruptions. */
     [S_FINISH] = {"aq_finish", 9, 0,
         "WITH u AS ("
         " UPDATE agentq.tasks SET status = $3::text, steps = $4::int,"
         "   prompt_tokens = $5::bigint, completion_tokens = $6::bigint,"
         "   cost_usd = $7::float8, result = $8::text, error = $9::text,"
-        "   finished_at = CASE WHEN agentq.is_final($3::text) THEN now() END"
+        "   finished_at = CASE WHEN agentq.is_final($3::text) THEN now() END,"
+        "   failures = failures + CASE WHEN $3::text IN ('retrying', 'failed') THEN 1 ELSE 0 END,"
+        "   interruptions = interruptions + CASE WHEN $3::text = 'queued' THEN 1 ELSE 0 END,"
+        "   lease_owner = NULL, lease_until = NULL"
         " WHERE task_id = $1::uuid AND ($2::int <= 0 OR attempt = $2::int)"
-        "   AND NOT agentq.is_final(status)"
+        "   AND status = 'running'"
         " RETURNING 1)"
-        " SELECT (SELECT count(*) FROM u)::int,"
-        "        (SELECT status FROM agentq.tasks WHERE task_id = $1::uuid)"},
+        " SELECT (SELECT count(*) FROM u)::int, t.status, t.attempt"
+        "   FROM (SELECT 1) one LEFT JOIN agentq.tasks t ON t.task_id = $1::uuid"},
     [S_STEP] = {"aq_step", 13, 0,
         "INSERT INTO agentq.steps (task_id, attempt, step, seq, kind, name, status,"
         "   started_at, duration_ms, prompt_tokens, completion_tokens, cost_usd, detail)"
@@ -126,20 +96,29 @@ static const struct {
         " VALUES ($1::uuid, $2::text, $3::text, $4::bytea, $5::jsonb, $6::text)"
         " ON CONFLICT (store_key) DO NOTHING"},
     /* A task dead-lettered before any claim (a malformed body, an expired
-     * message) gets a minimal row; a final row is left alone. */
-    [S_DEAD_TASK] = {"aq_dead_task", 7, 0,
+     * message) gets a minimal row. An existing row changes only while it
+     * waits (queued, retrying) and only for the message that defined it:
+     * a twin with another body, or a copy of a task a worker runs, leaves
+     * the task alone. */
+    [S_DEAD_TASK] = {"aq_dead_task", 8, 8,
         "INSERT INTO agentq.tasks AS t (task_id, user_id, goal, status, attempt, error,"
         "   worker_id, finished_at)"
         " VALUES ($1::uuid, $2::text, $3::text, $4::text, $5::int, $6::text, $7::text, now())"
         " ON CONFLICT (task_id) DO UPDATE SET status = EXCLUDED.status,"
         "   error = EXCLUDED.error, worker_id = EXCLUDED.worker_id, finished_at = now()"
-        " WHERE NOT agentq.is_final(t.status)"},
+        " WHERE t.status IN ('queued', 'retrying')"
+        "   AND (t.body_sha256 IS NULL OR t.body_sha256 = sha256($8::bytea))"},
+    [S_RENEW] = {"aq_renew", 3, 0, "SELECT agentq.renew_leases($1::int, $2::float8, $3::uuid[])"},
+    [S_SWEEP] = {"aq_sweep", 2, 0,
+        "SELECT swept_task_id, swept_body, swept_priority FROM agentq.sweep_leases($1::int, $2::float8)"},
+    [S_HOLD] = {"aq_hold", 1, 0, "SELECT agentq.hold_owner_lock($1::int)"},
 };
 
 /* -------------------------------------------------------------- requests */
 
-enum { REQ_CLAIM, REQ_FINISH, REQ_STEP, REQ_DEAD };
-static const char *const req_names[] = {"claim", "finish", "step", "dead letter"};
+enum { REQ_CLAIM, REQ_FINISH, REQ_STEP, REQ_DEAD, REQ_RENEW, REQ_SWEEP };
+static const char *const req_names[] = {"claim", "finish", "step", "dead letter", "lease renewal",
+                                        "lease sweep"};
 
 typedef struct stmt {
     int id;
@@ -158,12 +137,16 @@ typedef struct req {
     int64_t queued_us;
     aq_store_claim_cb claim_cb;
     aq_store_done_cb done_cb;
+    aq_store_sweep_cb sweep_cb;
     void *arg;
     /* Set by the writer before the request reaches the done list. */
     int code;
     aq_store_outcome outcome;
     int attempt;
+    int failures;
     char status[32];
+    aq_store_swept *swept;
+    size_t nswept;
 } req;
 
 enum { LINK_UNKNOWN, LINK_UP, LINK_DOWN };
@@ -173,6 +156,9 @@ struct aq_store {
     char *dsn_shown; /* the DSN without its password, for log lines */
     char *worker_id;
     int max_inflight_per_user; /* claim refuses past it (0: no cap) */
+    double lease_seconds;
+    int max_interruptions;
+    int owner;          /* this store's lease key (sql/012_leases.sql) */
     int batch_max;
     int flush_ms;
     int flush_timeout_ms;
@@ -254,6 +240,8 @@ static void req_free(req *r)
 {
     for (int i = 0; i < r->nstmt; i++)
         for (int j = 0; j < r->st[i].n; j++) free(r->st[i].v[j]);
+    for (size_t i = 0; i < r->nswept; i++) free(r->swept[i].body);
+    free(r->swept);
     free(r);
 }
 
@@ -312,7 +300,7 @@ static void complete(aq_store *s, req **v, size_t n, bool committed)
         req *r = v[i];
         s->pending--;
         if (r->code != AQ_OK) s->counters.failed++;
-        if (r->kind == REQ_STEP) {
+        if (!r->claim_cb && !r->done_cb && !r->sweep_cb) { /* nobody waits for it */
             req_free(r);
             continue;
         }
@@ -353,7 +341,10 @@ static void deliver(aq_store *s)
         req *r = list;
         list = r->next;
         if (r->kind == REQ_CLAIM) {
-            if (r->claim_cb) r->claim_cb(r->arg, r->outcome, r->attempt, r->status, r->code);
+            aq_store_claimed c = {r->outcome, r->attempt, r->failures, r->status};
+            if (r->claim_cb) r->claim_cb(r->arg, r->code == AQ_OK ? &c : NULL, r->code);
+        } else if (r->kind == REQ_SWEEP) {
+            if (r->sweep_cb) r->sweep_cb(r->arg, r->swept, r->nswept, r->code);
         } else if (r->done_cb) {
             r->done_cb(r->arg, r->code);
         }
@@ -523,6 +514,34 @@ static bool prepare_all(aq_store *s, char *msg, size_t msglen)
     return ok;
 }
 
+static void result_msg(const PGresult *r, char *msg, size_t msglen);
+
+/* Takes this worker's liveness lock on the fresh connection before any
+ * claim can name it as a lease owner (see agentq.owner_alive). */
+static bool hold_owner_lock(aq_store *s, char *msg, size_t msglen)
+{
+    char owner[16];
+    snprintf(owner, sizeof owner, "%d", s->owner);
+    const char *v[] = {owner};
+    PGresult *r = NULL;
+    if (!PQsendQueryPrepared(s->conn, stmts[S_HOLD].name, 1, v, NULL, NULL, 0) ||
+        !PQpipelineSync(s->conn) || read_one(s, &r) != IO_OK) {
+        set_msg(msg, msglen, PQerrorMessage(s->conn));
+        return false;
+    }
+    bool ok = PQresultStatus(r) == PGRES_TUPLES_OK;
+    if (!ok) result_msg(r, msg, msglen);
+    else if (PQgetvalue(r, 0, 0)[0] != 't')
+        aq_log(AQ_LOG_INFO, "store: lease key %d is held by another session (our previous connection?);"
+               " the next lease renewal takes it", s->owner);
+    PQclear(r);
+    if (read_sync(s) != IO_OK) {
+        if (ok) set_msg(msg, msglen, PQerrorMessage(s->conn));
+        return false;
+    }
+    return ok;
+}
+
 /* One connection attempt (bounded by STORE_CONNECT_TIMEOUT_US and the stop
  * deadline). On failure, schedules the next one with backoff and jitter. */
 static bool try_connect(aq_store *s)
@@ -558,7 +577,7 @@ static bool try_connect(aq_store *s)
         if (PQsetnonblocking(c, 1) != 0 || !PQenterPipelineMode(c)) {
             set_msg(msg, sizeof msg, PQerrorMessage(c));
             ps = PGRES_POLLING_FAILED;
-        } else if (!prepare_all(s, msg, sizeof msg)) {
+        } else if (!prepare_all(s, msg, sizeof msg) || !hold_owner_lock(s, msg, sizeof msg)) {
             ps = PGRES_POLLING_FAILED;
         }
         if (ps != PGRES_POLLING_OK) {
@@ -679,46 +698,69 @@ static void result_msg(const PGresult *r, char *msg, size_t msglen)
 
 static void interpret_claim(req *r, const PGresult *res)
 {
-    if (PQntuples(res) < 1) {
-        /* A row inserted by a concurrent transaction after our snapshot. */
-        r->code = AQ_EAGAIN;
-        aq_log_task(AQ_LOG_WARN, r->task_id, NULL, "store: claim raced with another writer");
+    static const struct {
+        const char *name;
+        aq_store_outcome outcome;
+    } outcomes[] = {{"run", AQ_STORE_RUN},         {"final", AQ_STORE_FINAL},
+                    {"duplicate", AQ_STORE_DUPLICATE}, {"conflict", AQ_STORE_CONFLICT},
+                    {"ended", AQ_STORE_ENDED},     {"busy", AQ_STORE_BUSY}};
+    r->code = AQ_EAGAIN;
+    if (PQntuples(res) < 1 || PQnfields(res) < 4) return;
+    const char *outcome = PQgetvalue(res, 0, 0);
+    r->attempt = atoi(PQgetvalue(res, 0, 1));
+    r->failures = atoi(PQgetvalue(res, 0, 2));
+    snprintf(r->status, sizeof r->status, "%s", PQgetvalue(res, 0, 3));
+    for (size_t i = 0; i < AQ_ARRAY_LEN(outcomes); i++) {
+        if (strcmp(outcome, outcomes[i].name)) continue;
+        r->outcome = outcomes[i].outcome;
+        r->code = AQ_OK;
         return;
     }
-    int attempt = atoi(PQgetvalue(res, 0, 0));
-    const char *status = PQgetvalue(res, 0, 1);
-    bool cancel = PQgetvalue(res, 0, 2)[0] == 't';
-    bool claimed = PQgetvalue(res, 0, 3)[0] == 't';
-    bool slot_free = PQgetvalue(res, 0, 4)[0] == 't';
-    r->attempt = attempt;
-    snprintf(r->status, sizeof r->status, "%s", status);
-    r->code = AQ_OK;
-    if (claimed && !aq_store_status_final(status))
-        r->outcome = AQ_STORE_RUN; /* claimed now, or this claim replayed */
-    else if (aq_store_status_final(status))
-        r->outcome = AQ_STORE_FINAL;
-    else if (cancel)
-        r->outcome = AQ_STORE_CANCELLED;
-    else if (!strcmp(status, "retrying"))
-        r->outcome = AQ_STORE_STALE;
-    else if (!slot_free)
-        r->outcome = AQ_STORE_BUSY;
-    else
-        r->code = AQ_EAGAIN;
+    aq_log_task(AQ_LOG_ERROR, r->task_id, NULL, "store: unknown claim outcome '%s'", outcome);
 }
 
+/* r->attempt and r->status hold what the finish asked for. */
 static void interpret_finish(req *r, const PGresult *res)
 {
+    bool row = PQntuples(res) && !PQgetisnull(res, 0, 1);
     int updated = PQntuples(res) ? atoi(PQgetvalue(res, 0, 0)) : 0;
-    const char *status = PQntuples(res) && !PQgetisnull(res, 0, 1) ? PQgetvalue(res, 0, 1) : NULL;
-    if (updated > 0 || aq_store_status_final(status)) {
+    const char *status = row ? PQgetvalue(res, 0, 1) : NULL;
+    int attempt = row ? atoi(PQgetvalue(res, 0, 2)) : 0;
+    bool replayed = row && !strcmp(status, r->status) && (r->attempt <= 0 || attempt == r->attempt);
+    if (updated > 0 || replayed || aq_store_status_final(status)) {
         r->code = AQ_OK;
         return;
     }
     r->code = AQ_ENOTFOUND;
-    aq_log_task(AQ_LOG_WARN, r->task_id, NULL,
-                "store: finish changed nothing: the row %s", status ? "belongs to another attempt"
-                                                                   : "does not exist");
+    if (row)
+        aq_log_task(AQ_LOG_INFO, r->task_id, NULL,
+                    "store: finish of attempt %d changed nothing: the row is %s at attempt %d", r->attempt,
+                    status, attempt);
+    else
+        aq_log_task(AQ_LOG_WARN, r->task_id, NULL, "store: finish changed nothing: the row does not exist");
+}
+
+/* The rows a sweep marked, copied for the loop thread. */
+static void interpret_sweep(req *r, const PGresult *res)
+{
+    int n = PQntuples(res);
+    r->code = AQ_OK;
+    if (n <= 0) return;
+    r->swept = aq_xcalloc((size_t)n, sizeof *r->swept);
+    for (int i = 0; i < n; i++) {
+        aq_store_swept *w = &r->swept[r->nswept];
+        size_t len = 0;
+        unsigned char *b = PQunescapeBytea((const unsigned char *)PQgetvalue(res, i, 1), &len);
+        if (!b) aq_oom("a swept task's body");
+        snprintf(w->task_id, sizeof w->task_id, "%s", PQgetvalue(res, i, 0));
+        w->body = aq_xmalloc(len + 1);
+        memcpy(w->body, b, len);
+        w->body[len] = '\0';
+        w->body_len = len;
+        PQfreemem(b);
+        w->priority = atoi(PQgetvalue(res, i, 2));
+        r->nswept++;
+    }
 }
 
 /* Sends ROLLBACK after a failed pipeline left the session in an aborted
@@ -806,6 +848,8 @@ static int run_txn(aq_store *s, req **v, size_t n, size_t *bad, char *msg, size_
                 interpret_claim(q, res[k]);
             else if (q->kind == REQ_FINISH)
                 interpret_finish(q, res[k]);
+            else if (q->kind == REQ_SWEEP)
+                interpret_sweep(q, res[k]);
             else
                 q->code = AQ_OK;
         }
@@ -1010,6 +1054,9 @@ aq_store *aq_store_new(const aq_store_config *cfg, struct event_base *base, char
     s->dsn_shown = shown;
     s->worker_id = aq_xstrdup(cfg->worker_id ? cfg->worker_id : "");
     s->max_inflight_per_user = cfg->max_inflight_per_user > 0 ? cfg->max_inflight_per_user : 0;
+    s->lease_seconds = cfg->lease_seconds > 0 ? cfg->lease_seconds : STORE_LEASE_DEFAULT_S;
+    s->max_interruptions = cfg->max_interruptions > 0 ? cfg->max_interruptions
+                                                      : STORE_MAX_INTERRUPTIONS_DEFAULT;
     s->batch_max = cfg->batch_max > 0 ? cfg->batch_max : STORE_BATCH_DEFAULT;
     s->flush_ms = cfg->flush_ms > 0 ? cfg->flush_ms : 0;
     s->flush_timeout_ms = cfg->flush_timeout_ms > 0 ? cfg->flush_timeout_ms
@@ -1026,6 +1073,8 @@ aq_store *aq_store_new(const aq_store_config *cfg, struct event_base *base, char
         seed = (uint64_t)aq_now_us() ^ ((uint64_t)getpid() << 32);
     snprintf(s->token_prefix, sizeof s->token_prefix, "%016llx", (unsigned long long)seed);
     s->rnd = (unsigned int)(seed >> 7);
+    /* The lease key: a positive int4, the advisory lock's second key. */
+    s->owner = (int)((seed >> 17) % 2147483646u) + 1;
 
     pthread_mutex_init(&s->mu, NULL);
     pthread_condattr_t ca;
@@ -1113,7 +1162,8 @@ static void next_token(aq_store *s, char prefix, char *out, size_t len)
 int aq_store_claim(aq_store *s, const aq_store_task *t, aq_store_claim_cb cb, void *arg)
 {
     if (!s || !t || !cb || !aq_task_uuid_valid(t->task_id) || !t->user_id || !t->goal ||
-        !isfinite(t->budget_usd) || !isfinite(t->timeout_seconds))
+        (t->body_len && !t->body) || t->body_len > INT_MAX || !isfinite(t->budget_usd) ||
+        !isfinite(t->timeout_seconds))
         return AQ_EINVAL;
     char token[64];
     next_token(s, 'c', token, sizeof token);
@@ -1124,19 +1174,23 @@ int aq_store_claim(aq_store *s, const aq_store_task *t, aq_store_claim_cb cb, vo
     p_str(st, t->user_id);
     p_str(st, t->goal);
     p_int(st, t->priority);
-    p_int(st, t->attempt > 0 ? t->attempt : 1);
     p_int(st, t->max_steps);
     p_dbl(st, t->budget_usd);
     p_dbl(st, t->timeout_seconds);
     p_str(st, t->model);
-    p_str(st, t->metadata);
+    p_bin(st, t->body, t->body_len);
+    p_str(st, t->has_metadata ? "t" : "f");
     if (t->enqueued_at_us > 0)
         p_int(st, t->enqueued_at_us);
     else
         p_str(st, NULL);
+    p_int(st, t->deadline_us > 0 ? t->deadline_us : 0);
     p_str(st, s->worker_id);
     p_str(st, token);
+    p_int(st, s->owner);
+    p_dbl(st, s->lease_seconds);
     p_int(st, s->max_inflight_per_user);
+    p_int(st, s->max_interruptions);
     r->claim_cb = cb;
     r->arg = arg;
     return submit(s, r);
@@ -1159,6 +1213,8 @@ int aq_store_finish(aq_store *s, const aq_store_result *res, aq_store_done_cb cb
     p_dbl(st, res->cost_usd);
     p_str(st, res->result);
     p_str(st, res->error);
+    r->attempt = res->attempt; /* what interpret_finish compares the row with */
+    snprintf(r->status, sizeof r->status, "%s", res->status);
     r->done_cb = cb;
     r->arg = arg;
     return submit(s, r);
@@ -1219,8 +1275,49 @@ int aq_store_dead_letter(aq_store *s, const aq_store_dead *d, aq_store_done_cb c
         p_int(st, d->attempt > 0 ? d->attempt : 1);
         p_str(st, d->error);
         p_str(st, s->worker_id);
+        p_bin(st, d->body, d->body_len);
     }
     r->done_cb = cb;
+    r->arg = arg;
+    return submit(s, r);
+}
+
+int aq_store_renew(aq_store *s, const char *const *task_ids, size_t n)
+{
+    if (!s || (n && !task_ids)) return AQ_EINVAL;
+    /* A uuid[] literal: {id,id,...}; the ids are checked, so no quoting. */
+    char *arr = aq_xmalloc(n * (AQ_TASK_ID_LEN + 1) + 3);
+    size_t len = 0;
+    arr[len++] = '{';
+    for (size_t i = 0; i < n; i++) {
+        if (!aq_task_uuid_valid(task_ids[i])) {
+            free(arr);
+            return AQ_EINVAL;
+        }
+        if (i) arr[len++] = ',';
+        memcpy(arr + len, task_ids[i], AQ_TASK_ID_LEN);
+        len += AQ_TASK_ID_LEN;
+    }
+    arr[len++] = '}';
+    arr[len] = '\0';
+    req *r = req_new(REQ_RENEW, NULL);
+    stmt *st = &r->st[r->nstmt++];
+    stmt_init(st, S_RENEW);
+    p_int(st, s->owner);
+    p_dbl(st, s->lease_seconds);
+    st->v[st->n++] = arr;
+    return submit(s, r);
+}
+
+int aq_store_sweep(aq_store *s, int limit, double resweep_seconds, aq_store_sweep_cb cb, void *arg)
+{
+    if (!s || !cb || limit <= 0 || !isfinite(resweep_seconds)) return AQ_EINVAL;
+    req *r = req_new(REQ_SWEEP, NULL);
+    stmt *st = &r->st[r->nstmt++];
+    stmt_init(st, S_SWEEP);
+    p_int(st, limit);
+    p_dbl(st, resweep_seconds);
+    r->sweep_cb = cb;
     r->arg = arg;
     return submit(s, r);
 }

@@ -2,9 +2,14 @@
  * worker.h).
  *
  * Owns: the jobs (one per task in flight, found by task id so a second
- * delivery of a running task joins it instead of running twice), the
- * drain timer, and the modules it wires. Every ack happens in a store
- * callback (after COMMIT) or a publish confirm, never before. */
+ * delivery of a task this process runs is settled here without a claim),
+ * the lease timer (renewals and the sweeper), the drain timer, and the
+ * modules it wires. Every ack happens in a store callback (after COMMIT)
+ * or a publish confirm, never before; a delivery is acked only by the
+ * attempt that committed the task's final row, as a duplicate of a task
+ * that is final or runs under another live lease, or once a confirmed
+ * copy of it exists. Anything else goes back to the queue, where the next
+ * claim decides. */
 #include "agentq/worker.h"
 #include "agentq/agent.h"
 #include "agentq/cancelwatch.h"
@@ -26,13 +31,12 @@
 
 typedef struct job {
     aq_worker *w;
-    aq_delivery *d;
+    aq_delivery *d;        /* NULL for a swept copy's publish */
+    char swept[AQ_TASK_ID_LEN + 1]; /* that copy's task id (task is NULL) */
     aq_task *task;
     aq_session *session;
-    uint64_t *extra_tags;  /* duplicate deliveries of the same task */
-    size_t nextra;
-    int attempt;
-    int64_t deadline_us;   /* absolute: the TTL carried across retries; 0 = none */
+    int attempt;           /* the row's, from the claim */
+    int failures;          /* failed attempts before this one, from the claim */
     char *error;           /* kept across the retry publish */
     bool in_map;
     bool busy;             /* sent back to wait: the user is at its cap */
@@ -57,6 +61,7 @@ struct aq_worker {
     char *skill_names;
     bool draining, drain_expired;
     struct event *drain_ev;
+    struct event *lease_ev;
     aq_worker_stats st;
 };
 
@@ -66,7 +71,6 @@ static void job_free(job *j)
     if (j->in_map) aq_strmap_del(w->jobs, j->task->task_id);
     aq_delivery_free(j->d);
     aq_task_free(j->task);
-    free(j->extra_tags);
     free(j->error);
     free(j);
     w->pending--;
@@ -76,21 +80,30 @@ static void job_free(job *j)
     }
 }
 
-/* Acks every delivery of the job (the original and duplicates). */
-static void ack_all(job *j)
-{
-    aq_consumer_ack(j->w->consumer, j->d->tag);
-    for (size_t i = 0; i < j->nextra; i++) aq_consumer_ack(j->w->consumer, j->extra_tags[i]);
-}
+static void ack(job *j) { aq_consumer_ack(j->w->consumer, j->d->tag); }
+
+/* Sends the delivery back to the queue: whoever gets it next claims it,
+ * and the row decides (final or running elsewhere: acked; else it runs). */
+static void requeue(job *j) { aq_consumer_reject(j->w->consumer, j->d->tag, true); }
 
 static void on_finished(void *arg, int code)
 {
     job *j = arg;
-    if (code == AQ_OK || code == AQ_ENOTFOUND) ack_all(j); /* ENOTFOUND: another attempt owns the row */
-    /* else: not committed; the delivery stays unacked and is redelivered
-     * when this worker's connection goes away. */
-    else aq_log_task(AQ_LOG_ERROR, j->task->task_id, j->task->user_id, "could not record the task's status: %s",
-                     aq_strerror(code));
+    if (code == AQ_OK) {
+        ack(j);
+    } else {
+        /* Not ours to ack: another attempt took the task over
+         * (ENOTFOUND), or the write did not commit. */
+        if (code == AQ_ENOTFOUND)
+            aq_log_task(AQ_LOG_INFO, j->task->task_id, j->task->user_id,
+                        "attempt %d lost the task to another attempt; its delivery goes back to the queue",
+                        j->attempt);
+        else
+            aq_log_task(AQ_LOG_ERROR, j->task->task_id, j->task->user_id,
+                        "could not record the task's status (%s); its delivery goes back to the queue",
+                        aq_strerror(code));
+        requeue(j);
+    }
     job_free(j);
 }
 
@@ -119,22 +132,22 @@ static void record(job *j, const char *status, const aq_session_result *r, const
 static void on_requeued(void *arg, int code)
 {
     job *j = arg;
-    aq_consumer_reject(j->w->consumer, j->d->tag, true);
-    for (size_t i = 0; i < j->nextra; i++) aq_consumer_ack(j->w->consumer, j->extra_tags[i]);
+    (void)code; /* requeued either way: the row decides at the next claim */
+    requeue(j);
     job_free(j);
 }
 
-/* Publishes a copy of the task's message as `attempt`, to retry tier
- * `tier` (its queue's TTL is the wait) or, with tier < 0, to the
- * dead-letter exchange; headers carry the attempt, the absolute deadline
- * and why. The confirm reaches on_retry_published with j as cookie. */
+/* Publishes a copy of the task's message to retry tier `tier` (its
+ * queue's TTL is the wait) or, with tier < 0, to the dead-letter
+ * exchange; headers say which attempt comes next and why, for people
+ * (the row, not the headers, decides). The confirm reaches
+ * on_retry_published with j as cookie. */
 static void send_copy(job *j, int tier, int attempt, const char *error, const char *reason)
 {
     aq_worker *w = j->w;
     char queue[256];
     json_t *h = json_object();
     json_object_set_new(h, "x-agentq-attempt", json_integer(attempt));
-    json_object_set_new(h, "x-agentq-deadline", json_integer(j->deadline_us));
     if (error) json_object_set_new(h, "x-agentq-error", json_string(error));
     if (reason) json_object_set_new(h, "x-agentq-reason", json_string(reason));
     aq_publish p = {
@@ -157,27 +170,44 @@ static void send_copy(job *j, int tier, int attempt, const char *error, const ch
     json_decref(h);
 }
 
-/* Publishes the task again: to its retry tier, or (out of attempts) to
- * the dead-letter exchange. The original is acked after the confirm. */
+/* True when this failed attempt is the last amqp.max_attempts allow. */
+static bool out_of_attempts(const job *j) { return j->failures + 1 >= j->w->cfg->amqp_max_attempts; }
+
+/* Publishes the task again: to the retry tier of its failure count, or
+ * (out of attempts) to the dead-letter exchange. The original is acked
+ * after the confirm. */
 static void republish(job *j, const char *error)
 {
     j->error = aq_xstrdup(error ? error : "");
-    if (j->attempt >= j->w->cfg->amqp_max_attempts) send_copy(j, -1, j->attempt, error, "failed");
-    else send_copy(j, j->attempt - 1, j->attempt + 1, error, NULL);
+    if (out_of_attempts(j)) send_copy(j, -1, j->attempt, error, "failed");
+    else send_copy(j, j->failures, j->attempt + 1, error, NULL);
 }
 
 static void on_retry_recorded(void *arg, int code)
 {
     job *j = arg;
-    if (code == AQ_OK) ack_all(j);
+    /* A confirmed copy exists, so the original may go whatever the write
+     * did: if it did not commit, the copy's claim takes the row over once
+     * this worker's lease on it expires. */
+    if (code != AQ_OK)
+        aq_log_task(AQ_LOG_WARN, j->task->task_id, j->task->user_id,
+                    "could not record the retry (%s); the published copy carries the task", aq_strerror(code));
+    ack(j);
     job_free(j);
 }
 
 static void on_retry_published(void *cookie, bool ok, void *arg)
 {
     job *j = cookie;
+    if (!j->d) { /* a swept task published again */
+        if (!ok)
+            aq_log_task(AQ_LOG_WARN, j->swept, NULL,
+                        "swept task not confirmed by the broker; the sweeper tries again later");
+        job_free(j);
+        return;
+    }
     if (j->busy) {
-        if (ok) ack_all(j); /* the copy waits in the first retry tier */
+        if (ok) ack(j); /* the copy waits in the first retry tier */
         job_free(j);
         return;
     }
@@ -187,7 +217,7 @@ static void on_retry_published(void *cookie, bool ok, void *arg)
         job_free(j);
         return;
     }
-    bool dead = j->attempt >= j->w->cfg->amqp_max_attempts;
+    bool dead = out_of_attempts(j);
     if (dead) j->w->st.failed++;
     else j->w->st.retried++;
     record(j, dead ? "failed" : "retrying", NULL, j->error, on_retry_recorded);
@@ -215,62 +245,72 @@ static void on_session_done(aq_session *s, const aq_session_result *r, void *arg
     record(j, r->status, r, r->error, on_finished);
 }
 
-static void on_claimed(void *arg, aq_store_outcome outcome, int attempt, const char *status, int code)
+/* A message whose task_id names a task another body defined: recorded as
+ * a duplicate dead letter (so a hijack attempt is visible), then acked. */
+static void record_conflict(aq_worker *w, aq_delivery *d, const char *task_id, const char *status);
+
+static void on_claimed(void *arg, const aq_store_claimed *c, int code)
 {
     job *j = arg;
     aq_worker *w = j->w;
+    const char *id = j->task->task_id, *user = j->task->user_id;
     if (code != AQ_OK) {
-        aq_log_task(AQ_LOG_ERROR, j->task->task_id, j->task->user_id, "could not claim the task: %s",
-                    aq_strerror(code));
-        job_free(j); /* unacked: redelivered later */
+        if (code == AQ_EINVAL) {
+            /* PostgreSQL refused the row: the message is not storable as
+             * a task; to agentq.dead, where the dead-letter consumer
+             * records it. */
+            aq_log_task(AQ_LOG_ERROR, id, user, "could not claim the task: PostgreSQL refused it; rejecting");
+            aq_consumer_reject(w->consumer, j->d->tag, false);
+        } else if (code != AQ_ECLOSED && code != AQ_ETIMEDOUT) {
+            aq_log_task(AQ_LOG_WARN, id, user, "could not claim the task (%s); back to the queue",
+                        aq_strerror(code));
+            requeue(j);
+        } /* else: shutting down; unacked deliveries return with the connection */
+        job_free(j);
         return;
     }
-    switch (outcome) {
+    switch (c->outcome) {
     case AQ_STORE_FINAL:
-        aq_log_task(AQ_LOG_INFO, j->task->task_id, j->task->user_id, "already %s; acked without running", status);
+        aq_log_task(AQ_LOG_INFO, id, user, "already %s; acked without running", c->status);
         w->st.redelivered_final++;
-        ack_all(j);
+        ack(j);
+        job_free(j);
+        return;
+    case AQ_STORE_DUPLICATE:
+        aq_log_task(AQ_LOG_INFO, id, user, "a live worker runs this task (attempt %d); duplicate copy acked",
+                    c->attempt);
+        w->st.duplicates++;
+        ack(j);
+        job_free(j);
+        return;
+    case AQ_STORE_CONFLICT: {
+        aq_delivery *d = j->d;
+        j->d = NULL;
+        record_conflict(w, d, id, c->status);
+        job_free(j);
+        return;
+    }
+    case AQ_STORE_ENDED:
+        aq_log_task(AQ_LOG_INFO, id, user, "ended as %s without running", c->status);
+        w->st.failed++;
+        ack(j);
         job_free(j);
         return;
     case AQ_STORE_BUSY:
         /* The user runs limits.max_inflight_per_user tasks already: the
-         * task waits out the first retry tier, same attempt, and tries again. */
+         * task waits out the first retry tier and tries again. */
         j->busy = true;
-        aq_log_task(AQ_LOG_DEBUG, j->task->task_id, j->task->user_id, "user at its cap of running tasks; waiting");
-        send_copy(j, 0, j->attempt, NULL, NULL);
-        return;
-    case AQ_STORE_STALE:
-        aq_log_task(AQ_LOG_INFO, j->task->task_id, j->task->user_id,
-                    "stale copy of attempt %d (a retry is on its way); acked without running", j->attempt);
-        ack_all(j);
-        job_free(j);
-        return;
-    case AQ_STORE_CANCELLED:
-        record(j, "cancelled", NULL, "cancelled before it ran", on_finished);
+        aq_log_task(AQ_LOG_DEBUG, id, user, "user at its cap of running tasks; waiting");
+        send_copy(j, 0, c->attempt, NULL, NULL);
         return;
     case AQ_STORE_RUN: break;
     }
-    j->attempt = attempt;
-    /* The broker enforces the TTL of a first delivery; a retry carries it
-     * in x-agentq-deadline and is checked here. */
-    if (j->task->deadline_us && aq_now_us() >= j->task->deadline_us) {
-        /* The per-message TTL, carried across retries as an absolute
-         * deadline, passed while the task waited for this attempt. */
-        record(j, "expired", NULL, "its TTL passed before this attempt could start", on_finished);
-        return;
-    }
+    j->attempt = c->attempt;
+    j->failures = c->failures;
     w->st.running++;
     int64_t session_deadline = aq_now_us() + (int64_t)(j->task->timeout_seconds * 1e6);
-    j->session = aq_session_start(w->engine, j->task, attempt, session_deadline, on_session_done, j);
+    j->session = aq_session_start(w->engine, j->task, j->attempt, session_deadline, on_session_done, j);
     if (w->drain_expired) aq_session_cancel(j->session, "queued");
-}
-
-static int64_t header_int(const json_t *h, const char *key)
-{
-    json_t *v = json_object_get(h, key);
-    if (json_is_integer(v)) return json_integer_value(v);
-    if (json_is_string(v)) return strtoll(json_string_value(v), NULL, 10);
-    return 0;
 }
 
 static aq_task_limits limits_of(const aq_worker *w)
@@ -280,6 +320,8 @@ static aq_task_limits limits_of(const aq_worker *w)
     return l;
 }
 
+/* The x-agentq-* headers are not read: the row says what attempt and
+ * deadline a task is at, so a producer cannot set them. */
 static aq_task_props props_of(const aq_delivery *d)
 {
     aq_task_props p = {
@@ -287,8 +329,6 @@ static aq_task_props props_of(const aq_delivery *d)
         .expiration = d->expiration,
         .message_id = d->message_id,
         .timestamp = d->timestamp,
-        .attempt = (int)header_int(d->headers, "x-agentq-attempt"),
-        .deadline_us = header_int(d->headers, "x-agentq-deadline"),
     };
     return p;
 }
@@ -349,7 +389,7 @@ static void handle_dead(aq_worker *w, aq_delivery *d)
         .status = status,
         .user_id = t ? t->user_id : NULL,
         .goal = t ? t->goal : NULL,
-        .attempt = props.attempt,
+        .attempt = 1,
     };
     job *j = aq_xcalloc(1, sizeof *j);
     j->w = w;
@@ -359,6 +399,47 @@ static void handle_dead(aq_worker *w, aq_delivery *d)
     if (aq_store_dead_letter(w->store, &dl, on_dead_recorded, j) != AQ_OK) job_free(j);
     free(headers);
     aq_task_free(t);
+}
+
+static void record_conflict(aq_worker *w, aq_delivery *d, const char *task_id, const char *status)
+{
+    char error[256];
+    snprintf(error, sizeof error,
+             "task_id %s already names a task (now %s) that another message defined; this one differs"
+             " from it and was not run", task_id, status);
+    aq_log_task(AQ_LOG_WARN, task_id, NULL, "%s", error);
+    w->st.conflicts++;
+    char *headers = json_dumps(d->headers, JSON_COMPACT);
+    aq_store_dead dl = {.task_id = task_id, .reason = "duplicate", .error = error, .body = d->body,
+                        .body_len = d->len, .headers = headers};
+    job *j = aq_xcalloc(1, sizeof *j);
+    j->w = w;
+    j->d = d;
+    w->pending++;
+    if (aq_store_dead_letter(w->store, &dl, on_dead_recorded, j) != AQ_OK) job_free(j);
+    free(headers);
+}
+
+/* A second delivery of a task this process runs now. The same body: a
+ * duplicate, acked at once — unless the running job's own delivery
+ * belongs to a lost connection (the broker put it back, and this is it),
+ * in which case this copy becomes the job's. Another body: a conflict. */
+static void settle_local_copy(aq_worker *w, job *running, aq_delivery *d)
+{
+    if (running->d->len != d->len || memcmp(running->d->body, d->body, d->len)) {
+        record_conflict(w, d, running->task->task_id, "running");
+        return;
+    }
+    if (!aq_consumer_delivery_current(w->consumer, running->d->tag)) {
+        aq_delivery_free(running->d);
+        running->d = d;
+        return;
+    }
+    w->st.duplicates++;
+    aq_log_task(AQ_LOG_INFO, running->task->task_id, running->task->user_id,
+                "this worker runs the task; duplicate copy acked");
+    aq_consumer_ack(w->consumer, d->tag);
+    aq_delivery_free(d);
 }
 
 static void on_delivery(aq_delivery *d, void *arg)
@@ -387,43 +468,37 @@ static void on_delivery(aq_delivery *d, void *arg)
 
     job *running = aq_strmap_get(w->jobs, t->task_id);
     if (running) {
-        /* The same task again (a redelivery after a lost connection, or a
-         * duplicate publish): it finishes with the one in flight. */
-        running->extra_tags = aq_xrealloc(running->extra_tags, (running->nextra + 1) * sizeof *running->extra_tags);
-        running->extra_tags[running->nextra++] = d->tag;
         aq_task_free(t);
-        aq_delivery_free(d);
+        settle_local_copy(w, running, d);
         return;
     }
     job *j = aq_xcalloc(1, sizeof *j);
     j->w = w;
     j->d = d;
     j->task = t;
-    j->attempt = t->attempt;
-    /* The absolute deadline: from a retry's header, else from the TTL. */
-    j->deadline_us = t->deadline_us;
-    if (!j->deadline_us && t->expiration_ms >= 0) j->deadline_us = t->enqueued_at_us + t->expiration_ms * 1000;
     w->pending++;
     aq_strmap_put(w->jobs, t->task_id, j);
     j->in_map = true;
 
-    char *meta = t->metadata ? json_dumps(t->metadata, JSON_COMPACT) : NULL;
     aq_store_task st = {
         .task_id = t->task_id,
         .user_id = t->user_id,
         .goal = t->goal,
         .priority = t->priority,
-        .attempt = t->attempt,
         .max_steps = t->max_steps,
         .budget_usd = t->budget_usd,
         .timeout_seconds = t->timeout_seconds,
         .model = t->model,
-        .metadata = meta,
+        .body = d->body,
+        .body_len = d->len,
+        .has_metadata = t->metadata != NULL,
         .enqueued_at_us = t->enqueued_at_us,
+        /* Used only by the claim that defines the task: the broker
+         * enforces the TTL while this first copy is queued, the row
+         * after that. */
+        .deadline_us = t->expiration_ms >= 0 ? t->enqueued_at_us + t->expiration_ms * 1000 : 0,
     };
-    int rc = aq_store_claim(w->store, &st, on_claimed, j);
-    free(meta);
-    if (rc != AQ_OK) job_free(j);
+    if (aq_store_claim(w->store, &st, on_claimed, j) != AQ_OK) job_free(j);
 }
 
 static void on_broker_state(bool connected, void *arg)
@@ -453,6 +528,68 @@ static void cancel_one(const char *key, void *value, void *arg)
 {
     job *j = value;
     if (j->session) aq_session_cancel(j->session, "queued");
+}
+
+/* Most rows one sweep republishes; the rest wait for the next tick. */
+#define SWEEP_LIMIT 100
+/* A swept row still running unclaimed is swept again after this many
+ * leases: its copy may simply wait behind a long queue. */
+#define RESWEEP_LEASES 10
+
+static void on_swept(void *arg, const aq_store_swept *rows, size_t n, int code)
+{
+    aq_worker *w = arg;
+    if (code != AQ_OK) return;
+    for (size_t i = 0; i < n; i++) {
+        aq_log_task(AQ_LOG_WARN, rows[i].task_id, NULL,
+                    "running with an expired lease and no live worker; publishing it again");
+        job *j = aq_xcalloc(1, sizeof *j);
+        j->w = w;
+        snprintf(j->swept, sizeof j->swept, "%s", rows[i].task_id);
+        w->pending++;
+        w->st.swept++;
+        json_t *h = json_pack("{s:s}", "x-agentq-reason", "swept");
+        aq_publish p = {
+            .exchange = w->cfg->amqp_exchange,
+            .routing_key = "task",
+            .body = (const char *)rows[i].body,
+            .len = rows[i].body_len,
+            .message_id = rows[i].task_id,
+            .priority = rows[i].priority,
+            .headers = h,
+        };
+        aq_consumer_publish(w->consumer, &p, j);
+        json_decref(h);
+    }
+}
+
+typedef struct id_list {
+    const char **ids;
+    size_t n;
+} id_list;
+
+static void collect_id(const char *key, void *value, void *arg)
+{
+    id_list *l = arg;
+    (void)value;
+    l->ids[l->n++] = key;
+}
+
+/* Every third of a lease: renew the leases of every task this process
+ * holds (one statement), then sweep for running tasks nobody holds. */
+static void on_lease_tick(evutil_socket_t fd, short what, void *arg)
+{
+    aq_worker *w = arg;
+    (void)fd;
+    (void)what;
+    id_list l = {aq_xcalloc(aq_strmap_size(w->jobs) + 1, sizeof *l.ids), 0};
+    aq_strmap_each(w->jobs, collect_id, &l);
+    if (aq_store_renew(w->store, l.ids, l.n) != AQ_OK) aq_log(AQ_LOG_WARN, "store refused the lease renewal");
+    free(l.ids);
+    if (!w->draining && aq_consumer_connected(w->consumer) &&
+        aq_store_sweep(w->store, SWEEP_LIMIT, (double)w->cfg->worker_lease_seconds * RESWEEP_LEASES, on_swept,
+                       w) != AQ_OK)
+        aq_log(AQ_LOG_WARN, "store refused the lease sweep");
 }
 
 /* Seconds the requeue writes may take after the drain time is up before
@@ -507,6 +644,7 @@ aq_worker *aq_worker_new(const aq_config *cfg, struct event_base *base, char *er
     w->nretry_delays = aq_config_retry_delays(cfg, w->retry_delays, 32);
     w->jobs = aq_strmap_new();
     w->drain_ev = evtimer_new(base, on_drain_timeout, w);
+    w->lease_ev = event_new(base, -1, EV_PERSIST, on_lease_tick, w);
 
     if (aq_http_global_init() != AQ_OK) {
         aq_seterr(err, errlen, "cannot initialise libcurl");
@@ -530,8 +668,12 @@ aq_worker *aq_worker_new(const aq_config *cfg, struct event_base *base, char *er
                           .worker_id = w->worker_id,
                           .batch_max = cfg->pg_batch_max,
                           .flush_ms = cfg->pg_flush_ms,
-                          .max_inflight_per_user = cfg->limits_max_inflight_per_user};
+                          .max_inflight_per_user = cfg->limits_max_inflight_per_user,
+                          .lease_seconds = cfg->worker_lease_seconds,
+                          .max_interruptions = cfg->amqp_max_interruptions};
     if (!(w->store = aq_store_new(&sc, base, err, errlen))) goto fail;
+    struct timeval lease_tick = {cfg->worker_lease_seconds / 3, (cfg->worker_lease_seconds % 3) * 333333};
+    event_add(w->lease_ev, &lease_tick);
     if (!(w->cancels = aq_cancelwatch_new(cfg->pg_dsn, w->worker_id, base, on_cancel_request, w, err, errlen)))
         goto fail;
     /* The worker publishes only retries and dead tasks: every confirm is one. */
@@ -560,6 +702,7 @@ void aq_worker_free(aq_worker *w)
     aq_skills_free(w->skills);
     aq_http_free(w->http);
     if (w->drain_ev) event_free(w->drain_ev);
+    if (w->lease_ev) event_free(w->lease_ev);
     aq_strmap_free(w->jobs);
     free(w->skill_names);
     free(w);
@@ -606,6 +749,14 @@ char *aq_worker_metrics(const aq_worker *w)
         {"agentq_tasks_already_final_total", "counter", "Redeliveries acked without running (row already final).",
          (double)s.redelivered_final},
         {"agentq_dead_letters_recorded_total", "counter", "Dead letters written to Postgres.", (double)s.dead_recorded},
+        {"agentq_tasks_duplicates_total", "counter",
+         "Copies of a task that is running (here or under another live lease) acked without running.",
+         (double)s.duplicates},
+        {"agentq_tasks_conflicts_total", "counter",
+         "Messages whose task_id names a task another body defined (recorded as duplicate dead letters).",
+         (double)s.conflicts},
+        {"agentq_tasks_swept_total", "counter", "Running tasks with an expired lease published again by this worker.",
+         (double)s.swept},
         {"agentq_sessions_running", "gauge", "Agent sessions running now.", (double)s.running},
         {"agentq_ratelimit_waiting", "gauge", "Sessions waiting for an LLM rate-limit grant.", (double)waiting},
         {"agentq_ratelimit_waiting_users", "gauge", "Users with sessions waiting for a grant.", (double)users},

@@ -11,6 +11,7 @@
 #include "testenv.h"
 
 #include <check.h>
+#include <stdarg.h>
 #include <jansson.h>
 #include <signal.h>
 #include <stdio.h>
@@ -120,7 +121,9 @@ static int produce(const char *const *args, char *id)
     return WEXITSTATUS(rc);
 }
 
-static void publish_raw(const char *body, const char *message_id, int priority)
+/* Publishes body as any AMQP client would; headers_json (an object, or
+ * NULL) becomes the message's headers. */
+static void publish_raw(const char *body, const char *message_id, int priority, const char *headers_json)
 {
     aq_config cfg;
     char err[512];
@@ -128,8 +131,11 @@ static void publish_raw(const char *body, const char *message_id, int priority)
     aq_broker *b = aq_broker_connect(cfg.amqp_url, 0, 5000, err, sizeof err);
     ck_assert_msg(b != NULL, "%s", err);
     ck_assert_msg(aq_broker_declare(b, &cfg, err, sizeof err) == 0, "%s", err);
-    aq_publish p = {cfg.amqp_exchange, "task", body, strlen(body), message_id, priority, NULL, 0, NULL};
+    json_t *headers = headers_json ? json_loads(headers_json, 0, NULL) : NULL;
+    ck_assert(!headers_json || headers);
+    aq_publish p = {cfg.amqp_exchange, "task", body, strlen(body), message_id, priority, NULL, 0, headers};
     ck_assert_int_gt(aq_broker_publish(b, &p, err, sizeof err), 0);
+    json_decref(headers);
     int64_t nacked;
     ck_assert_msg(aq_broker_wait_confirms(b, 5000, &nacked, err, sizeof err) == 0, "%s", err);
     aq_broker_free(b);
@@ -315,11 +321,11 @@ START_TEST(malformed_and_invalid_rejected)
 {
     setup_env("reject", NULL);
     aq_test_proc *w = start_worker("worker", NULL);
-    publish_raw("this is not json", NULL, 0);
+    publish_raw("this is not json", NULL, 0, NULL);
     const char *id = "0b6f4d1e-3c2a-4e5f-9a8b-7c6d5e4f3a2b";
     char body[256];
     snprintf(body, sizeof body, "{\"task_id\":\"%s\",\"user_id\":\"u\",\"goal\":\"g\",\"max_steps\":0}", id);
-    publish_raw(body, NULL, 0);
+    publish_raw(body, NULL, 0, NULL);
     ck_assert(aq_test_pg_wait_value(E.dsn, "SELECT count(*) FROM agentq.dead_letters WHERE reason = 'rejected'", "2", 15000));
     char *v = aq_test_pg_value(E.dsn, "SELECT error FROM agentq.dead_letters WHERE task_id IS NULL");
     ck_assert_msg(strstr(v, "not valid JSON") != NULL, "%s", v);
@@ -449,8 +455,8 @@ START_TEST(sigterm_drains_then_requeues)
     wait_status(id, "running", 10000, w, "worker-2");
     aq_test_proc_signal(w, SIGTERM);
     ck_assert_int_eq(aq_test_proc_wait(w, 10000), 0);
-    v = task_value(id, "status");
-    ck_assert_str_eq(v, "queued");
+    v = task_value(id, "status || ',' || interruptions || ',' || failures");
+    ck_assert_str_eq(v, "queued,1,0"); /* a drain is an interruption, not a failure */
     free(v);
     aq_test_proc_free(w);
     const char *fast_env[] = {var, NULL};
@@ -605,8 +611,9 @@ START_TEST(ttl_carries_across_retries)
     ck_assert_int_eq(produce(args, id), 0);
     /* Attempt 1 fails at once; the retry comes back after 1 s, past the TTL. */
     wait_status(id, "expired", 15000, w, "worker");
-    char *v = task_value(id, "attempt || '|' || error");
-    ck_assert_msg(!strcmp(v, "2|its TTL passed before this attempt could start"), "%s", v);
+    /* Attempt 1 ran; attempt 2 never started. */
+    char *v = task_value(id, "attempt || '|' || (error LIKE 'its TTL passed (at %) before attempt 2 could start')");
+    ck_assert_msg(!strcmp(v, "1|true"), "%s", v);
     free(v);
     aq_test_proc_free(w);
     teardown_env();
@@ -756,6 +763,212 @@ START_TEST(user_cap_holds_fleet_wide)
 }
 END_TEST
 
+/* Messages ready in the test's task queue (unacked ones are not counted:
+ * call with no worker running to count every copy left). */
+static int64_t tasks_left(void)
+{
+    aq_config cfg;
+    char err[512];
+    ck_assert_msg(aq_config_load(&cfg, NULL, err, sizeof err) == 0, "%s", err);
+    aq_broker *b = aq_broker_connect(cfg.amqp_url, 0, 5000, err, sizeof err);
+    ck_assert_msg(b != NULL, "%s", err);
+    int64_t messages = -1, consumers = -1;
+    ck_assert_msg(aq_broker_queue_depth(b, cfg.amqp_queue, &messages, &consumers, err, sizeof err) == 0, "%s", err);
+    aq_broker_free(b);
+    aq_config_free(&cfg);
+    return messages;
+}
+
+/* Checks that the first value of the query is `want`. */
+static void assert_pg(const char *want, const char *fmt, ...) AQ_PRINTF(2, 3);
+static void assert_pg(const char *want, const char *fmt, ...)
+{
+    char sql[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(sql, sizeof sql, fmt, ap);
+    va_end(ap);
+    char *v = aq_test_pg_value(E.dsn, sql);
+    ck_assert_msg(v && !strcmp(v, want), "%s: got '%s', want '%s'", sql, v ? v : "(null)", want);
+    free(v);
+}
+
+/* Two workers; a task published three times as a producer does after an
+ * uncertain confirm, a twin from another user with the same task_id, and a
+ * malformed twin. The task runs once (one attempt's LLM calls), the twins
+ * change nothing and are recorded, and no copy is left. */
+START_TEST(duplicates_and_twins_never_rerun_or_change_a_task)
+{
+    const char *mock[] = {"--latency-ms", "600", NULL};
+    setup_env("dupes", mock);
+    const char *ea[] = {"AGENTQ_WORKER_ID=wa", NULL}, *eb[] = {"AGENTQ_WORKER_ID=wb", NULL};
+    aq_test_proc *a = start_worker("worker-a", ea), *b = start_worker("worker-b", eb);
+    sleep(1);
+    const char *id = "0b5e2c1a-7f3d-4e8a-9c6b-1d2e3f4a5b6c";
+    char body[512], twin[512], bad[512];
+    snprintf(body, sizeof body,
+             "{\"task_id\": \"%s\", \"user_id\": \"alice\", \"goal\": \"mine steps=2\", \"metadata\": {\"pi\": 3.14159}}",
+             id);
+    snprintf(twin, sizeof twin, "{\"task_id\": \"%s\", \"user_id\": \"mallory\", \"goal\": \"hijack steps=0\"}", id);
+    snprintf(bad, sizeof bad, "{\"task_id\": \"%s\", \"user_id\": 5, \"goal\": \"x\"}", id);
+    publish_raw(body, NULL, 0, NULL);
+    wait_status(id, "running", 10000, a, "worker-a");
+    publish_raw(body, NULL, 0, NULL);
+    publish_raw(body, NULL, 0, NULL);
+    publish_raw(twin, NULL, 0, NULL);
+    publish_raw(bad, NULL, 0, NULL);
+    wait_status(id, "completed", 20000, a, "worker-a");
+    ck_assert_msg(aq_test_pg_wait_value(E.dsn, "SELECT string_agg(reason, ',' ORDER BY reason) FROM agentq.dead_letters",
+                                        "duplicate,rejected", 10000),
+                  "the twins were not both recorded");
+    assert_pg("completed,alice,mine steps=2,1,0,0,3.14159", "SELECT concat_ws(',', status, user_id, goal, attempt, interruptions, failures, metadata->>'pi')"
+              " FROM agentq.tasks WHERE task_id = '%s'", id);
+    /* One attempt of three LLM calls (two tool turns and the answer). */
+    assert_pg("3,1", "SELECT count(*) || ',' || count(DISTINCT attempt) FROM agentq.steps"
+              " WHERE task_id = '%s' AND kind = 'llm'", id);
+    assert_pg("task_id 0b5e2c1a-7f3d-4e8a-9c6b-1d2e3f4a5b6c already names a task (now running) that another"
+              " message defined; this one differs from it and was not run", "SELECT error FROM agentq.dead_letters WHERE reason = 'duplicate' AND task_id = '%s'", id);
+    /* Every copy was settled: with the workers gone, nothing comes back. */
+    aq_test_proc_signal(a, SIGTERM);
+    aq_test_proc_signal(b, SIGTERM);
+    ck_assert_int_eq(aq_test_proc_wait(a, 10000), 0);
+    ck_assert_int_eq(aq_test_proc_wait(b, 10000), 0);
+    ck_assert_int_eq(tasks_left(), 0);
+    aq_test_proc_free(a);
+    aq_test_proc_free(b);
+    teardown_env();
+}
+END_TEST
+
+/* The history that lost tasks: worker A runs a task, a second copy reaches
+ * worker B (a duplicate: acked), A is killed. A's own copy comes back, B
+ * takes the task over and completes it once. */
+START_TEST(duplicate_then_owner_killed_completes_once)
+{
+    const char *mock[] = {"--latency-ms", "1200", NULL};
+    setup_env("dupkill", mock);
+    const char *ea[] = {"AGENTQ_WORKER_ID=wa", NULL}, *eb[] = {"AGENTQ_WORKER_ID=wb", NULL};
+    aq_test_proc *a = start_worker("worker-a", ea);
+    sleep(1);
+    const char *id = "7c1d9e2f-3a4b-4c5d-8e6f-0a1b2c3d4e5f";
+    char body[256];
+    snprintf(body, sizeof body, "{\"task_id\": \"%s\", \"user_id\": \"alice\", \"goal\": \"slow steps=1\"}", id);
+    publish_raw(body, NULL, 0, NULL);
+    wait_status(id, "running", 10000, a, "worker-a");
+    aq_test_proc *b = start_worker("worker-b", eb);
+    sleep(1);
+    publish_raw(body, NULL, 0, NULL);
+    usleep(500000); /* the copy is settled (acked) by whichever worker got it */
+    aq_test_proc_signal(a, SIGKILL);
+    aq_test_proc_wait(a, 5000);
+    wait_status(id, "completed", 20000, b, "worker-b");
+    assert_pg("wb,2,1,0", "SELECT concat_ws(',', worker_id, attempt, interruptions, failures) FROM agentq.tasks"
+              " WHERE task_id = '%s'", id);
+    assert_pg("2", "SELECT count(*) FROM agentq.steps WHERE task_id = '%s' AND attempt = 2 AND kind = 'llm'", id);
+    aq_test_proc_signal(b, SIGTERM);
+    ck_assert_int_eq(aq_test_proc_wait(b, 10000), 0);
+    ck_assert_int_eq(tasks_left(), 0);
+    aq_test_proc_free(a);
+    aq_test_proc_free(b);
+    teardown_env();
+}
+END_TEST
+
+/* Starts another mock LLM; writes the AGENTQ_LLM_BASE_URL=... entry for it
+ * to var (160 bytes). */
+static aq_test_proc *extra_mock(const char *const *flags, const char *name, char *var)
+{
+    char log[300];
+    int port = 0;
+    snprintf(log, sizeof log, "%s/%s.log", E.logdir, name);
+    aq_test_proc *m = aq_test_start_mock(flags, log, &port);
+    snprintf(var, 160, "AGENTQ_LLM_BASE_URL=http://127.0.0.1:%d/v1", port);
+    return m;
+}
+
+/* Killed twice, then one failed attempt: with amqp.max_attempts = 2 the
+ * task still has its retry, because crashes are interruptions. */
+START_TEST(crashes_do_not_use_up_attempts)
+{
+    const char *mock[] = {"--latency-ms", "1500", NULL};
+    setup_env("crashes", mock);
+    const char *two[] = {"AGENTQ_AMQP_MAX_ATTEMPTS=2", NULL};
+    char id[40];
+    const char *args[] = {"--user", "u", "--goal", "steady steps=1", NULL};
+    ck_assert_int_eq(produce(args, id), 0);
+    for (int kill = 0; kill < 2; kill++) {
+        aq_test_proc *w = start_worker(kill ? "worker-2" : "worker-1", two);
+        char sql[256], want[32];
+        snprintf(sql, sizeof sql, "SELECT status || ',' || attempt FROM agentq.tasks WHERE task_id = '%s'", id);
+        snprintf(want, sizeof want, "running,%d", kill + 1);
+        ck_assert_msg(aq_test_pg_wait_value(E.dsn, sql, want, 10000), "attempt %d never ran", kill + 1);
+        aq_test_proc_signal(w, SIGKILL);
+        aq_test_proc_wait(w, 5000);
+        aq_test_proc_free(w);
+    }
+    /* Attempt 3 meets a provider that fails. */
+    char failing[160];
+    const char *fail_flags[] = {"--fail-rate", "1", NULL};
+    aq_test_proc *fm = extra_mock(fail_flags, "mock-failing", failing);
+    const char *fail_env[] = {"AGENTQ_AMQP_MAX_ATTEMPTS=2", failing, NULL};
+    aq_test_proc *w3 = start_worker("worker-3", fail_env);
+    wait_status(id, "retrying", 15000, w3, "worker-3");
+    aq_test_proc_signal(w3, SIGTERM);
+    ck_assert_int_eq(aq_test_proc_wait(w3, 10000), 0);
+    aq_test_proc_free(w3);
+    aq_test_proc_free(fm);
+    /* The retry (after the 1 s tier) completes on a good provider. */
+    aq_test_proc *w4 = start_worker("worker-4", two);
+    wait_status(id, "completed", 20000, w4, "worker-4");
+    assert_pg("4,2,1", "SELECT concat_ws(',', attempt, interruptions, failures) FROM agentq.tasks WHERE task_id = '%s'", id);
+    aq_test_proc_free(w4);
+    teardown_env();
+}
+END_TEST
+
+/* x-agentq-* headers on a first publish are not the producer's to set. */
+START_TEST(spoofed_retry_headers_are_ignored)
+{
+    setup_env("spoof", NULL);
+    aq_test_proc *w = start_worker("worker", NULL);
+    sleep(1);
+    const char *id = "2f4e6a8c-1b3d-4f5a-9b7c-8d9e0f1a2b3c";
+    char body[256];
+    snprintf(body, sizeof body, "{\"task_id\": \"%s\", \"user_id\": \"eve\", \"goal\": \"plain steps=0\"}", id);
+    publish_raw(body, NULL, 0, "{\"x-agentq-attempt\": 99, \"x-agentq-deadline\": 1}");
+    wait_status(id, "completed", 15000, w, "worker");
+    assert_pg("1,0,t", "SELECT concat_ws(',', attempt, failures, deadline IS NULL) FROM agentq.tasks WHERE task_id = '%s'", id);
+    aq_test_proc_free(w);
+    teardown_env();
+}
+END_TEST
+
+/* A running row whose message is gone (acked by mistake, purged, a
+ * consumer_timeout) and whose lease expired: the sweeper publishes it
+ * again and it completes. */
+START_TEST(sweeper_republishes_running_tasks_nobody_holds)
+{
+    setup_env("sweep", NULL);
+    const char *id = "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d";
+    char sql[1024], err[512];
+    snprintf(sql, sizeof sql,
+             "INSERT INTO agentq.tasks (task_id, user_id, goal, status, attempt, started_at, worker_id, body,"
+             " body_sha256, lease_owner, lease_until, leased_at)"
+             " SELECT '%s', 'sam', 'lost steps=1', 'running', 1, now(), 'w-gone', b, sha256(b), 77,"
+             " now() - interval '1 minute', now() - interval '2 minutes'"
+             " FROM convert_to('{\"user_id\": \"sam\", \"goal\": \"lost steps=1\"}', 'UTF8') AS b",
+             id);
+    ck_assert_msg(aq_test_pg_exec(E.dsn, sql, err, sizeof err) == 0, "%s", err);
+    const char *lease[] = {"AGENTQ_WORKER_LEASE_SECONDS=3", NULL};
+    aq_test_proc *w = start_worker("worker", lease);
+    wait_status(id, "completed", 20000, w, "worker");
+    assert_pg("2,1,t,t", "SELECT concat_ws(',', attempt, interruptions, worker_id <> 'w-gone', swept_at IS NULL)"
+              " FROM agentq.tasks WHERE task_id = '%s'", id);
+    aq_test_proc_free(w);
+    teardown_env();
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("queue");
@@ -784,6 +997,11 @@ int main(void)
     tcase_add_test(errors, kill9_redelivers_and_completes_once);
     tcase_add_test(errors, broker_connection_loss_loses_nothing);
     tcase_add_test(errors, database_connection_loss_loses_nothing);
+    tcase_add_test(errors, duplicates_and_twins_never_rerun_or_change_a_task);
+    tcase_add_test(errors, duplicate_then_owner_killed_completes_once);
+    tcase_add_test(errors, crashes_do_not_use_up_attempts);
+    tcase_add_test(errors, spoofed_retry_headers_are_ignored);
+    tcase_add_test(errors, sweeper_republishes_running_tasks_nobody_holds);
     suite_add_tcase(s, errors);
     return aq_test_run(s);
 }

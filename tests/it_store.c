@@ -120,17 +120,21 @@ typedef struct claim_rec {
     int calls;
     aq_store_outcome outcome;
     int attempt;
+    int failures;
     char status[32];
     int code;
 } claim_rec;
 
-static void on_claim(void *arg, aq_store_outcome outcome, int attempt, const char *status, int code)
+static void on_claim(void *arg, const aq_store_claimed *cl, int code)
 {
     claim_rec *c = arg;
     c->calls++;
-    c->outcome = outcome;
-    c->attempt = attempt;
-    snprintf(c->status, sizeof c->status, "%s", code == 0 && status ? status : "");
+    if (cl) {
+        c->outcome = cl->outcome;
+        c->attempt = cl->attempt;
+        c->failures = cl->failures;
+        snprintf(c->status, sizeof c->status, "%s", cl->status);
+    }
     c->code = code;
     claims_done++;
 }
@@ -165,19 +169,55 @@ static void on_done_peek(void *arg, int code)
     on_done(arg, code);
 }
 
-static aq_store_task task_of(const char *id, int attempt)
+typedef struct sweep_rec {
+    int calls, code;
+    size_t n;
+    char task_id[AQ_TASK_ID_LEN + 1];
+    char body[512];
+    int priority;
+} sweep_rec;
+
+static void on_sweep(void *arg, const aq_store_swept *rows, size_t n, int code)
+{
+    sweep_rec *r = arg;
+    r->calls++;
+    r->code = code;
+    r->n = n;
+    if (n) {
+        snprintf(r->task_id, sizeof r->task_id, "%s", rows[0].task_id);
+        snprintf(r->body, sizeof r->body, "%.*s", (int)rows[0].body_len, (const char *)rows[0].body);
+        r->priority = rows[0].priority;
+    }
+}
+
+/* The body the worker would have parsed these fields from. */
+static const char task_body[] =
+    "{\"user_id\": \"alice\", \"goal\": \"add 2 and 3\", \"metadata\": {\"batch\": 7, \"pi\": 3.14159}}";
+
+static aq_store_task task_of(const char *id)
 {
     aq_store_task t = {.task_id = id, .user_id = "alice", .goal = "add 2 and 3",
-                       .priority = 4, .attempt = attempt, .max_steps = 15,
+                       .priority = 4, .max_steps = 15,
                        .budget_usd = 0.5, .timeout_seconds = 60, .model = "mock-1",
-                       .metadata = "{\"batch\": 7}", .enqueued_at_us = 1700000000123456LL};
+                       .body = task_body, .body_len = sizeof task_body - 1, .has_metadata = true,
+                       .enqueued_at_us = 1700000000123456LL};
     return t;
 }
 
-static claim_rec claim_sync(aq_store *s, const char *id, int attempt)
+static claim_rec claim_task(aq_store *s, const aq_store_task *t)
 {
     claim_rec c = {0};
-    aq_store_task t = task_of(id, attempt);
+    int before = claims_done;
+    ck_assert_int_eq(aq_store_claim(s, t, on_claim, &c), 0);
+    ck_assert_msg(run_until(&claims_done, before + 1, 10000), "claim callback never came");
+    ck_assert_int_eq(c.calls, 1);
+    return c;
+}
+
+static claim_rec claim_sync(aq_store *s, const char *id)
+{
+    claim_rec c = {0};
+    aq_store_task t = task_of(id);
     int before = claims_done;
     ck_assert_int_eq(aq_store_claim(s, &t, on_claim, &c), 0);
     ck_assert_msg(run_until(&claims_done, before + 1, 10000), "claim callback never came");
@@ -352,7 +392,7 @@ START_TEST(test_claim_new_task_runs_attempt_one)
     aq_store *s = store_open(dsn, 0, 0);
     char id[AQ_TASK_ID_LEN + 1];
     new_id(id);
-    claim_rec c = claim_sync(s, id, 1);
+    claim_rec c = claim_sync(s, id);
     ck_assert_int_eq(c.code, 0);
     ck_assert_int_eq(c.outcome, AQ_STORE_RUN);
     ck_assert_int_eq(c.attempt, 1);
@@ -373,7 +413,7 @@ START_TEST(test_finish_commits_before_callback_then_claim_is_final)
     aq_store *s = store_open(dsn, 0, 0);
     char id[AQ_TASK_ID_LEN + 1];
     new_id(id);
-    claim_rec c = claim_sync(s, id, 1);
+    claim_rec c = claim_sync(s, id);
     ck_assert_int_eq(c.outcome, AQ_STORE_RUN);
 
     done_rec d = {.task_id = id};
@@ -388,7 +428,7 @@ START_TEST(test_finish_commits_before_callback_then_claim_is_final)
     ck_assert_str_eq(val(sqlf("SELECT result FROM agentq.tasks WHERE task_id = '%s'", id)), "5");
 
     /* The redelivery of a finished task: acked without running. */
-    claim_rec again = claim_sync(s, id, 1);
+    claim_rec again = claim_sync(s, id);
     ck_assert_int_eq(again.code, 0);
     ck_assert_int_eq(again.outcome, AQ_STORE_FINAL);
     ck_assert_str_eq(again.status, "completed");
@@ -411,104 +451,302 @@ END_TEST
 START_TEST(test_claim_attempt_rules)
 {
     aq_store *s = store_open(dsn, 0, 0);
-    char dead[AQ_TASK_ID_LEN + 1], queued[AQ_TASK_ID_LEN + 1], retrying[AQ_TASK_ID_LEN + 1];
-    new_id(dead);
+    char lost[AQ_TASK_ID_LEN + 1], queued[AQ_TASK_ID_LEN + 1], retrying[AQ_TASK_ID_LEN + 1],
+        recorded[AQ_TASK_ID_LEN + 1];
+    new_id(lost);
     new_id(queued);
     new_id(retrying);
-    /* A row another worker left running (it died), one queued with a
-     * higher attempt than the delivery says, one retrying with a lower. */
-    exec_ok(sqlf("INSERT INTO agentq.tasks (task_id, user_id, goal, status, attempt, worker_id)"
-                 " VALUES ('%s', 'alice', 'g', 'running', 1, 'w-dead'),"
-                 " ('%s', 'alice', 'g', 'queued', 3, NULL),"
-                 " ('%s', 'alice', 'g', 'retrying', 2, 'w-other')",
-                 dead, queued, retrying));
+    new_id(recorded);
+    /* A row left running by a worker that is gone (its lease key's lock is
+     * held by nobody, its lease written since the server started), one a
+     * drain put back after attempt 3, one retrying after two failures, and
+     * one a producer recorded before anything ran it. */
+    exec_ok(sqlf("INSERT INTO agentq.tasks (task_id, user_id, goal, status, attempt, failures,"
+                 " worker_id, started_at, lease_owner, lease_until, leased_at) VALUES"
+                 " ('%s', 'alice', 'g', 'running', 1, 0, 'w-dead', now(), 4242, now() + interval '1 hour', now()),"
+                 " ('%s', 'alice', 'g', 'queued', 3, 0, NULL, now(), NULL, NULL, NULL),"
+                 " ('%s', 'alice', 'g', 'retrying', 2, 2, 'w-other', now(), NULL, NULL, NULL),"
+                 " ('%s', 'alice', 'recorded', 'queued', 1, 0, NULL, NULL, NULL, NULL, NULL)",
+                 lost, queued, retrying, recorded));
 
-    claim_rec c = claim_sync(s, dead, 1);
+    claim_rec c = claim_sync(s, lost);
     ck_assert_int_eq(c.code, 0);
     ck_assert_int_eq(c.outcome, AQ_STORE_RUN);
     ck_assert_int_eq(c.attempt, 2);
-    ck_assert_str_eq(val(sqlf("SELECT status || ',' || attempt || ',' || worker_id"
-                              " FROM agentq.tasks WHERE task_id = '%s'", dead)),
-                     "running,2,w-test");
+    ck_assert_str_eq(val(sqlf("SELECT concat_ws(',', status, attempt, worker_id, interruptions, failures,"
+                              " lease_until > now())"
+                              " FROM agentq.tasks WHERE task_id = '%s'", lost)),
+                     "running,2,w-test,1,0,t");
 
-    c = claim_sync(s, queued, 1);
+    c = claim_sync(s, queued);
+    ck_assert_int_eq(c.outcome, AQ_STORE_RUN);
+    ck_assert_int_eq(c.attempt, 4);
+
+    c = claim_sync(s, retrying);
     ck_assert_int_eq(c.outcome, AQ_STORE_RUN);
     ck_assert_int_eq(c.attempt, 3);
+    ck_assert_int_eq(c.failures, 2);
 
-    /* A copy of attempt 2 (the original redelivered after it handed over
-     * to its retry) is stale: not run, row untouched. */
-    c = claim_sync(s, retrying, 2);
-    ck_assert_int_eq(c.code, 0);
-    ck_assert_int_eq(c.outcome, AQ_STORE_STALE);
-    ck_assert_str_eq(val(sqlf("SELECT status || ',' || attempt FROM agentq.tasks WHERE task_id = '%s'", retrying)),
-                     "retrying,2");
-
-    c = claim_sync(s, retrying, 3);
+    /* Nothing ran the recorded one yet: attempt 1, and the message defines it. */
+    c = claim_sync(s, recorded);
     ck_assert_int_eq(c.outcome, AQ_STORE_RUN);
-    ck_assert_int_eq(c.attempt, 3);
-
-    /* Our own running row redelivered (e.g. a channel reset): a new attempt. */
-    c = claim_sync(s, dead, 1);
-    ck_assert_int_eq(c.attempt, 3);
+    ck_assert_int_eq(c.attempt, 1);
+    ck_assert_str_eq(val(sqlf("SELECT goal || ',' || (body_sha256 IS NOT NULL)"
+                              " FROM agentq.tasks WHERE task_id = '%s'", recorded)),
+                     "add 2 and 3,true");
     aq_store_free(s);
 }
 END_TEST
 
-START_TEST(test_cancel_requested_is_reported_not_run)
+/* Two workers, one task: a copy that reaches the second while the first
+ * holds a live lease is a duplicate and changes nothing. */
+START_TEST(test_copy_of_a_task_under_a_live_lease_is_a_duplicate)
+{
+    aq_store *a = store_open(dsn, 0, 0), *b = store_open(dsn, 0, 0);
+    char id[AQ_TASK_ID_LEN + 1];
+    new_id(id);
+    claim_rec c = claim_sync(a, id);
+    ck_assert_int_eq(c.outcome, AQ_STORE_RUN);
+    c = claim_sync(b, id);
+    ck_assert_int_eq(c.code, 0);
+    ck_assert_int_eq(c.outcome, AQ_STORE_DUPLICATE);
+    ck_assert_int_eq(c.attempt, 1);
+    /* The same worker getting it again (a second publish) too. */
+    ck_assert_int_eq(claim_sync(a, id).outcome, AQ_STORE_DUPLICATE);
+    ck_assert_str_eq(val(sqlf("SELECT concat_ws(',', status, attempt, interruptions)"
+                              " FROM agentq.tasks WHERE task_id = '%s'", id)),
+                     "running,1,0");
+    aq_store_free(b);
+    aq_store_free(a);
+}
+END_TEST
+
+/* Waits until nobody holds the lease lock of task `id`'s owner (a freed
+ * store's backend has exited). */
+static void wait_owner_gone(const char *id)
+{
+    for (int i = 0; i < 200; i++) {
+        if (!strcmp(val(sqlf("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = 1634169969"
+                             " AND objid = (SELECT lease_owner FROM agentq.tasks WHERE task_id = '%s')::oid", id)),
+                    "0"))
+            return;
+        run_for(25);
+    }
+    ck_abort_msg("a freed store's lease lock is still held");
+}
+
+START_TEST(test_takeover_when_the_owner_is_gone_or_the_lease_expired)
+{
+    aq_store *a = store_open(dsn, 0, 0), *b = store_open(dsn, 0, 0);
+    char id[AQ_TASK_ID_LEN + 1], other[AQ_TASK_ID_LEN + 1];
+    new_id(id);
+    new_id(other);
+    ck_assert_int_eq(claim_sync(a, id).outcome, AQ_STORE_RUN);
+    ck_assert_int_eq(claim_sync(a, other).outcome, AQ_STORE_RUN);
+    /* The owner dies (its connection closes): its lease counts for nothing. */
+    aq_store_free(a);
+    wait_owner_gone(id);
+    claim_rec c = claim_sync(b, id);
+    ck_assert_int_eq(c.outcome, AQ_STORE_RUN);
+    ck_assert_int_eq(c.attempt, 2);
+    ck_assert_str_eq(val(sqlf("SELECT concat_ws(',', status, attempt, interruptions, failures)"
+                              " FROM agentq.tasks WHERE task_id = '%s'", id)),
+                     "running,2,1,0");
+    /* A live owner whose lease ran out (it stopped renewing: it lost the
+     * task) is taken over as well. */
+    aq_store *d = store_open(dsn, 0, 0);
+    ck_assert_int_eq(claim_sync(d, id).outcome, AQ_STORE_DUPLICATE);
+    exec_ok(sqlf("UPDATE agentq.tasks SET lease_until = now() - interval '1 second' WHERE task_id = '%s'", id));
+    c = claim_sync(d, id);
+    ck_assert_int_eq(c.outcome, AQ_STORE_RUN);
+    ck_assert_int_eq(c.attempt, 3);
+    /* The first owner's late finish changes nothing and says so. */
+    done_rec late = {0};
+    aq_store_result r = {.task_id = id, .attempt = 2, .status = "completed", .result = "late"};
+    ck_assert_int_eq(aq_store_finish(b, &r, on_done, &late), 0);
+    ck_assert(run_until(&dones, 1, 10000));
+    ck_assert_int_eq(late.code, AQ_ENOTFOUND);
+    ck_assert_str_eq(val(sqlf("SELECT status || ',' || attempt FROM agentq.tasks WHERE task_id = '%s'", id)),
+                     "running,3");
+    aq_store_free(d);
+    aq_store_free(b);
+}
+END_TEST
+
+START_TEST(test_twin_with_another_body_changes_nothing)
 {
     aq_store *s = store_open(dsn, 0, 0);
     char id[AQ_TASK_ID_LEN + 1];
     new_id(id);
-    exec_ok(sqlf("INSERT INTO agentq.tasks (task_id, user_id, goal, status, attempt,"
-                 " cancel_requested) VALUES ('%s', 'alice', 'g', 'queued', 1, true)", id));
-    claim_rec c = claim_sync(s, id, 1);
+    ck_assert_int_eq(claim_sync(s, id).outcome, AQ_STORE_RUN);
+    static const char twin_body[] = "{\"user_id\": \"mallory\", \"goal\": \"send me the data\"}";
+    aq_store_task twin = task_of(id);
+    twin.user_id = "mallory";
+    twin.goal = "send me the data";
+    twin.body = twin_body;
+    twin.body_len = sizeof twin_body - 1;
+    twin.has_metadata = false;
+    claim_rec c = claim_task(s, &twin);
     ck_assert_int_eq(c.code, 0);
-    ck_assert_int_eq(c.outcome, AQ_STORE_CANCELLED);
-    ck_assert_int_eq(c.attempt, 1);
-    /* Not made running. */
-    ck_assert_str_eq(val(sqlf("SELECT status FROM agentq.tasks WHERE task_id = '%s'", id)),
-                     "queued");
-
+    ck_assert_int_eq(c.outcome, AQ_STORE_CONFLICT);
+    ck_assert_str_eq(c.status, "running");
+    /* Once final, still a conflict (the worker records it), never a rerun. */
     done_rec d = {0};
-    aq_store_result r = {.task_id = id, .attempt = c.attempt, .status = "cancelled",
-                         .error = "cancelled by request"};
+    aq_store_result r = {.task_id = id, .attempt = 1, .status = "completed", .result = "5"};
     ck_assert_int_eq(aq_store_finish(s, &r, on_done, &d), 0);
     ck_assert(run_until(&dones, 1, 10000));
-    ck_assert_int_eq(d.code, 0);
-    ck_assert_str_eq(val(sqlf("SELECT status || ',' || (finished_at IS NOT NULL)"
+    c = claim_task(s, &twin);
+    ck_assert_int_eq(c.outcome, AQ_STORE_CONFLICT);
+    ck_assert_str_eq(c.status, "completed");
+    ck_assert_str_eq(val(sqlf("SELECT concat_ws(',', status, user_id, goal, attempt, metadata->>'batch')"
                               " FROM agentq.tasks WHERE task_id = '%s'", id)),
-                     "cancelled,true");
+                     "completed,alice,add 2 and 3,1,7");
     aq_store_free(s);
 }
 END_TEST
 
-START_TEST(test_retrying_status_is_not_final_and_attempt_guarded)
+START_TEST(test_metadata_is_stored_as_sent)
 {
     aq_store *s = store_open(dsn, 0, 0);
     char id[AQ_TASK_ID_LEN + 1];
     new_id(id);
-    claim_rec c = claim_sync(s, id, 1);
+    ck_assert_int_eq(claim_sync(s, id).outcome, AQ_STORE_RUN);
+    /* Parsed by PostgreSQL from the body: no trip through a double. */
+    ck_assert_str_eq(val(sqlf("SELECT metadata->>'pi' FROM agentq.tasks WHERE task_id = '%s'", id)), "3.14159");
+    ck_assert_str_eq(val(sqlf("SELECT convert_from(body, 'UTF8') FROM agentq.tasks WHERE task_id = '%s'", id)),
+                     task_body);
+    aq_store_free(s);
+}
+END_TEST
+
+START_TEST(test_claim_ends_cancelled_expired_and_too_often_interrupted_tasks)
+{
+    aq_store_config cfg = {.dsn = dsn, .worker_id = "w-test", .flush_timeout_ms = 3000,
+                           .reconnect_max_ms = 300, .max_interruptions = 2};
+    char err[512] = "";
+    aq_store *s = aq_store_new(&cfg, base, err, sizeof err);
+    ck_assert_msg(s != NULL, "%s", err);
+    char cancelled[AQ_TASK_ID_LEN + 1], expired[AQ_TASK_ID_LEN + 1], poison[AQ_TASK_ID_LEN + 1];
+    new_id(cancelled);
+    new_id(expired);
+    new_id(poison);
+    exec_ok(sqlf("INSERT INTO agentq.tasks (task_id, user_id, goal, status, attempt, cancel_requested,"
+                 " deadline, interruptions, started_at, body) VALUES"
+                 " ('%s', 'alice', 'g', 'queued', 1, true, NULL, 0, NULL, NULL),"
+                 " ('%s', 'alice', 'g', 'retrying', 1, false, now() - interval '1 second', 0, now(), NULL),"
+                 " ('%s', 'alice', 'g', 'running', 3, false, NULL, 2, now(), 'poison')",
+                 cancelled, expired, poison));
+    claim_rec c = claim_sync(s, cancelled);
+    ck_assert_int_eq(c.code, 0);
+    ck_assert_int_eq(c.outcome, AQ_STORE_ENDED);
+    ck_assert_str_eq(c.status, "cancelled");
+    c = claim_sync(s, expired);
+    ck_assert_int_eq(c.outcome, AQ_STORE_ENDED);
+    ck_assert_str_eq(c.status, "expired");
+    /* A third lost execution, with amqp.max_interruptions = 2. */
+    c = claim_sync(s, poison);
+    ck_assert_int_eq(c.outcome, AQ_STORE_ENDED);
+    ck_assert_str_eq(c.status, "failed");
+    ck_assert_str_eq(val(sqlf("SELECT string_agg(concat_ws(',', status, finished_at IS NOT NULL,"
+                              " lease_owner IS NULL), ';' ORDER BY ord) FROM agentq.tasks"
+                              " JOIN unnest(ARRAY['%s', '%s', '%s']::uuid[]) WITH ORDINALITY AS u(id, ord)"
+                              " ON task_id = u.id", cancelled, expired, poison)),
+                     "cancelled,t,t;expired,t,t;failed,t,t");
+    ck_assert_str_eq(val(sqlf("SELECT concat_ws(',', interruptions, error LIKE 'interrupted 3 times%%')"
+                              " FROM agentq.tasks WHERE task_id = '%s'", poison)), "3,t");
+    ck_assert_str_eq(val(sqlf("SELECT concat_ws(',', reason, convert_from(body, 'UTF8'), error LIKE '%%max_interruptions = 2%%')"
+                              " FROM agentq.dead_letters WHERE task_id = '%s'", poison)),
+                     "interrupted,poison,t");
+    ck_assert_str_eq(val(sqlf("SELECT error FROM agentq.tasks WHERE task_id = '%s'", cancelled)),
+                     "cancelled before it ran");
+    aq_store_free(s);
+}
+END_TEST
+
+START_TEST(test_finish_counts_failures_and_interruptions_apart)
+{
+    aq_store *s = store_open(dsn, 0, 0);
+    char id[AQ_TASK_ID_LEN + 1];
+    new_id(id);
+    claim_rec c = claim_sync(s, id);
     done_rec d = {0};
     aq_store_result r = {.task_id = id, .attempt = c.attempt, .status = "retrying",
                          .error = "HTTP 503"};
     ck_assert_int_eq(aq_store_finish(s, &r, on_done, &d), 0);
     ck_assert(run_until(&dones, 1, 10000));
     ck_assert_int_eq(d.code, 0);
-    ck_assert_str_eq(val(sqlf("SELECT status || ',' || error || ',' || (finished_at IS NULL)"
-                              " FROM agentq.tasks WHERE task_id = '%s'", id)),
-                     "retrying,HTTP 503,true");
+    ck_assert_str_eq(val(sqlf("SELECT concat_ws(',', status, error, finished_at IS NULL, failures,"
+                              " interruptions, lease_owner IS NULL) FROM agentq.tasks WHERE task_id = '%s'", id)),
+                     "retrying,HTTP 503,t,1,0,t");
 
-    /* The retry runs attempt 2; a stale writer of attempt 1 cannot touch it. */
-    c = claim_sync(s, id, 2);
+    /* The retry runs attempt 2 whatever its headers said; a writer of
+     * attempt 1 cannot touch it. */
+    c = claim_sync(s, id);
     ck_assert_int_eq(c.attempt, 2);
+    ck_assert_int_eq(c.failures, 1);
     done_rec stale = {0};
     aq_store_result old = {.task_id = id, .attempt = 1, .status = "failed", .error = "stale"};
     ck_assert_int_eq(aq_store_finish(s, &old, on_done, &stale), 0);
     ck_assert(run_until(&dones, 2, 10000));
     ck_assert_int_eq(stale.code, AQ_ENOTFOUND);
-    ck_assert_str_eq(val(sqlf("SELECT status FROM agentq.tasks WHERE task_id = '%s'", id)),
-                     "running");
+
+    /* A drain puts it back: an interruption, not a failure. */
+    done_rec dq = {0};
+    aq_store_result q = {.task_id = id, .attempt = 2, .status = "queued"};
+    ck_assert_int_eq(aq_store_finish(s, &q, on_done, &dq), 0);
+    ck_assert(run_until(&dones, 3, 10000));
+    ck_assert_int_eq(dq.code, 0);
+    ck_assert_str_eq(val(sqlf("SELECT concat_ws(',', status, attempt, failures, interruptions)"
+                              " FROM agentq.tasks WHERE task_id = '%s'", id)),
+                     "queued,2,1,1");
+    c = claim_sync(s, id);
+    ck_assert_int_eq(c.attempt, 3);
+    ck_assert_int_eq(c.failures, 1);
     aq_store_free(s);
+}
+END_TEST
+
+START_TEST(test_renew_and_sweep)
+{
+    aq_store *a = store_open(dsn, 0, 0), *b = store_open(dsn, 0, 0);
+    char mine[AQ_TASK_ID_LEN + 1], theirs[AQ_TASK_ID_LEN + 1], orphan[AQ_TASK_ID_LEN + 1];
+    new_id(mine);
+    new_id(theirs);
+    new_id(orphan);
+    ck_assert_int_eq(claim_sync(a, mine).outcome, AQ_STORE_RUN);
+    ck_assert_int_eq(claim_sync(b, theirs).outcome, AQ_STORE_RUN);
+    ck_assert_int_eq(claim_sync(b, orphan).outcome, AQ_STORE_RUN);
+    exec_ok("UPDATE agentq.tasks SET lease_until = now() - interval '1 second'");
+    /* a renews its own task only, even when it names the others. */
+    const char *ids[] = {mine, theirs};
+    ck_assert_int_eq(aq_store_renew(a, ids, 2), 0);
+    const char *ids_b[] = {theirs};
+    ck_assert_int_eq(aq_store_renew(b, ids_b, 1), 0);
+    for (int i = 0; i < 200 && strcmp(val("SELECT count(*) FROM agentq.tasks WHERE lease_until > now()"), "2"); i++)
+        run_for(25);
+    ck_assert_str_eq(val(sqlf("SELECT string_agg(task_id::text, ',') FROM agentq.tasks"
+                              " WHERE lease_until < now()")), orphan);
+
+    /* The orphan (b stopped renewing it) is swept once, with its body. */
+    sweep_rec sw = {0};
+    ck_assert_int_eq(aq_store_sweep(a, 10, 300, on_sweep, &sw), 0);
+    ck_assert(run_until(&sw.calls, 1, 10000));
+    ck_assert_int_eq(sw.code, 0);
+    ck_assert_int_eq(sw.n, 1);
+    ck_assert_str_eq(sw.task_id, orphan);
+    ck_assert_str_eq(sw.body, task_body);
+    ck_assert_int_eq(sw.priority, 4);
+    sweep_rec again = {0};
+    ck_assert_int_eq(aq_store_sweep(b, 10, 300, on_sweep, &again), 0);
+    ck_assert(run_until(&again.calls, 1, 10000));
+    ck_assert_int_eq(again.n, 0);
+    /* Its copy comes back: the lease expired, so it runs again. */
+    claim_rec c = claim_sync(a, orphan);
+    ck_assert_int_eq(c.outcome, AQ_STORE_RUN);
+    ck_assert_int_eq(c.attempt, 2);
+    ck_assert_str_eq(val(sqlf("SELECT swept_at IS NULL FROM agentq.tasks WHERE task_id = '%s'", orphan)), "t");
+    aq_store_free(b);
+    aq_store_free(a);
 }
 END_TEST
 
@@ -517,7 +755,7 @@ START_TEST(test_steps_round_trip_and_are_written_once)
     aq_store *s = store_open(dsn, 0, 0);
     char id[AQ_TASK_ID_LEN + 1];
     new_id(id);
-    claim_rec c = claim_sync(s, id, 1);
+    claim_rec c = claim_sync(s, id);
     ck_assert_int_eq(c.outcome, AQ_STORE_RUN);
     aq_store_step_row llm = {.task_id = id, .attempt = 1, .step = 1, .seq = 0, .kind = "llm",
                              .name = "mock-1", .status = "ok",
@@ -587,33 +825,49 @@ START_TEST(test_dead_letter_body_round_trips_byte_exact)
 }
 END_TEST
 
-START_TEST(test_dead_letter_finalises_a_running_row_but_not_a_final_one)
+/* A dead letter sets the status of a task that waits (queued, retrying)
+ * and was defined by the same body; it leaves alone a final row, a row a
+ * worker runs, and a row another body defined (a malformed twin). */
+START_TEST(test_dead_letter_finalises_only_a_waiting_task_of_its_body)
 {
     aq_store *s = store_open(dsn, 0, 0);
-    char id[AQ_TASK_ID_LEN + 1], done_id[AQ_TASK_ID_LEN + 1];
-    new_id(id);
+    char waiting[AQ_TASK_ID_LEN + 1], done_id[AQ_TASK_ID_LEN + 1], running[AQ_TASK_ID_LEN + 1];
+    new_id(waiting);
     new_id(done_id);
-    claim_rec c = claim_sync(s, id, 3);
-    ck_assert_int_eq(c.attempt, 3);
+    new_id(running);
+    ck_assert_int_eq(claim_sync(s, waiting).outcome, AQ_STORE_RUN);
+    ck_assert_int_eq(claim_sync(s, running).outcome, AQ_STORE_RUN);
+    done_rec r0 = {0};
+    aq_store_result retry = {.task_id = waiting, .attempt = 1, .status = "retrying", .error = "HTTP 500"};
+    ck_assert_int_eq(aq_store_finish(s, &retry, on_done, &r0), 0);
+    ck_assert(run_until(&dones, 1, 10000));
     exec_ok(sqlf("INSERT INTO agentq.tasks (task_id, user_id, goal, status, result)"
                  " VALUES ('%s', 'bob', 'g', 'completed', '42')", done_id));
-    aq_store_dead out = {.task_id = id, .reason = "failed", .error = "out of attempts: HTTP 500",
-                         .body = "{}", .body_len = 2, .status = "failed", .attempt = 3};
-    aq_store_dead dup = {.task_id = done_id, .reason = "expired", .error = "TTL",
-                         .body = "{}", .body_len = 2, .status = "expired"};
-    done_rec d1 = {0}, d2 = {0};
-    ck_assert_int_eq(aq_store_dead_letter(s, &out, on_done, &d1), 0);
-    ck_assert_int_eq(aq_store_dead_letter(s, &dup, on_done, &d2), 0);
-    ck_assert(run_until(&dones, 2, 10000));
-    ck_assert_int_eq(d1.code, 0);
-    ck_assert_int_eq(d2.code, 0);
-    ck_assert_str_eq(val(sqlf("SELECT concat_ws(',', status, error, attempt, user_id)"
-                              " FROM agentq.tasks WHERE task_id = '%s'", id)),
-                     "failed,out of attempts: HTTP 500,3,alice");
+    aq_store_dead out = {.task_id = waiting, .reason = "expired", .error = "TTL",
+                         .body = task_body, .body_len = sizeof task_body - 1, .status = "expired"};
+    aq_store_dead twin = {.task_id = waiting, .reason = "rejected", .error = "user_id: must be a string",
+                          .body = "{\"user_id\": 5}", .body_len = 14, .status = "rejected"};
+    aq_store_dead late = {.task_id = done_id, .reason = "expired", .error = "TTL",
+                          .body = "{}", .body_len = 2, .status = "expired"};
+    aq_store_dead copy = {.task_id = running, .reason = "expired", .error = "TTL",
+                          .body = task_body, .body_len = sizeof task_body - 1, .status = "expired"};
+    done_rec d[4] = {{0}};
+    ck_assert_int_eq(aq_store_dead_letter(s, &twin, on_done, &d[0]), 0);
+    ck_assert_int_eq(aq_store_dead_letter(s, &late, on_done, &d[1]), 0);
+    ck_assert_int_eq(aq_store_dead_letter(s, &copy, on_done, &d[2]), 0);
+    ck_assert(run_until(&dones, 4, 10000));
+    ck_assert_str_eq(val(sqlf("SELECT status FROM agentq.tasks WHERE task_id = '%s'", waiting)), "retrying");
+    ck_assert_int_eq(aq_store_dead_letter(s, &out, on_done, &d[3]), 0);
+    ck_assert(run_until(&dones, 5, 10000));
+    for (int i = 0; i < 4; i++) ck_assert_int_eq(d[i].code, 0);
+    ck_assert_str_eq(val(sqlf("SELECT concat_ws(',', status, error, user_id)"
+                              " FROM agentq.tasks WHERE task_id = '%s'", waiting)),
+                     "expired,TTL,alice");
     ck_assert_str_eq(val(sqlf("SELECT concat_ws(',', status, result) FROM agentq.tasks"
                               " WHERE task_id = '%s'", done_id)),
                      "completed,42");
-    ck_assert_str_eq(val("SELECT count(*) FROM agentq.dead_letters"), "2");
+    ck_assert_str_eq(val(sqlf("SELECT status FROM agentq.tasks WHERE task_id = '%s'", running)), "running");
+    ck_assert_str_eq(val("SELECT count(*) FROM agentq.dead_letters"), "4");
     aq_store_free(s);
 }
 END_TEST
@@ -631,7 +885,7 @@ START_TEST(test_thousands_of_rows_in_few_transactions)
     int64_t t0 = aq_mono_us();
     for (int i = 0; i < MANY; i++) {
         new_id(ids[i]);
-        aq_store_task t = task_of(ids[i], 1);
+        aq_store_task t = task_of(ids[i]);
         ck_assert_int_eq(aq_store_claim(s, &t, on_claim, &cl[i]), 0);
     }
     ck_assert_msg(run_until(&claims_done, MANY, 30000), "%d claims of %d", claims_done, MANY);
@@ -685,7 +939,7 @@ START_TEST(test_database_down_at_start_then_outage_nothing_lost_or_doubled)
     static done_rec fin[2 * N];
     for (int i = 0; i < N; i++) {
         new_id(ids[i]);
-        aq_store_task t = task_of(ids[i], 1);
+        aq_store_task t = task_of(ids[i]);
         ck_assert_int_eq(aq_store_claim(s, &t, on_claim, &cl[i]), 0);
         aq_store_step_row row = {.task_id = ids[i], .attempt = 1, .step = 1, .kind = "llm",
                                  .duration_ms = 1};
@@ -715,7 +969,7 @@ START_TEST(test_database_down_at_start_then_outage_nothing_lost_or_doubled)
                              .steps = 1, .result = "ok"};
         ck_assert_int_eq(aq_store_finish(s, &r, on_done, &fin[i]), 0);
         new_id(ids[N + i]);
-        aq_store_task t = task_of(ids[N + i], 1);
+        aq_store_task t = task_of(ids[N + i]);
         ck_assert_int_eq(aq_store_claim(s, &t, on_claim, &cl[N + i]), 0);
     }
     run_for(1000);
@@ -762,7 +1016,7 @@ START_TEST(test_replay_after_lost_commit_reply_writes_nothing_twice)
     /* From now on the server's replies are lost. */
     proxy_set(p, P_BLACKHOLE, false);
     claim_rec c = {0};
-    aq_store_task t = task_of(running, 1);
+    aq_store_task t = task_of(running);
     ck_assert_int_eq(aq_store_claim(s, &t, on_claim, &c), 0);
     aq_store_step_row row = {.task_id = other, .attempt = 1, .step = 1, .kind = "llm",
                              .duration_ms = 1};
@@ -816,7 +1070,7 @@ START_TEST(test_bad_input_refused_without_callback)
 {
     aq_store *s = store_open(dsn, 0, 0);
     claim_rec c = {0};
-    aq_store_task t = task_of("not-a-uuid", 1);
+    aq_store_task t = task_of("not-a-uuid");
     ck_assert_int_eq(aq_store_claim(s, &t, on_claim, &c), AQ_EINVAL);
     char id[AQ_TASK_ID_LEN + 1];
     new_id(id);
@@ -848,8 +1102,11 @@ START_TEST(test_one_bad_row_does_not_sink_its_batch)
     memset(cl, 0, sizeof cl);
     for (int i = 0; i < N; i++) {
         new_id(ids[i]);
-        aq_store_task t = task_of(ids[i], 1);
-        if (i == 4) t.metadata = "{not json"; /* PostgreSQL refuses this one */
+        aq_store_task t = task_of(ids[i]);
+        if (i == 4) { /* PostgreSQL refuses this one */
+            t.body = "{not json";
+            t.body_len = 9;
+        }
         if (i == 7) t.priority = 999;         /* and this one (CHECK) */
         ck_assert_int_eq(aq_store_claim(s, &t, on_claim, &cl[i]), 0);
     }
@@ -882,19 +1139,16 @@ END_TEST
 static aq_store *closing_store;
 static int closed_calls, closed_code = 1, reentry_rc = 1;
 
-static void on_claim_at_close(void *arg, aq_store_outcome outcome, int attempt, const char *status,
-                              int code)
+static void on_claim_at_close(void *arg, const aq_store_claimed *c, int code)
 {
     (void)arg;
-    (void)outcome;
-    (void)attempt;
-    (void)status;
+    (void)c;
     closed_calls++;
     closed_code = code;
     /* A callback run by aq_store_free may not queue more work. */
     char id[AQ_TASK_ID_LEN + 1];
     new_id(id);
-    aq_store_task t = task_of(id, 1);
+    aq_store_task t = task_of(id);
     reentry_rc = aq_store_claim(closing_store, &t, on_claim, NULL);
 }
 
@@ -908,7 +1162,7 @@ START_TEST(test_free_with_database_unreachable_calls_back_with_error)
     ck_assert_ptr_nonnull(closing_store);
     char id[AQ_TASK_ID_LEN + 1];
     new_id(id);
-    aq_store_task t = task_of(id, 1);
+    aq_store_task t = task_of(id);
     ck_assert_int_eq(aq_store_claim(closing_store, &t, on_claim_at_close, NULL), 0);
     run_for(300);
     ck_assert_int_eq(closed_calls, 0);
@@ -931,7 +1185,7 @@ START_TEST(test_unmigrated_database_is_waited_for)
     char id[AQ_TASK_ID_LEN + 1];
     new_id(id);
     claim_rec c = {0};
-    aq_store_task t = task_of(id, 1);
+    aq_store_task t = task_of(id);
     ck_assert_int_eq(aq_store_claim(s, &t, on_claim, &c), 0);
     run_for(500);
     ck_assert_int_eq(c.calls, 0); /* no schema yet: held, not failed */
@@ -955,15 +1209,15 @@ START_TEST(test_user_cap_refuses_claims_past_it)
     new_id(a);
     new_id(b);
     new_id(c3);
-    ck_assert_int_eq(claim_sync(s, a, 1).outcome, AQ_STORE_RUN);
-    ck_assert_int_eq(claim_sync(s, b, 1).outcome, AQ_STORE_RUN);
+    ck_assert_int_eq(claim_sync(s, a).outcome, AQ_STORE_RUN);
+    ck_assert_int_eq(claim_sync(s, b).outcome, AQ_STORE_RUN);
     /* The third of the same user waits, and nothing is written for it. */
-    claim_rec c = claim_sync(s, c3, 1);
+    claim_rec c = claim_sync(s, c3);
     ck_assert_int_eq(c.code, 0);
     ck_assert_int_eq(c.outcome, AQ_STORE_BUSY);
     ck_assert_str_eq(val(sqlf("SELECT count(*) FROM agentq.tasks WHERE task_id = '%s'", c3)), "0");
     /* Another user is not held back by it. */
-    aq_store_task other = task_of(c3, 1);
+    aq_store_task other = task_of(c3);
     char d[AQ_TASK_ID_LEN + 1];
     new_id(d);
     other.task_id = d;
@@ -979,7 +1233,7 @@ START_TEST(test_user_cap_refuses_claims_past_it)
     before = dones;
     ck_assert_int_eq(aq_store_finish(s, &r, on_done, &dr), 0);
     ck_assert(run_until(&dones, before + 1, 10000));
-    ck_assert_int_eq(claim_sync(s, c3, 1).outcome, AQ_STORE_RUN);
+    ck_assert_int_eq(claim_sync(s, c3).outcome, AQ_STORE_RUN);
     aq_store_free(s);
 }
 END_TEST
@@ -995,11 +1249,16 @@ static Suite *store_suite(void)
     tcase_add_test(core, test_finish_commits_before_callback_then_claim_is_final);
     tcase_add_test(core, test_claim_attempt_rules);
     tcase_add_test(core, test_user_cap_refuses_claims_past_it);
-    tcase_add_test(core, test_cancel_requested_is_reported_not_run);
-    tcase_add_test(core, test_retrying_status_is_not_final_and_attempt_guarded);
+    tcase_add_test(core, test_copy_of_a_task_under_a_live_lease_is_a_duplicate);
+    tcase_add_test(core, test_takeover_when_the_owner_is_gone_or_the_lease_expired);
+    tcase_add_test(core, test_twin_with_another_body_changes_nothing);
+    tcase_add_test(core, test_metadata_is_stored_as_sent);
+    tcase_add_test(core, test_claim_ends_cancelled_expired_and_too_often_interrupted_tasks);
+    tcase_add_test(core, test_finish_counts_failures_and_interruptions_apart);
+    tcase_add_test(core, test_renew_and_sweep);
     tcase_add_test(core, test_steps_round_trip_and_are_written_once);
     tcase_add_test(core, test_dead_letter_body_round_trips_byte_exact);
-    tcase_add_test(core, test_dead_letter_finalises_a_running_row_but_not_a_final_one);
+    tcase_add_test(core, test_dead_letter_finalises_only_a_waiting_task_of_its_body);
     suite_add_tcase(s, core);
 
     TCase *limits = tcase_create("limits");

@@ -44,6 +44,7 @@ typedef struct aq_config {
     char *amqp_retry_prefix;
     char *amqp_retry_delays;
     int amqp_max_attempts;
+    int amqp_max_interruptions;
     int amqp_consumer_timeout_ms;
     /* postgres */
     char *pg_dsn;
@@ -67,6 +68,7 @@ typedef struct aq_config {
     char *worker_id;
     int worker_concurrency;
     int worker_drain_seconds;
+    int worker_lease_seconds;
     /* agent */
     char *agent_system_prompt;
     int agent_max_context_bytes;

@@ -71,4 +71,9 @@ void aq_consumer_stop_consuming(aq_consumer *c);
 
 bool aq_consumer_connected(const aq_consumer *c);
 
+/* True if `tag` belongs to the connection deliveries come from now (an
+ * ack for it can still reach the broker); false for a delivery of a lost
+ * connection, which the broker has put back in the queue. Loop thread. */
+bool aq_consumer_delivery_current(const aq_consumer *c, uint64_t tag);
+
 #endif

@@ -45,43 +45,66 @@ typedef struct aq_store_config {
     int reconnect_max_ms;  /* reconnect backoff cap; <= 0: 5000 */
     int max_inflight_per_user; /* a claim is refused (AQ_STORE_BUSY) while the
                             * task's user has this many running; <= 0: no cap */
+    double lease_seconds;  /* lease a claim takes on a running row; <= 0: 30 */
+    int max_interruptions; /* a claim that would start the task's
+                            * (max_interruptions + 1)th interrupted
+                            * execution ends it as failed; <= 0: 10 */
 } aq_store_config;
 
-/* What a claim found. */
+/* What a claim found (see agentq.claim in sql/012_leases.sql). */
 typedef enum aq_store_outcome {
-    AQ_STORE_RUN = 0,   /* the row now says running for this worker: go */
-    AQ_STORE_FINAL,     /* the row was already final: ack without running */
-    AQ_STORE_CANCELLED, /* cancel_requested: finish as cancelled and ack */
+    AQ_STORE_RUN = 0,   /* the row now says running for this worker, under
+                         * its lease: go */
+    AQ_STORE_FINAL,     /* the task is final already: ack without running */
+    AQ_STORE_DUPLICATE, /* a live worker runs it under a live lease: ack
+                         * (that worker holds its own copy) */
+    AQ_STORE_CONFLICT,  /* the task_id names a task another body defined:
+                         * record this message as a duplicate, ack */
+    AQ_STORE_ENDED,     /* the claim ended the task itself (status says how:
+                         * cancelled, expired, failed after too many
+                         * interruptions): ack */
     AQ_STORE_BUSY,      /* the user already runs max_inflight_per_user
                          * tasks: nothing written; send the task back */
-    AQ_STORE_STALE,     /* a copy of an attempt that already handed over to
-                         * its retry (row says retrying with that attempt
-                         * or a later one): ack without running */
 } aq_store_outcome;
 
-/* The task being claimed. Strings borrowed for the call. */
+/* The delivery being claimed. Pointers borrowed for the call. The first
+ * message with a task_id defines the task: these fields are stored only
+ * by the claim that creates the row (or one that finds a row no message
+ * defined yet); later claims compare the body and change nothing else. */
 typedef struct aq_store_task {
     const char *task_id;   /* canonical UUID text */
     const char *user_id;
     const char *goal;
     int priority;          /* 0..255 */
-    int attempt;           /* the delivery's attempt (x-agentq-attempt); <= 0: 1 */
     int max_steps;
     double budget_usd;
     double timeout_seconds;
     const char *model;     /* NULL: none */
-    const char *metadata;  /* JSON object text; NULL: none */
+    const void *body;      /* the message body as received */
+    size_t body_len;
+    bool has_metadata;     /* the body has a metadata object: PostgreSQL
+                            * parses it from the body, so it is stored as
+                            * sent */
     int64_t enqueued_at_us;/* epoch microseconds; 0: now */
+    int64_t deadline_us;   /* the message's TTL as an epoch time; 0: none */
 } aq_store_task;
 
-/* Claim result. On code 0: `outcome`; `attempt` is the attempt the row now
- * holds (the one to run, or the final row's); `status` the row's status
- * (borrowed for the call). On a negative AQ_E* code nothing was written
- * and the other arguments are meaningless: AQ_EINVAL when PostgreSQL
- * rejected the row (the message is logged), AQ_EAGAIN when another writer
- * raced this claim, AQ_ECLOSED/AQ_ETIMEDOUT when the store was freed first. */
-typedef void (*aq_store_claim_cb)(void *arg, aq_store_outcome outcome, int attempt,
-                                  const char *status, int code);
+/* What a claim found: `outcome`, the attempt the row now holds (the one
+ * to run, or the row's), the failed attempts before it, and the row's
+ * status (for AQ_STORE_ENDED, the final status the claim wrote). */
+typedef struct aq_store_claimed {
+    aq_store_outcome outcome;
+    int attempt;
+    int failures;
+    const char *status;    /* borrowed for the callback */
+} aq_store_claimed;
+
+/* Claim result. On code 0, `c` says what the claim found. On a negative
+ * AQ_E* code nothing was written and `c` is NULL: AQ_EINVAL when
+ * PostgreSQL rejected the row (the message is logged), AQ_EAGAIN when
+ * another writer raced this claim, AQ_ECLOSED/AQ_ETIMEDOUT when the store
+ * was freed first. */
+typedef void (*aq_store_claim_cb)(void *arg, const aq_store_claimed *c, int code);
 
 /* Completion of a finish or dead letter: 0 once committed, else AQ_E*. */
 typedef void (*aq_store_done_cb)(void *arg, int code);
@@ -131,7 +154,9 @@ typedef struct aq_store_dead {
     const char *headers;   /* JSON object text; NULL: SQL NULL */
     const char *status;    /* final status for the task row, or NULL to
                             * leave the row alone; ignored without task_id.
-                            * A row already final is kept as it is. */
+                            * An existing row takes it only while it waits
+                            * (queued, retrying) and only if this body is
+                            * the one that defined the task. */
     const char *user_id;   /* for a row that does not exist yet; NULL: "" */
     const char *goal;      /* likewise; NULL: "" */
     int attempt;           /* likewise; <= 0: 1 */
@@ -161,20 +186,22 @@ aq_store *aq_store_new(const aq_store_config *cfg, struct event_base *base,
  * store callback. NULL is a no-op. */
 void aq_store_free(aq_store *s);
 
-/* Upserts the task row as running for this worker: a new row runs the
- * delivered attempt; a row left `running` (its worker died) runs attempt
- * + 1; a `queued`/`retrying` row runs max(its attempt, the delivered one).
- * A final row or one with cancel_requested is left as it is and reported.
- * `t` is borrowed; `cb` is required. Returns 0 (cb will be called),
- * AQ_EINVAL (bad input) or AQ_ECLOSED (freeing). */
+/* Claims a delivery (see aq_store_outcome): a new task runs attempt 1; a
+ * queued or retrying row runs its next attempt; a running row is taken
+ * over (next attempt, one more interruption) only when its lease expired
+ * or its owner is gone. The row, never the message, says the attempt and
+ * the deadline. `t` is borrowed; `cb` is required. Returns 0 (cb will be
+ * called), AQ_EINVAL (bad input) or AQ_ECLOSED (freeing). */
 int aq_store_claim(aq_store *s, const aq_store_task *t, aq_store_claim_cb cb,
                    void *arg) AQ_MUSTCHECK;
 
-/* Sets a task's status and totals. cb runs after COMMIT with 0 when the
- * row holds this result or was already final (either way the delivery may
- * be acked), AQ_ENOTFOUND when no row exists for this task and attempt
- * (another attempt owns it), AQ_EINVAL when PostgreSQL rejected it. `r` is
- * borrowed; `cb` may be NULL. Returns 0, AQ_EINVAL or AQ_ECLOSED. */
+/* Sets a task's status and totals, ending this worker's lease. cb runs
+ * after COMMIT with 0 when the row holds this result (this write or a
+ * replay of it) or is final (either way the delivery may be acked),
+ * AQ_ENOTFOUND when the row is not running this attempt (another attempt
+ * took it over: the delivery goes back to the queue), AQ_EINVAL when
+ * PostgreSQL rejected it. `r` is borrowed; `cb` may be NULL. Returns 0,
+ * AQ_EINVAL or AQ_ECLOSED. */
 int aq_store_finish(aq_store *s, const aq_store_result *r, aq_store_done_cb cb,
                     void *arg) AQ_MUSTCHECK;
 
@@ -187,6 +214,29 @@ int aq_store_step(aq_store *s, const aq_store_step_row *row) AQ_MUSTCHECK;
  * AQ_EINVAL or AQ_ECLOSED. */
 int aq_store_dead_letter(aq_store *s, const aq_store_dead *d, aq_store_done_cb cb,
                          void *arg) AQ_MUSTCHECK;
+
+/* Renews the leases of the `n` tasks this worker runs (ids borrowed for
+ * the call), in one statement, and keeps the worker's liveness lock. No
+ * callback. Returns 0, AQ_EINVAL or AQ_ECLOSED. */
+int aq_store_renew(aq_store *s, const char *const *task_ids, size_t n) AQ_MUSTCHECK;
+
+/* A running task whose lease expired, to be published again. */
+typedef struct aq_store_swept {
+    char task_id[37];
+    unsigned char *body;   /* the body that defined the task */
+    size_t body_len;
+    int priority;
+} aq_store_swept;
+
+/* Sweep result: on code 0, `n` rows (borrowed for the callback). */
+typedef void (*aq_store_sweep_cb)(void *arg, const aq_store_swept *rows, size_t n, int code);
+
+/* Marks up to `limit` running rows whose lease expired as swept and hands
+ * them to cb, which publishes them again (a row is swept again after
+ * `resweep_seconds` if it is still running unclaimed). `cb` is required.
+ * Returns 0, AQ_EINVAL or AQ_ECLOSED. */
+int aq_store_sweep(aq_store *s, int limit, double resweep_seconds, aq_store_sweep_cb cb,
+                   void *arg) AQ_MUSTCHECK;
 
 /* Requests accepted and not yet committed or failed. Any thread. */
 size_t aq_store_pending(aq_store *s);

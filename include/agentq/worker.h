@@ -19,6 +19,7 @@ typedef struct aq_worker aq_worker;
 
 typedef struct aq_worker_stats {
     uint64_t received, completed, failed, retried, rejected, dead_recorded, redelivered_final;
+    uint64_t duplicates, conflicts, swept;
     uint64_t running;
     bool broker_connected, db_connected, draining;
 } aq_worker_stats;

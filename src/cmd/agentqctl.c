@@ -29,7 +29,8 @@ static void usage(FILE *out)
           "  cancel ID               ask for a task to stop (it ends as 'cancelled')\n"
           "  requeue ID              send a task's dead letter back to the task queue\n"
           "  requeue --dead [--reason R] [--limit N]\n"
-          "                          send every parked dead letter (of reason R) back\n"
+          "                          send every parked dead letter (of reason R) back;\n"
+          "                          'duplicate' ones (refused twins of a task) only with --reason duplicate\n"
           "  top [--interval S]      status refreshed every S seconds (default 2) until Ctrl-C\n"
           "\n"
           "Options:\n"
@@ -177,9 +178,13 @@ static int cmd_cancel(PGconn *pg, const char *id)
     return rc;
 }
 
-/* Marks dead letters requeued and their tasks queued from attempt 1 (or,
- * with on = false, parks them again with the status the dead letter
- * gave). One transaction. Returns 0 or 3. */
+/* Marks dead letters requeued and their tasks queued with fresh failure
+ * and interruption counts (or, with on = false, parks them again with the
+ * status the dead letter gave). A task row changes only for a dead letter
+ * of the body that defined it: requeueing a twin that was refused never
+ * reopens the task it collided with. The attempt number goes on, so the
+ * new run's steps do not collide with the old ones. One transaction.
+ * Returns 0 or 3. */
 static int mark_requeued(PGconn *pg, char **ids, int n, bool on)
 {
     PQclear(PQexec(pg, "BEGIN"));
@@ -187,14 +192,17 @@ static int mark_requeued(PGconn *pg, char **ids, int n, bool on)
         const char *p[] = {ids[i]};
         PGresult *r = q(pg,
                         on ? "WITH d AS (UPDATE agentq.dead_letters SET requeued_at = now() WHERE id = $1::bigint"
-                             " RETURNING task_id)"
-                             " UPDATE agentq.tasks t SET status = 'queued', attempt = 1, error = NULL,"
-                             " finished_at = NULL, cancel_requested = false FROM d WHERE t.task_id = d.task_id"
+                             " RETURNING task_id, body)"
+                             " UPDATE agentq.tasks t SET status = 'queued', failures = 0, interruptions = 0,"
+                             " error = NULL, finished_at = NULL, cancel_requested = false, deadline = NULL"
+                             " FROM d WHERE t.task_id = d.task_id"
+                             " AND (t.body_sha256 IS NULL OR t.body_sha256 = sha256(d.body))"
                            : "WITH d AS (UPDATE agentq.dead_letters SET requeued_at = NULL WHERE id = $1::bigint"
-                             " RETURNING task_id, reason, error)"
+                             " RETURNING task_id, reason, error, body)"
                              " UPDATE agentq.tasks t SET status = CASE d.reason WHEN 'expired' THEN 'expired'"
                              " WHEN 'rejected' THEN 'rejected' ELSE 'failed' END, error = d.error, finished_at = now()"
-                             " FROM d WHERE t.task_id = d.task_id AND t.status = 'queued'",
+                             " FROM d WHERE t.task_id = d.task_id AND t.status = 'queued'"
+                             " AND (t.body_sha256 IS NULL OR t.body_sha256 = sha256(d.body))",
                         1, p, PGRES_COMMAND_OK);
         if (!r) {
             PQclear(PQexec(pg, "ROLLBACK"));
@@ -347,7 +355,8 @@ int main(int argc, char **argv)
             rc = cmd_cancel(pg, sargv[1]);
         } else if (!dead) {
             const char *p[] = {sargv[1]};
-            rc = requeue(&cfg, pg, "task_id = $1::uuid", 1, p);
+            /* Not the duplicates: they are refused twins, not the task. */
+            rc = requeue(&cfg, pg, "task_id = $1::uuid AND reason <> 'duplicate'", 1, p);
         } else {
             const char *reason = NULL, *limit = "1000000";
             for (int i = 2; i + 1 < sargc; i += 2) {
@@ -355,7 +364,11 @@ int main(int argc, char **argv)
                 else if (!strcmp(sargv[i], "--limit")) limit = sargv[i + 1];
             }
             const char *p[] = {reason ? reason : "", limit};
-            rc = requeue(&cfg, pg, "($1 = '' OR reason = $1) AND id IN (SELECT id FROM agentq.dead_letters WHERE requeued_at IS NULL ORDER BY id LIMIT $2::bigint)", 2, p);
+            /* Duplicates only when asked for by name. */
+            rc = requeue(&cfg, pg,
+                         "id IN (SELECT id FROM agentq.dead_letters WHERE requeued_at IS NULL"
+                         " AND (($1 = '' AND reason <> 'duplicate') OR reason = $1) ORDER BY id LIMIT $2::bigint)",
+                         2, p);
         }
     } else {
         fprintf(stderr, "agentqctl: unknown command '%s'. Try --help.\n", cmd);
