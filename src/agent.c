@@ -6,7 +6,16 @@
  *
  * Every path that ends a session goes through finish(), and finish() is
  * only ever reached from a loop callback, so the done callback never runs
- * inside a caller's call. */
+ * inside a caller's call.
+ *
+ * Secrets: the stored text a session makes from what the provider (or a
+ * tool, or curl) said is made in three places only — set_stop() (the
+ * session's error), emit_step() (every step row: its name, and its detail
+ * through detail_text()) and the final answer in on_llm() — and each
+ * masks the registered secrets there (aq_log_mask_secrets), so a provider
+ * echoing the API key in an error body ("Incorrect API key provided:
+ * sk-...") stores "***". The key is registered when the engine reads it
+ * (aq_engine_new); log lines are masked by the logger itself. */
 #include "agentq/agent.h"
 #include "agentq/chat.h"
 #include "agentq/log.h"
@@ -94,7 +103,11 @@ aq_engine *aq_engine_new(const aq_engine_deps *deps, char *err, size_t errlen)
     strcpy(e->url + bl, "/chat/completions");
     const char *key = aq_config_api_key(deps->cfg);
     if (key) {
-        aq_log_add_secret(key);
+        /* Masked in every log line and stored text from now on. */
+        if (aq_log_add_secret(key) != AQ_OK)
+            aq_log(AQ_LOG_WARN, "the API key in %s cannot be masked (%s): provider errors that "
+                                "echo it will show it", deps->cfg->llm_api_key_env,
+                   strlen(key) < 4 ? "shorter than 4 bytes" : "too many secrets registered");
         size_t n = strlen(key) + sizeof "Authorization: Bearer ";
         e->auth_header = aq_xmalloc(n);
         snprintf(e->auth_header, n, "Authorization: Bearer %s", key);
@@ -123,12 +136,18 @@ static void set_stop(aq_session *s, const char *status, bool retryable, const ch
     s->stop_status = status;
     s->stop_retryable = retryable;
     if (fmt) {
-        char buf[1024];
+        /* In full, so a secret is masked whole rather than cut first. */
         va_list ap;
         va_start(ap, fmt);
-        vsnprintf(buf, sizeof buf, fmt, ap);
+        int n = vsnprintf(NULL, 0, fmt, ap);
         va_end(ap);
-        s->stop_error = aq_xstrdup(buf);
+        size_t len = n > 0 ? (size_t)n : 0;
+        char *buf = aq_xmalloc(len + 1);
+        va_start(ap, fmt);
+        vsnprintf(buf, len + 1, fmt, ap);
+        va_end(ap);
+        s->stop_error = aq_log_mask_secrets(buf, strlen(buf), NULL);
+        free(buf);
     }
 }
 
@@ -217,18 +236,66 @@ static void on_wake(evutil_socket_t fd, short what, void *arg)
     else if (s->state == S_TOOLS && s->tools_left == 0) tools_done(s);
 }
 
+/* Masks the registered secrets in every string of `j`, keys included. */
+static void mask_json(json_t *j)
+{
+    if (json_is_string(j)) {
+        size_t n;
+        char *m = aq_log_mask_secrets(json_string_value(j), json_string_length(j), &n);
+        if (json_string_setn(j, m, n) != 0) json_string_set(j, "(not UTF-8)");
+        free(m);
+    } else if (json_is_array(j)) {
+        size_t i;
+        json_t *v;
+        json_array_foreach(j, i, v) mask_json(v);
+    } else if (json_is_object(j)) {
+        const char *k;
+        json_t *v;
+        void *tmp;
+        json_object_foreach_safe(j, tmp, k, v) {
+            mask_json(v);
+            char *mk = aq_log_mask_secrets(k, strlen(k), NULL);
+            if (strcmp(mk, k) != 0) {
+                json_object_set(j, mk, v);
+                json_object_del(j, k);
+            }
+            free(mk);
+        }
+    }
+}
+
+/* The one place a step row's detail text is made: takes the reference to `d`
+ * (NULL gives NULL), masks the secrets in it and returns its text, which
+ * the caller frees. */
+static char *detail_text(json_t *d)
+{
+    if (!d) return NULL;
+    mask_json(d);
+    char *text = json_dumps(d, JSON_COMPACT);
+    json_decref(d);
+    return text;
+}
+
+/* The one place a step row is made; takes the reference to `detail_json`
+ * (may be NULL). */
 static void emit_step(aq_session *s, int step, int seq, const char *kind, const char *name, const char *status,
                       int64_t started_us, int64_t mono_start, int64_t ptok, int64_t ctok, double cost,
-                      const char *detail)
+                      json_t *detail_json)
 {
-    if (!s->e->d.on_step) return;
+    if (!s->e->d.on_step) {
+        json_decref(detail_json);
+        return;
+    }
+    char *detail = detail_text(detail_json);
+    /* a model name can come from the reply too */
+    char *shown_name = name ? aq_log_mask_secrets(name, strlen(name), NULL) : NULL;
     aq_store_step_row row = {
         .task_id = s->task->task_id,
         .attempt = s->attempt,
         .step = step,
         .seq = seq,
         .kind = kind,
-        .name = name,
+        .name = shown_name,
         .status = status,
         .started_at_us = started_us,
         .duration_ms = (double)(aq_mono_us() - mono_start) / 1000.0,
@@ -238,6 +305,8 @@ static void emit_step(aq_session *s, int step, int seq, const char *kind, const 
         .detail = detail,
     };
     s->e->d.on_step(&row, s->e->d.step_arg);
+    free(detail);
+    free(shown_name);
 }
 
 /* A row for an LLM call that did not make its step: it belongs to the
@@ -253,11 +322,8 @@ static void emit_llm_failure(aq_session *s, const char *status, long http_status
         json_t *w = json_string(why);
         json_object_set_new(d, "error", w ? w : json_string("(not UTF-8)"));
     }
-    char *detail = json_dumps(d, JSON_COMPACT);
-    json_decref(d);
     emit_step(s, s->steps + 1, ++s->tries, "llm", s->task->model, status, s->llm_started_us, s->llm_mono, 0, 0, 0,
-              detail);
-    free(detail);
+              d);
 }
 
 static void backoff(aq_session *s, int64_t ms)
@@ -320,11 +386,8 @@ static void record_tool(aq_session *s, size_t i)
     while (shown && shown < t->len && ((unsigned char)t->output[shown] & 0xC0) == 0x80) shown--;
     json_t *out = json_stringn(t->output ? t->output : "", shown);
     json_object_set_new(d, "output", out ? out : json_string("(not UTF-8)"));
-    char *detail = json_dumps(d, JSON_COMPACT);
-    json_decref(d);
     emit_step(s, s->steps, (int)i + 1, "tool", tc->name, t->is_error ? "error" : "ok", t->started_us,
-              t->mono_start, 0, 0, 0, detail);
-    free(detail);
+              t->mono_start, 0, 0, 0, d);
 }
 
 static void on_tool(const char *output, size_t len, bool is_error, void *arg)
@@ -466,13 +529,13 @@ static void on_llm(aq_http_req *req, const aq_http_result *res, void *arg)
     /* finish_reason is the provider's text: jansson escapes it (detail is jsonb) */
     json_t *dj = json_pack("{s:s?, s:I, s:I}", "finish_reason", reply.finish_reason, "tool_calls",
                            (json_int_t)reply.n_tool_calls, "http_ms", (json_int_t)res->total_ms);
-    char *detail = dj ? json_dumps(dj, JSON_COMPACT) : NULL;
-    json_decref(dj);
     emit_step(s, s->steps, 0, "llm", reply.model ? reply.model : s->task->model, "ok", s->llm_started_us,
-              s->llm_mono, reply.prompt_tokens, reply.completion_tokens, cost, detail);
-    free(detail);
+              s->llm_mono, reply.prompt_tokens, reply.completion_tokens, cost, dj);
     if (reply.n_tool_calls == 0) {
-        s->result = aq_xstrndup(reply.content ? reply.content : "", reply.content_len);
+        /* the model's words, stored as the task's result */
+        char *content = aq_xstrndup(reply.content ? reply.content : "", reply.content_len);
+        s->result = aq_log_mask_secrets(content, strlen(content), NULL);
+        free(content);
         aq_chat_reply_free(&reply);
         set_stop(s, "completed", false, NULL);
         stop_now(s);

@@ -114,7 +114,8 @@ static const config_key config_keys[] = {
     {"skills", "enabled", K_STR, OFF(skills_enabled), "calculator,http_get,current_time", 0, 0, false,
      "Built-in skills offered to the model (HTTP skills in skills.http are added)."},
     {"skills", "http_get_allow", K_STR, OFF(skills_http_get_allow), "", 0, 0, false,
-     "Hosts http_get may reach even when they resolve to private addresses."},
+     "Hosts http_get may reach even when they resolve to an address the SSRF guard refuses (IANA"
+     " special-purpose ranges, this host's own addresses)."},
     {"skills", "http_get_max_bytes", K_INT, OFF(skills_http_get_max_bytes), "65536", 1024, 16777216, false,
      "Largest http_get response read; the text given to the model is truncated."},
     {"skills", "http_get_timeout_ms", K_INT, OFF(skills_http_get_timeout_ms), "10000", 100, 600000, false,

@@ -27,6 +27,11 @@
  * and curl_multi_remove_handle() for a cancelled transfer is deferred to
  * that event too, which is outside every curl call.
  *
+ * The block_private guard (SSRF) lives here too: one table of address
+ * ranges judged by longest prefix, plus this host's own addresses, applied
+ * to every connection a guarded transfer opens (on_open_socket) and every
+ * request it sends on one, new or reused (on_prereq).
+ *
  * Not here: retries, rate limiting, JSON, logging of requests (headers
  * carry API keys). */
 #include "agentq/http.h"
@@ -34,6 +39,7 @@
 #include <arpa/inet.h>
 #include <curl/curl.h>
 #include <event2/event.h>
+#include <ifaddrs.h>
 #include <netinet/in.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -56,6 +62,8 @@ enum req_state { REQ_QUEUED, REQ_ACTIVE, REQ_DONE, REQ_DELIVERING };
 
 #define SHARD_CONNS 256   /* connections per multi handle */
 #define EASY_POOL_MAX 1024 /* idle easy handles kept for reuse */
+/* How long the list of this host's own addresses is trusted. */
+#define OWN_ADDRS_TTL_US (5 * 1000000LL)
 
 struct shard {
     struct aq_http *http;
@@ -91,7 +99,7 @@ struct aq_http_req {
     int code;
     long status;
     int64_t retry_after_ms;
-    char refused[160];
+    char refused[64 + INET6_ADDRSTRLEN + AQ_HTTP_WHY_LEN];
     char curl_err[CURL_ERROR_SIZE];
     char error[CURL_ERROR_SIZE + 64];
 };
@@ -101,6 +109,16 @@ TAILQ_HEAD(req_list, aq_http_req);
 struct aq_http_sock {
     struct event *ev;
     LIST_ENTRY(aq_http_sock) link;
+};
+
+/* This host's interface addresses (getifaddrs) for the block_private
+ * guard, 16 bytes each (IPv4 mapped); see own_addrs_fresh() for when the
+ * list is replaced. */
+struct own_addrs {
+    unsigned char (*addrs)[16];
+    size_t n;
+    int64_t fetched_us;      /* monotonic; 0: never asked */
+    bool have;               /* a getifaddrs call has succeeded */
 };
 
 struct aq_http {
@@ -113,6 +131,7 @@ struct aq_http {
     char *last_url;          /* the last URL that passed the scheme check */
     struct event *done_ev;   /* delivers callbacks outside curl */
     LIST_HEAD(, aq_http_sock) socks;
+    struct own_addrs own;
 
     int max_conns;
     long connect_timeout_ms, timeout_ms;
@@ -131,75 +150,297 @@ struct aq_http {
 
 /* ---- address policy --------------------------------------------------- */
 
-static bool v4_forbidden(uint32_t a, char *why, size_t whylen)
+/* The block_private guard is one table, judged by the most specific range
+ * that holds the address (longest prefix wins, as in routing), so the
+ * order of the rows does not matter and a narrower row (a metadata host
+ * inside link-local, Teredo inside 2001::/23) names the finer reason.
+ *
+ * Every address is held in 16 bytes: an IPv4 address as its IPv4-mapped
+ * form ::ffff:a.b.c.d, which is what it is on a dual-stack socket, so the
+ * IPv4 rows (written as IPv4, stored as /96+n) judge both spellings alike.
+ * The rows cover the whole IPv6 space except 2000::/3 (global unicast):
+ * the IETF-reserved blocks of the IPv6 Address Space registry are refused
+ * as well, so an address no row holds is a global unicast one, and
+ * ::ffff:0:0/96 (every IPv4 address) is allowed unless an IPv4 row says
+ * otherwise.
+ *
+ * Sources: the IANA IPv4 and IPv6 Special-Purpose Address Registries
+ * (2025), the IPv4 and IPv6 multicast spaces, the IANA IPv6 Address Space
+ * registry for the blocks "Reserved by IETF", the deprecated IPv6 ranges
+ * (::/96 IPv4-compatible, RFC 4291; fec0::/10 site-local, RFC 3879) and
+ * the cloud metadata hosts. */
+enum range_rule {
+    RANGE_REFUSE,    /* refused: "<kind> (<cidr>)" */
+    RANGE_ALLOW,     /* allowed unless a narrower row refuses */
+    RANGE_NAT64,     /* judged by the IPv4 address in its last 32 bits */
+};
+
+static const struct addr_range {
+    const char *cidr;
+    const char *kind;
+    enum range_rule rule;
+} ADDR_RANGES[] = {
+    /* IPv4 (IANA IPv4 Special-Purpose Address Registry, multicast) */
+    {"0.0.0.0/8", "this-network address", RANGE_REFUSE},
+    {"10.0.0.0/8", "private address", RANGE_REFUSE},
+    {"100.64.0.0/10", "shared (CGNAT) address", RANGE_REFUSE},
+    {"127.0.0.0/8", "loopback address", RANGE_REFUSE},
+    {"169.254.0.0/16", "link-local address", RANGE_REFUSE},
+    {"169.254.169.254/32", "cloud metadata address", RANGE_REFUSE},
+    {"172.16.0.0/12", "private address", RANGE_REFUSE},
+    {"192.0.0.0/24", "IETF protocol assignment address", RANGE_REFUSE},
+    {"192.0.2.0/24", "documentation address", RANGE_REFUSE},
+    {"192.31.196.0/24", "AS112 service address", RANGE_REFUSE},
+    {"192.52.193.0/24", "AMT relay address", RANGE_REFUSE},
+    {"192.88.99.0/24", "deprecated 6to4 relay anycast address", RANGE_REFUSE},
+    {"192.168.0.0/16", "private address", RANGE_REFUSE},
+    {"192.175.48.0/24", "AS112 direct delegation address", RANGE_REFUSE},
+    {"198.18.0.0/15", "benchmarking address", RANGE_REFUSE},
+    {"198.51.100.0/24", "documentation address", RANGE_REFUSE},
+    {"203.0.113.0/24", "documentation address", RANGE_REFUSE},
+    {"224.0.0.0/4", "multicast address", RANGE_REFUSE},
+    {"240.0.0.0/4", "reserved address", RANGE_REFUSE},
+    {"255.255.255.255/32", "limited broadcast address", RANGE_REFUSE},
+    /* Azure's WireServer: public space, but the host platform's endpoint */
+    {"168.63.129.16/32", "cloud metadata address", RANGE_REFUSE},
+
+    /* IPv6 (IANA IPv6 Special-Purpose Address Registry, multicast) */
+    {"::ffff:0:0/96", "IPv4 address", RANGE_ALLOW},
+    {"::/128", "unspecified address", RANGE_REFUSE},
+    {"::1/128", "loopback address", RANGE_REFUSE},
+    {"::/96", "deprecated IPv4-compatible address", RANGE_REFUSE},
+    {"64:ff9b::/96", "NAT64 address", RANGE_NAT64},
+    {"64:ff9b:1::/48", "local-use NAT64 address", RANGE_REFUSE},
+    {"100::/64", "discard-only address", RANGE_REFUSE},
+    {"100:0:0:1::/64", "dummy address", RANGE_REFUSE},
+    {"2001::/23", "IETF protocol assignment address", RANGE_REFUSE},
+    {"2001::/32", "Teredo address", RANGE_REFUSE},
+    {"2001:2::/48", "benchmarking address", RANGE_REFUSE},
+    {"2001:10::/28", "deprecated ORCHID address", RANGE_REFUSE},
+    {"2001:20::/28", "ORCHIDv2 address", RANGE_REFUSE},
+    {"2001:db8::/32", "documentation address", RANGE_REFUSE},
+    {"2002::/16", "6to4 address", RANGE_REFUSE},
+    {"2620:4f:8000::/48", "AS112 direct delegation address", RANGE_REFUSE},
+    {"3fff::/20", "documentation address", RANGE_REFUSE},
+    {"5f00::/16", "SRv6 SID address", RANGE_REFUSE},
+    {"fc00::/7", "private (unique local) address", RANGE_REFUSE},
+    {"fd00:ec2::254/128", "cloud metadata address", RANGE_REFUSE},
+    {"fe80::/10", "link-local address", RANGE_REFUSE},
+    {"fec0::/10", "deprecated site-local address", RANGE_REFUSE},
+    {"ff00::/8", "multicast address", RANGE_REFUSE},
+    /* IPv6 Address Space registry: every block "Reserved by IETF" (all but
+     * 2000::/3 global unicast and the four blocks above). */
+    {"::/8", "reserved IPv6 address", RANGE_REFUSE},
+    {"100::/8", "reserved IPv6 address", RANGE_REFUSE},
+    {"200::/7", "reserved IPv6 address", RANGE_REFUSE},
+    {"400::/6", "reserved IPv6 address", RANGE_REFUSE},
+    {"800::/5", "reserved IPv6 address", RANGE_REFUSE},
+    {"1000::/4", "reserved IPv6 address", RANGE_REFUSE},
+    {"4000::/3", "reserved IPv6 address", RANGE_REFUSE},
+    {"6000::/3", "reserved IPv6 address", RANGE_REFUSE},
+    {"8000::/3", "reserved IPv6 address", RANGE_REFUSE},
+    {"a000::/3", "reserved IPv6 address", RANGE_REFUSE},
+    {"c000::/3", "reserved IPv6 address", RANGE_REFUSE},
+    {"e000::/4", "reserved IPv6 address", RANGE_REFUSE},
+    {"f000::/5", "reserved IPv6 address", RANGE_REFUSE},
+    {"f800::/6", "reserved IPv6 address", RANGE_REFUSE},
+    {"fe00::/9", "reserved IPv6 address", RANGE_REFUSE},
+};
+
+/* ADDR_RANGES in binary, parsed once from the text above. */
+static struct {
+    unsigned char net[16];
+    unsigned bits;
+} range_net[AQ_ARRAY_LEN(ADDR_RANGES)];
+static pthread_once_t range_once = PTHREAD_ONCE_INIT;
+
+static const unsigned char V4_MAPPED[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+
+static void v4_to_16(const void *in_addr, unsigned char out[16])
 {
-    const char *r = NULL;
-    if (a == 0xA9FEA9FEu) r = "cloud metadata address";            /* 169.254.169.254 */
-    else if ((a >> 24) == 0) r = "unspecified address";              /* 0/8 */
-    else if ((a >> 24) == 127) r = "loopback address";               /* 127/8 */
-    else if ((a >> 24) == 10) r = "private address";                 /* 10/8 */
-    else if ((a & 0xFFF00000u) == 0xAC100000u) r = "private address"; /* 172.16/12 */
-    else if ((a & 0xFFFF0000u) == 0xC0A80000u) r = "private address"; /* 192.168/16 */
-    else if ((a & 0xFFC00000u) == 0x64400000u) r = "shared (CGNAT) address"; /* 100.64/10 */
-    else if ((a & 0xFFFF0000u) == 0xA9FE0000u) r = "link-local address"; /* 169.254/16 */
-    else if ((a & 0xF0000000u) == 0xE0000000u) r = "multicast address"; /* 224/4 */
-    else if ((a & 0xF0000000u) == 0xF0000000u) r = "reserved address";  /* 240/4, broadcast */
-    if (r) aq_seterr(why, whylen, "%s", r);
-    return r != NULL;
+    memcpy(out, V4_MAPPED, 12);
+    memcpy(out + 12, in_addr, 4);
 }
 
-static uint32_t load_be32(const unsigned char *p)
+static void parse_ranges(void)
 {
-    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+    for (size_t i = 0; i < AQ_ARRAY_LEN(ADDR_RANGES); i++) {
+        char text[64];
+        snprintf(text, sizeof text, "%s", ADDR_RANGES[i].cidr);
+        char *slash = strchr(text, '/');
+        unsigned char v4[4];
+        bool ok = slash != NULL;
+        if (ok) *slash = '\0';
+        unsigned bits = ok ? (unsigned)strtoul(slash + 1, NULL, 10) : 0;
+        if (ok && inet_pton(AF_INET, text, v4) == 1) {
+            v4_to_16(v4, range_net[i].net);
+            ok = bits <= 32;
+            bits += 96;
+        } else if (ok) {
+            ok = inet_pton(AF_INET6, text, range_net[i].net) == 1 && bits <= 128;
+        }
+        if (!ok) { /* a typo in the table above: stop rather than guard with it */
+            fprintf(stderr, "http: bad address range \"%s\"\n", ADDR_RANGES[i].cidr);
+            abort();
+        }
+        range_net[i].bits = bits;
+    }
 }
 
-static bool v6_forbidden(const unsigned char *b, char *why, size_t whylen)
+static bool in_prefix(const unsigned char a[16], const unsigned char net[16], unsigned bits)
 {
-    static const unsigned char zero[16];
-    static const unsigned char mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
-    static const unsigned char nat64[12] = {0, 0x64, 0xff, 0x9b};
-    static const unsigned char metadata[16] = {0xfd, 0, 0x0e, 0xc2, 0, 0, 0, 0,
-                                               0, 0, 0, 0, 0, 0, 0x02, 0x54};
-    const char *r = NULL;
+    unsigned whole = bits / 8, rest = bits % 8;
+    if (memcmp(a, net, whole) != 0) return false;
+    if (!rest) return true;
+    unsigned char mask = (unsigned char)(0xff << (8 - rest));
+    return (a[whole] & mask) == (net[whole] & mask);
+}
 
-    if (memcmp(b, zero, 15) == 0 && b[15] == 0) r = "unspecified address";
-    else if (memcmp(b, zero, 15) == 0 && b[15] == 1) r = "loopback address";
-    /* IPv4 inside IPv6: ::ffff:a.b.c.d (mapped), ::a.b.c.d (compatible,
-     * deprecated but still routed by some stacks), 64:ff9b::a.b.c.d (NAT64)
-     * and 2002:AABB:CCDD::/48 (6to4) all reach the embedded IPv4 address. */
-    else if (memcmp(b, mapped, 12) == 0 || memcmp(b, zero, 12) == 0 ||
-             memcmp(b, nat64, 12) == 0)
-        return v4_forbidden(load_be32(b + 12), why, whylen);
-    else if (b[0] == 0x20 && b[1] == 0x02)
-        return v4_forbidden(load_be32(b + 2), why, whylen);
-    else if (memcmp(b, metadata, 16) == 0) r = "cloud metadata address";
-    else if ((b[0] & 0xfe) == 0xfc) r = "private address";            /* fc00::/7 */
-    else if (b[0] == 0xfe && (b[1] & 0xc0) == 0x80) r = "link-local address"; /* fe80::/10 */
-    else if (b[0] == 0xfe && (b[1] & 0xc0) == 0xc0) r = "private (site-local) address"; /* fec0::/10 */
-    else if (b[0] == 0xff) r = "multicast address";
-    if (r) aq_seterr(why, whylen, "%s", r);
-    return r != NULL;
+/* The most specific row holding `a`, or NULL. */
+static const struct addr_range *range_of(const unsigned char a[16])
+{
+    pthread_once(&range_once, parse_ranges);
+    const struct addr_range *best = NULL;
+    unsigned best_bits = 0;
+    for (size_t i = 0; i < AQ_ARRAY_LEN(ADDR_RANGES); i++) {
+        if ((!best || range_net[i].bits > best_bits) &&
+            in_prefix(a, range_net[i].net, range_net[i].bits)) {
+            best = &ADDR_RANGES[i];
+            best_bits = range_net[i].bits;
+        }
+    }
+    return best;
+}
+
+/* The address a connection to `a` reaches: a NAT64 address reaches the
+ * IPv4 address inside it. */
+static void reached(const unsigned char a[16], unsigned char out[16])
+{
+    const struct addr_range *r = range_of(a);
+    if (r && r->rule == RANGE_NAT64) v4_to_16(a + 12, out);
+    else memcpy(out, a, 16);
+}
+
+static bool addr16_forbidden(const unsigned char a[16], char *why, size_t whylen)
+{
+    const struct addr_range *r = range_of(a);
+    if (!r || r->rule == RANGE_ALLOW) return false; /* no row: global unicast */
+    if (r->rule == RANGE_NAT64) {
+        unsigned char v4[16];
+        char inner[AQ_HTTP_WHY_LEN];
+        v4_to_16(a + 12, v4);
+        if (!addr16_forbidden(v4, inner, sizeof inner)) return false;
+        aq_seterr(why, whylen, "%s inside a %s (%s)", inner, r->kind, r->cidr);
+        return true;
+    }
+    aq_seterr(why, whylen, "%s (%s)", r->kind, r->cidr);
+    return true;
+}
+
+/* `sa` as 16 bytes (IPv4 mapped); false for a family that is not IP. */
+static bool sockaddr_to_16(const struct sockaddr *sa, unsigned char out[16])
+{
+    if (sa->sa_family == AF_INET) {
+        struct sockaddr_in in;
+        memcpy(&in, sa, sizeof in);
+        v4_to_16(&in.sin_addr, out);
+        return true;
+    }
+    if (sa->sa_family == AF_INET6) {
+        struct sockaddr_in6 in6;
+        memcpy(&in6, sa, sizeof in6);
+        memcpy(out, in6.sin6_addr.s6_addr, 16);
+        return true;
+    }
+    return false;
 }
 
 bool aq_http_addr_forbidden(const struct sockaddr *sa, char *why, size_t whylen)
 {
+    unsigned char a[16];
     if (why && whylen) why[0] = '\0';
     if (!sa) {
         aq_seterr(why, whylen, "no address");
         return true;
     }
-    if (sa->sa_family == AF_INET) {
-        struct sockaddr_in in;
-        memcpy(&in, sa, sizeof in);
-        return v4_forbidden(ntohl(in.sin_addr.s_addr), why, whylen);
+    if (!sockaddr_to_16(sa, a)) {
+        aq_seterr(why, whylen, "not an IP address");
+        return true;
     }
-    if (sa->sa_family == AF_INET6) {
-        struct sockaddr_in6 in6;
-        memcpy(&in6, sa, sizeof in6);
-        return v6_forbidden(in6.sin6_addr.s6_addr, why, whylen);
-    }
-    aq_seterr(why, whylen, "not an IP address");
+    return addr16_forbidden(a, why, whylen);
+}
+
+/* ---- this host's own addresses ---------------------------------------- */
+
+/* Replaces the cached list when it is older than OWN_ADDRS_TTL_US: that is
+ * how long a new interface address can go unseen, and what keeps a check
+ * at a lookup instead of a netlink round trip. If getifaddrs fails the old
+ * list stays (and is tried again after the same interval). Returns false
+ * when there is no list at all. */
+static bool own_addrs_fresh(aq_http *h)
+{
+    int64_t now = aq_mono_us();
+    struct own_addrs *o = &h->own;
+    if (o->fetched_us && now - o->fetched_us < OWN_ADDRS_TTL_US) return o->have;
+    o->fetched_us = now;
+    struct ifaddrs *ifs = NULL;
+    if (getifaddrs(&ifs) != 0) return o->have;
+    size_t n = 0;
+    for (struct ifaddrs *i = ifs; i; i = i->ifa_next)
+        if (i->ifa_addr && (i->ifa_addr->sa_family == AF_INET || i->ifa_addr->sa_family == AF_INET6))
+            n++;
+    unsigned char(*list)[16] = aq_xcalloc(n ? n : 1, sizeof *list);
+    size_t k = 0;
+    for (struct ifaddrs *i = ifs; i && k < n; i = i->ifa_next)
+        if (i->ifa_addr && sockaddr_to_16(i->ifa_addr, list[k])) k++;
+    freeifaddrs(ifs);
+    free(o->addrs);
+    o->addrs = list;
+    o->n = k;
+    o->have = true;
     return true;
+}
+
+/* Is `a` (as a connection reaches it) one of this host's addresses? */
+static bool own_addr(aq_http *h, const unsigned char a[16], bool *known)
+{
+    unsigned char r[16];
+    *known = own_addrs_fresh(h);
+    reached(a, r);
+    for (size_t i = 0; i < h->own.n; i++)
+        if (memcmp(h->own.addrs[i], a, 16) == 0 || memcmp(h->own.addrs[i], r, 16) == 0)
+            return true;
+    return false;
+}
+
+/* The whole block_private verdict on an address: this host's own
+ * addresses first (whatever range they are in, so a public address of
+ * this machine is refused too, and the reason says so), then the ranges.
+ * Without a list of our own addresses nothing is allowed. */
+static bool guard_refuses(aq_http *h, const struct sockaddr *sa, char *why, size_t whylen)
+{
+    char range[AQ_HTTP_WHY_LEN];
+    bool in_range = aq_http_addr_forbidden(sa, range, sizeof range);
+    unsigned char a[16];
+    if (!sockaddr_to_16(sa, a)) {
+        aq_seterr(why, whylen, "%s", range);
+        return true;
+    }
+    bool known;
+    if (own_addr(h, a, &known)) {
+        if (in_range) aq_seterr(why, whylen, "this host's own address, %s", range);
+        else aq_seterr(why, whylen, "this host's own address");
+        return true;
+    }
+    if (in_range) {
+        aq_seterr(why, whylen, "%s", range);
+        return true;
+    }
+    if (!known) {
+        aq_seterr(why, whylen, "this host's own addresses are unknown (getifaddrs failed)");
+        return true;
+    }
+    return false;
 }
 
 /* Host names are compared without IPv6 brackets and without a trailing dot
@@ -249,6 +490,24 @@ static void addr_text(const struct sockaddr_storage *ss, char *out, size_t outle
 
 /* ---- curl callbacks (no user code runs here) ------------------------- */
 
+/* block_private on one address a request is about to use: true, with the
+ * first refusal of the request kept for its error, when it must not. */
+static bool refuse_addr(aq_http_req *req, const struct sockaddr_storage *ss)
+{
+    char why[AQ_HTTP_WHY_LEN];
+    if (!guard_refuses(req->http, (const struct sockaddr *)ss, why, sizeof why) ||
+        host_allowlisted(req))
+        return false;
+    if (!req->refused[0]) {
+        char ip[INET6_ADDRSTRLEN];
+        addr_text(ss, ip, sizeof ip);
+        aq_seterr(req->refused, sizeof req->refused,
+                  "refused to connect to %s: %s (not allowlisted)", ip, why);
+    }
+    return true;
+}
+
+/* Every new connection: refused ones never get a socket. */
 static curl_socket_t on_open_socket(void *clientp, curlsocktype purpose,
                                     struct curl_sockaddr *a)
 {
@@ -262,23 +521,39 @@ static curl_socket_t on_open_socket(void *clientp, curlsocktype purpose,
         memset(&ss, 0, sizeof ss);
         size_t n = a->addrlen < sizeof ss ? a->addrlen : sizeof ss;
         memcpy(&ss, &a->addr, n);
-        char why[64];
-        if (aq_http_addr_forbidden((const struct sockaddr *)&ss, why, sizeof why) &&
-            !host_allowlisted(req)) {
-            if (!req->refused[0]) {
-                char ip[INET6_ADDRSTRLEN];
-                addr_text(&ss, ip, sizeof ip);
-                aq_seterr(req->refused, sizeof req->refused,
-                          "refused to connect to %s: %s (not allowlisted)", ip, why);
-            }
-            return CURL_SOCKET_BAD;
-        }
+        if (refuse_addr(req, &ss)) return CURL_SOCKET_BAD;
     }
     curl_socket_t s = socket(a->family, a->socktype | SOCK_CLOEXEC, a->protocol);
     if (s == CURL_SOCKET_BAD) return CURL_SOCKET_BAD;
     h->open_sockets++;
     h->sockets_opened++;
     return s;
+}
+
+/* Every request a guarded transfer sends, on a new connection or a reused
+ * one, before it is sent. FRESH_CONNECT keeps a transfer's first request
+ * off pooled connections, but curl ignores it when following a redirect:
+ * without this, a redirect to a host an unguarded request (the LLM
+ * provider, an HTTP skill) left a connection open to would ride that
+ * connection past on_open_socket. */
+static int on_prereq(void *clientp, char *primary_ip, char *local_ip, int primary_port,
+                     int local_port)
+{
+    aq_http_req *req = clientp;
+    (void)local_ip;
+    (void)primary_port;
+    (void)local_port;
+    struct sockaddr_storage ss;
+    memset(&ss, 0, sizeof ss);
+    struct sockaddr_in *s4 = (struct sockaddr_in *)&ss;
+    struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)&ss;
+    if (primary_ip && inet_pton(AF_INET, primary_ip, &s4->sin_addr) == 1)
+        s4->sin_family = AF_INET;
+    else if (primary_ip && inet_pton(AF_INET6, primary_ip, &s6->sin6_addr) == 1)
+        s6->sin6_family = AF_INET6;
+    else
+        ss.ss_family = AF_UNSPEC; /* refused as "not an IP address" */
+    return refuse_addr(req, &ss) ? CURL_PREREQFUNC_ABORT : CURL_PREREQFUNC_OK;
 }
 
 static int on_close_socket(void *clientp, curl_socket_t s)
@@ -471,7 +746,8 @@ static void finish_from_curl(aq_http *h, aq_http_req *req, CURLcode rc)
     if (req->too_large || rc == CURLE_FILESIZE_EXCEEDED) {
         code = AQ_EPROTO;
         aq_seterr(msg, sizeof msg, "response larger than %zu bytes", req->max_bytes);
-    } else if (req->refused[0] && rc == CURLE_COULDNT_CONNECT) {
+    } else if (req->refused[0] &&
+               (rc == CURLE_COULDNT_CONNECT || rc == CURLE_ABORTED_BY_CALLBACK)) {
         code = AQ_EINVAL;
         aq_seterr(msg, sizeof msg, "%s", req->refused);
     }
@@ -707,6 +983,7 @@ static void teardown(aq_http *h)
     for (size_t i = 0; i < h->neasy_pool; i++) curl_easy_cleanup(h->easy_pool[i]);
     free(h->easy_pool);
     free(h->last_url);
+    free(h->own.addrs);
     event_free(h->done_ev);
     free(h->user_agent);
     free(h);
@@ -867,6 +1144,8 @@ int aq_http_submit(aq_http *http, const aq_http_request *rq, aq_http_cb cb, void
         SETOPT(CURLOPT_NOPROXY, "*");
         SETOPT(CURLOPT_FRESH_CONNECT, 1L);
         SETOPT(CURLOPT_FORBID_REUSE, 1L);
+        SETOPT(CURLOPT_PREREQFUNCTION, on_prereq);
+        SETOPT(CURLOPT_PREREQDATA, (void *)req);
     }
 
     TAILQ_INSERT_TAIL(&http->queue, req, link);

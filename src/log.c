@@ -1,10 +1,13 @@
 /* log.c — JSON-lines logger with secret masking (see log.h). Owns the
- * process-wide log level, worker id and the list of registered secrets; it
- * does not own stderr. */
+ * process-wide log level, worker id and the list of registered secrets
+ * (with the JSON-escaped forms of each), and the one matcher both masking
+ * verbs use; it does not own stderr. */
 #include "agentq/log.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,12 +17,23 @@
 
 int aq__log_min_level = AQ_LOG_INFO;
 
-#define AQ_LOG_MAX_SECRETS 32
+/* Each secret takes up to three slots: itself and its JSON-escaped forms. */
+#define AQ_LOG_MAX_SECRETS 64
 #define AQ_LOG_LINE_MAX 8192
+/* Shorter secrets are refused, and a cut-off secret shorter than this at
+ * the end of a text is left alone: masking "a" everywhere would garble
+ * every line. */
+#define AQ_LOG_MIN_SECRET 4
+#define MASK "***"
 
 static char *log_worker_id;
+/* Written under log_secrets_lock, slot first and count after (release);
+ * read without a lock up to the count (acquire), so a line logged while a
+ * secret is being added sees it or not, never half of it. */
 static char *log_secrets[AQ_LOG_MAX_SECRETS];
-static int log_nsecrets;
+static size_t log_secret_len[AQ_LOG_MAX_SECRETS];
+static atomic_int log_nsecrets;
+static pthread_mutex_t log_secrets_lock = PTHREAD_MUTEX_INITIALIZER;
 static int log_fd = 2;
 
 static const char *const level_names[] = {"debug", "info", "warn", "error", "fatal"};
@@ -47,12 +61,72 @@ void aq_log_set_worker_id(const char *id)
     log_worker_id = id ? aq_xstrdup(id) : NULL;
 }
 
-void aq_log_add_secret(const char *secret)
+/* Under log_secrets_lock. */
+static void add_secret_form(const char *form)
 {
-    if (!secret || strlen(secret) < 4 || log_nsecrets >= AQ_LOG_MAX_SECRETS) return;
-    for (int i = 0; i < log_nsecrets; i++)
-        if (!strcmp(log_secrets[i], secret)) return;
-    log_secrets[log_nsecrets++] = aq_xstrdup(secret);
+    int n = atomic_load_explicit(&log_nsecrets, memory_order_relaxed);
+    for (int i = 0; i < n; i++)
+        if (!strcmp(log_secrets[i], form)) return;
+    log_secrets[n] = aq_xstrdup(form);
+    log_secret_len[n] = strlen(form);
+    atomic_store_explicit(&log_nsecrets, n + 1, memory_order_release);
+}
+
+/* `secret` as it reads inside a JSON string: what jansson writes, and with
+ * "/" written as "\/" (PHP's default, allowed by JSON) when escape_slash.
+ * The caller frees it. */
+static char *json_form(const char *secret, bool escape_slash)
+{
+    char *out = aq_xmalloc(strlen(secret) * 6 + 1);
+    size_t o = 0;
+    for (const unsigned char *p = (const unsigned char *)secret; *p; p++) {
+        const char *esc = NULL;
+        switch (*p) {
+        case '"': esc = "\\\""; break;
+        case '\\': esc = "\\\\"; break;
+        case '\b': esc = "\\b"; break;
+        case '\f': esc = "\\f"; break;
+        case '\n': esc = "\\n"; break;
+        case '\r': esc = "\\r"; break;
+        case '\t': esc = "\\t"; break;
+        case '/': esc = escape_slash ? "\\/" : NULL; break;
+        default: break;
+        }
+        if (esc) {
+            memcpy(out + o, esc, strlen(esc));
+            o += strlen(esc);
+        } else if (*p < 0x20) {
+            o += (size_t)snprintf(out + o, 7, "\\u%04x", *p);
+        } else {
+            out[o++] = (char)*p;
+        }
+    }
+    out[o] = '\0';
+    return out;
+}
+
+int aq_log_add_secret(const char *secret)
+{
+    if (!secret || strlen(secret) < AQ_LOG_MIN_SECRET) return AQ_EINVAL;
+    char *plain = json_form(secret, false), *slashed = json_form(secret, true);
+    int rc = AQ_OK;
+    pthread_mutex_lock(&log_secrets_lock);
+    int n = atomic_load_explicit(&log_nsecrets, memory_order_relaxed);
+    bool known = false;
+    for (int i = 0; i < n && !known; i++) known = !strcmp(log_secrets[i], secret);
+    if (known) {
+        /* its forms were added with it */
+    } else if (n + 3 > AQ_LOG_MAX_SECRETS) {
+        rc = AQ_ENOMEM;
+    } else {
+        add_secret_form(secret);
+        add_secret_form(plain);
+        add_secret_form(slashed);
+    }
+    pthread_mutex_unlock(&log_secrets_lock);
+    free(plain);
+    free(slashed);
+    return rc;
 }
 
 void aq_log_set_fd(int fd) { log_fd = fd; }
@@ -65,6 +139,45 @@ static size_t put(char *out, size_t len, size_t cap, const char *s, size_t n)
     memcpy(out + len, s, n);
     out[len + n] = '\0';
     return len + n;
+}
+
+/* Bytes of a registered secret at p (left bytes remain), the longest one
+ * when several match; 0 if none. A text that ends in the start of a
+ * secret (AQ_LOG_MIN_SECRET bytes or more) ends in a secret cut by some
+ * length limit upstream, and that tail counts as a match too. */
+static size_t secret_at(const char *p, size_t left)
+{
+    int n = atomic_load_explicit(&log_nsecrets, memory_order_acquire);
+    size_t best = 0;
+    for (int i = 0; i < n; i++) {
+        if (*p != log_secrets[i][0]) continue; /* the common case, cheaply */
+        size_t sl = log_secret_len[i];
+        size_t m = sl <= left ? sl : left;
+        if (m > best && (m == sl || m >= AQ_LOG_MIN_SECRET) && memcmp(p, log_secrets[i], m) == 0)
+            best = m;
+    }
+    return best;
+}
+
+char *aq_log_mask_secrets(const char *in, size_t len, size_t *out_len)
+{
+    /* A mask (3 bytes) is never longer than what it replaces (4 or more),
+     * so the copy never outgrows the input. */
+    char *out = aq_xmalloc(len + 1);
+    size_t o = 0;
+    for (size_t i = 0; i < len;) {
+        size_t m = secret_at(in + i, len - i);
+        if (m) {
+            memcpy(out + o, MASK, 3);
+            o += 3;
+            i += m;
+        } else {
+            out[o++] = in[i++];
+        }
+    }
+    out[o] = '\0';
+    if (out_len) *out_len = o;
+    return out;
 }
 
 /* Length of a URL password at `p` (just after "scheme://user:"), or 0. */
@@ -80,18 +193,14 @@ void aq_log_redact(const char *in, char *out, size_t outlen)
     if (!outlen) return;
     out[0] = '\0';
     const char *p = in ? in : "";
+    const char *end = p + strlen(p);
     while (*p) {
-        int matched = 0;
-        for (int i = 0; i < log_nsecrets; i++) {
-            size_t sl = strlen(log_secrets[i]);
-            if (!strncmp(p, log_secrets[i], sl)) {
-                len = put(out, len, outlen, "***", 3);
-                p += sl;
-                matched = 1;
-                break;
-            }
+        size_t sl = secret_at(p, (size_t)(end - p));
+        if (sl) {
+            len = put(out, len, outlen, MASK, 3);
+            p += sl;
+            continue;
         }
-        if (matched) continue;
         /* scheme://user:password@host */
         if (p[0] == ':' && p[1] == '/' && p[2] == '/') {
             const char *user = p + 3;

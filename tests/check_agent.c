@@ -31,6 +31,7 @@
 #include <sys/queue.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #define SLOW_MS 300
 #define BIG_BYTES 12000
@@ -126,11 +127,72 @@ static void rogue_model(struct srv *s, struct evhttp_request *r)
     free(text);
 }
 
+/* `in` with every "/" written as "\/", as PHP's json_encode writes it. */
+static char *escape_slashes(const char *in)
+{
+    char *out = malloc(strlen(in) * 2 + 1);
+    ck_assert_ptr_nonnull(out);
+    size_t o = 0;
+    for (const char *p = in; *p; p++) {
+        if (*p == '/') out[o++] = '\\';
+        out[o++] = *p;
+    }
+    out[o] = '\0';
+    return out;
+}
+
+/* A provider that echoes the bearer key it got, as OpenAI's 401 does, at
+ * /echo/<mode>/chat/completions:
+ *   openai    401 {"error":{"message":"Incorrect API key provided: KEY. ..."}}
+ *   slashes   the same with every "/" escaped as "\/"
+ *   raw       401 {"detail":"... KEY"} with "\/": no message field, so the
+ *             engine keeps a snippet of the raw body
+ *   server    500 with the openai body (retried)
+ *   ok-error  200 whose body is the openai error object (retried) */
+static void echo_key(struct evhttp_request *r, const char *mode)
+{
+    const char *auth = evhttp_find_header(evhttp_request_get_input_headers(r), "Authorization");
+    const char *key = auth && !strncmp(auth, "Bearer ", 7) ? auth + 7 : "(none)";
+    char msg[512];
+    snprintf(msg, sizeof msg,
+             "Incorrect API key provided: %s. You can find your API key at "
+             "https://platform.openai.com/account/api-keys.",
+             key);
+    json_t *e = json_pack("{s:{s:s, s:s, s:n, s:s}}", "error", "message", msg, "type",
+                          "invalid_request_error", "param", "code", "invalid_api_key");
+    ck_assert_ptr_nonnull(e);
+    char *body = json_dumps(e, JSON_COMPACT);
+    json_decref(e);
+    int code = 401;
+    if (!strncmp(mode, "slashes/", 8)) {
+        char *esc = escape_slashes(body);
+        free(body);
+        body = esc;
+    } else if (!strncmp(mode, "raw/", 4)) {
+        char *k = escape_slashes(key);
+        free(body);
+        size_t n = strlen(k) + 128;
+        body = malloc(n);
+        ck_assert_ptr_nonnull(body);
+        snprintf(body, n, "{\"detail\":\"Incorrect API key provided: %s\"}", k);
+        free(k);
+    } else if (!strncmp(mode, "server/", 7)) {
+        code = 500;
+    } else if (!strncmp(mode, "ok-error/", 9)) {
+        code = 200;
+    }
+    evhttp_add_header(evhttp_request_get_output_headers(r), "Content-Type", "application/json");
+    reply(r, code, body, strlen(body));
+    free(body);
+}
+
 static void srv_handle(struct evhttp_request *r, void *arg)
 {
     struct srv *s = arg;
     const char *path = evhttp_uri_get_path(evhttp_request_get_evhttp_uri(r));
-    if (!strcmp(path, "/slow")) {
+    if (!strncmp(path, "/echo/", 6)) {
+        echo_key(r, path + 6);
+    } else if (!strcmp(path, "/slow")) {
         struct held *h = calloc(1, sizeof *h);
         ck_assert_ptr_nonnull(h);
         h->srv = s;
@@ -1128,6 +1190,97 @@ START_TEST(test_api_key)
 }
 END_TEST
 
+/* A key with the characters JSON writers escape differently. */
+#define ECHO_KEY "sk-test/Ab+cd/EF0123456789-secret"
+
+/* No part of ECHO_KEY, raw or JSON-escaped, in `text`. */
+static void assert_no_key(const char *text, const char *what)
+{
+    static const char *const pieces[] = {ECHO_KEY, "sk-test\\/Ab+cd\\/EF0123456789-secret",
+                                         "sk-test", "Ab+cd", "EF0123456789", "-secret"};
+    for (size_t i = 0; i < AQ_ARRAY_LEN(pieces); i++)
+        ck_assert_msg(!strstr(text, pieces[i]), "%s holds \"%s\": %s", what, pieces[i], text);
+}
+
+/* Runs one session against /echo/<mode> with ECHO_KEY set and checks
+ * what would be stored and logged: the session's error and every step
+ * row of the task hold "***" where the provider echoed the key, and no
+ * trace of it; so do the log lines written meanwhile. */
+static void run_echo(const char *mode, const char *want_status, bool want_retryable,
+                     const char *want_error)
+{
+    fx f;
+    fx_init(&f, NULL);
+    char url[160];
+    snprintf(url, sizeof url, "http://127.0.0.1:%d/echo/%s", f.srv->port, mode);
+    set(&f.cfg, "llm.base_url", url);
+    set(&f.cfg, "llm.max_retries", "2");
+    set(&f.cfg, "llm.api_key_env", "CHECK_AGENT_ECHO_KEY");
+    setenv("CHECK_AGENT_ECHO_KEY", ECHO_KEY, 1);
+    fx_start(&f); /* the engine learns the key here */
+
+    char logpath[] = "/tmp/check_agent_log_XXXXXX";
+    int logfd = mkstemp(logpath);
+    ck_assert_int_ge(logfd, 0);
+    unlink(logpath);
+    aq_log_set_fd(logfd);
+    aq_log_set_level(AQ_LOG_DEBUG);
+
+    run r;
+    start(&f, &r, "{\"user_id\":\"u1\",\"goal\":\"anything\"}");
+    run_all(&f, 10000);
+    aq_log_set_fd(2);
+    aq_log_set_level(AQ_LOG_WARN);
+
+    ck_assert_msg(!strcmp(r.status, want_status), "%s: status %s (%s)", mode, r.status,
+                  r.error ? r.error : "");
+    ck_assert(r.retryable == want_retryable);
+    ck_assert_ptr_nonnull(r.error);
+    assert_no_key(r.error, "the session's error");
+    ck_assert_msg(strstr(r.error, want_error), "%s: error \"%s\" lacks \"%s\"", mode, r.error,
+                  want_error);
+
+    size_t rows = 0;
+    for (size_t i = 0; i < f.nrows; i++) {
+        const row *w = &f.rows[i];
+        if (strcmp(w->task_id, r.task->task_id)) continue;
+        rows++;
+        ck_assert_ptr_nonnull(w->detail);
+        assert_no_key(w->detail, "a step's detail");
+        assert_no_key(w->name, "a step's name");
+        ck_assert_msg(strstr(w->detail, "***"), "%s: detail without the mask: %s", mode,
+                      w->detail);
+    }
+    ck_assert_uint_eq(rows, want_retryable ? 3 : 1); /* the call, and its retries */
+
+    off_t end = lseek(logfd, 0, SEEK_END);
+    ck_assert_int_ge(end, 0);
+    char *log = calloc(1, (size_t)end + 1);
+    ck_assert_ptr_nonnull(log);
+    ck_assert_int_eq(pread(logfd, log, (size_t)end, 0), end);
+    close(logfd);
+    assert_no_key(log, "the log");
+    free(log);
+
+    run_free(&r);
+    unsetenv("CHECK_AGENT_ECHO_KEY");
+    fx_stop(&f);
+}
+
+START_TEST(test_key_echo_masked)
+{
+    run_echo("openai", "failed", false,
+             "LLM provider refused the request (HTTP 401): Incorrect API key provided: ***. ");
+    run_echo("slashes", "failed", false,
+             "LLM provider refused the request (HTTP 401): Incorrect API key provided: ***. ");
+    run_echo("raw", "failed", false, "Incorrect API key provided: ***\"}");
+    run_echo("server", "failed", true,
+             "LLM call failed after 2 retries: HTTP 500: Incorrect API key provided: ***. ");
+    run_echo("ok-error", "failed", true,
+             "LLM call failed after 2 retries: reply is an error: Incorrect API key provided: ***. ");
+}
+END_TEST
+
 START_TEST(test_malformed_retried)
 {
     enum { N = 10 };
@@ -1210,6 +1363,7 @@ static Suite *agent_suite(void)
     tcase_add_test(errors, test_malformed_retried);
     tcase_add_test(errors, test_hung_retried);
     tcase_add_test(errors, test_api_key);
+    tcase_add_test(errors, test_key_echo_masked);
     tcase_add_test(errors, test_skill_subset);
     suite_add_tcase(s, errors);
     return s;

@@ -2,9 +2,10 @@
  * 127.0.0.1 sharing the client's event_base: bodies and headers both ways,
  * concurrency and connection reuse on one thread, timeouts that start when
  * the transfer starts, cancel and free calling back exactly once, response
- * size limits, Retry-After, and the block_private address guard (checked
- * without sending a packet anywhere but loopback: refused addresses are
- * refused before the socket exists). */
+ * size limits, Retry-After, and the block_private address guard: the range
+ * table edge by edge, this host's own address with a real listener on it,
+ * redirects, pooled connections (no packet leaves this host: refused
+ * addresses are refused before the socket exists). */
 #include "agentq/http.h"
 
 #include <arpa/inet.h>
@@ -143,6 +144,9 @@ static void srv_handle(struct evhttp_request *r, void *arg)
         snprintf(loc, sizeof loc, "ftp://127.0.0.1:%d/file", s->port);
         evhttp_add_header(out_h, "Location", loc);
         reply(r, 302, "Found", "go");
+    } else if (strcmp(path, "/goto") == 0 && query) {
+        evhttp_add_header(out_h, "Location", query); /* /goto?<absolute URL> */
+        reply(r, 302, "Found", "go");
     } else if (strcmp(path, "/redirect-loop") == 0) {
         evhttp_add_header(out_h, "Location", "/redirect-loop");
         reply(r, 302, "Found", "again");
@@ -151,16 +155,21 @@ static void srv_handle(struct evhttp_request *r, void *arg)
     }
 }
 
-static struct srv *srv_start(struct event_base *base)
+static struct srv *srv_start_on(struct event_base *base, const char *host)
 {
     struct srv *s = calloc(1, sizeof *s);
     ck_assert_ptr_nonnull(s);
     s->base = base;
     LIST_INIT(&s->pending);
-    s->http = aq_test_httpd(base, srv_handle, s, &s->port);
+    s->http = aq_test_httpd_on(base, host, srv_handle, s, &s->port);
     /* Counts accepted connections (the reuse tests). */
     evhttp_set_bevcb(s->http, srv_new_conn, s);
     return s;
+}
+
+static struct srv *srv_start(struct event_base *base)
+{
+    return srv_start_on(base, "127.0.0.1");
 }
 
 static void srv_stop(struct srv *s)
@@ -773,13 +782,17 @@ START_TEST(test_block_private_refuses)
     snprintf(u[2], 128, "http://169.254.169.254/latest/meta-data/");
     snprintf(u[3], 128, "http://[::1]:%d/ok", f.srv->port);
     snprintf(u[4], 128, "http://localhost:%d/ok", f.srv->port);
+    /* loopback is this host's own address too where lo carries it, so
+     * the reason is matched from the range on */
     const char *want[] = {
-        "refused to connect to 127.0.0.1: loopback address (not allowlisted)",
-        "refused to connect to 10.0.0.1: private address (not allowlisted)",
-        "refused to connect to 169.254.169.254: cloud metadata address (not allowlisted)",
-        "refused to connect to ::1: loopback address (not allowlisted)",
-        "loopback address (not allowlisted)", /* ::1 or 127.0.0.1, whichever first */
+        "loopback address (127.0.0.0/8) (not allowlisted)",
+        "refused to connect to 10.0.0.1: private address (10.0.0.0/8) (not allowlisted)",
+        "refused to connect to 169.254.169.254: cloud metadata address (169.254.169.254/32) "
+        "(not allowlisted)",
+        "loopback address (::1/128) (not allowlisted)",
+        "loopback address (", /* ::1 or 127.0.0.1, whichever first */
     };
+    const char *who[] = {"127.0.0.1", "10.0.0.1", "169.254.169.254", "::1", ""};
     const char *other_host[] = {"example.com"}; /* an allowlist that does not match */
     for (int i = 0; i < 5; i++) {
         struct got g = {0};
@@ -788,6 +801,9 @@ START_TEST(test_block_private_refuses)
         get_one(&f, &rq, &g);
         ck_assert_msg(g.code == AQ_EINVAL, "%s: code %d (%s)", u[i], g.code, g.error);
         ck_assert_msg(strstr(g.error, want[i]) != NULL, "%s: %s", u[i], g.error);
+        char head[64];
+        snprintf(head, sizeof head, "refused to connect to %s", who[i]);
+        ck_assert_msg(strncmp(g.error, head, strlen(head)) == 0, "%s: %s", u[i], g.error);
         free(g.body);
     }
     aq_http_stats st;
@@ -827,12 +843,151 @@ START_TEST(test_block_private_allowlist)
     int before = f.srv->requests;
     get_one(&f, &rq, &g3);
     ck_assert_int_eq(g3.code, AQ_EINVAL);
-    ck_assert_str_eq(g3.error,
-                     "refused to connect to 127.0.0.1: loopback address (not allowlisted)");
+    ck_assert_msg(strncmp(g3.error, "refused to connect to 127.0.0.1: ", 33) == 0 &&
+                      strstr(g3.error, "loopback address (127.0.0.0/8) (not allowlisted)"),
+                  "%s", g3.error);
     ck_assert_int_eq(f.srv->requests, before + 1); /* the redirect, not /ok */
     free(g.body);
     free(g2.body);
     free(g3.body);
+    fx_stop(&f);
+}
+END_TEST
+
+/* curl ignores FRESH_CONNECT when it follows a redirect: a redirect to a
+ * host an unguarded request left a kept-alive connection to must still be
+ * judged (on the connection's address) and refused. */
+START_TEST(test_block_private_redirect_no_pooled_connection)
+{
+    struct fx f;
+    fx_start(&f, 4);
+    struct got plain = {0}, g = {0};
+    aq_http_request rq = {.url = url(&f, "127.0.0.1", "/ok")};
+    get_one(&f, &rq, &plain); /* leaves a kept-alive connection to 127.0.0.1 */
+    ck_assert_int_eq(plain.code, AQ_OK);
+    int oks = f.srv->requests;
+
+    const char *allow[] = {"localhost"};
+    char u[128];
+    snprintf(u, sizeof u, "%s", url(&f, "localhost", "/redirect-ip"));
+    aq_http_request guarded = {.url = u, .block_private = true, .follow_redirects = true,
+                               .allowlist = allow, .nallowlist = 1, .timeout_ms = 3000};
+    get_one(&f, &guarded, &g);
+    ck_assert_msg(g.code == AQ_EINVAL, "code %d (%s), body %s", g.code, g.error,
+                  g.body ? g.body : "");
+    ck_assert_msg(strncmp(g.error, "refused to connect to 127.0.0.1: ", 33) == 0, "%s", g.error);
+    ck_assert_int_eq(f.srv->requests, oks + 1); /* /redirect-ip, never /ok */
+    free(plain.body);
+    free(g.body);
+    fx_stop(&f);
+}
+END_TEST
+
+/* This host's own address is refused whatever its range (on a host whose
+ * address is public just the same): a real listener on the first
+ * non-loopback interface address answers an unguarded request, and a
+ * guarded one never reaches it, directly or through a redirect from an
+ * allowlisted server. The allowlist still lets it through. */
+START_TEST(test_block_private_own_address)
+{
+    char ip[INET6_ADDRSTRLEN + 64];
+    if (!aq_test_own_addr(ip, sizeof ip)) {
+        printf("test_block_private_own_address skipped: %s\n", ip);
+        return;
+    }
+    struct fx f;
+    fx_start(&f, 4);
+    struct srv *own = srv_start_on(f.base, ip);
+    char own_url[128], head[256];
+    aq_test_url(own_url, sizeof own_url, ip, own->port, "/ok");
+    snprintf(head, sizeof head, "refused to connect to %s: this host's own address", ip);
+
+    struct got plain = {0};
+    aq_http_request rq = {.url = own_url, .timeout_ms = 3000};
+    get_one(&f, &rq, &plain);
+    ck_assert_msg(plain.code == AQ_OK && plain.status == 200, "the listener on %s: %s", ip,
+                  plain.error);
+    int reached = own->requests;
+
+    const char *other_host[] = {"example.com"};
+    struct got g = {0};
+    rq.block_private = true;
+    rq.allowlist = other_host;
+    rq.nallowlist = 1;
+    aq_http_stats before, after;
+    aq_http_stats_get(f.http, &before);
+    get_one(&f, &rq, &g);
+    aq_http_stats_get(f.http, &after);
+    ck_assert_msg(g.code == AQ_EINVAL, "%s: code %d (%s)", own_url, g.code, g.error);
+    ck_assert_msg(strncmp(g.error, head, strlen(head)) == 0, "%s", g.error);
+    ck_assert_msg(strstr(g.error, "(not allowlisted)"), "%s", g.error);
+    ck_assert_uint_eq(after.sockets_opened, before.sockets_opened);
+
+    /* an allowlisted server redirecting to it */
+    const char *allow_lo[] = {"127.0.0.1"};
+    char via[256];
+    snprintf(via, sizeof via, "http://127.0.0.1:%d/goto?%s", f.srv->port, own_url);
+    struct got r = {0};
+    aq_http_request rr = {.url = via, .block_private = true, .follow_redirects = true,
+                          .allowlist = allow_lo, .nallowlist = 1, .timeout_ms = 3000};
+    get_one(&f, &rr, &r);
+    ck_assert_msg(r.code == AQ_EINVAL, "%s: code %d (%s)", via, r.code, r.error);
+    ck_assert_msg(strncmp(r.error, head, strlen(head)) == 0, "%s", r.error);
+    ck_assert_int_eq(own->requests, reached);
+
+    /* the allowlist is the one way in */
+    const char *allow_own[] = {ip};
+    struct got ok = {0};
+    rq.allowlist = allow_own;
+    get_one(&f, &rq, &ok);
+    ck_assert_msg(ok.code == AQ_OK, "%s", ok.error);
+    ck_assert_str_eq(ok.body, "hello from ok");
+    free(plain.body);
+    free(g.body);
+    free(r.body);
+    free(ok.body);
+    srv_stop(own);
+    fx_stop(&f);
+}
+END_TEST
+
+/* A redirect from an allowlisted server is judged again on the address the
+ * new connection goes to, in every refused range and spelling; none of
+ * these gets a socket. */
+START_TEST(test_block_private_redirect_ranges)
+{
+    struct fx f;
+    fx_start(&f, 4);
+    static const struct {
+        const char *target;
+        const char *want;
+    } cases[] = {
+        {"http://203.0.113.5/x", "refused to connect to 203.0.113.5: documentation address "
+                                 "(203.0.113.0/24) (not allowlisted)"},
+        {"http://198.18.0.1/x", "benchmarking address (198.18.0.0/15)"},
+        {"http://192.0.0.170/x", "IETF protocol assignment address (192.0.0.0/24)"},
+        {"http://[2001:db8::1]/x", "refused to connect to 2001:db8::1: documentation address "
+                                   "(2001:db8::/32) (not allowlisted)"},
+        {"http://[64:ff9b::a00:1]/x", "private address (10.0.0.0/8) inside a NAT64 address"},
+        {"http://[::ffff:a9fe:a9fe]/x", "cloud metadata address (169.254.169.254/32)"},
+        {"http://[2002:a00:1::1]/x", "6to4 address (2002::/16)"},
+    };
+    const char *allow[] = {"127.0.0.1"};
+    for (size_t i = 0; i < AQ_ARRAY_LEN(cases); i++) {
+        char via[256];
+        snprintf(via, sizeof via, "http://127.0.0.1:%d/goto?%s", f.srv->port, cases[i].target);
+        struct got g = {0};
+        aq_http_request rq = {.url = via, .block_private = true, .follow_redirects = true,
+                              .allowlist = allow, .nallowlist = 1, .timeout_ms = 3000};
+        get_one(&f, &rq, &g);
+        ck_assert_msg(g.code == AQ_EINVAL, "%s: code %d (%s)", cases[i].target, g.code, g.error);
+        ck_assert_msg(strstr(g.error, cases[i].want), "%s: %s", cases[i].target, g.error);
+        free(g.body);
+    }
+    aq_http_stats st;
+    aq_http_stats_get(f.http, &st);
+    ck_assert_uint_eq(st.sockets_opened, AQ_ARRAY_LEN(cases)); /* the allowlisted hops only */
+    ck_assert_int_eq(f.srv->requests, (int)AQ_ARRAY_LEN(cases));
     fx_stop(&f);
 }
 END_TEST
@@ -872,75 +1027,238 @@ static bool forbidden(const char *ip, char *why, size_t whylen)
     return aq_http_addr_forbidden((const struct sockaddr *)&ss, why, whylen);
 }
 
+/* `ip` gets exactly `want` as its reason (NULL: allowed). */
+static void expect_addr(const char *ip, const char *want, const char *what)
+{
+    char why[AQ_HTTP_WHY_LEN] = "unchanged";
+    bool f = forbidden(ip, why, sizeof why);
+    if (want) {
+        ck_assert_msg(f, "%s: %s allowed, want \"%s\"", what, ip, want);
+        ck_assert_msg(strcmp(why, want) == 0, "%s: %s: \"%s\", want \"%s\"", what, ip, why, want);
+    } else {
+        ck_assert_msg(!f, "%s: %s forbidden: %s", what, ip, why);
+        ck_assert_str_eq(why, "");
+    }
+}
+
+#define NAT64_SUFFIX " inside a NAT64 address (64:ff9b::/96)"
+
+/* An IPv4 address is judged the same in its IPv4-mapped form, and through
+ * NAT64 by the address inside. */
+static void expect_v4_everywhere(const char *ip, const char *want, const char *what)
+{
+    char alt[64], nat[AQ_HTTP_WHY_LEN];
+    expect_addr(ip, want, what);
+    snprintf(alt, sizeof alt, "::ffff:%s", ip);
+    expect_addr(alt, want, what);
+    snprintf(alt, sizeof alt, "64:ff9b::%s", ip);
+    if (want) snprintf(nat, sizeof nat, "%s" NAT64_SUFFIX, want);
+    expect_addr(alt, want ? nat : NULL, what);
+}
+
+#define NONE "-" /* no such neighbour: the range touches the end of the space */
+#define RSV(c) "reserved IPv6 address (" c ")"
+#define ALONE(cidr, why) {cidr, why, why, NULL, NULL}
+
+/* The guard's ranges as the registries state them, and what lies next to
+ * each: its first and last address and the address just below and just
+ * above it (NULL: allowed). */
+static const struct range_case {
+    const char *cidr;
+    const char *first, *last, *below, *above;
+} RANGE_CASES[] = {
+    /* IPv4 Special-Purpose Address Registry, multicast, metadata hosts */
+    {"0.0.0.0/8", "this-network address (0.0.0.0/8)", "this-network address (0.0.0.0/8)", NONE, NULL},
+    ALONE("10.0.0.0/8", "private address (10.0.0.0/8)"),
+    ALONE("100.64.0.0/10", "shared (CGNAT) address (100.64.0.0/10)"),
+    ALONE("127.0.0.0/8", "loopback address (127.0.0.0/8)"),
+    ALONE("169.254.0.0/16", "link-local address (169.254.0.0/16)"),
+    {"169.254.169.254/32", "cloud metadata address (169.254.169.254/32)",
+     "cloud metadata address (169.254.169.254/32)", "link-local address (169.254.0.0/16)",
+     "link-local address (169.254.0.0/16)"},
+    ALONE("172.16.0.0/12", "private address (172.16.0.0/12)"),
+    ALONE("192.0.0.0/24", "IETF protocol assignment address (192.0.0.0/24)"),
+    ALONE("192.0.2.0/24", "documentation address (192.0.2.0/24)"),
+    ALONE("192.31.196.0/24", "AS112 service address (192.31.196.0/24)"),
+    ALONE("192.52.193.0/24", "AMT relay address (192.52.193.0/24)"),
+    ALONE("192.88.99.0/24", "deprecated 6to4 relay anycast address (192.88.99.0/24)"),
+    ALONE("192.168.0.0/16", "private address (192.168.0.0/16)"),
+    ALONE("192.175.48.0/24", "AS112 direct delegation address (192.175.48.0/24)"),
+    ALONE("198.18.0.0/15", "benchmarking address (198.18.0.0/15)"),
+    ALONE("198.51.100.0/24", "documentation address (198.51.100.0/24)"),
+    ALONE("203.0.113.0/24", "documentation address (203.0.113.0/24)"),
+    {"224.0.0.0/4", "multicast address (224.0.0.0/4)", "multicast address (224.0.0.0/4)", NULL,
+     "reserved address (240.0.0.0/4)"},
+    {"240.0.0.0/4", "reserved address (240.0.0.0/4)",
+     "limited broadcast address (255.255.255.255/32)", "multicast address (224.0.0.0/4)", NONE},
+    {"255.255.255.255/32", "limited broadcast address (255.255.255.255/32)",
+     "limited broadcast address (255.255.255.255/32)", "reserved address (240.0.0.0/4)", NONE},
+    ALONE("168.63.129.16/32", "cloud metadata address (168.63.129.16/32)"),
+
+    /* IPv6 Special-Purpose Address Registry, multicast, deprecated blocks */
+    {"::ffff:0:0/96", "this-network address (0.0.0.0/8)",
+     "limited broadcast address (255.255.255.255/32)", RSV("::/8"), RSV("::/8")},
+    {"::/128", "unspecified address (::/128)", "unspecified address (::/128)", NONE,
+     "loopback address (::1/128)"},
+    {"::1/128", "loopback address (::1/128)", "loopback address (::1/128)",
+     "unspecified address (::/128)", "deprecated IPv4-compatible address (::/96)"},
+    {"::/96", "unspecified address (::/128)", "deprecated IPv4-compatible address (::/96)", NONE,
+     RSV("::/8")},
+    {"64:ff9b::/96", "this-network address (0.0.0.0/8)" NAT64_SUFFIX,
+     "limited broadcast address (255.255.255.255/32)" NAT64_SUFFIX, RSV("::/8"), RSV("::/8")},
+    {"64:ff9b:1::/48", "local-use NAT64 address (64:ff9b:1::/48)",
+     "local-use NAT64 address (64:ff9b:1::/48)", RSV("::/8"), RSV("::/8")},
+    {"100::/64", "discard-only address (100::/64)", "discard-only address (100::/64)", RSV("::/8"),
+     "dummy address (100:0:0:1::/64)"},
+    {"100:0:0:1::/64", "dummy address (100:0:0:1::/64)", "dummy address (100:0:0:1::/64)",
+     "discard-only address (100::/64)", RSV("100::/8")},
+    {"2001::/23", "Teredo address (2001::/32)", "IETF protocol assignment address (2001::/23)", NULL,
+     NULL},
+    {"2001::/32", "Teredo address (2001::/32)", "Teredo address (2001::/32)", NULL,
+     "IETF protocol assignment address (2001::/23)"},
+    {"2001:2::/48", "benchmarking address (2001:2::/48)", "benchmarking address (2001:2::/48)",
+     "IETF protocol assignment address (2001::/23)", "IETF protocol assignment address (2001::/23)"},
+    {"2001:10::/28", "deprecated ORCHID address (2001:10::/28)",
+     "deprecated ORCHID address (2001:10::/28)", "IETF protocol assignment address (2001::/23)",
+     "ORCHIDv2 address (2001:20::/28)"},
+    {"2001:20::/28", "ORCHIDv2 address (2001:20::/28)", "ORCHIDv2 address (2001:20::/28)",
+     "deprecated ORCHID address (2001:10::/28)", "IETF protocol assignment address (2001::/23)"},
+    ALONE("2001:db8::/32", "documentation address (2001:db8::/32)"),
+    ALONE("2002::/16", "6to4 address (2002::/16)"),
+    ALONE("2620:4f:8000::/48", "AS112 direct delegation address (2620:4f:8000::/48)"),
+    ALONE("3fff::/20", "documentation address (3fff::/20)"),
+    {"5f00::/16", "SRv6 SID address (5f00::/16)", "SRv6 SID address (5f00::/16)", RSV("4000::/3"),
+     RSV("4000::/3")},
+    {"fc00::/7", "private (unique local) address (fc00::/7)",
+     "private (unique local) address (fc00::/7)", RSV("f800::/6"), RSV("fe00::/9")},
+    {"fd00:ec2::254/128", "cloud metadata address (fd00:ec2::254/128)",
+     "cloud metadata address (fd00:ec2::254/128)", "private (unique local) address (fc00::/7)",
+     "private (unique local) address (fc00::/7)"},
+    {"fe80::/10", "link-local address (fe80::/10)", "link-local address (fe80::/10)",
+     RSV("fe00::/9"), "deprecated site-local address (fec0::/10)"},
+    {"fec0::/10", "deprecated site-local address (fec0::/10)",
+     "deprecated site-local address (fec0::/10)", "link-local address (fe80::/10)",
+     "multicast address (ff00::/8)"},
+    {"ff00::/8", "multicast address (ff00::/8)", "multicast address (ff00::/8)",
+     "deprecated site-local address (fec0::/10)", NONE},
+
+    /* IPv6 Address Space registry: the blocks reserved by the IETF */
+    {"::/8", "unspecified address (::/128)", RSV("::/8"), NONE, "discard-only address (100::/64)"},
+    {"100::/8", "discard-only address (100::/64)", RSV("100::/8"), RSV("::/8"), RSV("200::/7")},
+    {"200::/7", RSV("200::/7"), RSV("200::/7"), RSV("100::/8"), RSV("400::/6")},
+    {"400::/6", RSV("400::/6"), RSV("400::/6"), RSV("200::/7"), RSV("800::/5")},
+    {"800::/5", RSV("800::/5"), RSV("800::/5"), RSV("400::/6"), RSV("1000::/4")},
+    {"1000::/4", RSV("1000::/4"), RSV("1000::/4"), RSV("800::/5"), NULL},
+    {"4000::/3", RSV("4000::/3"), RSV("4000::/3"), NULL, RSV("6000::/3")},
+    {"6000::/3", RSV("6000::/3"), RSV("6000::/3"), RSV("4000::/3"), RSV("8000::/3")},
+    {"8000::/3", RSV("8000::/3"), RSV("8000::/3"), RSV("6000::/3"), RSV("a000::/3")},
+    {"a000::/3", RSV("a000::/3"), RSV("a000::/3"), RSV("8000::/3"), RSV("c000::/3")},
+    {"c000::/3", RSV("c000::/3"), RSV("c000::/3"), RSV("a000::/3"), RSV("e000::/4")},
+    {"e000::/4", RSV("e000::/4"), RSV("e000::/4"), RSV("c000::/3"), RSV("f000::/5")},
+    {"f000::/5", RSV("f000::/5"), RSV("f000::/5"), RSV("e000::/4"), RSV("f800::/6")},
+    {"f800::/6", RSV("f800::/6"), RSV("f800::/6"), RSV("f000::/5"),
+     "private (unique local) address (fc00::/7)"},
+    {"fe00::/9", RSV("fe00::/9"), RSV("fe00::/9"), "private (unique local) address (fc00::/7)",
+     "link-local address (fe80::/10)"},
+};
+
+/* Adds `delta` (+1 or -1) to the big-endian number a[0..n); false when it
+ * would leave the space. */
+static bool step_addr(unsigned char *a, size_t n, int delta)
+{
+    unsigned char edge = delta > 0 ? 0xff : 0x00;
+    size_t i = n;
+    while (i > 0 && a[i - 1] == edge) i--;
+    if (i == 0) return false;
+    a[i - 1] = (unsigned char)(a[i - 1] + delta);
+    for (size_t j = i; j < n; j++) a[j] = (unsigned char)(0xff - edge);
+    return true;
+}
+
+static void check_point(const struct range_case *c, int family, const unsigned char *a,
+                        bool exists, const char *want, const char *which)
+{
+    char what[96];
+    snprintf(what, sizeof what, "%s, %s", c->cidr, which);
+    if (want && strcmp(want, NONE) == 0) {
+        ck_assert_msg(!exists, "%s: the test table says none, but there is one", what);
+        return;
+    }
+    ck_assert_msg(exists, "%s: the end of the address space; the table must say NONE", what);
+    char ip[INET6_ADDRSTRLEN];
+    ck_assert_ptr_nonnull(inet_ntop(family, a, ip, sizeof ip));
+    if (family == AF_INET) expect_v4_everywhere(ip, want, what);
+    else expect_addr(ip, want, what);
+}
+
+START_TEST(test_addr_ranges)
+{
+    for (size_t i = 0; i < AQ_ARRAY_LEN(RANGE_CASES); i++) {
+        const struct range_case *c = &RANGE_CASES[i];
+        char net[64];
+        snprintf(net, sizeof net, "%s", c->cidr);
+        char *slash = strchr(net, '/');
+        ck_assert_ptr_nonnull(slash);
+        *slash = '\0';
+        unsigned bits = (unsigned)atoi(slash + 1);
+        int family = strchr(net, ':') ? AF_INET6 : AF_INET;
+        size_t n = family == AF_INET ? 4 : 16;
+        unsigned char first[16], last[16];
+        ck_assert_int_eq(inet_pton(family, net, first), 1);
+        for (size_t b = 0; b < n; b++) {
+            unsigned keep = bits >= (b + 1) * 8 ? 8 : bits > b * 8 ? bits - (unsigned)b * 8 : 0;
+            unsigned char mask = (unsigned char)(keep ? 0xff << (8 - keep) : 0);
+            first[b] &= mask;
+            last[b] = (unsigned char)(first[b] | (unsigned char)~mask);
+        }
+        unsigned char below[16], above[16];
+        memcpy(below, first, n);
+        memcpy(above, last, n);
+        bool has_below = step_addr(below, n, -1), has_above = step_addr(above, n, +1);
+        check_point(c, family, first, true, c->first, "first address");
+        check_point(c, family, last, true, c->last, "last address");
+        check_point(c, family, below, has_below, c->below, "address below");
+        check_point(c, family, above, has_above, c->above, "address above");
+    }
+}
+END_TEST
+
+/* What lies outside every range, odd spellings, and the API's edges. */
 START_TEST(test_addr_forbidden)
 {
     static const struct {
         const char *ip;
         const char *why; /* NULL: allowed */
     } cases[] = {
-        {"127.0.0.1", "loopback address"},
-        {"127.255.255.254", "loopback address"},
-        {"10.0.0.1", "private address"},
-        {"10.255.255.255", "private address"},
-        {"172.16.0.1", "private address"},
-        {"172.31.255.255", "private address"},
-        {"172.15.255.255", NULL},
-        {"172.32.0.1", NULL},
-        {"192.168.1.1", "private address"},
-        {"192.169.0.1", NULL},
-        {"169.254.169.254", "cloud metadata address"},
-        {"169.254.1.1", "link-local address"},
-        {"169.255.0.1", NULL},
-        {"100.64.0.1", "shared (CGNAT) address"},
-        {"100.127.255.255", "shared (CGNAT) address"},
-        {"100.63.255.255", NULL},
-        {"100.128.0.0", NULL},
-        {"0.0.0.0", "unspecified address"},
-        {"224.0.0.1", "multicast address"},
-        {"255.255.255.255", "reserved address"},
         {"8.8.8.8", NULL},
         {"93.184.216.34", NULL},
-        {"::", "unspecified address"},
-        {"::1", "loopback address"},
-        {"fc00::1", "private address"},
-        {"fd12:3456::1", "private address"},
-        {"fd00:ec2::254", "cloud metadata address"},
-        {"fe80::1", "link-local address"},
-        {"febf::1", "link-local address"},
-        {"fec0::1", "private (site-local) address"},
-        {"ff02::1", "multicast address"},
+        {"::ffff:8.8.8.8", NULL},
+        {"64:ff9b::8.8.8.8", NULL},
         {"2606:4700:4700::1111", NULL},
         {"2a00:1450::1", NULL},
-        {"::ffff:127.0.0.1", "loopback address"},
-        {"::ffff:10.1.2.3", "private address"},
-        {"::ffff:192.168.0.1", "private address"},
-        {"::ffff:169.254.169.254", "cloud metadata address"},
-        {"::ffff:100.64.0.1", "shared (CGNAT) address"},
-        {"::ffff:0.0.0.0", "unspecified address"},
-        {"::ffff:8.8.8.8", NULL},
-        {"::127.0.0.1", "loopback address"},       /* IPv4-compatible */
-        {"64:ff9b::10.0.0.1", "private address"},  /* NAT64 */
-        {"64:ff9b::8.8.8.8", NULL},
-        {"2002:a9fe:a9fe::1", "cloud metadata address"}, /* 6to4 */
-        {"2002:808:808::1", NULL},
+        {"::ffff:127.0.0.1", "loopback address (127.0.0.0/8)"},
+        {"::ffff:169.254.169.254", "cloud metadata address (169.254.169.254/32)"},
+        {"::127.0.0.1", "deprecated IPv4-compatible address (::/96)"},
+        {"::8.8.8.8", "deprecated IPv4-compatible address (::/96)"},
+        {"::ffff:0:127.0.0.1", RSV("::/8")}, /* IPv4-translated (SIIT) */
+        {"64:ff9b::a9fe:a9fe", "cloud metadata address (169.254.169.254/32)" NAT64_SUFFIX},
+        {"2002:a9fe:a9fe::1", "6to4 address (2002::/16)"},
+        {"2002:808:808::1", "6to4 address (2002::/16)"},
+        {"2001:0:4136:e378:8000:63bf:3fff:fdd2", "Teredo address (2001::/32)"},
+        {"2001:4:112::1", "IETF protocol assignment address (2001::/23)"},
     };
-    for (size_t i = 0; i < AQ_ARRAY_LEN(cases); i++) {
-        char why[64] = "unchanged";
-        bool f = forbidden(cases[i].ip, why, sizeof why);
-        if (cases[i].why) {
-            ck_assert_msg(f, "%s allowed", cases[i].ip);
-            ck_assert_msg(strcmp(why, cases[i].why) == 0, "%s: \"%s\", want \"%s\"",
-                          cases[i].ip, why, cases[i].why);
-        } else {
-            ck_assert_msg(!f, "%s forbidden: %s", cases[i].ip, why);
-            ck_assert_str_eq(why, "");
-        }
-    }
+    for (size_t i = 0; i < AQ_ARRAY_LEN(cases); i++) expect_addr(cases[i].ip, cases[i].why, "case");
     struct sockaddr un = {.sa_family = AF_UNIX};
-    char why[64];
+    char why[AQ_HTTP_WHY_LEN];
     ck_assert(aq_http_addr_forbidden(&un, why, sizeof why));
     ck_assert_str_eq(why, "not an IP address");
+    ck_assert(aq_http_addr_forbidden(NULL, why, sizeof why));
     ck_assert(forbidden("127.0.0.1", NULL, 0)); /* why is optional */
+    /* the longest reason fits in AQ_HTTP_WHY_LEN */
+    char small[AQ_HTTP_WHY_LEN];
+    ck_assert(forbidden("64:ff9b::c058:6301", small, sizeof small));
+    ck_assert_str_eq(small,
+                     "deprecated 6to4 relay anycast address (192.88.99.0/24)" NAT64_SUFFIX);
 }
 END_TEST
 
@@ -955,6 +1273,7 @@ static Suite *http_suite(void)
     tcase_add_test(core, test_redirect);
     tcase_add_test(core, test_retry_after);
     tcase_add_test(core, test_keepalive_reuse);
+    tcase_add_test(core, test_addr_ranges);
     tcase_add_test(core, test_addr_forbidden);
     suite_add_tcase(s, core);
 
@@ -978,6 +1297,9 @@ static Suite *http_suite(void)
     tcase_add_test(errors, test_block_private_refuses);
     tcase_add_test(errors, test_block_private_allowlist);
     tcase_add_test(errors, test_block_private_no_shared_connection);
+    tcase_add_test(errors, test_block_private_redirect_no_pooled_connection);
+    tcase_add_test(errors, test_block_private_own_address);
+    tcase_add_test(errors, test_block_private_redirect_ranges);
     suite_add_tcase(s, errors);
     return s;
 }

@@ -104,6 +104,96 @@ START_TEST(long_message_truncated_still_json)
 }
 END_TEST
 
+/* Stored text: the registered secret in every spelling JSON gives it,
+ * through NULs, and nothing else touched. */
+START_TEST(mask_secrets_stored_text)
+{
+    ck_assert_int_eq(aq_log_add_secret("sk-live-0123/abcd\"ef"), AQ_OK);
+    static const char in[] =
+        "raw sk-live-0123/abcd\"ef, jansson sk-live-0123/abcd\\\"ef, "
+        "php sk-live-0123\\/abcd\\\"ef\0after NUL sk-live-0123/abcd\"ef; "
+        "kept: amqp://bob:hunter2@host password=pw123 ***";
+    size_t n = 0;
+    char *out = aq_log_mask_secrets(in, sizeof in - 1, &n);
+    static const char want[] = "raw ***, jansson ***, php ***\0after NUL ***; "
+                               "kept: amqp://bob:hunter2@host password=pw123 ***";
+    ck_assert_uint_eq(n, sizeof want - 1);
+    ck_assert_int_eq(memcmp(out, want, n), 0);
+    ck_assert_int_eq(out[n], '\0');
+    free(out);
+    /* nothing registered matches: a plain copy */
+    out = aq_log_mask_secrets("plain text", 10, NULL);
+    ck_assert_str_eq(out, "plain text");
+    free(out);
+    out = aq_log_mask_secrets("", 0, &n);
+    ck_assert_str_eq(out, "");
+    ck_assert_uint_eq(n, 0);
+    free(out);
+}
+END_TEST
+
+/* A secret cut off at the end of a text (by some length limit upstream) is
+ * masked too, down to 4 bytes; the longest registered secret wins. */
+START_TEST(secret_cut_off_and_longest)
+{
+    ck_assert_int_eq(aq_log_add_secret("sk-proj-abcdefghijkl"), AQ_OK);
+    ck_assert_int_eq(aq_log_add_secret("sk-proj-abcd"), AQ_OK);
+    char out[256];
+    aq_log_redact("key: sk-proj-abcdefghijkl.", out, sizeof out);
+    ck_assert_str_eq(out, "key: ***."); /* not "***efghijkl." */
+    aq_log_redact("cut at the end: sk-proj-abcdefg", out, sizeof out);
+    ck_assert_str_eq(out, "cut at the end: ***");
+    aq_log_redact("four bytes: sk-p", out, sizeof out);
+    ck_assert_str_eq(out, "four bytes: ***");
+    aq_log_redact("three bytes: sk-", out, sizeof out);
+    ck_assert_str_eq(out, "three bytes: sk-");
+    aq_log_redact("sk-proj-abcdefghijkX in the middle is not cut", out, sizeof out);
+    ck_assert_str_eq(out, "***efghijkX in the middle is not cut");
+    char *m = aq_log_mask_secrets("Incorrect API key provided: sk-proj-abcde", 41, NULL);
+    ck_assert_str_eq(m, "Incorrect API key provided: ***");
+    free(m);
+
+    /* a log line cut at its length limit in the middle of the key */
+    int fds[2];
+    static char big[4096 + 64];
+    memset(big, 'x', sizeof big);
+    memcpy(big + 4095 - 10, "sk-proj-abcdefghijkl", 20); /* "sk-proj-ab" survives the cut */
+    big[sizeof big - 1] = '\0';
+    capture_begin(fds);
+    aq_log(AQ_LOG_INFO, "%s", big);
+    json_t *j = capture_end(fds);
+    const char *msg = json_string_value(json_object_get(j, "msg"));
+    ck_assert_ptr_null(strstr(msg, "sk-proj"));
+    ck_assert_ptr_nonnull(strstr(msg, "xxx***"));
+    json_decref(j);
+}
+END_TEST
+
+START_TEST(add_secret_limits)
+{
+    ck_assert_int_eq(aq_log_add_secret(NULL), AQ_EINVAL);
+    ck_assert_int_eq(aq_log_add_secret(""), AQ_EINVAL);
+    ck_assert_int_eq(aq_log_add_secret("abc"), AQ_EINVAL);
+    char out[64];
+    aq_log_redact("abc", out, sizeof out);
+    ck_assert_str_eq(out, "abc");
+    ck_assert_int_eq(aq_log_add_secret("abcd"), AQ_OK);
+    ck_assert_int_eq(aq_log_add_secret("abcd"), AQ_OK); /* again: still fine */
+    int rc = AQ_OK, added = 0;
+    for (int i = 0; i < 100 && rc == AQ_OK; i++) {
+        char sec[32];
+        snprintf(sec, sizeof sec, "key/%02d/secret", i); /* three forms each */
+        rc = aq_log_add_secret(sec);
+        if (rc == AQ_OK) added++;
+    }
+    ck_assert_int_eq(rc, AQ_ENOMEM);
+    ck_assert_int_ge(added, 15);
+    ck_assert_int_eq(aq_log_add_secret("abcd"), AQ_OK); /* known ones still are */
+    aq_log_redact("key/00/secret abcd", out, sizeof out);
+    ck_assert_str_eq(out, "*** ***");
+}
+END_TEST
+
 START_TEST(level_names)
 {
     ck_assert_int_eq(aq_log_level_parse("debug"), AQ_LOG_DEBUG);
@@ -121,9 +211,12 @@ int main(void)
     tcase_add_test(core, below_level_not_evaluated);
     tcase_add_test(core, secrets_masked);
     tcase_add_test(core, redact_keeps_plain_text);
+    tcase_add_test(core, mask_secrets_stored_text);
+    tcase_add_test(core, secret_cut_off_and_longest);
     suite_add_tcase(s, core);
     TCase *limits = tcase_create("limits");
     tcase_add_test(limits, long_message_truncated_still_json);
+    tcase_add_test(limits, add_secret_limits);
     suite_add_tcase(s, limits);
     TCase *errors = tcase_create("errors");
     tcase_add_test(errors, level_names);

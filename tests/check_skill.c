@@ -2,9 +2,10 @@
  * calculator and current_time results and errors, the callback contract
  * (once, later, never after a cancel), http_get's address guard and
  * allowlist against an in-process evhttp server on 127.0.0.1 sharing the
- * event_base, an HTTP skill's POST as the server received it, output
- * truncation, the tools JSON, and config validation. No traffic leaves
- * loopback: the refused addresses are refused before a socket exists. */
+ * event_base (and one on this host's own interface address), an HTTP
+ * skill's POST as the server received it, output truncation, the tools
+ * JSON, and config validation. No traffic leaves this host: the refused
+ * addresses are refused before a socket exists. */
 #include "agentq/skill.h"
 
 #include <arpa/inet.h>
@@ -105,6 +106,9 @@ static void srv_handle(struct evhttp_request *r, void *arg)
         snprintf(loc, sizeof loc, "http://127.0.0.1:%d/page", s->port);
         evhttp_add_header(out_h, "Location", loc);
         reply(r, 302, "Found", "go", 2);
+    } else if (strcmp(path, "/goto") == 0 && query) {
+        evhttp_add_header(out_h, "Location", query); /* /goto?<absolute URL> */
+        reply(r, 302, "Found", "go", 2);
     } else if (strcmp(path, "/skill") == 0) {
         snprintf(s->method, sizeof s->method, "%s",
                  evhttp_request_get_command(r) == EVHTTP_REQ_POST ? "POST" : "other");
@@ -139,14 +143,19 @@ static void srv_handle(struct evhttp_request *r, void *arg)
     }
 }
 
-static struct srv *srv_start(struct event_base *base)
+static struct srv *srv_start_on(struct event_base *base, const char *host)
 {
     struct srv *s = calloc(1, sizeof *s);
     ck_assert_ptr_nonnull(s);
     s->base = base;
     LIST_INIT(&s->pending);
-    s->http = aq_test_httpd(base, srv_handle, s, &s->port);
+    s->http = aq_test_httpd_on(base, host, srv_handle, s, &s->port);
     return s;
+}
+
+static struct srv *srv_start(struct event_base *base)
+{
+    return srv_start_on(base, "127.0.0.1");
 }
 
 static void srv_stop(struct srv *s)
@@ -659,9 +668,18 @@ START_TEST(test_http_get_refuses_private)
 {
     struct fx f;
     fx_start(&f, ""); /* nothing allowlisted */
+    /* loopback is also this host's own address: matched from the range on */
+    expect_get(&f, url(&f, "127.0.0.1", "/page"), true, "http_get: refused to connect to 127.0.0.1: ");
     expect_get(&f, url(&f, "127.0.0.1", "/page"), true,
-               "http_get: refused to connect to 127.0.0.1: loopback address (not allowlisted)");
-    expect_get(&f, url(&f, "10.0.0.1", "/page"), true, "refused to connect to 10.0.0.1");
+               "loopback address (127.0.0.0/8) (not allowlisted)");
+    expect_get(&f, url(&f, "10.0.0.1", "/page"), true,
+               "http_get: refused to connect to 10.0.0.1: private address (10.0.0.0/8) "
+               "(not allowlisted)");
+    expect_get(&f, url(&f, "192.0.2.77", "/page"), true,
+               "http_get: refused to connect to 192.0.2.77: documentation address "
+               "(192.0.2.0/24) (not allowlisted)");
+    expect_get(&f, url(&f, "[2001:db8::7]", "/page"), true,
+               "documentation address (2001:db8::/32)");
     expect_get(&f, url(&f, "169.254.169.254", "/latest/meta-data/"), true,
                "refused to connect to 169.254.169.254");
     expect_get(&f, url(&f, "[::1]", "/page"), true, "refused to connect to ::1");
@@ -675,13 +693,92 @@ START_TEST(test_http_get_refuses_private)
 }
 END_TEST
 
+/* The redirect goes to 127.0.0.1, not allowlisted; the HTTP skill called
+ * first leaves a kept-alive connection to it in the client both share (as
+ * in the worker), which the redirect must not ride either. */
 START_TEST(test_http_get_redirect_refused)
 {
     struct fx f;
-    fx_start(&f, "localhost"); /* the redirect goes to 127.0.0.1, not allowlisted */
+    fx_start(&f, "localhost");
+    expect_ok(&f, "weather", "{\"city\":\"Paris\"}", "sunny, 21C");
+    expect_get(&f, url(&f, "localhost", "/redir"), true, "refused to connect to 127.0.0.1: ");
     expect_get(&f, url(&f, "localhost", "/redir"), true,
-               "refused to connect to 127.0.0.1: loopback address (not allowlisted)");
-    ck_assert_int_eq(f.srv->requests, 1);
+               "loopback address (127.0.0.0/8) (not allowlisted)");
+    ck_assert_int_eq(f.srv->requests, 3); /* the skill, then /redir twice, never /page */
+    fx_stop(&f);
+}
+END_TEST
+
+/* http_get of this machine's own interface address (getifaddrs' first
+ * one that is not loopback) with a real listener on it: refused as this
+ * host's own address, whatever range it is in, and the listener never
+ * sees a request; allowlisted, the same URL is fetched. */
+START_TEST(test_http_get_own_address)
+{
+    char ip[INET6_ADDRSTRLEN + 64];
+    if (!aq_test_own_addr(ip, sizeof ip)) {
+        printf("test_http_get_own_address skipped: %s\n", ip);
+        return;
+    }
+    struct fx f;
+    fx_start(&f, "example.com");
+    struct srv *own = srv_start_on(f.base, ip);
+    char u[160], want[256];
+    aq_test_url(u, sizeof u, ip, own->port, "/page");
+    snprintf(want, sizeof want, "http_get: refused to connect to %s: this host's own address", ip);
+    expect_get(&f, u, true, want);
+    expect_get(&f, u, true, "(not allowlisted)");
+    ck_assert_int_eq(own->requests, 0);
+    srv_stop(own);
+    fx_stop(&f);
+
+    fx_start(&f, ip);
+    own = srv_start_on(f.base, ip);
+    aq_test_url(u, sizeof u, ip, own->port, "/page");
+    expect_get(&f, u, false, "HTTP 200\nhello page");
+    ck_assert_int_eq(own->requests, 1);
+    srv_stop(own);
+    fx_stop(&f);
+}
+END_TEST
+
+/* An allowlisted server redirecting http_get to a refused address: each
+ * hop is judged on the address it connects to. */
+START_TEST(test_http_get_redirect_to_refused)
+{
+    static const struct {
+        const char *target;
+        const char *want;
+    } cases[] = {
+        {"http://203.0.113.5/x",
+         "http_get: refused to connect to 203.0.113.5: documentation address (203.0.113.0/24) "
+         "(not allowlisted)"},
+        {"http://100.64.0.1/x", "shared (CGNAT) address (100.64.0.0/10)"},
+        {"http://[64:ff9b::a9fe:a9fe]/latest/meta-data/",
+         "cloud metadata address (169.254.169.254/32) inside a NAT64 address (64:ff9b::/96)"},
+        {"http://[::ffff:192.168.1.1]/x", "private address (192.168.0.0/16)"},
+        {"http://[fd00::1]/x", "private (unique local) address (fc00::/7)"},
+    };
+    struct fx f;
+    fx_start(&f, "127.0.0.1");
+    char via[512];
+    for (size_t i = 0; i < AQ_ARRAY_LEN(cases); i++) {
+        snprintf(via, sizeof via, "http://127.0.0.1:%d/goto?%s", f.srv->port, cases[i].target);
+        expect_get(&f, via, true, cases[i].want);
+    }
+    char ip[INET6_ADDRSTRLEN + 64];
+    if (aq_test_own_addr(ip, sizeof ip)) {
+        struct srv *own = srv_start_on(f.base, ip);
+        char target[160], want[256];
+        aq_test_url(target, sizeof target, ip, own->port, "/page");
+        snprintf(via, sizeof via, "http://127.0.0.1:%d/goto?%s", f.srv->port, target);
+        snprintf(want, sizeof want, "refused to connect to %s: this host's own address", ip);
+        expect_get(&f, via, true, want);
+        ck_assert_int_eq(own->requests, 0);
+        srv_stop(own);
+    } else {
+        printf("test_http_get_redirect_to_refused: own-address case skipped: %s\n", ip);
+    }
     fx_stop(&f);
 }
 END_TEST
@@ -904,6 +1001,8 @@ static Suite *skill_suite(void)
     tcase_add_test(errors, test_current_time_bad_zone);
     tcase_add_test(errors, test_http_get_refuses_private);
     tcase_add_test(errors, test_http_get_redirect_refused);
+    tcase_add_test(errors, test_http_get_own_address);
+    tcase_add_test(errors, test_http_get_redirect_to_refused);
     tcase_add_test(errors, test_http_get_bad_url);
     tcase_add_test(errors, test_http_skill_failures);
     tcase_add_test(errors, test_cancel);

@@ -93,16 +93,30 @@ typedef struct aq_http_request {
     /* SSRF guard for fetches a model asked for. When set, every connection
      * of this request (redirects included) is checked on the address
      * actually being connected, after DNS, so DNS rebinding cannot dodge
-     * it: loopback, private, link-local, unspecified, CGNAT, multicast,
-     * reserved and cloud metadata addresses (and those ranges inside
-     * IPv4-mapped, IPv4-compatible, NAT64 and 6to4 IPv6 addresses) are
-     * refused before any packet is sent, unless the URL's host name is on
-     * the allowlist (exact, case-insensitive match; an IP literal matches
-     * itself). Such a request ignores proxy environment variables and never
-     * shares a connection with another request, so it cannot ride on a
-     * connection opened without the check. A refusal ends the request
-     * with AQ_EINVAL and an error such as
-     * "refused to connect to 127.0.0.1: loopback address (not allowlisted)". */
+     * it, and refused before any packet is sent:
+     *  - every IANA special-purpose range, IPv4 and IPv6 (loopback,
+     *    private, shared/CGNAT, link-local, documentation, benchmarking,
+     *    protocol assignments, AS112, AMT, 6to4, Teredo, ORCHID, discard,
+     *    SRv6, unique local, ...), multicast, reserved space (240/4 and
+     *    every IPv6 block outside 2000::/3), limited broadcast, and cloud
+     *    metadata hosts; an IPv4-mapped address (::ffff:a.b.c.d) is judged
+     *    as its IPv4 address, a NAT64 one (64:ff9b::a.b.c.d) by the IPv4
+     *    address inside it (see aq_http_addr_forbidden);
+     *  - any address of this host's own interfaces (getifaddrs, re-read
+     *    at most every 5 s), whatever range it is in (if they cannot be
+     *    listed at all, every address outside the ranges is refused too);
+     * unless the URL's host name is on the allowlist (exact,
+     * case-insensitive match; an IP literal matches itself), which is the
+     * one way to allow such an address. Such a request ignores proxy
+     * environment variables and never shares a connection with another
+     * request, and every request it sends (each redirect hop) is checked
+     * again on the address of the connection it goes out on, new or
+     * reused, so it cannot ride on a connection opened without the check.
+     * A refusal ends the request with AQ_EINVAL and an error such as
+     * "refused to connect to 192.0.2.7: documentation address
+     * (192.0.2.0/24) (not allowlisted)" or "refused to connect to
+     * 203.0.113.9: this host's own address, documentation address
+     * (203.0.113.0/24) (not allowlisted)". */
     bool block_private;
     const char *const *allowlist;
     size_t nallowlist;
@@ -194,10 +208,18 @@ const char *aq_http_result_header(const aq_http_result *res, const char *name);
 /* Fills *out (borrowed) with the client's counters. */
 void aq_http_stats_get(const aq_http *http, aq_http_stats *out);
 
-/* True when connecting to `sa` is refused by block_private: writes a short
- * reason ("loopback address", "private address", ...) into why (may be
- * NULL). Pure; AF_INET and AF_INET6 are judged, any other family is
- * forbidden ("not an IP address"). */
+/* A reason from aq_http_addr_forbidden() always fits in this many bytes. */
+#define AQ_HTTP_WHY_LEN 128
+
+/* The range half of block_private: true when `sa` is in a refused range,
+ * with the reason naming the range written into why (may be NULL), e.g.
+ * "loopback address (127.0.0.0/8)", "documentation address
+ * (2001:db8::/32)", "private address (10.0.0.0/8) inside a NAT64 address
+ * (64:ff9b::/96)". The most specific range decides ("cloud metadata
+ * address (169.254.169.254/32)" rather than link-local). Pure: this host's
+ * own addresses, which block_private refuses as well, are not looked at
+ * here. AF_INET and AF_INET6 are judged, any other family is forbidden
+ * ("not an IP address"). */
 bool aq_http_addr_forbidden(const struct sockaddr *sa, char *why, size_t whylen);
 
 #endif

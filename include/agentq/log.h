@@ -5,10 +5,17 @@
  * so lines from several threads never interleave.
  *
  * Secrets never reach a line: every string registered with
- * aq_log_add_secret() is replaced by "***" wherever it appears, and the
- * password part of any URL (scheme://user:PASSWORD@host) or libpq
+ * aq_log_add_secret() is replaced by "***" wherever it appears — as itself
+ * or JSON-escaped ("\/" for "/", as some servers write it), and also when
+ * a text ends in its first bytes (a secret cut off by a length limit) —
+ * and the password part of any URL (scheme://user:PASSWORD@host) or libpq
  * `password=` setting in a message is masked as well. Register API keys
- * and connection-string passwords at start-up, before threads start.
+ * and connection-string passwords at start-up; registering is safe
+ * against threads that log at the same time.
+ *
+ * Text that is stored rather than logged (a provider's error in a task
+ * row, a step's detail) goes through aq_log_mask_secrets(): the same
+ * registered secrets, and nothing else changed.
  *
  * The macros do not evaluate their arguments below the current level. */
 #ifndef AGENTQ_LOG_H
@@ -32,15 +39,26 @@ const char *aq_log_level_name(aq_log_level level);
 void aq_log_set_level(aq_log_level level);
 /* Copies `id`; NULL clears it. */
 void aq_log_set_worker_id(const char *id);
-/* Copies `secret`; empty strings and strings shorter than 4 bytes are
- * ignored (masking "a" everywhere would garble every line). */
-void aq_log_add_secret(const char *secret);
+/* Copies `secret` (and its JSON-escaped forms) into the process-wide list
+ * of masked strings. Returns AQ_OK (also when it was registered already),
+ * AQ_EINVAL for NULL or a string shorter than 4 bytes (masking "a"
+ * everywhere would garble every line), AQ_ENOMEM when the list (64 forms)
+ * is full; the secret is not masked then. */
+int aq_log_add_secret(const char *secret);
 /* Sends lines to `fd` instead of stderr (tests). */
 void aq_log_set_fd(int fd);
 
 /* Masks secrets (registered ones, URL and DSN passwords) in `in`, writing
  * a NUL-terminated result of at most outlen bytes into `out`. */
 void aq_log_redact(const char *in, char *out, size_t outlen);
+
+/* Masks the registered secrets — and nothing else — in in[0..len) (which
+ * need not be NUL-terminated and may hold NULs), in full: no length limit,
+ * no URL or DSN heuristics, so text that is stored (a model's answer with
+ * a sample connection string, JSON) keeps its meaning. Returns a
+ * NUL-terminated copy, never longer than `len`, that the caller frees with
+ * free(); its length goes to *out_len when out_len is not NULL. */
+char *aq_log_mask_secrets(const char *in, size_t len, size_t *out_len);
 
 void aq__log(aq_log_level level, const char *task_id, const char *user_id,
              const char *fmt, ...) AQ_PRINTF(4, 5);

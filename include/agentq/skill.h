@@ -16,16 +16,19 @@
  * read and correct itself by, e.g.
  *     "unknown tool 'foo'; available: calculator, http_get"
  *     "calculator: missing string argument 'expression'"
- *     "http_get: refused to connect to 127.0.0.1: loopback address (not allowlisted)"
+ *     "http_get: refused to connect to 10.0.0.1: private address (10.0.0.0/8) (not allowlisted)"
  *
  * Outputs are text for the model, capped at AQ_SKILL_MAX_OUTPUT bytes: a
  * longer body is cut at a UTF-8 character boundary and ends with a marker
  * saying how much was shown.
  *
  * http_get is the SSRF-exposed one: it fetches with the http module's
- * block_private guard (checked on the address actually connected, redirects
- * included) and skills.http_get_allow as the allowlist, under
- * skills.http_get_max_bytes and skills.http_get_timeout_ms. HTTP skills run
+ * block_private guard (see http.h: every IANA special-purpose and reserved
+ * range and this host's own addresses are refused, checked on the address
+ * of every connection the fetch uses, redirects included) and
+ * skills.http_get_allow as the allowlist, the one way to let such an
+ * address through, under skills.http_get_max_bytes and
+ * skills.http_get_timeout_ms. HTTP skills run
  * without the guard: the operator chose their URLs. The worker POSTs
  *     {"arguments": <the call's arguments>, "task_id": ..., "user_id": ...}
  * as application/json and hands the reply body to the model; a non-2xx

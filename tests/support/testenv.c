@@ -4,6 +4,8 @@
 
 #include <arpa/inet.h>
 #include <event2/http.h>
+#include <ifaddrs.h>
+#include <net/if.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 
@@ -200,12 +202,49 @@ int aq_test_bound_port(int fd)
 struct evhttp *aq_test_httpd(struct event_base *base, void (*cb)(struct evhttp_request *, void *), void *arg,
                              int *port)
 {
+    return aq_test_httpd_on(base, "127.0.0.1", cb, arg, port);
+}
+
+struct evhttp *aq_test_httpd_on(struct event_base *base, const char *host,
+                                void (*cb)(struct evhttp_request *, void *), void *arg, int *port)
+{
     struct evhttp *http = evhttp_new(base);
     ck_assert_ptr_nonnull(http);
     evhttp_set_gencb(http, cb, arg);
     evhttp_set_allowed_methods(http, EVHTTP_REQ_GET | EVHTTP_REQ_POST);
-    struct evhttp_bound_socket *bs = evhttp_bind_socket_with_handle(http, "127.0.0.1", 0);
-    ck_assert_ptr_nonnull(bs);
+    struct evhttp_bound_socket *bs = evhttp_bind_socket_with_handle(http, host, 0);
+    ck_assert_msg(bs != NULL, "cannot listen on %s", host);
     *port = aq_test_bound_port(evhttp_bound_socket_get_fd(bs));
     return http;
+}
+
+bool aq_test_own_addr(char *buf, size_t len)
+{
+    struct ifaddrs *ifs = NULL;
+    if (getifaddrs(&ifs) != 0) {
+        snprintf(buf, len, "getifaddrs failed");
+        return false;
+    }
+    bool found = false;
+    for (struct ifaddrs *i = ifs; i && !found; i = i->ifa_next) {
+        if (!i->ifa_addr || (i->ifa_flags & IFF_LOOPBACK) || !(i->ifa_flags & IFF_UP)) continue;
+        if (i->ifa_addr->sa_family == AF_INET) {
+            const struct sockaddr_in *s4 = (const struct sockaddr_in *)(const void *)i->ifa_addr;
+            found = inet_ntop(AF_INET, &s4->sin_addr, buf, (socklen_t)len) != NULL;
+        } else if (i->ifa_addr->sa_family == AF_INET6) {
+            const struct sockaddr_in6 *s6 = (const struct sockaddr_in6 *)(const void *)i->ifa_addr;
+            if (IN6_IS_ADDR_LINKLOCAL(&s6->sin6_addr)) continue;
+            found = inet_ntop(AF_INET6, &s6->sin6_addr, buf, (socklen_t)len) != NULL;
+        }
+    }
+    freeifaddrs(ifs);
+    if (!found) snprintf(buf, len, "no interface address but loopback and link-local");
+    return found;
+}
+
+const char *aq_test_url(char *buf, size_t len, const char *host, int port, const char *path)
+{
+    bool v6 = strchr(host, ':') != NULL;
+    snprintf(buf, len, "http://%s%s%s:%d%s", v6 ? "[" : "", host, v6 ? "]" : "", port, path);
+    return buf;
 }

@@ -9,6 +9,7 @@
 #define AGENTQ_TESTENV_H
 
 #include <check.h>
+#include <stdbool.h>
 #include <stddef.h>
 
 /* Runs every test of `s` (forked, as Check does by default), frees the
@@ -27,6 +28,20 @@ struct evhttp_request;
  * evhttp_free(). Fails the current test if it cannot listen. */
 struct evhttp *aq_test_httpd(struct event_base *base, void (*cb)(struct evhttp_request *, void *), void *arg,
                              int *port);
+
+/* The same on `host`, an IP literal ("127.0.0.1", "fd00::2"). */
+struct evhttp *aq_test_httpd_on(struct event_base *base, const char *host,
+                                void (*cb)(struct evhttp_request *, void *), void *arg, int *port);
+
+/* The first address of this machine's own interfaces that is not loopback
+ * (getifaddrs order; an IPv6 link-local one is skipped, as it needs a
+ * scope to connect), as text into buf. Returns false, with why the
+ * search failed in buf, when there is none: a test then skips. */
+bool aq_test_own_addr(char *buf, size_t len);
+
+/* "http://HOST:PORT" + path into buf, with HOST in brackets when it is an
+ * IPv6 literal; returns buf. */
+const char *aq_test_url(char *buf, size_t len, const char *host, int port, const char *path);
 
 /* Path of a built executable (e.g. "agentq-mockllm"); static buffer. */
 const char *aq_test_bin(const char *name);
