@@ -87,20 +87,22 @@ AS $$
 $$;
 
 -- Renews the leases of the tasks a worker runs (one statement for all of
--- them) and keeps its liveness lock. Returns how many rows were renewed.
+-- them) and keeps its liveness lock. Returns the tasks of p_tasks this
+-- worker no longer holds (another attempt took them over), so it can stop
+-- paying for them.
 CREATE FUNCTION agentq.renew_leases(p_owner integer, p_seconds double precision, p_tasks uuid[])
-RETURNS integer
+RETURNS SETOF uuid
 LANGUAGE plpgsql
 AS $$
-DECLARE
-    n integer;
 BEGIN
     PERFORM agentq.hold_owner_lock(p_owner);
     UPDATE agentq.tasks
        SET lease_until = now() + p_seconds * interval '1 second', leased_at = now()
      WHERE task_id = ANY (p_tasks) AND status = 'running' AND lease_owner = p_owner;
-    GET DIAGNOSTICS n = ROW_COUNT;
-    RETURN n;
+    RETURN QUERY
+        SELECT u.id FROM unnest(p_tasks) AS u(id)
+         WHERE NOT EXISTS (SELECT 1 FROM agentq.tasks t
+                            WHERE t.task_id = u.id AND t.status = 'running' AND t.lease_owner = p_owner);
 END
 $$;
 

@@ -278,13 +278,10 @@ static json_t *field_to_json(const amqp_field_value_t *f)
     case AMQP_FIELD_KIND_F64: return json_real(f->value.f64);
     case AMQP_FIELD_KIND_UTF8:
     case AMQP_FIELD_KIND_BYTES: {
-        json_t *s = json_stringn_nocheck(f->value.bytes.bytes, f->value.bytes.len);
-        /* Not UTF-8: keep a marker rather than invalid JSON. */
-        if (s && !json_stringn(f->value.bytes.bytes, f->value.bytes.len)) {
-            json_decref(s);
-            return json_string("(binary)");
-        }
-        return s;
+        /* json_stringn checks UTF-8; not UTF-8: keep a marker rather than
+         * invalid JSON. */
+        json_t *s = json_stringn(f->value.bytes.bytes, f->value.bytes.len);
+        return s ? s : json_string("(binary)");
     }
     case AMQP_FIELD_KIND_TABLE: return aq_broker_table_to_json(&f->value.table);
     case AMQP_FIELD_KIND_ARRAY: {

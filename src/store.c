@@ -108,7 +108,7 @@ static const struct {
         "   error = EXCLUDED.error, worker_id = EXCLUDED.worker_id, finished_at = now()"
         " WHERE t.status IN ('queued', 'retrying')"
         "   AND (t.body_sha256 IS NULL OR t.body_sha256 = sha256($8::bytea))"},
-    [S_RENEW] = {"aq_renew", 3, 0, "SELECT agentq.renew_leases($1::int, $2::float8, $3::uuid[])"},
+    [S_RENEW] = {"aq_renew", 3, 0, "SELECT * FROM agentq.renew_leases($1::int, $2::float8, $3::uuid[])"},
     [S_SWEEP] = {"aq_sweep", 2, 0,
         "SELECT swept_task_id, swept_body, swept_priority FROM agentq.sweep_leases($1::int, $2::float8)"},
     [S_HOLD] = {"aq_hold", 1, 0, "SELECT agentq.hold_owner_lock($1::int)"},
@@ -138,6 +138,7 @@ typedef struct req {
     aq_store_claim_cb claim_cb;
     aq_store_done_cb done_cb;
     aq_store_sweep_cb sweep_cb;
+    aq_store_renew_cb renew_cb;
     void *arg;
     /* Set by the writer before the request reaches the done list. */
     int code;
@@ -300,7 +301,7 @@ static void complete(aq_store *s, req **v, size_t n, bool committed)
         req *r = v[i];
         s->pending--;
         if (r->code != AQ_OK) s->counters.failed++;
-        if (!r->claim_cb && !r->done_cb && !r->sweep_cb) { /* nobody waits for it */
+        if (!r->claim_cb && !r->done_cb && !r->sweep_cb && !r->renew_cb) { /* nobody waits for it */
             req_free(r);
             continue;
         }
@@ -345,6 +346,11 @@ static void deliver(aq_store *s)
             if (r->claim_cb) r->claim_cb(r->arg, r->code == AQ_OK ? &c : NULL, r->code);
         } else if (r->kind == REQ_SWEEP) {
             if (r->sweep_cb) r->sweep_cb(r->arg, r->swept, r->nswept, r->code);
+        } else if (r->kind == REQ_RENEW) {
+            const char **lost = aq_xcalloc(r->nswept + 1, sizeof *lost);
+            for (size_t i = 0; i < r->nswept; i++) lost[i] = r->swept[i].task_id;
+            if (r->renew_cb) r->renew_cb(r->arg, lost, r->nswept, r->code);
+            free(lost);
         } else if (r->done_cb) {
             r->done_cb(r->arg, r->code);
         }
@@ -740,7 +746,8 @@ static void interpret_finish(req *r, const PGresult *res)
         aq_log_task(AQ_LOG_WARN, r->task_id, NULL, "store: finish changed nothing: the row does not exist");
 }
 
-/* The rows a sweep marked, copied for the loop thread. */
+/* The rows a sweep marked (or the task ids a renewal lost: the first
+ * column alone), copied for the loop thread. */
 static void interpret_sweep(req *r, const PGresult *res)
 {
     int n = PQntuples(res);
@@ -749,6 +756,11 @@ static void interpret_sweep(req *r, const PGresult *res)
     r->swept = aq_xcalloc((size_t)n, sizeof *r->swept);
     for (int i = 0; i < n; i++) {
         aq_store_swept *w = &r->swept[r->nswept];
+        if (PQnfields(res) < 3) {
+            snprintf(w->task_id, sizeof w->task_id, "%s", PQgetvalue(res, i, 0));
+            r->nswept++;
+            continue;
+        }
         size_t len = 0;
         unsigned char *b = PQunescapeBytea((const unsigned char *)PQgetvalue(res, i, 1), &len);
         if (!b) aq_oom("a swept task's body");
@@ -848,7 +860,7 @@ static int run_txn(aq_store *s, req **v, size_t n, size_t *bad, char *msg, size_
                 interpret_claim(q, res[k]);
             else if (q->kind == REQ_FINISH)
                 interpret_finish(q, res[k]);
-            else if (q->kind == REQ_SWEEP)
+            else if (q->kind == REQ_SWEEP || q->kind == REQ_RENEW)
                 interpret_sweep(q, res[k]);
             else
                 q->code = AQ_OK;
@@ -1282,7 +1294,7 @@ int aq_store_dead_letter(aq_store *s, const aq_store_dead *d, aq_store_done_cb c
     return submit(s, r);
 }
 
-int aq_store_renew(aq_store *s, const char *const *task_ids, size_t n)
+int aq_store_renew(aq_store *s, const char *const *task_ids, size_t n, aq_store_renew_cb cb, void *arg)
 {
     if (!s || (n && !task_ids)) return AQ_EINVAL;
     /* A uuid[] literal: {id,id,...}; the ids are checked, so no quoting. */
@@ -1306,6 +1318,8 @@ int aq_store_renew(aq_store *s, const char *const *task_ids, size_t n)
     p_int(st, s->owner);
     p_dbl(st, s->lease_seconds);
     st->v[st->n++] = arr;
+    r->renew_cb = cb;
+    r->arg = arg;
     return submit(s, r);
 }
 

@@ -575,6 +575,22 @@ static void collect_id(const char *key, void *value, void *arg)
     l->ids[l->n++] = key;
 }
 
+/* Tasks another attempt took over (this worker was taken for gone: its
+ * database connection was away longer than a lease): their sessions stop
+ * rather than pay for calls whose result can no longer be recorded. */
+static void on_leases_renewed(void *arg, const char *const *lost, size_t n, int code)
+{
+    aq_worker *w = arg;
+    for (size_t i = 0; code == AQ_OK && i < n; i++) {
+        job *j = aq_strmap_get(w->jobs, lost[i]);
+        if (!j || !j->session) continue;
+        aq_log_task(AQ_LOG_WARN, lost[i], j->task->user_id,
+                    "another attempt took this task over (this worker's lease lapsed); stopping attempt %d",
+                    j->attempt);
+        aq_session_cancel(j->session, "queued");
+    }
+}
+
 /* Every third of a lease: renew the leases of every task this process
  * holds (one statement), then sweep for running tasks nobody holds. */
 static void on_lease_tick(evutil_socket_t fd, short what, void *arg)
@@ -584,7 +600,8 @@ static void on_lease_tick(evutil_socket_t fd, short what, void *arg)
     (void)what;
     id_list l = {aq_xcalloc(aq_strmap_size(w->jobs) + 1, sizeof *l.ids), 0};
     aq_strmap_each(w->jobs, collect_id, &l);
-    if (aq_store_renew(w->store, l.ids, l.n) != AQ_OK) aq_log(AQ_LOG_WARN, "store refused the lease renewal");
+    if (aq_store_renew(w->store, l.ids, l.n, on_leases_renewed, w) != AQ_OK)
+        aq_log(AQ_LOG_WARN, "store refused the lease renewal");
     free(l.ids);
     if (!w->draining && aq_consumer_connected(w->consumer) &&
         aq_store_sweep(w->store, SWEEP_LIMIT, (double)w->cfg->worker_lease_seconds * RESWEEP_LEASES, on_swept,

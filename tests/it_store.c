@@ -190,6 +190,21 @@ static void on_sweep(void *arg, const aq_store_swept *rows, size_t n, int code)
     }
 }
 
+typedef struct renew_rec {
+    int calls, code;
+    size_t n;
+    char first[AQ_TASK_ID_LEN + 1];
+} renew_rec;
+
+static void on_renew(void *arg, const char *const *lost, size_t n, int code)
+{
+    renew_rec *r = arg;
+    r->calls++;
+    r->code = code;
+    r->n = n;
+    if (n) snprintf(r->first, sizeof r->first, "%s", lost[0]);
+}
+
 /* The body the worker would have parsed these fields from. */
 static const char task_body[] =
     "{\"user_id\": \"alice\", \"goal\": \"add 2 and 3\", \"metadata\": {\"batch\": 7, \"pi\": 3.14159}}";
@@ -717,11 +732,19 @@ START_TEST(test_renew_and_sweep)
     ck_assert_int_eq(claim_sync(b, theirs).outcome, AQ_STORE_RUN);
     ck_assert_int_eq(claim_sync(b, orphan).outcome, AQ_STORE_RUN);
     exec_ok("UPDATE agentq.tasks SET lease_until = now() - interval '1 second'");
-    /* a renews its own task only, even when it names the others. */
+    /* a renews its own task only, even when it names the others, and
+     * hears that it does not hold the other one. */
     const char *ids[] = {mine, theirs};
-    ck_assert_int_eq(aq_store_renew(a, ids, 2), 0);
+    renew_rec ra = {0}, rb = {0};
+    ck_assert_int_eq(aq_store_renew(a, ids, 2, on_renew, &ra), 0);
     const char *ids_b[] = {theirs};
-    ck_assert_int_eq(aq_store_renew(b, ids_b, 1), 0);
+    ck_assert_int_eq(aq_store_renew(b, ids_b, 1, on_renew, &rb), 0);
+    ck_assert(run_until(&rb.calls, 1, 10000));
+    ck_assert(run_until(&ra.calls, 1, 10000));
+    ck_assert_int_eq(ra.code, 0);
+    ck_assert_int_eq(ra.n, 1);
+    ck_assert_str_eq(ra.first, theirs);
+    ck_assert_int_eq(rb.n, 0);
     for (int i = 0; i < 200 && strcmp(val("SELECT count(*) FROM agentq.tasks WHERE lease_until > now()"), "2"); i++)
         run_for(25);
     ck_assert_str_eq(val(sqlf("SELECT string_agg(task_id::text, ',') FROM agentq.tasks"

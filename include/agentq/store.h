@@ -215,10 +215,17 @@ int aq_store_step(aq_store *s, const aq_store_step_row *row) AQ_MUSTCHECK;
 int aq_store_dead_letter(aq_store *s, const aq_store_dead *d, aq_store_done_cb cb,
                          void *arg) AQ_MUSTCHECK;
 
+/* Renewal result: on code 0, the `n` task ids of the renewal this worker
+ * no longer holds (another attempt took them over; borrowed for the
+ * callback). A task whose own finish was committed before the renewal is
+ * reported too, but its finish callback has run by then. */
+typedef void (*aq_store_renew_cb)(void *arg, const char *const *lost, size_t n, int code);
+
 /* Renews the leases of the `n` tasks this worker runs (ids borrowed for
- * the call), in one statement, and keeps the worker's liveness lock. No
- * callback. Returns 0, AQ_EINVAL or AQ_ECLOSED. */
-int aq_store_renew(aq_store *s, const char *const *task_ids, size_t n) AQ_MUSTCHECK;
+ * the call), in one statement, and keeps the worker's liveness lock. `cb`
+ * may be NULL. Returns 0, AQ_EINVAL or AQ_ECLOSED. */
+int aq_store_renew(aq_store *s, const char *const *task_ids, size_t n, aq_store_renew_cb cb,
+                   void *arg) AQ_MUSTCHECK;
 
 /* A running task whose lease expired, to be published again. */
 typedef struct aq_store_swept {
