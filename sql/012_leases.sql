@@ -140,8 +140,9 @@ $$;
 --   conflict  the task_id names a task defined by another body: record
 --             the message as a `duplicate` dead letter and ack
 --   ended     this claim ended the task (o_status says how: cancelled,
---             expired, or failed after too many interruptions, with a
---             dead letter saying so): ack
+--             expired, or failed after too many interruptions) and
+--             recorded its dead letter (reason: the status, or
+--             `interrupted`): ack
 --   busy      the user runs p_user_cap tasks already; nothing written
 CREATE FUNCTION agentq.claim(
     p_task uuid, p_user text, p_goal text, p_priority integer, p_max_steps integer,
@@ -221,10 +222,12 @@ BEGIN
                       ' each time; a task that brings workers down ends here (amqp.max_interruptions = %s)',
                       ints, p_max_interruptions);
         o_status := 'failed';
-        INSERT INTO agentq.dead_letters (task_id, reason, error, body)
-        VALUES (p_task, 'interrupted', err, coalesce(t.body, p_body));
     END IF;
     IF err IS NOT NULL THEN
+        -- Every task that ends other than completed is in the parking lot.
+        INSERT INTO agentq.dead_letters (task_id, reason, error, body)
+        VALUES (p_task, CASE WHEN o_status = 'failed' THEN 'interrupted' ELSE o_status END, err,
+                coalesce(t.body, p_body));
         UPDATE agentq.tasks
            SET status = o_status, error = err, interruptions = ints, finished_at = now(),
                lease_owner = NULL, lease_until = NULL

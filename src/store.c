@@ -69,8 +69,10 @@ static const struct {
     /* Changes the row only while this attempt runs it; the last columns
      * (pre-update snapshot) tell "already final" and "this very finish,
      * replayed" from "not ours". A failed attempt counts toward
-     * amqp.max_attempts, a drained one toward amqp.max_interruptions. */
-    [S_FINISH] = {"aq_finish", 9, 0,
+     * amqp.max_attempts, a drained one toward amqp.max_interruptions. With
+     * a body ($10), the same statement records the dead letter of a task
+     * that ended other than completed, if this finish took effect. */
+    [S_FINISH] = {"aq_finish", 11, 10,
         "WITH u AS ("
         " UPDATE agentq.tasks SET status = $3::text, steps = $4::int,"
         "   prompt_tokens = $5::bigint, completion_tokens = $6::bigint,"
@@ -81,7 +83,11 @@ static const struct {
         "   lease_owner = NULL, lease_until = NULL"
         " WHERE task_id = $1::uuid AND ($2::int <= 0 OR attempt = $2::int)"
         "   AND status = 'running'"
-        " RETURNING 1)"
+        " RETURNING task_id),"
+        " dl AS ("
+        " INSERT INTO agentq.dead_letters (task_id, reason, error, body, store_key)"
+        " SELECT u.task_id, $3::text, $9::text, $10::bytea, $11::text FROM u WHERE $10::bytea IS NOT NULL"
+        " ON CONFLICT (store_key) DO NOTHING)"
         " SELECT (SELECT count(*) FROM u)::int, t.status, t.attempt"
         "   FROM (SELECT 1) one LEFT JOIN agentq.tasks t ON t.task_id = $1::uuid"},
     [S_STEP] = {"aq_step", 13, 0,
@@ -1211,7 +1217,7 @@ int aq_store_claim(aq_store *s, const aq_store_task *t, aq_store_claim_cb cb, vo
 int aq_store_finish(aq_store *s, const aq_store_result *res, aq_store_done_cb cb, void *arg)
 {
     if (!s || !res || !aq_task_uuid_valid(res->task_id) || !status_known(res->status) ||
-        !isfinite(res->cost_usd))
+        !isfinite(res->cost_usd) || res->dead_len > INT_MAX)
         return AQ_EINVAL;
     req *r = req_new(REQ_FINISH, res->task_id);
     stmt *st = &r->st[r->nstmt++];
@@ -1225,6 +1231,15 @@ int aq_store_finish(aq_store *s, const aq_store_result *res, aq_store_done_cb cb
     p_dbl(st, res->cost_usd);
     p_str(st, res->result);
     p_str(st, res->error);
+    if (res->dead_body) {
+        char key[64];
+        next_token(s, 'd', key, sizeof key);
+        p_bin(st, res->dead_body, res->dead_len);
+        p_str(st, key);
+    } else {
+        p_str(st, NULL);
+        p_str(st, NULL);
+    }
     r->attempt = res->attempt; /* what interpret_finish compares the row with */
     snprintf(r->status, sizeof r->status, "%s", res->status);
     r->done_cb = cb;

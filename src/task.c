@@ -592,6 +592,9 @@ int aq_task_parse(const char *body, size_t len, const aq_task_props *props,
         note_task_id(NULL, props, e);
         if (len == 0)
             return fail(e, "body", "body is not valid JSON: the body is empty");
+        if (json_error_code(&je) == json_error_invalid_utf8)
+            return fail(e, "body", "body is not valid UTF-8: %s at line %d column %d", je.text, je.line,
+                        je.column);
         return fail(e, "body", "body is not valid JSON: %s at line %d column %d",
                     je.text, je.line, je.column);
     }

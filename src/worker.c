@@ -107,7 +107,11 @@ static void on_finished(void *arg, int code)
     job_free(j);
 }
 
-static void record(job *j, const char *status, const aq_session_result *r, const char *error,
+/* Writes the row's new status. A task that ends other than completed
+ * (and not through the dead-letter exchange) gets its dead letter in the
+ * same statement when `dead`, so every such task is in the parking lot
+ * with the reason, and `agentqctl requeue` can send it back. */
+static void record(job *j, const char *status, const aq_session_result *r, const char *error, bool dead,
                    aq_store_done_cb cb)
 {
     aq_store_result res = {
@@ -120,6 +124,8 @@ static void record(job *j, const char *status, const aq_session_result *r, const
         .cost_usd = r ? r->cost_usd : 0,
         .result = r ? r->result : NULL,
         .error = error,
+        .dead_body = dead ? j->d->body : NULL,
+        .dead_len = dead ? j->d->len : 0,
     };
     if (aq_store_finish(j->w->store, &res, cb, j) != AQ_OK) {
         aq_log_task(AQ_LOG_ERROR, j->task->task_id, j->task->user_id, "store refused the status write");
@@ -220,7 +226,8 @@ static void on_retry_published(void *cookie, bool ok, void *arg)
     bool dead = out_of_attempts(j);
     if (dead) j->w->st.failed++;
     else j->w->st.retried++;
-    record(j, dead ? "failed" : "retrying", NULL, j->error, on_retry_recorded);
+    /* out of attempts: the dead-letter consumer records the copy */
+    record(j, dead ? "failed" : "retrying", NULL, j->error, false, on_retry_recorded);
 }
 
 static void on_session_done(aq_session *s, const aq_session_result *r, void *arg)
@@ -233,7 +240,7 @@ static void on_session_done(aq_session *s, const aq_session_result *r, void *arg
                 j->task->user_id, "task %s after %d steps ($%.6f)%s%s", r->status, r->steps, r->cost_usd,
                 r->error ? ": " : "", r->error ? r->error : "");
     if (!strcmp(r->status, "queued")) { /* drain ran out: back to the queue */
-        record(j, "queued", r, NULL, on_requeued);
+        record(j, "queued", r, NULL, false, on_requeued);
         return;
     }
     if (r->retryable) {
@@ -242,7 +249,7 @@ static void on_session_done(aq_session *s, const aq_session_result *r, void *arg
     }
     if (!strcmp(r->status, "completed")) w->st.completed++;
     else w->st.failed++;
-    record(j, r->status, r, r->error, on_finished);
+    record(j, r->status, r, r->error, strcmp(r->status, "completed") != 0, on_finished);
 }
 
 /* A message whose task_id names a task another body defined: recorded as

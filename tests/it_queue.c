@@ -200,6 +200,36 @@ static int worker_metrics_port(const char *name)
     return 0;
 }
 
+/* Messages ready in the test's task queue (unacked ones are not counted:
+ * call with no worker running to count every copy left). */
+static int64_t tasks_left(void)
+{
+    aq_config cfg;
+    char err[512];
+    ck_assert_msg(aq_config_load(&cfg, NULL, err, sizeof err) == 0, "%s", err);
+    aq_broker *b = aq_broker_connect(cfg.amqp_url, 0, 5000, err, sizeof err);
+    ck_assert_msg(b != NULL, "%s", err);
+    int64_t messages = -1, consumers = -1;
+    ck_assert_msg(aq_broker_queue_depth(b, cfg.amqp_queue, &messages, &consumers, err, sizeof err) == 0, "%s", err);
+    aq_broker_free(b);
+    aq_config_free(&cfg);
+    return messages;
+}
+
+/* Checks that the first value of the query is `want`. */
+static void assert_pg(const char *want, const char *fmt, ...) AQ_PRINTF(2, 3);
+static void assert_pg(const char *want, const char *fmt, ...)
+{
+    char sql[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(sql, sizeof sql, fmt, ap);
+    va_end(ap);
+    char *v = aq_test_pg_value(E.dsn, sql);
+    ck_assert_msg(v && !strcmp(v, want), "%s: got '%s', want '%s'", sql, v ? v : "(null)", want);
+    free(v);
+}
+
 START_TEST(producer_to_completed_row)
 {
     const char *mock[] = {"--latency-ms", "20", NULL};
@@ -495,6 +525,11 @@ START_TEST(cancel_stops_running_task)
     char *v = task_value(id, "steps < 100");
     ck_assert_str_eq(v, "t");
     free(v);
+    /* Every task that ends other than completed is in the parking lot,
+     * with its reason and its body, so it can be sent back. */
+    assert_pg("cancelled|true|true",
+              "SELECT reason || '|' || (error IS NOT NULL) || '|' || (convert_from(body, 'UTF8')::jsonb ? 'goal')"
+              " FROM agentq.dead_letters WHERE task_id = '%s'", id);
     aq_test_proc_free(w);
     teardown_env();
 }
@@ -762,36 +797,6 @@ START_TEST(user_cap_holds_fleet_wide)
     teardown_env();
 }
 END_TEST
-
-/* Messages ready in the test's task queue (unacked ones are not counted:
- * call with no worker running to count every copy left). */
-static int64_t tasks_left(void)
-{
-    aq_config cfg;
-    char err[512];
-    ck_assert_msg(aq_config_load(&cfg, NULL, err, sizeof err) == 0, "%s", err);
-    aq_broker *b = aq_broker_connect(cfg.amqp_url, 0, 5000, err, sizeof err);
-    ck_assert_msg(b != NULL, "%s", err);
-    int64_t messages = -1, consumers = -1;
-    ck_assert_msg(aq_broker_queue_depth(b, cfg.amqp_queue, &messages, &consumers, err, sizeof err) == 0, "%s", err);
-    aq_broker_free(b);
-    aq_config_free(&cfg);
-    return messages;
-}
-
-/* Checks that the first value of the query is `want`. */
-static void assert_pg(const char *want, const char *fmt, ...) AQ_PRINTF(2, 3);
-static void assert_pg(const char *want, const char *fmt, ...)
-{
-    char sql[1024];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(sql, sizeof sql, fmt, ap);
-    va_end(ap);
-    char *v = aq_test_pg_value(E.dsn, sql);
-    ck_assert_msg(v && !strcmp(v, want), "%s: got '%s', want '%s'", sql, v ? v : "(null)", want);
-    free(v);
-}
 
 /* Two workers; a task published three times as a producer does after an
  * uncertain confirm, a twin from another user with the same task_id, and a

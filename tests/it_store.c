@@ -721,6 +721,30 @@ START_TEST(test_finish_counts_failures_and_interruptions_apart)
 }
 END_TEST
 
+/* A task that ends other than completed gets its dead letter with the
+ * finish, once, and only if the finish took effect. */
+START_TEST(test_finish_records_the_dead_letter_of_a_task_that_did_not_complete)
+{
+    aq_store *s = store_open(dsn, 0, 0);
+    char id[AQ_TASK_ID_LEN + 1];
+    new_id(id);
+    ck_assert_int_eq(claim_sync(s, id).outcome, AQ_STORE_RUN);
+    done_rec d = {0}, late = {0};
+    aq_store_result r = {.task_id = id, .attempt = 1, .status = "max_steps", .error = "stopped after 15 steps",
+                         .dead_body = task_body, .dead_len = sizeof task_body - 1};
+    ck_assert_int_eq(aq_store_finish(s, &r, on_done, &d), 0);
+    aq_store_result again = r;
+    again.attempt = 2; /* not this attempt's: changes nothing, records nothing */
+    ck_assert_int_eq(aq_store_finish(s, &again, on_done, &late), 0);
+    ck_assert(run_until(&dones, 2, 10000));
+    ck_assert_int_eq(d.code, 0);
+    ck_assert_str_eq(val(sqlf("SELECT string_agg(concat_ws(',', reason, error, convert_from(body, 'UTF8') = '%s'), ';')"
+                              " FROM agentq.dead_letters WHERE task_id = '%s'", task_body, id)),
+                     "max_steps,stopped after 15 steps,t");
+    aq_store_free(s);
+}
+END_TEST
+
 START_TEST(test_renew_and_sweep)
 {
     aq_store *a = store_open(dsn, 0, 0), *b = store_open(dsn, 0, 0);
@@ -1279,6 +1303,7 @@ static Suite *store_suite(void)
     tcase_add_test(core, test_claim_ends_cancelled_expired_and_too_often_interrupted_tasks);
     tcase_add_test(core, test_finish_counts_failures_and_interruptions_apart);
     tcase_add_test(core, test_renew_and_sweep);
+    tcase_add_test(core, test_finish_records_the_dead_letter_of_a_task_that_did_not_complete);
     tcase_add_test(core, test_steps_round_trip_and_are_written_once);
     tcase_add_test(core, test_dead_letter_body_round_trips_byte_exact);
     tcase_add_test(core, test_dead_letter_finalises_only_a_waiting_task_of_its_body);

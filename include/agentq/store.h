@@ -121,6 +121,10 @@ typedef struct aq_store_result {
     double cost_usd;
     const char *result;    /* NULL: SQL NULL */
     const char *error;     /* NULL: SQL NULL */
+    const void *dead_body; /* non-NULL: if this finish takes effect, also
+                            * record a dead letter (reason = status, this
+                            * error) with this body, in the same statement */
+    size_t dead_len;
 } aq_store_result;
 
 /* One agentq.steps row. Strings borrowed for the call. (task_id, attempt,
