@@ -46,6 +46,10 @@
 #define MOCK_MAX_PARALLEL 64
 #define MOCK_MAX_STEPS 100000
 #define MOCK_GOAL_MAX (64u << 10)
+#define MOCK_URL_MAX 4096
+#define MOCK_ECHO_KEY_MAX 200
+#define MOCK_MAX_LATENCY_MS 3600000
+#define MOCK_MAX_STORM_S 3600
 
 enum mock_outcome {
     OUT_COMPLETED,  /* a valid completion */
@@ -63,6 +67,14 @@ typedef struct mock_bucket {
 
 typedef struct mock_pending mock_pending;
 
+/* The faults in force: the start-up config's, changed by aq_mockllm_control. */
+typedef struct mock_faults {
+    double fail_rate, malformed_rate, hang_rate;
+    int latency_ms, jitter_ms;
+    int64_t storm_until_us; /* monotonic; 0: no storm */
+    int storm_retry_after;  /* seconds; 0: the seconds the storm has left */
+} mock_faults;
+
 struct aq_mockllm {
     struct event_base *base; /* borrowed */
     struct evhttp *http;
@@ -73,6 +85,7 @@ struct aq_mockllm {
     uint64_t rng;
     uint64_t next_id;
     mock_bucket rpm, tpm;
+    mock_faults f;
     aq_mockllm_stats st;
     mock_pending *pending;   /* every parked request, for aq_mockllm_free */
 };
@@ -146,11 +159,27 @@ static const char *mock_error_type(int code)
     }
 }
 
+/* Replaces every byte outside printable ASCII with '?', in place: text
+ * quoted from a client (a JSON parser's "near '...'", a cut field name)
+ * may not be UTF-8, and jansson refuses to build a string from it. */
+static void mock_ascii(char *s)
+{
+    for (; *s; s++)
+        if ((unsigned char)*s < 0x20 || (unsigned char)*s >= 0x7f) *s = '?';
+}
+
 /* Builds {"error":{"message","type","param":null,"code"}}; caller frees. */
 static char *mock_error_json(const char *type, const char *code, const char *message)
 {
     json_t *o = json_pack("{s:{s:s, s:s, s:n, s:s?}}", "error", "message", message,
                           "type", type, "param", "code", code);
+    if (!o) { /* not UTF-8: say it in ASCII */
+        char *clean = aq_xstrdup(message);
+        mock_ascii(clean);
+        o = json_pack("{s:{s:s, s:s, s:n, s:s?}}", "error", "message", clean, "type", type,
+                      "param", "code", code);
+        free(clean);
+    }
     if (!o) aq_oom("an error body");
     char *s = json_dumps(o, JSON_COMPACT);
     json_decref(o);
@@ -449,6 +478,7 @@ typedef struct mock_dirs {
     long sleep_ms;   /* -1: not given */
     bool loop, calc;
     char tool[128];
+    char url[MOCK_URL_MAX + 1]; /* "": not given */
 } mock_dirs;
 
 typedef struct mock_conv {
@@ -534,6 +564,12 @@ static void mock_parse_dirs(const char *goal, mock_dirs *d)
         if (n >= sizeof d->tool) n = sizeof d->tool - 1;
         memcpy(d->tool, v, n);
         d->tool[n] = '\0';
+    }
+    if (mock_find_word(goal, "url=", &v)) {
+        size_t n = strcspn(v, " \t\r\n\f\v");
+        if (n > MOCK_URL_MAX) n = MOCK_URL_MAX;
+        memcpy(d->url, v, n);
+        d->url[n] = '\0';
     }
 }
 
@@ -681,9 +717,10 @@ typedef struct mock_reply {
     uint64_t completion_tokens;
 } mock_reply;
 
-/* Adds `count` tool calls to `fn` (NULL: the calculator in calc mode). */
+/* Adds `count` tool calls to `fn` (NULL: the calculator in calc mode);
+ * `url` ("" if none) is the url= directive. */
 static void mock_add_calls(aq_mockllm *m, const mock_conv *c, json_t *calls, const json_t *fn,
-                           long count, bool calc, uint64_t *chars)
+                           long count, bool calc, const char *url, uint64_t *chars)
 {
     const char *name = json_string_value(json_object_get(fn, "name"));
     for (long k = 0; k < count; k++) {
@@ -697,6 +734,11 @@ static void mock_add_calls(aq_mockllm *m, const mock_conv *c, json_t *calls, con
                 snprintf(expr, sizeof expr, "%ld+%ld*%d", 2 + n, 3 + n, 4);
             }
             args = json_pack("{s:s}", "expression", expr);
+        } else if (url[0]) {
+            /* json_string refuses text that is not UTF-8: send what is */
+            json_t *u = json_string(url);
+            args = json_object();
+            json_object_set_new(args, "url", u ? u : json_string("(url= is not UTF-8)"));
         } else {
             args = mock_args_for_schema(fn);
         }
@@ -807,7 +849,7 @@ static void mock_plan(aq_mockllm *m, const mock_conv *c, const mock_dirs *d, moc
     r->message = json_pack("{s:s}", "role", "assistant");
     if (fn && want_tool) {
         json_t *calls = json_array();
-        mock_add_calls(m, c, calls, fn, d->parallel, calc, &chars);
+        mock_add_calls(m, c, calls, fn, d->parallel, calc, d->url, &chars);
         json_object_set_new(r->message, "content", json_null());
         json_object_set_new(r->message, "tool_calls", calls);
         r->tool_turn = true;
@@ -951,8 +993,8 @@ static void mock_park(aq_mockllm *m, struct evhttp_request *req, int code, int o
 static long mock_latency(aq_mockllm *m, const mock_dirs *d)
 {
     if (d->sleep_ms >= 0) return d->sleep_ms;
-    long ms = m->cfg.latency_ms;
-    if (m->cfg.jitter_ms > 0) ms += mock_rand_range(m, -m->cfg.jitter_ms, m->cfg.jitter_ms);
+    long ms = m->f.latency_ms;
+    if (m->f.jitter_ms > 0) ms += mock_rand_range(m, -m->f.jitter_ms, m->f.jitter_ms);
     return ms < 0 ? 0 : ms;
 }
 
@@ -969,13 +1011,80 @@ static bool mock_auth_ok(aq_mockllm *m, struct evhttp_request *req)
     return diff == 0;
 }
 
+/* The key the client presented: the Authorization header after "Bearer "
+ * (the whole header when it is not Bearer auth); NULL when there is none. */
+static const char *mock_presented_key(struct evhttp_request *req)
+{
+    const char *h = evhttp_find_header(evhttp_request_get_input_headers(req), "Authorization");
+    if (!h) return NULL;
+    if (!strncasecmp(h, "Bearer ", 7)) h += 7;
+    while (*h == ' ') h++;
+    return h;
+}
+
+/* 401. With cfg.echo_key the message quotes the presented key the way
+ * OpenAI's does, cut to MOCK_ECHO_KEY_MAX printable ASCII bytes (others
+ * become '?', so the body stays valid JSON whatever the header held). */
+static void mock_reply_unauthorized(aq_mockllm *m, struct evhttp_request *req)
+{
+    const char *key = m->cfg.echo_key ? mock_presented_key(req) : NULL;
+    if (!key || !*key) {
+        mock_reply_error(m, req, 401, "invalid_api_key",
+                         "Incorrect or missing API key: send 'Authorization: Bearer <key>'.");
+        return;
+    }
+    char shown[MOCK_ECHO_KEY_MAX + 4];
+    size_t n = 0;
+    for (; key[n] && n < MOCK_ECHO_KEY_MAX; n++) {
+        unsigned char ch = (unsigned char)key[n];
+        shown[n] = ch >= 0x20 && ch < 0x7f ? (char)ch : '?';
+    }
+    if (key[n]) {
+        memcpy(shown + n, "...", 3);
+        n += 3;
+    }
+    shown[n] = '\0';
+    mock_reply_error(m, req, 401, "invalid_api_key",
+                     "Incorrect API key provided: %s. You can find your API key at "
+                     "https://platform.openai.com/account/api-keys.",
+                     shown);
+}
+
+/* True while a 429 storm (aq_mockllm_control) is on; *retry_after gets
+ * the seconds its replies ask the client to wait. */
+static bool mock_in_storm(aq_mockllm *m, int *retry_after)
+{
+    if (!m->f.storm_until_us) return false;
+    int64_t left = m->f.storm_until_us - aq_mono_us();
+    if (left <= 0) {
+        m->f.storm_until_us = 0;
+        aq_log(AQ_LOG_INFO, "mockllm: the 429 storm is over");
+        return false;
+    }
+    int ra = m->f.storm_retry_after;
+    if (ra <= 0) ra = (int)((left + 999999) / 1000000);
+    *retry_after = ra < 1 ? 1 : ra;
+    return true;
+}
+
 static void mock_chat(aq_mockllm *m, struct evhttp_request *req)
 {
     m->st.requests++;
     m->next_id++;
     if (m->api_key && !mock_auth_ok(m, req)) {
-        mock_reply_error(m, req, 401, "invalid_api_key",
-                         "Incorrect or missing API key: send 'Authorization: Bearer <key>'.");
+        mock_reply_unauthorized(m, req);
+        return;
+    }
+    int storm_ra;
+    if (mock_in_storm(m, &storm_ra)) {
+        char ra[24], msg[200];
+        snprintf(ra, sizeof ra, "%d", storm_ra);
+        evhttp_add_header(evhttp_request_get_output_headers(req), "Retry-After", ra);
+        snprintf(msg, sizeof msg,
+                 "Rate limit reached for requests (a simulated 429 storm). Please try again in %ds.",
+                 storm_ra);
+        m->st.rate_limited++;
+        mock_send_now(req, 429, mock_error_json("requests", "rate_limit_exceeded", msg));
         return;
     }
     struct evbuffer *in = evhttp_request_get_input_buffer(req);
@@ -1036,14 +1145,14 @@ static void mock_chat(aq_mockllm *m, struct evhttp_request *req)
         if (code == 429) evhttp_add_header(h, "Retry-After", "1");
         text = mock_error_json(mock_error_type(code), code == 429 ? "rate_limit_exceeded" : NULL,
                                msg);
-    } else if (m->cfg.hang_rate > 0 && mock_rand01(m) < m->cfg.hang_rate) {
+    } else if (m->f.hang_rate > 0 && mock_rand01(m) < m->f.hang_rate) {
         outcome = OUT_HANG;
-    } else if (m->cfg.fail_rate > 0 && mock_rand01(m) < m->cfg.fail_rate) {
+    } else if (m->f.fail_rate > 0 && mock_rand01(m) < m->f.fail_rate) {
         code = 500;
         outcome = OUT_FAILED;
         text = mock_error_json("server_error", NULL,
                                "The server had an error while processing your request "
-                               "(simulated by --fail-rate).");
+                               "(simulated by fail_rate).");
     } else {
         char id[48];
         snprintf(id, sizeof id, "chatcmpl-mock%llx", (unsigned long long)m->next_id);
@@ -1059,7 +1168,7 @@ static void mock_chat(aq_mockllm *m, struct evhttp_request *req)
         text = json_dumps(resp, JSON_COMPACT);
         json_decref(resp);
         if (!text) aq_oom("a completion");
-        if (m->cfg.malformed_rate > 0 && mock_rand01(m) < m->cfg.malformed_rate) {
+        if (m->f.malformed_rate > 0 && mock_rand01(m) < m->f.malformed_rate) {
             /* Cut it mid-way: valid HTTP, a truncated JSON document. */
             text[strlen(text) / 2] = '\0';
             outcome = OUT_MALFORMED;
@@ -1094,6 +1203,227 @@ static void mock_stats_reply(aq_mockllm *m, struct evhttp_request *req)
     mock_send_now(req, 200, text);
 }
 
+/* ---- runtime faults (POST /control) --------------------------------------- */
+
+static const char *const control_fields[] = {
+    "reset", "fail_rate", "malformed_rate", "hang_rate", "latency_ms", "jitter_ms",
+    "storm_seconds", "retry_after",
+};
+
+static mock_faults mock_faults_of(const aq_mockllm_config *cfg)
+{
+    mock_faults f = {cfg->fail_rate, cfg->malformed_rate, cfg->hang_rate, cfg->latency_ms,
+                     cfg->jitter_ms, 0, 0};
+    return f;
+}
+
+static const char *json_kind(const json_t *v)
+{
+    switch (json_typeof(v)) {
+    case JSON_OBJECT: return "an object";
+    case JSON_ARRAY: return "an array";
+    case JSON_STRING: return "a string";
+    case JSON_INTEGER:
+    case JSON_REAL: return "a number";
+    case JSON_TRUE:
+    case JSON_FALSE: return "a boolean";
+    default: return "null";
+    }
+}
+
+/* What a bad value was, for the error: the number itself, else its kind. */
+static void control_got(const json_t *v, char *buf, size_t len)
+{
+    if (json_is_integer(v)) snprintf(buf, len, "%" JSON_INTEGER_FORMAT, json_integer_value(v));
+    else if (json_is_real(v)) snprintf(buf, len, "%g", json_real_value(v));
+    else snprintf(buf, len, "%s", json_kind(v));
+}
+
+static int control_fail(char *field, const char *name, char *err, size_t errlen, const char *fmt,
+                        ...) AQ_PRINTF(5, 6);
+
+static int control_fail(char *field, const char *name, char *err, size_t errlen, const char *fmt,
+                        ...)
+{
+    if (field) snprintf(field, 32, "%s", name);
+    if (err && errlen) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err, errlen, fmt, ap);
+        va_end(ap);
+    }
+    return AQ_EINVAL;
+}
+
+static int control_rate(const json_t *root, const char *name, double *out, char *field, char *err,
+                        size_t errlen)
+{
+    const json_t *v = json_object_get(root, name);
+    if (!v) return AQ_OK;
+    double d = json_is_number(v) ? json_number_value(v) : -1;
+    if (!json_is_number(v) || !(d >= 0 && d <= 1)) {
+        char got[64];
+        control_got(v, got, sizeof got);
+        return control_fail(field, name, err, errlen, "%s: must be a number from 0 to 1 (got %s)",
+                            name, got);
+    }
+    *out = d;
+    return AQ_OK;
+}
+
+static int control_ms(const json_t *root, const char *name, int *out, char *field, char *err,
+                      size_t errlen)
+{
+    const json_t *v = json_object_get(root, name);
+    if (!v) return AQ_OK;
+    if (!json_is_integer(v) || json_integer_value(v) < 0 ||
+        json_integer_value(v) > MOCK_MAX_LATENCY_MS) {
+        char got[64];
+        control_got(v, got, sizeof got);
+        return control_fail(field, name, err, errlen,
+                            "%s: must be an integer from 0 to %d (got %s)", name,
+                            MOCK_MAX_LATENCY_MS, got);
+    }
+    *out = (int)json_integer_value(v);
+    return AQ_OK;
+}
+
+static int control_apply(aq_mockllm *m, const json_t *root, char *field, char *err, size_t errlen)
+{
+    if (!json_is_object(root))
+        return control_fail(field, "body", err, errlen, "body: must be a JSON object (got %s)",
+                            json_kind(root));
+    const char *key;
+    json_t *v;
+    json_object_foreach((json_t *)root, key, v) {
+        bool known = false;
+        for (size_t i = 0; i < AQ_ARRAY_LEN(control_fields) && !known; i++)
+            known = !strcmp(key, control_fields[i]);
+        if (!known)
+            return control_fail(field, key, err, errlen,
+                                "unknown field '%.64s' (allowed: reset, fail_rate, malformed_rate, "
+                                "hang_rate, latency_ms, jitter_ms, storm_seconds, retry_after)",
+                                key);
+    }
+    const json_t *reset = json_object_get(root, "reset");
+    if (reset && !json_is_boolean(reset))
+        return control_fail(field, "reset", err, errlen, "reset: must be true or false (got %s)",
+                            json_kind(reset));
+    mock_faults nf = m->f;
+    if (json_object_size(root) == 0 || json_is_true(reset)) nf = mock_faults_of(&m->cfg);
+    int rc = control_rate(root, "fail_rate", &nf.fail_rate, field, err, errlen);
+    if (!rc) rc = control_rate(root, "malformed_rate", &nf.malformed_rate, field, err, errlen);
+    if (!rc) rc = control_rate(root, "hang_rate", &nf.hang_rate, field, err, errlen);
+    if (!rc) rc = control_ms(root, "latency_ms", &nf.latency_ms, field, err, errlen);
+    if (!rc) rc = control_ms(root, "jitter_ms", &nf.jitter_ms, field, err, errlen);
+    if (rc) return rc;
+
+    const json_t *storm = json_object_get(root, "storm_seconds");
+    const json_t *ra = json_object_get(root, "retry_after");
+    double secs = 0;
+    if (storm) {
+        secs = json_is_number(storm) ? json_number_value(storm) : -1;
+        if (!json_is_number(storm) || !(secs >= 0 && secs <= MOCK_MAX_STORM_S)) {
+            char got[64];
+            control_got(storm, got, sizeof got);
+            return control_fail(field, "storm_seconds", err, errlen,
+                                "storm_seconds: must be a number from 0 to %d (got %s)",
+                                MOCK_MAX_STORM_S, got);
+        }
+    }
+    if (ra) {
+        if (!json_is_integer(ra) || json_integer_value(ra) < 1 ||
+            json_integer_value(ra) > MOCK_MAX_STORM_S) {
+            char got[64];
+            control_got(ra, got, sizeof got);
+            return control_fail(field, "retry_after", err, errlen,
+                                "retry_after: must be an integer from 1 to %d seconds (got %s)",
+                                MOCK_MAX_STORM_S, got);
+        }
+        if (!storm || secs <= 0)
+            return control_fail(field, "retry_after", err, errlen,
+                                "retry_after: must come with storm_seconds > 0 in the same body");
+    }
+    if (storm) {
+        nf.storm_until_us = secs > 0 ? aq_mono_us() + (int64_t)(secs * 1e6) : 0;
+        nf.storm_retry_after = ra ? (int)json_integer_value(ra) : 0;
+    }
+    m->f = nf;
+    aq_log(AQ_LOG_INFO,
+           "mockllm: faults now fail %g, malformed %g, hang %g, latency %d+-%d ms, 429 storm %gs",
+           nf.fail_rate, nf.malformed_rate, nf.hang_rate, nf.latency_ms, nf.jitter_ms,
+           nf.storm_until_us ? secs : 0.0);
+    return AQ_OK;
+}
+
+int aq_mockllm_control(aq_mockllm *m, const char *body, size_t len, char *field, char *err,
+                       size_t errlen)
+{
+    if (field) field[0] = '\0';
+    json_error_t je;
+    json_t *root =
+        json_loadb(body ? body : "", len, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY, &je);
+    if (!root)
+        return control_fail(field, "body", err, errlen,
+                            "body: not valid JSON: %s (line %d, column %d)", je.text, je.line,
+                            je.column);
+    int rc = control_apply(m, root, field, err, errlen);
+    json_decref(root);
+    return rc;
+}
+
+/* Replies with the faults now in force. */
+static void mock_control_state(aq_mockllm *m, struct evhttp_request *req)
+{
+    double left = 0;
+    if (m->f.storm_until_us) {
+        int64_t us = m->f.storm_until_us - aq_mono_us();
+        left = us > 0 ? (double)us / 1e6 : 0;
+    }
+    json_t *o = json_pack("{s:f, s:f, s:f, s:i, s:i, s:f, s:i}", "fail_rate", m->f.fail_rate,
+                          "malformed_rate", m->f.malformed_rate, "hang_rate", m->f.hang_rate,
+                          "latency_ms", m->f.latency_ms, "jitter_ms", m->f.jitter_ms,
+                          "storm_seconds_left", left, "retry_after",
+                          left > 0 ? m->f.storm_retry_after : 0);
+    char *text = o ? json_dumps(o, JSON_COMPACT) : NULL;
+    json_decref(o);
+    if (!text) aq_oom("the control state");
+    mock_send_now(req, 200, text);
+}
+
+static void mock_control(aq_mockllm *m, struct evhttp_request *req)
+{
+    enum evhttp_cmd_type cmd = evhttp_request_get_command(req);
+    if (cmd == EVHTTP_REQ_GET) {
+        mock_control_state(m, req);
+        return;
+    }
+    if (cmd != EVHTTP_REQ_POST) {
+        mock_send_now(req, 405,
+                      mock_error_json("invalid_request_error", NULL,
+                                      "Only GET and POST are allowed on /control."));
+        return;
+    }
+    struct evbuffer *in = evhttp_request_get_input_buffer(req);
+    size_t len = evbuffer_get_length(in);
+    const char *body = (const char *)evbuffer_pullup(in, -1);
+    char field[32], err[512];
+    int rc = aq_mockllm_control(m, body, len, field, err, sizeof err);
+    evbuffer_drain(in, len);
+    if (rc != AQ_OK) {
+        mock_ascii(err);
+        mock_ascii(field);
+        json_t *o = json_pack("{s:{s:s, s:s, s:s, s:s}}", "error", "message", err, "type",
+                              "invalid_request_error", "param", field, "code", "invalid_control");
+        char *text = o ? json_dumps(o, JSON_COMPACT) : NULL;
+        json_decref(o);
+        if (!text) aq_oom("a control error");
+        mock_send_now(req, 400, text);
+        return;
+    }
+    mock_control_state(m, req);
+}
+
 static void mock_on_request(struct evhttp_request *req, void *arg)
 {
     aq_mockllm *m = arg;
@@ -1118,6 +1448,8 @@ static void mock_on_request(struct evhttp_request *req, void *arg)
         evhttp_send_reply(req, 200, "OK", NULL);
     } else if (!strcmp(path, "/stats") && cmd == EVHTTP_REQ_GET) {
         mock_stats_reply(m, req);
+    } else if (!strcmp(path, "/control")) {
+        mock_control(m, req);
     } else {
         char msg[256];
         snprintf(msg, sizeof msg, "Unknown request URL: %.200s. Try POST /v1/chat/completions.",
@@ -1242,6 +1574,7 @@ aq_mockllm *aq_mockllm_new(struct event_base *base, const aq_mockllm_config *cfg
     int64_t now = aq_mono_us();
     bucket_init(&m->rpm, cfg->rpm, now);
     bucket_init(&m->tpm, cfg->tpm, now);
+    m->f = mock_faults_of(&m->cfg);
 
     int fd = mock_listen(m->host, cfg->port, m->cfg.backlog, &m->port, err, errlen);
     if (fd < 0) {

@@ -163,6 +163,19 @@ static json_t *body_json(const resp *r)
     return j;
 }
 
+static void expect_error(const resp *r, long code, const char *type, const char *needle)
+{
+    ck_assert_int_eq(r->code, code);
+    json_t *j = body_json(r);
+    json_t *e = json_object_get(j, "error");
+    ck_assert_msg(json_is_object(e), "no error object: %.*s", (int)r->len, r->body);
+    const char *msg = json_string_value(json_object_get(e, "message"));
+    ck_assert_msg(msg && *msg, "error without a message");
+    if (type) ck_assert_str_eq(json_string_value(json_object_get(e, "type")), type);
+    if (needle) ck_assert_msg(strstr(msg, needle), "message '%s' lacks '%s'", msg, needle);
+    json_decref(j);
+}
+
 /* ---- conversations ------------------------------------------------------ */
 
 static json_t *tool_def(const char *name, const char *prop)
@@ -590,6 +603,10 @@ START_TEST(test_binary_help_and_version)
     ck_assert_ptr_nonnull(strstr(out, "--rpm"));
     ck_assert_ptr_nonnull(strstr(out, "--hang-rate"));
     ck_assert_ptr_nonnull(strstr(out, "steps=N"));
+    ck_assert_ptr_nonnull(strstr(out, "url=URL"));
+    ck_assert_ptr_nonnull(strstr(out, "POST /control"));
+    ck_assert_ptr_nonnull(strstr(out, "storm_seconds"));
+    ck_assert_ptr_nonnull(strstr(out, "--echo-key"));
     ck_assert_int_eq(run_bin("--version", out, sizeof out), 0);
     ck_assert(!strncmp(out, "agentq-mockllm ", 15));
     ck_assert_int_eq(run_bin("--fail-rate 2", out, sizeof out), 2);
@@ -652,6 +669,242 @@ START_TEST(test_binary_serves_and_stops)
     unlink(portfile);
     unlink(logfile);
     rmdir(dir);
+}
+END_TEST
+
+/* A request whose goal offers http_get (a "url" parameter) and the calculator. */
+static json_t *conv_with_http_get(const char *goal)
+{
+    return json_pack("{s:s, s:[{s:s, s:s}], s:[o, o]}", "model", "mock-model", "messages", "role",
+                     "user", "content", goal, "tools", tool_def("http_get", "url"),
+                     tool_def("calculator", "expression"));
+}
+
+/* The arguments (parsed) of the first tool call of a reply; caller decrefs. */
+static json_t *first_call_args(json_t *reply, const char **name)
+{
+    json_t *fn = json_object_get(
+        json_array_get(json_object_get(reply_message(reply), "tool_calls"), 0), "function");
+    ck_assert_msg(fn != NULL, "the reply has no tool call");
+    *name = json_string_value(json_object_get(fn, "name"));
+    json_t *args = json_loads(json_string_value(json_object_get(fn, "arguments")), 0, NULL);
+    ck_assert_ptr_nonnull(args);
+    return args;
+}
+
+START_TEST(test_url_directive)
+{
+    aq_mockllm_config c = cfg_default();
+    srv s;
+    srv_start(&s, &c);
+    long code;
+    /* url= gives http_get exactly that URL, every tool turn */
+    json_t *conv = conv_with_http_get("fetch it steps=2 tool=http_get url=http://127.0.0.1:9/a?b=c&d please");
+    for (int turn = 0; turn < 2; turn++) {
+        json_t *reply = conv_send(&s, conv, &code);
+        ck_assert_int_eq(code, 200);
+        ck_assert_str_eq(reply_finish(reply), "tool_calls");
+        const char *name;
+        json_t *args = first_call_args(reply, &name);
+        ck_assert_str_eq(name, "http_get");
+        ck_assert_int_eq(json_object_size(args), 1);
+        ck_assert_str_eq(json_string_value(json_object_get(args, "url")), "http://127.0.0.1:9/a?b=c&d");
+        json_decref(args);
+        conv_answer(conv, reply, answer_fixed);
+        json_decref(reply);
+    }
+    json_t *reply = conv_send(&s, conv, &code);
+    ck_assert_str_eq(reply_finish(reply), "stop");
+    json_decref(reply);
+    json_decref(conv);
+    /* without url= the schema filler's placeholder stays */
+    conv = conv_with_http_get("fetch steps=1 tool=http_get");
+    reply = conv_send(&s, conv, &code);
+    const char *name;
+    json_t *args = first_call_args(reply, &name);
+    ck_assert_str_eq(json_string_value(json_object_get(args, "url")), "https://example.com/");
+    json_decref(args);
+    json_decref(reply);
+    json_decref(conv);
+    /* the calculator keeps its expression; a tool without a url parameter
+     * still gets {"url": ...} (that is what the directive says) */
+    conv = conv_with_http_get("sum steps=1 tool=calculator url=http://x/");
+    reply = conv_send(&s, conv, &code);
+    args = first_call_args(reply, &name);
+    ck_assert_str_eq(name, "calculator");
+    ck_assert_ptr_nonnull(json_object_get(args, "expression"));
+    ck_assert_ptr_null(json_object_get(args, "url"));
+    json_decref(args);
+    json_decref(reply);
+    json_decref(conv);
+    conv = conv_new("now steps=1 tool=current_time url=http://y/");
+    reply = conv_send(&s, conv, &code);
+    args = first_call_args(reply, &name);
+    ck_assert_str_eq(name, "current_time");
+    ck_assert_str_eq(json_string_value(json_object_get(args, "url")), "http://y/");
+    json_decref(args);
+    json_decref(reply);
+    json_decref(conv);
+    srv_stop(&s, NULL);
+}
+END_TEST
+
+/* ---- runtime faults -------------------------------------------------------- */
+
+static const char *const chat_body =
+    "{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]}";
+
+/* POSTs `body` to /control; returns the status, and the reply in *out
+ * (caller decrefs) when out is not NULL. */
+static long control(const srv *s, const char *body, json_t **out)
+{
+    char url[128];
+    snprintf(url, sizeof url, "http://127.0.0.1:%d/control", s->port);
+    resp r = http_do(url, NULL, body, NULL, 0);
+    ck_assert_int_eq(r.rc, CURLE_OK);
+    long code = r.code;
+    if (out) *out = body_json(&r);
+    resp_free(&r);
+    return code;
+}
+
+static json_t *control_state(const srv *s)
+{
+    char url[128];
+    snprintf(url, sizeof url, "http://127.0.0.1:%d/control", s->port);
+    resp r = http_do(url, NULL, NULL, NULL, 0);
+    ck_assert_int_eq(r.code, 200);
+    json_t *j = body_json(&r);
+    resp_free(&r);
+    return j;
+}
+
+static double num_of(json_t *o, const char *key)
+{
+    json_t *v = json_object_get(o, key);
+    ck_assert_msg(json_is_number(v), "no number '%s'", key);
+    return json_number_value(v);
+}
+
+START_TEST(test_control_changes_and_reset_restores)
+{
+    aq_mockllm_config c = cfg_default();
+    srv s;
+    srv_start(&s, &c);
+    resp r = http_post(&s, chat_body);
+    ck_assert_int_eq(r.code, 200);
+    resp_free(&r);
+
+    /* 5xx window */
+    json_t *st;
+    ck_assert_int_eq(control(&s, "{\"fail_rate\":1}", &st), 200);
+    ck_assert(num_of(st, "fail_rate") == 1.0);
+    json_decref(st);
+    r = http_post(&s, chat_body);
+    expect_error(&r, 500, "server_error", NULL);
+    resp_free(&r);
+    ck_assert_int_eq(control(&s, "{\"reset\":true}", NULL), 200);
+    r = http_post(&s, chat_body);
+    ck_assert_int_eq(r.code, 200);
+    resp_free(&r);
+
+    /* malformed window; {} resets */
+    ck_assert_int_eq(control(&s, "{\"malformed_rate\":1.0}", NULL), 200);
+    r = http_post(&s, chat_body);
+    ck_assert_int_eq(r.code, 200);
+    ck_assert_ptr_null(json_loadb(r.body, r.len, 0, NULL));
+    resp_free(&r);
+    ck_assert_int_eq(control(&s, "{}", NULL), 200);
+    r = http_post(&s, chat_body);
+    ck_assert_int_eq(r.code, 200);
+    json_decref(body_json(&r));
+    resp_free(&r);
+
+    /* hung window: no reply until the client gives up */
+    ck_assert_int_eq(control(&s, "{\"hang_rate\":1}", NULL), 200);
+    r = http_do(s.url, NULL, chat_body, NULL, 300);
+    ck_assert_int_eq(r.rc, CURLE_OPERATION_TIMEDOUT);
+    resp_free(&r);
+    /* latency through the control too; fields not named keep their value */
+    ck_assert_int_eq(control(&s, "{\"hang_rate\":0,\"latency_ms\":250}", NULL), 200);
+    r = http_post(&s, chat_body);
+    ck_assert_int_eq(r.code, 200);
+    ck_assert_msg(r.secs >= 0.245, "took %.3f s with latency_ms 250", r.secs);
+    resp_free(&r);
+    st = control_state(&s);
+    ck_assert(num_of(st, "latency_ms") == 250 && num_of(st, "hang_rate") == 0);
+    json_decref(st);
+
+    /* reset goes back to the start-up settings, not to zero */
+    srv_stop(&s, NULL);
+    c.fail_rate = 1.0;
+    srv_start(&s, &c);
+    ck_assert_int_eq(control(&s, "{\"fail_rate\":0}", NULL), 200);
+    r = http_post(&s, chat_body);
+    ck_assert_int_eq(r.code, 200);
+    resp_free(&r);
+    ck_assert_int_eq(control(&s, "{\"reset\":true,\"malformed_rate\":0}", &st), 200);
+    ck_assert(num_of(st, "fail_rate") == 1.0);
+    json_decref(st);
+    r = http_post(&s, chat_body);
+    ck_assert_int_eq(r.code, 500);
+    resp_free(&r);
+    srv_stop(&s, NULL);
+}
+END_TEST
+
+START_TEST(test_control_storm_429_then_recovers)
+{
+    aq_mockllm_config c = cfg_default();
+    srv s;
+    srv_start(&s, &c);
+    json_t *st;
+    ck_assert_int_eq(control(&s, "{\"storm_seconds\":1.2,\"retry_after\":2}", &st), 200);
+    ck_assert(num_of(st, "storm_seconds_left") > 0.5);
+    ck_assert(num_of(st, "retry_after") == 2);
+    json_decref(st);
+    char v[64];
+    for (int i = 0; i < 3; i++) {
+        resp r = http_post(&s, chat_body);
+        expect_error(&r, 429, NULL, "try again");
+        ck_assert_str_eq(header(&r, "Retry-After", v, sizeof v), "2");
+        json_t *j = body_json(&r);
+        ck_assert_str_eq(json_string_value(json_object_get(json_object_get(j, "error"), "code")),
+                         "rate_limit_exceeded");
+        json_decref(j);
+        resp_free(&r);
+    }
+    /* the other endpoints are not part of the storm */
+    json_t *stats = get_stats(&s);
+    ck_assert_int_eq(stat_of(stats, "rate_limited"), 3);
+    ck_assert_int_eq(stat_of(stats, "completed"), 0);
+    json_decref(stats);
+    usleep(1300000);
+    resp r = http_post(&s, chat_body);
+    ck_assert_int_eq(r.code, 200);
+    resp_free(&r);
+    st = control_state(&s);
+    ck_assert(num_of(st, "storm_seconds_left") == 0);
+    json_decref(st);
+
+    /* without retry_after the reply asks for the seconds left; 0 ends it */
+    ck_assert_int_eq(control(&s, "{\"storm_seconds\":30}", NULL), 200);
+    r = http_post(&s, chat_body);
+    ck_assert_int_eq(r.code, 429);
+    int ra = atoi(header(&r, "Retry-After", v, sizeof v));
+    ck_assert_msg(ra >= 29 && ra <= 30, "Retry-After %d with 30 s of storm left", ra);
+    resp_free(&r);
+    ck_assert_int_eq(control(&s, "{\"storm_seconds\":0}", NULL), 200);
+    r = http_post(&s, chat_body);
+    ck_assert_int_eq(r.code, 200);
+    resp_free(&r);
+    /* and a reset ends one too */
+    ck_assert_int_eq(control(&s, "{\"storm_seconds\":30}", NULL), 200);
+    ck_assert_int_eq(control(&s, "{}", NULL), 200);
+    r = http_post(&s, chat_body);
+    ck_assert_int_eq(r.code, 200);
+    resp_free(&r);
+    srv_stop(&s, NULL);
 }
 END_TEST
 
@@ -892,18 +1145,6 @@ END_TEST
 
 /* ---- errors -------------------------------------------------------------- */
 
-static void expect_error(const resp *r, long code, const char *type, const char *needle)
-{
-    ck_assert_int_eq(r->code, code);
-    json_t *j = body_json(r);
-    json_t *e = json_object_get(j, "error");
-    ck_assert_msg(json_is_object(e), "no error object: %.*s", (int)r->len, r->body);
-    const char *msg = json_string_value(json_object_get(e, "message"));
-    ck_assert_msg(msg && *msg, "error without a message");
-    if (type) ck_assert_str_eq(json_string_value(json_object_get(e, "type")), type);
-    if (needle) ck_assert_msg(strstr(msg, needle), "message '%s' lacks '%s'", msg, needle);
-    json_decref(j);
-}
 
 START_TEST(test_fail_directives)
 {
@@ -994,6 +1235,134 @@ START_TEST(test_api_key)
     resp_free(&r);
     r = http_do(s.url, NULL, body, "Authorization: Bearer sk-test-123456", 0);
     ck_assert_int_eq(r.code, 200);
+    resp_free(&r);
+    srv_stop(&s, NULL);
+}
+END_TEST
+
+START_TEST(test_control_bad_bodies)
+{
+    aq_mockllm_config c = cfg_default();
+    srv s;
+    srv_start(&s, &c);
+    static const struct { const char *body, *param, *needle; } cases[] = {
+        {"not json", "body", "not valid JSON"},
+        {"", "body", "not valid JSON"},
+        {"[1]", "body", "must be a JSON object"},
+        {"{\"fail_rate\":1.5}", "fail_rate", "fail_rate: must be a number from 0 to 1 (got 1.5)"},
+        {"{\"malformed_rate\":\"lots\"}", "malformed_rate", "(got a string)"},
+        {"{\"hang_rate\":-0.1}", "hang_rate", "hang_rate: must be a number from 0 to 1"},
+        {"{\"latency_ms\":1.5}", "latency_ms", "latency_ms: must be an integer"},
+        {"{\"jitter_ms\":-1}", "jitter_ms", "jitter_ms: must be an integer"},
+        {"{\"storm_seconds\":-1}", "storm_seconds", "storm_seconds: must be a number from 0 to 3600"},
+        {"{\"storm_seconds\":5,\"retry_after\":0}", "retry_after", "retry_after: must be an integer"},
+        {"{\"retry_after\":2}", "retry_after", "must come with storm_seconds"},
+        {"{\"reset\":\"yes\"}", "reset", "reset: must be true or false"},
+        {"{\"colour\":\"red\"}", "colour", "unknown field 'colour'"},
+        {"{\"fail_rate\":0.5,\"fail_rate\":0.6}", "body", "duplicate"},
+        {"{\"fail_rate\":0.5,\"hang_rate\":2}", "hang_rate", "hang_rate"},
+        {"{\"fail_rate\":\"\xff\"}", "body", "not valid JSON"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char url[128];
+        snprintf(url, sizeof url, "http://127.0.0.1:%d/control", s.port);
+        resp r = http_do(url, NULL, cases[i].body, NULL, 0);
+        expect_error(&r, 400, "invalid_request_error", cases[i].needle);
+        json_t *j = body_json(&r);
+        ck_assert_msg(!strcmp(json_string_value(json_object_get(json_object_get(j, "error"), "param")),
+                              cases[i].param),
+                      "case %zu: param is not '%s': %.*s", i, cases[i].param, (int)r.len, r.body);
+        json_decref(j);
+        resp_free(&r);
+    }
+    /* a bad body changes nothing, not even its good fields */
+    json_t *st = control_state(&s);
+    ck_assert(num_of(st, "fail_rate") == 0 && num_of(st, "hang_rate") == 0);
+    json_decref(st);
+    resp r = http_post(&s, chat_body);
+    ck_assert_int_eq(r.code, 200);
+    resp_free(&r);
+    char url[128];
+    snprintf(url, sizeof url, "http://127.0.0.1:%d/control", s.port);
+    r = http_do(url, "DELETE", NULL, NULL, 0);
+    expect_error(&r, 405, NULL, "POST");
+    resp_free(&r);
+    /* control replies are not chat requests */
+    json_t *stats = get_stats(&s);
+    ck_assert_int_eq(stat_of(stats, "requests"), 1);
+    ck_assert_int_eq(stat_of(stats, "failures"), 0);
+    json_decref(stats);
+    srv_stop(&s, NULL);
+
+    /* the same through the API */
+    struct event_base *base = event_base_new();
+    char err[256], field[32];
+    aq_mockllm *m = aq_mockllm_new(base, &c, err, sizeof err);
+    ck_assert_ptr_nonnull(m);
+    const char *b = "{\"fail_rate\":true}";
+    ck_assert_int_eq(aq_mockllm_control(m, b, strlen(b), field, err, sizeof err), AQ_EINVAL);
+    ck_assert_str_eq(field, "fail_rate");
+    ck_assert_msg(strstr(err, "(got a boolean)"), "err '%s'", err);
+    b = "{\"fail_rate\":0.25}";
+    ck_assert_int_eq(aq_mockllm_control(m, b, strlen(b), field, err, sizeof err), AQ_OK);
+    ck_assert_str_eq(field, "");
+    ck_assert_int_eq(aq_mockllm_control(m, "{}", 2, NULL, NULL, 0), AQ_OK);
+    ck_assert_int_eq(aq_mockllm_control(m, "{", 1, NULL, NULL, 0), AQ_EINVAL);
+    aq_mockllm_free(m);
+    event_base_free(base);
+}
+END_TEST
+
+START_TEST(test_api_key_echo)
+{
+    aq_mockllm_config c = cfg_default();
+    c.api_key = "sk-right-000";
+    c.echo_key = true;
+    srv s;
+    srv_start(&s, &c);
+    resp r = http_do(s.url, NULL, chat_body, "Authorization: Bearer sk-wrong-4f2a9c", 0);
+    expect_error(&r, 401, "invalid_request_error", "Incorrect API key provided: sk-wrong-4f2a9c.");
+    json_t *j = body_json(&r);
+    ck_assert_str_eq(json_string_value(json_object_get(json_object_get(j, "error"), "code")),
+                     "invalid_api_key");
+    json_decref(j);
+    ck_assert_ptr_null(strstr(r.body, "sk-right-000")); /* never the real one */
+    resp_free(&r);
+    /* no key: nothing to echo */
+    r = http_do(s.url, NULL, chat_body, NULL, 0);
+    expect_error(&r, 401, NULL, "missing API key");
+    resp_free(&r);
+    /* not Bearer: the header as presented */
+    r = http_do(s.url, NULL, chat_body, "Authorization: Basic dXNlcjpwdw==", 0);
+    expect_error(&r, 401, NULL, "provided: Basic dXNlcjpwdw==.");
+    resp_free(&r);
+    /* bytes that are not printable ASCII become '?'; a long key is cut */
+    r = http_do(s.url, NULL, chat_body, "Authorization: Bearer sk-\xc3\xa9\x01z", 0);
+    expect_error(&r, 401, NULL, "provided: sk-???z.");
+    resp_free(&r);
+    char longkey[400], hdr[450];
+    memset(longkey, 'k', sizeof longkey - 1);
+    longkey[sizeof longkey - 1] = '\0';
+    snprintf(hdr, sizeof hdr, "Authorization: Bearer %s", longkey);
+    r = http_do(s.url, NULL, chat_body, hdr, 0);
+    ck_assert_int_eq(r.code, 401);
+    char want[220];
+    memset(want, 'k', 200);
+    memcpy(want + 200, "...", 4);
+    ck_assert_msg(strstr(r.body, want) && !strstr(r.body, longkey), "%.*s", (int)r.len, r.body);
+    resp_free(&r);
+    /* the right key still passes */
+    r = http_do(s.url, NULL, chat_body, "Authorization: Bearer sk-right-000", 0);
+    ck_assert_int_eq(r.code, 200);
+    resp_free(&r);
+    srv_stop(&s, NULL);
+
+    /* echo off (the default): the key is not quoted */
+    c.echo_key = false;
+    srv_start(&s, &c);
+    r = http_do(s.url, NULL, chat_body, "Authorization: Bearer sk-wrong-4f2a9c", 0);
+    ck_assert_int_eq(r.code, 401);
+    ck_assert_ptr_null(strstr(r.body, "sk-wrong-4f2a9c"));
     resp_free(&r);
     srv_stop(&s, NULL);
 }
@@ -1100,6 +1469,8 @@ static Suite *mockllm_suite(void)
     tcase_add_test(core, test_stats_and_healthz);
     tcase_add_test(core, test_binary_help_and_version);
     tcase_add_test(core, test_binary_serves_and_stops);
+    tcase_add_test(core, test_url_directive);
+    tcase_add_test(core, test_control_changes_and_reset_restores);
     suite_add_tcase(s, core);
 
     TCase *limits = tcase_create("limits");
@@ -1109,6 +1480,7 @@ static Suite *mockllm_suite(void)
     tcase_add_test(limits, test_thousand_concurrent);
     tcase_add_test(limits, test_hang_until_client_leaves);
     tcase_add_test(limits, test_free_with_requests_held);
+    tcase_add_test(limits, test_control_storm_429_then_recovers);
     suite_add_tcase(s, limits);
 
     TCase *errors = tcase_create("errors");
@@ -1117,6 +1489,8 @@ static Suite *mockllm_suite(void)
     tcase_add_test(errors, test_bad_bodies);
     tcase_add_test(errors, test_body_too_large);
     tcase_add_test(errors, test_api_key);
+    tcase_add_test(errors, test_api_key_echo);
+    tcase_add_test(errors, test_control_bad_bodies);
     tcase_add_test(errors, test_injected_failures);
     tcase_add_test(errors, test_unknown_path_and_method);
     tcase_add_test(errors, test_bad_config);

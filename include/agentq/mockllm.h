@@ -18,11 +18,24 @@
  *                       error body
  *          tokens=N     report N completion tokens
  *          sleep=MS     this request's latency is MS
+ *          url=URL      the tool call's arguments are {"url": "URL"} (for
+ *                       http_get, e.g. `tool=http_get url=http://...`); the
+ *                       URL runs to the next white space, at most 4 KiB;
+ *                       the calculator keeps its own arguments
  *        plus rate limits (429 + Retry-After + x-ratelimit-* headers),
  *        injected 5xx, malformed and never-answered replies, and an
- *        optional bearer key (401 without it).
+ *        optional bearer key (401 without it; with echo_key the 401 quotes
+ *        the key the client presented, as some providers do).
+ *   POST /control  changes the faults while the simulator runs (see
+ *                  aq_mockllm_control for the body); replies 200 with the
+ *                  faults now in force, or 400 naming the bad field
+ *   GET  /control  the faults now in force, as JSON:
+ *                  {"fail_rate", "malformed_rate", "hang_rate", "latency_ms",
+ *                   "jitter_ms", "storm_seconds_left", "retry_after"}
  *   GET  /stats    counters as JSON (see aq_mockllm_stats)
  *   GET  /healthz  200 "ok"
+ *
+ * /control and /stats take no key: bind the simulator to loopback.
  *
  * Every reply is scheduled with a timer on the loop; nothing sleeps, and a
  * waiting request costs one small struct plus its reply, so one loop holds
@@ -60,6 +73,11 @@ typedef struct aq_mockllm_config {
     aq_mockllm_mode mode;
     uint64_t seed;           /* PRNG seed; 0 = seeded from clock and pid */
     const char *api_key;     /* required bearer key (copied); NULL = no auth */
+    bool echo_key;           /* a 401 quotes the presented key, the way OpenAI's
+                              * "Incorrect API key provided: <key>" does (cut
+                              * to 200 printable ASCII bytes): lets tests prove
+                              * a client keeps a provider's echo of its key out
+                              * of logs and rows */
     size_t max_body_bytes;   /* largest request body; default 8 MiB */
     int idle_timeout_s;      /* idle keep-alive connection timeout; default 120 */
 } aq_mockllm_config;
@@ -92,6 +110,25 @@ int aq_mockllm_mode_parse(const char *name);
  * with aq_mockllm_free(). */
 aq_mockllm *aq_mockllm_new(struct event_base *base, const aq_mockllm_config *cfg,
                            char *err, size_t errlen) AQ_MUSTCHECK;
+
+/* Changes the faults in force, as POST /control does. `body` (borrowed,
+ * `len` bytes, need not be NUL-terminated) is a JSON object with any of:
+ *   fail_rate, malformed_rate, hang_rate   numbers 0..1
+ *   latency_ms, jitter_ms                  integers 0..3600000
+ *   storm_seconds   number 0..3600: for that long every chat request is
+ *                   answered 429 with Retry-After (0 ends a storm)
+ *   retry_after     integer 1..3600, only with storm_seconds: the storm's
+ *                   Retry-After (default: the seconds the storm has left)
+ *   reset           true: back to the start-up settings (cfg) and no storm,
+ *                   then the other fields of the body apply
+ * An empty object {} resets too. Fields not named keep their value. The
+ * body is checked in full before anything changes: on a bad one nothing
+ * changes and AQ_EINVAL comes back with `err` naming the field (e.g.
+ * "fail_rate: must be a number from 0 to 1 (got 1.5)") and `field` (may
+ * be NULL, at least 32 bytes) holding its name ("body" for the whole).
+ * Returns AQ_OK on success. Call on the loop's thread. */
+int aq_mockllm_control(aq_mockllm *m, const char *body, size_t len, char *field, char *err,
+                       size_t errlen) AQ_MUSTCHECK;
 
 /* The port actually bound (useful with cfg->port == 0). */
 int aq_mockllm_port(const aq_mockllm *m);

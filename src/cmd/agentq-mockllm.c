@@ -40,6 +40,9 @@ static const char usage_text[] =
     "  --mode MODE            script (default) or calc\n"
     "  --seed N               seed of the random choices (default: from the clock)\n"
     "  --api-key-env NAME     require 'Authorization: Bearer $NAME' when NAME is set\n"
+    "  --echo-key             a 401 quotes the key the client presented, as OpenAI's\n"
+    "                         does (\"Incorrect API key provided: <key>...\"), so tests\n"
+    "                         can prove a client keeps it out of its logs and rows\n"
     "  --log-level LEVEL      debug, info (default), warn or error\n"
     "  --help                 show this help and exit\n"
     "  --version              show the version and exit\n"
@@ -54,9 +57,25 @@ static const char usage_text[] =
     "  fail=CODE    answer with HTTP CODE (e.g. 400, 429, 500) and an error body\n"
     "  tokens=N     report N completion tokens\n"
     "  sleep=MS     this request's latency is MS\n"
+    "  url=URL      the tool call's arguments are {\"url\": \"URL\"} (with tool=http_get;\n"
+    "               the URL runs to the next space)\n"
     "\n"
-    "Endpoints: POST /v1/chat/completions, GET /stats (counters as JSON),\n"
-    "GET /healthz.\n";
+    "Faults while running: POST /control with a JSON object of any of\n"
+    "  fail_rate, malformed_rate, hang_rate   0..1, as the flags above\n"
+    "  latency_ms, jitter_ms                  integers, as the flags above\n"
+    "  storm_seconds S    answer every chat request 429 for S seconds (0 ends it)\n"
+    "  retry_after N      with storm_seconds: the storm's Retry-After (default:\n"
+    "                     the seconds it has left)\n"
+    "  reset true         back to the flags' settings, then apply the rest\n"
+    "{} resets too. The reply is the faults now in force (also GET /control);\n"
+    "a bad body gets 400 naming the field and changes nothing. Examples:\n"
+    "  curl -d '{\"fail_rate\":0.5}' http://127.0.0.1:PORT/control\n"
+    "  curl -d '{\"storm_seconds\":10,\"retry_after\":2}' http://127.0.0.1:PORT/control\n"
+    "  curl -d '{}' http://127.0.0.1:PORT/control\n"
+    "\n"
+    "Endpoints: POST /v1/chat/completions, POST and GET /control, GET /stats\n"
+    "(counters as JSON), GET /healthz. /control and /stats take no key: listen\n"
+    "on loopback.\n";
 
 enum {
     OPT_LISTEN = 256,
@@ -71,6 +90,7 @@ enum {
     OPT_MODE,
     OPT_SEED,
     OPT_API_KEY_ENV,
+    OPT_ECHO_KEY,
     OPT_LOG_LEVEL,
     OPT_HELP,
     OPT_VERSION,
@@ -89,6 +109,7 @@ static const struct option long_opts[] = {
     {"mode", required_argument, NULL, OPT_MODE},
     {"seed", required_argument, NULL, OPT_SEED},
     {"api-key-env", required_argument, NULL, OPT_API_KEY_ENV},
+    {"echo-key", no_argument, NULL, OPT_ECHO_KEY},
     {"log-level", required_argument, NULL, OPT_LOG_LEVEL},
     {"help", no_argument, NULL, OPT_HELP},
     {"version", no_argument, NULL, OPT_VERSION},
@@ -214,6 +235,7 @@ int main(int argc, char **argv)
         }
         case OPT_SEED: cfg.seed = (uint64_t)parse_int("--seed", optarg, 0, LLONG_MAX); break;
         case OPT_API_KEY_ENV: key_env = optarg; break;
+        case OPT_ECHO_KEY: cfg.echo_key = true; break;
         case OPT_LOG_LEVEL: {
             int level = aq_log_level_parse(optarg);
             if (level < 0) die_usage("--log-level wants debug, info, warn or error, not '%s'", optarg);
@@ -267,11 +289,11 @@ int main(int argc, char **argv)
     bool v6 = strchr(host, ':') != NULL;
     aq_log(AQ_LOG_INFO,
            "agentq-mockllm listening on http://%s%s%s:%d/v1 (port %d, mode %s, latency %d+-%d ms, "
-           "rpm %lld, tpm %lld, fail %g, malformed %g, hang %g, auth %s)",
+           "rpm %lld, tpm %lld, fail %g, malformed %g, hang %g, auth %s%s)",
            v6 ? "[" : "", host, v6 ? "]" : "", port, port,
            cfg.mode == AQ_MOCKLLM_CALC ? "calc" : "script", cfg.latency_ms, cfg.jitter_ms,
            (long long)cfg.rpm, (long long)cfg.tpm, cfg.fail_rate, cfg.malformed_rate,
-           cfg.hang_rate, cfg.api_key ? "on" : "off");
+           cfg.hang_rate, cfg.api_key ? "on" : "off", cfg.echo_key ? ", echoing keys" : "");
 
     event_base_dispatch(base);
 
