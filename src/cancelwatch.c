@@ -4,9 +4,10 @@
 #include "agentq/cancelwatch.h"
 #include "agentq/log.h"
 #include "agentq/mailbox.h"
+#include "agentq/pgconn.h"
 
-#include <libpq-fe.h>
 #include <poll.h>
+#include <stdatomic.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,7 +18,7 @@ struct aq_cancelwatch {
     pthread_t thread;
     aq_mailbox *ids;   /* thread -> loop: task ids (strings) */
     aq_mailbox *stop;  /* loop -> thread: wake-up to quit */
-    volatile bool quit;
+    atomic_bool quit;
     void (*cb)(const char *, void *);
     void *arg;
 };
@@ -36,20 +37,17 @@ static void nap(aq_cancelwatch *w, int ms)
     poll(&pf, 1, ms);
 }
 
-/* Server notices go to the log, not raw to stderr. */
-static void on_notice(void *arg, const char *message)
-{
-    aq_log(AQ_LOG_DEBUG, "cancel watcher: %.*s", (int)strcspn(message, "\n"), message);
-}
+static bool quitting(void *arg) { return atomic_load(&((aq_cancelwatch *)arg)->quit); }
 
 static PGconn *connect_and_listen(aq_cancelwatch *w)
 {
-    PGconn *pg = PQconnectdb(w->dsn);
-    if (PQstatus(pg) != CONNECTION_OK) {
-        PQfinish(pg);
+    char err[512];
+    aq_pg_connect_opts o = {.application_name = "agentq-worker-cancel", .stop = quitting, .stop_arg = w};
+    PGconn *pg = aq_pg_connect(w->dsn, &o, err, sizeof err);
+    if (!pg) {
+        aq_log(AQ_LOG_DEBUG, "cancel watcher: cannot connect to PostgreSQL: %s", err);
         return NULL;
     }
-    PQsetNoticeProcessor(pg, on_notice, NULL);
     PGresult *r = PQexec(pg, "LISTEN agentq_cancel");
     bool ok = PQresultStatus(r) == PGRES_COMMAND_OK;
     PQclear(r);
@@ -73,20 +71,20 @@ static void *thread_main(void *arg)
 {
     aq_cancelwatch *w = arg;
     PGconn *pg = NULL;
-    int backoff = 100;
-    while (!w->quit) {
+    aq_pg_backoff backoff;
+    aq_pg_backoff_init(&backoff, 100, 5000);
+    while (!atomic_load(&w->quit)) {
         if (!pg) {
             pg = connect_and_listen(w);
             if (!pg) {
-                nap(w, backoff);
-                backoff = backoff < 5000 ? backoff * 2 : 5000;
+                nap(w, aq_pg_backoff_next(&backoff));
                 continue;
             }
-            backoff = 100;
+            aq_pg_backoff_reset(&backoff);
         }
         struct pollfd pf[2] = {{PQsocket(pg), POLLIN, 0}, {aq_mailbox_fd(w->stop), POLLIN, 0}};
         poll(pf, 2, 5000);
-        if (w->quit) break;
+        if (atomic_load(&w->quit)) break;
         if (!PQconsumeInput(pg) || PQstatus(pg) != CONNECTION_OK) {
             PQfinish(pg);
             pg = NULL;
@@ -128,7 +126,7 @@ aq_cancelwatch *aq_cancelwatch_new(const char *dsn, const char *worker_id, struc
 void aq_cancelwatch_free(aq_cancelwatch *w)
 {
     if (!w) return;
-    w->quit = true;
+    atomic_store(&w->quit, true);
     aq_mailbox_push(w->stop, aq_xstrdup("quit"));
     pthread_join(w->thread, NULL);
     aq_mailbox_free(w->ids, free); /* ids the loop has not taken */

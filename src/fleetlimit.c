@@ -4,11 +4,12 @@
 #include "agentq/fleetlimit.h"
 #include "agentq/log.h"
 #include "agentq/mailbox.h"
+#include "agentq/pgconn.h"
 
-#include <libpq-fe.h>
 #include <math.h>
 #include <poll.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,16 +31,14 @@ struct aq_fleetlimit {
     aq_ratelimit *rl;
     pthread_t thread;
     aq_mailbox *to_thread, *to_loop;
+    atomic_bool quitting;    /* set before MSG_QUIT: cuts a connect short */
     /* thread-only */
     PGconn *pg;
     bool need_req, need_tok;
     int64_t pause_ms;
 };
 
-static void on_notice(void *arg, const char *message)
-{
-    aq_log(AQ_LOG_DEBUG, "fleet limiter: %.*s", (int)strcspn(message, "\n"), message);
-}
+static bool quitting(void *arg) { return atomic_load(&((aq_fleetlimit *)arg)->quitting); }
 
 /* Runs a one-value query; returns the value as a double, NAN on NULL or
  * error (the connection is dropped on error). */
@@ -62,13 +61,12 @@ static bool ensure_conn(aq_fleetlimit *f)
 {
     if (f->pg && PQstatus(f->pg) == CONNECTION_OK) return true;
     if (f->pg) PQfinish(f->pg);
-    f->pg = PQconnectdb(f->dsn);
-    if (PQstatus(f->pg) != CONNECTION_OK) {
-        PQfinish(f->pg);
-        f->pg = NULL;
+    char err[512];
+    aq_pg_connect_opts o = {.application_name = "agentq-worker-limits", .stop = quitting, .stop_arg = f};
+    if (!(f->pg = aq_pg_connect(f->dsn, &o, err, sizeof err))) {
+        aq_log(AQ_LOG_DEBUG, "fleet limiter: cannot connect to PostgreSQL: %s", err);
         return false;
     }
-    PQsetNoticeProcessor(f->pg, on_notice, NULL);
     /* Capacity one second's worth: the fleet never bursts past the limit
      * by more than that in any minute. Every worker defines the same. */
     const char *names[] = {f->req_name, f->tok_name};
@@ -218,6 +216,7 @@ aq_fleetlimit *aq_fleetlimit_new(const aq_fleetlimit_config *cfg, aq_ratelimit *
 void aq_fleetlimit_free(aq_fleetlimit *f)
 {
     if (!f) return;
+    atomic_store(&f->quitting, true);
     send_msg(f, MSG_QUIT, 0, false, false);
     pthread_join(f->thread, NULL);
     PQfinish(f->pg);

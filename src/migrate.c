@@ -6,6 +6,7 @@
  * works and disconnects, since it runs once per deployment, not per task. */
 #include "agentq/migrate.h"
 #include "agentq/log.h"
+#include "agentq/pgconn.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -57,33 +58,13 @@ static void set_pg_err(char *err, size_t errlen, const char *prefix, const char 
     aq_seterr(err, errlen, "%s%.*s", prefix, (int)len, msg);
 }
 
-static void notice_to_log(void *arg, const char *message)
-{
-    (void)arg;
-    char buf[1024];
-    size_t len = strlen(message);
-    while (len > 0 && message[len - 1] == '\n')
-        len--;
-    snprintf(buf, sizeof buf, "%.*s", (int)len, message);
-    aq_log(AQ_LOG_WARN, "postgres: %s", buf);
-}
-
 /* Returns a connection (caller frees with PQfinish) or NULL with err set. */
 static PGconn *connect_db(const char *dsn, char *err, size_t errlen)
 {
-    /* With expand_dbname the DSN's own settings override the defaults
-     * given before it, so a DSN with its own connect_timeout wins. */
-    const char *const keys[] = {"connect_timeout", "application_name", "dbname", NULL};
-    const char *const vals[] = {"10", "agentq-migrate", dsn ? dsn : "", NULL};
-    PGconn *conn = PQconnectdbParams(keys, vals, 1);
-    if (!conn)
-        aq_oom("libpq connection");
-    if (PQstatus(conn) != CONNECTION_OK) {
-        set_pg_err(err, errlen, "cannot connect to PostgreSQL: ", PQerrorMessage(conn));
-        PQfinish(conn);
-        return NULL;
-    }
-    PQsetNoticeProcessor(conn, notice_to_log, NULL);
+    char why[512];
+    aq_pg_connect_opts o = {.application_name = "agentq-migrate"};
+    PGconn *conn = aq_pg_connect(dsn, &o, why, sizeof why);
+    if (!conn) aq_seterr(err, errlen, "cannot connect to PostgreSQL: %s", why);
     return conn;
 }
 

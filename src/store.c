@@ -17,6 +17,7 @@
  * deadline. */
 #include "agentq/store.h"
 #include "agentq/log.h"
+#include "agentq/pgconn.h"
 #include "agentq/task.h"
 
 #include <errno.h>
@@ -41,7 +42,7 @@
 #define STORE_FLUSH_TIMEOUT_DEFAULT_MS 5000
 #define STORE_RECONNECT_MAX_DEFAULT_MS 5000
 #define STORE_BACKOFF_MIN_MS 100
-#define STORE_CONNECT_TIMEOUT_US (10 * 1000000LL)
+#define STORE_CONNECT_TIMEOUT_MS 10000
 #define STORE_IDLE_CHECK_US 1000000LL
 #define STORE_POLL_SLICE_MS 100
 #define STORE_TRANSIENT_RETRIES 5
@@ -194,10 +195,9 @@ struct aq_store {
     PGconn *conn;
     int link;
     bool ever_connected;
-    int backoff_ms;
+    aq_pg_backoff backoff;
     int64_t next_connect_us;
     int64_t next_check_us;
-    unsigned int rnd;
 };
 
 static void stmt_init(stmt *st, int id)
@@ -401,15 +401,6 @@ static void set_msg(char *msg, size_t msglen, const char *text)
     one_line(msg);
 }
 
-/* Server notices would otherwise go to stderr raw, breaking JSON lines. */
-static void on_notice(void *arg, const char *message)
-{
-    char msg[512];
-    (void)arg;
-    set_msg(msg, sizeof msg, message);
-    aq_log(AQ_LOG_INFO, "store: PostgreSQL says: %s", msg);
-}
-
 static void drop_conn(aq_store *s)
 {
     if (s->conn) PQfinish(s->conn);
@@ -427,7 +418,7 @@ static void lost_conn(aq_store *s, const char *why)
                s->dsn_shown, why);
     s->link = LINK_DOWN;
     drop_conn(s);
-    s->backoff_ms = 0;
+    aq_pg_backoff_reset(&s->backoff);
     s->next_connect_us = aq_mono_us();
 }
 
@@ -554,49 +545,27 @@ static bool hold_owner_lock(aq_store *s, char *msg, size_t msglen)
     return ok;
 }
 
-/* One connection attempt (bounded by STORE_CONNECT_TIMEOUT_US and the stop
+static bool stop_cb(void *arg) { return stop_passed(arg); }
+
+/* One connection attempt (bounded by STORE_CONNECT_TIMEOUT_MS and the stop
  * deadline). On failure, schedules the next one with backoff and jitter. */
 static bool try_connect(aq_store *s)
 {
-    /* Defaults first: what the DSN says overrides them. */
-    const char *kw[] = {"application_name", "keepalives", "keepalives_idle",
-                        "keepalives_interval", "keepalives_count", "dbname", NULL};
-    const char *val[] = {"agentq-worker", "1", "10", "5", "3", s->dsn, NULL};
     char msg[512] = "";
-    int64_t deadline = aq_mono_us() + STORE_CONNECT_TIMEOUT_US;
-
-    PGconn *c = PQconnectStartParams(kw, val, 1);
-    if (!c) aq_oom("a PostgreSQL connection");
-    PostgresPollingStatusType ps = PGRES_POLLING_WRITING;
-    if (PQstatus(c) == CONNECTION_BAD) ps = PGRES_POLLING_FAILED;
-    while (ps != PGRES_POLLING_OK && ps != PGRES_POLLING_FAILED) {
-        struct pollfd pfd = {.fd = PQsocket(c),
-                             .events = ps == PGRES_POLLING_READING ? POLLIN : POLLOUT};
-        int pr = pfd.fd >= 0 ? poll(&pfd, 1, STORE_POLL_SLICE_MS) : 1;
-        if (pr < 0 && errno != EINTR) {
-            snprintf(msg, sizeof msg, "poll: %s", strerror(errno));
-            break;
-        }
-        if (stop_passed(s) || aq_mono_us() >= deadline) {
-            snprintf(msg, sizeof msg, "timed out connecting");
-            break;
-        }
-        if (pr > 0) ps = PQconnectPoll(c);
-    }
-    if (ps == PGRES_POLLING_OK) {
+    aq_pg_connect_opts o = {.application_name = "agentq-worker",
+                            .timeout_ms = STORE_CONNECT_TIMEOUT_MS,
+                            .stop = stop_cb,
+                            .stop_arg = s};
+    PGconn *c = aq_pg_connect(s->dsn, &o, msg, sizeof msg);
+    if (c) {
         s->conn = c;
-        PQsetNoticeProcessor(c, on_notice, NULL);
         if (PQsetnonblocking(c, 1) != 0 || !PQenterPipelineMode(c)) {
             set_msg(msg, sizeof msg, PQerrorMessage(c));
-            ps = PGRES_POLLING_FAILED;
+            s->conn = NULL;
         } else if (!prepare_all(s, msg, sizeof msg) || !hold_owner_lock(s, msg, sizeof msg)) {
-            ps = PGRES_POLLING_FAILED;
-        }
-        if (ps != PGRES_POLLING_OK) {
             s->conn = NULL;
         }
-    } else if (!msg[0]) {
-        set_msg(msg, sizeof msg, PQerrorMessage(c));
+        if (!s->conn) PQfinish(c);
     }
 
     int64_t now = aq_mono_us();
@@ -611,23 +580,16 @@ static bool try_connect(aq_store *s)
             aq_log(AQ_LOG_INFO, "store: connected to PostgreSQL (%s)", s->dsn_shown);
         s->link = LINK_UP;
         s->ever_connected = true;
-        s->backoff_ms = 0;
+        aq_pg_backoff_reset(&s->backoff);
         s->next_check_us = now + STORE_IDLE_CHECK_US;
         return true;
     }
-    PQfinish(c);
     if (s->link != LINK_DOWN)
         aq_log(AQ_LOG_WARN,
                "store: cannot connect to PostgreSQL (%s): %s; retrying with backoff, "
                "requests queue meanwhile", s->dsn_shown, msg);
     s->link = LINK_DOWN;
-    s->backoff_ms = s->backoff_ms ? s->backoff_ms * 2 : STORE_BACKOFF_MIN_MS;
-    if (s->backoff_ms > s->reconnect_max_ms) s->backoff_ms = s->reconnect_max_ms;
-    /* Half fixed, half random: replicas that lost the same server do not
-     * come back in step. */
-    int half = s->backoff_ms / 2;
-    int delay = half + (int)(rand_r(&s->rnd) % (unsigned)(half + 1));
-    s->next_connect_us = now + (int64_t)delay * 1000;
+    s->next_connect_us = now + (int64_t)aq_pg_backoff_next(&s->backoff) * 1000;
     return false;
 }
 
@@ -1090,7 +1052,7 @@ aq_store *aq_store_new(const aq_store_config *cfg, struct event_base *base, char
     if (getrandom(&seed, sizeof seed, 0) != (ssize_t)sizeof seed)
         seed = (uint64_t)aq_now_us() ^ ((uint64_t)getpid() << 32);
     snprintf(s->token_prefix, sizeof s->token_prefix, "%016llx", (unsigned long long)seed);
-    s->rnd = (unsigned int)(seed >> 7);
+    aq_pg_backoff_init(&s->backoff, STORE_BACKOFF_MIN_MS, s->reconnect_max_ms);
     /* The lease key: a positive int4, the advisory lock's second key. */
     s->owner = (int)((seed >> 17) % 2147483646u) + 1;
 

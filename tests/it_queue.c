@@ -18,6 +18,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/socket.h>
+#include <netinet/in.h>
 
 typedef struct env {
     char *dsn;
@@ -974,6 +976,36 @@ START_TEST(sweeper_republishes_running_tasks_nobody_holds)
 }
 END_TEST
 
+/* A database address that answers nothing (a listener that never accepts:
+ * the TCP handshake completes, no byte ever comes back, as with a server
+ * behind a firewall that drops packets). The worker still stops within
+ * drain_seconds + 5 s of SIGTERM: no connection attempt blocks it. */
+START_TEST(sigterm_with_an_unreachable_database_exits_in_time)
+{
+    setup_env("pgdown", NULL);
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    ck_assert_int_eq(bind(fd, (struct sockaddr *)&a, sizeof a), 0);
+    ck_assert_int_eq(listen(fd, 64), 0);
+    char dsn[200];
+    snprintf(dsn, sizeof dsn, "AGENTQ_POSTGRES_DSN=host=127.0.0.1 port=%d dbname=agentq user=agentq",
+             aq_test_bound_port(fd));
+    const char *vars[] = {dsn, "AGENTQ_WORKER_DRAIN_SECONDS=1", "AGENTQ_LIMITS_MODE=fleet",
+                          "AGENTQ_LLM_REQUESTS_PER_MINUTE=600", NULL};
+    aq_test_proc *w = start_worker("worker", vars);
+    sleep(2); /* every connection attempt to the database is under way */
+    int64_t t0 = aq_mono_us();
+    aq_test_proc_signal(w, SIGTERM);
+    int rc = aq_test_proc_wait(w, 15000);
+    double secs = (double)(aq_mono_us() - t0) / 1e6;
+    ck_assert_msg(rc == 0, "worker exit status %d after %.1f s", rc, secs);
+    ck_assert_msg(secs < 1 + 5, "the worker took %.1f s to stop (drain_seconds 1)", secs);
+    close(fd);
+    aq_test_proc_free(w);
+    teardown_env();
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("queue");
@@ -1007,6 +1039,7 @@ int main(void)
     tcase_add_test(errors, crashes_do_not_use_up_attempts);
     tcase_add_test(errors, spoofed_retry_headers_are_ignored);
     tcase_add_test(errors, sweeper_republishes_running_tasks_nobody_holds);
+    tcase_add_test(errors, sigterm_with_an_unreachable_database_exits_in_time);
     suite_add_tcase(s, errors);
     return aq_test_run(s);
 }

@@ -6,6 +6,7 @@
 #include "agentq/broker.h"
 #include "agentq/config.h"
 #include "agentq/log.h"
+#include "agentq/pgconn.h"
 #include "agentq/task.h"
 
 #include <errno.h>
@@ -146,13 +147,14 @@ static int flush(aq_broker *b, PGconn *pg, const aq_config *cfg, aq_task **batch
 
 static PGconn *db_connect(const aq_config *cfg)
 {
-    PGconn *pg = PQconnectdb(cfg->pg_dsn);
-    if (PQstatus(pg) != CONNECTION_OK) {
-        char shown[512];
+    char why[512];
+    aq_pg_connect_opts o = {.application_name = "agentq-producer"};
+    PGconn *pg = aq_pg_connect(cfg->pg_dsn, &o, why, sizeof why);
+    if (!pg) {
+        char shown[512], msg[1024];
         aq_log_redact(cfg->pg_dsn, shown, sizeof shown);
-        fprintf(stderr, "agentq-producer: cannot connect to Postgres (%s): %s", shown, PQerrorMessage(pg));
-        PQfinish(pg);
-        return NULL;
+        aq_log_redact(why, msg, sizeof msg);
+        fprintf(stderr, "agentq-producer: cannot connect to Postgres (%s): %s\n", shown, msg);
     }
     return pg;
 }

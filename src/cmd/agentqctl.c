@@ -8,6 +8,7 @@
 #include "agentq/config.h"
 #include "agentq/log.h"
 #include "agentq/migrate.h"
+#include "agentq/pgconn.h"
 #include "agentq/task.h"
 
 #include <getopt.h>
@@ -46,14 +47,14 @@ static void usage(FILE *out)
 
 static PGconn *db(const aq_config *cfg)
 {
-    PGconn *pg = PQconnectdb(cfg->pg_dsn);
-    if (PQstatus(pg) != CONNECTION_OK) {
+    char why[512];
+    aq_pg_connect_opts o = {.application_name = "agentqctl"};
+    PGconn *pg = aq_pg_connect(cfg->pg_dsn, &o, why, sizeof why);
+    if (!pg) {
         char shown[512], msg[1024];
         aq_log_redact(cfg->pg_dsn, shown, sizeof shown);
-        aq_log_redact(PQerrorMessage(pg), msg, sizeof msg);
-        fprintf(stderr, "agentqctl: cannot connect to Postgres (%s): %s", shown, msg);
-        PQfinish(pg);
-        return NULL;
+        aq_log_redact(why, msg, sizeof msg);
+        fprintf(stderr, "agentqctl: cannot connect to Postgres (%s): %s\n", shown, msg);
     }
     return pg;
 }
