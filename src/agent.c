@@ -1,8 +1,11 @@
 /* agent.c — agent sessions as state machines on the loop (see agent.h).
  *
- * Owns: each session's history, its timers, its in-flight LLM request and
- * tool calls. Does not own: the task (the worker's), the HTTP client, the
- * skills, the limiter, or where step rows go (deps->on_step).
+ * Owns: each session's history, its timers, its in-flight LLM call and
+ * tool calls, and the provider client (llm.h) all sessions share. Does not
+ * own: the task (the worker's), the HTTP client, the skills, the limiter,
+ * or where step rows go (deps->on_step). What a reply means (answered,
+ * rate-limited, retryable, fatal) is llm's to say; what to do about it
+ * (wait, retry with backoff, stop) is decided here.
  *
  * Every path that ends a session goes through finish(), and finish() is
  * only ever reached from a loop callback, so the done callback never runs
@@ -14,10 +17,13 @@
  * through detail_text()) and the final answer in on_llm() — and each
  * masks the registered secrets there (aq_log_mask_secrets), so a provider
  * echoing the API key in an error body ("Incorrect API key provided:
- * sk-...") stores "***". The key is registered when the engine reads it
- * (aq_engine_new); log lines are masked by the logger itself. */
+ * sk-...") stores "***". llm hands the provider's text over unmasked, so
+ * these three are the only places masking happens. The key is registered
+ * when llm reads it (aq_llm_new, from aq_engine_new); log lines are
+ * masked by the logger itself. */
 #include "agentq/agent.h"
 #include "agentq/chat.h"
+#include "agentq/llm.h"
 #include "agentq/log.h"
 
 #include <event2/event.h>
@@ -41,8 +47,7 @@ typedef struct tool_slot {
 
 struct aq_engine {
     aq_engine_deps d;
-    char *url;
-    char *auth_header;   /* "Authorization: Bearer ..." or NULL */
+    aq_llm *llm;
     size_t sessions;
     unsigned rng;
 };
@@ -60,7 +65,7 @@ struct aq_session {
     int64_t deadline_us;    /* epoch microseconds */
     struct event *wake_ev;  /* backoff, and deferred finish */
     aq_rl_wait *rl_wait;
-    aq_http_req *req;
+    aq_llm_call *call;      /* the LLM call in flight, or NULL */
     int64_t est_tokens;
     int retries;
     int tries;              /* calls of the coming step that did not make it (row seq) */
@@ -95,34 +100,19 @@ aq_engine *aq_engine_new(const aq_engine_deps *deps, char *err, size_t errlen)
 {
     aq_engine *e = aq_xcalloc(1, sizeof *e);
     e->d = *deps;
-    const char *base = deps->cfg->llm_base_url;
-    size_t bl = strlen(base);
-    while (bl && base[bl - 1] == '/') bl--;
-    e->url = aq_xmalloc(bl + sizeof "/chat/completions");
-    memcpy(e->url, base, bl);
-    strcpy(e->url + bl, "/chat/completions");
-    const char *key = aq_config_api_key(deps->cfg);
-    if (key) {
-        /* Masked in every log line and stored text from now on. */
-        if (aq_log_add_secret(key) != AQ_OK)
-            aq_log(AQ_LOG_WARN, "the API key in %s cannot be masked (%s): provider errors that "
-                                "echo it will show it", deps->cfg->llm_api_key_env,
-                   strlen(key) < 4 ? "shorter than 4 bytes" : "too many secrets registered");
-        size_t n = strlen(key) + sizeof "Authorization: Bearer ";
-        e->auth_header = aq_xmalloc(n);
-        snprintf(e->auth_header, n, "Authorization: Bearer %s", key);
+    e->llm = aq_llm_new(deps->cfg, deps->http, err, errlen);
+    if (!e->llm) {
+        free(e);
+        return NULL;
     }
     e->rng = (unsigned)aq_now_us();
-    (void)err;
-    (void)errlen;
     return e;
 }
 
 void aq_engine_free(aq_engine *e)
 {
     if (!e) return;
-    free(e->url);
-    free(e->auth_header);
+    aq_llm_free(e->llm);
     free(e);
 }
 
@@ -200,7 +190,7 @@ static void finish(aq_session *s)
 }
 
 /* Stops whatever is in flight; finishes now or when the aborted LLM
- * request calls back. */
+ * call calls back. */
 static void stop_now(aq_session *s)
 {
     if (s->rl_wait) {
@@ -210,9 +200,9 @@ static void stop_now(aq_session *s)
     free_tools(s);
     event_del(s->wake_ev);
     event_del(s->deadline_ev);
-    if (s->req) {
+    if (s->call) {
         s->state = S_STOPPING;
-        aq_http_cancel(s->req);
+        aq_llm_cancel(s->call);
         return;
     }
     finish(s);
@@ -465,59 +455,51 @@ static void run_tools(aq_session *s)
     if (s->tools_left == 0) event_active(s->wake_ev, EV_TIMEOUT, 0);
 }
 
-static void on_llm(aq_http_req *req, const aq_http_result *res, void *arg)
+/* Acts on the outcome llm classified. Every call that did not make its
+ * step gives back its token estimate and leaves a row. */
+static void on_llm(aq_llm_result *res, void *arg)
 {
     aq_session *s = arg;
     aq_engine *e = s->e;
-    s->req = NULL;
-    if (s->state == S_STOPPING) {
-        /* Aborted by a stop (or it ended just before): the time it took is
-         * still worth a row; its reply, if any, is dropped. */
-        emit_llm_failure(s, "aborted", res->status, s->stop_status);
+    s->call = NULL;
+    if (s->state == S_STOPPING || res->outcome == AQ_LLM_ABORTED) {
+        /* Aborted by a stop (stop_now's aq_llm_cancel: nothing was read,
+         * even if it ended just before): the time it took is still worth
+         * a row. */
+        emit_llm_failure(s, "aborted", res->http_status, s->stop_status);
         finish(s);
         return;
     }
-    char err[512];
-    if (res->code != AQ_OK) {
-        const char *why = res->error && *res->error ? res->error : aq_strerror(res->code);
-        emit_llm_failure(s, "error", res->status, why);
+    switch (res->outcome) {
+    case AQ_LLM_ANSWERED:
+        break;
+    case AQ_LLM_RATE_LIMITED: {
+        emit_llm_failure(s, "rate_limited", res->http_status, res->message);
         aq_ratelimit_adjust(e->d.ratelimit, -s->est_tokens);
-        retry_or_fail(s, why);
+        int64_t ms = res->retry_after_ms >= 0 ? res->retry_after_ms : e->d.cfg->llm_retry_backoff_ms;
+        aq_ratelimit_pause(e->d.ratelimit, ms);
+        aq_log_task(AQ_LOG_DEBUG, s->task->task_id, s->task->user_id, "LLM rate limited; waiting %lld ms",
+                    (long long)ms);
+        next_step(s); /* queues behind the pause; uses no step */
         return;
     }
-    if (res->status < 200 || res->status > 299) {
-        char msg[400] = "";
-        aq_chat_parse_error(res->body, res->body_len, msg, sizeof msg);
-        emit_llm_failure(s, res->status == 429 ? "rate_limited" : "error", res->status, msg);
+    case AQ_LLM_RETRYABLE:
+        emit_llm_failure(s, "error", res->http_status, res->message);
         aq_ratelimit_adjust(e->d.ratelimit, -s->est_tokens);
-        if (res->status == 429) {
-            int64_t ms = res->retry_after_ms >= 0 ? res->retry_after_ms : e->d.cfg->llm_retry_backoff_ms;
-            aq_ratelimit_pause(e->d.ratelimit, ms);
-            aq_log_task(AQ_LOG_DEBUG, s->task->task_id, s->task->user_id, "LLM rate limited; waiting %lld ms",
-                        (long long)ms);
-            next_step(s); /* queues behind the pause; uses no step */
-            return;
-        }
-        /* 5xx, a redirect we do not follow, or the server's own timeout
-         * (408) may pass if repeated; any other 4xx is about the request. */
-        if (res->status >= 500 || res->status < 400 || res->status == 408) {
-            snprintf(err, sizeof err, "HTTP %ld%s%s", res->status, *msg ? ": " : "", msg);
-            retry_or_fail(s, err);
-            return;
-        }
-        set_stop(s, "failed", false, "LLM provider refused the request (HTTP %ld): %s", res->status,
-                 *msg ? msg : "no message");
+        retry_or_fail(s, res->reason);
+        return;
+    case AQ_LLM_FATAL:
+    default:
+        emit_llm_failure(s, "error", res->http_status, res->message);
+        aq_ratelimit_adjust(e->d.ratelimit, -s->est_tokens);
+        set_stop(s, "failed", false, "LLM provider refused the request (HTTP %ld): %s", res->http_status,
+                 *res->message ? res->message : "no message");
         stop_now(s);
         return;
     }
+    char err[512];
     aq_chat_reply reply;
-    if (aq_chat_parse_reply(res->body, res->body_len, &reply, err, sizeof err) != AQ_OK) {
-        aq_chat_reply_free(&reply);
-        emit_llm_failure(s, "error", res->status, err);
-        aq_ratelimit_adjust(e->d.ratelimit, -s->est_tokens);
-        retry_or_fail(s, err);
-        return;
-    }
+    aq_llm_take_reply(res, &reply);
     s->retries = 0;
     s->tries = 0;
     s->steps++;
@@ -560,31 +542,17 @@ static void on_llm(aq_http_req *req, const aq_http_result *res, void *arg)
 static void send_llm(aq_session *s)
 {
     aq_engine *e = s->e;
-    char *body = NULL, err[256];
-    size_t len = 0;
+    char err[256];
     s->rl_wait = NULL;
-    if (aq_chat_request(s->chat, s->task->model, s->tools, &body, &len) != AQ_OK) {
-        set_stop(s, "failed", false, "cannot build the LLM request");
-        stop_now(s);
-        return;
-    }
-    const char *headers[2] = {"Content-Type: application/json", e->auth_header};
-    aq_http_request rq = {
-        .method = AQ_HTTP_POST,
-        .url = e->url,
-        .headers = headers,
-        .nheaders = e->auth_header ? 2 : 1,
-        .body = body,
-        .body_len = len,
-        .timeout_ms = e->d.cfg->llm_timeout_ms,
-    };
     s->state = S_LLM;
     s->llm_started_us = aq_now_us();
     s->llm_mono = aq_mono_us();
-    int rc = aq_http_submit(e->d.http, &rq, on_llm, s, &s->req, err, sizeof err);
-    free(body);
-    if (rc != AQ_OK) {
-        s->req = NULL;
+    int rc = aq_llm_send(e->llm, s->chat, s->task->model, s->tools, on_llm, s, &s->call, err, sizeof err);
+    if (rc == AQ_EINVAL) { /* the same history would fail the same way */
+        set_stop(s, "failed", false, "%s", err);
+        stop_now(s);
+    } else if (rc != AQ_OK) {
+        s->call = NULL;
         retry_or_fail(s, err);
     }
 }

@@ -1331,6 +1331,46 @@ START_TEST(test_skill_subset)
 }
 END_TEST
 
+/* A provider nobody listens on: every try is a network error (a row
+ * without an HTTP status), retried llm.max_retries times, then the
+ * attempt fails as retryable with curl's reason. */
+START_TEST(test_connection_refused_retried)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    ck_assert_int_ge(fd, 0);
+    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    ck_assert_int_eq(bind(fd, (struct sockaddr *)&sin, sizeof sin), 0);
+    int port = aq_test_bound_port(fd); /* bound, not listening: connect is refused */
+    fx f;
+    fx_init(&f, NULL);
+    char url[128];
+    snprintf(url, sizeof url, "http://127.0.0.1:%d/v1", port);
+    set(&f.cfg, "llm.base_url", url);
+    set(&f.cfg, "llm.max_retries", "2");
+    fx_start(&f);
+    run r;
+    start(&f, &r, "{\"user_id\":\"u1\",\"goal\":\"anything\"}");
+    run_all(&f, 10000);
+    close(fd);
+    ck_assert_str_eq(r.status, "failed");
+    ck_assert(r.retryable);
+    ck_assert_int_eq(r.steps, 0);
+    ck_assert_msg(strstr(r.error, "LLM call failed after 2 retries: "), "error: %s", r.error);
+    ck_assert_uint_eq(f.nrows, 3);
+    for (size_t i = 0; i < f.nrows; i++) {
+        ck_assert_str_eq(f.rows[i].kind, "llm");
+        ck_assert_str_eq(f.rows[i].status, "error");
+        ck_assert_int_eq(f.rows[i].step, 1);
+        ck_assert_int_eq(f.rows[i].seq, (int)i + 1);
+        ck_assert_msg(!strstr(f.rows[i].detail, "http_status") && strstr(f.rows[i].detail, "\"error\""),
+                      "detail: %s", f.rows[i].detail);
+    }
+    ck_assert_int_eq(f.srv->rogue_requests, 0);
+    run_free(&r);
+    fx_stop(&f);
+}
+END_TEST
+
 static Suite *agent_suite(void)
 {
     Suite *s = suite_create("agent");
@@ -1365,6 +1405,7 @@ static Suite *agent_suite(void)
     tcase_add_test(errors, test_api_key);
     tcase_add_test(errors, test_key_echo_masked);
     tcase_add_test(errors, test_skill_subset);
+    tcase_add_test(errors, test_connection_refused_retried);
     suite_add_tcase(s, errors);
     return s;
 }

@@ -1,0 +1,700 @@
+/* check_llm.c — the provider client against a scripted evhttp server on
+ * 127.0.0.1 sharing the client's event_base: the request it sends (URL,
+ * headers, body), and how every kind of reply is classified — answered
+ * (content, tool calls, usage), rate-limited (with and without
+ * Retry-After), retryable (5xx, 408, a redirect, a malformed body, a 200
+ * that is an error object, connection refused, timeout) and fatal (4xx
+ * with the provider's message) — plus cancel, send failures, and the
+ * secrets contract (the key is registered; provider text comes back
+ * unmasked for the one place that stores it to mask). */
+#include "agentq/llm.h"
+#include "agentq/log.h"
+
+#include <arpa/inet.h>
+#include <check.h>
+#include "testenv.h"
+#include <event2/buffer.h>
+#include <event2/event.h>
+#include <event2/http.h>
+#include <event2/keyvalq_struct.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#define KEY "sk-check-llm-0123456789"
+
+#define OPENAI_ERROR(msg, type) \
+    "{\"error\":{\"message\":\"" msg "\",\"type\":\"" type "\",\"param\":null,\"code\":null}}"
+
+#define CONTENT_REPLY                                                                            \
+    "{\"id\":\"c1\",\"object\":\"chat.completion\",\"model\":\"gpt-test\",\"choices\":[{\"index\":0," \
+    "\"message\":{\"role\":\"assistant\",\"content\":\"Paris.\"},\"finish_reason\":\"stop\"}],"     \
+    "\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":3,\"total_tokens\":15}}"
+
+#define TOOLS_REPLY                                                                              \
+    "{\"id\":\"c2\",\"object\":\"chat.completion\",\"model\":\"gpt-test\",\"choices\":[{\"index\":0," \
+    "\"message\":{\"role\":\"assistant\",\"content\":null,\"tool_calls\":["                       \
+    "{\"id\":\"call_a\",\"type\":\"function\",\"function\":{\"name\":\"calculator\","              \
+    "\"arguments\":\"{\\\"expression\\\":\\\"1+1\\\"}\"}},"                                        \
+    "{\"id\":\"call_b\",\"type\":\"function\",\"function\":{\"name\":\"current_time\","            \
+    "\"arguments\":\"{}\"}}]},\"finish_reason\":\"tool_calls\"}],"                                  \
+    "\"usage\":{\"prompt_tokens\":40,\"completion_tokens\":17}}"
+
+/* ---- the scripted provider ---------------------------------------------- */
+
+/* What /v1/<name>/chat/completions answers. */
+typedef struct script {
+    const char *name;
+    int status;
+    const char *retry_after; /* Retry-After header, or NULL */
+    const char *body;
+} script;
+
+static const script scripts[] = {
+    {"content", 200, NULL, CONTENT_REPLY},
+    {"tools", 200, NULL, TOOLS_REPLY},
+    {"429", 429, "7", OPENAI_ERROR("Rate limit reached for requests", "requests")},
+    {"429-bare", 429, NULL, "slow down"},
+    {"500", 500, NULL, OPENAI_ERROR("The server had an error while processing your request.",
+                                    "server_error")},
+    {"503", 503, NULL, "upstream overloaded"},
+    {"408", 408, NULL, ""},
+    {"302", 302, NULL, "moved"},
+    {"malformed", 200, NULL, "{\"choices\":[{\"message\":"},
+    {"ok-error", 200, NULL, OPENAI_ERROR("The model is overloaded", "server_error")},
+    {"400", 400, NULL,
+     OPENAI_ERROR("Invalid value for 'tool_choice': no tools given.", "invalid_request_error")},
+    {"401", 401, NULL,
+     OPENAI_ERROR("Incorrect API key provided: " KEY ". You can find your API key at "
+                  "https://platform.openai.com/account/api-keys.",
+                  "invalid_request_error")},
+    {"403", 403, NULL, "{\"error\":\"Project does not have access to model\"}"},
+    {"404", 404, NULL, "{\"message\":\"The model `nope` does not exist\"}"},
+    {"422", 422, NULL, ""},
+};
+
+typedef struct srv {
+    struct event_base *base;
+    struct evhttp *http;
+    int port;
+    int requests;
+    /* the last request, copied */
+    char path[256];
+    char auth[256];
+    char content_type[64];
+    bool had_auth;
+    char *body;
+    size_t body_len;
+    struct evhttp_request *held; /* /v1/hold/...: unanswered until its client leaves */
+    int holds;                   /* requests held so far */
+} srv;
+
+/* The held request's client went away: libevent frees the request. */
+static void on_held_close(struct evhttp_connection *conn, void *arg)
+{
+    (void)conn;
+    ((srv *)arg)->held = NULL;
+}
+
+static void srv_handle(struct evhttp_request *r, void *arg)
+{
+    srv *s = arg;
+    s->requests++;
+    const char *path = evhttp_uri_get_path(evhttp_request_get_evhttp_uri(r));
+    struct evkeyvalq *in_h = evhttp_request_get_input_headers(r);
+    snprintf(s->path, sizeof s->path, "%s", path);
+    const char *auth = evhttp_find_header(in_h, "Authorization");
+    s->had_auth = auth != NULL;
+    snprintf(s->auth, sizeof s->auth, "%s", auth ? auth : "");
+    const char *ct = evhttp_find_header(in_h, "Content-Type");
+    snprintf(s->content_type, sizeof s->content_type, "%s", ct ? ct : "");
+    struct evbuffer *in = evhttp_request_get_input_buffer(r);
+    free(s->body);
+    s->body_len = evbuffer_get_length(in);
+    s->body = malloc(s->body_len + 1);
+    ck_assert_ptr_nonnull(s->body);
+    evbuffer_copyout(in, s->body, s->body_len);
+    s->body[s->body_len] = '\0';
+
+    struct evkeyvalq *out_h = evhttp_request_get_output_headers(r);
+    if (!strcmp(path, "/v1/hold/chat/completions")) {
+        s->held = r;
+        s->holds++;
+        evhttp_connection_set_closecb(evhttp_request_get_connection(r), on_held_close, s);
+        return;
+    }
+    for (size_t i = 0; i < AQ_ARRAY_LEN(scripts); i++) {
+        char want[128];
+        snprintf(want, sizeof want, "/v1/%s/chat/completions", scripts[i].name);
+        if (strcmp(path, want)) continue;
+        evhttp_add_header(out_h, "Content-Type", "application/json");
+        if (scripts[i].retry_after) evhttp_add_header(out_h, "Retry-After", scripts[i].retry_after);
+        evbuffer_add(evhttp_request_get_output_buffer(r), scripts[i].body, strlen(scripts[i].body));
+        evhttp_send_reply(r, scripts[i].status, "Scripted", NULL);
+        return;
+    }
+    evbuffer_add(evhttp_request_get_output_buffer(r), "no such path", 12);
+    evhttp_send_reply(r, 404, "Not Found", NULL);
+}
+
+/* ---- the fixture ---------------------------------------------------------- */
+
+/* What a callback got, copied out of the borrowed result. */
+typedef struct got {
+    int calls;
+    bool in_call;    /* set around aq_llm_send / aq_llm_cancel */
+    bool cb_inside;  /* the callback ran inside one of them */
+    aq_llm_outcome outcome;
+    int code;
+    long http_status;
+    int64_t total_ms, retry_after_ms;
+    char *message, *reason;
+    bool take;       /* take the reply (else the client frees it) */
+    aq_chat_reply reply;
+} got;
+
+typedef struct fx {
+    struct event_base *base;
+    srv *srv;
+    aq_config cfg;
+    aq_http *http;
+    aq_llm *llm;
+    aq_chat *chat;
+} fx;
+
+static void set(aq_config *cfg, const char *key, const char *value)
+{
+    char err[256] = "";
+    ck_assert_msg(aq_config_set(cfg, key, value, err, sizeof err) == AQ_OK, "%s: %s", key, err);
+}
+
+/* Base, server, config pointing at /v1/<name>/ (trailing slash: the
+ * client must not double it), no client yet. */
+static void fx_init(fx *f, const char *name)
+{
+    memset(f, 0, sizeof *f);
+    f->base = event_base_new();
+    ck_assert_ptr_nonnull(f->base);
+    f->srv = calloc(1, sizeof *f->srv);
+    ck_assert_ptr_nonnull(f->srv);
+    f->srv->base = f->base;
+    f->srv->http = aq_test_httpd(f->base, srv_handle, f->srv, &f->srv->port);
+    aq_config_init(&f->cfg);
+    char url[160];
+    snprintf(url, sizeof url, "http://127.0.0.1:%d/v1/%s/", f->srv->port, name);
+    set(&f->cfg, "llm.base_url", url);
+    set(&f->cfg, "llm.timeout_ms", "5000");
+    set(&f->cfg, "llm.api_key_env", "CHECK_LLM_KEY");
+    setenv("CHECK_LLM_KEY", KEY, 1);
+    f->chat = aq_chat_new("Be brief.", "What is the capital of France?", 65536);
+    ck_assert_ptr_nonnull(f->chat);
+}
+
+static void fx_start(fx *f)
+{
+    char err[256] = "";
+    aq_http_config hc = {.connect_timeout_ms = 2000, .timeout_ms = 10000, .user_agent = "check_llm"};
+    f->http = aq_http_new(f->base, &hc, err, sizeof err);
+    ck_assert_msg(f->http != NULL, "aq_http_new: %s", err);
+    f->llm = aq_llm_new(&f->cfg, f->http, err, sizeof err);
+    ck_assert_msg(f->llm != NULL, "aq_llm_new: %s", err);
+}
+
+static void got_free(got *g)
+{
+    free(g->message);
+    free(g->reason);
+    aq_chat_reply_free(&g->reply);
+}
+
+static void fx_stop(fx *f)
+{
+    aq_llm_free(f->llm);
+    aq_http_free(f->http);
+    if (f->srv->held) evhttp_send_reply(f->srv->held, 500, "Bye", NULL);
+    evhttp_free(f->srv->http);
+    free(f->srv->body);
+    free(f->srv);
+    aq_chat_free(f->chat);
+    aq_config_free(&f->cfg);
+    unsetenv("CHECK_LLM_KEY");
+    event_base_free(f->base);
+}
+
+static void on_result(aq_llm_result *res, void *arg)
+{
+    got *g = arg;
+    g->calls++;
+    g->cb_inside = g->cb_inside || g->in_call;
+    g->outcome = res->outcome;
+    g->code = res->code;
+    g->http_status = res->http_status;
+    g->total_ms = res->total_ms;
+    g->retry_after_ms = res->retry_after_ms;
+    ck_assert_ptr_nonnull(res->message);
+    ck_assert_ptr_nonnull(res->reason);
+    g->message = strdup(res->message);
+    g->reason = strdup(res->reason);
+    if (res->outcome != AQ_LLM_ANSWERED) {
+        /* nothing to take, nothing to free */
+        ck_assert_ptr_null(res->reply.content);
+        ck_assert_ptr_null(res->reply.message_json);
+        ck_assert_uint_eq(res->reply.n_tool_calls, 0);
+    }
+    if (g->take) aq_llm_take_reply(res, &g->reply);
+}
+
+static void on_expire(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    *(bool *)arg = true;
+}
+
+/* Runs the loop until g has been called back; fails after `ms`. */
+static void wait_for(fx *f, got *g, int ms)
+{
+    bool expired = false;
+    struct event *t = evtimer_new(f->base, on_expire, &expired);
+    struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
+    evtimer_add(t, &tv);
+    while (!g->calls && !expired) event_base_loop(f->base, EVLOOP_ONCE);
+    event_free(t);
+    ck_assert_msg(g->calls == 1, "no callback within %d ms", ms);
+}
+
+/* Sends the fixture's chat (no tools) and waits for its one callback. */
+static void call(fx *f, got *g, int ms)
+{
+    char err[256] = "";
+    g->in_call = true;
+    int rc = aq_llm_send(f->llm, f->chat, "gpt-test", NULL, on_result, g, NULL, err, sizeof err);
+    g->in_call = false;
+    ck_assert_msg(rc == AQ_OK, "aq_llm_send: %s", err);
+    ck_assert_int_eq(g->calls, 0); /* never from inside send */
+    wait_for(f, g, ms);
+    ck_assert(!g->cb_inside);
+}
+
+/* ---- core ------------------------------------------------------------------ */
+
+START_TEST(test_answered_content)
+{
+    fx f;
+    fx_init(&f, "content");
+    fx_start(&f);
+    got g = {.take = true};
+    call(&f, &g, 5000);
+    ck_assert_int_eq(g.outcome, AQ_LLM_ANSWERED);
+    ck_assert_int_eq(g.code, AQ_OK);
+    ck_assert_int_eq(g.http_status, 200);
+    ck_assert_int_eq(g.retry_after_ms, -1);
+    ck_assert_str_eq(g.message, "");
+    ck_assert_str_eq(g.reason, "");
+    ck_assert(g.total_ms >= 0);
+    ck_assert_uint_eq(g.reply.content_len, 6);
+    ck_assert_str_eq(g.reply.content, "Paris.");
+    ck_assert_uint_eq(g.reply.n_tool_calls, 0);
+    ck_assert_str_eq(g.reply.finish_reason, "stop");
+    ck_assert_str_eq(g.reply.model, "gpt-test");
+    ck_assert(g.reply.has_usage);
+    ck_assert_int_eq(g.reply.prompt_tokens, 12);
+    ck_assert_int_eq(g.reply.completion_tokens, 3);
+    ck_assert_ptr_nonnull(g.reply.message_json);
+    got_free(&g);
+    fx_stop(&f);
+}
+END_TEST
+
+START_TEST(test_answered_tool_calls)
+{
+    fx f;
+    fx_init(&f, "tools");
+    fx_start(&f);
+    got g = {.take = true};
+    call(&f, &g, 5000);
+    ck_assert_int_eq(g.outcome, AQ_LLM_ANSWERED);
+    ck_assert_int_eq(g.http_status, 200);
+    ck_assert_ptr_null(g.reply.content);
+    ck_assert_str_eq(g.reply.finish_reason, "tool_calls");
+    ck_assert_uint_eq(g.reply.n_tool_calls, 2);
+    ck_assert_str_eq(g.reply.tool_calls[0].id, "call_a");
+    ck_assert_str_eq(g.reply.tool_calls[0].name, "calculator");
+    ck_assert_str_eq(g.reply.tool_calls[0].args, "{\"expression\":\"1+1\"}");
+    ck_assert_ptr_null(g.reply.tool_calls[0].args_error);
+    ck_assert_str_eq(g.reply.tool_calls[1].id, "call_b");
+    ck_assert_str_eq(g.reply.tool_calls[1].name, "current_time");
+    ck_assert_int_eq(g.reply.prompt_tokens, 40);
+    ck_assert_int_eq(g.reply.completion_tokens, 17);
+    /* the taken reply is the caller's and goes into the history as is */
+    char err[256] = "";
+    ck_assert_int_eq(aq_chat_add_reply(f.chat, &g.reply, err, sizeof err), AQ_OK);
+    ck_assert_uint_eq(aq_chat_pending(f.chat), 2);
+    got_free(&g);
+    fx_stop(&f);
+}
+END_TEST
+
+/* An answer the callback does not take is freed by the client (the
+ * sanitizer build catches a leak or a double free). */
+START_TEST(test_answered_not_taken)
+{
+    fx f;
+    fx_init(&f, "tools");
+    fx_start(&f);
+    got g = {.take = false};
+    call(&f, &g, 5000);
+    ck_assert_int_eq(g.outcome, AQ_LLM_ANSWERED);
+    ck_assert_ptr_null(g.reply.tool_calls);
+    got_free(&g);
+    fx_stop(&f);
+}
+END_TEST
+
+/* What goes out: POST to base_url + /chat/completions (one slash), JSON,
+ * the bearer key, and exactly the body chat.h builds. */
+START_TEST(test_request)
+{
+    fx f;
+    fx_init(&f, "content");
+    fx_start(&f);
+    static const aq_chat_tool_def defs[] = {
+        {"calculator", "Evaluates arithmetic", "{\"type\":\"object\"}"}};
+    char *tools = NULL, err[256] = "";
+    ck_assert_int_eq(aq_chat_tools_json(defs, 1, &tools, err, sizeof err), AQ_OK);
+    got g = {0};
+    aq_llm_call *c = NULL;
+    ck_assert_int_eq(aq_llm_send(f.llm, f.chat, "gpt-test", tools, on_result, &g, &c, err, sizeof err),
+                     AQ_OK);
+    ck_assert_ptr_nonnull(c);
+    wait_for(&f, &g, 5000);
+    ck_assert_int_eq(g.outcome, AQ_LLM_ANSWERED);
+    ck_assert_int_eq(f.srv->requests, 1);
+    ck_assert_str_eq(f.srv->path, "/v1/content/chat/completions");
+    ck_assert_str_eq(f.srv->auth, "Bearer " KEY);
+    ck_assert_str_eq(f.srv->content_type, "application/json");
+    char *want = NULL;
+    size_t want_len = 0;
+    ck_assert_int_eq(aq_chat_request(f.chat, "gpt-test", tools, &want, &want_len), AQ_OK);
+    ck_assert_uint_eq(f.srv->body_len, want_len);
+    ck_assert_str_eq(f.srv->body, want);
+    free(want);
+    free(tools);
+    got_free(&g);
+    fx_stop(&f);
+}
+END_TEST
+
+/* No key in the environment: no Authorization header at all. */
+START_TEST(test_request_without_key)
+{
+    fx f;
+    fx_init(&f, "content");
+    unsetenv("CHECK_LLM_KEY");
+    fx_start(&f);
+    got g = {0};
+    call(&f, &g, 5000);
+    ck_assert_int_eq(g.outcome, AQ_LLM_ANSWERED);
+    ck_assert(!f.srv->had_auth);
+    got_free(&g);
+    fx_stop(&f);
+}
+END_TEST
+
+/* ---- errors: one table of scripted replies -------------------------------- */
+
+typedef struct outcome_case {
+    const char *script;
+    aq_llm_outcome outcome;
+    int code;
+    long http_status;
+    int64_t retry_after_ms;
+    const char *message; /* exact */
+    const char *reason;  /* exact */
+} outcome_case;
+
+static const outcome_case outcome_cases[] = {
+    {"429", AQ_LLM_RATE_LIMITED, AQ_EAGAIN, 429, 7000, "Rate limit reached for requests",
+     "Rate limit reached for requests"},
+    {"429-bare", AQ_LLM_RATE_LIMITED, AQ_EAGAIN, 429, -1, "slow down", "slow down"},
+    {"500", AQ_LLM_RETRYABLE, AQ_EAGAIN, 500, -1,
+     "The server had an error while processing your request.",
+     "HTTP 500: The server had an error while processing your request."},
+    {"503", AQ_LLM_RETRYABLE, AQ_EAGAIN, 503, -1, "upstream overloaded",
+     "HTTP 503: upstream overloaded"},
+    {"408", AQ_LLM_RETRYABLE, AQ_EAGAIN, 408, -1, "", "HTTP 408"},
+    {"302", AQ_LLM_RETRYABLE, AQ_EAGAIN, 302, -1, "moved", "HTTP 302: moved"},
+    {"malformed", AQ_LLM_RETRYABLE, AQ_EPROTO, 200, -1, NULL, NULL},
+    {"ok-error", AQ_LLM_RETRYABLE, AQ_EPROTO, 200, -1, "reply is an error: The model is overloaded",
+     "reply is an error: The model is overloaded"},
+    {"400", AQ_LLM_FATAL, AQ_EINVAL, 400, -1, "Invalid value for 'tool_choice': no tools given.",
+     "Invalid value for 'tool_choice': no tools given."},
+    {"401", AQ_LLM_FATAL, AQ_EINVAL, 401, -1,
+     "Incorrect API key provided: " KEY ". You can find your API key at "
+     "https://platform.openai.com/account/api-keys.",
+     NULL},
+    {"403", AQ_LLM_FATAL, AQ_EINVAL, 403, -1, "Project does not have access to model", NULL},
+    {"404", AQ_LLM_FATAL, AQ_EINVAL, 404, -1, "The model `nope` does not exist", NULL},
+    {"422", AQ_LLM_FATAL, AQ_EINVAL, 422, -1, "", ""},
+};
+
+START_TEST(test_outcome)
+{
+    const outcome_case *c = &outcome_cases[_i];
+    fx f;
+    fx_init(&f, c->script);
+    fx_start(&f);
+    got g = {.take = true};
+    call(&f, &g, 5000);
+    ck_assert_msg(g.outcome == c->outcome, "%s: outcome %s, want %s", c->script,
+                  aq_llm_outcome_name(g.outcome), aq_llm_outcome_name(c->outcome));
+    ck_assert_msg(g.code == c->code, "%s: code %s, want %s", c->script, aq_strerror(g.code),
+                  aq_strerror(c->code));
+    ck_assert_int_eq(g.http_status, c->http_status);
+    ck_assert_int_eq(g.retry_after_ms, c->retry_after_ms);
+    if (c->message) ck_assert_str_eq(g.message, c->message);
+    else ck_assert_msg(*g.message, "%s: no message", c->script);
+    ck_assert_str_eq(g.reason, c->reason ? c->reason : g.message);
+    /* nothing answered, nothing to own */
+    ck_assert_ptr_null(g.reply.message_json);
+    ck_assert_int_eq(f.srv->requests, 1); /* the client never retries by itself */
+    got_free(&g);
+    fx_stop(&f);
+}
+END_TEST
+
+/* A port nobody listens on: refused at connect, no status. */
+START_TEST(test_connection_refused)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    ck_assert_int_ge(fd, 0);
+    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    ck_assert_int_eq(bind(fd, (struct sockaddr *)&sin, sizeof sin), 0);
+    int port = aq_test_bound_port(fd); /* bound, never listening: connect is refused */
+    fx f;
+    fx_init(&f, "content");
+    char url[128];
+    snprintf(url, sizeof url, "http://127.0.0.1:%d/v1", port);
+    set(&f.cfg, "llm.base_url", url);
+    fx_start(&f);
+    got g = {0};
+    call(&f, &g, 5000);
+    close(fd);
+    ck_assert_int_eq(g.outcome, AQ_LLM_RETRYABLE);
+    ck_assert_msg(g.code == AQ_EIO, "code %s", aq_strerror(g.code));
+    ck_assert_int_eq(g.http_status, 0);
+    ck_assert_msg(*g.message, "no reason given");
+    ck_assert_str_eq(g.reason, g.message);
+    got_free(&g);
+    fx_stop(&f);
+}
+END_TEST
+
+/* A listener that completes the handshake and never answers: the call
+ * ends at llm.timeout_ms, retryable. */
+START_TEST(test_timeout)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    ck_assert_int_ge(fd, 0);
+    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    ck_assert_int_eq(bind(fd, (struct sockaddr *)&sin, sizeof sin), 0);
+    ck_assert_int_eq(listen(fd, 16), 0);
+    int port = aq_test_bound_port(fd);
+    fx f;
+    fx_init(&f, "content");
+    char url[128];
+    snprintf(url, sizeof url, "http://127.0.0.1:%d/v1", port);
+    set(&f.cfg, "llm.base_url", url);
+    set(&f.cfg, "llm.timeout_ms", "300");
+    fx_start(&f);
+    got g = {0};
+    int64_t t0 = aq_mono_us();
+    call(&f, &g, 5000);
+    int64_t took_ms = (aq_mono_us() - t0) / 1000;
+    close(fd);
+    ck_assert_int_eq(g.outcome, AQ_LLM_RETRYABLE);
+    ck_assert_msg(g.code == AQ_ETIMEDOUT, "code %s (%s)", aq_strerror(g.code), g.reason);
+    ck_assert_int_eq(g.http_status, 0);
+    ck_assert_msg(*g.reason, "no reason given");
+    ck_assert_msg(took_ms >= 250 && took_ms < 3000, "timed out after %lld ms", (long long)took_ms);
+    got_free(&g);
+    fx_stop(&f);
+}
+END_TEST
+
+static void do_cancel(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    void **pair = arg;
+    got *g = pair[1];
+    g->in_call = true;
+    aq_llm_cancel(pair[0]);
+    g->in_call = false;
+    ck_assert_int_eq(g->calls, 0); /* never from inside cancel */
+}
+
+/* A cancel while the provider holds the request: ABORTED, once, later. */
+START_TEST(test_cancel)
+{
+    fx f;
+    fx_init(&f, "hold");
+    fx_start(&f);
+    got g = {0};
+    aq_llm_call *c = NULL;
+    char err[256] = "";
+    ck_assert_int_eq(aq_llm_send(f.llm, f.chat, "gpt-test", NULL, on_result, &g, &c, err, sizeof err),
+                     AQ_OK);
+    void *pair[2] = {c, &g};
+    struct event *ev = evtimer_new(f.base, do_cancel, pair);
+    struct timeval tv = {0, 100000};
+    evtimer_add(ev, &tv);
+    wait_for(&f, &g, 5000);
+    event_free(ev);
+    ck_assert(!g.cb_inside);
+    ck_assert_int_eq(f.srv->holds, 1); /* it did reach the provider */
+    ck_assert_int_eq(g.outcome, AQ_LLM_ABORTED);
+    ck_assert_int_eq(g.code, AQ_ECLOSED);
+    ck_assert_str_eq(g.message, "");
+    got_free(&g);
+    fx_stop(&f);
+}
+END_TEST
+
+/* Freeing the HTTP client calls an outstanding call back: retryable,
+ * "client closed". */
+START_TEST(test_http_closed)
+{
+    fx f;
+    fx_init(&f, "hold");
+    fx_start(&f);
+    got g = {0};
+    char err[256] = "";
+    ck_assert_int_eq(aq_llm_send(f.llm, f.chat, "gpt-test", NULL, on_result, &g, NULL, err, sizeof err),
+                     AQ_OK);
+    while (!f.srv->held) event_base_loop(f.base, EVLOOP_ONCE);
+    aq_http_free(f.http);
+    f.http = NULL;
+    ck_assert_int_eq(g.calls, 1);
+    ck_assert_int_eq(g.outcome, AQ_LLM_RETRYABLE);
+    ck_assert_int_eq(g.code, AQ_ECLOSED);
+    ck_assert_str_eq(g.reason, "client closed");
+    got_free(&g);
+    fx_stop(&f);
+}
+END_TEST
+
+/* ---- limits ----------------------------------------------------------------- */
+
+/* A request that cannot be built fails at once, AQ_EINVAL, no callback. */
+START_TEST(test_send_unbuildable)
+{
+    fx f;
+    fx_init(&f, "tools");
+    fx_start(&f);
+    got g = {0};
+    char err[256] = "";
+    ck_assert_int_eq(aq_llm_send(f.llm, f.chat, "", NULL, on_result, &g, NULL, err, sizeof err),
+                     AQ_EINVAL);
+    ck_assert_str_eq(err, "cannot build the LLM request");
+    /* a tool call without its result: providers reject that history */
+    got a = {.take = true};
+    call(&f, &a, 5000);
+    ck_assert_int_eq(aq_chat_add_reply(f.chat, &a.reply, err, sizeof err), AQ_OK);
+    ck_assert_int_eq(aq_llm_send(f.llm, f.chat, "gpt-test", NULL, on_result, &g, NULL, err, sizeof err),
+                     AQ_EINVAL);
+    event_base_loop(f.base, EVLOOP_NONBLOCK);
+    ck_assert_int_eq(g.calls, 0);
+    ck_assert_int_eq(f.srv->requests, 1);
+    got_free(&a);
+    fx_stop(&f);
+}
+END_TEST
+
+/* A URL aq_http refuses: AQ_EAGAIN (as the agent retries it), no callback. */
+START_TEST(test_send_refused)
+{
+    fx f;
+    fx_init(&f, "content");
+    set(&f.cfg, "llm.base_url", "ftp://127.0.0.1/v1");
+    fx_start(&f);
+    got g = {0};
+    char err[256] = "";
+    ck_assert_int_eq(aq_llm_send(f.llm, f.chat, "gpt-test", NULL, on_result, &g, NULL, err, sizeof err),
+                     AQ_EAGAIN);
+    ck_assert_msg(*err, "no reason given");
+    event_base_loop(f.base, EVLOOP_NONBLOCK);
+    ck_assert_int_eq(g.calls, 0);
+    fx_stop(&f);
+}
+END_TEST
+
+/* The key is a registered secret once the client has read it, but the
+ * provider's text comes back as the provider wrote it: the agent, which
+ * stores it, is the one place that masks it (test_key_echo_masked). */
+START_TEST(test_key_registered_text_unmasked)
+{
+    fx f;
+    fx_init(&f, "401");
+    fx_start(&f);
+    char *m = aq_log_mask_secrets("key=" KEY, strlen("key=" KEY), NULL);
+    ck_assert_str_eq(m, "key=***");
+    free(m);
+    got g = {0};
+    call(&f, &g, 5000);
+    ck_assert_int_eq(g.outcome, AQ_LLM_FATAL);
+    ck_assert_ptr_nonnull(strstr(g.message, KEY));
+    got_free(&g);
+    fx_stop(&f);
+}
+END_TEST
+
+static Suite *llm_suite(void)
+{
+    Suite *s = suite_create("llm");
+
+    TCase *core = tcase_create("core");
+    tcase_set_timeout(core, 20);
+    tcase_add_test(core, test_answered_content);
+    tcase_add_test(core, test_answered_tool_calls);
+    tcase_add_test(core, test_answered_not_taken);
+    tcase_add_test(core, test_request);
+    tcase_add_test(core, test_request_without_key);
+    suite_add_tcase(s, core);
+
+    TCase *limits = tcase_create("limits");
+    tcase_set_timeout(limits, 20);
+    tcase_add_test(limits, test_send_unbuildable);
+    tcase_add_test(limits, test_send_refused);
+    tcase_add_test(limits, test_key_registered_text_unmasked);
+    suite_add_tcase(s, limits);
+
+    TCase *errors = tcase_create("errors");
+    tcase_set_timeout(errors, 20);
+    tcase_add_loop_test(errors, test_outcome, 0, (int)AQ_ARRAY_LEN(outcome_cases));
+    tcase_add_test(errors, test_connection_refused);
+    tcase_add_test(errors, test_timeout);
+    tcase_add_test(errors, test_cancel);
+    tcase_add_test(errors, test_http_closed);
+    suite_add_tcase(s, errors);
+    return s;
+}
+
+int main(void)
+{
+    /* Everything here talks to 127.0.0.1: no proxy may carry it elsewhere. */
+    const char *proxies[] = {"http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY",
+                             "all_proxy", "ALL_PROXY"};
+    for (size_t i = 0; i < AQ_ARRAY_LEN(proxies); i++) unsetenv(proxies[i]);
+    signal(SIGPIPE, SIG_IGN);
+    aq_log_set_level(AQ_LOG_WARN);
+    if (aq_http_global_init() != AQ_OK) {
+        fprintf(stderr, "curl_global_init failed\n");
+        return EXIT_FAILURE;
+    }
+    return aq_test_run(llm_suite());
+}
