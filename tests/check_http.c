@@ -1304,17 +1304,4 @@ static Suite *http_suite(void)
     return s;
 }
 
-int main(void)
-{
-    /* Everything here talks to 127.0.0.1: no proxy may carry it elsewhere. */
-    const char *proxies[] = {"http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY",
-                             "all_proxy", "ALL_PROXY"};
-    for (size_t i = 0; i < AQ_ARRAY_LEN(proxies); i++) unsetenv(proxies[i]);
-    /* The test server writes to clients that hung up (cancel, size limit). */
-    signal(SIGPIPE, SIG_IGN);
-    if (aq_http_global_init() != AQ_OK) {
-        fprintf(stderr, "curl_global_init failed\n");
-        return EXIT_FAILURE;
-    }
-    return aq_test_run(http_suite());
-}
+int main(void) { return aq_test_run_http(http_suite()); }

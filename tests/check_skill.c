@@ -1012,15 +1012,4 @@ static Suite *skill_suite(void)
     return s;
 }
 
-int main(void)
-{
-    /* Everything here talks to 127.0.0.1: no proxy may carry it elsewhere. */
-    const char *proxies[] = {"http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY",
-                             "all_proxy", "ALL_PROXY"};
-    for (size_t i = 0; i < AQ_ARRAY_LEN(proxies); i++) unsetenv(proxies[i]);
-    if (aq_http_global_init() != AQ_OK) {
-        fprintf(stderr, "curl_global_init failed\n");
-        return EXIT_FAILURE;
-    }
-    return aq_test_run(skill_suite());
-}
+int main(void) { return aq_test_run_http(skill_suite()); }

@@ -19,6 +19,9 @@
 #include <unistd.h>
 
 #include "agentq/common.h"
+#include "agentq/http.h"
+#include "agentq/log.h"
+#include <signal.h>
 
 #define MAX_ENV 64
 
@@ -188,6 +191,19 @@ int aq_test_run(Suite *s)
     int failed = srunner_ntests_failed(sr);
     srunner_free(sr);
     return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
+
+int aq_test_run_http(Suite *s)
+{
+    const char *proxies[] = {"http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"};
+    for (size_t i = 0; i < AQ_ARRAY_LEN(proxies); i++) unsetenv(proxies[i]);
+    signal(SIGPIPE, SIG_IGN);
+    aq_log_set_level(AQ_LOG_WARN);
+    if (aq_http_global_init() != AQ_OK) {
+        fprintf(stderr, "curl_global_init failed\n");
+        return EXIT_FAILURE;
+    }
+    return aq_test_run(s);
 }
 
 int aq_test_bound_port(int fd)

@@ -17,6 +17,12 @@
  * returns. */
 int aq_test_run(Suite *s);
 
+/* aq_test_run for suites that make HTTP requests to servers they start on
+ * 127.0.0.1: no proxy from the environment may carry those elsewhere,
+ * SIGPIPE is ignored (servers write to clients that went away), logs show
+ * warnings and worse, and libcurl is initialised. */
+int aq_test_run_http(Suite *s);
+
 /* The port a socket is bound to (tests listen on 127.0.0.1:0). */
 int aq_test_bound_port(int fd);
 
