@@ -1,13 +1,13 @@
 /* common.c — error strings, the allocation wrappers that carry the
  * out-of-memory policy (see common.h), clocks. */
 #include "agentq/common.h"
-#include "agentq/log.h"
 
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 const char *aq_strerror(int code)
 {
@@ -27,7 +27,15 @@ const char *aq_strerror(int code)
 
 void aq_oom(const char *what)
 {
-    aq_log(AQ_LOG_FATAL, "out of memory allocating %s", what ? what : "memory");
+    /* One JSON line straight to stderr: not through the logger, which
+     * builds on this module, and with nothing left to allocate. `what` is
+     * always a literal of ours (no quotes to escape). */
+    char line[256];
+    int n = snprintf(line, sizeof line, "{\"level\":\"fatal\",\"msg\":\"out of memory allocating %s\"}\n",
+                     what ? what : "memory");
+    if (n > 0 && write(2, line, (size_t)n < sizeof line ? (size_t)n : sizeof line - 1) < 0) {
+        /* nothing more to do: abort below */
+    }
     abort();
 }
 
