@@ -1,7 +1,18 @@
 /* ratelimit.c — two token buckets and a round-robin queue of waiters by
- * user (see ratelimit.h). Owns its timer and the waiter records; does not
- * own the callers' state. */
+ * user (see ratelimit.h). Owns its timer, the waiter records and one entry
+ * per user with waiters (in a strmap); does not own the callers' state.
+ *
+ * Eviction rule: a user's entry lives exactly as long as the user has a
+ * waiter. It is made when the first waiter queues and freed when the last
+ * one leaves (granted or cancelled), so memory follows the users waiting
+ * now, not every user ever seen. Nothing is lost by dropping it: an entry
+ * with no waiters holds only its name (its FIFO is empty and it is out of
+ * the ring), and a user joining the ring is placed by ring_add() alone —
+ * just before the cursor — whether the entry is new or not. The map's
+ * bucket array does not shrink; it follows the most users ever waiting at
+ * once. */
 #include "agentq/ratelimit.h"
+#include "agentq/strmap.h"
 
 #include <event2/event.h>
 #include <stdlib.h>
@@ -18,11 +29,10 @@ struct aq_rl_wait {
 };
 
 struct user_q {
-    char *name;
-    user_q *hnext;              /* hash chain */
     user_q *rnext, *rprev;      /* ring of users with waiters */
-    aq_rl_wait *head, *tail;
+    aq_rl_wait *head, *tail;    /* FIFO; empty only inside acquire, before the append */
     bool in_ring;
+    char name[];                /* the key it is stored under in rl->users */
 };
 
 typedef struct bucket {
@@ -38,20 +48,12 @@ struct aq_ratelimit {
     bucket req, tok;
     int64_t last_us;
     int64_t paused_until;
-    user_q **table;
-    size_t nbuckets, nusers;
+    aq_strmap *users;      /* name -> user_q, users with waiters only */
     user_q *ring;  /* next user to serve */
     size_t nwaiting, nring;
     aq_rl_source src;      /* credits instead of the clock, when src.need */
     bool asked;            /* src.need called, no credit since */
 };
-
-static uint64_t hash(const char *s)
-{
-    uint64_t h = 1469598103934665603ULL;
-    for (; *s; s++) h = (h ^ (unsigned char)*s) * 1099511628211ULL;
-    return h;
-}
 
 static void bucket_init(bucket *b, int64_t per_min, double min_cap)
 {
@@ -116,33 +118,24 @@ static void take(aq_ratelimit *rl, int64_t tokens)
     if (rl->tok.limited) rl->tok.level -= (double)tokens;
 }
 
+/* The entry of `name`, made if the user has none (that is, no waiters). */
 static user_q *user_get(aq_ratelimit *rl, const char *name)
 {
-    uint64_t h = hash(name);
-    size_t i = h & (rl->nbuckets - 1);
-    for (user_q *u = rl->table[i]; u; u = u->hnext)
-        if (!strcmp(u->name, name)) return u;
-    if (rl->nusers >= rl->nbuckets) { /* grow: keep chains short */
-        size_t nb = rl->nbuckets * 2;
-        user_q **t = aq_xcalloc(nb, sizeof *t);
-        for (size_t b = 0; b < rl->nbuckets; b++)
-            for (user_q *u = rl->table[b], *next; u; u = next) {
-                next = u->hnext;
-                size_t j = hash(u->name) & (nb - 1);
-                u->hnext = t[j];
-                t[j] = u;
-            }
-        free(rl->table);
-        rl->table = t;
-        rl->nbuckets = nb;
-        i = h & (nb - 1);
-    }
-    user_q *u = aq_xcalloc(1, sizeof *u);
-    u->name = aq_xstrdup(name);
-    u->hnext = rl->table[i];
-    rl->table[i] = u;
-    rl->nusers++;
+    user_q *u = aq_strmap_get(rl->users, name);
+    if (u) return u;
+    size_t len = strlen(name);
+    u = aq_xcalloc(1, sizeof *u + len + 1);
+    memcpy(u->name, name, len + 1);
+    aq_strmap_put(rl->users, name, u);
     return u;
+}
+
+/* Frees the entry of a user whose last waiter has left (see the eviction
+ * rule at the top). */
+static void user_evict(aq_ratelimit *rl, user_q *u)
+{
+    aq_strmap_del(rl->users, u->name);
+    free(u);
 }
 
 static void ring_add(aq_ratelimit *rl, user_q *u)
@@ -178,6 +171,8 @@ static void ring_remove(aq_ratelimit *rl, user_q *u)
     u->rnext = u->rprev = NULL;
 }
 
+/* Takes `w` off its user's FIFO; when it was the last waiter the user
+ * leaves the ring and its entry is freed (w->user then dangles). */
 static void unlink_wait(aq_ratelimit *rl, aq_rl_wait *w)
 {
     user_q *u = w->user;
@@ -186,7 +181,10 @@ static void unlink_wait(aq_ratelimit *rl, aq_rl_wait *w)
     if (w->next) w->next->prev = w->prev;
     else u->tail = w->prev;
     rl->nwaiting--;
-    if (!u->head) ring_remove(rl, u);
+    if (!u->head) {
+        ring_remove(rl, u);
+        user_evict(rl, u);
+    }
 }
 
 static void arm(aq_ratelimit *rl, int64_t us)
@@ -232,26 +230,26 @@ aq_ratelimit *aq_ratelimit_new(struct event_base *base, int64_t rpm, int64_t tpm
     bucket_init(&rl->req, rpm, 1.0);
     bucket_init(&rl->tok, tpm, 1.0);
     rl->last_us = aq_mono_us();
-    rl->nbuckets = 64;
-    rl->table = aq_xcalloc(rl->nbuckets, sizeof *rl->table);
+    rl->users = aq_strmap_new();
     return rl;
+}
+
+static void user_free(const char *name, void *value, void *arg)
+{
+    user_q *u = value;
+    for (aq_rl_wait *w = u->head, *wn; w; w = wn) {
+        wn = w->next;
+        free(w);
+    }
+    free(u);
 }
 
 void aq_ratelimit_free(aq_ratelimit *rl)
 {
     if (!rl) return;
     event_free(rl->timer);
-    for (size_t b = 0; b < rl->nbuckets; b++)
-        for (user_q *u = rl->table[b], *next; u; u = next) {
-            next = u->hnext;
-            for (aq_rl_wait *w = u->head, *wn; w; w = wn) {
-                wn = w->next;
-                free(w);
-            }
-            free(u->name);
-            free(u);
-        }
-    free(rl->table);
+    aq_strmap_each(rl->users, user_free, NULL); /* frees values only */
+    aq_strmap_free(rl->users);
     free(rl);
 }
 
@@ -333,3 +331,5 @@ size_t aq_ratelimit_waiting(const aq_ratelimit *rl, size_t *users)
     if (users) *users = rl->nring;
     return rl->nwaiting;
 }
+
+size_t aq_ratelimit_users(const aq_ratelimit *rl) { return aq_strmap_size(rl->users); }

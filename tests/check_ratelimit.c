@@ -6,6 +6,8 @@
 #include <check.h>
 #include "testenv.h"
 #include <event2/event.h>
+#include <malloc.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -154,6 +156,142 @@ START_TEST(credit_mode_grants_only_what_is_credited)
 }
 END_TEST
 
+static void no_need(void *arg, bool requests, bool tokens) {}
+static void no_pause(void *arg, int64_t ms) {}
+static void count_grant(void *arg) { (*(long *)arg)++; }
+
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define AQ_SANITIZED 1
+size_t __sanitizer_get_current_allocated_bytes(void);
+#endif
+
+/* Bytes the process has allocated now (the sanitizers' allocators replace
+ * glibc's under those builds). */
+static size_t heap_bytes(void)
+{
+#ifdef AQ_SANITIZED
+    return __sanitizer_get_current_allocated_bytes();
+#else
+    struct mallinfo2 mi = mallinfo2();
+    return mi.uordblks + mi.hblkhd;
+#endif
+}
+
+/* Queues one waiter for each of `n` users from `first` on, then credits
+ * them all: every one is granted. */
+static void churn_batch(aq_ratelimit *rl, int first, int n, long *granted)
+{
+    char name[32];
+    aq_rl_wait *w;
+    for (int i = first; i < first + n; i++) {
+        snprintf(name, sizeof name, "user-%d", i);
+        ck_assert(!aq_ratelimit_acquire(rl, name, 1, count_grant, granted, &w));
+    }
+    ck_assert_uint_eq(aq_ratelimit_users(rl), (size_t)n);
+    aq_ratelimit_credit(rl, n, 0);
+}
+
+START_TEST(idle_users_are_evicted)
+{
+    /* A worker's life: a million distinct users, each waiting once and
+     * granted. Credits grant synchronously, so every one really queues
+     * (and so gets an entry) and the test takes no wall time. */
+#ifdef AQ_SANITIZED
+    /* A fifth of it under a sanitizer (its allocator is ten times slower):
+     * 20 MB kept would still fail the bound below. */
+    enum { BATCH = 1000, USERS = 200 * 1000 };
+#else
+    enum { BATCH = 1000, USERS = 1000 * 1000 };
+#endif
+    struct event_base *base = event_base_new();
+    aq_ratelimit *rl = aq_ratelimit_new(base, 600, 0);
+    aq_rl_source src = {no_need, no_pause, NULL};
+    aq_ratelimit_set_source(rl, &src);
+    long granted = 0;
+    churn_batch(rl, 0, BATCH, &granted); /* warm up: the map's buckets, malloc's arenas */
+    ck_assert_uint_eq(aq_ratelimit_users(rl), 0);
+    size_t before = heap_bytes();
+    for (int first = BATCH; first < BATCH + USERS; first += BATCH) churn_batch(rl, first, BATCH, &granted);
+    size_t after = heap_bytes();
+    ck_assert_int_eq(granted, BATCH + USERS);
+    size_t users = 1;
+    ck_assert_uint_eq(aq_ratelimit_waiting(rl, &users), 0);
+    ck_assert_uint_eq(users, 0);
+    ck_assert_uint_eq(aq_ratelimit_users(rl), 0);
+    /* An entry kept per user seen is ~100 bytes a user: ~100 MB here. */
+    size_t growth = after > before ? after - before : 0;
+    ck_assert_msg(growth < 8u << 20, "heap grew %zu bytes over %d users", growth, USERS);
+    aq_ratelimit_free(rl);
+    event_base_free(base);
+}
+END_TEST
+
+static void expect_grants(const grant_log *g, int from, const char *const *want, int n)
+{
+    ck_assert_int_eq(g->n, from + n);
+    for (int i = 0; i < n; i++)
+        ck_assert_msg(!strcmp(g->users[from + i], want[i]), "grant %d went to %s, not %s", from + i,
+                      g->users[from + i], want[i]);
+}
+
+START_TEST(evicted_user_rejoins_fairly)
+{
+    /* Credits make the order exact. A user whose last waiter left (granted
+     * or cancelled) loses its entry; coming back it is served as any
+     * newcomer: after everyone already waiting, and not behind them twice. */
+    struct event_base *base = event_base_new();
+    aq_ratelimit *rl = aq_ratelimit_new(base, 600, 0);
+    aq_rl_source src = {no_need, no_pause, NULL};
+    aq_ratelimit_set_source(rl, &src);
+    grant_log g = {0};
+    waiter a = {&g, "alice"}, b = {&g, "bob"}, c = {&g, "carol"}, d = {&g, "dave"};
+    aq_rl_wait *w;
+    for (int i = 0; i < 6; i++) ck_assert(!aq_ratelimit_acquire(rl, "alice", 1, on_grant, &a, &w));
+    ck_assert(!aq_ratelimit_acquire(rl, "bob", 1, on_grant, &b, &w));
+    ck_assert_uint_eq(aq_ratelimit_users(rl), 2);
+    aq_ratelimit_credit(rl, 2, 0);
+    expect_grants(&g, 0, (const char *const[]){"alice", "bob"}, 2);
+    ck_assert_uint_eq(aq_ratelimit_users(rl), 1); /* bob is gone */
+
+    /* Bob comes back beside a newcomer: one turn each, then alice again. */
+    ck_assert(!aq_ratelimit_acquire(rl, "bob", 1, on_grant, &b, &w));
+    ck_assert(!aq_ratelimit_acquire(rl, "carol", 1, on_grant, &c, &w));
+    ck_assert_uint_eq(aq_ratelimit_users(rl), 3);
+    aq_ratelimit_credit(rl, 4, 0);
+    expect_grants(&g, 2, (const char *const[]){"alice", "bob", "carol", "alice"}, 4);
+    ck_assert_uint_eq(aq_ratelimit_users(rl), 1);
+
+    /* Evicted by a cancel: neither pushed to the front nor to the back. */
+    ck_assert(!aq_ratelimit_acquire(rl, "bob", 1, on_grant, &b, &w));
+    aq_ratelimit_cancel(rl, w);
+    ck_assert_uint_eq(aq_ratelimit_users(rl), 1);
+    ck_assert(!aq_ratelimit_acquire(rl, "bob", 1, on_grant, &b, &w));
+    ck_assert(!aq_ratelimit_acquire(rl, "dave", 1, on_grant, &d, &w));
+    aq_ratelimit_credit(rl, 3, 0);
+    expect_grants(&g, 6, (const char *const[]){"alice", "bob", "dave"}, 3);
+    ck_assert_uint_eq(aq_ratelimit_users(rl), 1); /* alice, 2 calls left */
+
+    /* Users coming and going around a steady one: every round, alice and
+     * the visitor get one grant each, whether the visitor is new or back. */
+    static const char *const visitors[] = {"v0", "v1", "v2"};
+    waiter vw[AQ_ARRAY_LEN(visitors)];
+    for (size_t i = 0; i < AQ_ARRAY_LEN(visitors); i++) vw[i] = (waiter){&g, visitors[i]};
+    for (int i = 0; i < 20; i++) ck_assert(!aq_ratelimit_acquire(rl, "alice", 1, on_grant, &a, &w));
+    for (int r = 0; r < 20; r++) {
+        size_t v = (size_t)r % AQ_ARRAY_LEN(visitors);
+        ck_assert(!aq_ratelimit_acquire(rl, visitors[v], 1, on_grant, &vw[v], &w));
+        aq_ratelimit_credit(rl, 2, 0);
+        expect_grants(&g, 9 + 2 * r, (const char *const[]){"alice", visitors[v]}, 2);
+        ck_assert_uint_eq(aq_ratelimit_users(rl), 1);
+    }
+    aq_ratelimit_credit(rl, 2, 0); /* alice's last two */
+    ck_assert_int_eq(g.n, 51);
+    ck_assert_uint_eq(aq_ratelimit_users(rl), 0);
+    aq_ratelimit_free(rl);
+    event_base_free(base);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("ratelimit");
@@ -162,11 +300,13 @@ int main(void)
     tcase_add_test(core, unlimited_grants_at_once);
     tcase_add_test(core, requests_per_minute_holds);
     tcase_add_test(core, users_served_round_robin);
+    tcase_add_test(core, evicted_user_rejoins_fairly);
     suite_add_tcase(s, core);
     TCase *limits = tcase_create("limits");
     tcase_set_timeout(limits, 30);
     tcase_add_test(limits, cancel_and_pause);
     tcase_add_test(limits, credit_mode_grants_only_what_is_credited);
+    tcase_add_test(limits, idle_users_are_evicted);
     suite_add_tcase(s, limits);
     return aq_test_run(s);
 }

@@ -65,4 +65,10 @@ void aq_ratelimit_credit(aq_ratelimit *rl, double requests, double tokens);
 /* Number of waiting sessions, and of users with waiters. */
 size_t aq_ratelimit_waiting(const aq_ratelimit *rl, size_t *users);
 
+/* Number of per-user entries the limiter holds. An entry exists only while
+ * its user has a waiter (it is freed when the last one is granted or
+ * cancelled), so this equals the users count of aq_ratelimit_waiting() and
+ * stays bounded by the users waiting at once, not by every user seen. */
+size_t aq_ratelimit_users(const aq_ratelimit *rl);
+
 #endif
