@@ -1,6 +1,7 @@
 /* broker.c — blocking rabbitmq-c client (see broker.h). Owns one AMQP
- * connection and its two channels; knows agentq's topology. It does not
- * consume: consumer.c drives the frames of a consuming connection. */
+ * connection, its channels, its consumers and its publisher-confirm
+ * tracker; knows agentq's topology. The only file that includes
+ * rabbitmq-c. */
 #include "agentq/broker.h"
 #include "agentq/log.h"
 
@@ -13,14 +14,28 @@
 #include <sys/socket.h>
 #include <sys/time.h>
 
+#define BROKER_MAX_CHANNELS 8
+
+/* A publish waiting for its confirm. */
+typedef struct unconfirmed {
+    uint64_t seq;
+    void *cookie;
+    bool settled;
+} unconfirmed;
+
 struct aq_broker {
     amqp_connection_state_t conn;
     int timeout_ms;
+    aq_broker_events ev;
+    /* The confirm tracker: publishes in sequence order; [head, n) may
+     * still hold unsettled ones (confirms can come out of order). */
     uint64_t next_seq;     /* confirm sequence of the next publish */
-    uint64_t confirmed_to; /* every seq <= this is confirmed (acked or nacked) */
-    uint64_t *above;       /* confirmed seqs above the watermark, sorted */
-    size_t nabove, capabove;
+    unconfirmed *pend;
+    size_t head, n, cap;
+    int64_t outstanding;   /* unsettled entries */
     int64_t nacked;
+    amqp_bytes_t consumer_tag[BROKER_MAX_CHANNELS];
+    bool channel_open[BROKER_MAX_CHANNELS];
 };
 
 static const char *reply_text(amqp_rpc_reply_t r, char *buf, size_t len)
@@ -98,8 +113,10 @@ aq_broker *aq_broker_connect(const char *url, int heartbeat, int timeout_ms, cha
     }
     amqp_channel_open(b->conn, AQ_BROKER_CH_MAIN);
     if (check_reply(b, "opening channel", err, errlen)) goto fail;
+    b->channel_open[AQ_BROKER_CH_MAIN] = true;
     amqp_channel_open(b->conn, AQ_BROKER_CH_PUBLISH);
     if (check_reply(b, "opening channel", err, errlen)) goto fail;
+    b->channel_open[AQ_BROKER_CH_PUBLISH] = true;
     amqp_confirm_select(b->conn, AQ_BROKER_CH_PUBLISH);
     if (check_reply(b, "enabling publisher confirms", err, errlen)) goto fail;
     free(copy);
@@ -113,13 +130,74 @@ fail:
 void aq_broker_free(aq_broker *b)
 {
     if (!b) return;
+    /* Nobody will confirm these any more. */
+    for (size_t i = b->head; i < b->n; i++)
+        if (!b->pend[i].settled && b->pend[i].cookie && b->ev.confirmed)
+            b->ev.confirmed(b->pend[i].cookie, false, b->ev.arg);
     amqp_connection_close(b->conn, AMQP_REPLY_SUCCESS);
     amqp_destroy_connection(b->conn);
-    free(b->above);
+    for (int i = 0; i < BROKER_MAX_CHANNELS; i++) amqp_bytes_free(b->consumer_tag[i]);
+    free(b->pend);
     free(b);
 }
 
-void *aq_broker_conn(aq_broker *b) { return b->conn; }
+void aq_broker_set_events(aq_broker *b, const aq_broker_events *ev)
+{
+    if (ev) b->ev = *ev;
+    else memset(&b->ev, 0, sizeof b->ev);
+}
+
+int aq_broker_fd(const aq_broker *b) { return amqp_get_sockfd(b->conn); }
+
+bool aq_broker_buffered(const aq_broker *b)
+{
+    return amqp_frames_enqueued(b->conn) || amqp_data_in_buffer(b->conn);
+}
+
+int aq_broker_consume(aq_broker *b, int channel, const char *queue, int prefetch, char *err,
+                      size_t errlen)
+{
+    char what[300];
+    if (channel <= 0 || channel >= BROKER_MAX_CHANNELS) {
+        aq_seterr(err, errlen, "channel %d out of range", channel);
+        return AQ_EINVAL;
+    }
+    if (!b->channel_open[channel]) {
+        amqp_channel_open(b->conn, (amqp_channel_t)channel);
+        if (check_reply(b, "opening channel", err, errlen)) return AQ_EIO;
+        b->channel_open[channel] = true;
+    }
+    /* AMQP's prefetch count is 16 bits (the config caps it). */
+    amqp_basic_qos(b->conn, (amqp_channel_t)channel, 0, (uint16_t)(prefetch > 65535 ? 65535 : prefetch), 0);
+    if (check_reply(b, "basic.qos", err, errlen)) return AQ_EIO;
+    amqp_basic_consume_ok_t *ok = amqp_basic_consume(b->conn, (amqp_channel_t)channel, amqp_cstring_bytes(queue),
+                                                     amqp_empty_bytes, 0, 0, 0, amqp_empty_table);
+    snprintf(what, sizeof what, "consuming %s", queue);
+    if (check_reply(b, what, err, errlen) || !ok) return AQ_EIO;
+    amqp_bytes_free(b->consumer_tag[channel]);
+    b->consumer_tag[channel] = amqp_bytes_malloc_dup(ok->consumer_tag);
+    return AQ_OK;
+}
+
+void aq_broker_cancel_consume(aq_broker *b, int channel)
+{
+    if (channel <= 0 || channel >= BROKER_MAX_CHANNELS || !b->consumer_tag[channel].len) return;
+    /* Deliveries already on their way still arrive, and are handed over. */
+    amqp_basic_cancel(b->conn, (amqp_channel_t)channel, b->consumer_tag[channel]);
+    amqp_bytes_free(b->consumer_tag[channel]);
+    b->consumer_tag[channel] = amqp_empty_bytes;
+}
+
+int aq_broker_ack(aq_broker *b, int channel, uint64_t dtag)
+{
+    return amqp_basic_ack(b->conn, (amqp_channel_t)channel, dtag, 0) == AMQP_STATUS_OK ? AQ_OK : AQ_EIO;
+}
+
+int aq_broker_reject(aq_broker *b, int channel, uint64_t dtag, bool requeue)
+{
+    return amqp_basic_reject(b->conn, (amqp_channel_t)channel, dtag, requeue) == AMQP_STATUS_OK ? AQ_OK
+                                                                                              : AQ_EIO;
+}
 
 static amqp_table_entry_t entry_long(const char *key, int64_t v)
 {
@@ -296,7 +374,7 @@ static json_t *field_to_json(const amqp_field_value_t *f)
     }
 }
 
-int64_t aq_broker_publish(aq_broker *b, const aq_publish *msg, char *err, size_t errlen)
+int64_t aq_broker_publish(aq_broker *b, const aq_publish *msg, void *cookie, char *err, size_t errlen)
 {
     amqp_basic_properties_t p;
     amqp_pool_t pool;
@@ -330,70 +408,69 @@ int64_t aq_broker_publish(aq_broker *b, const aq_publish *msg, char *err, size_t
         aq_seterr(err, errlen, "publish to %s failed: %s", msg->exchange, amqp_error_string2(st));
         return AQ_EIO;
     }
+    if (b->head > 0 && b->head == b->n) b->head = b->n = 0;
+    if (b->n == b->cap) {
+        if (b->head > b->cap / 2) { /* reuse the settled front */
+            memmove(b->pend, b->pend + b->head, (b->n - b->head) * sizeof *b->pend);
+            b->n -= b->head;
+            b->head = 0;
+        } else {
+            b->cap = b->cap ? b->cap * 2 : 64;
+            b->pend = aq_xrealloc(b->pend, b->cap * sizeof *b->pend);
+        }
+    }
+    b->pend[b->n++] = (unconfirmed){b->next_seq, cookie, false};
+    b->outstanding++;
     return (int64_t)b->next_seq++;
 }
 
-int64_t aq_broker_unconfirmed(const aq_broker *b)
+int64_t aq_broker_unconfirmed(const aq_broker *b) { return b->outstanding; }
+
+static void settle(aq_broker *b, unconfirmed *u, bool ack)
 {
-    return (int64_t)(b->next_seq - 1 - b->confirmed_to - b->nabove);
+    u->settled = true;
+    b->outstanding--;
+    if (!ack) b->nacked++;
+    if (u->cookie && b->ev.confirmed) b->ev.confirmed(u->cookie, ack, b->ev.arg);
 }
 
 /* Confirms usually arrive in order, but need not (a message routed to
- * several queues is confirmed when all have it): single confirms above the
- * watermark are kept until the gap below them closes. */
-static bool above_has(const aq_broker *b, uint64_t tag)
-{
-    for (size_t i = 0; i < b->nabove; i++)
-        if (b->above[i] == tag) return true;
-    return false;
-}
-
+ * several queues is confirmed when all have it): an entry is settled
+ * where it stands and the front advances over settled ones. */
 int64_t aq_broker_note_confirm(aq_broker *b, uint64_t tag, bool multiple, bool ack)
 {
     int64_t n = 0;
-    if (tag <= b->confirmed_to || tag >= b->next_seq) return 0;
     if (multiple) {
-        n = (int64_t)(tag - b->confirmed_to);
-        size_t keep = 0;
-        for (size_t i = 0; i < b->nabove; i++) {
-            if (b->above[i] <= tag) n--; /* already counted */
-            else b->above[keep++] = b->above[i];
-        }
-        b->nabove = keep;
-        b->confirmed_to = tag;
+        for (size_t i = b->head; i < b->n && b->pend[i].seq <= tag; i++)
+            if (!b->pend[i].settled) {
+                settle(b, &b->pend[i], ack);
+                n++;
+            }
     } else {
-        if (above_has(b, tag)) return 0;
-        n = 1;
-        if (tag == b->confirmed_to + 1) {
-            b->confirmed_to = tag;
-        } else {
-            if (b->nabove == b->capabove) {
-                b->capabove = b->capabove ? b->capabove * 2 : 64;
-                b->above = aq_xrealloc(b->above, b->capabove * sizeof *b->above);
-            }
-            size_t i = b->nabove++;
-            while (i > 0 && b->above[i - 1] > tag) {
-                b->above[i] = b->above[i - 1];
-                i--;
-            }
-            b->above[i] = tag;
+        /* Sequence numbers are sorted: binary search. */
+        size_t lo = b->head, hi = b->n;
+        while (lo < hi) {
+            size_t mid = lo + (hi - lo) / 2;
+            if (b->pend[mid].seq < tag) lo = mid + 1;
+            else hi = mid;
+        }
+        if (lo < b->n && b->pend[lo].seq == tag && !b->pend[lo].settled) {
+            settle(b, &b->pend[lo], ack);
+            n = 1;
         }
     }
-    /* Absorb the confirms that now continue the watermark. */
-    size_t k = 0;
-    while (k < b->nabove && b->above[k] == b->confirmed_to + 1) b->confirmed_to = b->above[k++];
-    if (k) {
-        memmove(b->above, b->above + k, (b->nabove - k) * sizeof *b->above);
-        b->nabove -= k;
-    }
-    if (!ack) b->nacked += n;
+    while (b->head < b->n && b->pend[b->head].settled) b->head++;
     return n;
 }
+
+/* Handles one method frame for the verbs that read: confirms, deliveries
+ * (with `deliver`), closes and cancels. Returns AQ_OK or AQ_EIO (err set). */
+static int on_method(aq_broker *b, const amqp_frame_t *f, bool deliver, char *err, size_t errlen);
 
 int aq_broker_wait_confirms(aq_broker *b, int timeout_ms, int64_t *nacked, char *err, size_t errlen)
 {
     int64_t deadline = aq_mono_us() + (int64_t)timeout_ms * 1000;
-    while (b->confirmed_to + 1 < b->next_seq) {
+    while (b->outstanding > 0) {
         int64_t left = deadline - aq_mono_us();
         if (left <= 0) {
             aq_seterr(err, errlen, "timed out waiting for %lld publisher confirms",
@@ -409,20 +486,7 @@ int aq_broker_wait_confirms(aq_broker *b, int timeout_ms, int64_t *nacked, char 
             return AQ_EIO;
         }
         if (f.frame_type != AMQP_FRAME_METHOD) continue;
-        if (f.payload.method.id == AMQP_BASIC_ACK_METHOD) {
-            amqp_basic_ack_t *a = f.payload.method.decoded;
-            aq_broker_note_confirm(b, a->delivery_tag, a->multiple, true);
-        } else if (f.payload.method.id == AMQP_BASIC_NACK_METHOD) {
-            amqp_basic_nack_t *a = f.payload.method.decoded;
-            aq_broker_note_confirm(b, a->delivery_tag, a->multiple, false);
-        } else if (f.payload.method.id == AMQP_CHANNEL_CLOSE_METHOD ||
-                   f.payload.method.id == AMQP_CONNECTION_CLOSE_METHOD) {
-            amqp_channel_close_t *m = f.payload.method.decoded;
-            aq_seterr(err, errlen, "broker closed the %s: %u %.*s",
-                      f.payload.method.id == AMQP_CHANNEL_CLOSE_METHOD ? "channel" : "connection",
-                      m->reply_code, (int)m->reply_text.len, (char *)m->reply_text.bytes);
-            return AQ_EIO;
-        }
+        if (on_method(b, &f, false, err, errlen) != AQ_OK) return AQ_EIO;
         amqp_maybe_release_buffers(b->conn);
     }
     if (nacked) *nacked = b->nacked;
@@ -443,5 +507,101 @@ int aq_broker_queue_depth(aq_broker *b, const char *queue, int64_t *messages, in
     if (check_reply(b, what, err, errlen) || !ok) return AQ_EIO;
     if (messages) *messages = ok->message_count;
     if (consumers) *consumers = ok->consumer_count;
+    return AQ_OK;
+}
+
+void aq_delivery_free(aq_delivery *d)
+{
+    if (!d) return;
+    free(d->body);
+    free(d->message_id);
+    free(d->expiration);
+    free(d->routing_key);
+    json_decref(d->headers);
+    free(d);
+}
+
+static char *bytes_dup(amqp_bytes_t v) { return aq_xstrndup(v.bytes, v.len); }
+
+/* Reads the header and body frames that follow a basic.deliver. */
+static int read_delivery(aq_broker *b, int channel, const amqp_basic_deliver_t *m, char *err, size_t errlen)
+{
+    uint64_t dtag = m->delivery_tag;
+    bool redelivered = m->redelivered;
+    char *rk = bytes_dup(m->routing_key);
+    amqp_message_t msg;
+    amqp_rpc_reply_t r = amqp_read_message(b->conn, (amqp_channel_t)channel, &msg, 0);
+    if (r.reply_type != AMQP_RESPONSE_NORMAL) {
+        free(rk);
+        aq_seterr(err, errlen, "reading a message body failed");
+        return AQ_EIO;
+    }
+    aq_delivery *d = aq_xcalloc(1, sizeof *d);
+    d->redelivered = redelivered;
+    d->routing_key = rk;
+    d->body = aq_xmalloc(msg.body.len + 1);
+    memcpy(d->body, msg.body.bytes, msg.body.len);
+    d->body[msg.body.len] = '\0';
+    d->len = msg.body.len;
+    amqp_basic_properties_t *p = &msg.properties;
+    if (p->_flags & AMQP_BASIC_MESSAGE_ID_FLAG) d->message_id = bytes_dup(p->message_id);
+    if (p->_flags & AMQP_BASIC_EXPIRATION_FLAG) d->expiration = bytes_dup(p->expiration);
+    if (p->_flags & AMQP_BASIC_PRIORITY_FLAG) d->priority = p->priority;
+    if (p->_flags & AMQP_BASIC_TIMESTAMP_FLAG) d->timestamp = (int64_t)p->timestamp;
+    d->headers = (p->_flags & AMQP_BASIC_HEADERS_FLAG) ? aq_broker_table_to_json(&p->headers) : json_object();
+    amqp_destroy_message(&msg);
+    if (b->ev.delivery) b->ev.delivery(d, channel, dtag, b->ev.arg);
+    else aq_delivery_free(d);
+    return AQ_OK;
+}
+
+static int on_method(aq_broker *b, const amqp_frame_t *f, bool deliver, char *err, size_t errlen)
+{
+    switch (f->payload.method.id) {
+    case AMQP_BASIC_DELIVER_METHOD:
+        /* Not handed over: never acked, so the broker redelivers it. */
+        if (!deliver) return AQ_OK;
+        return read_delivery(b, f->channel, f->payload.method.decoded, err, errlen);
+    case AMQP_BASIC_ACK_METHOD: {
+        amqp_basic_ack_t *a = f->payload.method.decoded;
+        aq_broker_note_confirm(b, a->delivery_tag, a->multiple, true);
+        return AQ_OK;
+    }
+    case AMQP_BASIC_NACK_METHOD: {
+        amqp_basic_nack_t *a = f->payload.method.decoded;
+        aq_broker_note_confirm(b, a->delivery_tag, a->multiple, false);
+        return AQ_OK;
+    }
+    case AMQP_BASIC_CANCEL_METHOD:
+        aq_seterr(err, errlen, "the broker cancelled the consumer (queue deleted?)");
+        return AQ_EIO;
+    case AMQP_CHANNEL_CLOSE_METHOD:
+    case AMQP_CONNECTION_CLOSE_METHOD: {
+        amqp_channel_close_t *m = f->payload.method.decoded;
+        aq_seterr(err, errlen, "broker closed the %s: %u %.*s",
+                  f->payload.method.id == AMQP_CHANNEL_CLOSE_METHOD ? "channel" : "connection", m->reply_code,
+                  (int)m->reply_text.len, (char *)m->reply_text.bytes);
+        return AQ_EIO;
+    }
+    default: return AQ_OK;
+    }
+}
+
+int aq_broker_pump(aq_broker *b, char *err, size_t errlen)
+{
+    /* Bounded, so a flood of deliveries still lets the caller's ops in. */
+    for (int i = 0; i < 4096; i++) {
+        amqp_frame_t f;
+        struct timeval zero = {0, 0};
+        int st = amqp_simple_wait_frame_noblock(b->conn, &f, &zero);
+        if (st == AMQP_STATUS_TIMEOUT) break;
+        if (st != AMQP_STATUS_OK) {
+            aq_seterr(err, errlen, "%s", amqp_error_string2(st));
+            return AQ_EIO;
+        }
+        if (f.frame_type != AMQP_FRAME_METHOD) continue;
+        if (on_method(b, &f, true, err, errlen) != AQ_OK) return AQ_EIO;
+    }
+    amqp_maybe_release_buffers(b->conn);
     return AQ_OK;
 }

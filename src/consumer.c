@@ -1,9 +1,9 @@
 /* consumer.c — the worker's AMQP thread (see consumer.h).
  *
- * Owns: the thread, its aq_broker connection, the ops queue from the loop
- * and the list of publishes awaiting confirms. Does not own: what a
- * delivery means (the worker decides) or the loop (events reach it through
- * a mailbox).
+ * Owns: the thread, its aq_broker connection (broker.c speaks AMQP and
+ * tracks the publisher confirms; this file never touches rabbitmq-c) and
+ * the ops queue from the loop. Does not own: what a delivery means (the
+ * worker decides) or the loop (events reach it through a mailbox).
  *
  * Delivery tags handed out carry the connection generation and channel, so
  * an ack meant for a connection that has since been lost is recognised and
@@ -12,9 +12,9 @@
 #include "agentq/log.h"
 #include "agentq/mailbox.h"
 
-#include <amqp.h>
 #include <poll.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -47,11 +47,6 @@ typedef struct loop_event {
     uint16_t gen;        /* EV_STATE: the connection's generation */
 } loop_event;
 
-typedef struct pending_confirm {
-    uint64_t seq;
-    void *cookie;
-} pending_confirm;
-
 struct aq_consumer {
     const aq_config *cfg;
     aq_consumer_callbacks cb;
@@ -67,25 +62,11 @@ struct aq_consumer {
                           * come from, 0 while disconnected */
     bool consuming;
     bool stop_consuming;
-    amqp_bytes_t consumer_tag;
-    pending_confirm *pending;
-    size_t npending, cappending;
     unsigned backoff_ms;
     unsigned rng;
 
-    volatile bool connected; /* read by the loop thread; advisory */
+    atomic_bool connected; /* read by the loop thread; advisory */
 };
-
-void aq_delivery_free(aq_delivery *d)
-{
-    if (!d) return;
-    free(d->body);
-    free(d->message_id);
-    free(d->expiration);
-    free(d->routing_key);
-    json_decref(d->headers);
-    free(d);
-}
 
 static void op_free(op *o)
 {
@@ -109,19 +90,27 @@ static void emit(aq_consumer *c, event_kind kind, aq_delivery *d, void *cookie, 
     aq_mailbox_push(c->events, e);
 }
 
-static char *bytes_dup(amqp_bytes_t b)
+static uint64_t make_tag(aq_consumer *c, int channel, uint64_t dtag)
 {
-    return aq_xstrndup(b.bytes, b.len);
+    return ((uint64_t)c->gen << 48) | ((uint64_t)channel << TAG_BITS) | (dtag & TAG_MASK);
 }
 
-/* Fails every publish awaiting a confirm: after a lost connection nobody
- * will confirm them. */
-static void fail_pending(aq_consumer *c)
+/* Broker events, on this thread: to the loop. */
+static void on_broker_delivery(aq_delivery *d, int channel, uint64_t dtag, void *arg)
 {
-    for (size_t i = 0; i < c->npending; i++) emit(c, EV_PUBLISHED, NULL, c->pending[i].cookie, false);
-    c->npending = 0;
+    aq_consumer *c = arg;
+    d->tag = make_tag(c, channel, dtag);
+    d->source = channel == CH_DEAD ? AQ_FROM_DEAD : AQ_FROM_TASKS;
+    emit(c, EV_DELIVERY, d, NULL, true);
 }
 
+static void on_broker_confirmed(void *cookie, bool ack, void *arg)
+{
+    emit(arg, EV_PUBLISHED, NULL, cookie, ack);
+}
+
+/* Freeing the broker reports every publish still unconfirmed as failed:
+ * after a lost connection nobody will confirm them. */
 static void disconnect(aq_consumer *c, const char *why)
 {
     if (!c->b) return;
@@ -129,8 +118,7 @@ static void disconnect(aq_consumer *c, const char *why)
     aq_broker_free(c->b);
     c->b = NULL;
     c->consuming = false;
-    fail_pending(c);
-    c->connected = false;
+    atomic_store(&c->connected, false);
     emit(c, EV_STATE, NULL, NULL, false);
 }
 
@@ -140,37 +128,19 @@ static int try_connect(aq_consumer *c)
     const aq_config *cfg = c->cfg;
     aq_broker *b = aq_broker_connect(cfg->amqp_url, cfg->amqp_heartbeat, 10000, err, sizeof err);
     if (!b) goto fail;
+    aq_broker_events ev = {on_broker_delivery, on_broker_confirmed, c};
+    aq_broker_set_events(b, &ev);
     if (aq_broker_declare(b, cfg, err, sizeof err)) goto fail;
-    amqp_connection_state_t conn = aq_broker_conn(b);
-    amqp_basic_qos(conn, AQ_BROKER_CH_MAIN, 0, (uint16_t)cfg->worker_concurrency, 0); /* config caps it at 65535 */
-    if (amqp_get_rpc_reply(conn).reply_type != AMQP_RESPONSE_NORMAL) {
-        snprintf(err, sizeof err, "basic.qos refused");
-        goto fail;
-    }
     if (!c->stop_consuming) {
-        amqp_basic_consume_ok_t *ok = amqp_basic_consume(conn, AQ_BROKER_CH_MAIN, amqp_cstring_bytes(cfg->amqp_queue),
-                                                         amqp_empty_bytes, 0, 0, 0, amqp_empty_table);
-        if (!ok) {
-            snprintf(err, sizeof err, "cannot consume %s", cfg->amqp_queue);
+        if (aq_broker_consume(b, AQ_BROKER_CH_MAIN, cfg->amqp_queue, cfg->worker_concurrency, err, sizeof err))
             goto fail;
-        }
-        amqp_bytes_free(c->consumer_tag);
-        c->consumer_tag = amqp_bytes_malloc_dup(ok->consumer_tag);
         c->consuming = true;
     }
-    if (c->consume_dead) {
-        amqp_channel_open(conn, CH_DEAD);
-        amqp_basic_qos(conn, CH_DEAD, 0, 64, 0);
-        if (!amqp_basic_consume(conn, CH_DEAD, amqp_cstring_bytes(cfg->amqp_dead_queue), amqp_empty_bytes, 0, 0, 0,
-                                amqp_empty_table)) {
-            snprintf(err, sizeof err, "cannot consume %s", cfg->amqp_dead_queue);
-            goto fail;
-        }
-    }
+    if (c->consume_dead && aq_broker_consume(b, CH_DEAD, cfg->amqp_dead_queue, 64, err, sizeof err)) goto fail;
     c->b = b;
     if (++c->gen == 0) c->gen = 1; /* 0 means "no connection" to the loop */
     c->backoff_ms = 0;
-    c->connected = true;
+    atomic_store(&c->connected, true);
     aq_log(AQ_LOG_INFO, "broker connected; consuming %s with prefetch %d", cfg->amqp_queue, cfg->worker_concurrency);
     emit(c, EV_STATE, NULL, NULL, true);
     return AQ_OK;
@@ -179,11 +149,6 @@ fail:
     if (c->backoff_ms == 0 || c->backoff_ms >= 1000)
         aq_log(AQ_LOG_WARN, "broker not available, retrying: %s", err);
     return AQ_EIO;
-}
-
-static uint64_t make_tag(aq_consumer *c, int channel, uint64_t dtag)
-{
-    return ((uint64_t)c->gen << 48) | ((uint64_t)channel << TAG_BITS) | (dtag & TAG_MASK);
 }
 
 /* Returns the channel of a tag of the current connection, or 0. */
@@ -196,137 +161,38 @@ static int tag_channel(aq_consumer *c, uint64_t tag, uint64_t *dtag)
 
 static void do_op(aq_consumer *c, op *o)
 {
-    amqp_connection_state_t conn = c->b ? aq_broker_conn(c->b) : NULL;
     uint64_t dtag;
     int ch;
     switch (o->kind) {
     case OP_ACK:
     case OP_REJECT:
-        if (!conn || !(ch = tag_channel(c, o->tag, &dtag))) break; /* void: redelivered anyway */
-        if (o->kind == OP_ACK) amqp_basic_ack(conn, (amqp_channel_t)ch, dtag, 0);
-        else amqp_basic_reject(conn, (amqp_channel_t)ch, dtag, o->requeue);
+        if (!c->b || !(ch = tag_channel(c, o->tag, &dtag))) break; /* void: redelivered anyway */
+        if (o->kind == OP_ACK) (void)aq_broker_ack(c->b, ch, dtag);
+        else (void)aq_broker_reject(c->b, ch, dtag, o->requeue);
         break;
     case OP_PUBLISH: {
-        if (!conn) {
+        if (!c->b) {
             emit(c, EV_PUBLISHED, NULL, o->cookie, false);
             break;
         }
         aq_publish p = {o->exchange, o->routing_key, o->body, o->len, o->message_id, o->priority,
                         o->expiration, o->timestamp, o->headers};
         char err[256];
-        int64_t seq = aq_broker_publish(c->b, &p, err, sizeof err);
-        if (seq < 0) {
-            emit(c, EV_PUBLISHED, NULL, o->cookie, false);
+        if (aq_broker_publish(c->b, &p, o->cookie, err, sizeof err) < 0) {
+            emit(c, EV_PUBLISHED, NULL, o->cookie, false); /* not tracked: not published */
             disconnect(c, err);
-            break;
         }
-        if (c->npending == c->cappending) {
-            c->cappending = c->cappending ? c->cappending * 2 : 64;
-            c->pending = aq_xrealloc(c->pending, c->cappending * sizeof *c->pending);
-        }
-        c->pending[c->npending++] = (pending_confirm){(uint64_t)seq, o->cookie};
         break;
     }
     case OP_STOP_CONSUMING:
         c->stop_consuming = true;
-        if (conn && c->consuming) {
-            amqp_basic_cancel(conn, AQ_BROKER_CH_MAIN, c->consumer_tag);
+        if (c->b && c->consuming) {
+            aq_broker_cancel_consume(c->b, AQ_BROKER_CH_MAIN);
             c->consuming = false;
         }
         break;
     case OP_QUIT: break;
     }
-}
-
-static void confirm(aq_consumer *c, uint64_t tag, bool multiple, bool ok)
-{
-    size_t keep = 0;
-    for (size_t i = 0; i < c->npending; i++) {
-        pending_confirm *p = &c->pending[i];
-        if (p->seq == tag || (multiple && p->seq < tag)) emit(c, EV_PUBLISHED, NULL, p->cookie, ok);
-        else c->pending[keep++] = *p;
-    }
-    c->npending = keep;
-}
-
-static void on_deliver(aq_consumer *c, amqp_channel_t ch, amqp_basic_deliver_t *m)
-{
-    amqp_connection_state_t conn = aq_broker_conn(c->b);
-    uint64_t dtag = m->delivery_tag;
-    bool redelivered = m->redelivered;
-    char *rk = bytes_dup(m->routing_key);
-    amqp_message_t msg;
-    amqp_rpc_reply_t r = amqp_read_message(conn, ch, &msg, 0);
-    if (r.reply_type != AMQP_RESPONSE_NORMAL) {
-        free(rk);
-        disconnect(c, "reading a message body failed");
-        return;
-    }
-    aq_delivery *d = aq_xcalloc(1, sizeof *d);
-    d->tag = make_tag(c, ch, dtag);
-    d->source = ch == CH_DEAD ? AQ_FROM_DEAD : AQ_FROM_TASKS;
-    d->redelivered = redelivered;
-    d->routing_key = rk;
-    d->body = aq_xmalloc(msg.body.len + 1);
-    memcpy(d->body, msg.body.bytes, msg.body.len);
-    d->body[msg.body.len] = '\0';
-    d->len = msg.body.len;
-    amqp_basic_properties_t *p = &msg.properties;
-    if (p->_flags & AMQP_BASIC_MESSAGE_ID_FLAG) d->message_id = bytes_dup(p->message_id);
-    if (p->_flags & AMQP_BASIC_EXPIRATION_FLAG) d->expiration = bytes_dup(p->expiration);
-    if (p->_flags & AMQP_BASIC_PRIORITY_FLAG) d->priority = p->priority;
-    if (p->_flags & AMQP_BASIC_TIMESTAMP_FLAG) d->timestamp = (int64_t)p->timestamp;
-    d->headers = (p->_flags & AMQP_BASIC_HEADERS_FLAG) ? aq_broker_table_to_json(&p->headers) : json_object();
-    amqp_destroy_message(&msg);
-    emit(c, EV_DELIVERY, d, NULL, true);
-}
-
-/* Reads and handles every frame that is ready. Returns false if the
- * connection was lost. */
-static bool pump_frames(aq_consumer *c)
-{
-    for (int i = 0; i < 4096 && c->b; i++) {
-        amqp_connection_state_t conn = aq_broker_conn(c->b);
-        amqp_frame_t f;
-        struct timeval zero = {0, 0};
-        int st = amqp_simple_wait_frame_noblock(conn, &f, &zero);
-        if (st == AMQP_STATUS_TIMEOUT) break;
-        if (st != AMQP_STATUS_OK) {
-            disconnect(c, amqp_error_string2(st));
-            return false;
-        }
-        if (f.frame_type != AMQP_FRAME_METHOD) continue;
-        switch (f.payload.method.id) {
-        case AMQP_BASIC_DELIVER_METHOD:
-            on_deliver(c, f.channel, f.payload.method.decoded);
-            break;
-        case AMQP_BASIC_ACK_METHOD: {
-            amqp_basic_ack_t *a = f.payload.method.decoded;
-            confirm(c, a->delivery_tag, a->multiple, true);
-            break;
-        }
-        case AMQP_BASIC_NACK_METHOD: {
-            amqp_basic_nack_t *a = f.payload.method.decoded;
-            confirm(c, a->delivery_tag, a->multiple, false);
-            break;
-        }
-        case AMQP_BASIC_CANCEL_METHOD:
-            disconnect(c, "the broker cancelled the consumer (queue deleted?)");
-            return false;
-        case AMQP_CHANNEL_CLOSE_METHOD:
-        case AMQP_CONNECTION_CLOSE_METHOD: {
-            amqp_channel_close_t *m = f.payload.method.decoded;
-            char why[300];
-            snprintf(why, sizeof why, "closed by broker: %u %.*s", m->reply_code, (int)m->reply_text.len,
-                     (char *)m->reply_text.bytes);
-            disconnect(c, why);
-            return false;
-        }
-        default: break;
-        }
-    }
-    if (c->b) amqp_maybe_release_buffers(aq_broker_conn(c->b));
-    return c->b != NULL;
 }
 
 static void *thread_main(void *arg)
@@ -353,23 +219,24 @@ static void *thread_main(void *arg)
         free(items);
         if (quit || !c->b) continue;
 
-        amqp_connection_state_t conn = aq_broker_conn(c->b);
-        if (!amqp_frames_enqueued(conn) && !amqp_data_in_buffer(conn)) {
-            struct pollfd pf[2] = {{amqp_get_sockfd(conn), POLLIN, 0}, {aq_mailbox_fd(c->ops), POLLIN, 0}};
+        if (!aq_broker_buffered(c->b)) {
+            struct pollfd pf[2] = {{aq_broker_fd(c->b), POLLIN, 0}, {aq_mailbox_fd(c->ops), POLLIN, 0}};
             int hb = c->cfg->amqp_heartbeat;
             poll(pf, 2, hb > 0 && hb * 500 < 1000 ? hb * 500 : 1000);
         }
-        pump_frames(c);
+        char err[256];
+        if (aq_broker_pump(c->b, err, sizeof err) != AQ_OK) disconnect(c, err);
     }
     if (c->b) {
-        /* Give confirms of the last publishes a moment before closing. */
+        /* Give confirms of the last publishes a moment before closing;
+         * each one that comes is reported, the rest fail with the free. */
         int64_t nacked;
         char err[256];
-        if (c->npending && aq_broker_wait_confirms(c->b, 2000, &nacked, err, sizeof err) == AQ_OK) c->npending = 0;
+        if (aq_broker_unconfirmed(c->b) && aq_broker_wait_confirms(c->b, 2000, &nacked, err, sizeof err) != AQ_OK)
+            aq_log(AQ_LOG_DEBUG, "closing with publishes unconfirmed: %s", err);
         aq_broker_free(c->b);
         c->b = NULL;
     }
-    fail_pending(c);
     return NULL;
 }
 
@@ -401,7 +268,6 @@ aq_consumer *aq_consumer_new(const aq_config *cfg, struct event_base *base, cons
     c->cb = *cb;
     c->consume_dead = consume_dead;
     c->rng = (unsigned)aq_now_us();
-    c->consumer_tag = amqp_empty_bytes;
     c->ops = aq_mailbox_new();
     c->events = aq_mailbox_new();
     if (!c->ops || !c->events || aq_mailbox_attach(c->events, base, on_event, c) != AQ_OK) {
@@ -442,8 +308,6 @@ void aq_consumer_free(aq_consumer *c)
     free(items);
     aq_mailbox_free(c->ops, NULL);    /* the thread ran every op before quitting */
     aq_mailbox_free(c->events, NULL); /* drained above */
-    amqp_bytes_free(c->consumer_tag);
-    free(c->pending);
     free(c);
 }
 
@@ -489,7 +353,7 @@ void aq_consumer_stop_consuming(aq_consumer *c)
     push_op(c, o);
 }
 
-bool aq_consumer_connected(const aq_consumer *c) { return c->connected; }
+bool aq_consumer_connected(const aq_consumer *c) { return atomic_load(&((aq_consumer *)c)->connected); }
 
 bool aq_consumer_delivery_current(const aq_consumer *c, uint64_t tag)
 {

@@ -1,10 +1,13 @@
 /* it_broker.c — the AMQP client against the private RabbitMQ: the
- * topology it declares, publisher confirms, queue depths. */
+ * topology it declares, publisher confirms, queue depths, and the worker's
+ * consumer closing with confirms in flight. */
 #include "agentq/broker.h"
 #include "agentq/config.h"
+#include "agentq/consumer.h"
 #include "testenv.h"
 
 #include <check.h>
+#include <event2/event.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -77,7 +80,7 @@ START_TEST(confirms_and_depth)
     char err[256];
     for (int i = 0; i < 50; i++) {
         aq_publish p = {cfg.amqp_exchange, "task", "{}", 2, NULL, i % 10, NULL, 0, NULL};
-        ck_assert_int_eq(aq_broker_publish(b, &p, err, sizeof err), i + 1);
+        ck_assert_int_eq(aq_broker_publish(b, &p, NULL, err, sizeof err), i + 1);
     }
     int64_t nacked = -1;
     ck_assert_msg(aq_broker_wait_confirms(b, 5000, &nacked, err, sizeof err) == 0, "%s", err);
@@ -98,7 +101,7 @@ START_TEST(out_of_order_confirms_counted_exactly)
     char err[256];
     for (int i = 0; i < 5; i++) {
         aq_publish p = {cfg.amqp_exchange, "task", "{}", 2, NULL, 0, NULL, 0, NULL};
-        ck_assert_int_gt(aq_broker_publish(b, &p, err, sizeof err), 0);
+        ck_assert_int_gt(aq_broker_publish(b, &p, NULL, err, sizeof err), 0);
     }
     /* Before the broker's own confirms are read: 3 alone, then 1, then 2
      * closes the gap, then 5 with multiple covers 4 and 5. */
@@ -128,6 +131,90 @@ START_TEST(bad_url_and_refused_connection)
 }
 END_TEST
 
+/* ---------------------------------------------------- the worker's side */
+
+typedef struct confirm_rec {
+    int calls, acked;
+    bool ok;
+} confirm_rec;
+
+static int consumer_connected;
+
+static void on_state(bool connected, void *arg)
+{
+    (void)arg;
+    if (connected) consumer_connected++;
+}
+
+static void on_published(void *cookie, bool ok, void *arg)
+{
+    confirm_rec *r = cookie;
+    (void)arg;
+    r->calls++;
+    r->acked += ok;
+    r->ok = ok;
+}
+
+static void drop_delivery(aq_delivery *d, void *arg)
+{
+    (void)arg;
+    aq_delivery_free(d);
+}
+
+static void run_loop_until(struct event_base *base, const int *count, int want, int timeout_ms)
+{
+    int64_t end = aq_mono_us() + (int64_t)timeout_ms * 1000;
+    struct timeval slice = {0, 10000};
+    while (*count < want && aq_mono_us() < end) {
+        event_base_loopexit(base, &slice);
+        event_base_dispatch(base);
+    }
+}
+
+/* The worker's consumer closes right after a burst of publishes whose
+ * confirms it has not read yet (SIGTERM after a burst of retry
+ * publishes): each one is reported confirmed, exactly once, and closing
+ * does not stall waiting for confirms it had already read. */
+START_TEST(consumer_closing_reports_every_confirm_without_stalling)
+{
+    struct event_base *base = event_base_new();
+    char err[512];
+    aq_consumer_callbacks cb = {drop_delivery, on_published, on_state, NULL};
+    aq_consumer *c = aq_consumer_new(&cfg, base, &cb, false, err, sizeof err);
+    ck_assert_msg(c != NULL, "%s", err);
+    consumer_connected = 0;
+    run_loop_until(base, &consumer_connected, 1, 10000);
+    ck_assert_int_eq(consumer_connected, 1);
+    aq_consumer_stop_consuming(c);
+    enum { N = 200 };
+    static confirm_rec first, rec[N];
+    memset(&first, 0, sizeof first);
+    memset(rec, 0, sizeof rec);
+    char q[160];
+    snprintf(q, sizeof q, "%s", cfg.amqp_queue);
+    aq_publish p = {"", q, "{}", 2, NULL, 0, NULL, 0, NULL};
+    /* One publish confirmed and read in the ordinary way first. */
+    aq_consumer_publish(c, &p, &first);
+    run_loop_until(base, &first.calls, 1, 5000);
+    ck_assert_int_eq(first.acked, 1);
+    /* Closed at once: the thread sends them and quits before their
+     * confirms are read. */
+    int64_t t0 = aq_mono_us();
+    for (int i = 0; i < N; i++) aq_consumer_publish(c, &p, &rec[i]);
+    aq_consumer_free(c);
+    double secs = (double)(aq_mono_us() - t0) / 1e6;
+    for (int i = 0; i < N; i++) {
+        ck_assert_msg(rec[i].calls == 1, "publish %d reported %d times", i, rec[i].calls);
+        ck_assert_msg(rec[i].acked == 1, "publish %d reported as not confirmed", i);
+    }
+    ck_assert_msg(secs < 1.0, "closing took %.2f s", secs);
+    int64_t messages = 0;
+    ck_assert_msg(aq_broker_queue_depth(b, cfg.amqp_queue, &messages, NULL, err, sizeof err) == 0, "%s", err);
+    ck_assert_int_eq(messages, N + 1);
+    event_base_free(base);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("broker");
@@ -141,6 +228,7 @@ int main(void)
     tcase_add_checked_fixture(limits, setup, teardown);
     tcase_set_timeout(limits, 60);
     tcase_add_test(limits, out_of_order_confirms_counted_exactly);
+    tcase_add_test(limits, consumer_closing_reports_every_confirm_without_stalling);
     suite_add_tcase(s, limits);
     TCase *errors = tcase_create("errors");
     tcase_set_timeout(errors, 60);

@@ -136,7 +136,7 @@ static void publish_raw(const char *body, const char *message_id, int priority, 
     json_t *headers = headers_json ? json_loads(headers_json, 0, NULL) : NULL;
     ck_assert(!headers_json || headers);
     aq_publish p = {cfg.amqp_exchange, "task", body, strlen(body), message_id, priority, NULL, 0, headers};
-    ck_assert_int_gt(aq_broker_publish(b, &p, err, sizeof err), 0);
+    ck_assert_int_gt(aq_broker_publish(b, &p, NULL, err, sizeof err), 0);
     json_decref(headers);
     int64_t nacked;
     ck_assert_msg(aq_broker_wait_confirms(b, 5000, &nacked, err, sizeof err) == 0, "%s", err);

@@ -1,10 +1,19 @@
 /* broker.h — a blocking AMQP 0-9-1 client over rabbitmq-c: connect, declare
- * agentq's topology, publish with publisher confirms, read queue depths.
+ * agentq's topology, publish with publisher confirms, consume, ack and
+ * reject, read queue depths. The one owner of an AMQP connection: nothing
+ * else includes rabbitmq-c.
  *
  * Used directly by agentq-producer and agentqctl, and by the worker's
- * consumer thread (consumer.h), which adds the consuming side. Not
+ * consumer thread (consumer.h), which drives aq_broker_pump(). Not
  * thread-safe: one thread owns a broker at a time. Channel 1 carries
- * declarations and consuming, channel 2 publishing in confirm mode. */
+ * declarations and consuming, channel 2 publishing in confirm mode; other
+ * channels are opened by aq_broker_consume().
+ *
+ * Publisher confirms are tracked here, once: every publish gets a
+ * sequence number and may carry a cookie; whichever verb reads the
+ * broker's ack or nack (aq_broker_pump, aq_broker_wait_confirms) settles
+ * it and hands the cookie to the `confirmed` event. Freeing the broker
+ * settles what is still unconfirmed as not confirmed. */
 #ifndef AGENTQ_BROKER_H
 #define AGENTQ_BROKER_H
 
@@ -16,6 +25,39 @@ typedef struct aq_broker aq_broker;
 
 #define AQ_BROKER_CH_MAIN 1
 #define AQ_BROKER_CH_PUBLISH 2
+
+typedef enum { AQ_FROM_TASKS, AQ_FROM_DEAD } aq_delivery_source;
+
+/* One message received from a consumed queue. Owned by the receiver; free
+ * with aq_delivery_free(). */
+typedef struct aq_delivery {
+    uint64_t tag;            /* set by the receiver (the broker leaves 0) */
+    aq_delivery_source source; /* likewise */
+    bool redelivered;
+    char *body;              /* NUL-terminated copy; len excludes the NUL */
+    size_t len;
+    char *message_id;        /* NULL if absent */
+    char *expiration;        /* NULL if absent */
+    char *routing_key;
+    int priority;
+    int64_t timestamp;       /* seconds; 0 if absent */
+    json_t *headers;         /* object (may be empty); owned */
+} aq_delivery;
+
+void aq_delivery_free(aq_delivery *d);
+
+/* What the broker hands back as it reads frames. Called on the owning
+ * thread, from inside the verbs that read (and aq_broker_free), which is
+ * why a callback must not call into the same broker. */
+typedef struct aq_broker_events {
+    /* A message; the callee owns d. `dtag` is the channel's delivery tag,
+     * for aq_broker_ack/aq_broker_reject on the same connection. */
+    void (*delivery)(aq_delivery *d, int channel, uint64_t dtag, void *arg);
+    /* The outcome of a publish made with a cookie: ack false is a nack,
+     * or a connection that went away first. */
+    void (*confirmed)(void *cookie, bool ack, void *arg);
+    void *arg;
+} aq_broker_events;
 
 /* One message to publish. All pointers are borrowed for the call. */
 typedef struct aq_publish {
@@ -45,16 +87,45 @@ int aq_broker_declare(aq_broker *b, const aq_config *cfg, char *err, size_t errl
 /* Name of the retry queue for a delay: prefix + "5s", "30s", "2h", "500ms". */
 void aq_broker_retry_queue(const aq_config *cfg, long delay_ms, char *buf, size_t len);
 
-/* Publishes on the confirm channel; returns the message's confirm sequence
- * number (> 0) or a negative AQ_E* code. Does not wait for the confirm. */
-int64_t aq_broker_publish(aq_broker *b, const aq_publish *msg, char *err, size_t errlen);
+/* Where deliveries and confirms go (copied; NULL: nowhere). */
+void aq_broker_set_events(aq_broker *b, const aq_broker_events *ev);
 
-/* Waits until every message published so far is confirmed. Returns 0, or
- * AQ_EIO if the broker nacked one (*nacked counts them) or the connection
- * failed, or AQ_ETIMEDOUT. Frames for channel 1 met meanwhile are
- * dropped: not for use while consuming. */
+/* Publishes on the confirm channel; `cookie` (may be NULL) comes back with
+ * its confirm. Returns the message's confirm sequence number (> 0) or a
+ * negative AQ_E* code (the message is not tracked then). Does not wait. */
+int64_t aq_broker_publish(aq_broker *b, const aq_publish *msg, void *cookie, char *err,
+                          size_t errlen);
+
+/* Waits until every message published so far is confirmed, settling each
+ * (the `confirmed` event). Returns 0, or AQ_EIO if the broker nacked one
+ * (*nacked counts them since connect) or the connection failed, or
+ * AQ_ETIMEDOUT. Deliveries met meanwhile are dropped (never acked, so the
+ * broker redelivers them): for a producer, or a consumer shutting down. */
 int aq_broker_wait_confirms(aq_broker *b, int timeout_ms, int64_t *nacked,
                             char *err, size_t errlen) AQ_MUSTCHECK;
+
+/* Consumes `queue` on `channel` (opened if it is not 1 or 2) with a
+ * prefetch of `prefetch` unacked deliveries. Returns 0 or AQ_EIO. */
+int aq_broker_consume(aq_broker *b, int channel, const char *queue, int prefetch, char *err,
+                      size_t errlen) AQ_MUSTCHECK;
+
+/* Stops consuming on `channel` (no-op when not consuming there). */
+void aq_broker_cancel_consume(aq_broker *b, int channel);
+
+/* Acks or rejects one delivery of `channel`. Returns 0 or AQ_EIO. */
+int aq_broker_ack(aq_broker *b, int channel, uint64_t dtag);
+int aq_broker_reject(aq_broker *b, int channel, uint64_t dtag, bool requeue);
+
+/* Reads every frame that is ready without waiting and hands deliveries
+ * and confirms to the events. Returns 0, or AQ_EIO when the connection
+ * failed or the broker closed it or cancelled a consumer (err says why):
+ * the caller frees the broker and connects again. */
+int aq_broker_pump(aq_broker *b, char *err, size_t errlen) AQ_MUSTCHECK;
+
+/* The socket to poll for input, and whether frames are already buffered
+ * (a poll on the socket would not wake for those). */
+int aq_broker_fd(const aq_broker *b);
+bool aq_broker_buffered(const aq_broker *b);
 
 /* Unconfirmed publishes. */
 int64_t aq_broker_unconfirmed(const aq_broker *b);
@@ -63,12 +134,10 @@ int64_t aq_broker_unconfirmed(const aq_broker *b);
 int aq_broker_queue_depth(aq_broker *b, const char *queue, int64_t *messages,
                           int64_t *consumers, char *err, size_t errlen) AQ_MUSTCHECK;
 
-/* The rabbitmq-c connection, for consumer.c. Borrowed. */
-void *aq_broker_conn(aq_broker *b);
-
-/* Records confirms from a basic.ack/nack frame on the publish channel:
- * every sequence number up to `tag` (multiple) or `tag` alone. Returns how
- * many were newly confirmed. For consumer.c, which reads the frames. */
+/* Settles confirms as a basic.ack/nack frame on the publish channel says:
+ * every sequence number up to `tag` (multiple) or `tag` alone; confirms
+ * may come out of order. Returns how many were newly settled. The verbs
+ * that read frames call it; public for tests. */
 int64_t aq_broker_note_confirm(aq_broker *b, uint64_t tag, bool multiple, bool ack);
 
 /* AMQP field tables <-> JSON objects (x-death and our own headers).

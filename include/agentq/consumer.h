@@ -19,25 +19,8 @@
 struct event_base;
 typedef struct aq_consumer aq_consumer;
 
-typedef enum { AQ_FROM_TASKS, AQ_FROM_DEAD } aq_delivery_source;
-
-/* One message handed to the loop. Owned by the receiver; free with
- * aq_delivery_free(). */
-typedef struct aq_delivery {
-    uint64_t tag;            /* opaque: pass back to ack/reject */
-    aq_delivery_source source;
-    bool redelivered;
-    char *body;              /* NUL-terminated copy; len excludes the NUL */
-    size_t len;
-    char *message_id;        /* NULL if absent */
-    char *expiration;        /* NULL if absent */
-    char *routing_key;
-    int priority;
-    int64_t timestamp;       /* seconds; 0 if absent */
-    json_t *headers;         /* object (may be empty); owned */
-} aq_delivery;
-
-void aq_delivery_free(aq_delivery *d);
+/* Deliveries are aq_delivery (broker.h): `tag` is set to an opaque value
+ * to pass back to ack/reject, `source` to the queue it came from. */
 
 typedef struct aq_consumer_callbacks {
     /* A delivery; takes ownership of d. */

@@ -82,7 +82,7 @@ static int publish_one(aq_broker *b, const aq_config *cfg, aq_task *t, const cha
     json_decref(body);
     aq_publish p = {cfg->amqp_exchange, "task", text, strlen(text), t->task_id, t->priority, ttl,
                     (int64_t)(t->enqueued_at_us / 1000000), NULL};
-    int64_t seq = aq_broker_publish(b, &p, err, errlen);
+    int64_t seq = aq_broker_publish(b, &p, NULL, err, errlen);
     free(text);
     return seq < 0 ? (int)seq : AQ_OK;
 }

@@ -266,7 +266,7 @@ static int requeue(const aq_config *cfg, PGconn *pg, const char *where, int n, c
         }
         aq_publish p = {cfg->amqp_exchange, "task", PQgetvalue(r, i, 1), (size_t)PQgetlength(r, i, 1),
                         *tid ? tid : NULL, prio, NULL, 0, NULL};
-        if (aq_broker_publish(b, &p, err, sizeof err) < 0) {
+        if (aq_broker_publish(b, &p, NULL, err, sizeof err) < 0) {
             fprintf(stderr, "agentqctl: %s\n", err);
             rc = 3;
         }
