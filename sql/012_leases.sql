@@ -24,7 +24,7 @@
 -- The advisory lock namespace is 1634169969 ('agtq'); lease_owner is the
 -- second key, a random positive int4 each store picks.
 --
--- Owned by the store module (src/store.c) and the worker; 001's tables.
+-- Owned by the store module (src/store/store.c) and the worker; 001's tables.
 
 ALTER TABLE agentq.tasks
     ADD COLUMN body          bytea,

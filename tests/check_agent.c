@@ -307,7 +307,7 @@ static void add_http_skill(fx *f, const char *name, const char *path)
     sk->timeout_ms = 5000;
 }
 
-static void on_step(const aq_store_step_row *r, void *arg)
+static void on_step(const aq_step_event *r, void *arg)
 {
     fx *f = arg;
     if (f->nrows == f->caprows) {

@@ -29,12 +29,29 @@
 #include "agentq/http.h"
 #include "agentq/ratelimit.h"
 #include "agentq/skill.h"
-#include "agentq/store.h"
 #include "agentq/task.h"
 
 struct event_base;
 typedef struct aq_engine aq_engine;
 typedef struct aq_session aq_session;
+
+/* One LLM or tool call, as it ended (the worker stores it as an
+ * agentq.steps row). Strings borrowed for the call. */
+typedef struct aq_step_event {
+    const char *task_id;
+    int attempt;
+    int step;              /* step number, 1 for the first LLM call */
+    int seq;               /* see "Step rows" above */
+    const char *kind;      /* "llm" or "tool" */
+    const char *name;      /* model or skill name; may be NULL */
+    const char *status;    /* "ok", "error", "rate_limited", "aborted"; may be NULL */
+    int64_t started_at_us; /* epoch microseconds */
+    double duration_ms;
+    int64_t prompt_tokens;
+    int64_t completion_tokens;
+    double cost_usd;
+    const char *detail;    /* JSON text, secrets masked; may be NULL */
+} aq_step_event;
 
 typedef struct aq_engine_deps {
     const aq_config *cfg;      /* borrowed; outlives the engine */
@@ -43,7 +60,7 @@ typedef struct aq_engine_deps {
     aq_skills *skills;         /* borrowed */
     aq_ratelimit *ratelimit;   /* borrowed */
     /* Every LLM and tool call, as it ends. Row borrowed for the call. */
-    void (*on_step)(const aq_store_step_row *row, void *arg);
+    void (*on_step)(const aq_step_event *step, void *arg);
     void *step_arg;
 } aq_engine_deps;
 

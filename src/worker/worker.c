@@ -514,11 +514,16 @@ static void on_broker_state(bool connected, void *arg)
     w->st.broker_connected = connected;
 }
 
-static void on_step(const aq_store_step_row *row, void *arg)
+static void on_step(const aq_step_event *e, void *arg)
 {
     aq_worker *w = arg;
-    if (aq_store_step(w->store, row) != AQ_OK)
-        aq_log_task(AQ_LOG_WARN, row->task_id, NULL, "step row dropped: store not accepting");
+    aq_store_step_row row = {.task_id = e->task_id, .attempt = e->attempt, .step = e->step, .seq = e->seq,
+                             .kind = e->kind, .name = e->name, .status = e->status,
+                             .started_at_us = e->started_at_us, .duration_ms = e->duration_ms,
+                             .prompt_tokens = e->prompt_tokens, .completion_tokens = e->completion_tokens,
+                             .cost_usd = e->cost_usd, .detail = e->detail};
+    if (aq_store_step(w->store, &row) != AQ_OK)
+        aq_log_task(AQ_LOG_WARN, e->task_id, NULL, "step row dropped: store not accepting");
 }
 
 static void on_cancel_request(const char *task_id, void *arg)

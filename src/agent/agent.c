@@ -279,7 +279,7 @@ static void emit_step(aq_session *s, int step, int seq, const char *kind, const 
     char *detail = detail_text(detail_json);
     /* a model name can come from the reply too */
     char *shown_name = name ? aq_log_mask_secrets(name, strlen(name), NULL) : NULL;
-    aq_store_step_row row = {
+    aq_step_event row = {
         .task_id = s->task->task_id,
         .attempt = s->attempt,
         .step = step,
