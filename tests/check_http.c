@@ -271,29 +271,6 @@ static void got_cb(aq_http_req *req, const aq_http_result *res, void *arg)
     if (g->free_me) aq_http_free(g->free_me);
 }
 
-static void tick(evutil_socket_t fd, short what, void *arg)
-{
-    (void)fd;
-    (void)what;
-    (void)arg;
-}
-
-/* Runs the loop until *n reaches want or ms pass. */
-static void run_until(struct event_base *base, const int *n, int want, int ms)
-{
-    struct event *t = event_new(base, -1, EV_PERSIST, tick, NULL);
-    struct timeval tv = {0, 10000};
-    event_add(t, &tv);
-    int64_t end = aq_mono_us() + (int64_t)ms * 1000;
-    while (*n < want && aq_mono_us() < end) event_base_loop(base, EVLOOP_ONCE);
-    event_free(t);
-}
-
-static void run_for(struct event_base *base, int ms)
-{
-    int never = 0;
-    run_until(base, &never, 1, ms);
-}
 
 static aq_http_req *submit(struct fx *f, const aq_http_request *rq, struct got *g)
 {
@@ -309,7 +286,7 @@ static void get_one(struct fx *f, const aq_http_request *rq, struct got *g)
 {
     submit(f, rq, g);
     ck_assert_int_eq(g->calls, 0); /* never from inside submit */
-    run_until(f->base, &g->calls, 1, 10000);
+    aq_test_loop_until(f->base, &g->calls, 1, 10000);
     ck_assert_int_eq(g->calls, 1);
 }
 
@@ -360,7 +337,7 @@ START_TEST(test_post_echo)
     /* the body was copied: scribbling on ours changes nothing */
     memset(body, 'X', sizeof payload);
     free(body);
-    run_until(f.base, &g.calls, 1, 10000);
+    aq_test_loop_until(f.base, &g.calls, 1, 10000);
     ck_assert_int_eq(g.calls, 1);
     ck_assert_msg(g.code == AQ_OK, "%s", g.error);
     ck_assert_int_eq(g.status, 200);
@@ -441,7 +418,7 @@ START_TEST(test_keepalive_reuse)
     aq_http_request rq = {.url = url(&f, "127.0.0.1", "/ok")};
     char err[128];
     ck_assert_int_eq(aq_http_submit(f.http, &rq, chain_cb, &c, NULL, err, sizeof err), 0);
-    run_until(f.base, &c.done, 5, 10000);
+    aq_test_loop_until(f.base, &c.done, 5, 10000);
     ck_assert_int_eq(c.done, 5);
     ck_assert_int_eq(c.failures, 0);
     ck_assert_int_eq(f.srv->accepted, 1);
@@ -472,7 +449,7 @@ START_TEST(test_concurrency_one_thread)
     ck_assert_uint_eq(st.active, SLOTS);
     ck_assert_uint_eq(st.queued, N - SLOTS);
 
-    run_until(f.base, &done, N, 20000);
+    aq_test_loop_until(f.base, &done, N, 20000);
     int64_t ms = (aq_mono_us() - t0) / 1000;
     ck_assert_int_eq(done, N);
     for (int i = 0; i < N; i++) {
@@ -536,7 +513,7 @@ START_TEST(test_timeout_starts_at_transfer)
     aq_http_request rb = {.url = url(&f, "127.0.0.1", "/ok"), .timeout_ms = 300};
     submit(&f, &ra, &a);
     submit(&f, &rb, &b);
-    run_until(f.base, &done, 2, 10000);
+    aq_test_loop_until(f.base, &done, 2, 10000);
     ck_assert_int_eq(done, 2);
     ck_assert_msg(a.code == AQ_OK, "%s", a.error);
     ck_assert_msg(b.code == AQ_OK, "B: %s", b.error);
@@ -610,13 +587,13 @@ START_TEST(test_cancel_in_flight)
     struct event *t = evtimer_new(f.base, cancel_later, req);
     struct timeval tv = {0, 100000};
     evtimer_add(t, &tv);
-    run_until(f.base, &g.calls, 1, 5000);
+    aq_test_loop_until(f.base, &g.calls, 1, 5000);
     ck_assert_int_eq(g.calls, 1);
     ck_assert_int_eq(g.code, AQ_ECLOSED);
     ck_assert_str_eq(g.error, "cancelled");
     ck_assert_msg(g.total_ms >= 90 && g.total_ms < 1500, "total %lld ms", (long long)g.total_ms);
     ck_assert_int_eq(f.srv->requests, 1); /* it was really in flight */
-    run_for(f.base, 200);
+    aq_test_loop_for(f.base, 200);
     ck_assert_int_eq(g.calls, 1);
     aq_http_stats st;
     aq_http_stats_get(f.http, &st);
@@ -644,13 +621,13 @@ START_TEST(test_cancel_queued)
     aq_http_req *rqb = submit(&f, &rb, &b);
     aq_http_cancel(rqb);
     ck_assert_int_eq(b.calls, 0); /* never from inside cancel */
-    run_until(f.base, &done, 2, 5000);
+    aq_test_loop_until(f.base, &done, 2, 5000);
     ck_assert_int_eq(b.calls, 1);
     ck_assert_int_eq(b.code, AQ_ECLOSED);
     ck_assert_str_eq(b.error, "cancelled");
     ck_assert_int_eq(a.calls, 1);
     ck_assert_msg(a.code == AQ_OK, "%s", a.error);
-    run_for(f.base, 100);
+    aq_test_loop_for(f.base, 100);
     ck_assert_int_eq(f.srv->requests, 1); /* B never reached the server */
     ck_assert_int_eq(b.calls, 1);
     free(a.body);
@@ -666,7 +643,7 @@ START_TEST(test_free_calls_back_once)
     struct got g[4] = {{0}};
     aq_http_request rq = {.url = url(&f, "127.0.0.1", "/slow?ms=5000")};
     for (int i = 0; i < 4; i++) submit(&f, &rq, &g[i]); /* 2 active, 2 queued */
-    run_for(f.base, 100);
+    aq_test_loop_for(f.base, 100);
     for (int i = 0; i < 4; i++) ck_assert_int_eq(g[i].calls, 0);
     aq_http_free(f.http);
     for (int i = 0; i < 4; i++) {
@@ -692,13 +669,13 @@ START_TEST(test_free_from_callback)
     aq_http_request r2 = {.url = url(&f, "127.0.0.1", "/slow?ms=5000")};
     submit(&f, &r1, &first);
     submit(&f, &r2, &other);
-    run_until(f.base, &first.calls, 1, 5000);
+    aq_test_loop_until(f.base, &first.calls, 1, 5000);
     ck_assert_int_eq(first.calls, 1);
     ck_assert_int_eq(first.code, AQ_OK);
     ck_assert_int_eq(other.calls, 1);
     ck_assert_int_eq(other.code, AQ_ECLOSED);
     f.http = NULL;
-    run_for(f.base, 50);
+    aq_test_loop_for(f.base, 50);
     ck_assert_int_eq(other.calls, 1);
     free(first.body);
     free(other.body);
@@ -761,7 +738,7 @@ START_TEST(test_submit_rejects)
     ck_assert_int_eq(aq_http_submit(f.http, &rm, got_cb, &g, NULL, err, sizeof err), AQ_EINVAL);
     ck_assert_int_eq(aq_http_submit(f.http, &rm, NULL, &g, NULL, err, sizeof err), AQ_EINVAL);
     aq_http_cancel(NULL);
-    run_for(f.base, 50);
+    aq_test_loop_for(f.base, 50);
     ck_assert_int_eq(g.calls, 0); /* a failed submit never calls back */
     ck_assert_int_eq(f.srv->requests, 0);
     aq_http_stats st;

@@ -242,29 +242,6 @@ static const char *url(struct fx *f, const char *host, const char *path)
     return f->url;
 }
 
-static void tick(evutil_socket_t fd, short what, void *arg)
-{
-    (void)fd;
-    (void)what;
-    (void)arg;
-}
-
-/* Runs the loop until *n reaches want or ms pass. */
-static void run_until(struct event_base *base, const int *n, int want, int ms)
-{
-    struct event *t = event_new(base, -1, EV_PERSIST, tick, NULL);
-    struct timeval tv = {0, 10000};
-    event_add(t, &tv);
-    int64_t end = aq_mono_us() + (int64_t)ms * 1000;
-    while (*n < want && aq_mono_us() < end) event_base_loop(base, EVLOOP_ONCE);
-    event_free(t);
-}
-
-static void run_for(struct event_base *base, int ms)
-{
-    int never = 0;
-    run_until(base, &never, 1, ms);
-}
 
 /* ---- calls ----------------------------------------------------------- */
 
@@ -310,12 +287,12 @@ static aq_skill_call *start(struct fx *f, const char *name, const char *args, st
 static void call(struct fx *f, const char *name, const char *args, struct got *g)
 {
     start(f, name, args, g);
-    run_until(f->base, &g->calls, 1, 10000);
+    aq_test_loop_until(f->base, &g->calls, 1, 10000);
     ck_assert_msg(g->calls == 1, "%s(%s): callback ran %d times", name, args ? args : "",
                   g->calls);
     ck_assert(!g->inside);
     /* Exactly once: nothing more arrives. */
-    run_for(f->base, 20);
+    aq_test_loop_for(f->base, 20);
     ck_assert_int_eq(g->calls, 1);
 }
 
@@ -452,7 +429,7 @@ START_TEST(test_http_skill_post)
     memset(&g, 0, sizeof g);
     aq_skill_call *c = aq_skills_call(f.skills, "weather", NULL, 0, NULL, NULL, got_cb, &g);
     ck_assert_ptr_nonnull(c);
-    run_until(f.base, &g.calls, 1, 10000);
+    aq_test_loop_until(f.base, &g.calls, 1, 10000);
     ck_assert_int_eq(g.calls, 1);
     ck_assert_str_eq(g.out, "sunny, 21C");
     free(g.out);
@@ -845,7 +822,7 @@ START_TEST(test_cancel)
 
     /* an HTTP skill in flight, cancelled once the server has it */
     c = start(&f, "weather", "{\"city\":\"Lima\"}", &g2);
-    run_until(f.base, &f.srv->requests, 1, 5000);
+    aq_test_loop_until(f.base, &f.srv->requests, 1, 5000);
     ck_assert_int_eq(f.srv->requests, 1);
     aq_skill_call_cancel(c);
 
@@ -853,12 +830,12 @@ START_TEST(test_cancel)
     char *a = args_url(url(&f, "127.0.0.1", "/slow?ms=300"));
     c = start(&f, "http_get", a, &g3);
     free(a);
-    run_until(f.base, &f.srv->requests, 2, 5000);
+    aq_test_loop_until(f.base, &f.srv->requests, 2, 5000);
     ck_assert_int_eq(f.srv->requests, 2);
     aq_skill_call_cancel(c);
 
     /* past the server's slow replies: still nothing */
-    run_for(f.base, 600);
+    aq_test_loop_for(f.base, 600);
     ck_assert_int_eq(g1.calls, 0);
     ck_assert_int_eq(g2.calls, 0);
     ck_assert_int_eq(g3.calls, 0);
@@ -876,12 +853,12 @@ START_TEST(test_free_with_calls_outstanding)
     fx_start_with(&f, "", "/slow?ms=2000", 5000);
     struct got g1, g2;
     start(&f, "weather", "{\"city\":\"Quito\"}", &g2);
-    run_until(f.base, &f.srv->requests, 1, 5000);
+    aq_test_loop_until(f.base, &f.srv->requests, 1, 5000);
     ck_assert_int_eq(f.srv->requests, 1);
     start(&f, "calculator", "{\"expression\":\"2*3\"}", &g1); /* result not yet delivered */
     aq_skills_free(f.skills);
     f.skills = NULL;
-    run_for(f.base, 50);
+    aq_test_loop_for(f.base, 50);
     aq_http_free(f.http); /* calls back the aborted transfer: must stay silent */
     f.http = NULL;
     ck_assert_int_eq(g1.calls, 0);

@@ -161,16 +161,6 @@ static void drop_delivery(aq_delivery *d, void *arg)
     aq_delivery_free(d);
 }
 
-static void run_loop_until(struct event_base *base, const int *count, int want, int timeout_ms)
-{
-    int64_t end = aq_mono_us() + (int64_t)timeout_ms * 1000;
-    struct timeval slice = {0, 10000};
-    while (*count < want && aq_mono_us() < end) {
-        event_base_loopexit(base, &slice);
-        event_base_dispatch(base);
-    }
-}
-
 /* The worker's consumer closes right after a burst of publishes whose
  * confirms it has not read yet (SIGTERM after a burst of retry
  * publishes): each one is reported confirmed, exactly once, and closing
@@ -183,7 +173,7 @@ START_TEST(consumer_closing_reports_every_confirm_without_stalling)
     aq_consumer *c = aq_consumer_new(&cfg, base, &cb, false, err, sizeof err);
     ck_assert_msg(c != NULL, "%s", err);
     consumer_connected = 0;
-    run_loop_until(base, &consumer_connected, 1, 10000);
+    aq_test_loop_until(base, &consumer_connected, 1, 10000);
     ck_assert_int_eq(consumer_connected, 1);
     aq_consumer_stop_consuming(c);
     enum { N = 200 };
@@ -195,7 +185,7 @@ START_TEST(consumer_closing_reports_every_confirm_without_stalling)
     aq_publish p = {"", q, "{}", 2, NULL, 0, NULL, 0, NULL};
     /* One publish confirmed and read in the ordinary way first. */
     aq_consumer_publish(c, &p, &first);
-    run_loop_until(base, &first.calls, 1, 5000);
+    aq_test_loop_until(base, &first.calls, 1, 5000);
     ck_assert_int_eq(first.acked, 1);
     /* Closed at once: the thread sends them and quits before their
      * confirms are read. */

@@ -56,26 +56,6 @@ static void teardown(void)
     dsn = NULL;
 }
 
-/* Runs the loop until *count reaches want or timeout_ms passes. */
-static bool run_until(const int *count, int want, int timeout_ms)
-{
-    int64_t end = aq_mono_us() + (int64_t)timeout_ms * 1000;
-    struct timeval slice = {0, 5000};
-    while (*count < want) {
-        if (aq_mono_us() > end) return false;
-        event_base_loopexit(base, &slice);
-        event_base_dispatch(base);
-    }
-    return true;
-}
-
-/* Runs the loop for ms milliseconds. */
-static void run_for(int ms)
-{
-    int never = 0;
-    (void)run_until(&never, 1, ms);
-}
-
 static aq_store *store_open(const char *d, int batch_max, int flush_ms)
 {
     aq_store_config cfg = {.dsn = d, .worker_id = "w-test", .batch_max = batch_max,
@@ -224,7 +204,7 @@ static claim_rec claim_task(aq_store *s, const aq_store_task *t)
     claim_rec c = {0};
     int before = claims_done;
     ck_assert_int_eq(aq_store_claim(s, t, on_claim, &c), 0);
-    ck_assert_msg(run_until(&claims_done, before + 1, 10000), "claim callback never came");
+    ck_assert_msg(aq_test_loop_until(base, &claims_done, before + 1, 10000), "claim callback never came");
     ck_assert_int_eq(c.calls, 1);
     return c;
 }
@@ -235,7 +215,7 @@ static claim_rec claim_sync(aq_store *s, const char *id)
     aq_store_task t = task_of(id);
     int before = claims_done;
     ck_assert_int_eq(aq_store_claim(s, &t, on_claim, &c), 0);
-    ck_assert_msg(run_until(&claims_done, before + 1, 10000), "claim callback never came");
+    ck_assert_msg(aq_test_loop_until(base, &claims_done, before + 1, 10000), "claim callback never came");
     ck_assert_int_eq(c.calls, 1);
     return c;
 }
@@ -436,7 +416,7 @@ START_TEST(test_finish_commits_before_callback_then_claim_is_final)
                          .prompt_tokens = 1200, .completion_tokens = 345, .cost_usd = 0.0123,
                          .result = "5", .error = NULL};
     ck_assert_int_eq(aq_store_finish(s, &r, on_done_peek, &d), 0);
-    ck_assert(run_until(&dones, 1, 10000));
+    ck_assert(aq_test_loop_until(base, &dones, 1, 10000));
     ck_assert_int_eq(d.calls, 1);
     ck_assert_int_eq(d.code, 0);
     ck_assert_str_eq(d.seen, "completed,3,1200,345,0.01230000,true");
@@ -455,7 +435,7 @@ START_TEST(test_finish_commits_before_callback_then_claim_is_final)
     done_rec late = {0};
     aq_store_result r2 = {.task_id = id, .attempt = 1, .status = "failed", .error = "late"};
     ck_assert_int_eq(aq_store_finish(s, &r2, on_done, &late), 0);
-    ck_assert(run_until(&dones, 2, 10000));
+    ck_assert(aq_test_loop_until(base, &dones, 2, 10000));
     ck_assert_int_eq(late.code, 0);
     ck_assert_str_eq(val(sqlf("SELECT status FROM agentq.tasks WHERE task_id = '%s'", id)),
                      "completed");
@@ -545,7 +525,7 @@ static void wait_owner_gone(const char *id)
                              " AND objid = (SELECT lease_owner FROM agentq.tasks WHERE task_id = '%s')::oid", id)),
                     "0"))
             return;
-        run_for(25);
+        aq_test_loop_for(base, 25);
     }
     ck_abort_msg("a freed store's lease lock is still held");
 }
@@ -579,7 +559,7 @@ START_TEST(test_takeover_when_the_owner_is_gone_or_the_lease_expired)
     done_rec late = {0};
     aq_store_result r = {.task_id = id, .attempt = 2, .status = "completed", .result = "late"};
     ck_assert_int_eq(aq_store_finish(b, &r, on_done, &late), 0);
-    ck_assert(run_until(&dones, 1, 10000));
+    ck_assert(aq_test_loop_until(base, &dones, 1, 10000));
     ck_assert_int_eq(late.code, AQ_ENOTFOUND);
     ck_assert_str_eq(val(sqlf("SELECT status || ',' || attempt FROM agentq.tasks WHERE task_id = '%s'", id)),
                      "running,3");
@@ -609,7 +589,7 @@ START_TEST(test_twin_with_another_body_changes_nothing)
     done_rec d = {0};
     aq_store_result r = {.task_id = id, .attempt = 1, .status = "completed", .result = "5"};
     ck_assert_int_eq(aq_store_finish(s, &r, on_done, &d), 0);
-    ck_assert(run_until(&dones, 1, 10000));
+    ck_assert(aq_test_loop_until(base, &dones, 1, 10000));
     c = claim_task(s, &twin);
     ck_assert_int_eq(c.outcome, AQ_STORE_CONFLICT);
     ck_assert_str_eq(c.status, "completed");
@@ -688,7 +668,7 @@ START_TEST(test_finish_counts_failures_and_interruptions_apart)
     aq_store_result r = {.task_id = id, .attempt = c.attempt, .status = "retrying",
                          .error = "HTTP 503"};
     ck_assert_int_eq(aq_store_finish(s, &r, on_done, &d), 0);
-    ck_assert(run_until(&dones, 1, 10000));
+    ck_assert(aq_test_loop_until(base, &dones, 1, 10000));
     ck_assert_int_eq(d.code, 0);
     ck_assert_str_eq(val(sqlf("SELECT concat_ws(',', status, error, finished_at IS NULL, failures,"
                               " interruptions, lease_owner IS NULL) FROM agentq.tasks WHERE task_id = '%s'", id)),
@@ -702,14 +682,14 @@ START_TEST(test_finish_counts_failures_and_interruptions_apart)
     done_rec stale = {0};
     aq_store_result old = {.task_id = id, .attempt = 1, .status = "failed", .error = "stale"};
     ck_assert_int_eq(aq_store_finish(s, &old, on_done, &stale), 0);
-    ck_assert(run_until(&dones, 2, 10000));
+    ck_assert(aq_test_loop_until(base, &dones, 2, 10000));
     ck_assert_int_eq(stale.code, AQ_ENOTFOUND);
 
     /* A drain puts it back: an interruption, not a failure. */
     done_rec dq = {0};
     aq_store_result q = {.task_id = id, .attempt = 2, .status = "queued"};
     ck_assert_int_eq(aq_store_finish(s, &q, on_done, &dq), 0);
-    ck_assert(run_until(&dones, 3, 10000));
+    ck_assert(aq_test_loop_until(base, &dones, 3, 10000));
     ck_assert_int_eq(dq.code, 0);
     ck_assert_str_eq(val(sqlf("SELECT concat_ws(',', status, attempt, failures, interruptions)"
                               " FROM agentq.tasks WHERE task_id = '%s'", id)),
@@ -736,7 +716,7 @@ START_TEST(test_finish_records_the_dead_letter_of_a_task_that_did_not_complete)
     aq_store_result again = r;
     again.attempt = 2; /* not this attempt's: changes nothing, records nothing */
     ck_assert_int_eq(aq_store_finish(s, &again, on_done, &late), 0);
-    ck_assert(run_until(&dones, 2, 10000));
+    ck_assert(aq_test_loop_until(base, &dones, 2, 10000));
     ck_assert_int_eq(d.code, 0);
     ck_assert_str_eq(val(sqlf("SELECT string_agg(concat_ws(',', reason, error, convert_from(body, 'UTF8') = '%s'), ';')"
                               " FROM agentq.dead_letters WHERE task_id = '%s'", task_body, id)),
@@ -763,21 +743,21 @@ START_TEST(test_renew_and_sweep)
     ck_assert_int_eq(aq_store_renew(a, ids, 2, on_renew, &ra), 0);
     const char *ids_b[] = {theirs};
     ck_assert_int_eq(aq_store_renew(b, ids_b, 1, on_renew, &rb), 0);
-    ck_assert(run_until(&rb.calls, 1, 10000));
-    ck_assert(run_until(&ra.calls, 1, 10000));
+    ck_assert(aq_test_loop_until(base, &rb.calls, 1, 10000));
+    ck_assert(aq_test_loop_until(base, &ra.calls, 1, 10000));
     ck_assert_int_eq(ra.code, 0);
     ck_assert_int_eq(ra.n, 1);
     ck_assert_str_eq(ra.first, theirs);
     ck_assert_int_eq(rb.n, 0);
     for (int i = 0; i < 200 && strcmp(val("SELECT count(*) FROM agentq.tasks WHERE lease_until > now()"), "2"); i++)
-        run_for(25);
+        aq_test_loop_for(base, 25);
     ck_assert_str_eq(val(sqlf("SELECT string_agg(task_id::text, ',') FROM agentq.tasks"
                               " WHERE lease_until < now()")), orphan);
 
     /* The orphan (b stopped renewing it) is swept once, with its body. */
     sweep_rec sw = {0};
     ck_assert_int_eq(aq_store_sweep(a, 10, 300, on_sweep, &sw), 0);
-    ck_assert(run_until(&sw.calls, 1, 10000));
+    ck_assert(aq_test_loop_until(base, &sw.calls, 1, 10000));
     ck_assert_int_eq(sw.code, 0);
     ck_assert_int_eq(sw.n, 1);
     ck_assert_str_eq(sw.task_id, orphan);
@@ -785,7 +765,7 @@ START_TEST(test_renew_and_sweep)
     ck_assert_int_eq(sw.priority, 4);
     sweep_rec again = {0};
     ck_assert_int_eq(aq_store_sweep(b, 10, 300, on_sweep, &again), 0);
-    ck_assert(run_until(&again.calls, 1, 10000));
+    ck_assert(aq_test_loop_until(base, &again.calls, 1, 10000));
     ck_assert_int_eq(again.n, 0);
     /* Its copy comes back: the lease expired, so it runs again. */
     claim_rec c = claim_sync(a, orphan);
@@ -823,7 +803,7 @@ START_TEST(test_steps_round_trip_and_are_written_once)
     done_rec d = {0};
     aq_store_result r = {.task_id = id, .attempt = 1, .status = "completed", .steps = 1};
     ck_assert_int_eq(aq_store_finish(s, &r, on_done, &d), 0);
-    ck_assert(run_until(&dones, 1, 10000));
+    ck_assert(aq_test_loop_until(base, &dones, 1, 10000));
     ck_assert_str_eq(val(sqlf("SELECT string_agg(concat_ws(':', kind, seq, name, status,"
                               " duration_ms, prompt_tokens, completion_tokens, cost_usd,"
                               " detail->>'args', detail->>'finish',"
@@ -852,7 +832,7 @@ START_TEST(test_dead_letter_body_round_trips_byte_exact)
     aq_store_dead anon = {.task_id = NULL, .reason = "expired", .body = "", .body_len = 0};
     done_rec d2 = {0};
     ck_assert_int_eq(aq_store_dead_letter(s, &anon, on_done, &d2), 0);
-    ck_assert(run_until(&dones, 2, 10000));
+    ck_assert(aq_test_loop_until(base, &dones, 2, 10000));
     ck_assert_int_eq(d.code, 0);
     ck_assert_int_eq(d2.code, 0);
 
@@ -887,7 +867,7 @@ START_TEST(test_dead_letter_finalises_only_a_waiting_task_of_its_body)
     done_rec r0 = {0};
     aq_store_result retry = {.task_id = waiting, .attempt = 1, .status = "retrying", .error = "HTTP 500"};
     ck_assert_int_eq(aq_store_finish(s, &retry, on_done, &r0), 0);
-    ck_assert(run_until(&dones, 1, 10000));
+    ck_assert(aq_test_loop_until(base, &dones, 1, 10000));
     exec_ok(sqlf("INSERT INTO agentq.tasks (task_id, user_id, goal, status, result)"
                  " VALUES ('%s', 'bob', 'g', 'completed', '42')", done_id));
     aq_store_dead out = {.task_id = waiting, .reason = "expired", .error = "TTL",
@@ -902,10 +882,10 @@ START_TEST(test_dead_letter_finalises_only_a_waiting_task_of_its_body)
     ck_assert_int_eq(aq_store_dead_letter(s, &twin, on_done, &d[0]), 0);
     ck_assert_int_eq(aq_store_dead_letter(s, &late, on_done, &d[1]), 0);
     ck_assert_int_eq(aq_store_dead_letter(s, &copy, on_done, &d[2]), 0);
-    ck_assert(run_until(&dones, 4, 10000));
+    ck_assert(aq_test_loop_until(base, &dones, 4, 10000));
     ck_assert_str_eq(val(sqlf("SELECT status FROM agentq.tasks WHERE task_id = '%s'", waiting)), "retrying");
     ck_assert_int_eq(aq_store_dead_letter(s, &out, on_done, &d[3]), 0);
-    ck_assert(run_until(&dones, 5, 10000));
+    ck_assert(aq_test_loop_until(base, &dones, 5, 10000));
     for (int i = 0; i < 4; i++) ck_assert_int_eq(d[i].code, 0);
     ck_assert_str_eq(val(sqlf("SELECT concat_ws(',', status, error, user_id)"
                               " FROM agentq.tasks WHERE task_id = '%s'", waiting)),
@@ -935,7 +915,7 @@ START_TEST(test_thousands_of_rows_in_few_transactions)
         aq_store_task t = task_of(ids[i]);
         ck_assert_int_eq(aq_store_claim(s, &t, on_claim, &cl[i]), 0);
     }
-    ck_assert_msg(run_until(&claims_done, MANY, 30000), "%d claims of %d", claims_done, MANY);
+    ck_assert_msg(aq_test_loop_until(base, &claims_done, MANY, 30000), "%d claims of %d", claims_done, MANY);
     aq_store_counters k0;
     aq_store_stats(s, &k0);
 
@@ -952,7 +932,7 @@ START_TEST(test_thousands_of_rows_in_few_transactions)
         ck_assert_int_eq(aq_store_finish(s, &r, on_done, &fin[i]), 0);
     }
     ck_assert_uint_ge(aq_store_pending(s), 1);
-    ck_assert_msg(run_until(&dones, MANY, 30000), "%d finishes of %d", dones, MANY);
+    ck_assert_msg(aq_test_loop_until(base, &dones, MANY, 30000), "%d finishes of %d", dones, MANY);
     double secs = (double)(aq_mono_us() - t0) / 1e6;
     aq_store_counters k1;
     aq_store_stats(s, &k1);
@@ -993,7 +973,7 @@ START_TEST(test_database_down_at_start_then_outage_nothing_lost_or_doubled)
         ck_assert_int_eq(aq_store_step(s, &row), 0);
     }
     /* The database is unreachable: everything waits, nothing is lost. */
-    run_for(800);
+    aq_test_loop_for(base, 800);
     aq_store_counters k;
     aq_store_stats(s, &k);
     ck_assert(!k.connected);
@@ -1002,7 +982,7 @@ START_TEST(test_database_down_at_start_then_outage_nothing_lost_or_doubled)
     ck_assert_str_eq(val("SELECT count(*) FROM agentq.tasks"), "0");
 
     proxy_set(p, P_UP, false);
-    ck_assert_msg(run_until(&claims_done, N, 15000), "%d claims after the outage", claims_done);
+    ck_assert_msg(aq_test_loop_until(base, &claims_done, N, 15000), "%d claims after the outage", claims_done);
     for (int i = 0; i < N; i++) {
         ck_assert_int_eq(cl[i].code, 0);
         ck_assert_int_eq(cl[i].outcome, AQ_STORE_RUN);
@@ -1019,11 +999,11 @@ START_TEST(test_database_down_at_start_then_outage_nothing_lost_or_doubled)
         aq_store_task t = task_of(ids[N + i]);
         ck_assert_int_eq(aq_store_claim(s, &t, on_claim, &cl[N + i]), 0);
     }
-    run_for(1000);
+    aq_test_loop_for(base, 1000);
     ck_assert_int_eq(dones, 0);
     proxy_set(p, P_UP, false);
-    ck_assert_msg(run_until(&dones, N, 15000), "%d finishes after the outage", dones);
-    ck_assert(run_until(&claims_done, 2 * N, 15000));
+    ck_assert_msg(aq_test_loop_until(base, &dones, N, 15000), "%d finishes after the outage", dones);
+    ck_assert(aq_test_loop_until(base, &claims_done, 2 * N, 15000));
     for (int i = 0; i < N; i++) {
         ck_assert_int_eq(fin[i].calls, 1);
         ck_assert_int_eq(fin[i].code, 0);
@@ -1055,7 +1035,7 @@ START_TEST(test_replay_after_lost_commit_reply_writes_nothing_twice)
     exec_ok(sqlf("INSERT INTO agentq.tasks (task_id, user_id, goal, status, attempt)"
                  " VALUES ('%s', 'alice', 'g', 'running', 1), ('%s', 'bob', 'g', 'running', 1)",
                  running, other));
-    run_for(300); /* connected, statements prepared */
+    aq_test_loop_for(base, 300); /* connected, statements prepared */
     aq_store_counters k;
     aq_store_stats(s, &k);
     ck_assert(k.connected);
@@ -1078,7 +1058,7 @@ START_TEST(test_replay_after_lost_commit_reply_writes_nothing_twice)
     /* Wait until the transaction is committed on the server. */
     const char *seen = "";
     for (int i = 0; i < 200; i++) {
-        run_for(25);
+        aq_test_loop_for(base, 25);
         seen = val(sqlf("SELECT (SELECT attempt FROM agentq.tasks WHERE task_id = '%s')"
                         " || ',' || (SELECT count(*) FROM agentq.dead_letters)"
                         " || ',' || (SELECT count(*) FROM agentq.steps)"
@@ -1091,8 +1071,8 @@ START_TEST(test_replay_after_lost_commit_reply_writes_nothing_twice)
 
     /* Cut the connection: the store must replay the batch. */
     proxy_set(p, P_UP, true);
-    ck_assert_msg(run_until(&dones, 2, 15000), "dones %d", dones);
-    ck_assert(run_until(&claims_done, 1, 15000));
+    ck_assert_msg(aq_test_loop_until(base, &dones, 2, 15000), "dones %d", dones);
+    ck_assert(aq_test_loop_until(base, &claims_done, 1, 15000));
     ck_assert_int_eq(c.code, 0);
     ck_assert_int_eq(c.outcome, AQ_STORE_RUN);
     ck_assert_int_eq(c.attempt, 2); /* not 3: the replayed claim recognised itself */
@@ -1127,7 +1107,7 @@ START_TEST(test_bad_input_refused_without_callback)
     ck_assert_int_eq(aq_store_step(s, &row), AQ_EINVAL);
     aq_store_dead d = {.reason = "rejected", .status = "running"};
     ck_assert_int_eq(aq_store_dead_letter(s, &d, on_done, NULL), AQ_EINVAL);
-    run_for(200);
+    aq_test_loop_for(base, 200);
     ck_assert_int_eq(c.calls, 0);
     ck_assert_int_eq(dones, 0);
     ck_assert_uint_eq(aq_store_pending(s), 0);
@@ -1162,7 +1142,7 @@ START_TEST(test_one_bad_row_does_not_sink_its_batch)
     new_id(ghost);
     aq_store_step_row row = {.task_id = ghost, .step = 1, .kind = "llm"};
     ck_assert_int_eq(aq_store_step(s, &row), 0);
-    ck_assert(run_until(&claims_done, N, 15000));
+    ck_assert(aq_test_loop_until(base, &claims_done, N, 15000));
     for (int i = 0; i < N; i++) {
         ck_assert_int_eq(cl[i].calls, 1);
         if (i == 4 || i == 7) {
@@ -1173,7 +1153,7 @@ START_TEST(test_one_bad_row_does_not_sink_its_batch)
         }
     }
     ck_assert_str_eq(val("SELECT count(*) FROM agentq.tasks"), "8");
-    for (int i = 0; i < 50 && aq_store_pending(s); i++) run_for(20);
+    for (int i = 0; i < 50 && aq_store_pending(s); i++) aq_test_loop_for(base, 20);
     aq_store_counters k;
     aq_store_stats(s, &k);
     ck_assert_uint_eq(k.failed, 3);
@@ -1211,7 +1191,7 @@ START_TEST(test_free_with_database_unreachable_calls_back_with_error)
     new_id(id);
     aq_store_task t = task_of(id);
     ck_assert_int_eq(aq_store_claim(closing_store, &t, on_claim_at_close, NULL), 0);
-    run_for(300);
+    aq_test_loop_for(base, 300);
     ck_assert_int_eq(closed_calls, 0);
     int64_t t0 = aq_mono_us();
     aq_store_free(closing_store);
@@ -1234,10 +1214,10 @@ START_TEST(test_unmigrated_database_is_waited_for)
     claim_rec c = {0};
     aq_store_task t = task_of(id);
     ck_assert_int_eq(aq_store_claim(s, &t, on_claim, &c), 0);
-    run_for(500);
+    aq_test_loop_for(base, 500);
     ck_assert_int_eq(c.calls, 0); /* no schema yet: held, not failed */
     migrate(raw);
-    ck_assert(run_until(&claims_done, 1, 10000));
+    ck_assert(aq_test_loop_until(base, &claims_done, 1, 10000));
     ck_assert_int_eq(c.code, 0);
     ck_assert_int_eq(c.outcome, AQ_STORE_RUN);
     aq_store_free(s);
@@ -1272,14 +1252,14 @@ START_TEST(test_user_cap_refuses_claims_past_it)
     claim_rec co = {0};
     int before = claims_done;
     ck_assert_int_eq(aq_store_claim(s, &other, on_claim, &co), 0);
-    ck_assert(run_until(&claims_done, before + 1, 10000));
+    ck_assert(aq_test_loop_until(base, &claims_done, before + 1, 10000));
     ck_assert_int_eq(co.outcome, AQ_STORE_RUN);
     /* When one of the user's tasks ends, the waiting one gets its slot. */
     done_rec dr = {0};
     aq_store_result r = {.task_id = a, .attempt = 1, .status = "completed"};
     before = dones;
     ck_assert_int_eq(aq_store_finish(s, &r, on_done, &dr), 0);
-    ck_assert(run_until(&dones, before + 1, 10000));
+    ck_assert(aq_test_loop_until(base, &dones, before + 1, 10000));
     ck_assert_int_eq(claim_sync(s, c3).outcome, AQ_STORE_RUN);
     aq_store_free(s);
 }

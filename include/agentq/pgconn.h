@@ -40,6 +40,11 @@ typedef struct aq_pg_connect_opts {
 PGconn *aq_pg_connect(const char *dsn, const aq_pg_connect_opts *o, char *err,
                       size_t errlen);
 
+/* aq_pg_connect for a command-line program: on failure prints
+ * "PROGRAM: cannot connect to Postgres (DSN without its password): why"
+ * to stderr and returns NULL. `program` also names the connection. */
+PGconn *aq_pg_connect_cli(const char *dsn, const char *program);
+
 typedef struct aq_pg_backoff {
     int min_ms, max_ms;
     int cur_ms;        /* 0 until the first delay */

@@ -145,19 +145,7 @@ static int flush(aq_broker *b, PGconn *pg, const aq_config *cfg, aq_task **batch
     return rc;
 }
 
-static PGconn *db_connect(const aq_config *cfg)
-{
-    char why[512];
-    aq_pg_connect_opts o = {.application_name = "agentq-producer"};
-    PGconn *pg = aq_pg_connect(cfg->pg_dsn, &o, why, sizeof why);
-    if (!pg) {
-        char shown[512], msg[1024];
-        aq_log_redact(cfg->pg_dsn, shown, sizeof shown);
-        aq_log_redact(why, msg, sizeof msg);
-        fprintf(stderr, "agentq-producer: cannot connect to Postgres (%s): %s\n", shown, msg);
-    }
-    return pg;
-}
+static PGconn *db_connect(const aq_config *cfg) { return aq_pg_connect_cli(cfg->pg_dsn, "agentq-producer"); }
 
 /* Polls the rows of `list` until all are final; prints progress and a
  * summary. Returns 0 if every task completed. */

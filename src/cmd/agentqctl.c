@@ -45,19 +45,7 @@ static void usage(FILE *out)
     aq_config_print_env_help(out);
 }
 
-static PGconn *db(const aq_config *cfg)
-{
-    char why[512];
-    aq_pg_connect_opts o = {.application_name = "agentqctl"};
-    PGconn *pg = aq_pg_connect(cfg->pg_dsn, &o, why, sizeof why);
-    if (!pg) {
-        char shown[512], msg[1024];
-        aq_log_redact(cfg->pg_dsn, shown, sizeof shown);
-        aq_log_redact(why, msg, sizeof msg);
-        fprintf(stderr, "agentqctl: cannot connect to Postgres (%s): %s\n", shown, msg);
-    }
-    return pg;
-}
+static PGconn *db(const aq_config *cfg) { return aq_pg_connect_cli(cfg->pg_dsn, "agentqctl"); }
 
 static PGresult *q(PGconn *pg, const char *sql, int n, const char *const *params, ExecStatusType want)
 {

@@ -82,6 +82,20 @@ PGconn *aq_pg_connect(const char *dsn, const aq_pg_connect_opts *o, char *err, s
     return NULL;
 }
 
+PGconn *aq_pg_connect_cli(const char *dsn, const char *program)
+{
+    char why[512];
+    aq_pg_connect_opts o = {.application_name = program};
+    PGconn *pg = aq_pg_connect(dsn, &o, why, sizeof why);
+    if (!pg) {
+        char shown[512], msg[1024];
+        aq_log_redact(dsn, shown, sizeof shown);
+        aq_log_redact(why, msg, sizeof msg);
+        fprintf(stderr, "%s: cannot connect to Postgres (%s): %s\n", program, shown, msg);
+    }
+    return pg;
+}
+
 void aq_pg_backoff_init(aq_pg_backoff *b, int min_ms, int max_ms)
 {
     b->min_ms = min_ms > 0 ? min_ms : 1;

@@ -3,6 +3,7 @@
 #include "testenv.h"
 
 #include <arpa/inet.h>
+#include <event2/event.h>
 #include <event2/http.h>
 #include <ifaddrs.h>
 #include <net/if.h>
@@ -204,6 +205,30 @@ int aq_test_run_http(Suite *s)
         return EXIT_FAILURE;
     }
     return aq_test_run(s);
+}
+
+static void tick(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    (void)arg;
+}
+
+bool aq_test_loop_until(struct event_base *base, const int *count, int want, int timeout_ms)
+{
+    struct event *t = event_new(base, -1, EV_PERSIST, tick, NULL);
+    struct timeval tv = {0, 10000};
+    event_add(t, &tv);
+    int64_t end = aq_mono_us() + (int64_t)timeout_ms * 1000;
+    while (*count < want && aq_mono_us() < end) event_base_loop(base, EVLOOP_ONCE);
+    event_free(t);
+    return *count >= want;
+}
+
+void aq_test_loop_for(struct event_base *base, int ms)
+{
+    int never = 0;
+    (void)aq_test_loop_until(base, &never, 1, ms);
 }
 
 int aq_test_bound_port(int fd)

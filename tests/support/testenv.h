@@ -23,6 +23,15 @@ int aq_test_run(Suite *s);
  * warnings and worse, and libcurl is initialised. */
 int aq_test_run_http(Suite *s);
 
+struct event_base;
+
+/* Runs `base` until *count reaches want or timeout_ms pass (a 10 ms tick
+ * keeps it waking to look); true if the count was reached. */
+bool aq_test_loop_until(struct event_base *base, const int *count, int want, int timeout_ms);
+
+/* Runs `base` for ms milliseconds. */
+void aq_test_loop_for(struct event_base *base, int ms);
+
 /* The port a socket is bound to (tests listen on 127.0.0.1:0). */
 int aq_test_bound_port(int fd);
 
