@@ -430,7 +430,7 @@ static void on_done(aq_session *s, const aq_session_result *res, void *arg)
     r->calls++;
     r->cb_in_cancel = r->cb_in_cancel || r->in_cancel;
     r->end_mono = aq_mono_us();
-    snprintf(r->status, sizeof r->status, "%s", res->status);
+    snprintf(r->status, sizeof r->status, "%s", aq_status_name(res->status));
     r->retryable = res->retryable;
     r->steps = res->steps;
     r->prompt_tokens = res->prompt_tokens;
@@ -671,7 +671,7 @@ static void do_cancel(run *r, const char *status)
 {
     if (r->calls) return; /* already over: the handle is gone */
     r->in_cancel = true;
-    aq_session_cancel(r->s, status);
+    aq_session_cancel(r->s, aq_status_parse(status));
     r->in_cancel = false;
     ck_assert_int_eq(r->calls, 0); /* never from inside cancel */
 }

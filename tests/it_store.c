@@ -113,7 +113,7 @@ static void on_claim(void *arg, const aq_store_claimed *cl, int code)
         c->outcome = cl->outcome;
         c->attempt = cl->attempt;
         c->failures = cl->failures;
-        snprintf(c->status, sizeof c->status, "%s", cl->status);
+        snprintf(c->status, sizeof c->status, "%s", aq_status_name(cl->status));
     }
     c->code = code;
     claims_done++;
@@ -412,7 +412,7 @@ START_TEST(test_finish_commits_before_callback_then_claim_is_final)
     ck_assert_int_eq(c.outcome, AQ_STORE_RUN);
 
     done_rec d = {.task_id = id};
-    aq_store_result r = {.task_id = id, .attempt = c.attempt, .status = "completed", .steps = 3,
+    aq_store_result r = {.task_id = id, .attempt = c.attempt, .status = AQ_STATUS_COMPLETED, .steps = 3,
                          .prompt_tokens = 1200, .completion_tokens = 345, .cost_usd = 0.0123,
                          .result = "5", .error = NULL};
     ck_assert_int_eq(aq_store_finish(s, &r, on_done_peek, &d), 0);
@@ -433,7 +433,7 @@ START_TEST(test_finish_commits_before_callback_then_claim_is_final)
 
     /* A late finish of a final row changes nothing but is not an error. */
     done_rec late = {0};
-    aq_store_result r2 = {.task_id = id, .attempt = 1, .status = "failed", .error = "late"};
+    aq_store_result r2 = {.task_id = id, .attempt = 1, .status = AQ_STATUS_FAILED, .error = "late"};
     ck_assert_int_eq(aq_store_finish(s, &r2, on_done, &late), 0);
     ck_assert(aq_test_loop_until(base, &dones, 2, 10000));
     ck_assert_int_eq(late.code, 0);
@@ -557,7 +557,7 @@ START_TEST(test_takeover_when_the_owner_is_gone_or_the_lease_expired)
     ck_assert_int_eq(c.attempt, 3);
     /* The first owner's late finish changes nothing and says so. */
     done_rec late = {0};
-    aq_store_result r = {.task_id = id, .attempt = 2, .status = "completed", .result = "late"};
+    aq_store_result r = {.task_id = id, .attempt = 2, .status = AQ_STATUS_COMPLETED, .result = "late"};
     ck_assert_int_eq(aq_store_finish(b, &r, on_done, &late), 0);
     ck_assert(aq_test_loop_until(base, &dones, 1, 10000));
     ck_assert_int_eq(late.code, AQ_ENOTFOUND);
@@ -587,7 +587,7 @@ START_TEST(test_twin_with_another_body_changes_nothing)
     ck_assert_str_eq(c.status, "running");
     /* Once final, still a conflict (the worker records it), never a rerun. */
     done_rec d = {0};
-    aq_store_result r = {.task_id = id, .attempt = 1, .status = "completed", .result = "5"};
+    aq_store_result r = {.task_id = id, .attempt = 1, .status = AQ_STATUS_COMPLETED, .result = "5"};
     ck_assert_int_eq(aq_store_finish(s, &r, on_done, &d), 0);
     ck_assert(aq_test_loop_until(base, &dones, 1, 10000));
     c = claim_task(s, &twin);
@@ -665,7 +665,7 @@ START_TEST(test_finish_counts_failures_and_interruptions_apart)
     new_id(id);
     claim_rec c = claim_sync(s, id);
     done_rec d = {0};
-    aq_store_result r = {.task_id = id, .attempt = c.attempt, .status = "retrying",
+    aq_store_result r = {.task_id = id, .attempt = c.attempt, .status = AQ_STATUS_RETRYING,
                          .error = "HTTP 503"};
     ck_assert_int_eq(aq_store_finish(s, &r, on_done, &d), 0);
     ck_assert(aq_test_loop_until(base, &dones, 1, 10000));
@@ -680,14 +680,14 @@ START_TEST(test_finish_counts_failures_and_interruptions_apart)
     ck_assert_int_eq(c.attempt, 2);
     ck_assert_int_eq(c.failures, 1);
     done_rec stale = {0};
-    aq_store_result old = {.task_id = id, .attempt = 1, .status = "failed", .error = "stale"};
+    aq_store_result old = {.task_id = id, .attempt = 1, .status = AQ_STATUS_FAILED, .error = "stale"};
     ck_assert_int_eq(aq_store_finish(s, &old, on_done, &stale), 0);
     ck_assert(aq_test_loop_until(base, &dones, 2, 10000));
     ck_assert_int_eq(stale.code, AQ_ENOTFOUND);
 
     /* A drain puts it back: an interruption, not a failure. */
     done_rec dq = {0};
-    aq_store_result q = {.task_id = id, .attempt = 2, .status = "queued"};
+    aq_store_result q = {.task_id = id, .attempt = 2, .status = AQ_STATUS_QUEUED};
     ck_assert_int_eq(aq_store_finish(s, &q, on_done, &dq), 0);
     ck_assert(aq_test_loop_until(base, &dones, 3, 10000));
     ck_assert_int_eq(dq.code, 0);
@@ -710,7 +710,7 @@ START_TEST(test_finish_records_the_dead_letter_of_a_task_that_did_not_complete)
     new_id(id);
     ck_assert_int_eq(claim_sync(s, id).outcome, AQ_STORE_RUN);
     done_rec d = {0}, late = {0};
-    aq_store_result r = {.task_id = id, .attempt = 1, .status = "max_steps", .error = "stopped after 15 steps",
+    aq_store_result r = {.task_id = id, .attempt = 1, .status = AQ_STATUS_MAX_STEPS, .error = "stopped after 15 steps",
                          .dead_body = task_body, .dead_len = sizeof task_body - 1};
     ck_assert_int_eq(aq_store_finish(s, &r, on_done, &d), 0);
     aq_store_result again = r;
@@ -801,7 +801,7 @@ START_TEST(test_steps_round_trip_and_are_written_once)
     ck_assert_int_eq(aq_store_step(s, &t1), 0); /* a replay keeps the first */
     /* Steps have no callback: a finish queued after them commits after. */
     done_rec d = {0};
-    aq_store_result r = {.task_id = id, .attempt = 1, .status = "completed", .steps = 1};
+    aq_store_result r = {.task_id = id, .attempt = 1, .status = AQ_STATUS_COMPLETED, .steps = 1};
     ck_assert_int_eq(aq_store_finish(s, &r, on_done, &d), 0);
     ck_assert(aq_test_loop_until(base, &dones, 1, 10000));
     ck_assert_str_eq(val(sqlf("SELECT string_agg(concat_ws(':', kind, seq, name, status,"
@@ -825,7 +825,7 @@ START_TEST(test_dead_letter_body_round_trips_byte_exact)
     static const unsigned char body[] = {0xff, 0xfe, 0x00, 'x', 0xc3, 0x28, '\'', '\\', 0x80, 0x0a};
     aq_store_dead dl = {.task_id = id, .reason = "rejected", .error = "body: not JSON",
                         .body = body, .body_len = sizeof body,
-                        .headers = "{\"x-death\": [{\"count\": 1}]}", .status = "rejected"};
+                        .headers = "{\"x-death\": [{\"count\": 1}]}", .status = AQ_STATUS_REJECTED};
     done_rec d = {0};
     ck_assert_int_eq(aq_store_dead_letter(s, &dl, on_done, &d), 0);
     /* And one with no task id at all, and an empty body. */
@@ -865,19 +865,19 @@ START_TEST(test_dead_letter_finalises_only_a_waiting_task_of_its_body)
     ck_assert_int_eq(claim_sync(s, waiting).outcome, AQ_STORE_RUN);
     ck_assert_int_eq(claim_sync(s, running).outcome, AQ_STORE_RUN);
     done_rec r0 = {0};
-    aq_store_result retry = {.task_id = waiting, .attempt = 1, .status = "retrying", .error = "HTTP 500"};
+    aq_store_result retry = {.task_id = waiting, .attempt = 1, .status = AQ_STATUS_RETRYING, .error = "HTTP 500"};
     ck_assert_int_eq(aq_store_finish(s, &retry, on_done, &r0), 0);
     ck_assert(aq_test_loop_until(base, &dones, 1, 10000));
     exec_ok(sqlf("INSERT INTO agentq.tasks (task_id, user_id, goal, status, result)"
                  " VALUES ('%s', 'bob', 'g', 'completed', '42')", done_id));
     aq_store_dead out = {.task_id = waiting, .reason = "expired", .error = "TTL",
-                         .body = task_body, .body_len = sizeof task_body - 1, .status = "expired"};
+                         .body = task_body, .body_len = sizeof task_body - 1, .status = AQ_STATUS_EXPIRED};
     aq_store_dead twin = {.task_id = waiting, .reason = "rejected", .error = "user_id: must be a string",
-                          .body = "{\"user_id\": 5}", .body_len = 14, .status = "rejected"};
+                          .body = "{\"user_id\": 5}", .body_len = 14, .status = AQ_STATUS_REJECTED};
     aq_store_dead late = {.task_id = done_id, .reason = "expired", .error = "TTL",
-                          .body = "{}", .body_len = 2, .status = "expired"};
+                          .body = "{}", .body_len = 2, .status = AQ_STATUS_EXPIRED};
     aq_store_dead copy = {.task_id = running, .reason = "expired", .error = "TTL",
-                          .body = task_body, .body_len = sizeof task_body - 1, .status = "expired"};
+                          .body = task_body, .body_len = sizeof task_body - 1, .status = AQ_STATUS_EXPIRED};
     done_rec d[4] = {{0}};
     ck_assert_int_eq(aq_store_dead_letter(s, &twin, on_done, &d[0]), 0);
     ck_assert_int_eq(aq_store_dead_letter(s, &late, on_done, &d[1]), 0);
@@ -926,7 +926,7 @@ START_TEST(test_thousands_of_rows_in_few_transactions)
                                  .prompt_tokens = 10, .completion_tokens = 2,
                                  .cost_usd = 0.001, .detail = "{}"};
         ck_assert_int_eq(aq_store_step(s, &row), 0);
-        aq_store_result r = {.task_id = ids[i], .attempt = 1, .status = "completed",
+        aq_store_result r = {.task_id = ids[i], .attempt = 1, .status = AQ_STATUS_COMPLETED,
                              .steps = 1, .prompt_tokens = 10, .completion_tokens = 2,
                              .cost_usd = 0.001, .result = "ok"};
         ck_assert_int_eq(aq_store_finish(s, &r, on_done, &fin[i]), 0);
@@ -992,7 +992,7 @@ START_TEST(test_database_down_at_start_then_outage_nothing_lost_or_doubled)
     /* An outage in the middle: connections cut, new ones refused. */
     proxy_set(p, P_DOWN, true);
     for (int i = 0; i < N; i++) {
-        aq_store_result r = {.task_id = ids[i], .attempt = 1, .status = "completed",
+        aq_store_result r = {.task_id = ids[i], .attempt = 1, .status = AQ_STATUS_COMPLETED,
                              .steps = 1, .result = "ok"};
         ck_assert_int_eq(aq_store_finish(s, &r, on_done, &fin[i]), 0);
         new_id(ids[N + i]);
@@ -1049,7 +1049,7 @@ START_TEST(test_replay_after_lost_commit_reply_writes_nothing_twice)
                              .duration_ms = 1};
     ck_assert_int_eq(aq_store_step(s, &row), 0);
     done_rec fin = {0}, dl = {0};
-    aq_store_result r = {.task_id = other, .attempt = 1, .status = "completed", .steps = 1};
+    aq_store_result r = {.task_id = other, .attempt = 1, .status = AQ_STATUS_COMPLETED, .steps = 1};
     ck_assert_int_eq(aq_store_finish(s, &r, on_done, &fin), 0);
     aq_store_dead dead = {.task_id = NULL, .reason = "rejected", .error = "body: not JSON",
                           .body = "\xff", .body_len = 1};
@@ -1101,11 +1101,11 @@ START_TEST(test_bad_input_refused_without_callback)
     ck_assert_int_eq(aq_store_claim(s, &t, on_claim, &c), AQ_EINVAL);
     char id[AQ_TASK_ID_LEN + 1];
     new_id(id);
-    aq_store_result r = {.task_id = id, .status = "done"};
+    aq_store_result r = {.task_id = id, .status = AQ_STATUS_NONE};
     ck_assert_int_eq(aq_store_finish(s, &r, on_done, NULL), AQ_EINVAL);
     aq_store_step_row row = {.task_id = id, .step = 1, .kind = "think"};
     ck_assert_int_eq(aq_store_step(s, &row), AQ_EINVAL);
-    aq_store_dead d = {.reason = "rejected", .status = "running"};
+    aq_store_dead d = {.reason = "rejected", .status = AQ_STATUS_RUNNING};
     ck_assert_int_eq(aq_store_dead_letter(s, &d, on_done, NULL), AQ_EINVAL);
     aq_test_loop_for(base, 200);
     ck_assert_int_eq(c.calls, 0);
@@ -1256,7 +1256,7 @@ START_TEST(test_user_cap_refuses_claims_past_it)
     ck_assert_int_eq(co.outcome, AQ_STORE_RUN);
     /* When one of the user's tasks ends, the waiting one gets its slot. */
     done_rec dr = {0};
-    aq_store_result r = {.task_id = a, .attempt = 1, .status = "completed"};
+    aq_store_result r = {.task_id = a, .attempt = 1, .status = AQ_STATUS_COMPLETED};
     before = dones;
     ck_assert_int_eq(aq_store_finish(s, &r, on_done, &dr), 0);
     ck_assert(aq_test_loop_until(base, &dones, before + 1, 10000));

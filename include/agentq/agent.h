@@ -29,6 +29,7 @@
 #include "agentq/http.h"
 #include "agentq/ratelimit.h"
 #include "agentq/skill.h"
+#include "agentq/status.h"
 #include "agentq/task.h"
 
 struct event_base;
@@ -65,7 +66,8 @@ typedef struct aq_engine_deps {
 } aq_engine_deps;
 
 typedef struct aq_session_result {
-    const char *status;   /* completed, failed, timeout, budget_exceeded, max_steps, cancelled */
+    aq_status status;     /* completed, failed, timeout, budget_exceeded, max_steps, cancelled, or
+                           * the status a cancel gave (the worker's drain: queued) */
     bool retryable;       /* failed, and another attempt may succeed */
     int steps;            /* LLM calls made */
     int64_t prompt_tokens;
@@ -90,8 +92,8 @@ aq_session *aq_session_start(aq_engine *e, const aq_task *task, int attempt, int
                              aq_session_done_cb cb, void *arg);
 
 /* Stops a session: in-flight calls are aborted and the callback reports
- * `status` (e.g. "cancelled"). */
-void aq_session_cancel(aq_session *s, const char *status);
+ * `status` (AQ_STATUS_NONE: cancelled). The first stop decided wins. */
+void aq_session_cancel(aq_session *s, aq_status status);
 
 /* Sessions running now. */
 size_t aq_engine_sessions(const aq_engine *e);

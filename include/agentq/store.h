@@ -28,6 +28,7 @@
 #define AGENTQ_STORE_H
 
 #include "agentq/common.h"
+#include "agentq/status.h"
 
 struct event_base;
 
@@ -96,7 +97,7 @@ typedef struct aq_store_claimed {
     aq_store_outcome outcome;
     int attempt;
     int failures;
-    const char *status;    /* borrowed for the callback */
+    aq_status status;
 } aq_store_claimed;
 
 /* Claim result. On code 0, `c` says what the claim found. On a negative
@@ -114,7 +115,7 @@ typedef struct aq_store_result {
     const char *task_id;
     int attempt;           /* the claimed attempt; the row is changed only
                             * while it holds it; <= 0: whatever it holds */
-    const char *status;    /* any status; final ones set finished_at */
+    aq_status status;      /* any status; final ones set finished_at */
     int steps;
     int64_t prompt_tokens;
     int64_t completion_tokens;
@@ -156,7 +157,7 @@ typedef struct aq_store_dead {
     const void *body;      /* any bytes (need not be UTF-8 nor text) */
     size_t body_len;
     const char *headers;   /* JSON object text; NULL: SQL NULL */
-    const char *status;    /* final status for the task row, or NULL to
+    aq_status status;      /* final status for the task row, or NONE to
                             * leave the row alone; ignored without task_id.
                             * An existing row takes it only while it waits
                             * (queued, retrying) and only if this body is
@@ -255,7 +256,5 @@ size_t aq_store_pending(aq_store *s);
 /* A snapshot of the counters. Any thread. */
 void aq_store_stats(aq_store *s, aq_store_counters *out);
 
-/* True for the statuses a task never leaves (agentq.is_final). */
-bool aq_store_status_final(const char *status);
 
 #endif

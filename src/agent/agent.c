@@ -34,6 +34,7 @@
 #include <string.h>
 
 typedef enum { S_WAIT_GRANT, S_LLM, S_TOOLS, S_BACKOFF, S_STOPPING, S_DONE } sstate;
+static const char *const state_names[] = {"wait_grant", "llm", "tools", "backoff", "stopping", "done"};
 
 typedef struct tool_slot {
     aq_skill_call *call;
@@ -78,7 +79,7 @@ struct aq_session {
     tool_slot *tools_run;
     size_t ntools, tools_left;
     /* the outcome, once known */
-    const char *stop_status;
+    aq_status stop_status;  /* AQ_STATUS_NONE until a stop is decided */
     bool stop_retryable;
     char *stop_error;
     char *result;
@@ -118,11 +119,21 @@ void aq_engine_free(aq_engine *e)
 
 size_t aq_engine_sessions(const aq_engine *e) { return e->sessions; }
 
-static void set_stop(aq_session *s, const char *status, bool retryable, const char *fmt, ...) AQ_PRINTF(4, 5);
-
-static void set_stop(aq_session *s, const char *status, bool retryable, const char *fmt, ...)
+/* Every change of a session's state goes through here and is logged at
+ * debug level (curl's multi.c does the same with its states): a session's
+ * life can be read from the log. */
+static void set_state(aq_session *s, sstate to)
 {
-    if (s->stop_status) return; /* the first reason wins */
+    aq_log_task(AQ_LOG_DEBUG, s->task->task_id, s->task->user_id, "session %s -> %s (step %d)",
+                state_names[s->state], state_names[to], s->steps + 1);
+    s->state = to;
+}
+
+static void set_stop(aq_session *s, aq_status status, bool retryable, const char *fmt, ...) AQ_PRINTF(4, 5);
+
+static void set_stop(aq_session *s, aq_status status, bool retryable, const char *fmt, ...)
+{
+    if (s->stop_status != AQ_STATUS_NONE) return; /* the first reason wins */
     s->stop_status = status;
     s->stop_retryable = retryable;
     if (fmt) {
@@ -174,9 +185,9 @@ static void session_free(aq_session *s)
 /* Reports the outcome and frees the session. Only from loop callbacks. */
 static void finish(aq_session *s)
 {
-    s->state = S_DONE;
+    set_state(s, S_DONE);
     aq_session_result r = {
-        .status = s->stop_status ? s->stop_status : "failed",
+        .status = s->stop_status != AQ_STATUS_NONE ? s->stop_status : AQ_STATUS_FAILED,
         .retryable = s->stop_retryable,
         .steps = s->steps,
         .prompt_tokens = s->prompt_tokens,
@@ -201,7 +212,7 @@ static void stop_now(aq_session *s)
     event_del(s->wake_ev);
     event_del(s->deadline_ev);
     if (s->call) {
-        s->state = S_STOPPING;
+        set_state(s, S_STOPPING);
         aq_llm_cancel(s->call);
         return;
     }
@@ -211,14 +222,14 @@ static void stop_now(aq_session *s)
 static void on_deadline(evutil_socket_t fd, short what, void *arg)
 {
     aq_session *s = arg;
-    set_stop(s, "timeout", false, "timed out after %g s (timeout_seconds)", s->task->timeout_seconds);
+    set_stop(s, AQ_STATUS_TIMEOUT, false, "timed out after %g s (timeout_seconds)", s->task->timeout_seconds);
     stop_now(s);
 }
 
 static void on_wake(evutil_socket_t fd, short what, void *arg)
 {
     aq_session *s = arg;
-    if (s->stop_status) {
+    if (s->stop_status != AQ_STATUS_NONE) {
         stop_now(s);
         return;
     }
@@ -318,7 +329,7 @@ static void emit_llm_failure(aq_session *s, const char *status, long http_status
 
 static void backoff(aq_session *s, int64_t ms)
 {
-    s->state = S_BACKOFF;
+    set_state(s, S_BACKOFF);
     struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
     event_add(s->wake_ev, &tv);
 }
@@ -328,7 +339,7 @@ static void retry_or_fail(aq_session *s, const char *why)
 {
     aq_engine *e = s->e;
     if (s->retries >= e->d.cfg->llm_max_retries) {
-        set_stop(s, "failed", true, "LLM call failed after %d retries: %s", s->retries, why);
+        set_stop(s, AQ_STATUS_FAILED, true, "LLM call failed after %d retries: %s", s->retries, why);
         stop_now(s);
         return;
     }
@@ -347,7 +358,7 @@ static void tools_done(aq_session *s)
         tool_slot *t = &s->tools_run[i];
         aq_chat_tool_call *tc = &s->reply.tool_calls[i];
         if (aq_chat_add_tool_result(s->chat, tc->id, tc->name, t->output ? t->output : "", t->len, err, sizeof err)) {
-            set_stop(s, "failed", false, "cannot record a tool result: %s", err);
+            set_stop(s, AQ_STATUS_FAILED, false, "cannot record a tool result: %s", err);
             stop_now(s);
             return;
         }
@@ -402,7 +413,7 @@ static void run_tools(aq_session *s)
 {
     aq_engine *e = s->e;
     size_t n = s->reply.n_tool_calls;
-    s->state = S_TOOLS;
+    set_state(s, S_TOOLS);
     s->tools_run = aq_xcalloc(n, sizeof *s->tools_run);
     s->ntools = n;
     s->tools_left = n;
@@ -466,7 +477,7 @@ static void on_llm(aq_llm_result *res, void *arg)
         /* Aborted by a stop (stop_now's aq_llm_cancel: nothing was read,
          * even if it ended just before): the time it took is still worth
          * a row. */
-        emit_llm_failure(s, "aborted", res->http_status, s->stop_status);
+        emit_llm_failure(s, "aborted", res->http_status, aq_status_name(s->stop_status));
         finish(s);
         return;
     }
@@ -492,7 +503,7 @@ static void on_llm(aq_llm_result *res, void *arg)
     default:
         emit_llm_failure(s, "error", res->http_status, res->message);
         aq_ratelimit_adjust(e->d.ratelimit, -s->est_tokens);
-        set_stop(s, "failed", false, "LLM provider refused the request (HTTP %ld): %s", res->http_status,
+        set_stop(s, AQ_STATUS_FAILED, false, "LLM provider refused the request (HTTP %ld): %s", res->http_status,
                  *res->message ? res->message : "no message");
         stop_now(s);
         return;
@@ -519,18 +530,18 @@ static void on_llm(aq_llm_result *res, void *arg)
         s->result = aq_log_mask_secrets(content, strlen(content), NULL);
         free(content);
         aq_chat_reply_free(&reply);
-        set_stop(s, "completed", false, NULL);
+        set_stop(s, AQ_STATUS_COMPLETED, false, NULL);
         stop_now(s);
         return;
     }
-    if (s->stop_status) { /* a cancel is pending on wake_ev: start no tools */
+    if (s->stop_status != AQ_STATUS_NONE) { /* a cancel is pending on wake_ev: start no tools */
         aq_chat_reply_free(&reply);
         stop_now(s);
         return;
     }
     if (aq_chat_add_reply(s->chat, &reply, err, sizeof err) != AQ_OK) {
         aq_chat_reply_free(&reply);
-        set_stop(s, "failed", false, "cannot record the reply: %s", err);
+        set_stop(s, AQ_STATUS_FAILED, false, "cannot record the reply: %s", err);
         stop_now(s);
         return;
     }
@@ -544,12 +555,12 @@ static void send_llm(aq_session *s)
     aq_engine *e = s->e;
     char err[256];
     s->rl_wait = NULL;
-    s->state = S_LLM;
+    set_state(s, S_LLM);
     s->llm_started_us = aq_now_us();
     s->llm_mono = aq_mono_us();
     int rc = aq_llm_send(e->llm, s->chat, s->task->model, s->tools, on_llm, s, &s->call, err, sizeof err);
     if (rc == AQ_EINVAL) { /* the same history would fail the same way */
-        set_stop(s, "failed", false, "%s", err);
+        set_stop(s, AQ_STATUS_FAILED, false, "%s", err);
         stop_now(s);
     } else if (rc != AQ_OK) {
         s->call = NULL;
@@ -566,21 +577,21 @@ static void on_grant(void *arg)
 static void next_step(aq_session *s)
 {
     const aq_task *t = s->task;
-    if (s->stop_status) { /* a cancel came in while the tools ran */
+    if (s->stop_status != AQ_STATUS_NONE) { /* a cancel came in while the tools ran */
         stop_now(s);
         return;
     }
     if (s->steps >= t->max_steps) {
-        set_stop(s, "max_steps", false, "stopped after %d steps (max_steps) without a final answer", s->steps);
+        set_stop(s, AQ_STATUS_MAX_STEPS, false, "stopped after %d steps (max_steps) without a final answer", s->steps);
         stop_now(s);
         return;
     }
     if (t->budget_usd > 0 && s->cost >= t->budget_usd) {
-        set_stop(s, "budget_exceeded", false, "spent $%.6f of a $%.6f budget (budget_usd)", s->cost, t->budget_usd);
+        set_stop(s, AQ_STATUS_BUDGET_EXCEEDED, false, "spent $%.6f of a $%.6f budget (budget_usd)", s->cost, t->budget_usd);
         stop_now(s);
         return;
     }
-    s->state = S_WAIT_GRANT;
+    set_state(s, S_WAIT_GRANT);
     /* Tokens: the prompt (about 4 bytes each) and a typical reply. */
     s->est_tokens = (int64_t)(aq_chat_bytes(s->chat) / 4) + 256;
     if (aq_ratelimit_acquire(s->e->d.ratelimit, t->user_id, s->est_tokens, on_grant, s, &s->rl_wait))
@@ -606,6 +617,7 @@ aq_session *aq_session_start(aq_engine *e, const aq_task *task, int attempt, int
 {
     aq_session *s = aq_xcalloc(1, sizeof *s);
     s->e = e;
+    s->stop_status = AQ_STATUS_NONE;
     s->task = task;
     s->attempt = attempt;
     s->cb = cb;
@@ -635,10 +647,10 @@ aq_session *aq_session_start(aq_engine *e, const aq_task *task, int attempt, int
     return s;
 }
 
-void aq_session_cancel(aq_session *s, const char *status)
+void aq_session_cancel(aq_session *s, aq_status status)
 {
     if (s->state == S_DONE || s->state == S_STOPPING) return;
-    set_stop(s, status ? status : "cancelled", false, "cancelled");
+    set_stop(s, status != AQ_STATUS_NONE ? status : AQ_STATUS_CANCELLED, false, "cancelled");
     /* Finish from the loop: the wake event sees stop_status. */
     event_del(s->wake_ev);
     event_assign(s->wake_ev, s->e->d.base, -1, 0, on_wake, s);

@@ -7,6 +7,7 @@
 #include "agentq/config.h"
 #include "agentq/log.h"
 #include "agentq/pgconn.h"
+#include "agentq/status.h"
 #include "agentq/task.h"
 
 #include <errno.h>
@@ -186,7 +187,7 @@ static int wait_for(const aq_config *cfg, const ids *list, double timeout_s)
             const char *st = PQgetvalue(r, i, 0);
             long c = atol(PQgetvalue(r, i, 1));
             seen += c;
-            bool is_final = strcmp(st, "queued") && strcmp(st, "running") && strcmp(st, "retrying");
+            bool is_final = aq_status_final(aq_status_parse(st));
             if (is_final) final += c;
             if (!strcmp(st, "completed")) completed = c;
             sl += (size_t)snprintf(summary + sl, sl < sizeof summary ? sizeof summary - sl : 0, "%s%s=%ld",

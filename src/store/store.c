@@ -152,7 +152,7 @@ typedef struct req {
     aq_store_outcome outcome;
     int attempt;
     int failures;
-    char status[32];
+    aq_status status;
     aq_store_swept *swept;
     size_t nswept;
 } req;
@@ -250,22 +250,6 @@ static void req_free(req *r)
     for (size_t i = 0; i < r->nswept; i++) free(r->swept[i].body);
     free(r->swept);
     free(r);
-}
-
-bool aq_store_status_final(const char *status)
-{
-    static const char *const finals[] = {"completed", "failed", "timeout", "budget_exceeded",
-                                         "max_steps", "cancelled", "expired", "rejected"};
-    if (!status) return false;
-    for (size_t i = 0; i < AQ_ARRAY_LEN(finals); i++)
-        if (!strcmp(status, finals[i])) return true;
-    return false;
-}
-
-static bool status_known(const char *status)
-{
-    return status && (aq_store_status_final(status) || !strcmp(status, "queued") ||
-                      !strcmp(status, "running") || !strcmp(status, "retrying"));
 }
 
 /* ----------------------------------------------------------------- locks */
@@ -683,7 +667,7 @@ static void interpret_claim(req *r, const PGresult *res)
     const char *outcome = PQgetvalue(res, 0, 0);
     r->attempt = atoi(PQgetvalue(res, 0, 1));
     r->failures = atoi(PQgetvalue(res, 0, 2));
-    snprintf(r->status, sizeof r->status, "%s", PQgetvalue(res, 0, 3));
+    r->status = aq_status_parse(PQgetvalue(res, 0, 3));
     for (size_t i = 0; i < AQ_ARRAY_LEN(outcomes); i++) {
         if (strcmp(outcome, outcomes[i].name)) continue;
         r->outcome = outcomes[i].outcome;
@@ -700,8 +684,9 @@ static void interpret_finish(req *r, const PGresult *res)
     int updated = PQntuples(res) ? atoi(PQgetvalue(res, 0, 0)) : 0;
     const char *status = row ? PQgetvalue(res, 0, 1) : NULL;
     int attempt = row ? atoi(PQgetvalue(res, 0, 2)) : 0;
-    bool replayed = row && !strcmp(status, r->status) && (r->attempt <= 0 || attempt == r->attempt);
-    if (updated > 0 || replayed || aq_store_status_final(status)) {
+    aq_status now = aq_status_parse(status);
+    bool replayed = row && now == r->status && (r->attempt <= 0 || attempt == r->attempt);
+    if (updated > 0 || replayed || aq_status_final(now)) {
         r->code = AQ_OK;
         return;
     }
@@ -1178,7 +1163,7 @@ int aq_store_claim(aq_store *s, const aq_store_task *t, aq_store_claim_cb cb, vo
 
 int aq_store_finish(aq_store *s, const aq_store_result *res, aq_store_done_cb cb, void *arg)
 {
-    if (!s || !res || !aq_task_uuid_valid(res->task_id) || !status_known(res->status) ||
+    if (!s || !res || !aq_task_uuid_valid(res->task_id) || res->status <= AQ_STATUS_NONE || res->status >= AQ_STATUS_COUNT ||
         !isfinite(res->cost_usd) || res->dead_len > INT_MAX)
         return AQ_EINVAL;
     req *r = req_new(REQ_FINISH, res->task_id);
@@ -1186,7 +1171,7 @@ int aq_store_finish(aq_store *s, const aq_store_result *res, aq_store_done_cb cb
     stmt_init(st, S_FINISH);
     p_str(st, res->task_id);
     p_int(st, res->attempt);
-    p_str(st, res->status);
+    p_str(st, aq_status_name(res->status));
     p_int(st, res->steps);
     p_int(st, res->prompt_tokens);
     p_int(st, res->completion_tokens);
@@ -1203,7 +1188,7 @@ int aq_store_finish(aq_store *s, const aq_store_result *res, aq_store_done_cb cb
         p_str(st, NULL);
     }
     r->attempt = res->attempt; /* what interpret_finish compares the row with */
-    snprintf(r->status, sizeof r->status, "%s", res->status);
+    r->status = res->status;
     r->done_cb = cb;
     r->arg = arg;
     return submit(s, r);
@@ -1240,7 +1225,7 @@ int aq_store_step(aq_store *s, const aq_store_step_row *row)
 int aq_store_dead_letter(aq_store *s, const aq_store_dead *d, aq_store_done_cb cb, void *arg)
 {
     if (!s || !d || !d->reason || (d->body_len && !d->body) || d->body_len > INT_MAX ||
-        (d->status && !aq_store_status_final(d->status)))
+        (d->status != AQ_STATUS_NONE && !aq_status_final(d->status)))
         return AQ_EINVAL;
     bool has_id = d->task_id && aq_task_uuid_valid(d->task_id);
     char key[64];
@@ -1254,13 +1239,13 @@ int aq_store_dead_letter(aq_store *s, const aq_store_dead *d, aq_store_done_cb c
     p_bin(st, d->body, d->body_len);
     p_str(st, d->headers);
     p_str(st, key);
-    if (has_id && d->status) {
+    if (has_id && d->status != AQ_STATUS_NONE) {
         st = &r->st[r->nstmt++];
         stmt_init(st, S_DEAD_TASK);
         p_str(st, d->task_id);
         p_str(st, d->user_id ? d->user_id : "");
         p_str(st, d->goal ? d->goal : "");
-        p_str(st, d->status);
+        p_str(st, aq_status_name(d->status));
         p_int(st, d->attempt > 0 ? d->attempt : 1);
         p_str(st, d->error);
         p_str(st, s->worker_id);

@@ -111,7 +111,7 @@ static void on_finished(void *arg, int code)
  * (and not through the dead-letter exchange) gets its dead letter in the
  * same statement when `dead`, so every such task is in the parking lot
  * with the reason, and `agentqctl requeue` can send it back. */
-static void record(job *j, const char *status, const aq_session_result *r, const char *error, bool dead,
+static void record(job *j, aq_status status, const aq_session_result *r, const char *error, bool dead,
                    aq_store_done_cb cb)
 {
     aq_store_result res = {
@@ -227,7 +227,7 @@ static void on_retry_published(void *cookie, bool ok, void *arg)
     if (dead) j->w->st.failed++;
     else j->w->st.retried++;
     /* out of attempts: the dead-letter consumer records the copy */
-    record(j, dead ? "failed" : "retrying", NULL, j->error, false, on_retry_recorded);
+    record(j, dead ? AQ_STATUS_FAILED : AQ_STATUS_RETRYING, NULL, j->error, false, on_retry_recorded);
 }
 
 static void on_session_done(aq_session *s, const aq_session_result *r, void *arg)
@@ -236,25 +236,26 @@ static void on_session_done(aq_session *s, const aq_session_result *r, void *arg
     aq_worker *w = j->w;
     j->session = NULL;
     w->st.running--;
-    aq_log_task(r->retryable || strcmp(r->status, "completed") ? AQ_LOG_INFO : AQ_LOG_DEBUG, j->task->task_id,
-                j->task->user_id, "task %s after %d steps ($%.6f)%s%s", r->status, r->steps, r->cost_usd,
+    bool completed = r->status == AQ_STATUS_COMPLETED;
+    aq_log_task(r->retryable || !completed ? AQ_LOG_INFO : AQ_LOG_DEBUG, j->task->task_id, j->task->user_id,
+                "task %s after %d steps ($%.6f)%s%s", aq_status_name(r->status), r->steps, r->cost_usd,
                 r->error ? ": " : "", r->error ? r->error : "");
-    if (!strcmp(r->status, "queued")) { /* drain ran out: back to the queue */
-        record(j, "queued", r, NULL, false, on_requeued);
+    if (r->status == AQ_STATUS_QUEUED) { /* drain ran out, or the lease was lost: back to the queue */
+        record(j, AQ_STATUS_QUEUED, r, NULL, false, on_requeued);
         return;
     }
     if (r->retryable) {
         republish(j, r->error);
         return;
     }
-    if (!strcmp(r->status, "completed")) w->st.completed++;
+    if (completed) w->st.completed++;
     else w->st.failed++;
-    record(j, r->status, r, r->error, strcmp(r->status, "completed") != 0, on_finished);
+    record(j, r->status, r, r->error, !completed, on_finished);
 }
 
 /* A message whose task_id names a task another body defined: recorded as
  * a duplicate dead letter (so a hijack attempt is visible), then acked. */
-static void record_conflict(aq_worker *w, aq_delivery *d, const char *task_id, const char *status);
+static void record_conflict(aq_worker *w, aq_delivery *d, const char *task_id, aq_status status);
 
 static void on_claimed(void *arg, const aq_store_claimed *c, int code)
 {
@@ -278,7 +279,7 @@ static void on_claimed(void *arg, const aq_store_claimed *c, int code)
     }
     switch (c->outcome) {
     case AQ_STORE_FINAL:
-        aq_log_task(AQ_LOG_INFO, id, user, "already %s; acked without running", c->status);
+        aq_log_task(AQ_LOG_INFO, id, user, "already %s; acked without running", aq_status_name(c->status));
         w->st.redelivered_final++;
         ack(j);
         job_free(j);
@@ -298,7 +299,7 @@ static void on_claimed(void *arg, const aq_store_claimed *c, int code)
         return;
     }
     case AQ_STORE_ENDED:
-        aq_log_task(AQ_LOG_INFO, id, user, "ended as %s without running", c->status);
+        aq_log_task(AQ_LOG_INFO, id, user, "ended as %s without running", aq_status_name(c->status));
         w->st.failed++;
         ack(j);
         job_free(j);
@@ -317,7 +318,7 @@ static void on_claimed(void *arg, const aq_store_claimed *c, int code)
     w->st.running++;
     int64_t session_deadline = aq_now_us() + (int64_t)(j->task->timeout_seconds * 1e6);
     j->session = aq_session_start(w->engine, j->task, j->attempt, session_deadline, on_session_done, j);
-    if (w->drain_expired) aq_session_cancel(j->session, "queued");
+    if (w->drain_expired) aq_session_cancel(j->session, AQ_STATUS_QUEUED);
 }
 
 static aq_task_limits limits_of(const aq_worker *w)
@@ -381,10 +382,10 @@ static void handle_dead(aq_worker *w, aq_delivery *d)
         }
         else if (!strcmp(reason, "rejected")) snprintf(error, sizeof error, "rejected by a consumer");
     }
-    const char *status = !strcmp(reason, "rejected") ? "rejected"
-                         : !strcmp(reason, "expired") ? "expired"
-                         : !strcmp(reason, "failed")  ? "failed"
-                                                      : NULL;
+    /* The reasons that are statuses set the row's; others leave it. */
+    aq_status status = aq_status_parse(reason);
+    if (status != AQ_STATUS_REJECTED && status != AQ_STATUS_EXPIRED && status != AQ_STATUS_FAILED)
+        status = AQ_STATUS_NONE;
     char *headers = json_dumps(d->headers, JSON_COMPACT);
     aq_store_dead dl = {
         .task_id = task_id,
@@ -408,12 +409,12 @@ static void handle_dead(aq_worker *w, aq_delivery *d)
     aq_task_free(t);
 }
 
-static void record_conflict(aq_worker *w, aq_delivery *d, const char *task_id, const char *status)
+static void record_conflict(aq_worker *w, aq_delivery *d, const char *task_id, aq_status status)
 {
     char error[256];
     snprintf(error, sizeof error,
              "task_id %s already names a task (now %s) that another message defined; this one differs"
-             " from it and was not run", task_id, status);
+             " from it and was not run", task_id, aq_status_name(status));
     aq_log_task(AQ_LOG_WARN, task_id, NULL, "%s", error);
     w->st.conflicts++;
     char *headers = json_dumps(d->headers, JSON_COMPACT);
@@ -434,7 +435,7 @@ static void record_conflict(aq_worker *w, aq_delivery *d, const char *task_id, c
 static void settle_local_copy(aq_worker *w, job *running, aq_delivery *d)
 {
     if (running->d->len != d->len || memcmp(running->d->body, d->body, d->len)) {
-        record_conflict(w, d, running->task->task_id, "running");
+        record_conflict(w, d, running->task->task_id, AQ_STATUS_RUNNING);
         return;
     }
     if (!aq_consumer_delivery_current(w->consumer, running->d->tag)) {
@@ -532,14 +533,14 @@ static void on_cancel_request(const char *task_id, void *arg)
     job *j = aq_strmap_get(w->jobs, task_id);
     if (j && j->session) {
         aq_log_task(AQ_LOG_INFO, task_id, j->task->user_id, "cancel requested; stopping the session");
-        aq_session_cancel(j->session, "cancelled");
+        aq_session_cancel(j->session, AQ_STATUS_CANCELLED);
     }
 }
 
 static void cancel_one(const char *key, void *value, void *arg)
 {
     job *j = value;
-    if (j->session) aq_session_cancel(j->session, "queued");
+    if (j->session) aq_session_cancel(j->session, AQ_STATUS_QUEUED);
 }
 
 /* Most rows one sweep republishes; the rest wait for the next tick. */
@@ -599,7 +600,7 @@ static void on_leases_renewed(void *arg, const char *const *lost, size_t n, int 
         aq_log_task(AQ_LOG_WARN, lost[i], j->task->user_id,
                     "another attempt took this task over (this worker's lease lapsed); stopping attempt %d",
                     j->attempt);
-        aq_session_cancel(j->session, "queued");
+        aq_session_cancel(j->session, AQ_STATUS_QUEUED);
     }
 }
 
