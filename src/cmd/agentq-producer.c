@@ -238,9 +238,10 @@ static char *read_line(FILE *f, size_t *len)
     return line;
 }
 
-int main(int argc, char **argv)
+/* Parses the command line into o. Returns -1 to go on, else the exit
+ * status (0 after --help or --version, 2 for a usage error). */
+static int parse_args(int argc, char **argv, opts *o)
 {
-    opts o = {.priority = 0, .window = 1000};
     static const struct option longopts[] = {
         {"config", required_argument, 0, 'c'}, {"user", required_argument, 0, 'u'},
         {"goal", required_argument, 0, 'g'},   {"priority", required_argument, 0, 'p'},
@@ -258,38 +259,38 @@ int main(int argc, char **argv)
     char *end;
     while ((ch = getopt_long(argc, argv, "c:qhV", longopts, NULL)) != -1) {
         switch (ch) {
-        case 'c': o.config = optarg; break;
-        case 'u': o.user = optarg; break;
-        case 'g': o.goal = optarg; break;
+        case 'c': o->config = optarg; break;
+        case 'u': o->user = optarg; break;
+        case 'g': o->goal = optarg; break;
         case 'p':
-            o.priority = (int)strtol(optarg, &end, 10);
-            if (*end || o.priority < 0 || o.priority > 9) {
+            o->priority = (int)strtol(optarg, &end, 10);
+            if (*end || o->priority < 0 || o->priority > 9) {
                 fprintf(stderr, "agentq-producer: --priority must be an integer from 0 to 9 (got '%s')\n", optarg);
                 return 2;
             }
             break;
-        case 't': o.ttl = optarg; break;
-        case 's': o.max_steps = optarg; break;
-        case 'b': o.budget = optarg; break;
-        case 'T': o.timeout = optarg; break;
-        case 'k': o.skills = optarg; break;
-        case 'm': o.model = optarg; break;
-        case 'M': o.metadata = optarg; break;
-        case 'i': o.task_id = optarg; break;
-        case 'f': o.file = optarg; break;
-        case 'S': o.strict = true; break;
-        case 'j': o.json = true; break;
-        case 'r': o.record = true; break;
-        case 'w': o.wait = true; break;
-        case 'W': o.wait_timeout = strtod(optarg, NULL); break;
+        case 't': o->ttl = optarg; break;
+        case 's': o->max_steps = optarg; break;
+        case 'b': o->budget = optarg; break;
+        case 'T': o->timeout = optarg; break;
+        case 'k': o->skills = optarg; break;
+        case 'm': o->model = optarg; break;
+        case 'M': o->metadata = optarg; break;
+        case 'i': o->task_id = optarg; break;
+        case 'f': o->file = optarg; break;
+        case 'S': o->strict = true; break;
+        case 'j': o->json = true; break;
+        case 'r': o->record = true; break;
+        case 'w': o->wait = true; break;
+        case 'W': o->wait_timeout = strtod(optarg, NULL); break;
         case 'n':
-            o.window = (int)strtol(optarg, &end, 10);
-            if (*end || o.window < 1) {
+            o->window = (int)strtol(optarg, &end, 10);
+            if (*end || o->window < 1) {
                 fprintf(stderr, "agentq-producer: --window must be a positive integer\n");
                 return 2;
             }
             break;
-        case 'q': o.quiet = true; break;
+        case 'q': o->quiet = true; break;
         case 'h': usage(stdout); return 0;
         case 'V': printf("agentq-producer %s\n", AGENTQ_VERSION); return 0;
         default: fprintf(stderr, "Try 'agentq-producer --help'.\n"); return 2;
@@ -299,10 +300,190 @@ int main(int argc, char **argv)
         fprintf(stderr, "agentq-producer: unexpected argument '%s'. Try --help.\n", argv[optind]);
         return 2;
     }
-    if (!o.file && (!o.user || !o.goal)) {
+    if (!o->file && (!o->user || !o->goal)) {
         fprintf(stderr, "agentq-producer: give --user and --goal, or --file. Try --help.\n");
         return 2;
     }
+    return -1;
+}
+
+/* The worker's skills (built-in + HTTP, comma-separated); caller frees. */
+static char *worker_skills(const aq_config *cfg)
+{
+    size_t sl = strlen(cfg->skills_enabled) + 1;
+    for (int i = 0; i < cfg->n_http_skills; i++) sl += strlen(cfg->http_skills[i].name) + 1;
+    char *skills = aq_xmalloc(sl + 1);
+    strcpy(skills, cfg->skills_enabled);
+    for (int i = 0; i < cfg->n_http_skills; i++) {
+        strcat(skills, ",");
+        strcat(skills, cfg->http_skills[i].name);
+    }
+    return skills;
+}
+
+/* The task body the flags describe, or NULL (the message printed) when
+ * --metadata is not JSON. */
+static json_t *body_from_flags(const opts *o)
+{
+    json_t *body = json_object();
+    json_object_set_new(body, "user_id", json_string(o->user));
+    json_object_set_new(body, "goal", json_string(o->goal));
+    if (o->task_id) json_object_set_new(body, "task_id", json_string(o->task_id));
+    if (o->model) json_object_set_new(body, "model", json_string(o->model));
+    const char *nums[][2] = {{"max_steps", o->max_steps}, {"budget_usd", o->budget}, {"timeout_seconds", o->timeout}};
+    for (size_t i = 0; i < 3; i++) {
+        if (!nums[i][1]) continue;
+        json_error_t jerr;
+        json_t *v = json_loads(nums[i][1], JSON_DECODE_ANY, &jerr);
+        json_object_set_new(body, nums[i][0], v ? v : json_string(nums[i][1]));
+    }
+    if (o->skills) {
+        json_t *a = json_array();
+        char *copy = aq_xstrdup(o->skills), *save = NULL;
+        for (char *tok = strtok_r(copy, ",", &save); tok; tok = strtok_r(NULL, ",", &save))
+            json_array_append_new(a, json_string(tok));
+        free(copy);
+        json_object_set_new(body, "skills", a);
+    }
+    if (o->metadata) {
+        json_error_t jerr;
+        json_t *m = json_loads(o->metadata, 0, &jerr);
+        if (!m) {
+            fprintf(stderr, "agentq-producer: --metadata is not valid JSON: %s\n", jerr.text);
+            json_decref(body);
+            return NULL;
+        }
+        json_object_set_new(body, "metadata", m);
+    }
+    return body;
+}
+
+/* The task body of one JSON line (a task, or an envelope {"task", "priority",
+ * "ttl_ms"} whose settings go to props and ttlbuf), or NULL (the message
+ * printed) when the line is not JSON. */
+static json_t *body_from_line(const char *line, size_t len, long lineno, aq_task_props *props, char *ttlbuf,
+                              size_t ttllen, const char **ttl)
+{
+    json_error_t jerr;
+    json_t *body = json_loadb(line, len, JSON_REJECT_DUPLICATES, &jerr);
+    if (!body) {
+        fprintf(stderr, "agentq-producer: line %ld: not valid JSON: %s (column %d)\n", lineno, jerr.text, jerr.column);
+        return NULL;
+    }
+    json_t *task = json_object_get(body, "task");
+    if (!json_is_object(task)) return body;
+    json_t *pr = json_object_get(body, "priority"), *tl = json_object_get(body, "ttl_ms");
+    if (pr) props->priority = (int)json_integer_value(pr);
+    if (tl) {
+        snprintf(ttlbuf, ttllen, "%lld", (long long)json_integer_value(tl));
+        *ttl = ttlbuf;
+    }
+    json_incref(task);
+    json_decref(body);
+    return task;
+}
+
+/* Tasks published so far, and the window waiting for its confirms. */
+typedef struct run {
+    const opts *o;
+    aq_config *cfg;
+    aq_broker *b;
+    PGconn *pg;
+    ids list;
+    aq_task **batch;
+    char **batch_ttl;
+    size_t nbatch;
+    long bad, lineno;
+} run;
+
+/* Takes one body (its reference): checks it as the worker will and adds
+ * it to the window, publishing the window when it is full. Returns 0, 1
+ * (a bad task: stop when strict or from flags) or the exit status of a
+ * failed publish (>= 2). */
+static int add_task(run *r, json_t *body, aq_task_props *props, const aq_task_limits *limits, const char *ttl,
+                    bool from_file)
+{
+    const opts *o = r->o;
+    if (ttl) {
+        char *e;
+        long long v = strtoll(ttl, &e, 10);
+        if (*e || v < 0) {
+            fprintf(stderr, "agentq-producer: %s%ld%sttl must be milliseconds >= 0 (got '%s')\n",
+                    from_file ? "line " : "", r->lineno, from_file ? ": " : "", ttl);
+            json_decref(body);
+            r->bad++;
+            return 1;
+        }
+    }
+    aq_task *t = NULL;
+    aq_task_error terr;
+    int prc = aq_task_from_json(body, props, limits, &t, &terr);
+    json_decref(body);
+    if (prc != AQ_OK) {
+        if (from_file) fprintf(stderr, "agentq-producer: line %ld: %s\n", r->lineno, terr.message);
+        else fprintf(stderr, "agentq-producer: %s\n", terr.message);
+        r->bad++;
+        return 1;
+    }
+    r->batch[r->nbatch] = t;
+    r->batch_ttl[r->nbatch] = ttl ? aq_xstrdup(ttl) : NULL;
+    r->nbatch++;
+    if (r->list.n == r->list.cap) {
+        r->list.cap = r->list.cap ? r->list.cap * 2 : 256;
+        r->list.id = aq_xrealloc(r->list.id, r->list.cap * sizeof *r->list.id);
+    }
+    memcpy(r->list.id[r->list.n++], t->task_id, AQ_TASK_ID_LEN + 1);
+    if (!o->quiet) {
+        if (o->json) printf("{\"task_id\":\"%s\",\"line\":%ld}\n", t->task_id, from_file ? r->lineno : 0);
+        else puts(t->task_id);
+    }
+    if (r->nbatch == (size_t)o->window || !from_file)
+        return flush(r->b, r->pg, r->cfg, r->batch, r->batch_ttl, &r->nbatch);
+    return 0;
+}
+
+/* Publishes the tasks of o's file (or stdin), a line each. Returns 0, 2
+ * (the file cannot be opened) or a publish's exit status. */
+static int publish_file(run *r, const aq_task_limits *limits)
+{
+    const opts *o = r->o;
+    FILE *in = strcmp(o->file, "-") ? fopen(o->file, "r") : stdin;
+    if (!in) {
+        fprintf(stderr, "agentq-producer: cannot open %s: %s\n", o->file, strerror(errno));
+        return 2;
+    }
+    int rc = 0;
+    size_t len;
+    char *line;
+    while (rc == 0 && (line = read_line(in, &len))) {
+        r->lineno++;
+        aq_task_props props = {.priority = o->priority, .timestamp = time(NULL)};
+        char ttlbuf[32] = "";
+        const char *ttl = o->ttl;
+        json_t *body = NULL;
+        if (len && line[strspn(line, " \t")] != '\0') {
+            body = body_from_line(line, len, r->lineno, &props, ttlbuf, sizeof ttlbuf, &ttl);
+            if (!body) r->bad++;
+        }
+        free(line);
+        if (!body) {
+            if (o->strict && r->bad) break;
+            continue;
+        }
+        int arc = add_task(r, body, &props, limits, ttl, true);
+        if (arc == 1 && o->strict) break;
+        if (arc > 1) rc = arc;
+    }
+    if (in != stdin) fclose(in);
+    if (rc == 0 && r->nbatch) rc = flush(r->b, r->pg, r->cfg, r->batch, r->batch_ttl, &r->nbatch);
+    return rc;
+}
+
+int main(int argc, char **argv)
+{
+    opts o = {.priority = 0, .window = 1000};
+    int rc = parse_args(argc, argv, &o);
+    if (rc >= 0) return rc;
 
     aq_config cfg;
     char err[1024];
@@ -314,173 +495,47 @@ int main(int argc, char **argv)
     aq_log_set_level((aq_log_level)aq_log_level_parse(cfg.log_level));
 
     /* The worker's limits: its skills (built-in + HTTP) and models. */
-    size_t sl = strlen(cfg.skills_enabled) + 1;
-    for (int i = 0; i < cfg.n_http_skills; i++) sl += strlen(cfg.http_skills[i].name) + 1;
-    char *skills = aq_xmalloc(sl + 1);
-    strcpy(skills, cfg.skills_enabled);
-    for (int i = 0; i < cfg.n_http_skills; i++) {
-        strcat(skills, ",");
-        strcat(skills, cfg.http_skills[i].name);
-    }
+    char *skills = worker_skills(&cfg);
     aq_task_limits limits = {skills, *cfg.llm_models ? cfg.llm_models : cfg.llm_model, cfg.llm_model,
                              aq_config_max_task_timeout(&cfg)};
-
-    aq_broker *b = aq_broker_connect(cfg.amqp_url, 0, 10000, err, sizeof err);
-    if (!b || aq_broker_declare(b, &cfg, err, sizeof err) != AQ_OK) {
+    run r = {.o = &o, .cfg = &cfg};
+    r.b = aq_broker_connect(cfg.amqp_url, 0, 10000, err, sizeof err);
+    if (!r.b || aq_broker_declare(r.b, &cfg, err, sizeof err) != AQ_OK) {
         fprintf(stderr, "agentq-producer: %s\n", err);
-        aq_broker_free(b);
-        free(skills);
-        aq_config_free(&cfg);
-        return 3;
+        rc = 3;
+        goto out;
     }
-    PGconn *pg = NULL;
-    if (o.record && !(pg = db_connect(&cfg))) {
-        aq_broker_free(b);
-        free(skills);
-        aq_config_free(&cfg);
-        return 3;
+    if (o.record && !(r.pg = db_connect(&cfg))) {
+        rc = 3;
+        goto out;
     }
-
-    ids list = {0};
-    aq_task **batch = aq_xcalloc((size_t)o.window, sizeof *batch);
-    char **batch_ttl = aq_xcalloc((size_t)o.window, sizeof *batch_ttl);
-    size_t nbatch = 0;
-    int rc = 0;
-    long bad = 0, lineno = 0;
-    FILE *in = NULL;
+    r.batch = aq_xcalloc((size_t)o.window, sizeof *r.batch);
+    r.batch_ttl = aq_xcalloc((size_t)o.window, sizeof *r.batch_ttl);
+    rc = 0;
     if (o.file) {
-        in = strcmp(o.file, "-") ? fopen(o.file, "r") : stdin;
-        if (!in) {
-            fprintf(stderr, "agentq-producer: cannot open %s: %s\n", o.file, strerror(errno));
-            rc = 2;
-            goto out;
-        }
-    }
-    for (;;) {
-        json_t *body = NULL;
+        rc = publish_file(&r, &limits);
+    } else {
         aq_task_props props = {.priority = o.priority, .timestamp = time(NULL)};
-        char ttlbuf[32] = "";
-        const char *ttl = o.ttl;
-        if (in) {
-            size_t len;
-            char *line = read_line(in, &len);
-            if (!line) break;
-            lineno++;
-            if (len == 0 || line[strspn(line, " \t")] == '\0') {
-                free(line);
-                continue;
-            }
-            json_error_t jerr;
-            body = json_loadb(line, len, JSON_REJECT_DUPLICATES, &jerr);
-            free(line);
-            if (!body) {
-                fprintf(stderr, "agentq-producer: line %ld: not valid JSON: %s (column %d)\n", lineno, jerr.text,
-                        jerr.column);
-                bad++;
-                if (o.strict) break;
-                continue;
-            }
-            json_t *task = json_object_get(body, "task");
-            if (json_is_object(task)) { /* envelope */
-                json_t *pr = json_object_get(body, "priority"), *tl = json_object_get(body, "ttl_ms");
-                if (pr) props.priority = (int)json_integer_value(pr);
-                if (tl) {
-                    snprintf(ttlbuf, sizeof ttlbuf, "%lld", (long long)json_integer_value(tl));
-                    ttl = ttlbuf;
-                }
-                json_incref(task);
-                json_decref(body);
-                body = task;
-            }
-        } else {
-            body = json_object();
-            json_object_set_new(body, "user_id", json_string(o.user));
-            json_object_set_new(body, "goal", json_string(o.goal));
-            if (o.task_id) json_object_set_new(body, "task_id", json_string(o.task_id));
-            if (o.model) json_object_set_new(body, "model", json_string(o.model));
-            const char *nums[][2] = {{"max_steps", o.max_steps}, {"budget_usd", o.budget}, {"timeout_seconds", o.timeout}};
-            for (size_t i = 0; i < 3; i++) {
-                if (!nums[i][1]) continue;
-                json_error_t jerr;
-                json_t *v = json_loads(nums[i][1], JSON_DECODE_ANY, &jerr);
-                json_object_set_new(body, nums[i][0], v ? v : json_string(nums[i][1]));
-            }
-            if (o.skills) {
-                json_t *a = json_array();
-                char *copy = aq_xstrdup(o.skills), *save = NULL;
-                for (char *tok = strtok_r(copy, ",", &save); tok; tok = strtok_r(NULL, ",", &save))
-                    json_array_append_new(a, json_string(tok));
-                free(copy);
-                json_object_set_new(body, "skills", a);
-            }
-            if (o.metadata) {
-                json_error_t jerr;
-                json_t *m = json_loads(o.metadata, 0, &jerr);
-                if (!m) {
-                    fprintf(stderr, "agentq-producer: --metadata is not valid JSON: %s\n", jerr.text);
-                    rc = 2;
-                    goto out;
-                }
-                json_object_set_new(body, "metadata", m);
-            }
-        }
-        if (ttl) {
-            char *e;
-            long long v = strtoll(ttl, &e, 10);
-            if (*e || v < 0) {
-                fprintf(stderr, "agentq-producer: %s%ld%sttl must be milliseconds >= 0 (got '%s')\n",
-                        in ? "line " : "", lineno, in ? ": " : "", ttl);
-                json_decref(body);
-                bad++;
-                if (o.strict || !in) break;
-                continue;
-            }
-        }
-        aq_task *t = NULL;
-        aq_task_error terr;
-        int prc = aq_task_from_json(body, &props, &limits, &t, &terr);
-        json_decref(body);
-        if (prc != AQ_OK) {
-            if (in) fprintf(stderr, "agentq-producer: line %ld: %s\n", lineno, terr.message);
-            else fprintf(stderr, "agentq-producer: %s\n", terr.message);
-            bad++;
-            if (o.strict || !in) break;
-            continue;
-        }
-        batch[nbatch] = t;
-        batch_ttl[nbatch] = ttl ? aq_xstrdup(ttl) : NULL;
-        nbatch++;
-        if (list.n == list.cap) {
-            list.cap = list.cap ? list.cap * 2 : 256;
-            list.id = aq_xrealloc(list.id, list.cap * sizeof *list.id);
-        }
-        memcpy(list.id[list.n++], t->task_id, AQ_TASK_ID_LEN + 1);
-        if (!o.quiet) {
-            if (o.json) printf("{\"task_id\":\"%s\",\"line\":%ld}\n", t->task_id, in ? lineno : 0);
-            else puts(t->task_id);
-        }
-        if (nbatch == (size_t)o.window || !in) {
-            if ((rc = flush(b, pg, &cfg, batch, batch_ttl, &nbatch)) != 0) goto out;
-            if (!in) break;
-        }
+        json_t *body = body_from_flags(&o);
+        if (!body) rc = 2;
+        else if ((rc = add_task(&r, body, &props, &limits, o.ttl, false)) == 1) rc = 0; /* counted in r.bad */
     }
-    if (nbatch && (rc = flush(b, pg, &cfg, batch, batch_ttl, &nbatch)) != 0) goto out;
+    if (rc != 0) goto out;
     fflush(stdout);
-    if (bad) rc = 1;
-    if (o.file) fprintf(stderr, "agentq-producer: published %zu tasks%s%ld bad lines\n", list.n, bad ? ", " : ", ", bad);
-    if (rc == 0 && o.wait && list.n) rc = wait_for(&cfg, &list, o.wait_timeout);
-    else if (rc == 1 && o.wait && list.n) (void)wait_for(&cfg, &list, o.wait_timeout);
+    if (r.bad) rc = 1;
+    if (o.file) fprintf(stderr, "agentq-producer: published %zu tasks, %ld bad lines\n", r.list.n, r.bad);
+    if (rc == 0 && o.wait && r.list.n) rc = wait_for(&cfg, &r.list, o.wait_timeout);
+    else if (rc == 1 && o.wait && r.list.n) (void)wait_for(&cfg, &r.list, o.wait_timeout);
 out:
-    for (size_t i = 0; i < nbatch; i++) {
-        aq_task_free(batch[i]);
-        free(batch_ttl[i]);
+    for (size_t i = 0; i < r.nbatch; i++) {
+        aq_task_free(r.batch[i]);
+        free(r.batch_ttl[i]);
     }
-    free(batch);
-    free(batch_ttl);
-    free(list.id);
-    if (in && in != stdin) fclose(in);
-    if (pg) PQfinish(pg);
-    aq_broker_free(b);
+    free(r.batch);
+    free(r.batch_ttl);
+    free(r.list.id);
+    if (r.pg) PQfinish(r.pg);
+    aq_broker_free(r.b);
     free(skills);
     aq_config_free(&cfg);
     return rc;
