@@ -1029,39 +1029,56 @@ START_TEST(test_rate_limited)
 }
 END_TEST
 
-START_TEST(test_server_errors_retried)
+
+/* Provider faults a session rides out: each failed call is retried with
+ * backoff, recorded as a step row of its own (none lost to a key clash),
+ * and every session still completes with its steps. */
+static const struct fault_case {
+    const char *name;
+    double fail_rate, malformed_rate, hang_rate;
+    const char *timeout_ms; /* llm.timeout_ms; NULL: the default */
+    int tool_steps;         /* steps=N in the goal: N tool turns + the answer */
+    int sessions;
+} fault_cases[] = {
+    {"5xx", 0.3, 0, 0, NULL, 2, 10},
+    {"malformed", 0, 0.3, 0, NULL, 1, 10},
+    {"hung", 0, 0, 0.3, "300", 1, 6},
+};
+
+START_TEST(test_faults_retried)
 {
-    enum { N = 10 };
+    const struct fault_case *fc = &fault_cases[_i];
+    enum { MAX = 10 };
     fx f;
     aq_mockllm_config mc = mock_defaults();
-    mc.fail_rate = 0.3;
+    mc.fail_rate = fc->fail_rate;
+    mc.malformed_rate = fc->malformed_rate;
+    mc.hang_rate = fc->hang_rate;
     fx_init(&f, &mc);
+    if (fc->timeout_ms) set(&f.cfg, "llm.timeout_ms", fc->timeout_ms);
     set(&f.cfg, "llm.max_retries", "6");
     fx_start(&f);
-    run r[N];
-    for (int i = 0; i < N; i++) start(&f, &r[i], "{\"user_id\":\"u1\",\"goal\":\"steps=2\"}");
-    run_all(&f, 10000);
+    run r[MAX];
+    char goal[64];
+    snprintf(goal, sizeof goal, "{\"user_id\":\"u1\",\"goal\":\"steps=%d\"}", fc->tool_steps);
+    for (int i = 0; i < fc->sessions; i++) start(&f, &r[i], goal);
+    run_all(&f, 15000);
     aq_mockllm_stats st;
     aq_mockllm_get_stats(f.mock, &st);
-    ck_assert_uint_gt(st.failures, 0);
-    ck_assert_uint_eq(st.completed, 3 * N);
-    /* every failed call is a step row of its own, none lost to a key clash */
-    ck_assert_uint_eq(count_rows(&f, NULL, "llm", "error"), st.failures);
-    for (int i = 0; i < N; i++) {
-        ck_assert_msg(!strcmp(r[i].status, "completed"), "session %d: %s (%s)", i, r[i].status,
+    uint64_t faults = fc->hang_rate ? st.hung : fc->malformed_rate ? st.malformed : st.failures;
+    ck_assert_msg(faults > 0, "%s: the mock injected no fault", fc->name);
+    ck_assert_uint_eq(st.completed, (uint64_t)(fc->tool_steps + 1) * (uint64_t)fc->sessions);
+    ck_assert_uint_eq(count_rows(&f, NULL, "llm", "error"), faults);
+    for (int i = 0; i < fc->sessions; i++) {
+        ck_assert_msg(!strcmp(r[i].status, "completed"), "%s: session %d: %s (%s)", fc->name, i, r[i].status,
                       r[i].error ? r[i].error : "");
-        ck_assert_int_eq(r[i].steps, 3);
+        ck_assert_int_eq(r[i].steps, fc->tool_steps + 1);
         assert_accounting(&f, &r[i]);
         run_free(&r[i]);
     }
-    /* (task, attempt, step, kind, seq) is the store's key: no two rows share it */
-    for (size_t i = 0; i < f.nrows; i++)
-        for (size_t j = i + 1; j < f.nrows; j++) {
-            row *x = &f.rows[i], *y = &f.rows[j];
-            ck_assert_msg(strcmp(x->task_id, y->task_id) || x->step != y->step ||
-                              strcmp(x->kind, y->kind) || x->seq != y->seq,
-                          "two %s rows of step %d seq %d", x->kind, x->step, x->seq);
-        }
+    /* a hung call timed out on our side and its connection was closed
+     * (the mock freed the request) */
+    if (fc->hang_rate) ck_assert_uint_eq(mock_drained(&f, 2000), 0);
     fx_stop(&f);
 }
 END_TEST
@@ -1125,35 +1142,6 @@ START_TEST(test_client_error)
 }
 END_TEST
 
-START_TEST(test_hung_retried)
-{
-    enum { N = 6 };
-    fx f;
-    aq_mockllm_config mc = mock_defaults();
-    mc.hang_rate = 0.3;
-    fx_init(&f, &mc);
-    set(&f.cfg, "llm.timeout_ms", "300");
-    set(&f.cfg, "llm.max_retries", "6");
-    fx_start(&f);
-    run r[N];
-    for (int i = 0; i < N; i++) start(&f, &r[i], "{\"user_id\":\"u1\",\"goal\":\"steps=1\"}");
-    run_all(&f, 15000);
-    for (int i = 0; i < N; i++) {
-        ck_assert_msg(!strcmp(r[i].status, "completed"), "session %d: %s (%s)", i, r[i].status,
-                      r[i].error ? r[i].error : "");
-        ck_assert_int_eq(r[i].steps, 2);
-        run_free(&r[i]);
-    }
-    aq_mockllm_stats st;
-    aq_mockllm_get_stats(f.mock, &st);
-    ck_assert_uint_gt(st.hung, 0);
-    /* each hung call timed out on our side, was recorded and retried, and
-     * its connection closed (the mock freed the request) */
-    ck_assert_uint_eq(count_rows(&f, NULL, "llm", "error"), st.hung);
-    ck_assert_uint_eq(mock_drained(&f, 2000), 0);
-    fx_stop(&f);
-}
-END_TEST
 
 START_TEST(test_api_key)
 {
@@ -1281,32 +1269,6 @@ START_TEST(test_key_echo_masked)
 }
 END_TEST
 
-START_TEST(test_malformed_retried)
-{
-    enum { N = 10 };
-    fx f;
-    aq_mockllm_config mc = mock_defaults();
-    mc.malformed_rate = 0.3;
-    fx_init(&f, &mc);
-    set(&f.cfg, "llm.max_retries", "6");
-    fx_start(&f);
-    run r[N];
-    for (int i = 0; i < N; i++) start(&f, &r[i], "{\"user_id\":\"u1\",\"goal\":\"steps=1\"}");
-    run_all(&f, 10000);
-    aq_mockllm_stats st;
-    aq_mockllm_get_stats(f.mock, &st);
-    ck_assert_uint_gt(st.malformed, 0);
-    ck_assert_uint_eq(st.completed, 2 * N);
-    ck_assert_uint_eq(count_rows(&f, NULL, "llm", "error"), st.malformed);
-    for (int i = 0; i < N; i++) {
-        ck_assert_msg(!strcmp(r[i].status, "completed"), "session %d: %s (%s)", i, r[i].status,
-                      r[i].error ? r[i].error : "");
-        ck_assert_int_eq(r[i].steps, 2);
-        run_free(&r[i]);
-    }
-    fx_stop(&f);
-}
-END_TEST
 
 START_TEST(test_skill_subset)
 {
@@ -1397,11 +1359,9 @@ static Suite *agent_suite(void)
     TCase *errors = tcase_create("errors");
     tcase_set_timeout(errors, 30);
     tcase_add_test(errors, test_rate_limited);
-    tcase_add_test(errors, test_server_errors_retried);
+    tcase_add_loop_test(errors, test_faults_retried, 0, (int)AQ_ARRAY_LEN(fault_cases));
     tcase_add_test(errors, test_server_errors_exhausted);
     tcase_add_test(errors, test_client_error);
-    tcase_add_test(errors, test_malformed_retried);
-    tcase_add_test(errors, test_hung_retried);
     tcase_add_test(errors, test_api_key);
     tcase_add_test(errors, test_key_echo_masked);
     tcase_add_test(errors, test_skill_subset);
