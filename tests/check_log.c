@@ -106,6 +106,25 @@ END_TEST
 
 /* Stored text: the registered secret in every spelling JSON gives it,
  * through NULs, and nothing else touched. */
+/* The hot path's test: true exactly when masking would change the text. */
+START_TEST(has_secret_says_when_masking_changes_the_text)
+{
+    ck_assert(!aq_log_has_secret("nothing registered yet: sk-abc-123", 34));
+    ck_assert_int_eq(aq_log_add_secret("sk-abc-123"), AQ_OK);
+    static const char *const texts[] = {"plain text", "key sk-abc-123 inside", "escaped sk-abc-123\" tail",
+                                        "cut off at the end: sk-ab", "sk-a", "sk-", ""};
+    for (size_t i = 0; i < AQ_ARRAY_LEN(texts); i++) {
+        size_t len = strlen(texts[i]), n;
+        char *m = aq_log_mask_secrets(texts[i], len, &n);
+        bool changed = n != len || memcmp(m, texts[i], len) != 0;
+        ck_assert_msg(aq_log_has_secret(texts[i], len) == changed, "'%s': has_secret says %d", texts[i], !changed);
+        free(m);
+    }
+    ck_assert(aq_log_has_secret("key sk-abc-123 inside", 21));
+    ck_assert(!aq_log_has_secret("plain text", 10));
+}
+END_TEST
+
 START_TEST(mask_secrets_stored_text)
 {
     ck_assert_int_eq(aq_log_add_secret("sk-live-0123/abcd\"ef"), AQ_OK);
@@ -212,6 +231,7 @@ int main(void)
     tcase_add_test(core, secrets_masked);
     tcase_add_test(core, redact_keeps_plain_text);
     tcase_add_test(core, mask_secrets_stored_text);
+    tcase_add_test(core, has_secret_says_when_masking_changes_the_text);
     tcase_add_test(core, secret_cut_off_and_longest);
     suite_add_tcase(s, core);
     TCase *limits = tcase_create("limits");

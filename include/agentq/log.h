@@ -60,6 +60,11 @@ void aq_log_redact(const char *in, char *out, size_t outlen);
  * free(); its length goes to *out_len when out_len is not NULL. */
 char *aq_log_mask_secrets(const char *in, size_t len, size_t *out_len);
 
+/* True if `len` bytes of `in` hold a registered secret (or a cut-off tail
+ * of one) that aq_log_mask_secrets would mask: callers on a hot path copy
+ * a text only when it needs masking. */
+bool aq_log_has_secret(const char *in, size_t len);
+
 void aq__log(aq_log_level level, const char *task_id, const char *user_id,
              const char *fmt, ...) AQ_PRINTF(4, 5);
 

@@ -241,6 +241,7 @@ static void on_wake(evutil_socket_t fd, short what, void *arg)
 static void mask_json(json_t *j)
 {
     if (json_is_string(j)) {
+        if (!aq_log_has_secret(json_string_value(j), json_string_length(j))) return; /* the usual case */
         size_t n;
         char *m = aq_log_mask_secrets(json_string_value(j), json_string_length(j), &n);
         if (json_string_setn(j, m, n) != 0) json_string_set(j, "(not UTF-8)");
@@ -255,6 +256,7 @@ static void mask_json(json_t *j)
         void *tmp;
         json_object_foreach_safe(j, tmp, k, v) {
             mask_json(v);
+            if (!aq_log_has_secret(k, strlen(k))) continue;
             char *mk = aq_log_mask_secrets(k, strlen(k), NULL);
             if (strcmp(mk, k) != 0) {
                 json_object_set(j, mk, v);
@@ -289,14 +291,15 @@ static void emit_step(aq_session *s, int step, int seq, const char *kind, const 
     }
     char *detail = detail_text(detail_json);
     /* a model name can come from the reply too */
-    char *shown_name = name ? aq_log_mask_secrets(name, strlen(name), NULL) : NULL;
+    char *shown_name = name && aq_log_has_secret(name, strlen(name)) ? aq_log_mask_secrets(name, strlen(name), NULL)
+                                                                       : NULL;
     aq_step_event row = {
         .task_id = s->task->task_id,
         .attempt = s->attempt,
         .step = step,
         .seq = seq,
         .kind = kind,
-        .name = shown_name,
+        .name = shown_name ? shown_name : name,
         .status = status,
         .started_at_us = started_us,
         .duration_ms = (double)(aq_mono_us() - mono_start) / 1000.0,

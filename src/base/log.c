@@ -159,6 +159,14 @@ static size_t secret_at(const char *p, size_t left)
     return best;
 }
 
+bool aq_log_has_secret(const char *in, size_t len)
+{
+    if (atomic_load_explicit(&log_nsecrets, memory_order_acquire) == 0) return false;
+    for (size_t i = 0; i < len; i++)
+        if (secret_at(in + i, len - i)) return true;
+    return false;
+}
+
 char *aq_log_mask_secrets(const char *in, size_t len, size_t *out_len)
 {
     /* A mask (3 bytes) is never longer than what it replaces (4 or more),
