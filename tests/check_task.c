@@ -85,8 +85,6 @@ START_TEST(test_defaults)
     ck_assert_ptr_null(t->metadata);
     ck_assert_int_eq(t->priority, 0);
     ck_assert_int_eq(t->expiration_ms, -1);
-    ck_assert_int_eq(t->attempt, 1);
-    ck_assert_int_eq(t->deadline_us, 0);
     ck_assert(t->enqueued_at_us >= before && t->enqueued_at_us <= aq_now_us());
     ck_assert(t->id_generated);
     ck_assert(aq_task_uuid_valid(t->task_id));
@@ -155,14 +153,11 @@ END_TEST
 START_TEST(test_props)
 {
     const char *min = "{\"user_id\":\"u\",\"goal\":\"g\"}";
-    aq_task_props p = {.priority = 5, .expiration = "60000", .timestamp = 1700000000,
-                       .attempt = 3, .deadline_us = 1700000123456789};
+    aq_task_props p = {.priority = 5, .expiration = "60000", .timestamp = 1700000000};
     aq_task *t = parse_ok_props(min, &p);
     ck_assert_int_eq(t->priority, 5);
     ck_assert_int_eq(t->expiration_ms, 60000);
     ck_assert_int_eq(t->enqueued_at_us, 1700000000000000);
-    ck_assert_int_eq(t->attempt, 3);
-    ck_assert_int_eq(t->deadline_us, 1700000123456789);
     aq_task_free(t);
 }
 END_TEST

@@ -58,14 +58,13 @@ typedef struct aq_task_limits {
 
 /* The AMQP properties and agentq headers of a delivery. A zeroed struct
  * means "none of them": priority 0, no expiration, no message_id,
- * enqueued now, attempt 1, no deadline. Strings borrowed for the call. */
+ * enqueued now. Strings borrowed for the call. (A task's attempt and
+ * deadline are the store's to say, never the message's.) */
 typedef struct aq_task_props {
     int priority;           /* clamped to 0..AQ_TASK_PRIORITY_MAX */
     const char *expiration; /* per-message TTL in ms as text, or NULL */
     const char *message_id; /* or NULL */
     int64_t timestamp;      /* seconds since the epoch; 0 = absent */
-    int attempt;            /* x-agentq-attempt; <= 0 = absent (1) */
-    int64_t deadline_us;    /* x-agentq-deadline, epoch microseconds; 0 = none */
 } aq_task_props;
 
 /* A validated task. A plain value record, read directly by the agent, the
@@ -87,8 +86,6 @@ typedef struct aq_task {
     int priority;
     int64_t expiration_ms;  /* -1 when the message had no expiration */
     int64_t enqueued_at_us; /* from the timestamp property, else parse time */
-    int attempt;
-    int64_t deadline_us;    /* carried as given; the worker sets it */
 } aq_task;
 
 /* Why a message is not a task. */

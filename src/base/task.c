@@ -500,8 +500,6 @@ static int parse_props(const aq_task_props *props, aq_task *t, aq_task_error *e)
         t->enqueued_at_us = props->timestamp * 1000000;
     else
         t->enqueued_at_us = aq_now_us();
-    t->attempt = props->attempt > 0 ? props->attempt : 1;
-    t->deadline_us = props->deadline_us > 0 ? props->deadline_us : 0;
     return AQ_OK;
 }
 

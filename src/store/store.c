@@ -153,8 +153,10 @@ typedef struct req {
     int attempt;
     int failures;
     aq_status status;
-    aq_store_swept *swept;
+    aq_store_swept *swept;  /* REQ_SWEEP: the rows marked */
     size_t nswept;
+    char **lost;            /* REQ_RENEW: task ids no longer held */
+    size_t nlost;
 } req;
 
 enum { LINK_UNKNOWN, LINK_UP, LINK_DOWN };
@@ -249,6 +251,8 @@ static void req_free(req *r)
         for (int j = 0; j < r->st[i].n; j++) free(r->st[i].v[j]);
     for (size_t i = 0; i < r->nswept; i++) free(r->swept[i].body);
     free(r->swept);
+    for (size_t i = 0; i < r->nlost; i++) free(r->lost[i]);
+    free(r->lost);
     free(r);
 }
 
@@ -337,10 +341,7 @@ static void deliver(aq_store *s)
         } else if (r->kind == REQ_SWEEP) {
             if (r->sweep_cb) r->sweep_cb(r->arg, r->swept, r->nswept, r->code);
         } else if (r->kind == REQ_RENEW) {
-            const char **lost = aq_xcalloc(r->nswept + 1, sizeof *lost);
-            for (size_t i = 0; i < r->nswept; i++) lost[i] = r->swept[i].task_id;
-            if (r->renew_cb) r->renew_cb(r->arg, lost, r->nswept, r->code);
-            free(lost);
+            if (r->renew_cb) r->renew_cb(r->arg, (const char *const *)r->lost, r->nlost, r->code);
         } else if (r->done_cb) {
             r->done_cb(r->arg, r->code);
         }
@@ -699,8 +700,17 @@ static void interpret_finish(req *r, const PGresult *res)
         aq_log_task(AQ_LOG_WARN, r->task_id, NULL, "store: finish changed nothing: the row does not exist");
 }
 
-/* The rows a sweep marked (or the task ids a renewal lost: the first
- * column alone), copied for the loop thread. */
+/* The task ids a renewal no longer holds, copied for the loop thread. */
+static void interpret_renew(req *r, const PGresult *res)
+{
+    int n = PQntuples(res);
+    r->code = AQ_OK;
+    if (n <= 0) return;
+    r->lost = aq_xcalloc((size_t)n, sizeof *r->lost);
+    for (int i = 0; i < n; i++) r->lost[r->nlost++] = aq_xstrdup(PQgetvalue(res, i, 0));
+}
+
+/* The rows a sweep marked, copied for the loop thread. */
 static void interpret_sweep(req *r, const PGresult *res)
 {
     int n = PQntuples(res);
@@ -709,11 +719,6 @@ static void interpret_sweep(req *r, const PGresult *res)
     r->swept = aq_xcalloc((size_t)n, sizeof *r->swept);
     for (int i = 0; i < n; i++) {
         aq_store_swept *w = &r->swept[r->nswept];
-        if (PQnfields(res) < 3) {
-            snprintf(w->task_id, sizeof w->task_id, "%s", PQgetvalue(res, i, 0));
-            r->nswept++;
-            continue;
-        }
         size_t len = 0;
         unsigned char *b = PQunescapeBytea((const unsigned char *)PQgetvalue(res, i, 1), &len);
         if (!b) aq_oom("a swept task's body");
@@ -813,8 +818,10 @@ static int run_txn(aq_store *s, req **v, size_t n, size_t *bad, char *msg, size_
                 interpret_claim(q, res[k]);
             else if (q->kind == REQ_FINISH)
                 interpret_finish(q, res[k]);
-            else if (q->kind == REQ_SWEEP || q->kind == REQ_RENEW)
+            else if (q->kind == REQ_SWEEP)
                 interpret_sweep(q, res[k]);
+            else if (q->kind == REQ_RENEW)
+                interpret_renew(q, res[k]);
             else
                 q->code = AQ_OK;
         }
