@@ -7,6 +7,8 @@ workers; this file only measures.
 
   drive.py batch   --system agentq|celery ...  one throughput run (S1, S2, S0)
   drive.py latency --system agentq|celery ...  one task at a time (S4)
+  drive.py burst   --system agentq|celery ...  fairness under a burst (S5)
+  drive.py tokens  --system agentq ...         token fairness under a limit (S5T)
   drive.py table RESULTS.jsonl                  the Markdown table
 
 Clocks: every timestamp compared here comes from this machine's clock (the
@@ -502,6 +504,382 @@ def rnd(x, n=2):
     return None if x is None else round(x, n)
 
 
+# --------------------------------------------------------------- burst --
+
+def agentq_body(tid, user, goal):
+    """A task body as bench's agentq-producer lines carry it."""
+    return {"task_id": tid, "user_id": user, "goal": goal, "skills": ["calculator"],
+            "max_steps": 10, "timeout_seconds": 600, "budget_usd": 0}
+
+
+class AmqpPublisher:
+    """Publishes agentq tasks one by one with publisher confirms (py-amqp),
+    the way agentq-producer does (exchange 'agentq', key 'task', persistent,
+    message_id = task id, AMQP timestamp), so that each task's publish time
+    is known to the microsecond (agentq.tasks.enqueued_at holds the AMQP
+    timestamp, whole seconds)."""
+
+    def __init__(self):
+        import amqp
+        self.amqp = amqp
+        url = os.environ["AGENTQ_AMQP_URL"]  # amqp://guest:guest@127.0.0.1:PORT/%2f
+        hostport = url.split("@", 1)[1].split("/", 1)[0]
+        self.conn = amqp.Connection(host=hostport, userid="guest", password="guest", virtual_host="/",
+                                    confirm_publish=True)
+        self.conn.connect()
+        self.ch = self.conn.channel()
+
+    def publish(self, tid, user, goal):
+        t = time.time()
+        self.ch.basic_publish(self.amqp.Message(json.dumps(agentq_body(tid, user, goal)),
+                                                content_type="application/json", delivery_mode=2,
+                                                message_id=tid, timestamp=int(t)),
+                              exchange="agentq", routing_key="task")
+        return t
+
+    def close(self):
+        try:
+            self.conn.close()
+        except Exception:
+            pass
+
+
+def med_or_none(xs):
+    return statistics.median(xs) if xs else None
+
+
+def ratio(x, y, n=2):
+    return round(x / y, n) if x is not None and y else None
+
+
+def cmd_burst(a):
+    """S5: one user ("burst") enqueues --burst-tasks tasks; --late-delay-s
+    after the first publish (or once the burst is all published, if that
+    takes longer), --late-users other users (late1, late2, ...) enqueue
+    --late-tasks each. Every task is measured from its own publish
+    (the driver's clock, just before the publish) to its start and its
+    final row; the run's completion is first publish -> last final row."""
+    late_users = ["late%d" % (i + 1) for i in range(a.late_users)]
+    n_late = a.late_users * a.late_tasks
+    n_total = a.burst_tasks + n_late
+    if a.system == "agentq":
+        sysobj = Agentq(a)
+        pub = AmqpPublisher()
+    else:
+        sysobj = CeleryBase(a)
+        pub = None
+    late_pub = {}  # task id -> (user, publish time)
+    late_err = []
+    burst_queued = threading.Event()
+
+    def enqueue_late(t0):
+        # At t0 + delay, and not before the burst is all published (the late
+        # users arrive behind the whole burst, as the scenario says, also
+        # when publishing it takes longer than the delay).
+        burst_queued.wait(a.timeout)
+        try:
+            if a.system == "celery":
+                with sysobj.tasks.app.producer_or_acquire() as prod:
+                    wait = t0 + a.late_delay_s - time.time()
+                    if wait > 0:
+                        time.sleep(wait)
+                    for u in late_users:
+                        for _ in range(a.late_tasks):
+                            tid = str(uuid.uuid4())
+                            t = time.time()
+                            sysobj.tasks.agent.apply_async(args=[a.goal], kwargs={"max_steps": 10},
+                                                           task_id=tid, producer=prod)
+                            late_pub[tid] = (u, t)
+            else:
+                wait = t0 + a.late_delay_s - time.time()
+                if wait > 0:
+                    time.sleep(wait)
+                for u in late_users:
+                    for _ in range(a.late_tasks):
+                        tid = str(uuid.uuid4())
+                        late_pub[tid] = (u, pub.publish(tid, u, a.goal))
+        except Exception as e:  # reported, and the run fails
+            late_err.append(repr(e))
+
+    if a.system == "agentq":
+        path = os.path.join(a.workdir, "burst-%d.jsonl" % os.getpid())
+        with open(path, "w") as f:
+            for _ in range(a.burst_tasks):
+                f.write(json.dumps(agentq_body(str(uuid.uuid4()), "burst", a.goal)) + "\n")
+    sampler = Sampler(a.pids, a.sample_s)
+    sampler.sample()
+    load = loadavg()
+    cpu0 = CpuSnap(a)
+    sampler.start()
+    t0 = time.time()  # the first publish follows (the producer's start-up is in the burst's figures)
+    th = threading.Thread(target=enqueue_late, args=(t0,), daemon=True)
+    th.start()
+    if a.system == "agentq":
+        try:
+            subprocess.run([a.producer, "--file", path, "--quiet", "--window", "1000"], check=True)
+        finally:
+            os.unlink(path)
+        burst_ids = None
+    else:
+        sysobj.enqueue(a.burst_tasks, a.goal)
+        burst_ids = list(sysobj.ids)
+    t_enq = time.time()
+    burst_queued.set()
+    th.join(a.late_delay_s + 60)
+    if a.system == "celery":
+        sysobj.ids = burst_ids + list(late_pub)
+    deadline = t0 + a.timeout
+    final = 0
+    while time.time() < deadline and not late_err:
+        final, _ = sysobj.progress()
+        if final >= n_total:
+            break
+        time.sleep(a.poll_s)
+    cpu1 = CpuSnap(a)
+    sampler.stop()
+    if pub:
+        pub.close()
+    final, completed = sysobj.progress(final=True)
+
+    # (task id, user, status, enqueued, started, finished): epoch seconds
+    rows = []
+    if a.system == "agentq":
+        with sysobj.db.cursor() as c:
+            c.execute("SELECT task_id::text, user_id, status, extract(epoch FROM enqueued_at)::float8,"
+                      " extract(epoch FROM started_at)::float8, extract(epoch FROM finished_at)::float8"
+                      " FROM agentq.tasks")
+            for tid, user, status, enq, st, fin in c.fetchall():
+                if tid in late_pub:
+                    enq = late_pub[tid][1]
+                elif user == "burst":
+                    enq = t0  # the producer published them all within enqueue_s
+                rows.append((tid, user, status, enq, st, fin))
+    else:
+        import calendar
+        be = sysobj.tasks.app.backend
+        sess = be.ResultSession()
+        try:
+            found = sess.query(be.task_cls).filter(be.task_cls.task_id.in_(sysobj.ids)).all()
+            for t in found:
+                res = t.result if isinstance(t.result, dict) else {}
+                fin = None
+                if t.date_done:  # utcnow(), without a zone
+                    fin = calendar.timegm(t.date_done.utctimetuple()) + t.date_done.microsecond / 1e6
+                user, enq = late_pub.get(t.task_id, ("burst", t0))
+                rows.append((t.task_id, user, "completed" if t.status == "SUCCESS" else t.status,
+                             enq, res.get("t_start"), fin))
+        finally:
+            sess.close()
+
+    def of(users):
+        return [r for r in rows if r[1] in users]
+
+    burst_rows, late_rows = of({"burst"}), of(set(late_users))
+    late_lat = [r[5] - r[3] for r in late_rows if r[5] is not None]
+    late_wait = [r[4] - r[3] for r in late_rows if r[4] is not None]
+    burst_run = [r[5] - r[4] for r in burst_rows if r[4] is not None and r[5] is not None]
+    finishes = [r[5] for r in rows if r[5] is not None]
+    run_p50 = med_or_none(burst_run)
+    all_done = (max(finishes) - t0) if finishes and final >= n_total else None
+    ideal = n_total * a.task_s / a.slots
+    lat_p50, lat_max = med_or_none(late_lat), (max(late_lat) if late_lat else None)
+    wait_p50, wait_max = med_or_none(late_wait), (max(late_wait) if late_wait else None)
+    late_at = [t for _, t in late_pub.values()]
+    by_user = {}
+    for r in late_rows:
+        if r[5] is not None:
+            by_user.setdefault(r[1], []).append(r[5] - r[3])
+    cpu = cpu1.minus(cpu0)
+    out = {
+        "scenario": a.scenario, "system": a.system, "settings": a.settings,
+        "tasks": n_total, "completed": completed, "timed_out": final < n_total,
+        "burst_tasks": a.burst_tasks, "late_users": a.late_users, "late_tasks_each": a.late_tasks,
+        "slots": a.slots, "task_s_nominal": a.task_s,
+        "enqueue_s": round(t_enq - t0, 3),
+        "late_enqueued_at_s": rnd(min(late_at) - t0, 3) if late_at else None,
+        "late_latency_p50_s": rnd(lat_p50, 3), "late_latency_max_s": rnd(lat_max, 3),
+        "late_wait_p50_s": rnd(wait_p50, 3), "late_wait_max_s": rnd(wait_max, 3),
+        "late_latency_p50_x": ratio(lat_p50, a.task_s), "late_latency_max_x": ratio(lat_max, a.task_s),
+        "late_wait_p50_x": ratio(wait_p50, a.task_s), "late_wait_max_x": ratio(wait_max, a.task_s),
+        "late_latency_p50_x_measured": ratio(lat_p50, run_p50),
+        "late_latency_max_x_measured": ratio(lat_max, run_p50),
+        "late_latency_max_by_user_s": {u: round(max(v), 3) for u, v in sorted(by_user.items())},
+        "burst_task_run_p50_s": rnd(run_p50, 3),
+        "burst_wait_p50_s": rnd(med_or_none([r[4] - r[3] for r in burst_rows if r[4] is not None]), 3),
+        "all_done_s": rnd(all_done, 3), "wall_s": rnd(all_done, 3), "ideal_s": round(ideal, 3),
+        "all_done_over_ideal": ratio(all_done, ideal),
+        "ideal_measured_s": rnd(n_total * run_p50 / a.slots, 3) if run_p50 else None,
+        "all_done_over_ideal_measured": ratio(all_done, n_total * run_p50 / a.slots) if run_p50 else None,
+        "target_late_p50_s": 2 * a.task_s, "target_all_done_s": round(1.15 * ideal, 3),
+        "late_p50_ok": lat_p50 is not None and lat_p50 <= 2 * a.task_s,
+        "all_done_ok": all_done is not None and all_done <= 1.15 * ideal,
+        "tasks_per_s": round(completed / all_done, 1) if all_done else None,
+        "rss_mb": round(sampler.peak_rss / 2**20, 1), "cpu_s": cpu["sut"], "cpu_machine_s": cpu["machine"],
+        "load1_before": load,
+    }
+    if late_err:
+        out["error"] = "; ".join(late_err)
+    print(json.dumps(out), flush=True)
+    return 0 if completed == n_total and not late_err else 1
+
+
+# -------------------------------------------------------------- tokens --
+
+def goal_max_bytes():
+    """AQ_TASK_GOAL_MAX from include/agentq/task.h (the longest goal a task
+    may carry), so that the bench follows the product if it changes."""
+    import re
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        with open(os.path.join(here, "..", "include", "agentq", "task.h")) as f:
+            m = re.search(r"#define\s+AQ_TASK_GOAL_MAX\s+(\d+)", f.read())
+            if m:
+                return int(m.group(1))
+    except OSError:
+        pass
+    return 65536
+
+
+# The messages of a first LLM call other than the goal's text: the system
+# prompt and the JSON framing (the mock counts prompt tokens as the bytes
+# of the messages array / 4; agentq estimates the same way).
+PROMPT_OVERHEAD_BYTES = 160
+FILLER = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november "
+          "oscar papa quebec romeo sierra tango uniform victor whiskey xray yankee zulu ")
+
+
+def padded_goal(prompt_tokens, prefix="bench steps=1 "):
+    """A goal whose first prompt is about prompt_tokens tokens (4 bytes
+    each): the mock's directives, then plain ASCII words (no character that
+    JSON escapes). Capped at the task's goal limit; returns (goal, capped)."""
+    want = max(len(prefix) + 8, prompt_tokens * 4 - PROMPT_OVERHEAD_BYTES)
+    cap = goal_max_bytes()
+    capped = want > cap
+    n = min(want, cap)
+    body = prefix + FILLER * (n // len(FILLER) + 1)
+    return body[:n - 1].rstrip() + ".", capped
+
+
+def metric_gauge(url, name):
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=2) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith(name + " "):
+                    return float(line.split()[1])
+    except Exception:
+        pass
+    return None
+
+
+def cmd_tokens(a):
+    """S5T: two users' tasks enqueued together, interleaved, under a
+    tokens/min limit: "heavy" (--heavy-tasks tasks whose prompts are about
+    --heavy-prompt-tokens) and "light" (--light-tasks of about
+    --light-prompt-tokens). The concurrency holds every task at once, so
+    both users' sessions wait at the limiter from the start; what each user
+    is granted is then the limiter's choice alone. Tokens granted = prompt +
+    completion tokens of the llm step rows (the provider's usage), each
+    counted at its step's start (the grant), over the window in which both
+    users still had calls to be granted: from the later of the two users'
+    first grants to the earlier of their last grants."""
+    sysobj = Agentq(a)
+    heavy_goal, heavy_capped = padded_goal(a.heavy_prompt_tokens)
+    light_goal, light_capped = padded_goal(a.light_prompt_tokens)
+    if heavy_capped or light_capped:
+        log("a goal is capped at %d bytes (AQ_TASK_GOAL_MAX): the heavy prompts are about %d tokens, "
+            "not %d" % (goal_max_bytes(), (len(heavy_goal) + PROMPT_OVERHEAD_BYTES) // 4,
+                        a.heavy_prompt_tokens))
+    # Interleaved in proportion, so that both users' tasks are claimed at once.
+    order = sorted([((i + 0.5) / a.heavy_tasks, "heavy") for i in range(a.heavy_tasks)] +
+                   [((i + 0.5) / a.light_tasks, "light") for i in range(a.light_tasks)])
+    path = os.path.join(a.workdir, "tokens-%d.jsonl" % os.getpid())
+    with open(path, "w") as f:
+        for _, u in order:
+            f.write(json.dumps(agentq_body(str(uuid.uuid4()), u, heavy_goal if u == "heavy" else light_goal)) + "\n")
+    n = len(order)
+    waits = []  # (time, users waiting at the limiter: the most any one process reports)
+    stop = threading.Event()
+
+    def sample_waiting():
+        while not stop.wait(a.sample_s):
+            v = [metric_gauge(u, "agentq_ratelimit_waiting_users") for u in a.metrics_urls]
+            v = [x for x in v if x is not None]
+            if v:
+                waits.append((time.time(), max(v)))
+
+    sm = threading.Thread(target=sample_waiting, daemon=True)
+    sm.start()
+    load = loadavg()
+    t0 = time.time()
+    try:
+        subprocess.run([a.producer, "--file", path, "--quiet", "--window", "1000"], check=True)
+    finally:
+        os.unlink(path)
+    t_enq = time.time()
+    final = 0
+    while time.time() < t0 + a.timeout:
+        final, _ = sysobj.progress()
+        if final >= n:
+            break
+        time.sleep(a.poll_s)
+    stop.set()
+    sm.join()
+    final, completed = sysobj.progress(final=True)
+    # Step rows may be written in the batch after the final status.
+    q = ("SELECT t.user_id, extract(epoch FROM s.started_at)::float8, s.prompt_tokens, s.completion_tokens"
+         " FROM agentq.steps s JOIN agentq.tasks t USING (task_id) WHERE s.kind = 'llm' AND s.status = 'ok'")
+    for _ in range(50):
+        with sysobj.db.cursor() as c:
+            c.execute("SELECT coalesce(sum(steps), 0) FROM agentq.tasks")
+            want = c.fetchone()[0]
+            c.execute(q)
+            steps = c.fetchall()
+        if len(steps) >= want:
+            break
+        time.sleep(0.1)
+    users = ("heavy", "light")
+    per = {u: [(st, (p or 0) + (c or 0), p or 0) for uu, st, p, c in steps if uu == u] for u in users}
+    out = {
+        "scenario": a.scenario, "system": "agentq", "settings": a.settings,
+        "tasks": n, "completed": completed, "timed_out": final < n,
+        "heavy_tasks": a.heavy_tasks, "light_tasks": a.light_tasks, "tokens_per_minute": a.tpm,
+        "heavy_prompt_tokens_asked": a.heavy_prompt_tokens, "light_prompt_tokens_asked": a.light_prompt_tokens,
+        "heavy_goal_bytes": len(heavy_goal), "light_goal_bytes": len(light_goal),
+        "enqueue_s": round(t_enq - t0, 3), "load1_before": load,
+    }
+    for u in users:
+        p = [x[2] for x in per[u]]
+        out[u + "_prompt_tokens_per_call_mean"] = round(statistics.mean(p)) if p else None
+        out[u + "_prompt_tokens_per_call_max"] = max(p) if p else None
+        out[u + "_tokens_total"] = sum(x[1] for x in per[u])
+    ends = [t for u in users for t in [x[0] for x in per[u]] if t is not None]
+    if all(per[u] for u in users):
+        w0 = max(min(x[0] for x in per[u]) for u in users)
+        w1 = min(max(x[0] for x in per[u]) for u in users)
+        got = {u: sum(x[1] for x in per[u] if w0 <= x[0] <= w1) for u in users}
+        calls = {u: sum(1 for x in per[u] if w0 <= x[0] <= w1) for u in users}
+        tot = sum(got.values())
+        inw = [v for t, v in waits if w0 <= t <= w1]
+        out.update({
+            "window_s": round(w1 - w0, 3), "window_start_s": round(w0 - t0, 3),
+            "window_tokens_per_s": round(tot / (w1 - w0)) if w1 > w0 else None,
+            "limit_tokens_per_s": round(a.tpm / 60),
+            "heavy_tokens": got["heavy"], "light_tokens": got["light"],
+            "heavy_calls": calls["heavy"], "light_calls": calls["light"],
+            "heavy_share": round(got["heavy"] / tot, 3) if tot else None,
+            "light_share": round(got["light"] / tot, 3) if tot else None,
+            "heavy_over_light": round(got["heavy"] / got["light"], 2) if got["light"] else None,
+            # Each share within 20% of an equal share: 40%..60%.
+            "target_share_range": [0.4, 0.6],
+            "shares_ok": bool(tot) and all(0.4 <= got[u] / tot <= 0.6 for u in users),
+            "both_waiting_samples": [sum(1 for v in inw if v >= 2), len(inw)],
+        })
+    if ends:
+        out["wall_s"] = round(max(ends) - t0, 3)
+    print(json.dumps(out), flush=True)
+    return 0 if completed == n else 1
+
+
 # --------------------------------------------------------------- table --
 
 def med(rows, k):
@@ -538,16 +916,16 @@ def cmd_table(a):
     for r in rows:
         size = r.get("tasks") if r["scenario"] != "raw" else None  # raw: ops done vary per run
         groups.setdefault((r["scenario"], r["system"], r["settings"], size), []).append(r)
-    order = {"s1": 0, "s2": 1, "s0": 2, "s4": 3, "raw": 4}
+    order = {"s1": 0, "s2": 1, "s0": 2, "s4": 3, "s5": 4, "s5t": 5, "raw": 6}
     keys = sorted(groups, key=lambda k: (order.get(k[0], 9), k[1] != "agentq", k[1], k[2], k[3] or 0))
 
-    print("| scenario | system | settings | tasks | runs | wall s | tasks/s | ideal tasks/s | "
-          "peak RSS MB | peak PSS MB | worker CPU s | CPU µs / LLM call |")
-    print("|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
-    for k in keys:
+    main = [k for k in keys if k[0] not in ("s4", "s5", "s5t", "raw")]
+    if main:
+        print("| scenario | system | settings | tasks | runs | wall s | tasks/s | ideal tasks/s | "
+              "peak RSS MB | peak PSS MB | worker CPU s | CPU µs / LLM call |")
+        print("|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+    for k in main:
         g = groups[k]
-        if k[0] in ("s4", "raw"):
-            continue
         print("| %s | %s | %s | %d | %d | %s | %s | %s | %s | %s | %s | %s |" % (
             k[0].upper(), k[1], k[2], g[0]["tasks"], len(g), span(g, "wall_s", 2), span(g, "tasks_per_s"),
             fmt(med(g, "ideal_tasks_per_s")), span(g, "rss_mb", 0), span(g, "pss_mb", 0),
@@ -565,6 +943,45 @@ def cmd_table(a):
                 k[1], k[2], g[0]["tasks"], span(g, "enqueue_to_running_p50_ms", 2),
                 span(g, "enqueue_to_running_p99_ms", 2), span(g, "answer_to_visible_p50_ms", 2),
                 span(g, "answer_to_visible_p99_ms", 2), span(g, "end_to_end_p50_ms", 2)))
+
+    burst = [k for k in keys if k[0] == "s5"]
+    if burst:
+        g0 = groups[burst[0]][0]
+        print()
+        print("S5 fairness under a burst: %d tasks of user 'burst', then %d users × %d tasks %.1f s later; "
+              "%d slots; one task = %.2f s nominal (targets: late p50 ≤ %.1f s, all done ≤ 1.15 × ideal)"
+              % (g0["burst_tasks"], g0["late_users"], g0["late_tasks_each"], g0.get("late_enqueued_at_s") or 0,
+                 g0["slots"], g0["task_s_nominal"], 2 * g0["task_s_nominal"]))
+        print()
+        print("| S5 | settings | runs | late latency p50 s (× task) | late latency max s (× task) | "
+              "late wait p50 s | late wait max s | burst task run p50 s | all done s | ideal s | "
+              "all done ÷ ideal | late p50 target | all-done target |")
+        print("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|:-:|:-:|")
+        for k in burst:
+            g = groups[k]
+            ok = lambda f: "/".join("✓" if r.get(f) else "✗" for r in g)  # noqa: E731
+            print("| %s | %s | %d | %s (%s×) | %s (%s×) | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+                k[1], k[2], len(g), span(g, "late_latency_p50_s", 2), span(g, "late_latency_p50_x", 1),
+                span(g, "late_latency_max_s", 2), span(g, "late_latency_max_x", 1),
+                span(g, "late_wait_p50_s", 2), span(g, "late_wait_max_s", 2),
+                span(g, "burst_task_run_p50_s", 3), span(g, "all_done_s", 2), fmt(med(g, "ideal_s"), 1),
+                span(g, "all_done_over_ideal", 2), ok("late_p50_ok"), ok("all_done_ok")))
+
+    tok = [k for k in keys if k[0] == "s5t"]
+    if tok:
+        print()
+        print("| S5T token fairness | settings | runs | tokens/min | prompt tokens per call heavy / light | "
+              "window s | tokens granted heavy / light | heavy share | light share | "
+              "target (each 40–60%) |")
+        print("|---|---|--:|--:|--:|--:|--:|--:|--:|:-:|")
+        for k in tok:
+            g = groups[k]
+            print("| %s | %s | %d | %s | %s / %s | %s | %s / %s | %s | %s | %s |" % (
+                k[1], k[2], len(g), fmt(med(g, "tokens_per_minute"), 0),
+                span(g, "heavy_prompt_tokens_per_call_mean", 0), span(g, "light_prompt_tokens_per_call_mean", 0),
+                span(g, "window_s", 1), span(g, "heavy_tokens", 0), span(g, "light_tokens", 0),
+                span(g, "heavy_share", 3), span(g, "light_share", 3),
+                "/".join("✓" if r.get("shares_ok") else "✗" for r in g)))
 
     raw = [k for k in keys if k[0] == "raw"]
     if raw:
@@ -632,6 +1049,42 @@ def main():
         s.add_argument("--sample-s", type=float, default=0.5)
         s.add_argument("--poll-s", type=float, default=0.1)
         s.add_argument("--gap-s", type=float, default=0.05)
+    b = sub.add_parser("burst")
+    b.add_argument("--system", choices=["agentq", "celery"], required=True)
+    b.add_argument("--scenario", default="s5")
+    b.add_argument("--settings", required=True)
+    b.add_argument("--burst-tasks", type=int, required=True)
+    b.add_argument("--late-users", type=int, default=5)
+    b.add_argument("--late-tasks", type=int, default=4, help="tasks per late user")
+    b.add_argument("--late-delay-s", type=float, default=2.0, help="from the first publish")
+    b.add_argument("--slots", type=int, required=True, help="task slots of the whole fleet")
+    b.add_argument("--task-s", type=float, required=True, help="one task's nominal duration")
+    b.add_argument("--goal", default="bench steps=1")
+    b.add_argument("--pids", type=lambda v: [int(x) for x in v.split(",") if x], default=[])
+    b.add_argument("--producer", default="")
+    b.add_argument("--timeout", type=float, default=600)
+    b.add_argument("--sample-s", type=float, default=0.5)
+    b.add_argument("--poll-s", type=float, default=0.1)
+    k = sub.add_parser("tokens")
+    k.add_argument("--system", choices=["agentq"], default="agentq")
+    k.add_argument("--scenario", default="s5t")
+    k.add_argument("--settings", required=True)
+    k.add_argument("--heavy-tasks", type=int, required=True)
+    k.add_argument("--light-tasks", type=int, required=True)
+    k.add_argument("--heavy-prompt-tokens", type=int, default=40000)
+    k.add_argument("--light-prompt-tokens", type=int, default=1000)
+    k.add_argument("--tpm", type=int, required=True, help="the workers' llm.tokens_per_minute")
+    k.add_argument("--metrics-urls", type=lambda v: [x for x in v.split(",") if x], default=[])
+    k.add_argument("--producer", required=True)
+    k.add_argument("--timeout", type=float, default=600)
+    k.add_argument("--sample-s", type=float, default=0.25)
+    k.add_argument("--poll-s", type=float, default=0.2)
+    for x in (b, k):
+        x.add_argument("--mock-url", default="")
+        x.add_argument("--mock-pid", type=int, default=0)
+        x.add_argument("--broker-pid", type=int, default=0)
+        x.add_argument("--pg-pid", type=int, default=0)
+        x.add_argument("--workdir", default="/tmp")
     t = sub.add_parser("table")
     t.add_argument("results")
     a = p.parse_args()
@@ -639,6 +1092,10 @@ def main():
         return cmd_table(a)
     if a.cmd == "batch":
         return cmd_batch(a)
+    if a.cmd == "burst":
+        return cmd_burst(a)
+    if a.cmd == "tokens":
+        return cmd_tokens(a)
     return cmd_latency(a)
 
 

@@ -153,6 +153,29 @@ agentq_stop() {
     WORKER_PID=
 }
 
+# agentq_start_n N CONCURRENCY [KEY=VALUE ...]: N worker processes on the
+# current mock and database, each with its own worker id (bench-worker-1
+# .. bench-worker-N) and its own metrics port, started one after the
+# other. Sets WORKER_PIDS and WORKER_METRICS_URLS (one entry per process);
+# WORKER_PID / WORKER_METRICS are the last one's.
+agentq_start_n() {
+    local n=$1 conc=$2 i
+    shift 2
+    WORKER_PIDS=()
+    WORKER_METRICS_URLS=()
+    for ((i = 1; i <= n; i++)); do
+        AGENTQ_WORKER_ID=bench-worker-$i agentq_start "$conc" "$@"
+        WORKER_PIDS+=("$WORKER_PID")
+        WORKER_METRICS_URLS+=("$WORKER_METRICS")
+    done
+}
+
+agentq_stop_n() { # the processes of agentq_start_n, one by one
+    for WORKER_PID in "${WORKER_PIDS[@]}"; do agentq_stop; done
+    WORKER_PIDS=()
+    WORKER_METRICS_URLS=()
+}
+
 # -------------------------------------------------------------- celery --
 
 bench_celery_deps() {
@@ -174,33 +197,68 @@ celery_env() {
     export BENCH_LLM_URL="$MOCK_URL/v1/chat/completions"
 }
 
+# celery_purge: nothing left over from an earlier run (with late acks, a
+# task whose ack had not gone out when its worker stopped comes back).
+celery_purge() {
+    (cd bench/celery && "$BENCH_PY" -c 'import tasks; tasks.app.control.purge()') >/dev/null 2>&1 ||
+        die "cannot purge the Celery queue"
+}
+
+# celery_launch POOL CONCURRENCY NAME: one Celery worker (node NAME@host)
+# in the background; sets CELERY_PID. celery_wait_ready NAME waits for its
+# worker_ready signal.
+celery_launch() {
+    local pool=$1 conc=$2 name=$3 dbpool=0
+    rm -f "$BENCH_WORK/celery-$name.ready"
+    [[ "$pool" == gevent ]] && dbpool=${BENCH_DB_POOL:-1}
+    # Best settings for throughput: no gossip/mingle/heartbeat chatter.
+    (
+        cd bench/celery &&
+            BENCH_READY_FILE=$BENCH_WORK/celery-$name.ready BENCH_HTTP_POOL=$conc BENCH_DB_POOL=$dbpool \
+                exec "$BENCH_PY" -m celery -A tasks worker \
+                -P "$pool" -c "$conc" --loglevel=WARNING --without-gossip --without-mingle \
+                --without-heartbeat -n "$name@%h"
+    ) >>"$BENCH_WORK/celery.log" 2>&1 &
+    CELERY_PID=$!
+    BENCH_PIDS+=("$CELERY_PID")
+}
+
+celery_wait_ready() { # NAME PID
+    local i
+    for ((i = 0; i < 1800; i++)); do
+        [[ -s "$BENCH_WORK/celery-$1.ready" ]] && return 0
+        kill -0 "$2" 2>/dev/null || die "celery exited at start (see $BENCH_WORK/celery.log)"
+        sleep 0.1
+    done
+    die "celery not ready after 180s (see $BENCH_WORK/celery.log)"
+}
+
 # celery_start POOL CONCURRENCY: a Celery worker (prefork or gevent) on the
 # current mock; waits for its worker_ready signal. Sets CELERY_PID (the
 # main process; the pool's children are found under it).
 celery_start() {
-    local pool=$1 conc=$2 ready=$BENCH_WORK/celery.ready dbpool=0
-    rm -f "$ready"
-    [[ "$pool" == gevent ]] && dbpool=${BENCH_DB_POOL:-1}
-    # Nothing left over from an earlier run (with late acks, a task whose
-    # ack had not gone out when its worker stopped comes back).
-    (cd bench/celery && "$BENCH_PY" -c 'import tasks; tasks.app.control.purge()') >/dev/null 2>&1 ||
-        die "cannot purge the Celery queue"
-    # Best settings for throughput: no gossip/mingle/heartbeat chatter.
-    (
-        cd bench/celery &&
-            BENCH_READY_FILE=$ready BENCH_HTTP_POOL=$conc BENCH_DB_POOL=$dbpool exec "$BENCH_PY" -m celery -A tasks worker \
-                -P "$pool" -c "$conc" --loglevel=WARNING --without-gossip --without-mingle \
-                --without-heartbeat -n "bench@%h"
-    ) >>"$BENCH_WORK/celery.log" 2>&1 &
-    CELERY_PID=$!
-    BENCH_PIDS+=("$CELERY_PID")
-    local i
-    for ((i = 0; i < 1800; i++)); do
-        [[ -s "$ready" ]] && return 0
-        kill -0 "$CELERY_PID" 2>/dev/null || die "celery exited at start (see $BENCH_WORK/celery.log)"
-        sleep 0.1
+    celery_purge
+    celery_launch "$1" "$2" bench
+    celery_wait_ready bench "$CELERY_PID"
+}
+
+# celery_start_n N POOL CONCURRENCY: N Celery workers (nodes bench1..benchN,
+# each its own process and pool), started at once; waits for all of them.
+# Sets CELERY_PIDS.
+celery_start_n() {
+    local n=$1 pool=$2 conc=$3 i
+    celery_purge
+    CELERY_PIDS=()
+    for ((i = 1; i <= n; i++)); do
+        celery_launch "$pool" "$conc" "bench$i"
+        CELERY_PIDS+=("$CELERY_PID")
     done
-    die "celery not ready after 180s (see $BENCH_WORK/celery.log)"
+    for ((i = 1; i <= n; i++)); do celery_wait_ready "bench$i" "${CELERY_PIDS[i - 1]}"; done
+}
+
+celery_stop_n() {
+    for CELERY_PID in "${CELERY_PIDS[@]}"; do celery_stop; done
+    CELERY_PIDS=()
 }
 
 celery_stop() {

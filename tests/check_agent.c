@@ -16,6 +16,8 @@
 
 #include <arpa/inet.h>
 #include <check.h>
+#include "held.h"
+#include "suite.h"
 #include "testenv.h"
 #include <event2/buffer.h>
 #include <event2/event.h>
@@ -28,7 +30,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/queue.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -42,44 +43,17 @@
 
 /* ---- the tool server (and the rogue model) ----------------------------- */
 
-struct srv;
-
-struct held {
-    struct srv *srv;
-    struct evhttp_request *req;
-    struct event *ev;
-    LIST_ENTRY(held) link;
-};
-
 struct srv {
-    struct event_base *base;
     struct evhttp *http;
     int port;
-    int slow_now, slow_peak, slow_total;
+    aq_test_held_set slow; /* the /slow requests */
     int rogue_requests;
-    LIST_HEAD(, held) held;
 };
 
 static void reply(struct evhttp_request *r, int code, const char *body, size_t len)
 {
     evbuffer_add(evhttp_request_get_output_buffer(r), body, len);
     evhttp_send_reply(r, code, code == 200 ? "OK" : "Error", NULL);
-}
-
-static void held_done(struct held *h)
-{
-    LIST_REMOVE(h, link);
-    event_free(h->ev);
-    h->srv->slow_now--;
-    reply(h->req, 200, "slow done", 9);
-    free(h);
-}
-
-static void on_held(evutil_socket_t fd, short what, void *arg)
-{
-    (void)fd;
-    (void)what;
-    held_done(arg);
 }
 
 /* A model that ignores the offered tools: its first reply calls
@@ -193,16 +167,7 @@ static void srv_handle(struct evhttp_request *r, void *arg)
     if (!strncmp(path, "/echo/", 6)) {
         echo_key(r, path + 6);
     } else if (!strcmp(path, "/slow")) {
-        struct held *h = calloc(1, sizeof *h);
-        ck_assert_ptr_nonnull(h);
-        h->srv = s;
-        h->req = r;
-        h->ev = evtimer_new(s->base, on_held, h);
-        struct timeval tv = {0, SLOW_MS * 1000};
-        evtimer_add(h->ev, &tv);
-        LIST_INSERT_HEAD(&s->held, h, link);
-        s->slow_total++;
-        if (++s->slow_now > s->slow_peak) s->slow_peak = s->slow_now;
+        aq_test_hold(&s->slow, r, SLOW_MS, 200, "slow done");
     } else if (!strcmp(path, "/big")) {
         char *b = malloc(BIG_BYTES);
         ck_assert_ptr_nonnull(b);
@@ -220,16 +185,14 @@ static struct srv *srv_start(struct event_base *base)
 {
     struct srv *s = calloc(1, sizeof *s);
     ck_assert_ptr_nonnull(s);
-    s->base = base;
-    LIST_INIT(&s->held);
+    aq_test_held_init(&s->slow, base);
     s->http = aq_test_httpd(base, srv_handle, s, &s->port);
     return s;
 }
 
 static void srv_stop(struct srv *s)
 {
-    struct held *h;
-    while ((h = LIST_FIRST(&s->held)) != NULL) held_done(h);
+    aq_test_held_flush(&s->slow, 200, "slow done");
     evhttp_free(s->http);
     free(s);
 }
@@ -549,14 +512,50 @@ static aq_mockllm_config mock_defaults(void)
     return mc;
 }
 
+/* The fixture on the default mock, started: how most tests begin. */
+static void fx_start_default(fx *f)
+{
+    aq_mockllm_config mc = mock_defaults();
+    fx_init(f, &mc);
+    fx_start(f);
+}
+
+/* What the mock has counted so far. */
+static aq_mockllm_stats mock_stats(const fx *f)
+{
+    aq_mockllm_stats st;
+    aq_mockllm_get_stats(f->mock, &st);
+    return st;
+}
+
+/* The fixture's step rows are the `n` tries of step 1 (seq 1 .. n), every
+ * one of them an LLM call that failed. */
+static void assert_failed_tries(const fx *f, size_t n)
+{
+    ck_assert_uint_eq(f->nrows, n);
+    for (size_t i = 0; i < f->nrows; i++) {
+        ck_assert_str_eq(f->rows[i].kind, "llm");
+        ck_assert_str_eq(f->rows[i].status, "error");
+        ck_assert_int_eq(f->rows[i].step, 1);
+        ck_assert_int_eq(f->rows[i].seq, (int)i + 1);
+    }
+}
+
+/* The session ended with `status`, `retryable` as given, after `steps`. */
+static void assert_outcome(const run *r, const char *status, bool retryable, int steps)
+{
+    ck_assert_str_eq(r->status, status);
+    ck_assert_msg(r->retryable == retryable, "%s: retryable is %d, want %d", r->status,
+                  r->retryable, retryable);
+    ck_assert_int_eq(r->steps, steps);
+}
+
 /* ---- core ---------------------------------------------------------------- */
 
 START_TEST(test_completed)
 {
     fx f;
-    aq_mockllm_config mc = mock_defaults();
-    fx_init(&f, &mc);
-    fx_start(&f);
+    fx_start_default(&f);
     run r;
     start(&f, &r, "{\"user_id\":\"u1\",\"goal\":\"steps=3\"}");
     ck_assert_uint_eq(aq_engine_sessions(f.engine), 1);
@@ -597,8 +596,7 @@ START_TEST(test_completed)
     }
     assert_accounting(&f, &r);
     /* what the provider counted is what the task is charged */
-    aq_mockllm_stats st;
-    aq_mockllm_get_stats(f.mock, &st);
+    aq_mockllm_stats st = mock_stats(&f);
     ck_assert_uint_eq(st.requests, 4);
     ck_assert_uint_eq(st.prompt_tokens, (uint64_t)r.prompt_tokens);
     ck_assert_uint_eq(st.completion_tokens, (uint64_t)r.completion_tokens);
@@ -610,17 +608,15 @@ END_TEST
 START_TEST(test_parallel_tools)
 {
     fx f;
-    aq_mockllm_config mc = mock_defaults();
-    fx_init(&f, &mc);
-    fx_start(&f);
+    fx_start_default(&f);
     run r;
     start(&f, &r, "{\"user_id\":\"u1\",\"goal\":\"steps=1 parallel=3 tool=slow\"}");
     run_all(&f, 10000);
 
     ck_assert_str_eq(r.status, "completed");
     ck_assert_int_eq(r.steps, 2);
-    ck_assert_int_eq(f.srv->slow_total, 3);
-    ck_assert_int_eq(f.srv->slow_peak, 3); /* all three were held at once */
+    ck_assert_int_eq(f.srv->slow.total, 3);
+    ck_assert_int_eq(f.srv->slow.peak, 3); /* all three were held at once */
     ck_assert_uint_eq(count_rows(&f, NULL, "tool", "ok"), 3);
     int64_t last_start = 0, first_end = INT64_MAX, first_start = INT64_MAX, last_end = 0;
     bool seqs[4] = {false};
@@ -651,9 +647,7 @@ END_TEST
 START_TEST(test_calculator_verified)
 {
     fx f;
-    aq_mockllm_config mc = mock_defaults();
-    fx_init(&f, &mc);
-    fx_start(&f);
+    fx_start_default(&f);
     run r[3];
     for (int i = 0; i < 3; i++) start(&f, &r[i], "{\"user_id\":\"u1\",\"goal\":\"calc\"}");
     run_all(&f, 10000);
@@ -687,9 +681,7 @@ static void on_cancel_ev(evutil_socket_t fd, short what, void *arg)
 START_TEST(test_cancelled)
 {
     fx f;
-    aq_mockllm_config mc = mock_defaults();
-    fx_init(&f, &mc);
-    fx_start(&f);
+    fx_start_default(&f);
     f.cancel_ev = event_new(f.base, -1, 0, on_cancel_ev, &f);
 
     /* after the first step, from the loop (as the worker's NOTIFY does),
@@ -706,13 +698,11 @@ START_TEST(test_cancelled)
 
     ck_assert_int_eq(a.calls, 1);
     ck_assert(!a.cb_in_cancel);
-    ck_assert_str_eq(a.status, "cancelled");
-    ck_assert(!a.retryable);
-    ck_assert_int_eq(a.steps, 1);
+    assert_outcome(&a, "cancelled", false, 1);
     ck_assert_ptr_null(a.result);
     ck_assert_msg((a.end_mono - a.start_mono) < 1000000, "cancel took %lld us",
                   (long long)(a.end_mono - a.start_mono));
-    ck_assert_int_le(f.srv->slow_total, 1);
+    ck_assert_int_le(f.srv->slow.total, 1);
     ck_assert_uint_eq(count_rows(&f, a.task->task_id, "tool", "ok"), 0);
     assert_accounting(&f, &a);
 
@@ -725,8 +715,7 @@ START_TEST(test_cancelled)
     /* while the LLM call is in flight: the transfer is aborted */
     start(&f, &c, "{\"user_id\":\"u3\",\"goal\":\"sleep=3000\"}");
     spin(&f, 150);
-    aq_mockllm_stats st;
-    aq_mockllm_get_stats(f.mock, &st);
+    aq_mockllm_stats st = mock_stats(&f);
     ck_assert_uint_eq(st.in_flight, 1);
     int64_t t0 = aq_mono_us();
     do_cancel(&c, NULL);
@@ -735,7 +724,7 @@ START_TEST(test_cancelled)
     ck_assert_int_eq(c.steps, 0);
     ck_assert_msg(c.end_mono - t0 < 500000, "cancel took %lld us", (long long)(c.end_mono - t0));
     ck_assert_uint_eq(mock_drained(&f, 2000), 0);
-    aq_mockllm_get_stats(f.mock, &st);
+    st = mock_stats(&f);
     ck_assert_uint_ge(st.cancelled, 1);
     aq_http_stats hs;
     aq_http_stats_get(f.http, &hs);
@@ -751,20 +740,14 @@ END_TEST
 START_TEST(test_max_steps)
 {
     fx f;
-    aq_mockllm_config mc = mock_defaults();
-    fx_init(&f, &mc);
-    fx_start(&f);
+    fx_start_default(&f);
     run r;
     start(&f, &r, "{\"user_id\":\"u1\",\"goal\":\"loop\",\"max_steps\":3}");
     run_all(&f, 10000);
-    ck_assert_str_eq(r.status, "max_steps");
-    ck_assert(!r.retryable);
-    ck_assert_int_eq(r.steps, 3);
+    assert_outcome(&r, "max_steps", false, 3);
     ck_assert_ptr_null(r.result);
     ck_assert_ptr_nonnull(strstr(r.error, "max_steps"));
-    aq_mockllm_stats st;
-    aq_mockllm_get_stats(f.mock, &st);
-    ck_assert_uint_eq(st.requests, 3);
+    ck_assert_uint_eq(mock_stats(&f).requests, 3);
     /* the third reply's tool calls still ran and were recorded */
     ck_assert_uint_eq(count_rows(&f, NULL, "llm", "ok"), 3);
     ck_assert_uint_eq(count_rows(&f, NULL, "tool", "ok"), 3);
@@ -779,22 +762,17 @@ END_TEST
 START_TEST(test_timeout)
 {
     fx f;
-    aq_mockllm_config mc = mock_defaults();
-    fx_init(&f, &mc);
-    fx_start(&f);
+    fx_start_default(&f);
     run r;
     start(&f, &r, "{\"user_id\":\"u1\",\"goal\":\"sleep=3000\",\"timeout_seconds\":0.5}");
     run_all(&f, 5000);
     int64_t took = r.end_mono - r.start_mono;
-    ck_assert_str_eq(r.status, "timeout");
-    ck_assert(!r.retryable);
-    ck_assert_int_eq(r.steps, 0);
+    assert_outcome(&r, "timeout", false, 0);
     ck_assert_ptr_nonnull(strstr(r.error, "timeout_seconds"));
     ck_assert_msg(took >= 450000 && took < 1500000, "timed out after %lld us", (long long)took);
     /* the transfer was aborted: the mock saw its client leave */
     ck_assert_uint_eq(mock_drained(&f, 2000), 0);
-    aq_mockllm_stats st;
-    aq_mockllm_get_stats(f.mock, &st);
+    aq_mockllm_stats st = mock_stats(&f);
     ck_assert_uint_eq(st.cancelled, 1);
     ck_assert_uint_eq(st.completed, 0);
     /* the aborted call is on record, as a try of step 1 */
@@ -825,9 +803,7 @@ END_TEST
 START_TEST(test_deadline_passed)
 {
     fx f;
-    aq_mockllm_config mc = mock_defaults();
-    fx_init(&f, &mc);
-    fx_start(&f);
+    fx_start_default(&f);
     /* a redelivered task whose absolute deadline has gone by */
     run r;
     memset(&r, 0, sizeof r);
@@ -840,9 +816,7 @@ START_TEST(test_deadline_passed)
     ck_assert_str_eq(r.status, "timeout");
     ck_assert_int_eq(r.steps, 0);
     spin(&f, 50);
-    aq_mockllm_stats st;
-    aq_mockllm_get_stats(f.mock, &st);
-    ck_assert_uint_eq(st.requests, 0); /* nothing was sent */
+    ck_assert_uint_eq(mock_stats(&f).requests, 0); /* nothing was sent */
     ck_assert_uint_eq(f.nrows, 0);
     run_free(&r);
     fx_stop(&f);
@@ -852,9 +826,7 @@ END_TEST
 START_TEST(test_budget)
 {
     fx f;
-    aq_mockllm_config mc = mock_defaults();
-    fx_init(&f, &mc);
-    fx_start(&f);
+    fx_start_default(&f);
     /* 100000 completion tokens at $15/M = $1.50 a call */
     run a, b;
     start(&f, &a, "{\"user_id\":\"u1\",\"goal\":\"loop tokens=100000\",\"budget_usd\":0.01}");
@@ -862,9 +834,7 @@ START_TEST(test_budget)
     start(&f, &b, "{\"user_id\":\"u2\",\"goal\":\"loop tokens=100000\",\"budget_usd\":3.2}");
     run_all(&f, 10000);
 
-    ck_assert_str_eq(a.status, "budget_exceeded");
-    ck_assert(!a.retryable);
-    ck_assert_int_eq(a.steps, 1);
+    assert_outcome(&a, "budget_exceeded", false, 1);
     ck_assert(a.cost > 1.5 && a.cost < 1.6);
     ck_assert_ptr_nonnull(strstr(a.error, "budget_usd"));
     assert_accounting(&f, &a);
@@ -875,9 +845,7 @@ START_TEST(test_budget)
     ck_assert(b.cost > 3.2);
     assert_accounting(&f, &b);
 
-    aq_mockllm_stats st;
-    aq_mockllm_get_stats(f.mock, &st);
-    ck_assert_uint_eq(st.requests, 4);
+    ck_assert_uint_eq(mock_stats(&f).requests, 4);
     run_free(&a);
     run_free(&b);
     fx_stop(&f);
@@ -980,8 +948,7 @@ START_TEST(test_thousand_sessions)
         run_free(&r[i]);
     }
     free(r);
-    aq_mockllm_stats st;
-    aq_mockllm_get_stats(f.mock, &st);
+    aq_mockllm_stats st = mock_stats(&f);
     ck_assert_uint_eq(st.completed, 2 * N);
     ck_assert_msg(st.peak_in_flight >= 900, "peak in flight at the mock: %llu",
                   (unsigned long long)st.peak_in_flight);
@@ -1011,8 +978,7 @@ START_TEST(test_rate_limited)
         start(&f, &r[i], body);
     }
     run_all(&f, 15000);
-    aq_mockllm_stats st;
-    aq_mockllm_get_stats(f.mock, &st);
+    aq_mockllm_stats st = mock_stats(&f);
     ck_assert_uint_gt(st.rate_limited, 0);
     ck_assert_uint_eq(st.completed, 5 * N);
     ck_assert_uint_eq(st.requests, st.completed + st.rate_limited);
@@ -1063,8 +1029,7 @@ START_TEST(test_faults_retried)
     snprintf(goal, sizeof goal, "{\"user_id\":\"u1\",\"goal\":\"steps=%d\"}", fc->tool_steps);
     for (int i = 0; i < fc->sessions; i++) start(&f, &r[i], goal);
     run_all(&f, 15000);
-    aq_mockllm_stats st;
-    aq_mockllm_get_stats(f.mock, &st);
+    aq_mockllm_stats st = mock_stats(&f);
     uint64_t faults = fc->hang_rate ? st.hung : fc->malformed_rate ? st.malformed : st.failures;
     ck_assert_msg(faults > 0, "%s: the mock injected no fault", fc->name);
     ck_assert_uint_eq(st.completed, (uint64_t)(fc->tool_steps + 1) * (uint64_t)fc->sessions);
@@ -1093,24 +1058,15 @@ START_TEST(test_server_errors_exhausted)
     run r;
     start(&f, &r, "{\"user_id\":\"u1\",\"goal\":\"fail=500\"}");
     run_all(&f, 10000);
-    ck_assert_str_eq(r.status, "failed");
-    ck_assert(r.retryable);
-    ck_assert_int_eq(r.steps, 0);
+    assert_outcome(&r, "failed", true, 0);
     ck_assert_msg(strstr(r.error, "2 retries") && strstr(r.error, "500"), "error: %s", r.error);
-    aq_mockllm_stats st;
-    aq_mockllm_get_stats(f.mock, &st);
-    ck_assert_uint_eq(st.requests, 3); /* the call and its 2 retries */
+    ck_assert_uint_eq(mock_stats(&f).requests, 3); /* the call and its 2 retries */
     /* the three tries of step 1: seq 1, 2, 3, each with the provider's word */
-    ck_assert_uint_eq(f.nrows, 3);
-    for (size_t i = 0; i < f.nrows; i++) {
-        ck_assert_str_eq(f.rows[i].kind, "llm");
-        ck_assert_str_eq(f.rows[i].status, "error");
-        ck_assert_int_eq(f.rows[i].step, 1);
-        ck_assert_int_eq(f.rows[i].seq, (int)i + 1);
+    assert_failed_tries(&f, 3);
+    for (size_t i = 0; i < f.nrows; i++)
         ck_assert_msg(strstr(f.rows[i].detail, "\"http_status\":500") &&
                           strstr(f.rows[i].detail, "fail=500"),
                       "detail: %s", f.rows[i].detail);
-    }
     run_free(&r);
     fx_stop(&f);
 }
@@ -1119,23 +1075,17 @@ END_TEST
 START_TEST(test_client_error)
 {
     fx f;
-    aq_mockllm_config mc = mock_defaults();
-    fx_init(&f, &mc);
-    fx_start(&f);
+    fx_start_default(&f);
     run r, k;
     start(&f, &r, "{\"user_id\":\"u1\",\"goal\":\"fail=400\"}");
     start(&f, &k, "{\"user_id\":\"u1\",\"goal\":\"fail=401\"}");
     run_all(&f, 10000);
-    ck_assert_str_eq(r.status, "failed");
-    ck_assert(!r.retryable);
-    ck_assert_int_eq(r.steps, 0);
+    assert_outcome(&r, "failed", false, 0);
     ck_assert_msg(strstr(r.error, "the goal asked for fail=400") && strstr(r.error, "400"),
                   "error: %s", r.error);
     ck_assert_str_eq(k.status, "failed");
     ck_assert(!k.retryable);
-    aq_mockllm_stats st;
-    aq_mockllm_get_stats(f.mock, &st);
-    ck_assert_uint_eq(st.requests, 2); /* no retries */
+    ck_assert_uint_eq(mock_stats(&f).requests, 2); /* no retries */
     run_free(&r);
     run_free(&k);
     fx_stop(&f);
@@ -1298,11 +1248,8 @@ END_TEST
  * attempt fails as retryable with curl's reason. */
 START_TEST(test_connection_refused_retried)
 {
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    ck_assert_int_ge(fd, 0);
-    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    ck_assert_int_eq(bind(fd, (struct sockaddr *)&sin, sizeof sin), 0);
-    int port = aq_test_bound_port(fd); /* bound, not listening: connect is refused */
+    int port;
+    int fd = aq_test_loopback_socket(0, &port); /* bound, not listening: connect is refused */
     fx f;
     fx_init(&f, NULL);
     char url[128];
@@ -1314,19 +1261,12 @@ START_TEST(test_connection_refused_retried)
     start(&f, &r, "{\"user_id\":\"u1\",\"goal\":\"anything\"}");
     run_all(&f, 10000);
     close(fd);
-    ck_assert_str_eq(r.status, "failed");
-    ck_assert(r.retryable);
-    ck_assert_int_eq(r.steps, 0);
+    assert_outcome(&r, "failed", true, 0);
     ck_assert_msg(strstr(r.error, "LLM call failed after 2 retries: "), "error: %s", r.error);
-    ck_assert_uint_eq(f.nrows, 3);
-    for (size_t i = 0; i < f.nrows; i++) {
-        ck_assert_str_eq(f.rows[i].kind, "llm");
-        ck_assert_str_eq(f.rows[i].status, "error");
-        ck_assert_int_eq(f.rows[i].step, 1);
-        ck_assert_int_eq(f.rows[i].seq, (int)i + 1);
+    assert_failed_tries(&f, 3);
+    for (size_t i = 0; i < f.nrows; i++)
         ck_assert_msg(!strstr(f.rows[i].detail, "http_status") && strstr(f.rows[i].detail, "\"error\""),
                       "detail: %s", f.rows[i].detail);
-    }
     ck_assert_int_eq(f.srv->rogue_requests, 0);
     run_free(&r);
     fx_stop(&f);
@@ -1335,39 +1275,20 @@ END_TEST
 
 static Suite *agent_suite(void)
 {
-    Suite *s = suite_create("agent");
-
-    TCase *core = tcase_create("core");
-    tcase_set_timeout(core, 30);
-    tcase_add_test(core, test_completed);
-    tcase_add_test(core, test_parallel_tools);
-    tcase_add_test(core, test_calculator_verified);
-    tcase_add_test(core, test_cancelled);
-    tcase_add_test(core, test_max_steps);
-    suite_add_tcase(s, core);
-
-    TCase *limits = tcase_create("limits");
-    tcase_set_timeout(limits, 60);
-    tcase_add_test(limits, test_timeout);
-    tcase_add_test(limits, test_deadline_passed);
-    tcase_add_test(limits, test_budget);
-    tcase_add_test(limits, test_too_many_tool_calls);
-    tcase_add_test(limits, test_history_cap);
-    tcase_add_test(limits, test_thousand_sessions);
-    suite_add_tcase(s, limits);
-
-    TCase *errors = tcase_create("errors");
-    tcase_set_timeout(errors, 30);
-    tcase_add_test(errors, test_rate_limited);
-    tcase_add_loop_test(errors, test_faults_retried, 0, (int)AQ_ARRAY_LEN(fault_cases));
-    tcase_add_test(errors, test_server_errors_exhausted);
-    tcase_add_test(errors, test_client_error);
-    tcase_add_test(errors, test_api_key);
-    tcase_add_test(errors, test_key_echo_masked);
-    tcase_add_test(errors, test_skill_subset);
-    tcase_add_test(errors, test_connection_refused_retried);
-    suite_add_tcase(s, errors);
-    return s;
+    const TTest *core[] = {test_completed, test_parallel_tools, test_calculator_verified,
+                           test_cancelled, test_max_steps};
+    const TTest *limits[] = {test_timeout, test_deadline_passed, test_budget,
+                             test_too_many_tool_calls, test_history_cap, test_thousand_sessions};
+    const TTest *errors[] = {test_rate_limited, test_server_errors_exhausted, test_client_error,
+                             test_api_key, test_key_echo_masked, test_skill_subset,
+                             test_connection_refused_retried};
+    const aq_tcase_spec tcases[] = {
+        {.name = "core", .tests = core, .n_tests = AQ_ARRAY_LEN(core), .timeout_s = 30},
+        {.name = "limits", .tests = limits, .n_tests = AQ_ARRAY_LEN(limits), .timeout_s = 60},
+        {.name = "errors", .tests = errors, .n_tests = AQ_ARRAY_LEN(errors), .timeout_s = 30,
+         .loop_test = test_faults_retried, .loops = (int)AQ_ARRAY_LEN(fault_cases)},
+    };
+    return aq_test_suite("agent", tcases, AQ_ARRAY_LEN(tcases));
 }
 
 int main(void) { return aq_test_run_http(agent_suite()); }

@@ -5,6 +5,7 @@
 #include "agentq/calc.h"
 
 #include <check.h>
+#include "suite.h"
 #include "testenv.h"
 #include <math.h>
 #include <stdlib.h>
@@ -304,34 +305,18 @@ END_TEST
 
 static Suite *calc_suite(void)
 {
-    Suite *s = suite_create("calc");
-
-    TCase *core = tcase_create("core");
-    tcase_add_test(core, test_precedence);
-    tcase_add_test(core, test_associativity);
-    tcase_add_test(core, test_unary);
-    tcase_add_test(core, test_modulo_on_doubles);
-    tcase_add_test(core, test_numbers);
-    tcase_add_test(core, test_whitespace);
-    tcase_add_test(core, test_len_not_nul);
-    tcase_add_test(core, test_format);
-    suite_add_tcase(s, core);
-
-    TCase *limits = tcase_create("limits");
-    tcase_add_test(limits, test_long_input);
-    tcase_add_test(limits, test_nesting_at_limit);
-    tcase_add_test(limits, test_nesting_too_deep);
-    tcase_add_test(limits, test_non_finite);
-    suite_add_tcase(s, limits);
-
-    TCase *errors = tcase_create("errors");
-    tcase_add_test(errors, test_division_by_zero);
-    tcase_add_test(errors, test_syntax_positions);
-    tcase_add_test(errors, test_syntax_beats_arithmetic);
-    tcase_add_test(errors, test_err_buffer);
-    suite_add_tcase(s, errors);
-
-    return s;
+    const TTest *core[] = {test_precedence, test_associativity, test_unary, test_modulo_on_doubles,
+                           test_numbers, test_whitespace, test_len_not_nul, test_format};
+    const TTest *limits[] = {test_long_input, test_nesting_at_limit, test_nesting_too_deep,
+                             test_non_finite};
+    const TTest *errors[] = {test_division_by_zero, test_syntax_positions,
+                             test_syntax_beats_arithmetic, test_err_buffer};
+    const aq_tcase_spec tcases[] = {
+        {.name = "core", .tests = core, .n_tests = AQ_ARRAY_LEN(core)},
+        {.name = "limits", .tests = limits, .n_tests = AQ_ARRAY_LEN(limits)},
+        {.name = "errors", .tests = errors, .n_tests = AQ_ARRAY_LEN(errors)},
+    };
+    return aq_test_suite("calc", tcases, AQ_ARRAY_LEN(tcases));
 }
 
 int main(void)

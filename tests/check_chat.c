@@ -6,6 +6,7 @@
 #include "agentq/chat.h"
 
 #include <check.h>
+#include "suite.h"
 #include "testenv.h"
 #include <jansson.h>
 #include <stdio.h>
@@ -38,6 +39,17 @@ static void parse_ok(const char *body, aq_chat_reply *r)
     ck_assert_msg(rc == AQ_OK, "parse failed: %s", err);
 }
 
+/* Adds to c a reply with n tool calls (ids "<prefix>_<i>"), parsed into
+ * *r for the test to read; the caller frees *r (the chat keeps copies). */
+static void add_calls(aq_chat *c, const char *prefix, int n, aq_chat_reply *r)
+{
+    char *body = reply_with_calls(prefix, n);
+    parse_ok(body, r);
+    char err[128] = "";
+    ck_assert_msg(aq_chat_add_reply(c, r, err, sizeof err) == AQ_OK, "add_reply: %s", err);
+    free(body);
+}
+
 /* Parses the request body and returns its "messages" (caller decrefs root). */
 static json_t *request_json(const aq_chat *c, const char *tools, json_t **messages)
 {
@@ -65,11 +77,9 @@ static void add_turn(aq_chat *c, int k, size_t n)
 {
     char prefix[16];
     snprintf(prefix, sizeof prefix, "t%d", k);
-    char *body = reply_with_calls(prefix, 1);
     aq_chat_reply r;
-    parse_ok(body, &r);
+    add_calls(c, prefix, 1, &r);
     char err[128] = "";
-    ck_assert_int_eq(aq_chat_add_reply(c, &r, err, sizeof err), AQ_OK);
     char id[24];
     snprintf(id, sizeof id, "t%d_0", k);
     char *content = malloc(n + 1);
@@ -78,7 +88,6 @@ static void add_turn(aq_chat *c, int k, size_t n)
                      AQ_OK);
     free(content);
     aq_chat_reply_free(&r);
-    free(body);
 }
 
 /* Checks every tool message follows an assistant message that made its call,
@@ -121,11 +130,9 @@ START_TEST(test_request_order_and_tools)
 {
     aq_chat *c = aq_chat_new(SYS, GOAL, 65536);
     ck_assert_ptr_nonnull(c);
-    char *body = reply_with_calls("call", 2);
     aq_chat_reply r;
-    parse_ok(body, &r);
+    add_calls(c, "call", 2, &r);
     char err[128] = "";
-    ck_assert_int_eq(aq_chat_add_reply(c, &r, err, sizeof err), AQ_OK);
     ck_assert_uint_eq(aq_chat_pending(c), 2);
     ck_assert_int_eq(aq_chat_add_tool_result(c, "call_1", NULL, "1", 1, err, sizeof err), AQ_OK);
     ck_assert_int_eq(aq_chat_add_tool_result(c, "call_0", "calculator", "0", 1, err, sizeof err),
@@ -185,7 +192,6 @@ START_TEST(test_request_order_and_tools)
 
     free(tools);
     aq_chat_reply_free(&r);
-    free(body);
     aq_chat_free(c);
 }
 END_TEST
@@ -470,10 +476,8 @@ START_TEST(test_cap_keeps_multi_call_turn_whole)
     for (int k = 0; k < 6; k++) {
         char prefix[16];
         snprintf(prefix, sizeof prefix, "m%d", k);
-        char *body = reply_with_calls(prefix, 3);
         aq_chat_reply r;
-        parse_ok(body, &r);
-        ck_assert_int_eq(aq_chat_add_reply(c, &r, err, sizeof err), AQ_OK);
+        add_calls(c, prefix, 3, &r);
         for (int i = 0; i < 3; i++) {
             char content[150];
             memset(content, 'z', sizeof content);
@@ -486,7 +490,6 @@ START_TEST(test_cap_keeps_multi_call_turn_whole)
         ck_assert_uint_eq(check_pairing(msgs), aq_chat_turns(c));
         json_decref(root);
         aq_chat_reply_free(&r);
-        free(body);
     }
     ck_assert_uint_gt(aq_chat_dropped(c), 0);
     aq_chat_free(c);
@@ -542,11 +545,9 @@ START_TEST(test_huge_tool_result_truncated)
 {
     const size_t cap = 65536;
     aq_chat *c = aq_chat_new(SYS, GOAL, cap);
-    char *body = reply_with_calls("h", 1);
     aq_chat_reply r;
-    parse_ok(body, &r);
+    add_calls(c, "h", 1, &r);
     char err[128];
-    ck_assert_int_eq(aq_chat_add_reply(c, &r, err, sizeof err), AQ_OK);
     size_t n = 10 * 1024 * 1024;
     char *huge = malloc(n);
     /* Multi-byte characters throughout, so a cut inside one would show. */
@@ -575,7 +576,6 @@ START_TEST(test_huge_tool_result_truncated)
 
     free(huge);
     aq_chat_reply_free(&r);
-    free(body);
     aq_chat_free(c);
 }
 END_TEST
@@ -586,11 +586,9 @@ START_TEST(test_results_share_the_quarter)
      * results stay near cap/4 however many calls it made. */
     const size_t cap = 65536;
     aq_chat *c = aq_chat_new(NULL, GOAL, cap);
-    char *body = reply_with_calls("s", 8);
     aq_chat_reply r;
-    parse_ok(body, &r);
+    add_calls(c, "s", 8, &r);
     char err[128];
-    ck_assert_int_eq(aq_chat_add_reply(c, &r, err, sizeof err), AQ_OK);
     size_t before = aq_chat_bytes(c);
     char *big = malloc(100000);
     memset(big, '\n', 100000); /* escapes to 2 bytes each */
@@ -606,14 +604,11 @@ START_TEST(test_results_share_the_quarter)
                                        + strlen(AQ_CHAT_TRUNCATED));
     json_decref(root);
     aq_chat_reply_free(&r);
-    free(body);
     aq_chat_free(c);
 
     /* Many calls against a small cap still leave each result the floor. */
     c = aq_chat_new(NULL, GOAL, 4096);
-    body = reply_with_calls("f", 8);
-    parse_ok(body, &r);
-    ck_assert_int_eq(aq_chat_add_reply(c, &r, err, sizeof err), AQ_OK);
+    add_calls(c, "f", 8, &r);
     memset(big, 'a', 1000);
     for (int i = 0; i < 8; i++)
         ck_assert_int_eq(aq_chat_add_tool_result(c, r.tool_calls[i].id, NULL, big, 1000, err,
@@ -623,7 +618,6 @@ START_TEST(test_results_share_the_quarter)
     json_decref(root);
     free(big);
     aq_chat_reply_free(&r);
-    free(body);
     aq_chat_free(c);
 }
 END_TEST
@@ -738,10 +732,8 @@ START_TEST(test_history_misuse)
     ck_assert_int_eq(aq_chat_add_tool_result(c, "x", NULL, "r", 1, err, sizeof err), AQ_EINVAL);
     ck_assert_str_eq(err, "no tool call x in the last reply");
 
-    char *body = reply_with_calls("call", 2);
     aq_chat_reply r;
-    parse_ok(body, &r);
-    ck_assert_int_eq(aq_chat_add_reply(c, &r, err, sizeof err), AQ_OK);
+    add_calls(c, "call", 2, &r);
     size_t bytes = aq_chat_bytes(c);
 
     /* Unanswered calls block the next request and the next turn. */
@@ -774,7 +766,6 @@ START_TEST(test_history_misuse)
     ck_assert_int_eq(aq_chat_add_reply(c, &z, err, sizeof err), AQ_EINVAL);
 
     aq_chat_reply_free(&r);
-    free(body);
     aq_chat_free(c);
     aq_chat_free(NULL);
 }
@@ -858,38 +849,21 @@ END_TEST
 
 static Suite *chat_suite(void)
 {
-    Suite *s = suite_create("chat");
-
-    TCase *core = tcase_create("core");
-    tcase_add_test(core, test_request_order_and_tools);
-    tcase_add_test(core, test_round_trip_ids);
-    tcase_add_test(core, test_user_turn_and_escaping);
-    tcase_add_test(core, test_parse_content_reply);
-    tcase_add_test(core, test_parse_two_tool_calls);
-    tcase_add_test(core, test_parse_missing_usage);
-    tcase_add_test(core, test_parse_bad_arguments);
-    tcase_add_test(core, test_parse_lenient_servers);
-    tcase_add_test(core, test_tools_json);
-    suite_add_tcase(s, core);
-
-    TCase *limits = tcase_create("limits");
-    tcase_add_test(limits, test_cap_drops_oldest_turns);
-    tcase_add_test(limits, test_cap_keeps_multi_call_turn_whole);
-    tcase_add_test(limits, test_cap_newest_turn_alone_may_exceed);
-    tcase_add_test(limits, test_huge_tool_result_truncated);
-    tcase_add_test(limits, test_results_share_the_quarter);
-    tcase_add_test(limits, test_tool_call_cap);
-    suite_add_tcase(s, limits);
-
-    TCase *errors = tcase_create("errors");
-    tcase_add_test(errors, test_parse_malformed);
-    tcase_add_test(errors, test_parse_duplicate_keys);
-    tcase_add_test(errors, test_history_misuse);
-    tcase_add_test(errors, test_parse_error_body);
-    tcase_add_test(errors, test_tools_json_errors);
-    suite_add_tcase(s, errors);
-
-    return s;
+    const TTest *core[] = {test_request_order_and_tools, test_round_trip_ids,
+                           test_user_turn_and_escaping, test_parse_content_reply,
+                           test_parse_two_tool_calls, test_parse_missing_usage,
+                           test_parse_bad_arguments, test_parse_lenient_servers, test_tools_json};
+    const TTest *limits[] = {test_cap_drops_oldest_turns, test_cap_keeps_multi_call_turn_whole,
+                             test_cap_newest_turn_alone_may_exceed, test_huge_tool_result_truncated,
+                             test_results_share_the_quarter, test_tool_call_cap};
+    const TTest *errors[] = {test_parse_malformed, test_parse_duplicate_keys, test_history_misuse,
+                             test_parse_error_body, test_tools_json_errors};
+    const aq_tcase_spec tcases[] = {
+        {.name = "core", .tests = core, .n_tests = AQ_ARRAY_LEN(core)},
+        {.name = "limits", .tests = limits, .n_tests = AQ_ARRAY_LEN(limits)},
+        {.name = "errors", .tests = errors, .n_tests = AQ_ARRAY_LEN(errors)},
+    };
+    return aq_test_suite("chat", tcases, AQ_ARRAY_LEN(tcases));
 }
 
 int main(void)

@@ -3,6 +3,7 @@
 #include "agentq/config.h"
 
 #include <check.h>
+#include "suite.h"
 #include "testenv.h"
 #include <stdio.h>
 #include <stdlib.h>
@@ -25,6 +26,18 @@ static void teardown(void)
 {
     if (path[0]) unlink(path);
     path[0] = '\0';
+}
+
+/* Loads a config file holding `text`, which must be refused, and returns
+ * the error (valid until the next call). */
+static const char *load_error(const char *text)
+{
+    static char err[256];
+    err[0] = '\0';
+    aq_config cfg;
+    ck_assert_int_eq(aq_config_load(&cfg, write_conf(text), err, sizeof err), AQ_EINVAL);
+    aq_config_free(&cfg);
+    return err;
 }
 
 START_TEST(defaults_without_file)
@@ -104,52 +117,32 @@ END_TEST
 
 START_TEST(bounds_name_file_line_key)
 {
-    aq_config cfg;
-    char err[256] = "";
-    const char *p = write_conf("worker = {\n  concurrency = 0;\n};\n");
-    ck_assert_int_eq(aq_config_load(&cfg, p, err, sizeof err), AQ_EINVAL);
-    ck_assert_ptr_nonnull(strstr(err, p));
+    const char *err = load_error("worker = {\n  concurrency = 0;\n};\n");
+    ck_assert_ptr_nonnull(strstr(err, path));
     ck_assert_ptr_nonnull(strstr(err, ":2:"));
     ck_assert_ptr_nonnull(strstr(err, "worker.concurrency"));
-    aq_config_free(&cfg);
 }
 END_TEST
 
 START_TEST(unknown_key_named)
 {
-    aq_config cfg;
-    char err[256] = "";
-    const char *p = write_conf("worker = { concurency = 5; };\n");
-    ck_assert_int_eq(aq_config_load(&cfg, p, err, sizeof err), AQ_EINVAL);
+    const char *err = load_error("worker = { concurency = 5; };\n");
     ck_assert_ptr_nonnull(strstr(err, "unknown key 'worker.concurency'"));
-    aq_config_free(&cfg);
 }
 END_TEST
 
 START_TEST(syntax_error_has_line)
 {
-    aq_config cfg;
-    char err[256] = "";
-    const char *p = write_conf("worker = {\n concurrency = ;\n};\n");
-    ck_assert_int_eq(aq_config_load(&cfg, p, err, sizeof err), AQ_EINVAL);
-    ck_assert_ptr_nonnull(strstr(err, ":2:"));
-    aq_config_free(&cfg);
+    ck_assert_ptr_nonnull(strstr(load_error("worker = {\n concurrency = ;\n};\n"), ":2:"));
 }
 END_TEST
 
 START_TEST(wrong_types)
 {
-    aq_config cfg;
-    char err[256] = "";
-    const char *p = write_conf("worker = { concurrency = \"ten\"; };\n");
-    ck_assert_int_eq(aq_config_load(&cfg, p, err, sizeof err), AQ_EINVAL);
-    ck_assert_ptr_nonnull(strstr(err, "worker.concurrency"));
-    aq_config_free(&cfg);
+    ck_assert_ptr_nonnull(strstr(load_error("worker = { concurrency = \"ten\"; };\n"),
+                                 "worker.concurrency"));
     teardown();
-    p = write_conf("amqp = { url = 5; };\n");
-    ck_assert_int_eq(aq_config_load(&cfg, p, err, sizeof err), AQ_EINVAL);
-    ck_assert_ptr_nonnull(strstr(err, "amqp.url"));
-    aq_config_free(&cfg);
+    ck_assert_ptr_nonnull(strstr(load_error("amqp = { url = 5; };\n"), "amqp.url"));
 }
 END_TEST
 
@@ -232,30 +225,17 @@ END_TEST
 
 static Suite *config_suite(void)
 {
-    Suite *s = suite_create("config");
-    TCase *core = tcase_create("core");
-    tcase_add_checked_fixture(core, NULL, teardown);
-    tcase_add_test(core, defaults_without_file);
-    tcase_add_test(core, file_then_env_then_set);
-    tcase_add_test(core, lists_and_prices);
-    tcase_add_test(core, list_membership);
-    tcase_add_test(core, example_parses_back);
-    tcase_add_test(core, dump_masks_passwords);
-    suite_add_tcase(s, core);
-    TCase *limits = tcase_create("limits");
-    tcase_add_checked_fixture(limits, NULL, teardown);
-    tcase_add_test(limits, bounds_name_file_line_key);
-    tcase_add_test(limits, cross_checks);
-    suite_add_tcase(s, limits);
-    TCase *errors = tcase_create("errors");
-    tcase_add_checked_fixture(errors, NULL, teardown);
-    tcase_add_test(errors, unknown_key_named);
-    tcase_add_test(errors, syntax_error_has_line);
-    tcase_add_test(errors, wrong_types);
-    tcase_add_test(errors, bad_env_value_named);
-    tcase_add_test(errors, missing_file);
-    suite_add_tcase(s, errors);
-    return s;
+    const TTest *core[] = {defaults_without_file, file_then_env_then_set, lists_and_prices,
+                           list_membership, example_parses_back, dump_masks_passwords};
+    const TTest *limits[] = {bounds_name_file_line_key, cross_checks};
+    const TTest *errors[] = {unknown_key_named, syntax_error_has_line, wrong_types,
+                             bad_env_value_named, missing_file};
+    const aq_tcase_spec tcases[] = {
+        {.name = "core", .tests = core, .n_tests = AQ_ARRAY_LEN(core), .teardown = teardown},
+        {.name = "limits", .tests = limits, .n_tests = AQ_ARRAY_LEN(limits), .teardown = teardown},
+        {.name = "errors", .tests = errors, .n_tests = AQ_ARRAY_LEN(errors), .teardown = teardown},
+    };
+    return aq_test_suite("config", tcases, AQ_ARRAY_LEN(tcases));
 }
 
 int main(void)

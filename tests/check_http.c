@@ -10,6 +10,8 @@
 
 #include <arpa/inet.h>
 #include <check.h>
+#include "held.h"
+#include "suite.h"
 #include "testenv.h"
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
@@ -21,7 +23,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/queue.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -29,23 +30,12 @@
 
 /* ---- the test server ------------------------------------------------- */
 
-struct srv;
-
-struct pending {
-    struct srv *srv;
-    struct evhttp_request *req;
-    struct event *ev;
-    LIST_ENTRY(pending) link;
-};
-
 struct srv {
-    struct event_base *base;
     struct evhttp *http;
     int port;
     int accepted;       /* TCP connections accepted */
     int requests;       /* requests received */
-    int npending, max_pending;
-    LIST_HEAD(, pending) pending;
+    aq_test_held_set held; /* the /slow requests */
 };
 
 static struct bufferevent *srv_new_conn(struct event_base *base, void *arg)
@@ -59,22 +49,6 @@ static void reply(struct evhttp_request *r, int code, const char *reason, const 
 {
     evbuffer_add(evhttp_request_get_output_buffer(r), body, strlen(body));
     evhttp_send_reply(r, code, reason, NULL);
-}
-
-static void pending_done(struct pending *p, int code)
-{
-    LIST_REMOVE(p, link);
-    p->srv->npending--;
-    event_free(p->ev);
-    reply(p->req, code, code == 200 ? "OK" : "Unavailable", "slow reply");
-    free(p);
-}
-
-static void on_slow_timer(evutil_socket_t fd, short what, void *arg)
-{
-    (void)fd;
-    (void)what;
-    pending_done(arg, 200);
 }
 
 static void srv_handle(struct evhttp_request *r, void *arg)
@@ -93,15 +67,7 @@ static void srv_handle(struct evhttp_request *r, void *arg)
     } else if (strcmp(path, "/slow") == 0) {
         int ms = 200;
         if (query && strncmp(query, "ms=", 3) == 0) ms = atoi(query + 3);
-        struct pending *p = calloc(1, sizeof *p);
-        ck_assert_ptr_nonnull(p);
-        p->srv = s;
-        p->req = r;
-        p->ev = evtimer_new(s->base, on_slow_timer, p);
-        struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
-        evtimer_add(p->ev, &tv);
-        LIST_INSERT_HEAD(&s->pending, p, link);
-        if (++s->npending > s->max_pending) s->max_pending = s->npending;
+        aq_test_hold(&s->held, r, ms, 200, "slow reply");
     } else if (strcmp(path, "/big") == 0 || strcmp(path, "/bigchunked") == 0) {
         char *big = malloc(BIG_LEN);
         ck_assert_ptr_nonnull(big);
@@ -159,8 +125,7 @@ static struct srv *srv_start_on(struct event_base *base, const char *host)
 {
     struct srv *s = calloc(1, sizeof *s);
     ck_assert_ptr_nonnull(s);
-    s->base = base;
-    LIST_INIT(&s->pending);
+    aq_test_held_init(&s->held, base);
     s->http = aq_test_httpd_on(base, host, srv_handle, s, &s->port);
     /* Counts accepted connections (the reuse tests). */
     evhttp_set_bevcb(s->http, srv_new_conn, s);
@@ -174,23 +139,9 @@ static struct srv *srv_start(struct event_base *base)
 
 static void srv_stop(struct srv *s)
 {
-    struct pending *p;
-    while ((p = LIST_FIRST(&s->pending)) != NULL) pending_done(p, 503);
+    aq_test_held_flush(&s->held, 503, "slow reply");
     evhttp_free(s->http);
     free(s);
-}
-
-/* A TCP listener that completes handshakes (kernel backlog) and never
- * accepts, so never answers. */
-static int silent_listener(int *port)
-{
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    ck_assert_int_ge(fd, 0);
-    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    ck_assert_int_eq(bind(fd, (struct sockaddr *)&sin, sizeof sin), 0);
-    ck_assert_int_eq(listen(fd, 16), 0);
-    *port = aq_test_bound_port(fd);
-    return fd;
 }
 
 /* ---- the client side ------------------------------------------------- */
@@ -288,6 +239,21 @@ static void get_one(struct fx *f, const aq_http_request *rq, struct got *g)
     ck_assert_int_eq(g->calls, 0); /* never from inside submit */
     aq_test_loop_until(f->base, &g->calls, 1, 10000);
     ck_assert_int_eq(g->calls, 1);
+}
+
+/* Submits A (to path_a) then B (to /ok), each with its own timeout (0:
+ * the client's), both counting their callbacks into *done; returns B's
+ * handle. On a client with one slot, B waits for A. */
+static aq_http_req *submit_a_then_b(struct fx *f, const char *path_a, int timeout_a_ms,
+                                    int timeout_b_ms, struct got *a, struct got *b, int *done)
+{
+    a->counter = b->counter = done;
+    char ua[128];
+    snprintf(ua, sizeof ua, "%s", url(f, "127.0.0.1", path_a));
+    aq_http_request ra = {.url = ua, .timeout_ms = timeout_a_ms};
+    aq_http_request rb = {.url = url(f, "127.0.0.1", "/ok"), .timeout_ms = timeout_b_ms};
+    submit(f, &ra, a);
+    return submit(f, &rb, b);
 }
 
 /* ---- core -------------------------------------------------------------- */
@@ -462,8 +428,8 @@ START_TEST(test_concurrency_one_thread)
     ck_assert_msg(ms < 5000, "took %lld ms", (long long)ms);
     ck_assert_msg(ms >= (N / SLOTS) * SLOW_MS - 50, "only %lld ms: slot limit not kept",
                   (long long)ms);
-    ck_assert_msg(f.srv->max_pending <= SLOTS && f.srv->max_pending >= SLOTS / 2,
-                  "server saw %d at once", f.srv->max_pending);
+    ck_assert_msg(f.srv->held.peak <= SLOTS && f.srv->held.peak >= SLOTS / 2,
+                  "server saw %d at once", f.srv->held.peak);
     ck_assert_msg(f.srv->accepted <= SLOTS, "%d connections for %d slots",
                   f.srv->accepted, SLOTS);
     ck_assert_int_eq(f.srv->requests, N);
@@ -481,7 +447,7 @@ START_TEST(test_timeout_silent_server)
     struct fx f;
     fx_start(&f, 4);
     int port;
-    int lfd = silent_listener(&port);
+    int lfd = aq_test_loopback_socket(16, &port); /* completes handshakes, never answers */
     char u[128];
     snprintf(u, sizeof u, "http://127.0.0.1:%d/never", port);
     struct got g = {0};
@@ -506,13 +472,7 @@ START_TEST(test_timeout_starts_at_transfer)
     fx_start(&f, 1);
     struct got a = {0}, b = {0};
     int done = 0;
-    a.counter = b.counter = &done;
-    char ua[128];
-    snprintf(ua, sizeof ua, "%s", url(&f, "127.0.0.1", "/slow?ms=600"));
-    aq_http_request ra = {.url = ua, .timeout_ms = 5000};
-    aq_http_request rb = {.url = url(&f, "127.0.0.1", "/ok"), .timeout_ms = 300};
-    submit(&f, &ra, &a);
-    submit(&f, &rb, &b);
+    submit_a_then_b(&f, "/slow?ms=600", 5000, 300, &a, &b, &done);
     aq_test_loop_until(f.base, &done, 2, 10000);
     ck_assert_int_eq(done, 2);
     ck_assert_msg(a.code == AQ_OK, "%s", a.error);
@@ -612,13 +572,7 @@ START_TEST(test_cancel_queued)
     fx_start(&f, 1);
     struct got a = {0}, b = {0};
     int done = 0;
-    a.counter = b.counter = &done;
-    char ua[128];
-    snprintf(ua, sizeof ua, "%s", url(&f, "127.0.0.1", "/slow?ms=300"));
-    aq_http_request ra = {.url = ua};
-    aq_http_request rb = {.url = url(&f, "127.0.0.1", "/ok")};
-    submit(&f, &ra, &a);
-    aq_http_req *rqb = submit(&f, &rb, &b);
+    aq_http_req *rqb = submit_a_then_b(&f, "/slow?ms=300", 0, 0, &a, &b, &done);
     aq_http_cancel(rqb);
     ck_assert_int_eq(b.calls, 0); /* never from inside cancel */
     aq_test_loop_until(f.base, &done, 2, 5000);
@@ -689,8 +643,7 @@ START_TEST(test_network_errors)
     fx_start(&f, 4);
     /* a port nobody listens on */
     int port;
-    int lfd = silent_listener(&port);
-    close(lfd);
+    close(aq_test_loopback_socket(16, &port));
     char u[128];
     snprintf(u, sizeof u, "http://127.0.0.1:%d/", port);
     struct got g = {0};
@@ -1241,44 +1194,23 @@ END_TEST
 
 static Suite *http_suite(void)
 {
-    Suite *s = suite_create("http");
-
-    TCase *core = tcase_create("core");
-    tcase_set_timeout(core, 30);
-    tcase_add_test(core, test_get);
-    tcase_add_test(core, test_post_echo);
-    tcase_add_test(core, test_redirect);
-    tcase_add_test(core, test_retry_after);
-    tcase_add_test(core, test_keepalive_reuse);
-    tcase_add_test(core, test_addr_ranges);
-    tcase_add_test(core, test_addr_forbidden);
-    suite_add_tcase(s, core);
-
-    TCase *limits = tcase_create("limits");
-    tcase_set_timeout(limits, 60);
-    tcase_add_test(limits, test_concurrency_one_thread);
-    tcase_add_test(limits, test_timeout_silent_server);
-    tcase_add_test(limits, test_timeout_starts_at_transfer);
-    tcase_add_test(limits, test_max_response_bytes);
-    tcase_add_test(limits, test_too_many_redirects);
-    suite_add_tcase(s, limits);
-
-    TCase *errors = tcase_create("errors");
-    tcase_set_timeout(errors, 30);
-    tcase_add_test(errors, test_cancel_in_flight);
-    tcase_add_test(errors, test_cancel_queued);
-    tcase_add_test(errors, test_free_calls_back_once);
-    tcase_add_test(errors, test_free_from_callback);
-    tcase_add_test(errors, test_network_errors);
-    tcase_add_test(errors, test_submit_rejects);
-    tcase_add_test(errors, test_block_private_refuses);
-    tcase_add_test(errors, test_block_private_allowlist);
-    tcase_add_test(errors, test_block_private_no_shared_connection);
-    tcase_add_test(errors, test_block_private_redirect_no_pooled_connection);
-    tcase_add_test(errors, test_block_private_own_address);
-    tcase_add_test(errors, test_block_private_redirect_ranges);
-    suite_add_tcase(s, errors);
-    return s;
+    const TTest *core[] = {test_get, test_post_echo, test_redirect, test_retry_after,
+                           test_keepalive_reuse, test_addr_ranges, test_addr_forbidden};
+    const TTest *limits[] = {test_concurrency_one_thread, test_timeout_silent_server,
+                             test_timeout_starts_at_transfer, test_max_response_bytes,
+                             test_too_many_redirects};
+    const TTest *errors[] = {test_cancel_in_flight, test_cancel_queued, test_free_calls_back_once,
+                             test_free_from_callback, test_network_errors, test_submit_rejects,
+                             test_block_private_refuses, test_block_private_allowlist,
+                             test_block_private_no_shared_connection,
+                             test_block_private_redirect_no_pooled_connection,
+                             test_block_private_own_address, test_block_private_redirect_ranges};
+    const aq_tcase_spec tcases[] = {
+        {.name = "core", .tests = core, .n_tests = AQ_ARRAY_LEN(core), .timeout_s = 30},
+        {.name = "limits", .tests = limits, .n_tests = AQ_ARRAY_LEN(limits), .timeout_s = 60},
+        {.name = "errors", .tests = errors, .n_tests = AQ_ARRAY_LEN(errors), .timeout_s = 30},
+    };
+    return aq_test_suite("http", tcases, AQ_ARRAY_LEN(tcases));
 }
 
 int main(void) { return aq_test_run_http(http_suite()); }

@@ -12,6 +12,7 @@
 
 #include <arpa/inet.h>
 #include <check.h>
+#include "suite.h"
 #include "testenv.h"
 #include <event2/buffer.h>
 #include <event2/event.h>
@@ -280,15 +281,22 @@ static void call(fx *f, got *g, int ms)
     ck_assert(!g->cb_inside);
 }
 
+/* Starts the fixture on /v1/<name>/ and makes one call there for g (which
+ * takes the reply if g->take). */
+static void call_script(fx *f, const char *name, got *g)
+{
+    fx_init(f, name);
+    fx_start(f);
+    call(f, g, 5000);
+}
+
 /* ---- core ------------------------------------------------------------------ */
 
 START_TEST(test_answered_content)
 {
     fx f;
-    fx_init(&f, "content");
-    fx_start(&f);
     got g = {.take = true};
-    call(&f, &g, 5000);
+    call_script(&f, "content", &g);
     ck_assert_int_eq(g.outcome, AQ_LLM_ANSWERED);
     ck_assert_int_eq(g.code, AQ_OK);
     ck_assert_int_eq(g.http_status, 200);
@@ -313,10 +321,8 @@ END_TEST
 START_TEST(test_answered_tool_calls)
 {
     fx f;
-    fx_init(&f, "tools");
-    fx_start(&f);
     got g = {.take = true};
-    call(&f, &g, 5000);
+    call_script(&f, "tools", &g);
     ck_assert_int_eq(g.outcome, AQ_LLM_ANSWERED);
     ck_assert_int_eq(g.http_status, 200);
     ck_assert_ptr_null(g.reply.content);
@@ -344,10 +350,8 @@ END_TEST
 START_TEST(test_answered_not_taken)
 {
     fx f;
-    fx_init(&f, "tools");
-    fx_start(&f);
     got g = {.take = false};
-    call(&f, &g, 5000);
+    call_script(&f, "tools", &g);
     ck_assert_int_eq(g.outcome, AQ_LLM_ANSWERED);
     ck_assert_ptr_null(g.reply.tool_calls);
     got_free(&g);
@@ -446,10 +450,8 @@ START_TEST(test_outcome)
 {
     const outcome_case *c = &outcome_cases[_i];
     fx f;
-    fx_init(&f, c->script);
-    fx_start(&f);
     got g = {.take = true};
-    call(&f, &g, 5000);
+    call_script(&f, c->script, &g);
     ck_assert_msg(g.outcome == c->outcome, "%s: outcome %s, want %s", c->script,
                   aq_llm_outcome_name(g.outcome), aq_llm_outcome_name(c->outcome));
     ck_assert_msg(g.code == c->code, "%s: code %s, want %s", c->script, aq_strerror(g.code),
@@ -470,11 +472,8 @@ END_TEST
 /* A port nobody listens on: refused at connect, no status. */
 START_TEST(test_connection_refused)
 {
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    ck_assert_int_ge(fd, 0);
-    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    ck_assert_int_eq(bind(fd, (struct sockaddr *)&sin, sizeof sin), 0);
-    int port = aq_test_bound_port(fd); /* bound, never listening: connect is refused */
+    int port;
+    int fd = aq_test_loopback_socket(0, &port); /* bound, never listening: connect is refused */
     fx f;
     fx_init(&f, "content");
     char url[128];
@@ -498,12 +497,8 @@ END_TEST
  * ends at llm.timeout_ms, retryable. */
 START_TEST(test_timeout)
 {
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    ck_assert_int_ge(fd, 0);
-    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    ck_assert_int_eq(bind(fd, (struct sockaddr *)&sin, sizeof sin), 0);
-    ck_assert_int_eq(listen(fd, 16), 0);
-    int port = aq_test_bound_port(fd);
+    int port;
+    int fd = aq_test_loopback_socket(16, &port);
     fx f;
     fx_init(&f, "content");
     char url[128];
@@ -538,17 +533,26 @@ static void do_cancel(evutil_socket_t fd, short what, void *arg)
     ck_assert_int_eq(g->calls, 0); /* never from inside cancel */
 }
 
+/* Starts the fixture on /v1/hold/, where the provider answers nothing
+ * until its client leaves, and sends the chat there for g; returns the
+ * call's handle. */
+static aq_llm_call *send_held(fx *f, got *g)
+{
+    fx_init(f, "hold");
+    fx_start(f);
+    aq_llm_call *c = NULL;
+    char err[256] = "";
+    ck_assert_int_eq(aq_llm_send(f->llm, f->chat, "gpt-test", NULL, on_result, g, &c, err, sizeof err),
+                     AQ_OK);
+    return c;
+}
+
 /* A cancel while the provider holds the request: ABORTED, once, later. */
 START_TEST(test_cancel)
 {
     fx f;
-    fx_init(&f, "hold");
-    fx_start(&f);
     got g = {0};
-    aq_llm_call *c = NULL;
-    char err[256] = "";
-    ck_assert_int_eq(aq_llm_send(f.llm, f.chat, "gpt-test", NULL, on_result, &g, &c, err, sizeof err),
-                     AQ_OK);
+    aq_llm_call *c = send_held(&f, &g);
     void *pair[2] = {c, &g};
     struct event *ev = evtimer_new(f.base, do_cancel, pair);
     struct timeval tv = {0, 100000};
@@ -570,12 +574,8 @@ END_TEST
 START_TEST(test_http_closed)
 {
     fx f;
-    fx_init(&f, "hold");
-    fx_start(&f);
     got g = {0};
-    char err[256] = "";
-    ck_assert_int_eq(aq_llm_send(f.llm, f.chat, "gpt-test", NULL, on_result, &g, NULL, err, sizeof err),
-                     AQ_OK);
+    send_held(&f, &g);
     while (!f.srv->held) event_base_loop(f.base, EVLOOP_ONCE);
     aq_http_free(f.http);
     f.http = NULL;
@@ -655,33 +655,18 @@ END_TEST
 
 static Suite *llm_suite(void)
 {
-    Suite *s = suite_create("llm");
-
-    TCase *core = tcase_create("core");
-    tcase_set_timeout(core, 20);
-    tcase_add_test(core, test_answered_content);
-    tcase_add_test(core, test_answered_tool_calls);
-    tcase_add_test(core, test_answered_not_taken);
-    tcase_add_test(core, test_request);
-    tcase_add_test(core, test_request_without_key);
-    suite_add_tcase(s, core);
-
-    TCase *limits = tcase_create("limits");
-    tcase_set_timeout(limits, 20);
-    tcase_add_test(limits, test_send_unbuildable);
-    tcase_add_test(limits, test_send_refused);
-    tcase_add_test(limits, test_key_registered_text_unmasked);
-    suite_add_tcase(s, limits);
-
-    TCase *errors = tcase_create("errors");
-    tcase_set_timeout(errors, 20);
-    tcase_add_loop_test(errors, test_outcome, 0, (int)AQ_ARRAY_LEN(outcome_cases));
-    tcase_add_test(errors, test_connection_refused);
-    tcase_add_test(errors, test_timeout);
-    tcase_add_test(errors, test_cancel);
-    tcase_add_test(errors, test_http_closed);
-    suite_add_tcase(s, errors);
-    return s;
+    const TTest *core[] = {test_answered_content, test_answered_tool_calls, test_answered_not_taken,
+                           test_request, test_request_without_key};
+    const TTest *limits[] = {test_send_unbuildable, test_send_refused,
+                             test_key_registered_text_unmasked};
+    const TTest *errors[] = {test_connection_refused, test_timeout, test_cancel, test_http_closed};
+    const aq_tcase_spec tcases[] = {
+        {.name = "core", .tests = core, .n_tests = AQ_ARRAY_LEN(core), .timeout_s = 20},
+        {.name = "limits", .tests = limits, .n_tests = AQ_ARRAY_LEN(limits), .timeout_s = 20},
+        {.name = "errors", .tests = errors, .n_tests = AQ_ARRAY_LEN(errors), .timeout_s = 20,
+         .loop_test = test_outcome, .loops = (int)AQ_ARRAY_LEN(outcome_cases)},
+    };
+    return aq_test_suite("llm", tcases, AQ_ARRAY_LEN(tcases));
 }
 
 int main(void) { return aq_test_run_http(llm_suite()); }

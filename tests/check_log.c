@@ -2,6 +2,7 @@
 #include "agentq/log.h"
 
 #include <check.h>
+#include "suite.h"
 #include "testenv.h"
 #include <jansson.h>
 #include <stdio.h>
@@ -224,22 +225,16 @@ END_TEST
 
 int main(void)
 {
-    Suite *s = suite_create("log");
-    TCase *core = tcase_create("core");
-    tcase_add_test(core, json_line_with_ids);
-    tcase_add_test(core, below_level_not_evaluated);
-    tcase_add_test(core, secrets_masked);
-    tcase_add_test(core, redact_keeps_plain_text);
-    tcase_add_test(core, mask_secrets_stored_text);
-    tcase_add_test(core, has_secret_says_when_masking_changes_the_text);
-    tcase_add_test(core, secret_cut_off_and_longest);
-    suite_add_tcase(s, core);
-    TCase *limits = tcase_create("limits");
-    tcase_add_test(limits, long_message_truncated_still_json);
-    tcase_add_test(limits, add_secret_limits);
-    suite_add_tcase(s, limits);
-    TCase *errors = tcase_create("errors");
-    tcase_add_test(errors, level_names);
-    suite_add_tcase(s, errors);
-    return aq_test_run(s);
+    const TTest *core[] = {json_line_with_ids, below_level_not_evaluated, secrets_masked,
+                           redact_keeps_plain_text, mask_secrets_stored_text,
+                           has_secret_says_when_masking_changes_the_text,
+                           secret_cut_off_and_longest};
+    const TTest *limits[] = {long_message_truncated_still_json, add_secret_limits};
+    const TTest *errors[] = {level_names};
+    const aq_tcase_spec tcases[] = {
+        {.name = "core", .tests = core, .n_tests = AQ_ARRAY_LEN(core)},
+        {.name = "limits", .tests = limits, .n_tests = AQ_ARRAY_LEN(limits)},
+        {.name = "errors", .tests = errors, .n_tests = AQ_ARRAY_LEN(errors)},
+    };
+    return aq_test_run(aq_test_suite("log", tcases, AQ_ARRAY_LEN(tcases)));
 }

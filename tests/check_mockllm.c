@@ -4,6 +4,7 @@
  * with libcurl (easy for single calls, multi for the 1,000-request burst).
  * The built agentq-mockllm binary is run for --help and a start/stop. */
 #include "agentq/mockllm.h"
+#include "suite.h"
 #include "testenv.h"
 
 #include <check.h>
@@ -468,6 +469,21 @@ START_TEST(test_tool_choice_and_named_tool)
 }
 END_TEST
 
+/* Answers the calculator call of `reply` (which it frees) with `answer`,
+ * sends the conversation on, and checks that the content of the reply
+ * to that, the mock's verdict, starts with `verdict`. */
+static void assert_verdict(srv *s, json_t *conv, json_t *reply, char *(*answer)(const char *args),
+                           const char *verdict)
+{
+    conv_answer(conv, reply, answer);
+    json_decref(reply);
+    long code;
+    reply = conv_send(s, conv, &code);
+    const char *text = json_string_value(json_object_get(reply_message(reply), "content"));
+    ck_assert_msg(text && !strncmp(text, verdict, strlen(verdict)), "verdict '%s'", text);
+    json_decref(reply);
+}
+
 START_TEST(test_calc_mode_checks_result)
 {
     aq_mockllm_config c = cfg_default();
@@ -483,12 +499,7 @@ START_TEST(test_calc_mode_checks_result)
         json_t *fn = json_object_get(
             json_array_get(json_object_get(reply_message(reply), "tool_calls"), 0), "function");
         ck_assert_str_eq(json_string_value(json_object_get(fn, "name")), "calculator");
-        conv_answer(conv, reply, answer_calc);
-        json_decref(reply);
-        reply = conv_send(&s, conv, &code);
-        const char *text = json_string_value(json_object_get(reply_message(reply), "content"));
-        ck_assert_msg(text && !strncmp(text, "correct: ", 9), "verdict '%s'", text);
-        json_decref(reply);
+        assert_verdict(&s, conv, reply, answer_calc, "correct: ");
         json_decref(conv);
     }
     srv_stop(&s, NULL);
@@ -504,12 +515,7 @@ START_TEST(test_calc_goal_catches_wrong_result)
     long code;
     json_t *reply = conv_send(&s, conv, &code);
     ck_assert_str_eq(reply_finish(reply), "tool_calls");
-    conv_answer(conv, reply, answer_wrong);
-    json_decref(reply);
-    reply = conv_send(&s, conv, &code);
-    const char *text = json_string_value(json_object_get(reply_message(reply), "content"));
-    ck_assert_msg(text && !strncmp(text, "WRONG: ", 7), "verdict '%s'", text);
-    json_decref(reply);
+    assert_verdict(&s, conv, reply, answer_wrong, "WRONG: ");
     json_decref(conv);
     srv_stop(&s, NULL);
 }
@@ -1456,46 +1462,24 @@ END_TEST
 
 static Suite *mockllm_suite(void)
 {
-    Suite *s = suite_create("mockllm");
-    TCase *core = tcase_create("core");
-    tcase_set_timeout(core, 60);
-    tcase_add_test(core, test_plain_completion);
-    tcase_add_test(core, test_steps_two_then_final);
-    tcase_add_test(core, test_parallel_three);
-    tcase_add_test(core, test_tool_choice_and_named_tool);
-    tcase_add_test(core, test_calc_mode_checks_result);
-    tcase_add_test(core, test_calc_goal_catches_wrong_result);
-    tcase_add_test(core, test_latency_applied);
-    tcase_add_test(core, test_stats_and_healthz);
-    tcase_add_test(core, test_binary_help_and_version);
-    tcase_add_test(core, test_binary_serves_and_stops);
-    tcase_add_test(core, test_url_directive);
-    tcase_add_test(core, test_control_changes_and_reset_restores);
-    suite_add_tcase(s, core);
-
-    TCase *limits = tcase_create("limits");
-    tcase_set_timeout(limits, 90);
-    tcase_add_test(limits, test_rpm_limit_429);
-    tcase_add_test(limits, test_tpm_limit_429);
-    tcase_add_test(limits, test_thousand_concurrent);
-    tcase_add_test(limits, test_hang_until_client_leaves);
-    tcase_add_test(limits, test_free_with_requests_held);
-    tcase_add_test(limits, test_control_storm_429_then_recovers);
-    suite_add_tcase(s, limits);
-
-    TCase *errors = tcase_create("errors");
-    tcase_set_timeout(errors, 60);
-    tcase_add_test(errors, test_fail_directives);
-    tcase_add_test(errors, test_bad_bodies);
-    tcase_add_test(errors, test_body_too_large);
-    tcase_add_test(errors, test_api_key);
-    tcase_add_test(errors, test_api_key_echo);
-    tcase_add_test(errors, test_control_bad_bodies);
-    tcase_add_test(errors, test_injected_failures);
-    tcase_add_test(errors, test_unknown_path_and_method);
-    tcase_add_test(errors, test_bad_config);
-    suite_add_tcase(s, errors);
-    return s;
+    const TTest *core[] = {test_plain_completion, test_steps_two_then_final, test_parallel_three,
+                           test_tool_choice_and_named_tool, test_calc_mode_checks_result,
+                           test_calc_goal_catches_wrong_result, test_latency_applied,
+                           test_stats_and_healthz, test_binary_help_and_version,
+                           test_binary_serves_and_stops, test_url_directive,
+                           test_control_changes_and_reset_restores};
+    const TTest *limits[] = {test_rpm_limit_429, test_tpm_limit_429, test_thousand_concurrent,
+                             test_hang_until_client_leaves, test_free_with_requests_held,
+                             test_control_storm_429_then_recovers};
+    const TTest *errors[] = {test_fail_directives, test_bad_bodies, test_body_too_large,
+                             test_api_key, test_api_key_echo, test_control_bad_bodies,
+                             test_injected_failures, test_unknown_path_and_method, test_bad_config};
+    const aq_tcase_spec tcases[] = {
+        {.name = "core", .tests = core, .n_tests = AQ_ARRAY_LEN(core), .timeout_s = 60},
+        {.name = "limits", .tests = limits, .n_tests = AQ_ARRAY_LEN(limits), .timeout_s = 90},
+        {.name = "errors", .tests = errors, .n_tests = AQ_ARRAY_LEN(errors), .timeout_s = 60},
+    };
+    return aq_test_suite("mockllm", tcases, AQ_ARRAY_LEN(tcases));
 }
 
 int main(void)

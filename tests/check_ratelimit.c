@@ -4,6 +4,7 @@
 #include "agentq/ratelimit.h"
 
 #include <check.h>
+#include "suite.h"
 #include "testenv.h"
 #include <event2/event.h>
 #include <malloc.h>
@@ -294,19 +295,13 @@ END_TEST
 
 int main(void)
 {
-    Suite *s = suite_create("ratelimit");
-    TCase *core = tcase_create("core");
-    tcase_set_timeout(core, 30);
-    tcase_add_test(core, unlimited_grants_at_once);
-    tcase_add_test(core, requests_per_minute_holds);
-    tcase_add_test(core, users_served_round_robin);
-    tcase_add_test(core, evicted_user_rejoins_fairly);
-    suite_add_tcase(s, core);
-    TCase *limits = tcase_create("limits");
-    tcase_set_timeout(limits, 30);
-    tcase_add_test(limits, cancel_and_pause);
-    tcase_add_test(limits, credit_mode_grants_only_what_is_credited);
-    tcase_add_test(limits, idle_users_are_evicted);
-    suite_add_tcase(s, limits);
-    return aq_test_run(s);
+    const TTest *core[] = {unlimited_grants_at_once, requests_per_minute_holds,
+                           users_served_round_robin, evicted_user_rejoins_fairly};
+    const TTest *limits[] = {cancel_and_pause, credit_mode_grants_only_what_is_credited,
+                             idle_users_are_evicted};
+    const aq_tcase_spec tcases[] = {
+        {.name = "core", .tests = core, .n_tests = AQ_ARRAY_LEN(core), .timeout_s = 30},
+        {.name = "limits", .tests = limits, .n_tests = AQ_ARRAY_LEN(limits), .timeout_s = 30},
+    };
+    return aq_test_run(aq_test_suite("ratelimit", tcases, AQ_ARRAY_LEN(tcases)));
 }

@@ -10,6 +10,8 @@
 
 #include <arpa/inet.h>
 #include <check.h>
+#include "held.h"
+#include "suite.h"
 #include "testenv.h"
 #include <event2/buffer.h>
 #include <event2/event.h>
@@ -20,7 +22,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/queue.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -31,17 +32,7 @@
 
 /* ---- the test server ------------------------------------------------- */
 
-struct srv;
-
-struct pending {
-    struct srv *srv;
-    struct evhttp_request *req;
-    struct event *ev;
-    LIST_ENTRY(pending) link;
-};
-
 struct srv {
-    struct event_base *base;
     struct evhttp *http;
     int port;
     int requests;
@@ -49,7 +40,7 @@ struct srv {
     char method[16];
     char content_type[128];
     char *body;
-    LIST_HEAD(, pending) pending;
+    aq_test_held_set held; /* the /slow requests */
 };
 
 static void reply(struct evhttp_request *r, int code, const char *reason, const char *body,
@@ -57,21 +48,6 @@ static void reply(struct evhttp_request *r, int code, const char *reason, const 
 {
     evbuffer_add(evhttp_request_get_output_buffer(r), body, len);
     evhttp_send_reply(r, code, reason, NULL);
-}
-
-static void pending_done(struct pending *p)
-{
-    LIST_REMOVE(p, link);
-    event_free(p->ev);
-    reply(p->req, 200, "OK", "late", 4);
-    free(p);
-}
-
-static void on_slow_timer(evutil_socket_t fd, short what, void *arg)
-{
-    (void)fd;
-    (void)what;
-    pending_done(arg);
 }
 
 static void reply_filled(struct evhttp_request *r, const char *unit, size_t total)
@@ -130,14 +106,7 @@ static void srv_handle(struct evhttp_request *r, void *arg)
     } else if (strcmp(path, "/slow") == 0) {
         int ms = 3000;
         if (query && strncmp(query, "ms=", 3) == 0) ms = atoi(query + 3);
-        struct pending *p = calloc(1, sizeof *p);
-        ck_assert_ptr_nonnull(p);
-        p->srv = s;
-        p->req = r;
-        p->ev = evtimer_new(s->base, on_slow_timer, p);
-        struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
-        evtimer_add(p->ev, &tv);
-        LIST_INSERT_HEAD(&s->pending, p, link);
+        aq_test_hold(&s->held, r, ms, 200, "late");
     } else {
         reply(r, 404, "Not Found", "no such path", 12);
     }
@@ -147,8 +116,7 @@ static struct srv *srv_start_on(struct event_base *base, const char *host)
 {
     struct srv *s = calloc(1, sizeof *s);
     ck_assert_ptr_nonnull(s);
-    s->base = base;
-    LIST_INIT(&s->pending);
+    aq_test_held_init(&s->held, base);
     s->http = aq_test_httpd_on(base, host, srv_handle, s, &s->port);
     return s;
 }
@@ -160,8 +128,7 @@ static struct srv *srv_start(struct event_base *base)
 
 static void srv_stop(struct srv *s)
 {
-    struct pending *p;
-    while ((p = LIST_FIRST(&s->pending)) != NULL) pending_done(p);
+    aq_test_held_flush(&s->held, 200, "late");
     evhttp_free(s->http);
     free(s->body);
     free(s);
@@ -784,11 +751,8 @@ START_TEST(test_http_skill_failures)
     fx_stop(&f);
 
     /* nobody listening: a network error names the skill */
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    ck_assert_int_eq(bind(fd, (struct sockaddr *)&sin, sizeof sin), 0);
-    int port = aq_test_bound_port(fd);
-    close(fd);
+    int port;
+    close(aq_test_loopback_socket(0, &port));
     memset(&f, 0, sizeof f);
     f.base = event_base_new();
     f.srv = srv_start(f.base);
@@ -951,42 +915,21 @@ END_TEST
 
 static Suite *skill_suite(void)
 {
-    Suite *s = suite_create("skill");
-
-    TCase *core = tcase_create("core");
-    tcase_set_timeout(core, 30);
-    tcase_add_test(core, test_calculator);
-    tcase_add_test(core, test_current_time);
-    tcase_add_test(core, test_http_get_allowlisted);
-    tcase_add_test(core, test_http_skill_post);
-    tcase_add_test(core, test_tools_json);
-    tcase_add_test(core, test_tools_subset);
-    suite_add_tcase(s, core);
-
-    TCase *limits = tcase_create("limits");
-    tcase_set_timeout(limits, 30);
-    tcase_add_test(limits, test_http_get_truncates);
-    tcase_add_test(limits, test_http_get_max_bytes);
-    tcase_add_test(limits, test_http_skill_timeout);
-    tcase_add_test(limits, test_http_skill_error_excerpt);
-    suite_add_tcase(s, limits);
-
-    TCase *errors = tcase_create("errors");
-    tcase_set_timeout(errors, 30);
-    tcase_add_test(errors, test_unknown_tool);
-    tcase_add_test(errors, test_bad_arguments);
-    tcase_add_test(errors, test_current_time_bad_zone);
-    tcase_add_test(errors, test_http_get_refuses_private);
-    tcase_add_test(errors, test_http_get_redirect_refused);
-    tcase_add_test(errors, test_http_get_own_address);
-    tcase_add_test(errors, test_http_get_redirect_to_refused);
-    tcase_add_test(errors, test_http_get_bad_url);
-    tcase_add_test(errors, test_http_skill_failures);
-    tcase_add_test(errors, test_cancel);
-    tcase_add_test(errors, test_free_with_calls_outstanding);
-    tcase_add_test(errors, test_config_errors);
-    suite_add_tcase(s, errors);
-    return s;
+    const TTest *core[] = {test_calculator, test_current_time, test_http_get_allowlisted,
+                           test_http_skill_post, test_tools_json, test_tools_subset};
+    const TTest *limits[] = {test_http_get_truncates, test_http_get_max_bytes,
+                             test_http_skill_timeout, test_http_skill_error_excerpt};
+    const TTest *errors[] = {test_unknown_tool, test_bad_arguments, test_current_time_bad_zone,
+                             test_http_get_refuses_private, test_http_get_redirect_refused,
+                             test_http_get_own_address, test_http_get_redirect_to_refused,
+                             test_http_get_bad_url, test_http_skill_failures, test_cancel,
+                             test_free_with_calls_outstanding, test_config_errors};
+    const aq_tcase_spec tcases[] = {
+        {.name = "core", .tests = core, .n_tests = AQ_ARRAY_LEN(core), .timeout_s = 30},
+        {.name = "limits", .tests = limits, .n_tests = AQ_ARRAY_LEN(limits), .timeout_s = 30},
+        {.name = "errors", .tests = errors, .n_tests = AQ_ARRAY_LEN(errors), .timeout_s = 30},
+    };
+    return aq_test_suite("skill", tcases, AQ_ARRAY_LEN(tcases));
 }
 
 int main(void) { return aq_test_run_http(skill_suite()); }

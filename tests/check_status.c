@@ -1,5 +1,6 @@
 /* check_status.c — the status name table against the contract's list. */
 #include "agentq/status.h"
+#include "suite.h"
 #include "testenv.h"
 
 #include <check.h>
@@ -36,9 +37,9 @@ END_TEST
 
 int main(void)
 {
-    Suite *s = suite_create("status");
-    TCase *tc = tcase_create("core");
-    tcase_add_test(tc, names_round_trip_and_finals_are_the_contracts);
-    suite_add_tcase(s, tc);
-    return aq_test_run(s);
+    const TTest *core[] = {names_round_trip_and_finals_are_the_contracts};
+    const aq_tcase_spec tcases[] = {
+        {.name = "core", .tests = core, .n_tests = AQ_ARRAY_LEN(core)},
+    };
+    return aq_test_run(aq_test_suite("status", tcases, AQ_ARRAY_LEN(tcases)));
 }

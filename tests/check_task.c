@@ -3,6 +3,7 @@
 #include "agentq/task.h"
 
 #include <check.h>
+#include "suite.h"
 #include "testenv.h"
 #include <stdio.h>
 #include <stdlib.h>
@@ -281,58 +282,81 @@ END_TEST
 
 /* ---- limits ------------------------------------------------------------ */
 
+/* The number fields at and past their bounds, a value a row: accepted
+ * (error NULL), it parses to `want`; refused, the message holds `error`. */
+static const struct bound_case {
+    const char *field;
+    const char *json;
+    double want;
+    const char *error;
+} bound_cases[] = {
+    {"max_steps", "1", 1, NULL},
+    {"max_steps", "100", 100, NULL},
+    {"max_steps", "101", 0, "from 1 to 100 (got 101)"},
+    {"max_steps", "-5", 0, "(got -5)"},
+    {"max_steps", "9223372036854775807", 0, "(got 9223372036854775807)"},
+    {"budget_usd", "0", 0.0, NULL},
+    {"budget_usd", "0.0", 0.0, NULL},
+    {"budget_usd", "1000", 1000.0, NULL},
+    {"budget_usd", "-0.01", 0, "budget_usd: must be a number >= 0 (got -0.01)"},
+    {"budget_usd", "-1", 0, "(got -1)"},
+    {"timeout_seconds", "3600", 3600.0, NULL},
+    {"timeout_seconds", "0.001", 0.001, NULL},
+    {"timeout_seconds", "0", 0, "timeout_seconds: must be a number > 0 and <= 3600 (got 0)"},
+    {"timeout_seconds", "3600.5", 0, "(got 3600.5)"},
+    {"timeout_seconds", "-1.0", 0, "(got -1.0)"},
+};
+
+static double number_field(const aq_task *t, const char *field)
+{
+    if (!strcmp(field, "max_steps")) return t->max_steps;
+    if (!strcmp(field, "budget_usd")) return t->budget_usd;
+    ck_assert_str_eq(field, "timeout_seconds");
+    return t->timeout_seconds;
+}
+
+/* Checks every row of bound_cases for `field`. */
+static void check_bounds(const char *field)
+{
+    size_t rows = 0;
+    for (size_t i = 0; i < AQ_ARRAY_LEN(bound_cases); i++) {
+        const struct bound_case *c = &bound_cases[i];
+        if (strcmp(c->field, field)) continue;
+        rows++;
+        char body[128];
+        snprintf(body, sizeof body, "{\"user_id\":\"u\",\"goal\":\"g\",\"%s\":%s}", field, c->json);
+        if (c->error) {
+            parse_bad(body, field, c->error);
+            continue;
+        }
+        aq_task *t = parse_ok(body);
+        double got = number_field(t, field);
+        ck_assert_msg(got == c->want, "%s %s: parsed as %.17g, want %.17g", field, c->json, got,
+                      c->want);
+        aq_task_free(t);
+    }
+    ck_assert_uint_gt(rows, 0);
+}
+
 START_TEST(test_max_steps_bounds)
 {
-    aq_task *t = parse_ok("{\"user_id\":\"u\",\"goal\":\"g\",\"max_steps\":1}");
-    ck_assert_int_eq(t->max_steps, 1);
-    aq_task_free(t);
-    t = parse_ok("{\"user_id\":\"u\",\"goal\":\"g\",\"max_steps\":100}");
-    ck_assert_int_eq(t->max_steps, 100);
-    aq_task_free(t);
+    check_bounds("max_steps");
+    /* one message in full */
     aq_task_error e = parse_bad("{\"user_id\":\"u\",\"goal\":\"g\",\"max_steps\":0}",
                                 "max_steps", "");
     ck_assert_str_eq(e.message, "max_steps: must be an integer from 1 to 100 (got 0)");
-    parse_bad("{\"user_id\":\"u\",\"goal\":\"g\",\"max_steps\":101}",
-              "max_steps", "from 1 to 100 (got 101)");
-    parse_bad("{\"user_id\":\"u\",\"goal\":\"g\",\"max_steps\":-5}",
-              "max_steps", "(got -5)");
-    parse_bad("{\"user_id\":\"u\",\"goal\":\"g\",\"max_steps\":9223372036854775807}",
-              "max_steps", "(got 9223372036854775807)");
 }
 END_TEST
 
 START_TEST(test_budget_bounds)
 {
-    aq_task *t = parse_ok("{\"user_id\":\"u\",\"goal\":\"g\",\"budget_usd\":0}");
-    ck_assert_double_eq(t->budget_usd, 0.0);
-    aq_task_free(t);
-    t = parse_ok("{\"user_id\":\"u\",\"goal\":\"g\",\"budget_usd\":0.0}");
-    ck_assert_double_eq(t->budget_usd, 0.0);
-    aq_task_free(t);
-    t = parse_ok("{\"user_id\":\"u\",\"goal\":\"g\",\"budget_usd\":1000}");
-    ck_assert_double_eq(t->budget_usd, 1000.0);
-    aq_task_free(t);
-    parse_bad("{\"user_id\":\"u\",\"goal\":\"g\",\"budget_usd\":-0.01}",
-              "budget_usd", "budget_usd: must be a number >= 0 (got -0.01)");
-    parse_bad("{\"user_id\":\"u\",\"goal\":\"g\",\"budget_usd\":-1}",
-              "budget_usd", "(got -1)");
+    check_bounds("budget_usd");
 }
 END_TEST
 
 START_TEST(test_timeout_bounds)
 {
-    aq_task *t = parse_ok("{\"user_id\":\"u\",\"goal\":\"g\",\"timeout_seconds\":3600}");
-    ck_assert_double_eq(t->timeout_seconds, 3600.0);
-    aq_task_free(t);
-    t = parse_ok("{\"user_id\":\"u\",\"goal\":\"g\",\"timeout_seconds\":0.001}");
-    ck_assert_double_eq(t->timeout_seconds, 0.001);
-    aq_task_free(t);
-    parse_bad("{\"user_id\":\"u\",\"goal\":\"g\",\"timeout_seconds\":0}", "timeout_seconds",
-              "timeout_seconds: must be a number > 0 and <= 3600 (got 0)");
-    parse_bad("{\"user_id\":\"u\",\"goal\":\"g\",\"timeout_seconds\":3600.5}",
-              "timeout_seconds", "(got 3600.5)");
-    parse_bad("{\"user_id\":\"u\",\"goal\":\"g\",\"timeout_seconds\":-1.0}",
-              "timeout_seconds", "(got -1.0)");
+    check_bounds("timeout_seconds");
 }
 END_TEST
 
@@ -355,21 +379,21 @@ END_TEST
 
 START_TEST(test_goal_bounds)
 {
-    char *b = goal_body('a', 65536);
+    char *b = goal_body('a', 262144);
     aq_task *t = parse_ok(b);
-    ck_assert_uint_eq(strlen(t->goal), 65536);
+    ck_assert_uint_eq(strlen(t->goal), 262144);
     aq_task_free(t);
     free(b);
 
-    b = goal_body('a', 65537);
-    parse_bad(b, "goal", "goal: must be a string of 1 to 65536 bytes (got 65537 bytes)");
+    b = goal_body('a', 262145);
+    parse_bad(b, "goal", "goal: must be a string of 1 to 262144 bytes (got 262145 bytes)");
     free(b);
 
-    /* the limit counts bytes, not characters: 65535 + a 2-byte letter */
-    b = goal_body('a', 65537);
+    /* the limit counts bytes, not characters: 262143 + a 2-byte letter */
+    b = goal_body('a', 262145);
     char *end = strstr(b, "\"}");
     memcpy(end - 2, "\xc3\xa9", 2);
-    parse_bad(b, "goal", "(got 65537 bytes)");
+    parse_bad(b, "goal", "(got 262145 bytes)");
     free(b);
 
     parse_bad("{\"user_id\":\"u\",\"goal\":\"\"}", "goal", "(got 0 bytes)");
@@ -436,8 +460,8 @@ START_TEST(test_type_errors)
     static const struct { const char *field, *value, *message; } cases[] = {
         {"task_id", "42", "task_id: must be a UUID like 0b9e2a4c-6c1e-4d2a-9f3b-7d8e5a1c2b3f (got number)"},
         {"user_id", "7", "user_id: must be a string of 1 to 128 bytes (got number)"},
-        {"goal", "1", "goal: must be a string of 1 to 65536 bytes (got number)"},
-        {"goal", "null", "goal: must be a string of 1 to 65536 bytes (got null)"},
+        {"goal", "1", "goal: must be a string of 1 to 262144 bytes (got number)"},
+        {"goal", "null", "goal: must be a string of 1 to 262144 bytes (got null)"},
         {"max_steps", "\"5\"", "max_steps: must be an integer from 1 to 100 (got string)"},
         {"max_steps", "3.0", "max_steps: must be an integer from 1 to 100 (got 3.0)"},
         {"max_steps", "1e1", "max_steps: must be an integer from 1 to 100 (got 10.0)"},
@@ -654,46 +678,23 @@ END_TEST
 
 static Suite *task_suite(void)
 {
-    Suite *s = suite_create("task");
-    TCase *core = tcase_create("core");
-    tcase_add_test(core, test_defaults);
-    tcase_add_test(core, test_all_fields);
-    tcase_add_test(core, test_task_id_sources);
-    tcase_add_test(core, test_props);
-    tcase_add_test(core, test_round_trip);
-    tcase_add_test(core, test_from_json_copies_metadata);
-    tcase_add_test(core, test_body_not_nul_terminated);
-    tcase_add_test(core, test_unchecked_names);
-    tcase_add_test(core, test_uuid);
-    suite_add_tcase(s, core);
-
-    TCase *limits = tcase_create("limits");
-    tcase_add_test(limits, test_max_steps_bounds);
-    tcase_add_test(limits, test_budget_bounds);
-    tcase_add_test(limits, test_timeout_bounds);
-    tcase_add_test(limits, test_timeout_bound_by_broker);
-    tcase_add_test(limits, test_user_id_bounds);
-    tcase_add_test(limits, test_goal_bounds);
-    tcase_add_test(limits, test_skills_bounds);
-    tcase_add_test(limits, test_priority_clamp);
-    tcase_add_test(limits, test_expiration_bounds);
-    suite_add_tcase(s, limits);
-
-    TCase *errors = tcase_create("errors");
-    tcase_add_test(errors, test_type_errors);
-    tcase_add_test(errors, test_bad_task_id);
-    tcase_add_test(errors, test_missing_fields);
-    tcase_add_test(errors, test_unknown_field);
-    tcase_add_test(errors, test_not_json);
-    tcase_add_test(errors, test_top_level_not_object);
-    tcase_add_test(errors, test_invalid_utf8);
-    tcase_add_test(errors, test_duplicate_keys);
-    tcase_add_test(errors, test_unknown_skill_and_model);
-    tcase_add_test(errors, test_bad_expiration);
-    tcase_add_test(errors, test_error_carries_task_id);
-    tcase_add_test(errors, test_null_error_buffer);
-    suite_add_tcase(s, errors);
-    return s;
+    const TTest *core[] = {test_defaults, test_all_fields, test_task_id_sources, test_props,
+                           test_round_trip, test_from_json_copies_metadata,
+                           test_body_not_nul_terminated, test_unchecked_names, test_uuid};
+    const TTest *limits[] = {test_max_steps_bounds, test_budget_bounds, test_timeout_bounds,
+                             test_timeout_bound_by_broker, test_user_id_bounds, test_goal_bounds,
+                             test_skills_bounds, test_priority_clamp, test_expiration_bounds};
+    const TTest *errors[] = {test_type_errors, test_bad_task_id, test_missing_fields,
+                             test_unknown_field, test_not_json, test_top_level_not_object,
+                             test_invalid_utf8, test_duplicate_keys, test_unknown_skill_and_model,
+                             test_bad_expiration, test_error_carries_task_id,
+                             test_null_error_buffer};
+    const aq_tcase_spec tcases[] = {
+        {.name = "core", .tests = core, .n_tests = AQ_ARRAY_LEN(core)},
+        {.name = "limits", .tests = limits, .n_tests = AQ_ARRAY_LEN(limits)},
+        {.name = "errors", .tests = errors, .n_tests = AQ_ARRAY_LEN(errors)},
+    };
+    return aq_test_suite("task", tcases, AQ_ARRAY_LEN(tcases));
 }
 
 int main(void)

@@ -4,6 +4,7 @@
 #include "agentq/broker.h"
 #include "agentq/config.h"
 #include "agentq/consumer.h"
+#include "suite.h"
 #include "testenv.h"
 
 #include <check.h>
@@ -31,6 +32,9 @@ static void setup(void)
     ck_assert(aq_config_set(&cfg, "amqp.dead_queue", q, err, sizeof err) == 0);
     snprintf(q, sizeof q, "%s.retry.", prefix);
     ck_assert(aq_config_set(&cfg, "amqp.retry_prefix", q, err, sizeof err) == 0);
+    snprintf(q, sizeof q, "%s.lane.", prefix);
+    ck_assert(aq_config_set(&cfg, "amqp.lane_prefix", q, err, sizeof err) == 0);
+    ck_assert(aq_config_set(&cfg, "amqp.lanes", "3", err, sizeof err) == 0);
     b = aq_broker_connect(cfg.amqp_url, 0, 5000, err, sizeof err);
     ck_assert_msg(b != NULL, "%s", err);
     ck_assert_msg(aq_broker_declare(b, &cfg, err, sizeof err) == 0, "%s", err);
@@ -44,7 +48,7 @@ static void teardown(void)
 
 static char *ctl(const char *args)
 {
-    static char out[8192];
+    static char out[1 << 20]; /* every queue of the shared test broker */
     char cmd[1024];
     snprintf(cmd, sizeof cmd, "'%s' -q %s 2>&1", aq_test_env_require("AGENTQ_TEST_RABBITMQCTL"), args);
     FILE *p = popen(cmd, "r");
@@ -67,6 +71,18 @@ START_TEST(topology_as_the_contract_says)
     /* One retry queue per tier, each dead-lettering back to the exchange. */
     const char *tiers[] = {"retry.5s", "retry.30s", "retry.120s", "retry.600s"};
     for (int i = 0; i < 4; i++) ck_assert_msg(strstr(q, tiers[i]) != NULL, "no %s in %s", tiers[i], q);
+    /* One lane queue per amqp.lanes, each a priority queue dead-lettered
+     * like the task queue. */
+    for (int i = 0; i < 3; i++) {
+        char lane[128];
+        aq_broker_lane_queue(&cfg, i, lane, sizeof lane);
+        const char *l = strstr(q, lane);
+        ck_assert_msg(l != NULL, "no %s in %s", lane, q);
+        const char *eol = strchr(l, '\n');
+        ck_assert_msg(strstr(l, "x-max-priority") && strstr(l, "x-dead-letter-exchange") &&
+                          (!eol || strstr(l, "x-max-priority") < eol),
+                      "%s", l);
+    }
     char *e = ctl("list_exchanges name type durable");
     ck_assert_msg(strstr(e, "direct") && strstr(e, "fanout"), "%s", e);
     /* Declaring again changes nothing and does not fail. */
@@ -205,24 +221,97 @@ START_TEST(consumer_closing_reports_every_confirm_without_stalling)
 }
 END_TEST
 
+/* What lanes_share_one_prefetch receives: per lane, and the tags to ack. */
+typedef struct lane_rec {
+    int per_lane[3];
+    uint64_t tags[64];
+    int ntags;
+} lane_rec;
+
+static void count_lane_delivery(aq_delivery *d, int channel, uint64_t dtag, void *arg)
+{
+    lane_rec *r = arg;
+    (void)channel;
+    for (int i = 0; i < 3; i++) {
+        char lane[128];
+        aq_broker_lane_queue(&cfg, i, lane, sizeof lane);
+        if (!strcmp(d->routing_key, lane)) r->per_lane[i]++;
+    }
+    if (r->ntags < 64) r->tags[r->ntags++] = dtag;
+    aq_delivery_free(d);
+}
+
+/* Pumps for up to ms milliseconds or until nothing more arrives. */
+static void pump_for(int ms)
+{
+    char err[256];
+    int64_t end = aq_mono_us() + (int64_t)ms * 1000;
+    while (aq_mono_us() < end) {
+        ck_assert_msg(aq_broker_pump(b, err, sizeof err) == 0, "%s", err);
+        usleep(2000);
+    }
+}
+
+/* The lanes a worker consumes share one prefetch: it never holds more
+ * than that, and as slots free every lane with messages gets its turn, so
+ * no lane's backlog shuts the others out. */
+START_TEST(lanes_share_one_prefetch)
+{
+    char err[256], lane[128];
+    for (int i = 0; i < 3; i++) {
+        aq_broker_lane_queue(&cfg, i, lane, sizeof lane);
+        for (int k = 0; k < 20; k++) {
+            aq_publish p = {"", lane, "{}", 2, NULL, 0, NULL, 0, NULL};
+            ck_assert_int_gt(aq_broker_publish(b, &p, NULL, err, sizeof err), 0);
+        }
+    }
+    int64_t nacked;
+    ck_assert_msg(aq_broker_wait_confirms(b, 5000, &nacked, err, sizeof err) == 0, "%s", err);
+    static lane_rec r;
+    memset(&r, 0, sizeof r);
+    aq_broker_events ev = {count_lane_delivery, NULL, &r};
+    aq_broker_set_events(b, &ev);
+    const char *queues[3];
+    char names[3][128];
+    for (int i = 0; i < 3; i++) {
+        aq_broker_lane_queue(&cfg, i, names[i], sizeof names[i]);
+        queues[i] = names[i];
+    }
+    ck_assert_msg(aq_broker_consume_shared(b, 5, queues, 3, 4, err, sizeof err) == 0, "%s", err);
+    pump_for(300);
+    ck_assert_int_eq(r.ntags, 4); /* the prefetch, over all three lanes */
+    /* Free one slot at a time, 30 times: each lane gets a fair part of
+     * them (10 expected; RabbitMQ offers a freed slot to the waiting
+     * queues in random order). */
+    int before[3] = {r.per_lane[0], r.per_lane[1], r.per_lane[2]};
+    for (int k = 0; k < 30; k++) {
+        ck_assert_int_gt(r.ntags, 0);
+        ck_assert_int_eq(aq_broker_ack(b, 5, r.tags[--r.ntags]), 0);
+        int had = r.ntags;
+        for (int t = 0; t < 200 && r.ntags == had; t++) pump_for(2);
+        ck_assert_int_eq(r.ntags, had + 1);
+    }
+    for (int i = 0; i < 3; i++) {
+        int got = r.per_lane[i] - before[i];
+        ck_assert_msg(got >= 3, "lane %d got %d of 30 freed slots (%d, %d, %d)", i, got, r.per_lane[0] - before[0],
+                      r.per_lane[1] - before[1], r.per_lane[2] - before[2]);
+    }
+    aq_broker_cancel_consume(b, 5);
+}
+END_TEST
+
 int main(void)
 {
-    Suite *s = suite_create("broker");
-    TCase *core = tcase_create("core");
-    tcase_add_checked_fixture(core, setup, teardown);
-    tcase_set_timeout(core, 60);
-    tcase_add_test(core, topology_as_the_contract_says);
-    tcase_add_test(core, confirms_and_depth);
-    suite_add_tcase(s, core);
-    TCase *limits = tcase_create("limits");
-    tcase_add_checked_fixture(limits, setup, teardown);
-    tcase_set_timeout(limits, 60);
-    tcase_add_test(limits, out_of_order_confirms_counted_exactly);
-    tcase_add_test(limits, consumer_closing_reports_every_confirm_without_stalling);
-    suite_add_tcase(s, limits);
-    TCase *errors = tcase_create("errors");
-    tcase_set_timeout(errors, 60);
-    tcase_add_test(errors, bad_url_and_refused_connection);
-    suite_add_tcase(s, errors);
-    return aq_test_run(s);
+    const TTest *core[] = {topology_as_the_contract_says, confirms_and_depth};
+    const TTest *limits[] = {out_of_order_confirms_counted_exactly, lanes_share_one_prefetch,
+                             consumer_closing_reports_every_confirm_without_stalling};
+    const TTest *errors[] = {bad_url_and_refused_connection};
+    const aq_tcase_spec tcases[] = {
+        {.name = "core", .tests = core, .n_tests = AQ_ARRAY_LEN(core), .timeout_s = 60,
+         .setup = setup, .teardown = teardown},
+        {.name = "limits", .tests = limits, .n_tests = AQ_ARRAY_LEN(limits), .timeout_s = 60,
+         .setup = setup, .teardown = teardown},
+        {.name = "errors", .tests = errors, .n_tests = AQ_ARRAY_LEN(errors), .timeout_s = 60},
+    };
+    return aq_test_run(aq_test_suite("broker", tcases, AQ_ARRAY_LEN(tcases)));
 }

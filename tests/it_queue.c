@@ -8,6 +8,7 @@
 #include "agentq/config.h"
 #include "agentq/migrate.h"
 #include "proc.h"
+#include "suite.h"
 #include "testenv.h"
 
 #include <check.h>
@@ -75,6 +76,9 @@ static void setup_env(const char *name, const char *const *mock_flags)
     add_var("AGENTQ_AMQP_DEAD_QUEUE", q);
     snprintf(q, sizeof q, "%s.retry.", E.prefix);
     add_var("AGENTQ_AMQP_RETRY_PREFIX", q);
+    snprintf(q, sizeof q, "%s.lane.", E.prefix);
+    add_var("AGENTQ_AMQP_LANE_PREFIX", q);
+    add_var("AGENTQ_AMQP_LANES", "4");
     add_var("AGENTQ_AMQP_RETRY_DELAYS", "1s");
     add_var("AGENTQ_AMQP_MAX_ATTEMPTS", "3");
     add_var("AGENTQ_LLM_MAX_RETRIES", "0");
@@ -218,6 +222,15 @@ static int64_t tasks_left(void)
     return messages;
 }
 
+/* Checks that `expr` over task `id`'s row is `want`. */
+static void assert_task(const char *id, const char *expr, const char *want)
+{
+    char *v = task_value(id, expr);
+    ck_assert_msg(v && !strcmp(v, want), "task %s: %s is '%s', want '%s'", id, expr, v ? v : "(null)",
+                  want);
+    free(v);
+}
+
 /* Checks that the first value of the query is `want`. */
 static void assert_pg(const char *want, const char *fmt, ...) AQ_PRINTF(2, 3);
 static void assert_pg(const char *want, const char *fmt, ...)
@@ -241,12 +254,8 @@ START_TEST(producer_to_completed_row)
     const char *args[] = {"--user", "alice", "--goal", "add things steps=2", "--metadata", "{\"k\":1}", NULL};
     ck_assert_int_eq(produce(args, id), 0);
     wait_status(id, "completed", 15000, w, "worker");
-    char *v = task_value(id, "steps || ' ' || attempt || ' ' || (metadata->>'k') || ' ' || (cost_usd > 0)");
-    ck_assert_str_eq(v, "3 1 1 true");
-    free(v);
-    v = task_value(id, "(SELECT count(*) FROM agentq.steps s WHERE s.task_id = tasks.task_id)");
-    ck_assert_str_eq(v, "5"); /* 3 LLM calls + 2 tool calls */
-    free(v);
+    assert_task(id, "steps || ' ' || attempt || ' ' || (metadata->>'k') || ' ' || (cost_usd > 0)", "3 1 1 true");
+    assert_task(id, "(SELECT count(*) FROM agentq.steps s WHERE s.task_id = tasks.task_id)", "5"); /* 3 LLM calls + 2 tool calls */
     /* agentqctl result: the row and every step, as JSON. */
     char cmd[1024], out[300];
     snprintf(out, sizeof out, "%s/result.json", E.logdir);
@@ -274,12 +283,20 @@ START_TEST(producer_to_completed_row)
 }
 END_TEST
 
+/* A backlog of low-priority tasks of one user and a high-priority task of
+ * another, all waiting (their users may run nothing yet, so the worker
+ * holds them or they wait in their lanes); once they may run, the high
+ * one starts first. (Priority is strict among what a worker holds and
+ * within a lane; an idle worker starts what reaches it first.) */
 START_TEST(priority_runs_first)
 {
     const char *mock[] = {"--latency-ms", "30", NULL};
     setup_env("prio", mock);
-    /* A backlog of low-priority tasks, then one high: with no worker yet. */
-    char cmd[1024], file[300];
+    char cmd[1024], file[300], err[512];
+    ck_assert_msg(aq_test_pg_exec(E.dsn, "INSERT INTO agentq.users (user_id, max_inflight)"
+                                         " VALUES ('low', 0), ('vip', 0)", err, sizeof err) == 0, "%s", err);
+    const char *one[] = {"AGENTQ_WORKER_CONCURRENCY=1", NULL};
+    aq_test_proc *w = start_worker("worker", one);
     snprintf(file, sizeof file, "%s/low.jsonl", E.logdir);
     FILE *f = fopen(file, "w");
     for (int i = 0; i < 15; i++) fprintf(f, "{\"user_id\":\"low\",\"goal\":\"low %d\"}\n", i);
@@ -289,8 +306,10 @@ START_TEST(priority_runs_first)
     char high[40];
     const char *hi[] = {"--user", "vip", "--goal", "urgent", "--priority", "9", NULL};
     ck_assert_int_eq(produce(hi, high), 0);
-    const char *one[] = {"AGENTQ_WORKER_CONCURRENCY=1", NULL};
-    aq_test_proc *w = start_worker("worker", one);
+    ck_assert(aq_test_pg_wait_value(E.dsn, "SELECT count(*) FROM agentq.tasks WHERE status = 'queued'", "16", 10000));
+    sleep(1); /* claimed, told to wait, held */
+    ck_assert_msg(aq_test_pg_exec(E.dsn, "UPDATE agentq.users SET max_inflight = NULL", err, sizeof err) == 0, "%s",
+                  err);
     wait_status(high, "completed", 15000, w, "worker");
     ck_assert(aq_test_pg_wait_value(E.dsn, "SELECT count(*) FROM agentq.tasks WHERE status = 'completed'", "16", 20000));
     snprintf(cmd, sizeof cmd,
@@ -313,12 +332,8 @@ START_TEST(ttl_expiry_recorded)
     sleep(1); /* expires while no worker consumes the task queue */
     aq_test_proc *w = start_worker("worker", NULL);
     wait_status(id, "expired", 15000, w, "worker");
-    char sql[256];
-    snprintf(sql, sizeof sql,
-             "SELECT reason || '|' || (headers ? 'x-death') || '|' || error FROM agentq.dead_letters WHERE task_id = '%s'", id);
-    char *v = aq_test_pg_value(E.dsn, sql);
-    ck_assert_str_eq(v, "expired|true|expired while queued (per-message TTL 300 ms)");
-    free(v);
+    assert_pg("expired|true|expired while queued (per-message TTL 300 ms)",
+              "SELECT reason || '|' || (headers ? 'x-death') || '|' || error FROM agentq.dead_letters WHERE task_id = '%s'", id);
     aq_test_proc_free(w);
     teardown_env();
 }
@@ -332,16 +347,11 @@ START_TEST(retries_through_tiers_then_failed)
     const char *args[] = {"--user", "u", "--goal", "always fail=500", NULL};
     ck_assert_int_eq(produce(args, id), 0);
     wait_status(id, "failed", 30000, w, "worker");
-    char *v = task_value(id, "attempt || '|' || (error LIKE '%HTTP 500%')");
-    ck_assert_str_eq(v, "3|true");
-    free(v);
+    assert_task(id, "attempt || '|' || (error LIKE '%HTTP 500%')", "3|true");
     /* One errored LLM call per attempt, and the dead letter with reason failed. */
-    char sql[512];
-    snprintf(sql, sizeof sql,
-             "SELECT string_agg(attempt::text, ',' ORDER BY attempt) FROM agentq.steps WHERE task_id = '%s' AND status = 'error'", id);
-    v = aq_test_pg_value(E.dsn, sql);
-    ck_assert_str_eq(v, "1,2,3");
-    free(v);
+    assert_pg("1,2,3",
+              "SELECT string_agg(attempt::text, ',' ORDER BY attempt) FROM agentq.steps WHERE task_id = '%s' AND status = 'error'", id);
+    char sql[256];
     snprintf(sql, sizeof sql, "SELECT reason FROM agentq.dead_letters WHERE task_id = '%s'", id);
     ck_assert(aq_test_pg_wait_value(E.dsn, sql, "failed", 10000));
     aq_test_proc_free(w);
@@ -407,9 +417,7 @@ START_TEST(plain_amqp_client_task_runs)
     }
     ck_assert_int_eq(rc, 0);
     wait_status(id, "completed", 15000, w, "worker");
-    char *v = task_value(id, "priority");
-    ck_assert_str_eq(v, "3");
-    free(v);
+    assert_task(id, "priority", "3");
     aq_test_proc_free(w);
     teardown_env();
 }
@@ -429,19 +437,11 @@ START_TEST(kill9_redelivers_and_completes_once)
     aq_test_proc_wait(a, 5000);
     aq_test_proc *b = start_worker("worker-b", NULL);
     wait_status(id, "completed", 20000, b, "worker-b");
-    char *v = task_value(id, "attempt");
-    ck_assert_str_eq(v, "2");
-    free(v);
+    assert_task(id, "attempt", "2");
     /* Exactly one completed attempt: attempt 2's two LLM calls, no more. */
-    char sql[256];
-    snprintf(sql, sizeof sql, "SELECT count(*) FROM agentq.steps WHERE task_id = '%s' AND attempt = 2 AND kind = 'llm'", id);
-    v = aq_test_pg_value(E.dsn, sql);
-    ck_assert_str_eq(v, "2");
-    free(v);
+    assert_pg("2", "SELECT count(*) FROM agentq.steps WHERE task_id = '%s' AND attempt = 2 AND kind = 'llm'", id);
     sleep(1);
-    v = task_value(id, "status");
-    ck_assert_str_eq(v, "completed");
-    free(v);
+    assert_task(id, "status", "completed");
     aq_test_proc_free(a);
     aq_test_proc_free(b);
     teardown_env();
@@ -464,9 +464,7 @@ START_TEST(sigterm_drains_then_requeues)
     ck_assert(aq_test_pg_wait_value(E.dsn, "SELECT count(*) FROM agentq.tasks WHERE status = 'running'", "5", 10000));
     aq_test_proc_signal(w, SIGTERM);
     ck_assert_int_eq(aq_test_proc_wait(w, 15000), 0);
-    char *v = aq_test_pg_value(E.dsn, "SELECT count(*) FROM agentq.tasks WHERE status = 'completed'");
-    ck_assert_str_eq(v, "5"); /* they finished during the drain */
-    free(v);
+    assert_pg("5", "SELECT count(*) FROM agentq.tasks WHERE status = 'completed'"); /* they finished during the drain */
     aq_test_proc_free(w);
 
     /* A drain too short for the work: tasks go back to the queue as
@@ -487,9 +485,7 @@ START_TEST(sigterm_drains_then_requeues)
     wait_status(id, "running", 10000, w, "worker-2");
     aq_test_proc_signal(w, SIGTERM);
     ck_assert_int_eq(aq_test_proc_wait(w, 10000), 0);
-    v = task_value(id, "status || ',' || interruptions || ',' || failures");
-    ck_assert_str_eq(v, "queued,1,0"); /* a drain is an interruption, not a failure */
-    free(v);
+    assert_task(id, "status || ',' || interruptions || ',' || failures", "queued,1,0"); /* a drain is an interruption, not a failure */
     aq_test_proc_free(w);
     const char *fast_env[] = {var, NULL};
     (void)fast_env;
@@ -524,9 +520,7 @@ START_TEST(cancel_stops_running_task)
     const char *cancel[] = {"cancel", id, NULL};
     ck_assert_int_eq(ctl(cancel), 0);
     wait_status(id, "cancelled", 5000, w, "worker");
-    char *v = task_value(id, "steps < 100");
-    ck_assert_str_eq(v, "t");
-    free(v);
+    assert_task(id, "steps < 100", "t");
     /* Every task that ends other than completed is in the parking lot,
      * with its reason and its body, so it can be sent back. */
     assert_pg("cancelled|true|true",
@@ -549,11 +543,7 @@ START_TEST(requeue_dead_letters)
     const char *rq[] = {"requeue", "--dead", "--reason", "expired", NULL};
     ck_assert_int_eq(ctl(rq), 0);
     wait_status(id, "completed", 15000, w, "worker");
-    char sql[256];
-    snprintf(sql, sizeof sql, "SELECT requeued_at IS NOT NULL FROM agentq.dead_letters WHERE task_id = '%s'", id);
-    char *v = aq_test_pg_value(E.dsn, sql);
-    ck_assert_str_eq(v, "t");
-    free(v);
+    assert_pg("t", "SELECT requeued_at IS NOT NULL FROM agentq.dead_letters WHERE task_id = '%s'", id);
     /* Nothing left to requeue: says so and exits 1. */
     ck_assert_int_eq(ctl(rq), 1);
     aq_test_proc_free(w);
@@ -569,17 +559,26 @@ static void write_tasks(const char *file, int n, const char *goal)
     fclose(f);
 }
 
-START_TEST(broker_connection_loss_loses_nothing)
+/* Sets up the test `name` with six tasks (goals "<goal> N") running on
+ * one worker, slow enough (800 ms an LLM call) for a connection to be cut
+ * under them; returns the worker. */
+static aq_test_proc *six_tasks_running(const char *name, const char *goal)
 {
     const char *mock[] = {"--latency-ms", "800", NULL};
-    setup_env("amqploss", mock);
+    setup_env(name, mock);
     aq_test_proc *w = start_worker("worker", NULL);
     char file[300];
     snprintf(file, sizeof file, "%s/tasks.jsonl", E.logdir);
-    write_tasks(file, 6, "survive steps=1");
+    write_tasks(file, 6, goal);
     const char *args[] = {"--file", file, NULL};
     ck_assert_int_eq(produce(args, NULL), 0);
     ck_assert(aq_test_pg_wait_value(E.dsn, "SELECT count(*) FROM agentq.tasks WHERE status = 'running'", "6", 10000));
+    return w;
+}
+
+START_TEST(broker_connection_loss_loses_nothing)
+{
+    aq_test_proc *w = six_tasks_running("amqploss", "survive steps=1");
     char cmd[600];
     snprintf(cmd, sizeof cmd, "'%s' close_all_connections 'test: broker connection loss' >/dev/null 2>&1",
              aq_test_env_require("AGENTQ_TEST_RABBITMQCTL"));
@@ -587,9 +586,7 @@ START_TEST(broker_connection_loss_loses_nothing)
     ck_assert_msg(aq_test_pg_wait_value(E.dsn, "SELECT count(*) FROM agentq.tasks WHERE status = 'completed'", "6", 30000),
                   "not every task completed after the broker connection was lost");
     /* Each ran to one final row, and nothing is left in the queue. */
-    char *v = aq_test_pg_value(E.dsn, "SELECT count(*) FROM agentq.tasks");
-    ck_assert_str_eq(v, "6");
-    free(v);
+    assert_pg("6", "SELECT count(*) FROM agentq.tasks");
     aq_config cfg;
     char err[256];
     ck_assert(aq_config_load(&cfg, NULL, err, sizeof err) == 0);
@@ -611,15 +608,7 @@ END_TEST
 
 START_TEST(database_connection_loss_loses_nothing)
 {
-    const char *mock[] = {"--latency-ms", "800", NULL};
-    setup_env("pgloss", mock);
-    aq_test_proc *w = start_worker("worker", NULL);
-    char file[300];
-    snprintf(file, sizeof file, "%s/tasks.jsonl", E.logdir);
-    write_tasks(file, 6, "persist steps=1");
-    const char *args[] = {"--file", file, NULL};
-    ck_assert_int_eq(produce(args, NULL), 0);
-    ck_assert(aq_test_pg_wait_value(E.dsn, "SELECT count(*) FROM agentq.tasks WHERE status = 'running'", "6", 10000));
+    aq_test_proc *w = six_tasks_running("pgloss", "persist steps=1");
     /* Cut every connection the worker has to this database. */
     char *dbname = aq_test_pg_value(E.dsn, "SELECT current_database()");
     char sql[512];
@@ -630,9 +619,7 @@ START_TEST(database_connection_loss_loses_nothing)
     free(dbname);
     ck_assert_msg(aq_test_pg_wait_value(E.dsn, "SELECT count(*) FROM agentq.tasks WHERE status = 'completed'", "6", 30000),
                   "not every task completed after the database connection was cut");
-    char *v = aq_test_pg_value(E.dsn, "SELECT count(*) FROM agentq.steps WHERE kind = 'llm'");
-    ck_assert_str_eq(v, "12"); /* two LLM calls each, none written twice */
-    free(v);
+    assert_pg("12", "SELECT count(*) FROM agentq.steps WHERE kind = 'llm'"); /* two LLM calls each, none written twice */
     aq_test_proc_free(w);
     teardown_env();
 }
@@ -692,9 +679,7 @@ START_TEST(producer_reports_bad_lines)
     char *printed = slurp(out);
     ck_assert_msg(strstr(printed, "\"line\":1") && strstr(printed, "\"line\":5"), "%s", printed);
     /* --record wrote queued rows for the two good ones, priority kept. */
-    char *v = aq_test_pg_value(E.dsn, "SELECT string_agg(status || ':' || priority, ',' ORDER BY priority) FROM agentq.tasks");
-    ck_assert_str_eq(v, "queued:0,queued:7");
-    free(v);
+    assert_pg("queued:0,queued:7", "SELECT string_agg(status || ':' || priority, ',' ORDER BY priority) FROM agentq.tasks");
     /* --strict stops at the first bad line. */
     truncate(log, 0);
     const char *strict[] = {"--file", file, "--strict", NULL};
@@ -752,50 +737,140 @@ START_TEST(fleet_rate_limit_shared_by_two_workers)
     double span = atof(v);
     free(v);
     ck_assert_msg(span >= 3.4 && span <= 8.0, "100 calls at a fleet limit of 20/s took %.2f s", span);
-    v = aq_test_pg_value(E.dsn, "SELECT count(DISTINCT worker_id) FROM agentq.tasks");
-    ck_assert_str_eq(v, "2"); /* both workers took part */
-    free(v);
-    v = aq_test_pg_value(E.dsn, "SELECT refill_per_sec FROM agentq.rate_limits WHERE name = 'llm:requests'");
-    ck_assert_str_eq(v, "20");
-    free(v);
+    assert_pg("2", "SELECT count(DISTINCT worker_id) FROM agentq.tasks"); /* both workers took part */
+    assert_pg("20", "SELECT refill_per_sec FROM agentq.rate_limits WHERE name = 'llm:requests'");
     aq_test_proc_free(a);
     aq_test_proc_free(b);
     teardown_env();
 }
 END_TEST
 
+/* The most of `user`'s tasks that ran at once (from the rows' start and
+ * finish times), as text. */
+#define MAX_CONCURRENT_SQL                                                                                  \
+    "SELECT coalesce(max(n), 0) FROM (SELECT (SELECT count(*) FROM agentq.tasks y"                        \
+    "   WHERE y.user_id = x.user_id AND y.started_at <= x.started_at AND x.started_at < y.finished_at) n" \
+    " FROM agentq.tasks x WHERE x.user_id = '%s' AND x.started_at IS NOT NULL) m"
+
 START_TEST(user_cap_holds_fleet_wide)
 {
-    const char *mock[] = {"--latency-ms", "400", NULL};
+    const char *mock[] = {"--latency-ms", "300", NULL};
     setup_env("usercap", mock);
-    /* One user may run one task at a time, across two workers. */
-    const char *cap[] = {"AGENTQ_LIMITS_MAX_INFLIGHT_PER_USER=1", NULL};
+    /* One user may run two tasks at a time, across two workers. */
+    const char *cap[] = {"AGENTQ_LIMITS_MAX_INFLIGHT_PER_USER=2", NULL};
     aq_test_proc *a = start_worker("worker-a", cap);
     aq_test_proc *b = start_worker("worker-b", cap);
     char file[300];
     snprintf(file, sizeof file, "%s/burst.jsonl", E.logdir);
     FILE *f = fopen(file, "w");
-    for (int i = 0; i < 3; i++) fprintf(f, "{\"user_id\":\"burst\",\"goal\":\"mine %d\"}\n", i);
+    for (int i = 0; i < 10; i++) fprintf(f, "{\"user_id\":\"burst\",\"goal\":\"mine %d\"}\n", i);
     fprintf(f, "{\"user_id\":\"other\",\"goal\":\"not held back\"}\n");
     fclose(f);
     sleep(1);
     const char *args[] = {"--file", file, NULL};
     ck_assert_int_eq(produce(args, NULL), 0);
-    ck_assert_msg(aq_test_pg_wait_value(E.dsn, "SELECT count(*) FROM agentq.tasks WHERE status = 'completed'", "4", 30000),
+    ck_assert_msg(aq_test_pg_wait_value(E.dsn, "SELECT count(*) FROM agentq.tasks WHERE status = 'completed'", "11", 30000),
                   "not all tasks completed");
-    /* The burst user's tasks never ran at the same time... */
-    char *v = aq_test_pg_value(E.dsn,
-                               "SELECT count(*) FROM agentq.tasks x JOIN agentq.tasks y ON x.task_id < y.task_id"
-                               " WHERE x.user_id = 'burst' AND y.user_id = 'burst'"
-                               " AND x.started_at < y.finished_at AND y.started_at < x.finished_at");
-    ck_assert_str_eq(v, "0");
-    free(v);
+    /* Never more than two of the burst at once, fleet-wide, and the cap
+     * was used (two did run together)... */
+    assert_pg("2", MAX_CONCURRENT_SQL, "burst");
+    /* ...each task ran once, with no attempt used up by waiting and no
+     * trip through a retry tier... */
+    assert_pg("10|1|0", "SELECT count(*) || '|' || max(attempt) || '|' || max(failures) FROM agentq.tasks"
+                        " WHERE user_id = 'burst'");
     /* ...and the other user did not wait for them. */
-    v = aq_test_pg_value(E.dsn, "SELECT extract(epoch FROM finished_at - enqueued_at) < 3 FROM agentq.tasks WHERE user_id = 'other'");
-    ck_assert_str_eq(v, "t");
-    free(v);
+    assert_pg("t", "SELECT extract(epoch FROM finished_at - enqueued_at) < 3 FROM agentq.tasks WHERE user_id = 'other'");
     aq_test_proc_free(a);
     aq_test_proc_free(b);
+    teardown_env();
+}
+END_TEST
+
+/* Seconds since the epoch, from this machine's clock (PostgreSQL's now()
+ * reads the same one). */
+static double wall_now(void) { return (double)aq_now_us() / 1e6; }
+
+/* The burst scenario, small: one user's 600 tasks, then three users' two
+ * tasks each, on two workers of 10 slots. FIFO would make the late users
+ * wait behind the whole burst (about 5 s); with lanes they start as slots
+ * free, and no slot idles while the burst waits. */
+START_TEST(burst_does_not_hold_back_late_users)
+{
+    const char *mock[] = {"--latency-ms", "200", NULL};
+    setup_env("burst", mock);
+    const char *ten[] = {"AGENTQ_WORKER_CONCURRENCY=10", NULL};
+    aq_test_proc *a = start_worker("worker-a", ten);
+    aq_test_proc *b = start_worker("worker-b", ten);
+    char file[300];
+    snprintf(file, sizeof file, "%s/burst.jsonl", E.logdir);
+    FILE *f = fopen(file, "w");
+    for (int i = 0; i < 600; i++) fprintf(f, "{\"user_id\":\"burst\",\"goal\":\"quick answer %d\"}\n", i);
+    fclose(f);
+    sleep(1);
+    const char *args[] = {"--file", file, NULL};
+    ck_assert_int_eq(produce(args, NULL), 0);
+    double t_burst = wall_now();
+    usleep(500 * 1000);
+    snprintf(file, sizeof file, "%s/late.jsonl", E.logdir);
+    f = fopen(file, "w");
+    for (int i = 0; i < 6; i++) fprintf(f, "{\"user_id\":\"late%d\",\"goal\":\"quick answer\"}\n", i % 3);
+    fclose(f);
+    double t_late = wall_now();
+    ck_assert_int_eq(produce(args, NULL), 0);
+    ck_assert_msg(aq_test_pg_wait_value(E.dsn, "SELECT count(*) FROM agentq.tasks WHERE status = 'completed'", "606",
+                                        60000),
+                  "not all tasks completed");
+    /* Late users: done within 1.5 s of their publish (a task is ~0.2 s). */
+    assert_pg("t", "SELECT max(extract(epoch FROM finished_at)) - %.3f < 1.5 FROM agentq.tasks"
+                   " WHERE user_id LIKE 'late%%'", t_late);
+    /* Work-conserving: 606 tasks × ~0.2 s / 20 slots ≈ 6 s; allow 2×. */
+    assert_pg("t", "SELECT max(extract(epoch FROM finished_at)) - %.3f < 12 FROM agentq.tasks", t_burst);
+    assert_pg("2", "SELECT count(DISTINCT worker_id) FROM agentq.tasks");
+    aq_test_proc_free(a);
+    aq_test_proc_free(b);
+    teardown_env();
+}
+END_TEST
+
+/* agentq.users changed in SQL while the fleet runs: a cap of 0 holds the
+ * user's task (queued, visible, cancellable before any worker starts it,
+ * whatever client published it); raising the cap lets the rest run, with
+ * the new cap honoured. */
+START_TEST(user_settings_take_effect_while_running)
+{
+    const char *mock[] = {"--latency-ms", "300", NULL};
+    setup_env("settings", mock);
+    char err[512];
+    char sql[256];
+    snprintf(sql, sizeof sql, "INSERT INTO agentq.users (user_id, max_inflight) VALUES ('paced', 0)");
+    ck_assert_msg(aq_test_pg_exec(E.dsn, sql, err, sizeof err) == 0, "%s", err);
+    aq_test_proc *w = start_worker("worker", NULL);
+    sleep(1);
+    const char *doomed = "5d1c3b6e-0f43-4c1e-9a59-4c5d8e6f7a01";
+    publish_raw("{\"task_id\":\"5d1c3b6e-0f43-4c1e-9a59-4c5d8e6f7a01\",\"user_id\":\"paced\",\"goal\":\"wait\"}",
+                NULL, 0, NULL);
+    ck_assert_msg(aq_test_pg_wait_value(E.dsn, "SELECT status FROM agentq.tasks", "queued", 1500),
+                  "a published task was not visible as queued within 1.5 s");
+    const char *cancel[] = {"cancel", doomed, NULL};
+    ck_assert_int_eq(ctl(cancel), 0);
+    char file[300];
+    snprintf(file, sizeof file, "%s/paced.jsonl", E.logdir);
+    FILE *f = fopen(file, "w");
+    for (int i = 0; i < 6; i++) fprintf(f, "{\"user_id\":\"paced\",\"goal\":\"quick answer %d\"}\n", i);
+    fclose(f);
+    const char *args[] = {"--file", file, NULL};
+    ck_assert_int_eq(produce(args, NULL), 0);
+    sleep(2);
+    assert_pg("0", "SELECT count(*) FROM agentq.tasks WHERE started_at IS NOT NULL");
+    assert_pg("6|1", "SELECT count(*) || '|' || max(attempt) FROM agentq.tasks WHERE status = 'queued'");
+    snprintf(sql, sizeof sql, "UPDATE agentq.users SET max_inflight = 2 WHERE user_id = 'paced'");
+    ck_assert_msg(aq_test_pg_exec(E.dsn, sql, err, sizeof err) == 0, "%s", err);
+    ck_assert_msg(aq_test_pg_wait_value(E.dsn, "SELECT count(*) FROM agentq.tasks WHERE status = 'completed'", "6",
+                                        20000),
+                  "the raised cap did not let the tasks run");
+    assert_task(doomed, "status || ',' || (started_at IS NULL)", "cancelled,true");
+    assert_pg("2", MAX_CONCURRENT_SQL, "paced");
+    aq_test_proc_free(w);
     teardown_env();
 }
 END_TEST
@@ -1008,38 +1083,26 @@ END_TEST
 
 int main(void)
 {
-    Suite *s = suite_create("queue");
-    TCase *core = tcase_create("core");
-    tcase_set_timeout(core, 120);
-    tcase_add_test(core, producer_to_completed_row);
-    tcase_add_test(core, priority_runs_first);
-    tcase_add_test(core, plain_amqp_client_task_runs);
-    tcase_add_test(core, producer_wait_exit_code_and_ctl_status);
-    suite_add_tcase(s, core);
-    TCase *limits = tcase_create("limits");
-    tcase_set_timeout(limits, 120);
-    tcase_add_test(limits, ttl_expiry_recorded);
-    tcase_add_test(limits, ttl_carries_across_retries);
-    tcase_add_test(limits, retries_through_tiers_then_failed);
-    tcase_add_test(limits, sigterm_drains_then_requeues);
-    tcase_add_test(limits, cancel_stops_running_task);
-    tcase_add_test(limits, requeue_dead_letters);
-    tcase_add_test(limits, fleet_rate_limit_shared_by_two_workers);
-    tcase_add_test(limits, user_cap_holds_fleet_wide);
-    suite_add_tcase(s, limits);
-    TCase *errors = tcase_create("errors");
-    tcase_set_timeout(errors, 120);
-    tcase_add_test(errors, malformed_and_invalid_rejected);
-    tcase_add_test(errors, producer_reports_bad_lines);
-    tcase_add_test(errors, kill9_redelivers_and_completes_once);
-    tcase_add_test(errors, broker_connection_loss_loses_nothing);
-    tcase_add_test(errors, database_connection_loss_loses_nothing);
-    tcase_add_test(errors, duplicates_and_twins_never_rerun_or_change_a_task);
-    tcase_add_test(errors, duplicate_then_owner_killed_completes_once);
-    tcase_add_test(errors, crashes_do_not_use_up_attempts);
-    tcase_add_test(errors, spoofed_retry_headers_are_ignored);
-    tcase_add_test(errors, sweeper_republishes_running_tasks_nobody_holds);
-    tcase_add_test(errors, sigterm_with_an_unreachable_database_exits_in_time);
-    suite_add_tcase(s, errors);
-    return aq_test_run(s);
+    const TTest *core[] = {producer_to_completed_row, priority_runs_first,
+                           plain_amqp_client_task_runs, producer_wait_exit_code_and_ctl_status};
+    const TTest *limits[] = {ttl_expiry_recorded, ttl_carries_across_retries,
+                             retries_through_tiers_then_failed, sigterm_drains_then_requeues,
+                             cancel_stops_running_task, requeue_dead_letters,
+                             fleet_rate_limit_shared_by_two_workers, user_cap_holds_fleet_wide,
+                             burst_does_not_hold_back_late_users, user_settings_take_effect_while_running};
+    const TTest *errors[] = {malformed_and_invalid_rejected, producer_reports_bad_lines,
+                             kill9_redelivers_and_completes_once,
+                             broker_connection_loss_loses_nothing,
+                             database_connection_loss_loses_nothing,
+                             duplicates_and_twins_never_rerun_or_change_a_task,
+                             duplicate_then_owner_killed_completes_once,
+                             crashes_do_not_use_up_attempts, spoofed_retry_headers_are_ignored,
+                             sweeper_republishes_running_tasks_nobody_holds,
+                             sigterm_with_an_unreachable_database_exits_in_time};
+    const aq_tcase_spec tcases[] = {
+        {.name = "core", .tests = core, .n_tests = AQ_ARRAY_LEN(core), .timeout_s = 120},
+        {.name = "limits", .tests = limits, .n_tests = AQ_ARRAY_LEN(limits), .timeout_s = 120},
+        {.name = "errors", .tests = errors, .n_tests = AQ_ARRAY_LEN(errors), .timeout_s = 120},
+    };
+    return aq_test_run(aq_test_suite("queue", tcases, AQ_ARRAY_LEN(tcases)));
 }

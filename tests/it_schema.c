@@ -20,6 +20,7 @@
 
 #include "agentq/log.h"
 #include "agentq/migrate.h"
+#include "suite.h"
 #include "testenv.h"
 
 static char *dsn; /* the current test's migrated database */
@@ -770,36 +771,25 @@ END_TEST
 
 static Suite *schema_suite(void)
 {
-    Suite *s = suite_create("schema");
-
-    TCase *core = tcase_create("core");
-    tcase_set_timeout(core, 120);
-    tcase_add_test(core, test_migrate_records_every_version_once);
-    tcase_add_test(core, test_status_lists_pending_on_a_new_database);
-    tcase_add_test(core, test_task_row_round_trips);
-    tcase_add_test(core, test_steps_and_dead_letters_store_what_workers_write);
-    tcase_add_test(core, test_views_count_what_was_inserted);
-    tcase_add_test(core, test_take_tokens_refills_and_takes);
-    tcase_add_test(core, test_cancel_request_notifies_listeners);
-    tcase_add_test(core, test_worker_role_can_write);
-    tcase_add_test(core, test_rabbitmq_answers);
-    suite_add_tcase(s, core);
-
-    TCase *limits = tcase_create("limits");
-    tcase_set_timeout(limits, 120);
-    tcase_add_test(limits, test_take_tokens_never_overgrants_under_contention);
-    tcase_add_test(limits, test_concurrent_migrators_apply_each_file_once);
-    tcase_add_test(limits, test_task_counters_cannot_go_negative);
-    suite_add_tcase(s, limits);
-
-    TCase *errors = tcase_create("errors");
-    tcase_set_timeout(errors, 120);
-    tcase_add_test(errors, test_status_check_rejects_unknown_status);
-    tcase_add_test(errors, test_reader_role_cannot_write);
-    tcase_add_test(errors, test_failing_migration_names_file_and_line_and_rolls_back);
-    tcase_add_test(errors, test_migrate_reports_missing_dir_and_unreachable_db);
-    suite_add_tcase(s, errors);
-    return s;
+    const TTest *core[] = {test_migrate_records_every_version_once,
+                           test_status_lists_pending_on_a_new_database, test_task_row_round_trips,
+                           test_steps_and_dead_letters_store_what_workers_write,
+                           test_views_count_what_was_inserted, test_take_tokens_refills_and_takes,
+                           test_cancel_request_notifies_listeners, test_worker_role_can_write,
+                           test_rabbitmq_answers};
+    const TTest *limits[] = {test_take_tokens_never_overgrants_under_contention,
+                             test_concurrent_migrators_apply_each_file_once,
+                             test_task_counters_cannot_go_negative};
+    const TTest *errors[] = {test_status_check_rejects_unknown_status,
+                             test_reader_role_cannot_write,
+                             test_failing_migration_names_file_and_line_and_rolls_back,
+                             test_migrate_reports_missing_dir_and_unreachable_db};
+    const aq_tcase_spec tcases[] = {
+        {.name = "core", .tests = core, .n_tests = AQ_ARRAY_LEN(core), .timeout_s = 120},
+        {.name = "limits", .tests = limits, .n_tests = AQ_ARRAY_LEN(limits), .timeout_s = 120},
+        {.name = "errors", .tests = errors, .n_tests = AQ_ARRAY_LEN(errors), .timeout_s = 120},
+    };
+    return aq_test_suite("schema", tcases, AQ_ARRAY_LEN(tcases));
 }
 
 int main(void)

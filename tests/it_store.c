@@ -24,6 +24,7 @@
 #include "agentq/migrate.h"
 #include "agentq/store.h"
 #include "agentq/task.h"
+#include "suite.h"
 #include "testenv.h"
 
 static char *dsn;                /* the current test's migrated database */
@@ -56,15 +57,28 @@ static void teardown(void)
     dsn = NULL;
 }
 
-static aq_store *store_open(const char *d, int batch_max, int flush_ms)
+/* What the tests' stores share: worker "w-test", a 3 s flush timeout and
+ * reconnects at most 300 ms apart; a test adds its limits to it. */
+static aq_store_config store_config(const char *d, int batch_max, int flush_ms)
 {
     aq_store_config cfg = {.dsn = d, .worker_id = "w-test", .batch_max = batch_max,
                            .flush_ms = flush_ms, .flush_timeout_ms = 3000,
                            .reconnect_max_ms = 300};
+    return cfg;
+}
+
+static aq_store *store_new(const aq_store_config *cfg)
+{
     char err[512] = "";
-    aq_store *s = aq_store_new(&cfg, base, err, sizeof err);
+    aq_store *s = aq_store_new(cfg, base, err, sizeof err);
     ck_assert_msg(s != NULL, "aq_store_new: %s", err);
     return s;
+}
+
+static aq_store *store_open(const char *d, int batch_max, int flush_ms)
+{
+    aq_store_config cfg = store_config(d, batch_max, flush_ms);
+    return store_new(&cfg);
 }
 
 static char *sqlf(const char *fmt, ...) AQ_PRINTF(1, 2);
@@ -102,6 +116,7 @@ typedef struct claim_rec {
     int attempt;
     int failures;
     char status[32];
+    char reason[256];
     int code;
 } claim_rec;
 
@@ -114,6 +129,7 @@ static void on_claim(void *arg, const aq_store_claimed *cl, int code)
         c->attempt = cl->attempt;
         c->failures = cl->failures;
         snprintf(c->status, sizeof c->status, "%s", aq_status_name(cl->status));
+        snprintf(c->reason, sizeof c->reason, "%s", cl->reason ? cl->reason : "");
     }
     c->code = code;
     claims_done++;
@@ -616,11 +632,9 @@ END_TEST
 
 START_TEST(test_claim_ends_cancelled_expired_and_too_often_interrupted_tasks)
 {
-    aq_store_config cfg = {.dsn = dsn, .worker_id = "w-test", .flush_timeout_ms = 3000,
-                           .reconnect_max_ms = 300, .max_interruptions = 2};
-    char err[512] = "";
-    aq_store *s = aq_store_new(&cfg, base, err, sizeof err);
-    ck_assert_msg(s != NULL, "%s", err);
+    aq_store_config cfg = store_config(dsn, 0, 0);
+    cfg.max_interruptions = 2;
+    aq_store *s = store_new(&cfg);
     char cancelled[AQ_TASK_ID_LEN + 1], expired[AQ_TASK_ID_LEN + 1], poison[AQ_TASK_ID_LEN + 1];
     new_id(cancelled);
     new_id(expired);
@@ -1225,24 +1239,158 @@ START_TEST(test_unmigrated_database_is_waited_for)
 }
 END_TEST
 
+/* agentq.users settings, changed in SQL while the store runs: the user's
+ * own cap wins over the fleet's; a daily budget spent ends the next task
+ * (over_budget 'fail') or holds it (over_budget 'wait'). */
+START_TEST(test_user_settings_cap_and_budget)
+{
+    aq_store_config cfg = store_config(dsn, 0, 0);
+    cfg.max_inflight_per_user = 5;
+    aq_store *s = store_new(&cfg);
+    char a[AQ_TASK_ID_LEN + 1], b[AQ_TASK_ID_LEN + 1];
+    new_id(a);
+    new_id(b);
+    exec_ok("INSERT INTO agentq.users (user_id, max_inflight) VALUES ('alice', 1)");
+    ck_assert_int_eq(claim_sync(s, a).outcome, AQ_STORE_RUN);
+    claim_rec c = claim_sync(s, b);
+    ck_assert_int_eq(c.outcome, AQ_STORE_BUSY);
+    ck_assert_msg(strstr(c.reason, "agentq.users.max_inflight = 1") != NULL, "%s", c.reason);
+    exec_ok("UPDATE agentq.users SET max_inflight = 2 WHERE user_id = 'alice'");
+    ck_assert_int_eq(claim_sync(s, b).outcome, AQ_STORE_RUN);
+
+    /* Both finish having spent $0.03; the budget is $0.05: one more
+     * starts, and once it has spent too the next one ends unstarted. */
+    exec_ok("UPDATE agentq.users SET max_inflight = NULL, daily_budget_usd = 0.05 WHERE user_id = 'alice'");
+    const char *ids[] = {a, b};
+    for (int i = 0; i < 2; i++) {
+        done_rec dr = {0};
+        aq_store_result r = {.task_id = ids[i], .attempt = 1, .status = AQ_STATUS_COMPLETED, .cost_usd = 0.03};
+        int before = dones;
+        ck_assert_int_eq(aq_store_finish(s, &r, on_done, &dr), 0);
+        ck_assert(aq_test_loop_until(base, &dones, before + 1, 10000));
+    }
+    char d[AQ_TASK_ID_LEN + 1], e[AQ_TASK_ID_LEN + 1];
+    new_id(d);
+    new_id(e);
+    c = claim_sync(s, d);
+    ck_assert_int_eq(c.outcome, AQ_STORE_ENDED);
+    ck_assert_str_eq(c.status, "budget_exceeded");
+    ck_assert_str_eq(val(sqlf("SELECT status || '|' || (error LIKE '%%daily_budget_usd = 0.05%%')"
+                              " || '|' || (SELECT count(*) FROM agentq.dead_letters l WHERE l.task_id = t.task_id"
+                              "            AND l.reason = 'budget_exceeded')"
+                              " FROM agentq.tasks t WHERE task_id = '%s'", d)),
+                     "budget_exceeded|true|1");
+    /* 'wait': the task stays queued and unstarted instead, until the
+     * budget is raised. */
+    exec_ok("UPDATE agentq.users SET over_budget = 'wait' WHERE user_id = 'alice'");
+    c = claim_sync(s, e);
+    ck_assert_int_eq(c.outcome, AQ_STORE_BUSY);
+    ck_assert_msg(strstr(c.reason, "daily budget") != NULL, "%s", c.reason);
+    ck_assert_str_eq(val(sqlf("SELECT status FROM agentq.tasks WHERE task_id = '%s'", e)), "queued");
+    exec_ok("UPDATE agentq.users SET daily_budget_usd = 1 WHERE user_id = 'alice'");
+    ck_assert_int_eq(claim_sync(s, e).outcome, AQ_STORE_RUN);
+    aq_store_free(s);
+}
+END_TEST
+
+typedef struct route_rec {
+    int calls, code, lane;
+    bool final;
+    int64_t ttl_ms;
+} route_rec;
+
+static int routes_done;
+
+static void on_route(void *arg, const aq_store_routed *r, int code)
+{
+    route_rec *rr = arg;
+    rr->calls++;
+    rr->code = code;
+    if (r) {
+        rr->final = r->final;
+        rr->lane = r->lane;
+        rr->ttl_ms = r->ttl_ms;
+    }
+    routes_done++;
+}
+
+static route_rec route_sync(aq_store *s, const aq_store_task *t)
+{
+    route_rec r = {0};
+    int before = routes_done;
+    ck_assert_int_eq(aq_store_route(s, t, on_route, &r), 0);
+    ck_assert_msg(aq_test_loop_until(base, &routes_done, before + 1, 10000), "route callback never came");
+    ck_assert_int_eq(r.code, 0);
+    return r;
+}
+
+/* Routing records the task as queued at once and keeps a user in one
+ * lane while it has work; a user arriving while another's burst fills a
+ * lane takes its other candidate when that one is the burst's lane. */
+START_TEST(test_route_records_queued_and_picks_lanes)
+{
+    aq_store_config cfg = store_config(dsn, 0, 0);
+    cfg.lanes = 8;
+    aq_store *s = store_new(&cfg);
+    char id[AQ_TASK_ID_LEN + 1];
+    aq_store_task t = task_of(id);
+    t.deadline_us = aq_now_us() + 60 * 1000000LL;
+    int lane = -1;
+    for (int i = 0; i < 20; i++) {
+        new_id(id);
+        route_rec r = route_sync(s, &t);
+        ck_assert(!r.final);
+        ck_assert(r.lane >= 0 && r.lane < 8);
+        if (lane < 0) lane = r.lane;
+        ck_assert_int_eq(r.lane, lane); /* one lane for alice's burst */
+        ck_assert(r.ttl_ms > 50000 && r.ttl_ms <= 60000);
+    }
+    ck_assert_str_eq(val(sqlf("SELECT count(*) || ',' || min(lane) || ',' || bool_and(body IS NOT NULL)"
+                              " FROM agentq.tasks WHERE user_id = 'alice' AND status = 'queued'")),
+                     sqlf("20,%d,true", lane));
+    /* A final task with its own body: nothing to route. */
+    exec_ok(sqlf("UPDATE agentq.tasks SET status = 'completed' WHERE task_id = '%s'", id));
+    ck_assert(route_sync(s, &t).final);
+    /* Every other user whose two candidates include alice's lane avoids
+     * it (its other candidate holds nothing). */
+    int avoided = 0, could = 0;
+    for (int u = 0; u < 40; u++) {
+        char user[32];
+        snprintf(user, sizeof user, "late%d", u);
+        int ca = atoi(val(sqlf("SELECT agentq.lane_candidate('%s', 0, 'a', 8)", user)));
+        int cb = atoi(val(sqlf("SELECT agentq.lane_candidate('%s', 0, 'b', 8)", user)));
+        if (ca == cb || (ca != lane && cb != lane)) continue;
+        could++;
+        aq_store_task o = t;
+        o.user_id = user;
+        new_id(id);
+        if (route_sync(s, &o).lane != lane) avoided++;
+    }
+    ck_assert_int_gt(could, 0);
+    ck_assert_int_eq(avoided, could);
+    aq_store_free(s);
+}
+END_TEST
+
 START_TEST(test_user_cap_refuses_claims_past_it)
 {
-    aq_store_config cfg = {.dsn = dsn, .worker_id = "w-test", .flush_timeout_ms = 3000,
-                           .reconnect_max_ms = 300, .max_inflight_per_user = 2};
-    char err[512] = "";
-    aq_store *s = aq_store_new(&cfg, base, err, sizeof err);
-    ck_assert_msg(s != NULL, "%s", err);
+    aq_store_config cfg = store_config(dsn, 0, 0);
+    cfg.max_inflight_per_user = 2;
+    aq_store *s = store_new(&cfg);
     char a[AQ_TASK_ID_LEN + 1], b[AQ_TASK_ID_LEN + 1], c3[AQ_TASK_ID_LEN + 1];
     new_id(a);
     new_id(b);
     new_id(c3);
     ck_assert_int_eq(claim_sync(s, a).outcome, AQ_STORE_RUN);
     ck_assert_int_eq(claim_sync(s, b).outcome, AQ_STORE_RUN);
-    /* The third of the same user waits, and nothing is written for it. */
+    /* The third of the same user waits: queued (SQL sees it), no attempt
+     * started, and the claim says which setting holds it. */
     claim_rec c = claim_sync(s, c3);
     ck_assert_int_eq(c.code, 0);
     ck_assert_int_eq(c.outcome, AQ_STORE_BUSY);
-    ck_assert_str_eq(val(sqlf("SELECT count(*) FROM agentq.tasks WHERE task_id = '%s'", c3)), "0");
+    ck_assert_msg(strstr(c.reason, "limits.max_inflight_per_user = 2") != NULL, "%s", c.reason);
+    ck_assert_str_eq(val(sqlf("SELECT status || ',' || (started_at IS NULL) FROM agentq.tasks WHERE task_id = '%s'", c3)),
+                     "queued,true");
     /* Another user is not held back by it. */
     aq_store_task other = task_of(c3);
     char d[AQ_TASK_ID_LEN + 1];
@@ -1267,50 +1415,42 @@ END_TEST
 
 static Suite *store_suite(void)
 {
-    Suite *s = suite_create("store");
-
-    TCase *core = tcase_create("core");
-    tcase_set_timeout(core, 60);
-    tcase_add_checked_fixture(core, setup, teardown);
-    tcase_add_test(core, test_claim_new_task_runs_attempt_one);
-    tcase_add_test(core, test_finish_commits_before_callback_then_claim_is_final);
-    tcase_add_test(core, test_claim_attempt_rules);
-    tcase_add_test(core, test_user_cap_refuses_claims_past_it);
-    tcase_add_test(core, test_copy_of_a_task_under_a_live_lease_is_a_duplicate);
-    tcase_add_test(core, test_takeover_when_the_owner_is_gone_or_the_lease_expired);
-    tcase_add_test(core, test_twin_with_another_body_changes_nothing);
-    tcase_add_test(core, test_metadata_is_stored_as_sent);
-    tcase_add_test(core, test_claim_ends_cancelled_expired_and_too_often_interrupted_tasks);
-    tcase_add_test(core, test_finish_counts_failures_and_interruptions_apart);
-    tcase_add_test(core, test_renew_and_sweep);
-    tcase_add_test(core, test_finish_records_the_dead_letter_of_a_task_that_did_not_complete);
-    tcase_add_test(core, test_steps_round_trip_and_are_written_once);
-    tcase_add_test(core, test_dead_letter_body_round_trips_byte_exact);
-    tcase_add_test(core, test_dead_letter_finalises_only_a_waiting_task_of_its_body);
-    suite_add_tcase(s, core);
-
-    TCase *limits = tcase_create("limits");
-    tcase_set_timeout(limits, 60);
-    tcase_add_checked_fixture(limits, setup, teardown);
-    tcase_add_test(limits, test_thousands_of_rows_in_few_transactions);
-    tcase_add_test(limits, test_database_down_at_start_then_outage_nothing_lost_or_doubled);
-    tcase_add_test(limits, test_replay_after_lost_commit_reply_writes_nothing_twice);
-    suite_add_tcase(s, limits);
-
-    TCase *errors = tcase_create("errors");
-    tcase_set_timeout(errors, 60);
-    tcase_add_checked_fixture(errors, setup, teardown);
-    tcase_add_test(errors, test_bad_input_refused_without_callback);
-    tcase_add_test(errors, test_one_bad_row_does_not_sink_its_batch);
-    tcase_add_test(errors, test_free_with_database_unreachable_calls_back_with_error);
-    tcase_add_test(errors, test_unmigrated_database_is_waited_for);
-    suite_add_tcase(s, errors);
-    return s;
+    const TTest *core[] = {test_claim_new_task_runs_attempt_one,
+                           test_finish_commits_before_callback_then_claim_is_final,
+                           test_claim_attempt_rules, test_user_cap_refuses_claims_past_it,
+                           test_user_settings_cap_and_budget, test_route_records_queued_and_picks_lanes,
+                           test_copy_of_a_task_under_a_live_lease_is_a_duplicate,
+                           test_takeover_when_the_owner_is_gone_or_the_lease_expired,
+                           test_twin_with_another_body_changes_nothing,
+                           test_metadata_is_stored_as_sent,
+                           test_claim_ends_cancelled_expired_and_too_often_interrupted_tasks,
+                           test_finish_counts_failures_and_interruptions_apart,
+                           test_renew_and_sweep,
+                           test_finish_records_the_dead_letter_of_a_task_that_did_not_complete,
+                           test_steps_round_trip_and_are_written_once,
+                           test_dead_letter_body_round_trips_byte_exact,
+                           test_dead_letter_finalises_only_a_waiting_task_of_its_body};
+    const TTest *limits[] = {test_thousands_of_rows_in_few_transactions,
+                             test_database_down_at_start_then_outage_nothing_lost_or_doubled,
+                             test_replay_after_lost_commit_reply_writes_nothing_twice};
+    const TTest *errors[] = {test_bad_input_refused_without_callback,
+                             test_one_bad_row_does_not_sink_its_batch,
+                             test_free_with_database_unreachable_calls_back_with_error,
+                             test_unmigrated_database_is_waited_for};
+    const aq_tcase_spec tcases[] = {
+        {.name = "core", .tests = core, .n_tests = AQ_ARRAY_LEN(core), .timeout_s = 60,
+         .setup = setup, .teardown = teardown},
+        {.name = "limits", .tests = limits, .n_tests = AQ_ARRAY_LEN(limits), .timeout_s = 60,
+         .setup = setup, .teardown = teardown},
+        {.name = "errors", .tests = errors, .n_tests = AQ_ARRAY_LEN(errors), .timeout_s = 60,
+         .setup = setup, .teardown = teardown},
+    };
+    return aq_test_suite("store", tcases, AQ_ARRAY_LEN(tcases));
 }
 
 int main(void)
 {
     /* The store logs its outages by design; keep the output to failures. */
-    aq_log_set_level(AQ_LOG_ERROR);
+    aq_log_set_level(getenv("AQ_DEBUG_LOG") ? AQ_LOG_DEBUG : AQ_LOG_ERROR);
     return aq_test_run(store_suite());
 }

@@ -26,7 +26,9 @@ typedef struct aq_broker aq_broker;
 #define AQ_BROKER_CH_MAIN 1
 #define AQ_BROKER_CH_PUBLISH 2
 
-typedef enum { AQ_FROM_TASKS, AQ_FROM_DEAD } aq_delivery_source;
+/* Which queue a delivery came from: a lane (a task to run), the dead-letter
+ * queue, or the ingress queue producers publish to (a task to route). */
+typedef enum { AQ_FROM_TASKS, AQ_FROM_DEAD, AQ_FROM_INGRESS } aq_delivery_source;
 
 /* One message received from a consumed queue. Owned by the receiver; free
  * with aq_delivery_free(). */
@@ -87,6 +89,9 @@ int aq_broker_declare(aq_broker *b, const aq_config *cfg, char *err, size_t errl
 /* Name of the retry queue for a delay: prefix + "5s", "30s", "2h", "500ms". */
 void aq_broker_retry_queue(const aq_config *cfg, long delay_ms, char *buf, size_t len);
 
+/* Name of lane queue `lane` (0 .. amqp.lanes - 1): the prefix + the number. */
+void aq_broker_lane_queue(const aq_config *cfg, int lane, char *buf, size_t len);
+
 /* Where deliveries and confirms go (copied; NULL: nowhere). */
 void aq_broker_set_events(aq_broker *b, const aq_broker_events *ev);
 
@@ -109,7 +114,21 @@ int aq_broker_wait_confirms(aq_broker *b, int timeout_ms, int64_t *nacked,
 int aq_broker_consume(aq_broker *b, int channel, const char *queue, int prefetch, char *err,
                       size_t errlen) AQ_MUSTCHECK;
 
-/* Stops consuming on `channel` (no-op when not consuming there). */
+/* Consumes each of `n` queues on `channel` (opened if need be) under one
+ * prefetch of `prefetch` unacked deliveries shared by all of them: as a
+ * slot frees, RabbitMQ offers it to the queues with messages in random
+ * order, so each non-empty queue gets an equal share. Returns 0 or AQ_EIO. */
+int aq_broker_consume_shared(aq_broker *b, int channel, const char *const *queues, size_t n, int prefetch,
+                             char *err, size_t errlen) AQ_MUSTCHECK;
+
+/* One queue of a shared-prefetch channel: stop consuming it (deliveries
+ * on their way still arrive; unacked ones stay unacked), consume it again
+ * under the channel's prefetch, or ask whether it is consumed. */
+void aq_broker_cancel_queue(aq_broker *b, int channel, const char *queue);
+int aq_broker_add_queue(aq_broker *b, int channel, const char *queue, char *err, size_t errlen) AQ_MUSTCHECK;
+bool aq_broker_consuming(aq_broker *b, int channel, const char *queue);
+
+/* Stops every consumer on `channel` (no-op when not consuming there). */
 void aq_broker_cancel_consume(aq_broker *b, int channel);
 
 /* Acks or rejects one delivery of `channel`. Returns 0 or AQ_EIO. */

@@ -46,6 +46,9 @@ typedef struct aq_config {
     int amqp_max_attempts;
     int amqp_max_interruptions;
     int amqp_consumer_timeout_ms;
+    char *amqp_lane_prefix;
+    int amqp_lanes;
+    int amqp_route_prefetch;
     /* postgres */
     char *pg_dsn;
     int pg_batch_max;
@@ -67,6 +70,7 @@ typedef struct aq_config {
     /* worker */
     char *worker_id;
     int worker_concurrency;
+    int worker_lookahead;
     int worker_drain_seconds;
     int worker_lease_seconds;
     /* agent */
@@ -82,6 +86,7 @@ typedef struct aq_config {
     char *limits_mode;
     char *limits_bucket;
     int limits_max_inflight_per_user;
+    char *limits_over_budget;
     /* metrics */
     char *metrics_listen;
     /* log */
@@ -135,6 +140,11 @@ int aq_config_retry_delays(const aq_config *cfg, long *ms, int max);
  * finish: a delivery must be acked before consumer_timeout or the broker
  * closes the channel, and a task also waits for its claim and its record. */
 double aq_config_max_task_timeout(const aq_config *cfg);
+
+/* The deliveries a worker holds at most: worker.concurrency running plus
+ * the lookahead (worker.lookahead, or concurrency/4 and at least 8), the
+ * prefetch shared by its lanes; at most 65535 (AMQP's 16 bits). */
+int aq_config_lane_prefetch(const aq_config *cfg);
 
 /* True if `name` is in the comma-separated list `list`. */
 bool aq_config_list_has(const char *list, const char *name);

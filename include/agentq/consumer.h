@@ -1,7 +1,8 @@
 /* consumer.h — the worker's broker side: one thread that owns an AMQP
- * connection, consumes the task queue (prefetch = concurrency) and the
- * dead-letter queue, and carries out acks, rejects and confirmed publishes
- * that the loop thread asks for.
+ * connection, consumes the ingress queue (tasks to route), every lane
+ * (tasks to run: one prefetch of concurrency + lookahead shared by all
+ * lanes) and the dead-letter queue, and carries out acks, rejects and
+ * confirmed publishes that the loop thread asks for.
  *
  * rabbitmq-c has no background thread and its calls block, so they stay
  * off the event loop: the loop talks to this thread through mailboxes, and
@@ -51,6 +52,12 @@ void aq_consumer_publish(aq_consumer *c, const aq_publish *msg, void *cookie);
 /* Stops consuming the task queue (drain); deliveries already received are
  * still handed over. */
 void aq_consumer_stop_consuming(aq_consumer *c);
+
+/* Stops taking deliveries from lane `lane` (paused) or takes them again:
+ * while every held delivery of a lane's users waits on a cap, taking more
+ * of them would only fill the prefetch that other users' tasks need. A
+ * reconnect consumes every lane again. */
+void aq_consumer_pause_lane(aq_consumer *c, int lane, bool paused);
 
 bool aq_consumer_connected(const aq_consumer *c);
 

@@ -8,9 +8,24 @@
  * bursting past it. Token use is estimated when a call starts and corrected
  * with the reported usage when it ends (the bucket may go into debt).
  *
- * Sessions that must wait are served round-robin by user: each user has a
- * FIFO, and grants rotate over users, so one user's burst of a thousand
- * tasks waits behind everyone else's next call, not in front of it.
+ * Sessions that must wait are shared between users by deficit round robin
+ * (Shreedhar & Varghese) on estimated tokens: each user has a FIFO and a
+ * deficit; on its turn a user's deficit grows by a quantum times its
+ * weight and its calls are granted, oldest first, while the next one costs
+ * no more than the deficit; then the turn passes on. So users share the
+ * quota by tokens, not by calls (a user of 50k-token calls gets no more
+ * tokens than one of 1k-token calls), a user of weight 3 gets three times
+ * the share of one of weight 1 while both wait, and one user's burst of a
+ * thousand tasks waits behind everyone else's next turn, not in front of
+ * it. A call costs its estimate, but at least tpm/rpm tokens when both
+ * limits are set (its share of the requests quota, so a user of tiny calls
+ * cannot take all the requests) and at most a minute of tpm (the provider
+ * refuses bigger calls anyway). The quantum is the larger of 4096 tokens
+ * and one second of tpm: a turn holds the others up for about a second of
+ * the quota, and a call bigger than the quantum is granted after a few
+ * turns (at most 60), never starved. A user who stops waiting keeps no
+ * deficit. With no tokens limit (tpm 0) every call costs one and the
+ * quantum is one: round robin by calls, `weight` calls a turn.
  *
  * A 429's Retry-After pauses every grant until it has passed. All calls are
  * on the loop thread. */
@@ -18,6 +33,9 @@
 #define AGENTQ_RATELIMIT_H
 
 #include "agentq/common.h"
+
+/* The least DRR quantum, in tokens (see above). */
+#define AQ_RL_QUANTUM_MIN 4096
 
 struct event_base;
 typedef struct aq_ratelimit aq_ratelimit;
@@ -35,6 +53,15 @@ void aq_ratelimit_free(aq_ratelimit *rl);
  * with aq_ratelimit_cancel() before then. */
 bool aq_ratelimit_acquire(aq_ratelimit *rl, const char *user, int64_t tokens,
                           aq_rl_cb cb, void *arg, aq_rl_wait **wait);
+/* The same, for a user of `weight` (1 for acquire(); below 1 counts as 1,
+ * above AQ_RL_WEIGHT_MAX as that): while users wait, each gets a share of
+ * the quota proportional to its weight. A user's weight is that of its
+ * latest acquire and is kept only while it has waiters, so the caller
+ * passes it with every call (from the task or its config), and changing
+ * it takes effect from the user's next turn. */
+#define AQ_RL_WEIGHT_MAX 1000
+bool aq_ratelimit_acquire_weighted(aq_ratelimit *rl, const char *user, int weight, int64_t tokens,
+                                   aq_rl_cb cb, void *arg, aq_rl_wait **wait);
 /* Removes a queued waiter; its cb is never called. */
 void aq_ratelimit_cancel(aq_ratelimit *rl, aq_rl_wait *wait);
 

@@ -47,6 +47,11 @@ typedef struct aq_store_config {
     int max_inflight_per_user; /* a claim is refused (AQ_STORE_BUSY) while the
                             * task's user has this many running; <= 0: no cap */
     double lease_seconds;  /* lease a claim takes on a running row; <= 0: 30 */
+    const char *over_budget; /* "wait": a task of a user over its daily
+                            * budget waits (AQ_STORE_BUSY); anything else:
+                            * it ends as budget_exceeded (agentq.users
+                            * .over_budget overrides per user) */
+    int lanes;             /* amqp.lanes: the lanes aq_store_route picks from */
     int max_interruptions; /* a claim that would start the task's
                             * (max_interruptions + 1)th interrupted
                             * execution ends it as failed; <= 0: 10 */
@@ -64,8 +69,10 @@ typedef enum aq_store_outcome {
     AQ_STORE_ENDED,     /* the claim ended the task itself (status says how:
                          * cancelled, expired, failed after too many
                          * interruptions): ack */
-    AQ_STORE_BUSY,      /* the user already runs max_inflight_per_user
-                         * tasks: nothing written; send the task back */
+    AQ_STORE_BUSY,      /* the user may not start a task now (at its cap of
+                         * running tasks, or over its daily budget with
+                         * over_budget "wait"): nothing written; hold the
+                         * delivery and claim again later */
 } aq_store_outcome;
 
 /* The delivery being claimed. Pointers borrowed for the call. The first
@@ -98,7 +105,19 @@ typedef struct aq_store_claimed {
     int attempt;
     int failures;
     aq_status status;
+    const char *reason;    /* AQ_STORE_BUSY: why, naming the setting; "" otherwise */
+    int weight;            /* AQ_STORE_RUN: the user's weight (agentq.users), 1 by default */
 } aq_store_claimed;
+
+/* Where a message of the ingress queue goes (agentq.route in
+ * sql/013_fair.sql). */
+typedef struct aq_store_routed {
+    bool final;            /* the task is final and this is its body: ack */
+    int lane;              /* else: publish it to this lane */
+    int64_t ttl_ms;        /* what is left of its TTL: -1 none, 0 expired */
+} aq_store_routed;
+
+typedef void (*aq_store_route_cb)(void *arg, const aq_store_routed *r, int code);
 
 /* Claim result. On code 0, `c` says what the claim found. On a negative
  * AQ_E* code nothing was written and `c` is NULL: AQ_EINVAL when
@@ -198,6 +217,14 @@ void aq_store_free(aq_store *s);
  * the deadline. `t` is borrowed; `cb` is required. Returns 0 (cb will be
  * called), AQ_EINVAL (bad input) or AQ_ECLOSED (freeing). */
 int aq_store_claim(aq_store *s, const aq_store_task *t, aq_store_claim_cb cb,
+                   void *arg) AQ_MUSTCHECK;
+
+/* Records a message of the ingress queue as a queued task (the first
+ * message with a task_id defines it, as with claims) and picks its lane:
+ * the lane its user's work is in, or for a user that just became active
+ * the shorter of two it hashes to. `t` is borrowed; `cb` is required.
+ * Returns 0, AQ_EINVAL or AQ_ECLOSED. */
+int aq_store_route(aq_store *s, const aq_store_task *t, aq_store_route_cb cb,
                    void *arg) AQ_MUSTCHECK;
 
 /* Sets a task's status and totals, ending this worker's lease. cb runs

@@ -38,7 +38,7 @@
 
 #define AQ_TASK_ID_LEN 36            /* canonical UUID text, without NUL */
 #define AQ_TASK_USER_ID_MAX 128      /* bytes */
-#define AQ_TASK_GOAL_MAX 65536       /* bytes */
+#define AQ_TASK_GOAL_MAX 262144      /* bytes: a 60k-token prompt */
 #define AQ_TASK_MAX_STEPS_MAX 100
 #define AQ_TASK_MAX_STEPS_DEFAULT 15
 #define AQ_TASK_BUDGET_DEFAULT 0.50  /* USD; 0 means no budget */
@@ -86,6 +86,8 @@ typedef struct aq_task {
     int priority;
     int64_t expiration_ms;  /* -1 when the message had no expiration */
     int64_t enqueued_at_us; /* from the timestamp property, else parse time */
+    int user_weight;    /* the user's share (agentq.users.weight) from the
+                         * claim that started it; 1 until then */
 } aq_task;
 
 /* Why a message is not a task. */

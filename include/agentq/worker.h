@@ -20,7 +20,10 @@ typedef struct aq_worker aq_worker;
 typedef struct aq_worker_stats {
     uint64_t received, completed, failed, retried, rejected, dead_recorded, redelivered_final;
     uint64_t duplicates, conflicts, swept;
+    uint64_t routed, waited; /* ingress messages moved to lanes; claims told to wait (cap, budget) */
     uint64_t running;
+    uint64_t held, held_blocked; /* deliveries waiting for a slot; of those, users at their cap */
+    uint64_t lanes_paused;       /* lanes not consumed while their users wait */
     bool broker_connected, db_connected, draining;
 } aq_worker_stats;
 

@@ -597,7 +597,8 @@ static void next_step(aq_session *s)
     set_state(s, S_WAIT_GRANT);
     /* Tokens: the prompt (about 4 bytes each) and a typical reply. */
     s->est_tokens = (int64_t)(aq_chat_bytes(s->chat) / 4) + 256;
-    if (aq_ratelimit_acquire(s->e->d.ratelimit, t->user_id, s->est_tokens, on_grant, s, &s->rl_wait))
+    if (aq_ratelimit_acquire_weighted(s->e->d.ratelimit, t->user_id, t->user_weight, s->est_tokens, on_grant, s,
+                                      &s->rl_wait))
         send_llm(s);
 }
 

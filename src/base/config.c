@@ -54,6 +54,15 @@ static const config_key config_keys[] = {
     {"amqp", "max_interruptions", K_INT, OFF(amqp_max_interruptions), "10", 1, 1000, false,
      "Executions cut short by a lost worker (killed, cut off) or a drain before a task ends as failed"
      " with a dead letter of reason 'interrupted' (a task that brings workers down stops here)."},
+    {"amqp", "lane_prefix", K_STR, OFF(amqp_lane_prefix), "agentq.lane.", 0, 0, false,
+     "Prefix of the lane queues (prefix + number): workers route each task from amqp.queue into its"
+     " user's lane and consume every lane under one prefetch, so users share the fleet fairly."},
+    {"amqp", "lanes", K_INT, OFF(amqp_lanes), "32", 1, 1000, false,
+     "Number of lane queues. A user's tasks stay in one lane (a user of weight w in w) while it has"
+     " work; a newly active user takes the shorter of two lanes its name hashes to. Every worker of"
+     " a fleet must use the same number."},
+    {"amqp", "route_prefetch", K_INT, OFF(amqp_route_prefetch), "256", 1, 65535, false,
+     "Prefetch of the routing consumer on amqp.queue (messages being recorded and moved to lanes)."},
     {"amqp", "consumer_timeout_ms", K_INT, OFF(amqp_consumer_timeout_ms), "7200000", 60000, 2147483647, false,
      "The broker's consumer_timeout; task timeouts must stay well below it."},
 
@@ -96,6 +105,9 @@ static const config_key config_keys[] = {
      "Worker id in rows and logs (empty: hostname-pid)."},
     {"worker", "concurrency", K_INT, OFF(worker_concurrency), "256", 1, 65535, false,
      "Sessions run at once; also the AMQP prefetch (a 16-bit count in AMQP 0-9-1)."},
+    {"worker", "lookahead", K_INT, OFF(worker_lookahead), "0", 0, 65535, false,
+     "Deliveries held beyond worker.concurrency, so the worker can choose what starts next (higher"
+     " priority first, then the user with the fewest running per weight); 0: concurrency/4, at least 8."},
     {"worker", "drain_seconds", K_INT, OFF(worker_drain_seconds), "30", 0, 86400, false,
      "On SIGTERM, how long in-flight sessions may finish before they are requeued."},
     {"worker", "lease_seconds", K_INT, OFF(worker_lease_seconds), "30", 3, 3600, false,
@@ -127,8 +139,13 @@ static const config_key config_keys[] = {
     {"limits", "bucket", K_STR, OFF(limits_bucket), "llm", 0, 0, false,
      "Name of the fleet's shared buckets in agentq.rate_limits (<bucket>:requests, <bucket>:tokens)."},
     {"limits", "max_inflight_per_user", K_INT, OFF(limits_max_inflight_per_user), "0", 0, 1000000, false,
-     "Most running tasks per user across the fleet (0: no cap); a user's task past it waits out the first"
-     " retry tier and tries again."},
+     "Most running tasks per user across the fleet (0: no cap; agentq.users.max_inflight overrides it"
+     " per user); a task of a user past it waits, held by a worker or in its lane, unrun and without using an attempt."},
+
+    {"limits", "over_budget", K_STR, OFF(limits_over_budget), "fail", 0, 0, false,
+     "What a task of a user over its daily budget (agentq.users) does: 'fail' ends it as budget_exceeded"
+     " with a dead letter naming the budget (requeue it with agentqctl once raised); 'wait' leaves it"
+     " waiting, unrun, until the next UTC day or a raised budget (agentq.users.over_budget overrides)."},
 
     {"metrics", "listen", K_STR, OFF(metrics_listen), "0.0.0.0:9464", 0, 0, false,
      "Address of /metrics, /healthz and /readyz (empty: off)."},
@@ -451,6 +468,14 @@ int aq_config_check(const aq_config *cfg, char *err, size_t errlen)
         aq_seterr(err, errlen, "key 'limits.mode': '%s' must be 'local' or 'fleet'", cfg->limits_mode);
         return AQ_EINVAL;
     }
+    if (strcmp(cfg->limits_over_budget, "fail") && strcmp(cfg->limits_over_budget, "wait")) {
+        aq_seterr(err, errlen, "key 'limits.over_budget': '%s' must be 'fail' or 'wait'", cfg->limits_over_budget);
+        return AQ_EINVAL;
+    }
+    if (!*cfg->amqp_lane_prefix || strlen(cfg->amqp_lane_prefix) > 200) {
+        aq_seterr(err, errlen, "key 'amqp.lane_prefix': must be a queue name prefix of 1 to 200 bytes");
+        return AQ_EINVAL;
+    }
     if (!*cfg->limits_bucket || strlen(cfg->limits_bucket) > 100) {
         aq_seterr(err, errlen, "key 'limits.bucket': must be a name of 1 to 100 bytes");
         return AQ_EINVAL;
@@ -617,6 +642,14 @@ void aq_config_price(const aq_config *cfg, const char *model, double *in, double
         }
     *in = cfg->llm_price_input_per_mtok;
     *out = cfg->llm_price_output_per_mtok;
+}
+
+int aq_config_lane_prefetch(const aq_config *cfg)
+{
+    long ahead = cfg->worker_lookahead;
+    if (ahead <= 0) ahead = cfg->worker_concurrency / 4 > 8 ? cfg->worker_concurrency / 4 : 8;
+    long n = (long)cfg->worker_concurrency + ahead;
+    return n > 65535 ? 65535 : (int)n;
 }
 
 double aq_config_max_task_timeout(const aq_config *cfg)

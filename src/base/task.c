@@ -500,6 +500,7 @@ static int parse_props(const aq_task_props *props, aq_task *t, aq_task_error *e)
         t->enqueued_at_us = props->timestamp * 1000000;
     else
         t->enqueued_at_us = aq_now_us();
+    t->user_weight = 1;
     return AQ_OK;
 }
 

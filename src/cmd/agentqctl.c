@@ -100,6 +100,25 @@ static int print_status(const aq_config *cfg, PGconn *pg)
             else
                 printf("%-28s %s\n", queues[i], err);
         }
+        /* The lanes as one line: their sum is the backlog waiting to run;
+         * the busiest lane says whether one user's burst is behind it. */
+        int64_t lanes_total = 0, lanes_max = 0, lanes_consumers = 0;
+        int lanes_ok = 0;
+        for (int i = 0; i < cfg->amqp_lanes; i++) {
+            char name[256];
+            int64_t m = 0, c = 0;
+            aq_broker_lane_queue(cfg, i, name, sizeof name);
+            if (aq_broker_queue_depth(b, name, &m, &c, err, sizeof err) != AQ_OK) continue;
+            lanes_ok++;
+            lanes_total += m;
+            if (m > lanes_max) lanes_max = m;
+            if (c > lanes_consumers) lanes_consumers = c;
+        }
+        char label[256];
+        snprintf(label, sizeof label, "%s0..%d", cfg->amqp_lane_prefix, cfg->amqp_lanes - 1);
+        if (lanes_ok)
+            printf("%-28s %10lld %10lld   (busiest lane %lld)\n", label, (long long)lanes_total,
+                   (long long)lanes_consumers, (long long)lanes_max);
         long delays[32];
         int n = aq_config_retry_delays(cfg, delays, 32);
         for (int i = 0; i < n; i++) {

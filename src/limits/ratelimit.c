@@ -1,14 +1,23 @@
-/* ratelimit.c — two token buckets and a round-robin queue of waiters by
+/* ratelimit.c — two token buckets and a deficit round robin of waiters by
  * user (see ratelimit.h). Owns its timer, the waiter records and one entry
  * per user with waiters (in a strmap); does not own the callers' state.
+ *
+ * The users with waiters form a ring; rl->ring is the user whose turn it
+ * is, and rl->turn_open says its quantum has been added for this turn, so
+ * a turn cut short by an empty bucket resumes where it stopped instead of
+ * adding the quantum again. Each step of serve() either grants the head
+ * of the current user or passes the turn on, so a grant costs O(1) plus
+ * the turns that grant nothing, at most 60 per waiting user (a call costs
+ * at most 60 quanta, see cost()); nothing scans the waiters.
  *
  * Eviction rule: a user's entry lives exactly as long as the user has a
  * waiter. It is made when the first waiter queues and freed when the last
  * one leaves (granted or cancelled), so memory follows the users waiting
  * now, not every user ever seen. Nothing is lost by dropping it: an entry
- * with no waiters holds only its name (its FIFO is empty and it is out of
- * the ring), and a user joining the ring is placed by ring_add() alone —
- * just before the cursor — whether the entry is new or not. The map's
+ * with no waiters holds only its name, a weight that the next acquire sets
+ * again, and a deficit that DRR resets to 0 when a FIFO empties anyway; it
+ * is out of the ring, and a user joining the ring is placed by ring_add()
+ * alone — just before the cursor — whether the entry is new or not. The map's
  * bucket array does not shrink; it follows the most users ever waiting at
  * once. */
 #include "agentq/ratelimit.h"
@@ -31,6 +40,8 @@ struct aq_rl_wait {
 struct user_q {
     user_q *rnext, *rprev;      /* ring of users with waiters */
     aq_rl_wait *head, *tail;    /* FIFO; empty only inside acquire, before the append */
+    int64_t deficit;            /* DRR: cost it may still be granted, in rl's unit */
+    int weight;                 /* of its latest acquire, 1..AQ_RL_WEIGHT_MAX */
     bool in_ring;
     char name[];                /* the key it is stored under in rl->users */
 };
@@ -49,7 +60,11 @@ struct aq_ratelimit {
     int64_t last_us;
     int64_t paused_until;
     aq_strmap *users;      /* name -> user_q, users with waiters only */
-    user_q *ring;  /* next user to serve */
+    user_q *ring;  /* the user whose turn it is */
+    bool turn_open;        /* ring has had its quantum for this turn */
+    /* DRR's unit is a token when tpm is set, else a call (see cost()). */
+    int64_t quantum;       /* added per turn, times the weight */
+    int64_t cost_min, cost_max; /* of one call, in the unit */
     size_t nwaiting, nring;
     aq_rl_source src;      /* credits instead of the clock, when src.need */
     bool asked;            /* src.need called, no credit since */
@@ -112,6 +127,37 @@ static bool can_take(aq_ratelimit *rl, int64_t tokens, int64_t *wait_us)
     return w <= 0;
 }
 
+/* Sets DRR's unit from the limits: tokens when there is a tokens limit,
+ * calls otherwise (each costs 1 and a turn is `weight` calls: at weight 1,
+ * plain round robin by calls). */
+static void drr_init(aq_ratelimit *rl, int64_t rpm, int64_t tpm)
+{
+    if (tpm <= 0) {
+        rl->quantum = rl->cost_min = rl->cost_max = 1;
+        return;
+    }
+    /* A turn is about a second of the quota (the most a bucket releases at
+     * once), and at least a typical call: few turns per long-context call,
+     * and no user holds the others up for long. */
+    int64_t second = (tpm + 59) / 60;
+    rl->quantum = second > AQ_RL_QUANTUM_MIN ? second : AQ_RL_QUANTUM_MIN;
+    /* With both limits a call also spends 1/rpm of the minute's requests,
+     * which is worth tpm/rpm tokens: charging that much at least keeps a
+     * user of tiny calls from taking every request when rpm is what binds. */
+    rl->cost_min = rpm > 0 ? (tpm + rpm - 1) / rpm : 1;
+    /* The provider refuses a call above its tokens/min, and the bucket
+     * serves one once it is full anyway; the cap bounds a call to 60 turns. */
+    rl->cost_max = tpm;
+}
+
+/* What granting `w` takes from its user's deficit. */
+static int64_t cost(const aq_ratelimit *rl, const aq_rl_wait *w)
+{
+    if (w->tokens < rl->cost_min) return rl->cost_min;
+    if (w->tokens > rl->cost_max) return rl->cost_max;
+    return w->tokens;
+}
+
 static void take(aq_ratelimit *rl, int64_t tokens)
 {
     if (rl->req.limited) rl->req.level -= 1.0;
@@ -161,6 +207,7 @@ static void ring_remove(aq_ratelimit *rl, user_q *u)
     if (!u->in_ring) return;
     u->in_ring = false;
     rl->nring--;
+    if (rl->ring == u) rl->turn_open = false; /* the next user's turn starts afresh */
     if (u->rnext == u) {
         rl->ring = NULL;
     } else {
@@ -194,21 +241,33 @@ static void arm(aq_ratelimit *rl, int64_t us)
     event_add(rl->timer, &tv);
 }
 
-/* Grants waiters in round-robin order while the buckets allow. */
+/* Grants waiters in deficit round robin order while the buckets allow. */
 static void serve(aq_ratelimit *rl)
 {
     refill(rl);
     while (rl->ring) {
         user_q *u = rl->ring;
+        if (!rl->turn_open) {
+            u->deficit += rl->quantum * u->weight;
+            rl->turn_open = true;
+        }
         aq_rl_wait *w = u->head;
+        int64_t c = cost(rl, w);
+        if (c > u->deficit) {
+            /* Its turn is spent; what is left carries to its next one, so
+             * a call bigger than a quantum goes after a few turns. */
+            rl->ring = u->rnext;
+            rl->turn_open = false;
+            continue;
+        }
         int64_t wait_us;
         if (!can_take(rl, w->tokens, &wait_us)) {
-            arm(rl, wait_us);
+            arm(rl, wait_us); /* the turn stays open: it resumes here */
             return;
         }
         take(rl, w->tokens);
-        rl->ring = u->rnext; /* next user's turn */
-        unlink_wait(rl, w);
+        u->deficit -= c;
+        unlink_wait(rl, w); /* the last one: u leaves, and its deficit with it */
         aq_rl_cb cb = w->cb;
         void *arg = w->arg;
         free(w);
@@ -229,6 +288,7 @@ aq_ratelimit *aq_ratelimit_new(struct event_base *base, int64_t rpm, int64_t tpm
     if (!rl->timer) aq_oom("a timer");
     bucket_init(&rl->req, rpm, 1.0);
     bucket_init(&rl->tok, tpm, 1.0);
+    drr_init(rl, rpm, tpm);
     rl->last_us = aq_mono_us();
     rl->users = aq_strmap_new();
     return rl;
@@ -256,6 +316,12 @@ void aq_ratelimit_free(aq_ratelimit *rl)
 bool aq_ratelimit_acquire(aq_ratelimit *rl, const char *user, int64_t tokens, aq_rl_cb cb, void *arg,
                           aq_rl_wait **wait)
 {
+    return aq_ratelimit_acquire_weighted(rl, user, 1, tokens, cb, arg, wait);
+}
+
+bool aq_ratelimit_acquire_weighted(aq_ratelimit *rl, const char *user, int weight, int64_t tokens,
+                                   aq_rl_cb cb, void *arg, aq_rl_wait **wait)
+{
     *wait = NULL;
     if (!rl->ring) {
         int64_t wait_us;
@@ -266,6 +332,7 @@ bool aq_ratelimit_acquire(aq_ratelimit *rl, const char *user, int64_t tokens, aq
         }
     }
     user_q *u = user_get(rl, user ? user : "");
+    u->weight = weight < 1 ? 1 : weight > AQ_RL_WEIGHT_MAX ? AQ_RL_WEIGHT_MAX : weight;
     aq_rl_wait *w = aq_xcalloc(1, sizeof *w);
     w->user = u;
     w->tokens = tokens;

@@ -23,6 +23,12 @@ typedef struct unconfirmed {
     bool settled;
 } unconfirmed;
 
+/* One basic.consume: its tag, and the queue it consumes. */
+typedef struct consumer_ref {
+    amqp_bytes_t tag;
+    char *queue;
+} consumer_ref;
+
 struct aq_broker {
     amqp_connection_state_t conn;
     int timeout_ms;
@@ -34,7 +40,10 @@ struct aq_broker {
     size_t head, n, cap;
     int64_t outstanding;   /* unsettled entries */
     int64_t nacked;
-    amqp_bytes_t consumer_tag[BROKER_MAX_CHANNELS];
+    /* Consumers by channel: a channel may consume several queues (the
+     * lanes) under one prefetch. */
+    consumer_ref *consumers[BROKER_MAX_CHANNELS];
+    size_t nconsumers[BROKER_MAX_CHANNELS];
     bool channel_open[BROKER_MAX_CHANNELS];
 };
 
@@ -136,7 +145,13 @@ void aq_broker_free(aq_broker *b)
             b->ev.confirmed(b->pend[i].cookie, false, b->ev.arg);
     amqp_connection_close(b->conn, AMQP_REPLY_SUCCESS);
     amqp_destroy_connection(b->conn);
-    for (int i = 0; i < BROKER_MAX_CHANNELS; i++) amqp_bytes_free(b->consumer_tag[i]);
+    for (int i = 0; i < BROKER_MAX_CHANNELS; i++) {
+        for (size_t k = 0; k < b->nconsumers[i]; k++) {
+            amqp_bytes_free(b->consumers[i][k].tag);
+            free(b->consumers[i][k].queue);
+        }
+        free(b->consumers[i]);
+    }
     free(b->pend);
     free(b);
 }
@@ -154,10 +169,8 @@ bool aq_broker_buffered(const aq_broker *b)
     return amqp_frames_enqueued(b->conn) || amqp_data_in_buffer(b->conn);
 }
 
-int aq_broker_consume(aq_broker *b, int channel, const char *queue, int prefetch, char *err,
-                      size_t errlen)
+static int open_channel(aq_broker *b, int channel, char *err, size_t errlen)
 {
-    char what[300];
     if (channel <= 0 || channel >= BROKER_MAX_CHANNELS) {
         aq_seterr(err, errlen, "channel %d out of range", channel);
         return AQ_EINVAL;
@@ -167,25 +180,97 @@ int aq_broker_consume(aq_broker *b, int channel, const char *queue, int prefetch
         if (check_reply(b, "opening channel", err, errlen)) return AQ_EIO;
         b->channel_open[channel] = true;
     }
-    /* AMQP's prefetch count is 16 bits (the config caps it). */
-    amqp_basic_qos(b->conn, (amqp_channel_t)channel, 0, (uint16_t)(prefetch > 65535 ? 65535 : prefetch), 0);
-    if (check_reply(b, "basic.qos", err, errlen)) return AQ_EIO;
+    return AQ_OK;
+}
+
+/* One basic.consume on an open channel; remembers the consumer tag. */
+static int consume_one(aq_broker *b, int channel, const char *queue, char *err, size_t errlen)
+{
+    char what[300];
     amqp_basic_consume_ok_t *ok = amqp_basic_consume(b->conn, (amqp_channel_t)channel, amqp_cstring_bytes(queue),
                                                      amqp_empty_bytes, 0, 0, 0, amqp_empty_table);
     snprintf(what, sizeof what, "consuming %s", queue);
     if (check_reply(b, what, err, errlen) || !ok) return AQ_EIO;
-    amqp_bytes_free(b->consumer_tag[channel]);
-    b->consumer_tag[channel] = amqp_bytes_malloc_dup(ok->consumer_tag);
+    size_t n = b->nconsumers[channel];
+    b->consumers[channel] = aq_xrealloc(b->consumers[channel], (n + 1) * sizeof(consumer_ref));
+    b->consumers[channel][n].tag = amqp_bytes_malloc_dup(ok->consumer_tag);
+    b->consumers[channel][n].queue = aq_xstrdup(queue);
+    b->nconsumers[channel] = n + 1;
     return AQ_OK;
+}
+
+/* AMQP's prefetch count is 16 bits (the config caps it). RabbitMQ reads
+ * global = true as "shared by every consumer of the channel". */
+static int set_prefetch(aq_broker *b, int channel, int prefetch, bool shared, char *err, size_t errlen)
+{
+    amqp_basic_qos(b->conn, (amqp_channel_t)channel, 0, (uint16_t)(prefetch > 65535 ? 65535 : prefetch),
+                   shared);
+    return check_reply(b, "basic.qos", err, errlen) ? AQ_EIO : AQ_OK;
+}
+
+int aq_broker_consume(aq_broker *b, int channel, const char *queue, int prefetch, char *err,
+                      size_t errlen)
+{
+    int rc = open_channel(b, channel, err, errlen);
+    if (rc == AQ_OK) rc = set_prefetch(b, channel, prefetch, false, err, errlen);
+    if (rc == AQ_OK) rc = consume_one(b, channel, queue, err, errlen);
+    return rc;
+}
+
+int aq_broker_consume_shared(aq_broker *b, int channel, const char *const *queues, size_t n, int prefetch,
+                             char *err, size_t errlen)
+{
+    int rc = open_channel(b, channel, err, errlen);
+    if (rc == AQ_OK) rc = set_prefetch(b, channel, prefetch, true, err, errlen);
+    for (size_t i = 0; rc == AQ_OK && i < n; i++) rc = consume_one(b, channel, queues[i], err, errlen);
+    return rc;
 }
 
 void aq_broker_cancel_consume(aq_broker *b, int channel)
 {
-    if (channel <= 0 || channel >= BROKER_MAX_CHANNELS || !b->consumer_tag[channel].len) return;
+    if (channel <= 0 || channel >= BROKER_MAX_CHANNELS) return;
     /* Deliveries already on their way still arrive, and are handed over. */
-    amqp_basic_cancel(b->conn, (amqp_channel_t)channel, b->consumer_tag[channel]);
-    amqp_bytes_free(b->consumer_tag[channel]);
-    b->consumer_tag[channel] = amqp_empty_bytes;
+    for (size_t k = 0; k < b->nconsumers[channel]; k++) {
+        amqp_basic_cancel(b->conn, (amqp_channel_t)channel, b->consumers[channel][k].tag);
+        amqp_bytes_free(b->consumers[channel][k].tag);
+        free(b->consumers[channel][k].queue);
+    }
+    free(b->consumers[channel]);
+    b->consumers[channel] = NULL;
+    b->nconsumers[channel] = 0;
+}
+
+static consumer_ref *find_consumer(aq_broker *b, int channel, const char *queue)
+{
+    if (channel <= 0 || channel >= BROKER_MAX_CHANNELS) return NULL;
+    for (size_t k = 0; k < b->nconsumers[channel]; k++)
+        if (!strcmp(b->consumers[channel][k].queue, queue)) return &b->consumers[channel][k];
+    return NULL;
+}
+
+bool aq_broker_consuming(aq_broker *b, int channel, const char *queue)
+{
+    return find_consumer(b, channel, queue) != NULL;
+}
+
+void aq_broker_cancel_queue(aq_broker *b, int channel, const char *queue)
+{
+    consumer_ref *c = find_consumer(b, channel, queue);
+    if (!c) return;
+    amqp_basic_cancel(b->conn, (amqp_channel_t)channel, c->tag);
+    amqp_bytes_free(c->tag);
+    free(c->queue);
+    *c = b->consumers[channel][--b->nconsumers[channel]];
+}
+
+int aq_broker_add_queue(aq_broker *b, int channel, const char *queue, char *err, size_t errlen)
+{
+    if (find_consumer(b, channel, queue)) return AQ_OK;
+    if (channel <= 0 || channel >= BROKER_MAX_CHANNELS || !b->channel_open[channel]) {
+        aq_seterr(err, errlen, "channel %d is not consuming", channel);
+        return AQ_EINVAL;
+    }
+    return consume_one(b, channel, queue, err, errlen);
 }
 
 int aq_broker_ack(aq_broker *b, int channel, uint64_t dtag)
@@ -256,6 +341,11 @@ int aq_broker_declare(aq_broker *b, const aq_config *cfg, char *err, size_t errl
     amqp_table_entry_t task_args[] = {entry_long("x-max-priority", 9), entry_str("x-dead-letter-exchange", cfg->amqp_dlx)};
     if (declare_queue(b, cfg->amqp_queue, task_args, 2, err, errlen)) return AQ_EIO;
     if (bind_queue(b, cfg->amqp_queue, cfg->amqp_exchange, "task", err, errlen)) return AQ_EIO;
+    for (int i = 0; i < cfg->amqp_lanes; i++) {
+        char name[256];
+        aq_broker_lane_queue(cfg, i, name, sizeof name);
+        if (declare_queue(b, name, task_args, 2, err, errlen)) return AQ_EIO;
+    }
     if (declare_queue(b, cfg->amqp_dead_queue, NULL, 0, err, errlen)) return AQ_EIO;
     if (bind_queue(b, cfg->amqp_dead_queue, cfg->amqp_dlx, "", err, errlen)) return AQ_EIO;
 
@@ -270,6 +360,11 @@ int aq_broker_declare(aq_broker *b, const aq_config *cfg, char *err, size_t errl
         if (declare_queue(b, name, args, 3, err, errlen)) return AQ_EIO;
     }
     return AQ_OK;
+}
+
+void aq_broker_lane_queue(const aq_config *cfg, int lane, char *buf, size_t len)
+{
+    snprintf(buf, len, "%s%d", cfg->amqp_lane_prefix, lane);
 }
 
 void aq_broker_retry_queue(const aq_config *cfg, long delay_ms, char *buf, size_t len)

@@ -18,16 +18,19 @@
 #include <stdlib.h>
 #include <string.h>
 
+#define CH_LANES AQ_BROKER_CH_MAIN
 #define CH_DEAD 3
+#define CH_INGRESS 4
 #define TAG_BITS 44
 #define TAG_MASK ((UINT64_C(1) << TAG_BITS) - 1)
 
-typedef enum { OP_ACK, OP_REJECT, OP_PUBLISH, OP_STOP_CONSUMING, OP_QUIT } op_kind;
+typedef enum { OP_ACK, OP_REJECT, OP_PUBLISH, OP_STOP_CONSUMING, OP_PAUSE_LANE, OP_RESUME_LANE, OP_QUIT } op_kind;
 
 typedef struct op {
     op_kind kind;
     uint64_t tag;
     bool requeue;
+    int lane;            /* OP_PAUSE_LANE, OP_RESUME_LANE */
     /* OP_PUBLISH */
     char *exchange, *routing_key, *body, *message_id, *expiration;
     size_t len;
@@ -100,7 +103,7 @@ static void on_broker_delivery(aq_delivery *d, int channel, uint64_t dtag, void 
 {
     aq_consumer *c = arg;
     d->tag = make_tag(c, channel, dtag);
-    d->source = channel == CH_DEAD ? AQ_FROM_DEAD : AQ_FROM_TASKS;
+    d->source = channel == CH_DEAD ? AQ_FROM_DEAD : channel == CH_INGRESS ? AQ_FROM_INGRESS : AQ_FROM_TASKS;
     emit(c, EV_DELIVERY, d, NULL, true);
 }
 
@@ -122,6 +125,22 @@ static void disconnect(aq_consumer *c, const char *why)
     emit(c, EV_STATE, NULL, NULL, false);
 }
 
+/* Every lane, under one prefetch: running sessions plus the lookahead. */
+static int consume_lanes(aq_broker *b, const aq_config *cfg, char *err, size_t errlen)
+{
+    size_t n = (size_t)cfg->amqp_lanes;
+    char (*names)[256] = aq_xcalloc(n, sizeof *names);
+    const char **queues = aq_xcalloc(n, sizeof *queues);
+    for (size_t i = 0; i < n; i++) {
+        aq_broker_lane_queue(cfg, (int)i, names[i], sizeof names[i]);
+        queues[i] = names[i];
+    }
+    int rc = aq_broker_consume_shared(b, CH_LANES, queues, n, aq_config_lane_prefetch(cfg), err, errlen);
+    free(queues);
+    free(names);
+    return rc;
+}
+
 static int try_connect(aq_consumer *c)
 {
     char err[512];
@@ -132,7 +151,8 @@ static int try_connect(aq_consumer *c)
     aq_broker_set_events(b, &ev);
     if (aq_broker_declare(b, cfg, err, sizeof err)) goto fail;
     if (!c->stop_consuming) {
-        if (aq_broker_consume(b, AQ_BROKER_CH_MAIN, cfg->amqp_queue, cfg->worker_concurrency, err, sizeof err))
+        if (consume_lanes(b, cfg, err, sizeof err) ||
+            aq_broker_consume(b, CH_INGRESS, cfg->amqp_queue, cfg->amqp_route_prefetch, err, sizeof err))
             goto fail;
         c->consuming = true;
     }
@@ -141,7 +161,8 @@ static int try_connect(aq_consumer *c)
     if (++c->gen == 0) c->gen = 1; /* 0 means "no connection" to the loop */
     c->backoff_ms = 0;
     atomic_store(&c->connected, true);
-    aq_log(AQ_LOG_INFO, "broker connected; consuming %s with prefetch %d", cfg->amqp_queue, cfg->worker_concurrency);
+    aq_log(AQ_LOG_INFO, "broker connected; routing %s into %d lanes, consuming them with prefetch %d",
+           cfg->amqp_queue, cfg->amqp_lanes, aq_config_lane_prefetch(cfg));
     emit(c, EV_STATE, NULL, NULL, true);
     return AQ_OK;
 fail:
@@ -187,10 +208,21 @@ static void do_op(aq_consumer *c, op *o)
     case OP_STOP_CONSUMING:
         c->stop_consuming = true;
         if (c->b && c->consuming) {
-            aq_broker_cancel_consume(c->b, AQ_BROKER_CH_MAIN);
+            aq_broker_cancel_consume(c->b, CH_INGRESS);
+            aq_broker_cancel_consume(c->b, CH_LANES);
             c->consuming = false;
         }
         break;
+    case OP_PAUSE_LANE:
+    case OP_RESUME_LANE: {
+        /* A reconnect consumes every lane again: pauses last one connection. */
+        if (!c->b || !c->consuming) break;
+        char name[256], err[256];
+        aq_broker_lane_queue(c->cfg, o->lane, name, sizeof name);
+        if (o->kind == OP_PAUSE_LANE) aq_broker_cancel_queue(c->b, CH_LANES, name);
+        else if (aq_broker_add_queue(c->b, CH_LANES, name, err, sizeof err) != AQ_OK) disconnect(c, err);
+        break;
+    }
     case OP_QUIT: break;
     }
 }
@@ -343,6 +375,14 @@ void aq_consumer_publish(aq_consumer *c, const aq_publish *msg, void *cookie)
     o->timestamp = msg->timestamp;
     o->headers = msg->headers ? json_deep_copy(msg->headers) : NULL;
     o->cookie = cookie;
+    push_op(c, o);
+}
+
+void aq_consumer_pause_lane(aq_consumer *c, int lane, bool paused)
+{
+    op *o = aq_xcalloc(1, sizeof *o);
+    o->kind = paused ? OP_PAUSE_LANE : OP_RESUME_LANE;
+    o->lane = lane;
     push_op(c, o);
 }
 

@@ -36,7 +36,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define STORE_MAX_PARAMS 18
+#define STORE_MAX_PARAMS 19
 #define STORE_MAX_STMTS 2
 #define STORE_BATCH_DEFAULT 500
 #define STORE_FLUSH_TIMEOUT_DEFAULT_MS 5000
@@ -53,7 +53,7 @@
 
 /* ------------------------------------------------------------ statements */
 
-enum { S_CLAIM, S_FINISH, S_STEP, S_DEAD, S_DEAD_TASK, S_RENEW, S_SWEEP, S_HOLD, S_COUNT };
+enum { S_CLAIM, S_ROUTE, S_FINISH, S_STEP, S_DEAD, S_DEAD_TASK, S_RENEW, S_SWEEP, S_HOLD, S_COUNT };
 
 static const struct {
     const char *name;
@@ -61,12 +61,18 @@ static const struct {
     int bytea_param; /* 1-based index of a binary bytea parameter, or 0 */
     const char *sql;
 } stmts[S_COUNT] = {
-    /* agentq.claim (sql/012_leases.sql) decides under the row's lock. */
-    [S_CLAIM] = {"aq_claim", 18, 9,
-        "SELECT o_outcome, o_attempt, o_failures, o_status FROM agentq.claim("
+    /* agentq.claim (sql/012_leases.sql, with caps and budgets from
+     * sql/013_fair.sql) decides under the row's lock. */
+    [S_CLAIM] = {"aq_claim", 19, 9,
+        "SELECT o_outcome, o_attempt, o_failures, o_status, o_reason, o_weight FROM agentq.claim("
         "$1::uuid, $2::text, $3::text, $4::int, $5::int, $6::float8, $7::float8, $8::text,"
         " $9::bytea, $10::bool, $11::bigint, $12::bigint, $13::text, $14::text, $15::int,"
-        " $16::float8, $17::int, $18::int)"},
+        " $16::float8, $17::int, $18::int, $19::text)"},
+    /* agentq.route (sql/013_fair.sql): record as queued, pick the lane. */
+    [S_ROUTE] = {"aq_route", 13, 9,
+        "SELECT o_outcome, o_lane, o_ttl_ms FROM agentq.route("
+        "$1::uuid, $2::text, $3::text, $4::int, $5::int, $6::float8, $7::float8, $8::text,"
+        " $9::bytea, $10::bool, $11::bigint, $12::bigint, $13::int)"},
     /* Changes the row only while this attempt runs it; the last columns
      * (pre-update snapshot) tell "already final" and "this very finish,
      * replayed" from "not ours". A failed attempt counts toward
@@ -123,8 +129,8 @@ static const struct {
 
 /* -------------------------------------------------------------- requests */
 
-enum { REQ_CLAIM, REQ_FINISH, REQ_STEP, REQ_DEAD, REQ_RENEW, REQ_SWEEP };
-static const char *const req_names[] = {"claim", "finish", "step", "dead letter", "lease renewal",
+enum { REQ_CLAIM, REQ_ROUTE, REQ_FINISH, REQ_STEP, REQ_DEAD, REQ_RENEW, REQ_SWEEP };
+static const char *const req_names[] = {"claim", "route", "finish", "step", "dead letter", "lease renewal",
                                         "lease sweep"};
 
 typedef struct stmt {
@@ -143,6 +149,7 @@ typedef struct req {
     char task_id[AQ_TASK_ID_LEN + 1]; /* for log lines; may be "" */
     int64_t queued_us;
     aq_store_claim_cb claim_cb;
+    aq_store_route_cb route_cb;
     aq_store_done_cb done_cb;
     aq_store_sweep_cb sweep_cb;
     aq_store_renew_cb renew_cb;
@@ -153,6 +160,10 @@ typedef struct req {
     int attempt;
     int failures;
     aq_status status;
+    char reason[256];       /* REQ_CLAIM: why busy */
+    int weight;             /* REQ_CLAIM: the user's */
+    int lane;               /* REQ_ROUTE */
+    int64_t ttl_ms;
     aq_store_swept *swept;  /* REQ_SWEEP: the rows marked */
     size_t nswept;
     char **lost;            /* REQ_RENEW: task ids no longer held */
@@ -166,6 +177,8 @@ struct aq_store {
     char *dsn_shown; /* the DSN without its password, for log lines */
     char *worker_id;
     int max_inflight_per_user; /* claim refuses past it (0: no cap) */
+    char over_budget[8];        /* "fail" or "wait" */
+    int lanes;
     double lease_seconds;
     int max_interruptions;
     int owner;          /* this store's lease key (sql/012_leases.sql) */
@@ -295,7 +308,7 @@ static void complete(aq_store *s, req **v, size_t n, bool committed)
         req *r = v[i];
         s->pending--;
         if (r->code != AQ_OK) s->counters.failed++;
-        if (!r->claim_cb && !r->done_cb && !r->sweep_cb && !r->renew_cb) { /* nobody waits for it */
+        if (!r->claim_cb && !r->route_cb && !r->done_cb && !r->sweep_cb && !r->renew_cb) { /* nobody waits */
             req_free(r);
             continue;
         }
@@ -336,8 +349,11 @@ static void deliver(aq_store *s)
         req *r = list;
         list = r->next;
         if (r->kind == REQ_CLAIM) {
-            aq_store_claimed c = {r->outcome, r->attempt, r->failures, r->status};
+            aq_store_claimed c = {r->outcome, r->attempt, r->failures, r->status, r->reason, r->weight};
             if (r->claim_cb) r->claim_cb(r->arg, r->code == AQ_OK ? &c : NULL, r->code);
+        } else if (r->kind == REQ_ROUTE) {
+            aq_store_routed rt = {r->outcome == AQ_STORE_FINAL, r->lane, r->ttl_ms};
+            if (r->route_cb) r->route_cb(r->arg, r->code == AQ_OK ? &rt : NULL, r->code);
         } else if (r->kind == REQ_SWEEP) {
             if (r->sweep_cb) r->sweep_cb(r->arg, r->swept, r->nswept, r->code);
         } else if (r->kind == REQ_RENEW) {
@@ -669,6 +685,9 @@ static void interpret_claim(req *r, const PGresult *res)
     r->attempt = atoi(PQgetvalue(res, 0, 1));
     r->failures = atoi(PQgetvalue(res, 0, 2));
     r->status = aq_status_parse(PQgetvalue(res, 0, 3));
+    if (PQnfields(res) > 4 && !PQgetisnull(res, 0, 4))
+        snprintf(r->reason, sizeof r->reason, "%s", PQgetvalue(res, 0, 4));
+    r->weight = PQnfields(res) > 5 && !PQgetisnull(res, 0, 5) ? atoi(PQgetvalue(res, 0, 5)) : 1;
     for (size_t i = 0; i < AQ_ARRAY_LEN(outcomes); i++) {
         if (strcmp(outcome, outcomes[i].name)) continue;
         r->outcome = outcomes[i].outcome;
@@ -676,6 +695,17 @@ static void interpret_claim(req *r, const PGresult *res)
         return;
     }
     aq_log_task(AQ_LOG_ERROR, r->task_id, NULL, "store: unknown claim outcome '%s'", outcome);
+}
+
+static void interpret_route(req *r, const PGresult *res)
+{
+    r->code = AQ_EAGAIN;
+    if (PQntuples(res) < 1 || PQnfields(res) < 3) return;
+    const char *outcome = PQgetvalue(res, 0, 0);
+    r->outcome = strcmp(outcome, "final") ? AQ_STORE_RUN : AQ_STORE_FINAL;
+    r->lane = atoi(PQgetvalue(res, 0, 1));
+    r->ttl_ms = strtoll(PQgetvalue(res, 0, 2), NULL, 10);
+    r->code = AQ_OK;
 }
 
 /* r->attempt and r->status hold what the finish asked for. */
@@ -816,6 +846,8 @@ static int run_txn(aq_store *s, req **v, size_t n, size_t *bad, char *msg, size_
             req *q = v[owner[k]];
             if (q->kind == REQ_CLAIM)
                 interpret_claim(q, res[k]);
+            else if (q->kind == REQ_ROUTE)
+                interpret_route(q, res[k]);
             else if (q->kind == REQ_FINISH)
                 interpret_finish(q, res[k]);
             else if (q->kind == REQ_SWEEP)
@@ -1026,6 +1058,9 @@ aq_store *aq_store_new(const aq_store_config *cfg, struct event_base *base, char
     s->dsn_shown = shown;
     s->worker_id = aq_xstrdup(cfg->worker_id ? cfg->worker_id : "");
     s->max_inflight_per_user = cfg->max_inflight_per_user > 0 ? cfg->max_inflight_per_user : 0;
+    snprintf(s->over_budget, sizeof s->over_budget, "%s",
+             cfg->over_budget && !strcmp(cfg->over_budget, "wait") ? "wait" : "fail");
+    s->lanes = cfg->lanes > 0 ? cfg->lanes : 1;
     s->lease_seconds = cfg->lease_seconds > 0 ? cfg->lease_seconds : STORE_LEASE_DEFAULT_S;
     s->max_interruptions = cfg->max_interruptions > 0 ? cfg->max_interruptions
                                                       : STORE_MAX_INTERRUPTIONS_DEFAULT;
@@ -1131,17 +1166,10 @@ static void next_token(aq_store *s, char prefix, char *out, size_t len)
     snprintf(out, len, "%c%s-%llu", prefix, s->token_prefix, seq);
 }
 
-int aq_store_claim(aq_store *s, const aq_store_task *t, aq_store_claim_cb cb, void *arg)
+/* The task's fields: the first twelve parameters of agentq.claim and
+ * agentq.route alike. */
+static void p_task(stmt *st, const aq_store_task *t)
 {
-    if (!s || !t || !cb || !aq_task_uuid_valid(t->task_id) || !t->user_id || !t->goal ||
-        (t->body_len && !t->body) || t->body_len > INT_MAX || !isfinite(t->budget_usd) ||
-        !isfinite(t->timeout_seconds))
-        return AQ_EINVAL;
-    char token[64];
-    next_token(s, 'c', token, sizeof token);
-    req *r = req_new(REQ_CLAIM, t->task_id);
-    stmt *st = &r->st[r->nstmt++];
-    stmt_init(st, S_CLAIM);
     p_str(st, t->task_id);
     p_str(st, t->user_id);
     p_str(st, t->goal);
@@ -1157,13 +1185,44 @@ int aq_store_claim(aq_store *s, const aq_store_task *t, aq_store_claim_cb cb, vo
     else
         p_str(st, NULL);
     p_int(st, t->deadline_us > 0 ? t->deadline_us : 0);
+}
+
+static bool task_valid(const aq_store_task *t)
+{
+    return t && aq_task_uuid_valid(t->task_id) && t->user_id && t->goal && (!t->body_len || t->body) &&
+           t->body_len <= INT_MAX && isfinite(t->budget_usd) && isfinite(t->timeout_seconds);
+}
+
+int aq_store_claim(aq_store *s, const aq_store_task *t, aq_store_claim_cb cb, void *arg)
+{
+    if (!s || !cb || !task_valid(t)) return AQ_EINVAL;
+    char token[64];
+    next_token(s, 'c', token, sizeof token);
+    req *r = req_new(REQ_CLAIM, t->task_id);
+    stmt *st = &r->st[r->nstmt++];
+    stmt_init(st, S_CLAIM);
+    p_task(st, t);
     p_str(st, s->worker_id);
     p_str(st, token);
     p_int(st, s->owner);
     p_dbl(st, s->lease_seconds);
     p_int(st, s->max_inflight_per_user);
     p_int(st, s->max_interruptions);
+    p_str(st, s->over_budget);
     r->claim_cb = cb;
+    r->arg = arg;
+    return submit(s, r);
+}
+
+int aq_store_route(aq_store *s, const aq_store_task *t, aq_store_route_cb cb, void *arg)
+{
+    if (!s || !cb || !task_valid(t)) return AQ_EINVAL;
+    req *r = req_new(REQ_ROUTE, t->task_id);
+    stmt *st = &r->st[r->nstmt++];
+    stmt_init(st, S_ROUTE);
+    p_task(st, t);
+    p_int(st, s->lanes);
+    r->route_cb = cb;
     r->arg = arg;
     return submit(s, r);
 }

@@ -14,6 +14,7 @@
 #include "agentq/agent.h"
 #include "agentq/cancelwatch.h"
 #include "agentq/consumer.h"
+#include "agentq/fairq.h"
 #include "agentq/fleetlimit.h"
 #include "agentq/http.h"
 #include "agentq/log.h"
@@ -29,6 +30,9 @@
 #include <string.h>
 #include <unistd.h>
 
+/* One delivery being handled: a task of a lane (held, then claimed, run
+ * and recorded), a message of the ingress queue being routed, or a swept
+ * task being published again. */
 typedef struct job {
     aq_worker *w;
     aq_delivery *d;        /* NULL for a swept copy's publish */
@@ -39,7 +43,10 @@ typedef struct job {
     int failures;          /* failed attempts before this one, from the claim */
     char *error;           /* kept across the retry publish */
     bool in_map;
-    bool busy;             /* sent back to wait: the user is at its cap */
+    bool routing;          /* an ingress message on its way to a lane */
+    aq_fairq_item *held;   /* waiting for a slot (or for its user's cap) */
+    bool active;           /* holds one of worker.concurrency slots */
+    struct job *next_waiting; /* scratch list of wait_for_user() */
 } job;
 
 struct aq_worker {
@@ -54,7 +61,11 @@ struct aq_worker {
     aq_store *store;
     aq_consumer *consumer;
     aq_cancelwatch *cancels;
-    aq_strmap *jobs;       /* task_id -> job, while claimed or running */
+    aq_strmap *jobs;       /* task_id -> job, while held, claimed or running */
+    aq_fairq *held;        /* lane deliveries waiting for a slot */
+    bool *paused;          /* lanes not consumed while their users wait on a cap */
+    int npaused;
+    int active;            /* jobs holding a slot (claim, run, record) */
     size_t pending;        /* jobs alive (claim, run, finish, publish) */
     long retry_delays[32];
     int nretry_delays;
@@ -62,22 +73,40 @@ struct aq_worker {
     bool draining, drain_expired;
     struct event *drain_ev;
     struct event *lease_ev;
+    struct event *unblock_ev; /* users at their cap: claim again */
+    struct event *start_ev;   /* fills free slots once the deliveries at hand are held */
     aq_worker_stats st;
 };
+
+static void start_held(aq_worker *w);
+static void start_soon(aq_worker *w);
+static void wait_for_user(aq_worker *w, struct job *keep);
+static void hold(struct job *j);
+static void route(aq_worker *w, aq_delivery *d, aq_task *t);
 
 static void job_free(job *j)
 {
     aq_worker *w = j->w;
+    if (j->held) aq_fairq_remove(w->held, j->held);
     if (j->in_map) aq_strmap_del(w->jobs, j->task->task_id);
+    if (j->active) {
+        /* A slot frees: a user that waited on its cap may fit now. */
+        w->active--;
+        aq_fairq_finished(w->held, j->task->user_id);
+        aq_fairq_block(w->held, j->task->user_id, false);
+    }
     aq_delivery_free(j->d);
     aq_task_free(j->task);
     free(j->error);
+    bool freed_slot = j->active;
     free(j);
     w->pending--;
     if (w->draining && w->pending == 0) {
         aq_log(AQ_LOG_INFO, "drained: no task in flight");
         event_base_loopexit(w->base, NULL);
+        return;
     }
+    if (freed_slot) start_soon(w);
 }
 
 static void ack(job *j) { aq_consumer_ack(j->w->consumer, j->d->tag); }
@@ -212,8 +241,15 @@ static void on_retry_published(void *cookie, bool ok, void *arg)
         job_free(j);
         return;
     }
-    if (j->busy) {
-        if (ok) ack(j); /* the copy waits in the first retry tier */
+    if (j->routing) { /* the lane has its copy: the ingress message may go */
+        if (ok) {
+            ack(j);
+            j->w->st.routed++;
+        } else {
+            aq_log_task(AQ_LOG_WARN, j->task->task_id, j->task->user_id,
+                        "lane publish not confirmed; the message goes back to %s", j->w->cfg->amqp_queue);
+            requeue(j);
+        }
         job_free(j);
         return;
     }
@@ -305,16 +341,27 @@ static void on_claimed(void *arg, const aq_store_claimed *c, int code)
         job_free(j);
         return;
     case AQ_STORE_BUSY:
-        /* The user runs limits.max_inflight_per_user tasks already: the
-         * task waits out the first retry tier and tries again. */
-        j->busy = true;
-        aq_log_task(AQ_LOG_DEBUG, id, user, "user at its cap of running tasks; waiting");
-        send_copy(j, 0, c->attempt, NULL, NULL);
+        /* The user may not start now (its cap, or its budget in "wait"
+         * mode): the delivery waits here, unrun and without an attempt,
+         * and the user's tasks are skipped until one of its tasks here
+         * ends or the unblock timer tries again. */
+        aq_log_task(AQ_LOG_DEBUG, id, user, "waiting: %s", c->reason);
+        w->st.waited++;
+        hold(j);
+        aq_fairq_block(w->held, user, true);
+        wait_for_user(w, j);
+        if (!evtimer_pending(w->unblock_ev, NULL)) {
+            struct timeval tv = {0, 500000};
+            evtimer_add(w->unblock_ev, &tv);
+        }
+        start_soon(w); /* its slot goes to another user's task */
         return;
     case AQ_STORE_RUN: break;
     }
     j->attempt = c->attempt;
     j->failures = c->failures;
+    j->task->user_weight = c->weight > 0 ? c->weight : 1;
+    aq_fairq_set_weight(w->held, user, j->task->user_weight);
     w->st.running++;
     int64_t session_deadline = aq_now_us() + (int64_t)(j->task->timeout_seconds * 1e6);
     j->session = aq_session_start(w->engine, j->task, j->attempt, session_deadline, on_session_done, j);
@@ -457,7 +504,6 @@ static void on_delivery(aq_delivery *d, void *arg)
         handle_dead(w, d);
         return;
     }
-    w->st.received++;
     aq_task_props props = props_of(d);
     aq_task_limits limits = limits_of(w);
     aq_task *t = NULL;
@@ -471,8 +517,14 @@ static void on_delivery(aq_delivery *d, void *arg)
         aq_delivery_free(d);
         return;
     }
-    if (t->id_generated)
-        aq_log_task(AQ_LOG_WARN, t->task_id, t->user_id, "message had no task_id or UUID message_id; generated one");
+    if (d->source == AQ_FROM_INGRESS) {
+        if (t->id_generated)
+            aq_log_task(AQ_LOG_WARN, t->task_id, t->user_id,
+                        "message had no task_id or UUID message_id; generated one");
+        route(w, d, t);
+        return;
+    }
+    w->st.received++;
 
     job *running = aq_strmap_get(w->jobs, t->task_id);
     if (running) {
@@ -487,7 +539,14 @@ static void on_delivery(aq_delivery *d, void *arg)
     w->pending++;
     aq_strmap_put(w->jobs, t->task_id, j);
     j->in_map = true;
+    hold(j);
+    start_soon(w);
+}
 
+/* The row as the message describes it, for a claim or a route. */
+static aq_store_task store_task_of(const job *j)
+{
+    const aq_task *t = j->task;
     aq_store_task st = {
         .task_id = t->task_id,
         .user_id = t->user_id,
@@ -497,16 +556,180 @@ static void on_delivery(aq_delivery *d, void *arg)
         .budget_usd = t->budget_usd,
         .timeout_seconds = t->timeout_seconds,
         .model = t->model,
-        .body = d->body,
-        .body_len = d->len,
+        .body = j->d->body,
+        .body_len = j->d->len,
         .has_metadata = t->metadata != NULL,
         .enqueued_at_us = t->enqueued_at_us,
-        /* Used only by the claim that defines the task: the broker
-         * enforces the TTL while this first copy is queued, the row
-         * after that. */
+        /* Used only by the message that defines the task (routed or
+         * claimed first): the broker enforces the TTL while this first
+         * copy is queued, the row after that. */
         .deadline_us = t->expiration_ms >= 0 ? t->enqueued_at_us + t->expiration_ms * 1000 : 0,
     };
-    if (aq_store_claim(w->store, &st, on_claimed, j) != AQ_OK) job_free(j);
+    return st;
+}
+
+static void claim(job *j)
+{
+    aq_store_task st = store_task_of(j);
+    if (aq_store_claim(j->w->store, &st, on_claimed, j) != AQ_OK) job_free(j);
+}
+
+/* Puts a lane delivery (back) among the held ones, giving up its slot if
+ * it had one. */
+static void hold(job *j)
+{
+    aq_worker *w = j->w;
+    if (j->active) {
+        j->active = false;
+        w->active--;
+        aq_fairq_finished(w->held, j->task->user_id);
+    }
+    j->held = aq_fairq_push(w->held, j->task->user_id, j->task->priority, j);
+}
+
+/* Fills free slots from the held deliveries, best first (fairq.h). */
+static void start_held(aq_worker *w)
+{
+    while (!w->draining && w->active < w->cfg->worker_concurrency) {
+        job *j = aq_fairq_pop(w->held);
+        if (!j) break;
+        j->held = NULL;
+        if (!aq_consumer_delivery_current(w->consumer, j->d->tag)) {
+            job_free(j); /* its connection is gone: the broker has it back */
+            continue;
+        }
+        j->active = true;
+        w->active++;
+        aq_fairq_started(w->held, j->task->user_id);
+        claim(j);
+    }
+}
+
+/* The lane a delivery came from (its routing key), or -1. */
+static int lane_of(const aq_worker *w, const aq_delivery *d)
+{
+    size_t n = strlen(w->cfg->amqp_lane_prefix);
+    if (!d->routing_key || strncmp(d->routing_key, w->cfg->amqp_lane_prefix, n)) return -1;
+    char *end;
+    long lane = strtol(d->routing_key + n, &end, 10);
+    return *end || end == d->routing_key + n || lane < 0 || lane >= w->cfg->amqp_lanes ? -1 : (int)lane;
+}
+
+static void collect_job(void *value, void *arg)
+{
+    job **list = arg;
+    job *j = value;
+    j->next_waiting = *list;
+    *list = j;
+}
+
+/* A user waits on its cap (or budget): this worker keeps one of its
+ * deliveries to try again and sends the rest back to their lane, and
+ * stops consuming that lane meanwhile. Held deliveries of a waiting user
+ * would otherwise fill the prefetch, and this worker's slots would sit
+ * idle while other users' tasks wait in their lanes. */
+static void wait_for_user(aq_worker *w, job *keep)
+{
+    int lane = lane_of(w, keep->d);
+    if (lane >= 0 && !w->paused[lane]) {
+        w->paused[lane] = true;
+        w->npaused++;
+        aq_consumer_pause_lane(w->consumer, lane, true);
+    }
+    job *list = NULL;
+    aq_fairq_each(w->held, keep->task->user_id, collect_job, &list);
+    while (list) {
+        job *j = list;
+        list = j->next_waiting;
+        if (j == keep) continue;
+        requeue(j);
+        job_free(j);
+    }
+}
+
+static void on_start(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    start_held(arg);
+}
+
+/* Slots are filled from a loop callback of their own, after the
+ * callback at hand: deliveries that arrived together (a burst, several
+ * lanes at once) are all held before the best of them is chosen, so a
+ * high-priority task that came a moment after a low one still goes first. */
+static void start_soon(aq_worker *w)
+{
+    if (!event_pending(w->start_ev, EV_TIMEOUT, NULL)) event_active(w->start_ev, EV_TIMEOUT, 0);
+}
+
+static void on_unblock_tick(evutil_socket_t fd, short what, void *arg)
+{
+    aq_worker *w = arg;
+    (void)fd;
+    (void)what;
+    for (int i = 0; i < w->cfg->amqp_lanes && w->npaused; i++) {
+        if (!w->paused[i]) continue;
+        w->paused[i] = false;
+        w->npaused--;
+        if (!w->draining) aq_consumer_pause_lane(w->consumer, i, false);
+    }
+    aq_fairq_unblock_all(w->held);
+    start_held(w);
+}
+
+static void on_routed(void *arg, const aq_store_routed *r, int code)
+{
+    job *j = arg;
+    aq_worker *w = j->w;
+    if (code != AQ_OK) {
+        if (code == AQ_EINVAL) {
+            aq_log_task(AQ_LOG_ERROR, j->task->task_id, j->task->user_id,
+                        "could not record the task: PostgreSQL refused it; rejecting");
+            aq_consumer_reject(w->consumer, j->d->tag, false);
+        } else if (code != AQ_ECLOSED && code != AQ_ETIMEDOUT) {
+            requeue(j);
+        }
+        job_free(j);
+        return;
+    }
+    if (r->final) {
+        aq_log_task(AQ_LOG_INFO, j->task->task_id, j->task->user_id, "already final; acked without routing");
+        w->st.redelivered_final++;
+        ack(j);
+        job_free(j);
+        return;
+    }
+    char queue[256], ttl[32];
+    aq_broker_lane_queue(w->cfg, r->lane, queue, sizeof queue);
+    snprintf(ttl, sizeof ttl, "%lld", (long long)r->ttl_ms);
+    aq_publish p = {
+        .exchange = "", /* the default exchange routes by queue name */
+        .routing_key = queue,
+        .body = j->d->body,
+        .len = j->d->len,
+        .message_id = j->task->task_id,
+        .priority = j->task->priority,
+        .expiration = r->ttl_ms >= 0 ? ttl : NULL,
+        .timestamp = j->task->enqueued_at_us / 1000000,
+        .headers = j->d->headers,
+    };
+    j->routing = true;
+    aq_consumer_publish(w->consumer, &p, j);
+}
+
+/* A message of the ingress queue: recorded as queued (so SQL sees it at
+ * once), then moved to its user's lane; acked once the lane's copy is
+ * confirmed. */
+static void route(aq_worker *w, aq_delivery *d, aq_task *t)
+{
+    job *j = aq_xcalloc(1, sizeof *j);
+    j->w = w;
+    j->d = d;
+    j->task = t;
+    w->pending++;
+    aq_store_task st = store_task_of(j);
+    if (aq_store_route(w->store, &st, on_routed, j) != AQ_OK) job_free(j);
 }
 
 static void on_broker_state(bool connected, void *arg)
@@ -581,11 +804,12 @@ typedef struct id_list {
     size_t n;
 } id_list;
 
-static void collect_id(const char *key, void *value, void *arg)
+/* Tasks that hold a slot: claimed or running (held ones have no lease). */
+static void collect_active(const char *key, void *value, void *arg)
 {
     id_list *l = arg;
-    (void)value;
-    l->ids[l->n++] = key;
+    const job *j = value;
+    if (j->active) l->ids[l->n++] = key;
 }
 
 /* Tasks another attempt took over (this worker was taken for gone: its
@@ -612,7 +836,7 @@ static void on_lease_tick(evutil_socket_t fd, short what, void *arg)
     (void)fd;
     (void)what;
     id_list l = {aq_xcalloc(aq_strmap_size(w->jobs) + 1, sizeof *l.ids), 0};
-    aq_strmap_each(w->jobs, collect_id, &l);
+    aq_strmap_each(w->jobs, collect_active, &l);
     if (aq_store_renew(w->store, l.ids, l.n, on_leases_renewed, w) != AQ_OK)
         aq_log(AQ_LOG_WARN, "store refused the lease renewal");
     free(l.ids);
@@ -650,6 +874,13 @@ void aq_worker_drain(aq_worker *w)
     aq_log(AQ_LOG_INFO, "draining: stopped consuming; %zu tasks in flight, waiting up to %d s", w->pending,
            w->cfg->worker_drain_seconds);
     aq_consumer_stop_consuming(w->consumer);
+    /* Held deliveries never started: back to their lanes now. */
+    job *j;
+    while ((j = aq_fairq_pop_any(w->held))) {
+        j->held = NULL;
+        requeue(j);
+        job_free(j);
+    }
     if (w->pending == 0) {
         event_base_loopexit(w->base, NULL);
         return;
@@ -675,6 +906,10 @@ aq_worker *aq_worker_new(const aq_config *cfg, struct event_base *base, char *er
     w->jobs = aq_strmap_new();
     w->drain_ev = evtimer_new(base, on_drain_timeout, w);
     w->lease_ev = event_new(base, -1, EV_PERSIST, on_lease_tick, w);
+    w->unblock_ev = evtimer_new(base, on_unblock_tick, w);
+    w->start_ev = event_new(base, -1, 0, on_start, w);
+    w->held = aq_fairq_new();
+    w->paused = aq_xcalloc((size_t)cfg->amqp_lanes, sizeof *w->paused);
 
     if (aq_http_global_init() != AQ_OK) {
         aq_seterr(err, errlen, "cannot initialise libcurl");
@@ -699,6 +934,8 @@ aq_worker *aq_worker_new(const aq_config *cfg, struct event_base *base, char *er
                           .batch_max = cfg->pg_batch_max,
                           .flush_ms = cfg->pg_flush_ms,
                           .max_inflight_per_user = cfg->limits_max_inflight_per_user,
+                          .over_budget = cfg->limits_over_budget,
+                          .lanes = cfg->amqp_lanes,
                           .lease_seconds = cfg->worker_lease_seconds,
                           .max_interruptions = cfg->amqp_max_interruptions};
     if (!(w->store = aq_store_new(&sc, base, err, errlen))) goto fail;
@@ -733,7 +970,11 @@ void aq_worker_free(aq_worker *w)
     aq_http_free(w->http);
     if (w->drain_ev) event_free(w->drain_ev);
     if (w->lease_ev) event_free(w->lease_ev);
+    if (w->unblock_ev) event_free(w->unblock_ev);
+    if (w->start_ev) event_free(w->start_ev);
     aq_strmap_free(w->jobs);
+    aq_fairq_free(w->held, NULL); /* its jobs are gone with the map's */
+    free(w->paused);
     free(w->skill_names);
     free(w);
 }
@@ -741,6 +982,9 @@ void aq_worker_free(aq_worker *w)
 void aq_worker_stats_get(const aq_worker *w, aq_worker_stats *out)
 {
     *out = w->st;
+    out->held = aq_fairq_len(w->held);
+    out->held_blocked = aq_fairq_blocked_len(w->held);
+    out->lanes_paused = (uint64_t)w->npaused;
     aq_store_counters sc;
     aq_store_stats(w->store, &sc);
     out->db_connected = sc.connected;
@@ -787,7 +1031,16 @@ char *aq_worker_metrics(const aq_worker *w)
          (double)s.conflicts},
         {"agentq_tasks_swept_total", "counter", "Running tasks with an expired lease published again by this worker.",
          (double)s.swept},
+        {"agentq_tasks_routed_total", "counter", "Messages of the ingress queue recorded and moved to a lane.",
+         (double)s.routed},
+        {"agentq_tasks_waited_total", "counter",
+         "Claims told to wait: the user was at its cap of running tasks or over its daily budget.", (double)s.waited},
         {"agentq_sessions_running", "gauge", "Agent sessions running now.", (double)s.running},
+        {"agentq_tasks_held", "gauge", "Lane deliveries held for a free slot (the lookahead).", (double)s.held},
+        {"agentq_tasks_held_blocked", "gauge", "Held deliveries whose user is at its cap or over budget.",
+         (double)s.held_blocked},
+        {"agentq_lanes_paused", "gauge", "Lanes this worker stopped consuming while their users wait on a cap.",
+         (double)s.lanes_paused},
         {"agentq_ratelimit_waiting", "gauge", "Sessions waiting for an LLM rate-limit grant.", (double)waiting},
         {"agentq_ratelimit_waiting_users", "gauge", "Users with sessions waiting for a grant.", (double)users},
         {"agentq_http_inflight", "gauge", "HTTP requests in flight (LLM and skills).", (double)hs.inflight},

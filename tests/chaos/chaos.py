@@ -1335,6 +1335,7 @@ def main():
             "AGENTQ_WORKER_ID": "chaos-echo", "AGENTQ_AMQP_EXCHANGE": "chaos_echo",
             "AGENTQ_AMQP_QUEUE": "chaos_echo.tasks", "AGENTQ_AMQP_DLX": "chaos_echo.dlx",
             "AGENTQ_AMQP_DEAD_QUEUE": "chaos_echo.dead", "AGENTQ_AMQP_RETRY_PREFIX": "chaos_echo.retry.",
+            "AGENTQ_AMQP_LANE_PREFIX": "chaos_echo.lane.",
             "AGENTQ_LLM_API_KEY": echo_key, "AGENTQ_WORKER_CONCURRENCY": "4"})
         with open(os.path.join(E.logdir, "worker-echo.log"), "ab") as f:
             echo_worker = subprocess.Popen([E.bin("agentq-worker")] + extra_args, env=echo_env,

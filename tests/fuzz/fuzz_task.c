@@ -63,7 +63,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     check(t->max_steps >= 1 && t->max_steps <= 100, "max_steps");
     check(t->budget_usd >= 0, "budget_usd");
     check(t->timeout_seconds > 0 && t->timeout_seconds <= 3600, "timeout_seconds");
-    check(strlen(t->goal) >= 1 && strlen(t->goal) <= 65536, "goal");
+    check(strlen(t->goal) >= 1 && strlen(t->goal) <= AQ_TASK_GOAL_MAX, "goal");
 
     json_t *j = aq_task_to_json(t);
     char *text = json_dumps(j, JSON_COMPACT);

@@ -240,6 +240,18 @@ int aq_test_bound_port(int fd)
                                           : ((struct sockaddr_in *)&ss)->sin_port);
 }
 
+int aq_test_loopback_socket(int backlog, int *port)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    ck_assert_int_ge(fd, 0);
+    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    ck_assert_int_eq(bind(fd, (struct sockaddr *)&sin, sizeof sin), 0);
+    if (backlog > 0)
+        ck_assert_int_eq(listen(fd, backlog), 0);
+    *port = aq_test_bound_port(fd);
+    return fd;
+}
+
 struct evhttp *aq_test_httpd(struct event_base *base, void (*cb)(struct evhttp_request *, void *), void *arg,
                              int *port)
 {

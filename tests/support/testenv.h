@@ -35,6 +35,14 @@ void aq_test_loop_for(struct event_base *base, int ms);
 /* The port a socket is bound to (tests listen on 127.0.0.1:0). */
 int aq_test_bound_port(int fd);
 
+/* A TCP socket on 127.0.0.1 at a free port (into *port); the caller
+ * closes it. With backlog > 0 it listens and never accepts: a connection
+ * completes the handshake and then nothing ever answers. With backlog 0
+ * it is only bound: a connect to the port is refused, and while the
+ * socket is open nothing else can take the port. Fails the current test
+ * if it cannot. */
+int aq_test_loopback_socket(int backlog, int *port);
+
 struct event_base;
 struct evhttp;
 struct evhttp_request;
