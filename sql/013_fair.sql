@@ -60,8 +60,9 @@ COMMENT ON COLUMN agentq.tasks.lane IS
 CREATE INDEX tasks_user_lane_active_idx ON agentq.tasks (user_id, lane)
     WHERE status IN ('queued', 'retrying', 'running');
 CREATE INDEX tasks_lane_queued_idx ON agentq.tasks (lane) WHERE status = 'queued';
--- What a user's finished tasks spent today.
-CREATE INDEX tasks_user_finished_idx ON agentq.tasks (user_id, finished_at);
+-- (A budget's spend today reads the user's rows through tasks_user_id_idx:
+-- an index on (user_id, finished_at) would cost every task's writes for
+-- the few users with a budget.)
 
 -- A lane candidate: a hash of (user, lane slot, choice) into [0, p_lanes).
 CREATE FUNCTION agentq.lane_candidate(p_user text, p_slot integer, p_choice text, p_lanes integer)
@@ -135,22 +136,10 @@ DECLARE
     t agentq.tasks%ROWTYPE;
     h bytea := sha256(p_body);
 BEGIN
-    SELECT * INTO t FROM agentq.tasks WHERE task_id = p_task;
-    IF FOUND AND agentq.is_final(t.status) AND t.body_sha256 = h THEN
-        o_outcome := 'final'; o_lane := -1; o_ttl_ms := -1;
-        RETURN;
-    END IF;
     o_outcome := 'lane';
-    IF FOUND THEN
-        -- A task that comes back (retry, requeue, sweep) goes where its
-        -- user's work is now, not to a lane its user has left.
-        o_lane := agentq.user_lane(t.user_id, p_task, p_lanes);
-        IF NOT agentq.is_final(t.status) AND t.lane IS DISTINCT FROM o_lane THEN
-            UPDATE agentq.tasks SET lane = o_lane WHERE task_id = p_task;
-        END IF;
-    ELSE
-        o_lane := agentq.user_lane(p_user, p_task, p_lanes);
-        INSERT INTO agentq.tasks
+    o_lane := agentq.user_lane(p_user, p_task, p_lanes);
+    -- The common case, a new task, in one statement.
+    INSERT INTO agentq.tasks
             (task_id, user_id, goal, priority, status, attempt, max_steps, budget_usd,
              timeout_seconds, model, metadata, enqueued_at, body, body_sha256, deadline, lane)
         VALUES
@@ -162,8 +151,22 @@ BEGIN
              CASE WHEN p_deadline_us > 0
                   THEN timestamptz 'epoch' + p_deadline_us * interval '1 microsecond' END,
              o_lane)
-        ON CONFLICT (task_id) DO NOTHING;
+    ON CONFLICT (task_id) DO NOTHING
+    RETURNING * INTO t;
+    IF NOT FOUND THEN
         SELECT * INTO t FROM agentq.tasks WHERE task_id = p_task;
+        IF agentq.is_final(t.status) AND t.body_sha256 = h THEN
+            o_outcome := 'final'; o_lane := -1; o_ttl_ms := -1;
+            RETURN;
+        END IF;
+        -- A task that comes back (retry, requeue, sweep) goes where its
+        -- user's work is now, not to a lane its user has left.
+        IF t.user_id <> p_user THEN
+            o_lane := agentq.user_lane(t.user_id, p_task, p_lanes);
+        END IF;
+        IF NOT agentq.is_final(t.status) AND t.lane IS DISTINCT FROM o_lane THEN
+            UPDATE agentq.tasks SET lane = o_lane WHERE task_id = p_task;
+        END IF;
     END IF;
     o_ttl_ms := CASE WHEN t.deadline IS NULL THEN -1
                      ELSE greatest(0, (extract(epoch FROM t.deadline - now()) * 1000)::bigint) END;

@@ -406,18 +406,22 @@ static void on_done(aq_session *s, const aq_session_result *res, void *arg)
 }
 
 /* Starts a session of `body` with the task's own timeout. */
-static void start(fx *f, run *r, const char *body)
+/* Starts attempt `attempt` of the task `body` with an absolute deadline
+ * (epoch µs; 0: now + the task's timeout). */
+static void start_at(fx *f, run *r, const char *body, int attempt, int64_t deadline_us)
 {
     memset(r, 0, sizeof *r);
     r->f = f;
     r->task = make_task(f, body);
     r->start_mono = aq_mono_us();
-    int64_t deadline = aq_now_us() + (int64_t)(r->task->timeout_seconds * 1e6);
-    r->s = aq_session_start(f->engine, r->task, 1, deadline, on_done, r);
+    if (!deadline_us) deadline_us = aq_now_us() + (int64_t)(r->task->timeout_seconds * 1e6);
+    r->s = aq_session_start(f->engine, r->task, attempt, deadline_us, on_done, r);
     ck_assert_ptr_nonnull(r->s);
     ck_assert_int_eq(r->calls, 0); /* never from inside start */
     f->want++;
 }
+
+static void start(fx *f, run *r, const char *body) { start_at(f, r, body, 1, 0); }
 
 static void on_expire(evutil_socket_t fd, short what, void *arg)
 {
@@ -806,12 +810,7 @@ START_TEST(test_deadline_passed)
     fx_start_default(&f);
     /* a redelivered task whose absolute deadline has gone by */
     run r;
-    memset(&r, 0, sizeof r);
-    r.f = &f;
-    r.task = make_task(&f, "{\"user_id\":\"u1\",\"goal\":\"steps=1\"}");
-    r.s = aq_session_start(f.engine, r.task, 2, aq_now_us() - 1000000, on_done, &r);
-    ck_assert_int_eq(r.calls, 0);
-    f.want++;
+    start_at(&f, &r, "{\"user_id\":\"u1\",\"goal\":\"steps=1\"}", 2, aq_now_us() - 1000000);
     run_all(&f, 2000);
     ck_assert_str_eq(r.status, "timeout");
     ck_assert_int_eq(r.steps, 0);

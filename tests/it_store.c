@@ -238,6 +238,15 @@ static claim_rec claim_sync(aq_store *s, const char *id)
 
 static void new_id(char id[AQ_TASK_ID_LEN + 1]) { aq_task_uuid_generate(id); }
 
+/* new_id() for each buffer of a NULL-terminated list. */
+static void new_ids(char *id, ...)
+{
+    va_list ap;
+    va_start(ap, id);
+    for (; id; id = va_arg(ap, char *)) new_id(id);
+    va_end(ap);
+}
+
 /* ---------------------------------------------------------------- proxy */
 
 enum { P_UP, P_DOWN, P_BLACKHOLE };
@@ -464,10 +473,7 @@ START_TEST(test_claim_attempt_rules)
     aq_store *s = store_open(dsn, 0, 0);
     char lost[AQ_TASK_ID_LEN + 1], queued[AQ_TASK_ID_LEN + 1], retrying[AQ_TASK_ID_LEN + 1],
         recorded[AQ_TASK_ID_LEN + 1];
-    new_id(lost);
-    new_id(queued);
-    new_id(retrying);
-    new_id(recorded);
+    new_ids(lost, queued, retrying, recorded, NULL);
     /* A row left running by a worker that is gone (its lease key's lock is
      * held by nobody, its lease written since the server started), one a
      * drain put back after attempt 3, one retrying after two failures, and
@@ -550,8 +556,7 @@ START_TEST(test_takeover_when_the_owner_is_gone_or_the_lease_expired)
 {
     aq_store *a = store_open(dsn, 0, 0), *b = store_open(dsn, 0, 0);
     char id[AQ_TASK_ID_LEN + 1], other[AQ_TASK_ID_LEN + 1];
-    new_id(id);
-    new_id(other);
+    new_ids(id, other, NULL);
     ck_assert_int_eq(claim_sync(a, id).outcome, AQ_STORE_RUN);
     ck_assert_int_eq(claim_sync(a, other).outcome, AQ_STORE_RUN);
     /* The owner dies (its connection closes): its lease counts for nothing. */
@@ -636,9 +641,7 @@ START_TEST(test_claim_ends_cancelled_expired_and_too_often_interrupted_tasks)
     cfg.max_interruptions = 2;
     aq_store *s = store_new(&cfg);
     char cancelled[AQ_TASK_ID_LEN + 1], expired[AQ_TASK_ID_LEN + 1], poison[AQ_TASK_ID_LEN + 1];
-    new_id(cancelled);
-    new_id(expired);
-    new_id(poison);
+    new_ids(cancelled, expired, poison, NULL);
     exec_ok(sqlf("INSERT INTO agentq.tasks (task_id, user_id, goal, status, attempt, cancel_requested,"
                  " deadline, interruptions, started_at, body) VALUES"
                  " ('%s', 'alice', 'g', 'queued', 1, true, NULL, 0, NULL, NULL),"
@@ -743,9 +746,7 @@ START_TEST(test_renew_and_sweep)
 {
     aq_store *a = store_open(dsn, 0, 0), *b = store_open(dsn, 0, 0);
     char mine[AQ_TASK_ID_LEN + 1], theirs[AQ_TASK_ID_LEN + 1], orphan[AQ_TASK_ID_LEN + 1];
-    new_id(mine);
-    new_id(theirs);
-    new_id(orphan);
+    new_ids(mine, theirs, orphan, NULL);
     ck_assert_int_eq(claim_sync(a, mine).outcome, AQ_STORE_RUN);
     ck_assert_int_eq(claim_sync(b, theirs).outcome, AQ_STORE_RUN);
     ck_assert_int_eq(claim_sync(b, orphan).outcome, AQ_STORE_RUN);
@@ -873,9 +874,7 @@ START_TEST(test_dead_letter_finalises_only_a_waiting_task_of_its_body)
 {
     aq_store *s = store_open(dsn, 0, 0);
     char waiting[AQ_TASK_ID_LEN + 1], done_id[AQ_TASK_ID_LEN + 1], running[AQ_TASK_ID_LEN + 1];
-    new_id(waiting);
-    new_id(done_id);
-    new_id(running);
+    new_ids(waiting, done_id, running, NULL);
     ck_assert_int_eq(claim_sync(s, waiting).outcome, AQ_STORE_RUN);
     ck_assert_int_eq(claim_sync(s, running).outcome, AQ_STORE_RUN);
     done_rec r0 = {0};
@@ -1044,8 +1043,7 @@ START_TEST(test_replay_after_lost_commit_reply_writes_nothing_twice)
     /* A wide flush window: all of the requests below make one batch. */
     aq_store *s = store_open(pdsn, 100, 300);
     char running[AQ_TASK_ID_LEN + 1], other[AQ_TASK_ID_LEN + 1];
-    new_id(running);
-    new_id(other);
+    new_ids(running, other, NULL);
     exec_ok(sqlf("INSERT INTO agentq.tasks (task_id, user_id, goal, status, attempt)"
                  " VALUES ('%s', 'alice', 'g', 'running', 1), ('%s', 'bob', 'g', 'running', 1)",
                  running, other));
@@ -1248,8 +1246,7 @@ START_TEST(test_user_settings_cap_and_budget)
     cfg.max_inflight_per_user = 5;
     aq_store *s = store_new(&cfg);
     char a[AQ_TASK_ID_LEN + 1], b[AQ_TASK_ID_LEN + 1];
-    new_id(a);
-    new_id(b);
+    new_ids(a, b, NULL);
     exec_ok("INSERT INTO agentq.users (user_id, max_inflight) VALUES ('alice', 1)");
     ck_assert_int_eq(claim_sync(s, a).outcome, AQ_STORE_RUN);
     claim_rec c = claim_sync(s, b);
@@ -1270,8 +1267,7 @@ START_TEST(test_user_settings_cap_and_budget)
         ck_assert(aq_test_loop_until(base, &dones, before + 1, 10000));
     }
     char d[AQ_TASK_ID_LEN + 1], e[AQ_TASK_ID_LEN + 1];
-    new_id(d);
-    new_id(e);
+    new_ids(d, e, NULL);
     c = claim_sync(s, d);
     ck_assert_int_eq(c.outcome, AQ_STORE_ENDED);
     ck_assert_str_eq(c.status, "budget_exceeded");
@@ -1368,6 +1364,17 @@ START_TEST(test_route_records_queued_and_picks_lanes)
     }
     ck_assert_int_gt(could, 0);
     ck_assert_int_eq(avoided, could);
+    /* A user of weight 3 spreads its tasks over three lane slots (fewer
+     * lanes only if two slots hash to the same lane): three shares. */
+    exec_ok("INSERT INTO agentq.users (user_id, weight) VALUES ('heavy', 3)");
+    aq_store_task hv = t;
+    hv.user_id = "heavy";
+    for (int i = 0; i < 30; i++) {
+        new_id(id);
+        route_sync(s, &hv);
+    }
+    int lanes = atoi(val("SELECT count(DISTINCT lane) FROM agentq.tasks WHERE user_id = 'heavy'"));
+    ck_assert_msg(lanes >= 2 && lanes <= 3, "weight 3 used %d lanes", lanes);
     aq_store_free(s);
 }
 END_TEST
@@ -1378,9 +1385,7 @@ START_TEST(test_user_cap_refuses_claims_past_it)
     cfg.max_inflight_per_user = 2;
     aq_store *s = store_new(&cfg);
     char a[AQ_TASK_ID_LEN + 1], b[AQ_TASK_ID_LEN + 1], c3[AQ_TASK_ID_LEN + 1];
-    new_id(a);
-    new_id(b);
-    new_id(c3);
+    new_ids(a, b, c3, NULL);
     ck_assert_int_eq(claim_sync(s, a).outcome, AQ_STORE_RUN);
     ck_assert_int_eq(claim_sync(s, b).outcome, AQ_STORE_RUN);
     /* The third of the same user waits: queued (SQL sees it), no attempt

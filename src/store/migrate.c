@@ -270,24 +270,33 @@ static int apply_one(PGconn *conn, const char *dir, const mfile *m, char *err, s
     return rc;
 }
 
+/* What both verbs start from: the directory's files and a connection. On
+ * failure nothing is left to free. */
+static int open_migrations(const char *dsn, const char *sql_dir, mfile **files, size_t *n, PGconn **conn,
+                           char *err, size_t errlen)
+{
+    int rc = scan_dir(sql_dir, files, n, err, errlen);
+    if (rc != AQ_OK) return rc;
+    *conn = connect_db(dsn, err, errlen);
+    if (!*conn) {
+        mfiles_free(*files, *n);
+        return AQ_EIO;
+    }
+    return AQ_OK;
+}
+
 int aq_migrate_apply(const char *dsn, const char *sql_dir, int *applied, char *err, size_t errlen)
 {
     if (applied)
         *applied = 0;
     if (!sql_dir)
         sql_dir = aq_migrate_default_dir();
-
     mfile *files;
     size_t n;
-    int rc = scan_dir(sql_dir, &files, &n, err, errlen);
+    PGconn *conn;
+    int rc = open_migrations(dsn, sql_dir, &files, &n, &conn, err, errlen);
     if (rc != AQ_OK)
         return rc;
-
-    PGconn *conn = connect_db(dsn, err, errlen);
-    if (!conn) {
-        mfiles_free(files, n);
-        return AQ_EIO;
-    }
 
     PGresult *recorded = NULL;
     rc = exec_cmd(conn, "SET client_min_messages = warning", "", err, errlen);
@@ -367,17 +376,12 @@ int aq_migrate_status(const char *dsn, const char *sql_dir, aq_migration **out, 
     *nout = 0;
     if (!sql_dir)
         sql_dir = aq_migrate_default_dir();
-
     mfile *files;
     size_t nfiles;
-    int rc = scan_dir(sql_dir, &files, &nfiles, err, errlen);
+    PGconn *conn;
+    int rc = open_migrations(dsn, sql_dir, &files, &nfiles, &conn, err, errlen);
     if (rc != AQ_OK)
         return rc;
-    PGconn *conn = connect_db(dsn, err, errlen);
-    if (!conn) {
-        mfiles_free(files, nfiles);
-        return AQ_EIO;
-    }
 
     /* A database never migrated has no table: every file is pending. */
     PGresult *rec = NULL;

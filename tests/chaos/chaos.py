@@ -737,8 +737,8 @@ class Hostile:
                       b'{"task_id":"' + i.encode() + b'","user_id":"h","goal":"bad \xff\xfe bytes"}',
                       i, ["goal", "UTF-8"], True))
         i = tid()
-        cases.append(("huge goal (200 KiB)",
-                      json.dumps({"task_id": i, "user_id": "h", "goal": "x" * (200 << 10)}).encode(),
+        cases.append(("huge goal (300 KiB, over the 256 KiB cap)",
+                      json.dumps({"task_id": i, "user_id": "h", "goal": "x" * (300 << 10)}).encode(),
                       i, ["goal"], True))
         i = tid()
         cases.append(("duplicate key user_id",
