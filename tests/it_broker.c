@@ -300,10 +300,60 @@ START_TEST(lanes_share_one_prefetch)
 }
 END_TEST
 
+/* Acks go several to a frame where the broker allows it: a run that
+ * completes the settled prefix is one `multiple` ack; an ack past a
+ * delivery still held goes alone; a tag acked twice sends nothing (the
+ * broker would close the channel). What was acked stays acked. */
+START_TEST(acks_go_several_to_a_frame)
+{
+    char err[256], q[160];
+    snprintf(q, sizeof q, "%s", cfg.amqp_dead_queue);
+    for (int k = 0; k < 6; k++) {
+        aq_publish p = {"", q, "{}", 2, NULL, 0, NULL, 0, NULL};
+        ck_assert_int_gt(aq_broker_publish(b, &p, NULL, err, sizeof err), 0);
+    }
+    int64_t nacked;
+    ck_assert_msg(aq_broker_wait_confirms(b, 5000, &nacked, err, sizeof err) == 0, "%s", err);
+    static lane_rec r;
+    memset(&r, 0, sizeof r);
+    aq_broker_events ev = {count_lane_delivery, NULL, &r};
+    aq_broker_set_events(b, &ev);
+    ck_assert_msg(aq_broker_consume(b, 6, q, 10, err, sizeof err) == 0, "%s", err);
+    for (int t = 0; t < 200 && r.ntags < 6; t++) pump_for(5);
+    ck_assert_int_eq(r.ntags, 6);
+    uint64_t *tag = r.tags; /* 1..6 in delivery order */
+    uint64_t acked, frames;
+    uint64_t mid[] = {tag[1], tag[2]};
+    ck_assert_int_eq(aq_broker_ack_many(b, 6, mid, 2), 0); /* the first is still held: one frame each */
+    aq_broker_ack_stats(b, &acked, &frames);
+    ck_assert_uint_eq(acked, 2);
+    ck_assert_uint_eq(frames, 2);
+    uint64_t rest[] = {tag[0], tag[3], tag[4]};
+    ck_assert_int_eq(aq_broker_ack_many(b, 6, rest, 3), 0); /* 1..5 settled: one frame */
+    aq_broker_ack_stats(b, &acked, &frames);
+    ck_assert_uint_eq(acked, 5);
+    ck_assert_uint_eq(frames, 3);
+    ck_assert_int_eq(aq_broker_ack_many(b, 6, mid, 2), 0); /* again: nothing sent */
+    ck_assert_int_eq(aq_broker_ack(b, 6, tag[5]), 0);
+    aq_broker_ack_stats(b, &acked, &frames);
+    ck_assert_uint_eq(acked, 6);
+    ck_assert_uint_eq(frames, 4);
+    pump_for(100); /* the channel is still open: no double ack reached the broker */
+    aq_broker_cancel_consume(b, 6);
+    /* Closed and opened again: none of the six comes back. */
+    aq_broker_free(b);
+    b = aq_broker_connect(cfg.amqp_url, 0, 5000, err, sizeof err);
+    ck_assert_msg(b != NULL, "%s", err);
+    int64_t depth = -1;
+    ck_assert(aq_broker_queue_depth(b, q, &depth, NULL, err, sizeof err) == 0);
+    ck_assert_int_eq(depth, 0);
+}
+END_TEST
+
 int main(void)
 {
     const TTest *core[] = {topology_as_the_contract_says, confirms_and_depth};
-    const TTest *limits[] = {out_of_order_confirms_counted_exactly, lanes_share_one_prefetch,
+    const TTest *limits[] = {out_of_order_confirms_counted_exactly, lanes_share_one_prefetch, acks_go_several_to_a_frame,
                              consumer_closing_reports_every_confirm_without_stalling};
     const TTest *errors[] = {bad_url_and_refused_connection};
     const aq_tcase_spec tcases[] = {

@@ -793,6 +793,39 @@ START_TEST(user_cap_holds_fleet_wide)
 }
 END_TEST
 
+/* A capped user's backlog must not fill a worker's prefetch: with the
+ * user at its cap of 1, another user's tasks still get the other slots
+ * (the worker sends the capped user's extra deliveries back to its lane
+ * and stops consuming that lane while it waits). */
+START_TEST(capped_user_does_not_take_the_slots)
+{
+    const char *mock[] = {"--latency-ms", "300", NULL};
+    setup_env("capslots", mock);
+    char err[512];
+    ck_assert_msg(aq_test_pg_exec(E.dsn, "INSERT INTO agentq.users (user_id, max_inflight) VALUES ('capped', 1)", err,
+                                  sizeof err) == 0, "%s", err);
+    const char *four[] = {"AGENTQ_WORKER_CONCURRENCY=4", NULL};
+    aq_test_proc *w = start_worker("worker", four);
+    sleep(1);
+    produce_user_tasks("capped", 20, "quick answer");
+    sleep(1); /* the capped user's tasks reach the worker first */
+    int64_t t0 = aq_now_us();
+    produce_user_tasks("free", 9, "quick answer");
+    ck_assert_msg(aq_test_pg_wait_value(E.dsn, "SELECT count(*) FROM agentq.tasks WHERE user_id = 'free'"
+                                               " AND status = 'completed'", "9", 15000),
+                  "the other user's tasks did not complete");
+    double took = (double)(aq_now_us() - t0) / 1e6;
+    /* 9 tasks on the 3 slots the capped user leaves: about 1 s. */
+    ck_assert_msg(took < 4.0, "the other user's 9 tasks took %.2f s", took);
+    assert_pg("t", "SELECT count(*) < 20 FROM agentq.tasks WHERE user_id = 'capped' AND status = 'completed'");
+    ck_assert(aq_test_pg_wait_value(E.dsn, "SELECT count(*) FROM agentq.tasks WHERE status = 'completed'", "29", 30000));
+    assert_pg("1", MAX_CONCURRENT_SQL, "capped");
+    assert_pg("1|0", "SELECT max(attempt) || '|' || max(failures) FROM agentq.tasks WHERE user_id = 'capped'");
+    aq_test_proc_free(w);
+    teardown_env();
+}
+END_TEST
+
 /* Seconds since the epoch, from this machine's clock (PostgreSQL's now()
  * reads the same one). */
 static double wall_now(void) { return (double)aq_now_us() / 1e6; }
@@ -1085,7 +1118,8 @@ int main(void)
                              retries_through_tiers_then_failed, sigterm_drains_then_requeues,
                              cancel_stops_running_task, requeue_dead_letters,
                              fleet_rate_limit_shared_by_two_workers, user_cap_holds_fleet_wide,
-                             burst_does_not_hold_back_late_users, user_settings_take_effect_while_running};
+                             burst_does_not_hold_back_late_users, user_settings_take_effect_while_running,
+                             capped_user_does_not_take_the_slots};
     const TTest *errors[] = {malformed_and_invalid_rejected, producer_reports_bad_lines,
                              kill9_redelivers_and_completes_once,
                              broker_connection_loss_loses_nothing,

@@ -131,9 +131,20 @@ bool aq_broker_consuming(aq_broker *b, int channel, const char *queue);
 /* Stops every consumer on `channel` (no-op when not consuming there). */
 void aq_broker_cancel_consume(aq_broker *b, int channel);
 
-/* Acks or rejects one delivery of `channel`. Returns 0 or AQ_EIO. */
+/* Acks or rejects one delivery of `channel`. Returns 0 or AQ_EIO. A tag
+ * settled already is skipped (acking it again would close the channel). */
 int aq_broker_ack(aq_broker *b, int channel, uint64_t dtag);
 int aq_broker_reject(aq_broker *b, int channel, uint64_t dtag, bool requeue);
+
+/* Acks `n` deliveries of `channel` in as few frames as it can: the broker
+ * remembers which deliveries of the channel are still unsettled, so the
+ * ones that complete the settled run from the oldest go as one ack with
+ * `multiple`, and the rest (an older delivery is still held or running)
+ * one frame each. Returns 0 or AQ_EIO. */
+int aq_broker_ack_many(aq_broker *b, int channel, const uint64_t *dtags, size_t n);
+
+/* Deliveries acked, and the ack frames that carried them, since connect. */
+void aq_broker_ack_stats(const aq_broker *b, uint64_t *acked, uint64_t *frames);
 
 /* Reads every frame that is ready without waiting and hands deliveries
  * and confirms to the events. Returns 0, or AQ_EIO when the connection

@@ -23,6 +23,16 @@ typedef struct unconfirmed {
     bool settled;
 } unconfirmed;
 
+/* The deliveries of one channel not settled yet, so that acks can go
+ * several to a frame: RabbitMQ numbers a channel's deliveries 1, 2, 3...,
+ * and `multiple` acks every unsettled one up to a tag. done[i] says tag
+ * lo + i is settled (acked or rejected); tags below lo all are. */
+typedef struct unsettled {
+    uint64_t lo, hi;       /* lowest tag not known settled; highest handed out */
+    unsigned char *done;
+    size_t cap;
+} unsettled;
+
 /* One basic.consume: its tag, and the queue it consumes. */
 typedef struct consumer_ref {
     amqp_bytes_t tag;
@@ -44,6 +54,8 @@ struct aq_broker {
      * lanes) under one prefetch. */
     consumer_ref *consumers[BROKER_MAX_CHANNELS];
     size_t nconsumers[BROKER_MAX_CHANNELS];
+    unsettled open_tags[BROKER_MAX_CHANNELS];
+    uint64_t acked, ack_frames;
     bool channel_open[BROKER_MAX_CHANNELS];
 };
 
@@ -151,6 +163,7 @@ void aq_broker_free(aq_broker *b)
             free(b->consumers[i][k].queue);
         }
         free(b->consumers[i]);
+        free(b->open_tags[i].done);
     }
     free(b->pend);
     free(b);
@@ -273,15 +286,94 @@ int aq_broker_add_queue(aq_broker *b, int channel, const char *queue, char *err,
     return consume_one(b, channel, queue, err, errlen);
 }
 
-int aq_broker_ack(aq_broker *b, int channel, uint64_t dtag)
+/* A delivery handed out on `channel`. */
+static void note_delivered(aq_broker *b, int channel, uint64_t dtag)
 {
-    return amqp_basic_ack(b->conn, (amqp_channel_t)channel, dtag, 0) == AMQP_STATUS_OK ? AQ_OK : AQ_EIO;
+    if (channel <= 0 || channel >= BROKER_MAX_CHANNELS) return;
+    unsettled *u = &b->open_tags[channel];
+    if (!u->lo) u->lo = dtag;
+    if (dtag < u->lo) return;
+    if (dtag > u->hi) u->hi = dtag;
+    size_t need = (size_t)(u->hi - u->lo + 1);
+    if (need > u->cap) {
+        size_t cap = u->cap ? u->cap * 2 : 256;
+        while (cap < need) cap *= 2;
+        u->done = aq_xrealloc(u->done, cap);
+        memset(u->done + u->cap, 0, cap - u->cap);
+        u->cap = cap;
+    }
 }
+
+/* Marks `dtag` settled; false if it was already (or is unknown): a second
+ * ack of a tag would close the channel. */
+static bool settle_tag(aq_broker *b, int channel, uint64_t dtag)
+{
+    unsettled *u = &b->open_tags[channel];
+    if (!u->lo || dtag < u->lo || dtag > u->hi || u->done[dtag - u->lo]) return false;
+    u->done[dtag - u->lo] = 1;
+    return true;
+}
+
+/* Drops the settled prefix; returns the highest tag of it, or 0. */
+static uint64_t advance(aq_broker *b, int channel)
+{
+    unsettled *u = &b->open_tags[channel];
+    size_t n = u->lo ? (size_t)(u->hi - u->lo + 1) : 0, k = 0;
+    while (k < n && u->done[k]) k++;
+    if (!k) return 0;
+    memmove(u->done, u->done + k, n - k);
+    memset(u->done + n - k, 0, k);
+    u->lo += k;
+    return u->lo - 1;
+}
+
+int aq_broker_ack_many(aq_broker *b, int channel, const uint64_t *dtags, size_t n)
+{
+    if (channel <= 0 || channel >= BROKER_MAX_CHANNELS) return AQ_EINVAL;
+    size_t fresh = 0;
+    uint64_t *mine = aq_xmalloc((n ? n : 1) * sizeof *mine);
+    for (size_t i = 0; i < n; i++)
+        if (settle_tag(b, channel, dtags[i])) mine[fresh++] = dtags[i];
+    /* Everything up to the end of the settled prefix goes in one frame;
+     * tags past it (a delivery below them is still held or running) one
+     * frame each. */
+    uint64_t upto = advance(b, channel);
+    int rc = AQ_OK;
+    size_t covered = 0;
+    for (size_t i = 0; i < fresh; i++)
+        if (mine[i] <= upto) covered++;
+    /* With `multiple`, tags up to `upto` settled earlier are not pending at
+     * the broker any more, so the frame acks exactly this batch's. */
+    bool one_frame = covered > 1;
+    if (one_frame) {
+        if (amqp_basic_ack(b->conn, (amqp_channel_t)channel, upto, 1) != AMQP_STATUS_OK) rc = AQ_EIO;
+        b->ack_frames++;
+    }
+    for (size_t i = 0; i < fresh; i++) {
+        if (one_frame && mine[i] <= upto) continue;
+        if (amqp_basic_ack(b->conn, (amqp_channel_t)channel, mine[i], 0) != AMQP_STATUS_OK) rc = AQ_EIO;
+        b->ack_frames++;
+    }
+    b->acked += fresh;
+    free(mine);
+    return rc;
+}
+
+int aq_broker_ack(aq_broker *b, int channel, uint64_t dtag) { return aq_broker_ack_many(b, channel, &dtag, 1); }
 
 int aq_broker_reject(aq_broker *b, int channel, uint64_t dtag, bool requeue)
 {
-    return amqp_basic_reject(b->conn, (amqp_channel_t)channel, dtag, requeue) == AMQP_STATUS_OK ? AQ_OK
-                                                                                              : AQ_EIO;
+    if (channel <= 0 || channel >= BROKER_MAX_CHANNELS) return AQ_EINVAL;
+    if (!settle_tag(b, channel, dtag)) return AQ_OK; /* settled already */
+    int rc = amqp_basic_reject(b->conn, (amqp_channel_t)channel, dtag, requeue) == AMQP_STATUS_OK ? AQ_OK : AQ_EIO;
+    (void)advance(b, channel);
+    return rc;
+}
+
+void aq_broker_ack_stats(const aq_broker *b, uint64_t *acked, uint64_t *frames)
+{
+    *acked = b->acked;
+    *frames = b->ack_frames;
 }
 
 static amqp_table_entry_t entry_long(const char *key, int64_t v)
@@ -645,6 +737,7 @@ static int read_delivery(aq_broker *b, int channel, const amqp_basic_deliver_t *
     if (p->_flags & AMQP_BASIC_TIMESTAMP_FLAG) d->timestamp = (int64_t)p->timestamp;
     d->headers = (p->_flags & AMQP_BASIC_HEADERS_FLAG) ? aq_broker_table_to_json(&p->headers) : json_object();
     amqp_destroy_message(&msg);
+    note_delivered(b, channel, dtag);
     if (b->ev.delivery) b->ev.delivery(d, channel, dtag, b->ev.arg);
     else aq_delivery_free(d);
     return AQ_OK;

@@ -180,6 +180,32 @@ static int tag_channel(aq_consumer *c, uint64_t tag, uint64_t *dtag)
     return (int)((tag >> TAG_BITS) & 0xf);
 }
 
+/* Acks gathered from one batch of ops, by channel. */
+typedef struct acks {
+    uint64_t *tags[16];
+    size_t n[16], cap[16];
+} acks;
+
+static void acks_add(aq_consumer *c, acks *a, uint64_t tag)
+{
+    uint64_t dtag;
+    int ch;
+    if (!c->b || !(ch = tag_channel(c, tag, &dtag))) return; /* void: redelivered anyway */
+    if (a->n[ch] == a->cap[ch]) {
+        a->cap[ch] = a->cap[ch] ? a->cap[ch] * 2 : 64;
+        a->tags[ch] = aq_xrealloc(a->tags[ch], a->cap[ch] * sizeof *a->tags[ch]);
+    }
+    a->tags[ch][a->n[ch]++] = dtag;
+}
+
+static void acks_send(aq_consumer *c, acks *a)
+{
+    for (int ch = 0; ch < 16; ch++) {
+        if (a->n[ch] && c->b) (void)aq_broker_ack_many(c->b, ch, a->tags[ch], a->n[ch]);
+        free(a->tags[ch]);
+    }
+}
+
 static void do_op(aq_consumer *c, op *o)
 {
     uint64_t dtag;
@@ -242,12 +268,17 @@ static void *thread_main(void *arg)
         }
         void **items;
         size_t n = aq_mailbox_take(c->ops, &items);
+        /* Acks of one wake-up go together, per channel, so the broker can
+         * send them several to a frame (aq_broker_ack_many). */
+        acks pending = {0};
         for (size_t i = 0; i < n; i++) {
             op *o = items[i];
             if (o->kind == OP_QUIT) quit = true;
-            do_op(c, o);
+            if (o->kind == OP_ACK) acks_add(c, &pending, o->tag);
+            else do_op(c, o);
             op_free(o);
         }
+        acks_send(c, &pending);
         free(items);
         if (quit || !c->b) continue;
 
