@@ -815,8 +815,8 @@ START_TEST(test_deadline_passed)
     ck_assert_str_eq(r.status, "timeout");
     ck_assert_int_eq(r.steps, 0);
     spin(&f, 50);
-    ck_assert_uint_eq(mock_stats(&f).requests, 0); /* nothing was sent */
-    ck_assert_uint_eq(f.nrows, 0);
+    ck_assert_msg(mock_stats(&f).requests == 0 && f.nrows == 0, "sent %llu requests, %zu step rows: want none",
+                  (unsigned long long)mock_stats(&f).requests, f.nrows);
     run_free(&r);
     fx_stop(&f);
 }
