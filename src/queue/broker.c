@@ -340,17 +340,22 @@ int aq_broker_ack_many(aq_broker *b, int channel, const uint64_t *dtags, size_t 
     uint64_t upto = advance(b, channel);
     int rc = AQ_OK;
     size_t covered = 0;
-    for (size_t i = 0; i < fresh; i++)
-        if (mine[i] <= upto) covered++;
-    /* With `multiple`, tags up to `upto` settled earlier are not pending at
-     * the broker any more, so the frame acks exactly this batch's. */
+    uint64_t last = 0; /* the highest of this batch's tags in the prefix */
+    for (size_t i = 0; i < fresh; i++) {
+        if (mine[i] > upto) continue;
+        covered++;
+        if (mine[i] > last) last = mine[i];
+    }
+    /* A `multiple` ack must name a tag the broker still holds (RabbitMQ
+     * closes the channel otherwise), hence `last`, not `upto`; every tag
+     * below it is settled, so the frame acks exactly this batch's. */
     bool one_frame = covered > 1;
     if (one_frame) {
-        if (amqp_basic_ack(b->conn, (amqp_channel_t)channel, upto, 1) != AMQP_STATUS_OK) rc = AQ_EIO;
+        if (amqp_basic_ack(b->conn, (amqp_channel_t)channel, last, 1) != AMQP_STATUS_OK) rc = AQ_EIO;
         b->ack_frames++;
     }
     for (size_t i = 0; i < fresh; i++) {
-        if (one_frame && mine[i] <= upto) continue;
+        if (one_frame && mine[i] <= last) continue;
         if (amqp_basic_ack(b->conn, (amqp_channel_t)channel, mine[i], 0) != AMQP_STATUS_OK) rc = AQ_EIO;
         b->ack_frames++;
     }
