@@ -861,6 +861,15 @@ START_TEST(burst_does_not_hold_back_late_users)
     /* Work-conserving: 606 tasks × ~0.2 s / 20 slots ≈ 6 s; allow 2×. */
     assert_pg("t", "SELECT max(extract(epoch FROM finished_at)) - %.3f < 12 FROM agentq.tasks", t_burst);
     assert_pg("2", "SELECT count(DISTINCT worker_id) FROM agentq.tasks");
+    /* Hundreds of acks, several to a frame, and the broker never closed
+     * a channel over one (an ack of a tag it no longer holds would). */
+    const char *names[] = {"worker-a", "worker-b"};
+    for (int i = 0; i < 2; i++) {
+        char cmd[400];
+        snprintf(cmd, sizeof cmd, "grep -q 'broker connection lost' '%s/%s.log'", E.logdir, names[i]);
+        ck_assert_msg(WEXITSTATUS(system(cmd)) == 1, "%s lost its broker connection (see %s/%s.log)", names[i],
+                      E.logdir, names[i]);
+    }
     aq_test_proc_free(a);
     aq_test_proc_free(b);
     teardown_env();
