@@ -39,6 +39,7 @@ struct srv {
     /* what the last POST to /skill carried */
     char method[16];
     char content_type[128];
+    char idempotency_key[128];
     char *body;
     aq_test_held_set held; /* the /slow requests */
 };
@@ -90,6 +91,8 @@ static void srv_handle(struct evhttp_request *r, void *arg)
                  evhttp_request_get_command(r) == EVHTTP_REQ_POST ? "POST" : "other");
         const char *ct = evhttp_find_header(evhttp_request_get_input_headers(r), "Content-Type");
         snprintf(s->content_type, sizeof s->content_type, "%s", ct ? ct : "");
+        const char *ik = evhttp_find_header(evhttp_request_get_input_headers(r), "Idempotency-Key");
+        snprintf(s->idempotency_key, sizeof s->idempotency_key, "%s", ik ? ik : "(none)");
         struct evbuffer *in = evhttp_request_get_input_buffer(r);
         size_t n = evbuffer_get_length(in);
         free(s->body);
@@ -242,7 +245,7 @@ static aq_skill_call *start(struct fx *f, const char *name, const char *args, st
     memset(g, 0, sizeof *g);
     g_in_call = true;
     aq_skill_call *c = aq_skills_call(f->skills, name, args, args ? strlen(args) : 0, "t-1",
-                                      "u-1", got_cb, g);
+                                      "u-1", "t-1/3/2", got_cb, g);
     g_in_call = false;
     ck_assert_ptr_nonnull(c);
     /* Never from inside the call: nothing has run yet. */
@@ -382,6 +385,8 @@ START_TEST(test_http_skill_post)
     ck_assert_int_eq(f.srv->requests, 1);
     ck_assert_str_eq(f.srv->method, "POST");
     ck_assert_str_eq(f.srv->content_type, "application/json");
+    /* task, step, call: a repeat of this call after a crash sends the same */
+    ck_assert_str_eq(f.srv->idempotency_key, "t-1/3/2");
     json_error_t je;
     json_t *got = json_loads(f.srv->body, 0, &je);
     ck_assert_msg(got != NULL, "server got non-JSON: %s", f.srv->body);
@@ -394,13 +399,14 @@ START_TEST(test_http_skill_post)
     /* no arguments become {}, no ids become null */
     struct got g;
     memset(&g, 0, sizeof g);
-    aq_skill_call *c = aq_skills_call(f.skills, "weather", NULL, 0, NULL, NULL, got_cb, &g);
+    aq_skill_call *c = aq_skills_call(f.skills, "weather", NULL, 0, NULL, NULL, NULL, got_cb, &g);
     ck_assert_ptr_nonnull(c);
     aq_test_loop_until(f.base, &g.calls, 1, 10000);
     ck_assert_int_eq(g.calls, 1);
     ck_assert_str_eq(g.out, "sunny, 21C");
     free(g.out);
     ck_assert_str_eq(f.srv->body, "{\"arguments\":{},\"task_id\":null,\"user_id\":null}");
+    ck_assert_str_eq(f.srv->idempotency_key, "(none)"); /* no key, no header */
     fx_stop(&f);
 }
 END_TEST

@@ -100,13 +100,16 @@ char *aq_skills_tools_json_for(const aq_skills *s, char *const *names, int n);
 
 /* Runs the tool `name` (borrowed) with the arguments args_json[0..args_len)
  * (borrowed, need not be NUL-terminated; empty means {}). task_id and
- * user_id (borrowed, may be NULL) are sent to HTTP skills. `cb` is called
+ * user_id (borrowed, may be NULL) are sent to HTTP skills, and so is
+ * idempotency_key (borrowed, may be NULL), as the Idempotency-Key header:
+ * the same call made again (after a crash, a drain, a resume) carries the
+ * same key, so a skill server can answer it without doing it twice. `cb` is called
  * once, later, from the loop (see the top of this file), with `arg`.
  * Never returns NULL. The handle is valid until the callback starts or
  * aq_skill_call_cancel() returns. */
 aq_skill_call *aq_skills_call(aq_skills *s, const char *name, const char *args_json,
                               size_t args_len, const char *task_id, const char *user_id,
-                              aq_skill_cb cb, void *arg);
+                              const char *idempotency_key, aq_skill_cb cb, void *arg);
 
 /* Abandons a call: an in-flight HTTP transfer is aborted, and the callback
  * is never called. The handle is invalid afterwards. Must not be called

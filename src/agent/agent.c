@@ -452,8 +452,11 @@ static void run_tools(aq_session *s)
         c->s = s;
         c->index = i;
         t->ctx = c;
+        /* task, step, call: what names this call in every attempt */
+        char key[AQ_TASK_ID_LEN + 32];
+        snprintf(key, sizeof key, "%s/%d/%zu", s->task->task_id, s->steps, i + 1);
         t->call = aq_skills_call(e->d.skills, tc->name, tc->args, tc->args_len, s->task->task_id, s->task->user_id,
-                                 on_tool, c);
+                                 key, on_tool, c);
         if (!t->call) {
             free(c);
             t->ctx = NULL;

@@ -695,7 +695,7 @@ static json_t *string_or_null(const char *v)
 }
 
 static void run_http_skill(aq_skill_call *c, const struct skill *sk, json_t *args,
-                           const char *task_id, const char *user_id)
+                           const char *task_id, const char *user_id, const char *idempotency_key)
 {
     json_t *body = json_object();
     if (!body) aq_oom("a skill request");
@@ -705,13 +705,20 @@ static void run_http_skill(aq_skill_call *c, const struct skill *sk, json_t *arg
     char *text = json_dumps(body, JSON_COMPACT);
     json_decref(body);
     if (!text) aq_oom("a skill request");
-    static const char *const headers[] = {"Content-Type: application/json",
-                                          "Accept: application/json"};
+    char key[300];
+    const char *headers[3] = {"Content-Type: application/json", "Accept: application/json", key};
+    size_t nheaders = 2;
+    /* A key with a line break could add headers of its own: refused. */
+    if (idempotency_key && *idempotency_key && !strpbrk(idempotency_key, "\r\n") &&
+        strlen(idempotency_key) < sizeof key - 20) {
+        snprintf(key, sizeof key, "Idempotency-Key: %s", idempotency_key);
+        nheaders = 3;
+    }
     aq_http_request rq = {
         .method = AQ_HTTP_POST,
         .url = sk->http->url,
         .headers = headers,
-        .nheaders = AQ_ARRAY_LEN(headers),
+        .nheaders = nheaders,
         .body = text,
         .body_len = strlen(text),
         .max_response_bytes = HTTP_SKILL_MAX_BYTES,
@@ -725,7 +732,7 @@ static void run_http_skill(aq_skill_call *c, const struct skill *sk, json_t *arg
 
 aq_skill_call *aq_skills_call(aq_skills *s, const char *name, const char *args_json,
                               size_t args_len, const char *task_id, const char *user_id,
-                              aq_skill_cb cb, void *arg)
+                              const char *idempotency_key, aq_skill_cb cb, void *arg)
 {
     aq_skill_call *c = aq_xcalloc(1, sizeof *c);
     c->s = s;
@@ -748,7 +755,7 @@ aq_skill_call *aq_skills_call(aq_skills *s, const char *name, const char *args_j
     case SK_CALCULATOR: run_calculator(c, args); break;
     case SK_CURRENT_TIME: run_current_time(c, args); break;
     case SK_HTTP_GET: run_http_get(c, args); break;
-    case SK_HTTP: run_http_skill(c, sk, args, task_id, user_id); break;
+    case SK_HTTP: run_http_skill(c, sk, args, task_id, user_id, idempotency_key); break;
     }
     json_decref(args);
     return c;
