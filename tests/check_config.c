@@ -94,10 +94,13 @@ START_TEST(lists_and_prices)
     aq_config_price(&cfg, "other", &in, &out);
     ck_assert_double_eq(in, 0.15);
     /* The broker's default consumer_timeout here (2 h) leaves room for the
-     * longest task timeout (1 h); a 60 s one leaves 50 s. */
-    ck_assert_double_eq(aq_config_max_task_timeout(&cfg), 6480.0);
+     * longest task timeout (1 h) after a tenth for the claim and record and
+     * a fifth for waiting held; a 60 s one leaves 38 s. */
+    ck_assert_double_eq(aq_config_max_task_timeout(&cfg), 5040.0);
+    ck_assert_int_eq(aq_config_max_hold_ms(&cfg), 1440000);
     cfg.amqp_consumer_timeout_ms = 60000;
-    ck_assert_double_eq(aq_config_max_task_timeout(&cfg), 50.0);
+    ck_assert_double_eq(aq_config_max_task_timeout(&cfg), 38.0);
+    ck_assert_int_eq(aq_config_max_hold_ms(&cfg), 12000);
     long d[8];
     ck_assert_int_eq(aq_config_retry_delays(&cfg, d, 8), 4);
     ck_assert_int_eq(d[0], 5000);

@@ -826,6 +826,44 @@ START_TEST(capped_user_does_not_take_the_slots)
 }
 END_TEST
 
+/* A delivery held unstarted (its user may run nothing) goes back to its
+ * lane before it could reach the broker's consumer_timeout, which would
+ * close the channel under the whole prefetch; it still runs, once, when
+ * its user may run again. */
+START_TEST(held_delivery_goes_back_before_consumer_timeout)
+{
+    setup_env("heldlong", NULL);
+    char err[512];
+    ck_assert_msg(aq_test_pg_exec(E.dsn, "INSERT INTO agentq.users (user_id, max_inflight) VALUES ('paused', 0)", err,
+                                  sizeof err) == 0, "%s", err);
+    /* consumer_timeout 60 s: a delivery is held at most 12 s */
+    const char *short_timeout[] = {"AGENTQ_AMQP_CONSUMER_TIMEOUT_MS=60000", "AGENTQ_WORKER_LEASE_SECONDS=3", NULL};
+    aq_test_proc *w = start_worker("worker", short_timeout);
+    sleep(1);
+    const char *id = "6e2f4a10-3b5c-4d7e-8f90-a1b2c3d4e5f6";
+    publish_raw("{\"task_id\":\"6e2f4a10-3b5c-4d7e-8f90-a1b2c3d4e5f6\",\"user_id\":\"paused\","
+                "\"goal\":\"quick answer\",\"timeout_seconds\":20}",
+                NULL, 0, NULL);
+    char cmd[600];
+    snprintf(cmd, sizeof cmd, "grep -q 'back to its lane' '%s/worker.log'", E.logdir);
+    int found = 0;
+    for (int i = 0; i < 250 && !found; i++) {
+        found = WEXITSTATUS(system(cmd)) == 0;
+        if (!found) usleep(100 * 1000);
+    }
+    ck_assert_msg(found, "the held delivery was not sent back within 25 s");
+    assert_task(id, "status || ',' || (started_at IS NULL)", "queued,true");
+    ck_assert_msg(aq_test_pg_exec(E.dsn, "UPDATE agentq.users SET max_inflight = NULL", err, sizeof err) == 0, "%s",
+                  err);
+    wait_status(id, "completed", 15000, w, "worker");
+    assert_task(id, "attempt || ',' || failures", "1,0");
+    snprintf(cmd, sizeof cmd, "grep -q 'broker connection lost' '%s/worker.log'", E.logdir);
+    ck_assert_msg(WEXITSTATUS(system(cmd)) == 1, "the worker lost its broker connection");
+    aq_test_proc_free(w);
+    teardown_env();
+}
+END_TEST
+
 /* Seconds since the epoch, from this machine's clock (PostgreSQL's now()
  * reads the same one). */
 static double wall_now(void) { return (double)aq_now_us() / 1e6; }
@@ -1128,7 +1166,7 @@ int main(void)
                              cancel_stops_running_task, requeue_dead_letters,
                              fleet_rate_limit_shared_by_two_workers, user_cap_holds_fleet_wide,
                              burst_does_not_hold_back_late_users, user_settings_take_effect_while_running,
-                             capped_user_does_not_take_the_slots};
+                             capped_user_does_not_take_the_slots, held_delivery_goes_back_before_consumer_timeout};
     const TTest *errors[] = {malformed_and_invalid_rejected, producer_reports_bad_lines,
                              kill9_redelivers_and_completes_once,
                              broker_connection_loss_loses_nothing,

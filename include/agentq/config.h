@@ -138,8 +138,14 @@ int aq_config_retry_delays(const aq_config *cfg, long *ms, int max);
 
 /* The longest task timeout the broker's consumer_timeout lets a worker
  * finish: a delivery must be acked before consumer_timeout or the broker
- * closes the channel, and a task also waits for its claim and its record. */
+ * closes the channel, and a task also waits for its claim and its record,
+ * and may first wait held (aq_config_max_hold_ms). */
 double aq_config_max_task_timeout(const aq_config *cfg);
+
+/* How long a worker holds a delivery it has not started (its user at a
+ * cap, or every slot busy) before sending it back to its lane: a fifth of
+ * amqp.consumer_timeout_ms, so holding never runs into the broker's limit. */
+int64_t aq_config_max_hold_ms(const aq_config *cfg);
 
 /* The deliveries a worker holds at most: worker.concurrency running plus
  * the lookahead (worker.lookahead, or concurrency/4 and at least 8), the

@@ -45,6 +45,7 @@ typedef struct job {
     bool in_map;
     bool routing;          /* an ingress message on its way to a lane */
     aq_fairq_item *held;   /* waiting for a slot (or for its user's cap) */
+    int64_t held_since_us; /* when it was first held (mono) */
     bool active;           /* holds one of worker.concurrency slots */
     struct job *next_waiting; /* scratch list of wait_for_user() */
 } job;
@@ -584,6 +585,7 @@ static void hold(job *j)
         w->active--;
         aq_fairq_finished(w->held, j->task->user_id);
     }
+    if (!j->held_since_us) j->held_since_us = aq_mono_us();
     j->held = aq_fairq_push(w->held, j->task->user_id, j->task->priority, j);
 }
 
@@ -828,6 +830,33 @@ static void on_leases_renewed(void *arg, const char *const *lost, size_t n, int 
     }
 }
 
+static void collect_stale(void *value, void *arg)
+{
+    job **list = arg;
+    job *j = value;
+    if (aq_mono_us() - j->held_since_us < aq_config_max_hold_ms(j->w->cfg) * 1000) return;
+    j->next_waiting = *list;
+    *list = j;
+}
+
+/* Held deliveries that waited a fifth of the broker's consumer_timeout go
+ * back to their lane (the broker would close the channel on the whole
+ * prefetch once one passed it); whichever worker has room takes them. */
+static void return_stale_held(aq_worker *w)
+{
+    job *list = NULL;
+    aq_fairq_each(w->held, NULL, collect_stale, &list);
+    while (list) {
+        job *j = list;
+        list = j->next_waiting;
+        aq_log_task(AQ_LOG_INFO, j->task->task_id, j->task->user_id,
+                    "held %lld s without a start (a fifth of amqp.consumer_timeout_ms); back to its lane",
+                    (long long)((aq_mono_us() - j->held_since_us) / 1000000));
+        requeue(j);
+        job_free(j);
+    }
+}
+
 /* Every third of a lease: renew the leases of every task this process
  * holds (one statement), then sweep for running tasks nobody holds. */
 static void on_lease_tick(evutil_socket_t fd, short what, void *arg)
@@ -840,6 +869,7 @@ static void on_lease_tick(evutil_socket_t fd, short what, void *arg)
     if (aq_store_renew(w->store, l.ids, l.n, on_leases_renewed, w) != AQ_OK)
         aq_log(AQ_LOG_WARN, "store refused the lease renewal");
     free(l.ids);
+    return_stale_held(w);
     if (!w->draining && aq_consumer_connected(w->consumer) &&
         aq_store_sweep(w->store, SWEEP_LIMIT, (double)w->cfg->worker_lease_seconds * RESWEEP_LEASES, on_swept,
                        w) != AQ_OK)
