@@ -176,11 +176,13 @@ $$;
 -- Why p_user may not start a task now, or NULL if it may: its running
 -- tasks other than p_task reached its cap (agentq.users.max_inflight, else
 -- p_cap; <= 0 / NULL: none), or its finished tasks spent its daily budget.
--- The text names the setting. A cap takes one fleet-wide advisory lock,
+-- The text names the setting. Also the user's weight and over_budget
+-- (NULL: the fleet's), so a claim reads the user's row once. A cap takes one fleet-wide advisory lock,
 -- held to the end of the transaction, so two claims cannot both take the
 -- last slot (one lock for all users keeps batched claims free of
 -- deadlocks; it is taken only when a cap applies).
-CREATE FUNCTION agentq.user_hold(p_user text, p_task uuid, p_cap integer, OUT o_reason text, OUT o_budget boolean)
+CREATE FUNCTION agentq.user_hold(p_user text, p_task uuid, p_cap integer, OUT o_reason text, OUT o_budget boolean,
+                                 OUT o_weight integer, OUT o_over_budget text)
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
@@ -192,6 +194,8 @@ DECLARE
 BEGIN
     o_budget := false;
     SELECT * INTO u FROM agentq.users WHERE user_id = p_user;
+    o_weight := coalesce(u.weight, 1);
+    o_over_budget := u.over_budget;
     cap := coalesce(u.max_inflight, CASE WHEN p_cap > 0 THEN p_cap END);
     IF cap IS NOT NULL THEN
         PERFORM pg_advisory_xact_lock(hashtext('agentq.user_cap'));
@@ -222,13 +226,11 @@ BEGIN
 END
 $$;
 
--- 011's test, now reading agentq.users too (kept for callers of 011's name).
-CREATE OR REPLACE FUNCTION agentq.user_slot_free(p_user text, p_task uuid, p_cap integer)
-RETURNS boolean
-LANGUAGE sql VOLATILE
-AS $$
-    SELECT (agentq.user_hold(p_user, p_task, p_cap)).o_reason IS NULL
-$$;
+-- The claim below replaces 012's, and agentq.user_hold 011's cap test:
+-- nothing calls the old ones any more.
+DROP FUNCTION agentq.claim(uuid, text, text, integer, integer, double precision, double precision, text, bytea,
+                           boolean, bigint, bigint, text, text, integer, double precision, integer, integer);
+DROP FUNCTION agentq.user_slot_free(text, uuid, integer);
 
 -- The claim of 012, with the user's cap and budget from agentq.users
 -- (agentq.user_hold) and what to do over budget (p_over_budget: 'fail' or
@@ -307,8 +309,7 @@ BEGIN
     ELSE
         hold := agentq.user_hold(t.user_id, p_task, p_user_cap);
         IF hold.o_reason IS NOT NULL THEN
-            IF hold.o_budget AND coalesce((SELECT u.over_budget FROM agentq.users u
-                                            WHERE u.user_id = t.user_id), p_over_budget) = 'fail' THEN
+            IF hold.o_budget AND coalesce(hold.o_over_budget, p_over_budget) = 'fail' THEN
                 err := hold.o_reason || '; the task was not started';
                 o_status := 'budget_exceeded';
             ELSE
@@ -362,6 +363,6 @@ BEGIN
     RETURNING attempt, failures INTO o_attempt, o_failures;
     o_outcome := 'run';
     o_status := 'running';
-    o_weight := coalesce((SELECT u.weight FROM agentq.users u WHERE u.user_id = t.user_id), 1);
+    o_weight := hold.o_weight; -- set: a claim that runs got past agentq.user_hold
 END
 $$;

@@ -252,6 +252,27 @@ static void pump_for(int ms)
     }
 }
 
+/* Publishes n messages "{}" to `queue` (default exchange) and waits for
+ * their confirms. */
+static void publish_confirmed(const char *queue, int n)
+{
+    char err[256];
+    for (int k = 0; k < n; k++) {
+        aq_publish p = {"", queue, "{}", 2, NULL, 0, NULL, 0, NULL};
+        ck_assert_int_gt(aq_broker_publish(b, &p, NULL, err, sizeof err), 0);
+    }
+    int64_t nacked;
+    ck_assert_msg(aq_broker_wait_confirms(b, 5000, &nacked, err, sizeof err) == 0, "%s", err);
+}
+
+/* Hands every delivery of the broker to `r` (count_lane_delivery). */
+static void record_deliveries(lane_rec *r)
+{
+    memset(r, 0, sizeof *r);
+    aq_broker_events ev = {count_lane_delivery, NULL, r};
+    aq_broker_set_events(b, &ev);
+}
+
 /* The lanes a worker consumes share one prefetch: it never holds more
  * than that, and as slots free every lane with messages gets its turn, so
  * no lane's backlog shuts the others out. */
@@ -260,17 +281,10 @@ START_TEST(lanes_share_one_prefetch)
     char err[256], lane[128];
     for (int i = 0; i < 3; i++) {
         aq_broker_lane_queue(&cfg, i, lane, sizeof lane);
-        for (int k = 0; k < 20; k++) {
-            aq_publish p = {"", lane, "{}", 2, NULL, 0, NULL, 0, NULL};
-            ck_assert_int_gt(aq_broker_publish(b, &p, NULL, err, sizeof err), 0);
-        }
+        publish_confirmed(lane, 20);
     }
-    int64_t nacked;
-    ck_assert_msg(aq_broker_wait_confirms(b, 5000, &nacked, err, sizeof err) == 0, "%s", err);
     static lane_rec r;
-    memset(&r, 0, sizeof r);
-    aq_broker_events ev = {count_lane_delivery, NULL, &r};
-    aq_broker_set_events(b, &ev);
+    record_deliveries(&r);
     const char *queues[3];
     char names[3][128];
     for (int i = 0; i < 3; i++) {
@@ -308,16 +322,9 @@ START_TEST(acks_go_several_to_a_frame)
 {
     char err[256], q[160];
     snprintf(q, sizeof q, "%s", cfg.amqp_dead_queue);
-    for (int k = 0; k < 9; k++) {
-        aq_publish p = {"", q, "{}", 2, NULL, 0, NULL, 0, NULL};
-        ck_assert_int_gt(aq_broker_publish(b, &p, NULL, err, sizeof err), 0);
-    }
-    int64_t nacked;
-    ck_assert_msg(aq_broker_wait_confirms(b, 5000, &nacked, err, sizeof err) == 0, "%s", err);
+    publish_confirmed(q, 9);
     static lane_rec r;
-    memset(&r, 0, sizeof r);
-    aq_broker_events ev = {count_lane_delivery, NULL, &r};
-    aq_broker_set_events(b, &ev);
+    record_deliveries(&r);
     ck_assert_msg(aq_broker_consume(b, 6, q, 10, err, sizeof err) == 0, "%s", err);
     for (int t = 0; t < 200 && r.ntags < 9; t++) pump_for(5);
     ck_assert_int_eq(r.ntags, 9);

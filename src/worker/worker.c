@@ -47,7 +47,7 @@ typedef struct job {
     aq_fairq_item *held;   /* waiting for a slot (or for its user's cap) */
     int64_t held_since_us; /* when it was first held (mono) */
     bool active;           /* holds one of worker.concurrency slots */
-    struct job *next_waiting; /* scratch list of wait_for_user() */
+    struct job *next_waiting; /* scratch list (collect_job) */
 } job;
 
 struct aq_worker {
@@ -830,25 +830,18 @@ static void on_leases_renewed(void *arg, const char *const *lost, size_t n, int 
     }
 }
 
-static void collect_stale(void *value, void *arg)
-{
-    job **list = arg;
-    job *j = value;
-    if (aq_mono_us() - j->held_since_us < aq_config_max_hold_ms(j->w->cfg) * 1000) return;
-    j->next_waiting = *list;
-    *list = j;
-}
-
 /* Held deliveries that waited a fifth of the broker's consumer_timeout go
  * back to their lane (the broker would close the channel on the whole
  * prefetch once one passed it); whichever worker has room takes them. */
 static void return_stale_held(aq_worker *w)
 {
     job *list = NULL;
-    aq_fairq_each(w->held, NULL, collect_stale, &list);
+    aq_fairq_each(w->held, NULL, collect_job, &list);
+    int64_t oldest_ok = aq_mono_us() - aq_config_max_hold_ms(w->cfg) * 1000;
     while (list) {
         job *j = list;
         list = j->next_waiting;
+        if (j->held_since_us > oldest_ok) continue;
         aq_log_task(AQ_LOG_INFO, j->task->task_id, j->task->user_id,
                     "held %lld s without a start (a fifth of amqp.consumer_timeout_ms); back to its lane",
                     (long long)((aq_mono_us() - j->held_since_us) / 1000000));
