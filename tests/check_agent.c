@@ -209,6 +209,8 @@ typedef struct row {
     int64_t prompt_tokens, completion_tokens;
     double cost;
     char *detail;
+    char *message;     /* what the call added to the conversation, or NULL */
+    size_t message_len;
 } row;
 
 struct fx;
@@ -293,6 +295,13 @@ static void on_step(const aq_step_event *r, void *arg)
     w->completion_tokens = r->completion_tokens;
     w->cost = r->cost_usd;
     w->detail = r->detail ? strdup(r->detail) : NULL;
+    if (r->message) {
+        w->message = strndup(r->message, r->message_len);
+        w->message_len = r->message_len;
+        json_t *m = json_loadb(r->message, r->message_len, 0, NULL);
+        ck_assert_msg(m != NULL, "step message is not JSON: %.*s", (int)r->message_len, r->message);
+        json_decref(m);
+    }
     /* The store writes detail as jsonb: it must be JSON. */
     if (r->detail) {
         json_t *j = json_loads(r->detail, 0, NULL);
@@ -344,7 +353,7 @@ static void fx_start(fx *f)
     ck_assert_msg(f->skills != NULL, "aq_skills_new: %s", err);
     f->rl = aq_ratelimit_new(f->base, f->cfg.llm_requests_per_minute,
                              f->cfg.llm_tokens_per_minute);
-    aq_engine_deps deps = {&f->cfg, f->base, f->http, f->skills, f->rl, on_step, f};
+    aq_engine_deps deps = {&f->cfg, f->base, f->http, f->skills, f->rl, on_step, f, NULL};
     f->engine = aq_engine_new(&deps, err, sizeof err);
     ck_assert_msg(f->engine != NULL, "aq_engine_new: %s", err);
 }
@@ -366,7 +375,10 @@ static void fx_stop(fx *f)
     aq_mockllm_free(f->mock);
     srv_stop(f->srv);
     if (f->cancel_ev) event_free(f->cancel_ev);
-    for (size_t i = 0; i < f->nrows; i++) free(f->rows[i].detail);
+    for (size_t i = 0; i < f->nrows; i++) {
+        free(f->rows[i].detail);
+        free(f->rows[i].message);
+    }
     free(f->rows);
     aq_config_free(&f->cfg);
     event_base_free(f->base);
@@ -395,14 +407,27 @@ static void on_done(aq_session *s, const aq_session_result *res, void *arg)
     r->end_mono = aq_mono_us();
     snprintf(r->status, sizeof r->status, "%s", aq_status_name(res->status));
     r->retryable = res->retryable;
-    r->steps = res->steps;
-    r->prompt_tokens = res->prompt_tokens;
-    r->completion_tokens = res->completion_tokens;
-    r->cost = res->cost_usd;
+    r->steps = res->totals.steps;
+    r->prompt_tokens = res->totals.prompt_tokens;
+    r->completion_tokens = res->totals.completion_tokens;
+    r->cost = res->totals.cost_usd;
     r->result = res->result ? strdup(res->result) : NULL;
     r->error = res->error ? strdup(res->error) : NULL;
     fx *f = r->f;
     if (++f->ndone == f->want) event_base_loopbreak(f->base);
+}
+
+/* Starts attempt `attempt` of `body`, resuming from `past`. */
+static void start_resumed(fx *f, run *r, const char *body, int attempt, const aq_session_past *past)
+{
+    memset(r, 0, sizeof *r);
+    r->f = f;
+    r->task = make_task(f, body);
+    r->start_mono = aq_mono_us();
+    int64_t deadline_us = aq_now_us() + (int64_t)(r->task->timeout_seconds * 1e6);
+    r->s = aq_session_start(f->engine, r->task, attempt, deadline_us, past, on_done, r);
+    ck_assert_ptr_nonnull(r->s);
+    f->want++;
 }
 
 /* Starts a session of `body` with the task's own timeout. */
@@ -415,7 +440,7 @@ static void start_at(fx *f, run *r, const char *body, int attempt, int64_t deadl
     r->task = make_task(f, body);
     r->start_mono = aq_mono_us();
     if (!deadline_us) deadline_us = aq_now_us() + (int64_t)(r->task->timeout_seconds * 1e6);
-    r->s = aq_session_start(f->engine, r->task, attempt, deadline_us, on_done, r);
+    r->s = aq_session_start(f->engine, r->task, attempt, deadline_us, NULL, on_done, r);
     ck_assert_ptr_nonnull(r->s);
     ck_assert_int_eq(r->calls, 0); /* never from inside start */
     f->want++;
@@ -1109,7 +1134,7 @@ START_TEST(test_api_key)
     aq_engine_free(f.engine);
 
     setenv("CHECK_AGENT_KEY", "sk-wrong", 1);
-    aq_engine_deps deps = {&f.cfg, f.base, f.http, f.skills, f.rl, on_step, &f};
+    aq_engine_deps deps = {&f.cfg, f.base, f.http, f.skills, f.rl, on_step, &f, NULL};
     char err[256] = "";
     f.engine = aq_engine_new(&deps, err, sizeof err);
     ck_assert_ptr_nonnull(f.engine);
@@ -1272,6 +1297,260 @@ START_TEST(test_connection_refused_retried)
 }
 END_TEST
 
+/* ---- durable sessions ---------------------------------------------------- */
+
+/* The rows of `task_id` that carry a message, up to step `last` (and of
+ * step `last` + 1 its LLM reply and the first `extra_tools` results), as
+ * agentq.session_log would give them: what a crash after them leaves. */
+static aq_task_step *committed(const fx *f, const char *task_id, int last, int extra_tools, size_t *n)
+{
+    aq_task_step *v = calloc(f->nrows + 1, sizeof *v);
+    ck_assert_ptr_nonnull(v);
+    *n = 0;
+    int tools_of_next = 0;
+    for (size_t i = 0; i < f->nrows; i++) {
+        const row *w = &f->rows[i];
+        if (strcmp(w->task_id, task_id) || !w->message) continue;
+        bool tool = !strcmp(w->kind, "tool");
+        if (w->step > last + 1) continue;
+        if (w->step == last + 1 && tool && tools_of_next++ >= extra_tools) continue;
+        if (w->step == last + 1 && extra_tools < 0) continue;
+        v[(*n)++] = (aq_task_step){w->attempt, w->step, w->seq, tool, w->message, w->message_len,
+                                   w->prompt_tokens, w->completion_tokens, w->cost};
+    }
+    return v;
+}
+
+static uint64_t mock_requests(const fx *f) { return mock_stats(f).requests; }
+
+START_TEST(test_resume_after_committed_steps)
+{
+    fx f;
+    fx_start_default(&f);
+    const char *body = "{\"user_id\":\"u1\",\"goal\":\"steps=5\",\"max_steps\":10}";
+    run whole;
+    start(&f, &whole, body);
+    run_all(&f, 10000);
+    ck_assert_str_eq(whole.status, "completed");
+    ck_assert_int_eq(whole.steps, 6);
+    uint64_t calls_whole = mock_requests(&f);
+    ck_assert_uint_eq(calls_whole, 6);
+
+    /* The worker died after step 3 was committed: attempt 2 makes only the
+     * three calls left, and ends with the same answer, steps and cost as
+     * the run that was never interrupted. */
+    size_t n;
+    aq_task_step *rows = committed(&f, whole.task->task_id, 3, -1, &n);
+    ck_assert_uint_eq(n, 6); /* 3 replies, 3 results */
+    aq_session_past past = {rows, n, 1.5};
+    run again;
+    start_resumed(&f, &again, body, 2, &past);
+    run_all(&f, 10000);
+    ck_assert_str_eq(again.status, "completed");
+    ck_assert_uint_eq(mock_requests(&f) - calls_whole, 3);
+    ck_assert_int_eq(again.steps, whole.steps);
+    ck_assert_int_eq(again.prompt_tokens, whole.prompt_tokens);
+    ck_assert_int_eq(again.completion_tokens, whole.completion_tokens);
+    assert_close(again.cost, whole.cost, "cost over attempts");
+    ck_assert_str_eq(again.result, whole.result);
+    free(rows);
+    run_free(&again);
+
+    /* Died in step 4 with its reply committed but not its tool result: no
+     * LLM call for step 4, its tool runs again, then steps 5 and 6. */
+    uint64_t before = mock_requests(&f);
+    size_t tools_before = count_rows(&f, NULL, "tool", "ok");
+    rows = committed(&f, whole.task->task_id, 3, 0, &n);
+    ck_assert_uint_eq(n, 7);
+    past = (aq_session_past){rows, n, 0};
+    start_resumed(&f, &again, body, 3, &past);
+    run_all(&f, 10000);
+    ck_assert_str_eq(again.status, "completed");
+    ck_assert_uint_eq(mock_requests(&f) - before, 2);
+    ck_assert_uint_eq(count_rows(&f, NULL, "tool", "ok") - tools_before, 2); /* step 4's again, step 5's */
+    ck_assert_int_eq(again.steps, 6);
+    assert_close(again.cost, whole.cost, "cost over attempts");
+    free(rows);
+    run_free(&again);
+
+    /* The final answer was committed, only the status write was lost: it
+     * completes with no call at all. */
+    before = mock_requests(&f);
+    rows = committed(&f, whole.task->task_id, 6, -1, &n);
+    past = (aq_session_past){rows, n, 0};
+    start_resumed(&f, &again, body, 4, &past);
+    run_all(&f, 10000);
+    ck_assert_str_eq(again.status, "completed");
+    ck_assert_uint_eq(mock_requests(&f), before);
+    ck_assert_str_eq(again.result, whole.result);
+    free(rows);
+    run_free(&again);
+    run_free(&whole);
+    fx_stop(&f);
+}
+END_TEST
+
+START_TEST(test_resume_budgets_span_attempts)
+{
+    fx f;
+    fx_start_default(&f);
+    run whole;
+    start(&f, &whole, "{\"user_id\":\"u1\",\"goal\":\"loop\",\"max_steps\":6}");
+    run_all(&f, 10000);
+    ck_assert_str_eq(whole.status, "max_steps");
+    size_t n;
+    aq_task_step *rows = committed(&f, whole.task->task_id, 4, -1, &n);
+    /* max_steps counts the earlier attempt's 4: two calls are left */
+    uint64_t before = mock_requests(&f);
+    aq_session_past past = {rows, n, 0};
+    run again;
+    start_resumed(&f, &again, "{\"user_id\":\"u1\",\"goal\":\"loop\",\"max_steps\":6}", 2, &past);
+    run_all(&f, 10000);
+    assert_outcome(&again, "max_steps", false, 6);
+    ck_assert_uint_eq(mock_requests(&f) - before, 2);
+    run_free(&again);
+    free(rows);
+    run_free(&whole);
+    fx_stop(&f);
+}
+END_TEST
+
+START_TEST(test_resume_refuses_broken_rows)
+{
+    fx f;
+    fx_start_default(&f);
+    const char *body = "{\"user_id\":\"u1\",\"goal\":\"steps=4\"}";
+    run whole;
+    start(&f, &whole, body);
+    run_all(&f, 10000);
+    ck_assert_str_eq(whole.status, "completed");
+    size_t n;
+    aq_task_step *rows = committed(&f, whole.task->task_id, 3, -1, &n);
+    ck_assert_uint_eq(n, 6);
+    uint64_t before = mock_requests(&f);
+    struct {
+        size_t drop;          /* the row left out, or n */
+        char *message;        /* replaces row 2's message, or NULL */
+        const char *error;
+    } cases[] = {
+        {2, NULL, "step 2 has tool results but no committed LLM reply"}, /* step 2's reply gone */
+        {n, "{\"role\":\"assistant\",\"tool_calls\":7}", "step 2: its stored LLM reply does not parse"},
+        {3, NULL, "step 2: 1 of its tool calls have no committed result, yet step 3 follows"},
+    };
+    for (size_t c = 0; c < AQ_ARRAY_LEN(cases); c++) {
+        aq_task_step v[8];
+        size_t k = 0;
+        for (size_t i = 0; i < n; i++) {
+            if (i == cases[c].drop) continue;
+            v[k] = rows[i];
+            if (i == 2 && cases[c].message) {
+                v[k].message = cases[c].message;
+                v[k].message_len = strlen(cases[c].message);
+            }
+            k++;
+        }
+        aq_session_past past = {v, k, 0};
+        run again;
+        start_resumed(&f, &again, body, 2, &past);
+        run_all(&f, 10000);
+        assert_outcome(&again, "failed", false, again.steps);
+        ck_assert_msg(strstr(again.error, cases[c].error), "case %zu: %s", c, again.error);
+        ck_assert_msg(strstr(again.error, "cannot resume"), "%s", again.error);
+        run_free(&again);
+    }
+    ck_assert_uint_eq(mock_requests(&f), before); /* none of them called the provider */
+    free(rows);
+    run_free(&whole);
+    fx_stop(&f);
+}
+END_TEST
+
+START_TEST(test_resume_applies_history_cap)
+{
+    enum { CAP = 2048 };
+    fx f;
+    aq_mockllm_config mc = mock_defaults();
+    fx_init(&f, &mc);
+    set(&f.cfg, "agent.max_context_bytes", "2048");
+    fx_start(&f);
+    const char *body = "{\"user_id\":\"u1\",\"goal\":\"loop tool=big\",\"max_steps\":12}";
+    run whole;
+    start(&f, &whole, body);
+    run_all(&f, 20000);
+    ck_assert_str_eq(whole.status, "max_steps");
+    size_t n, first = f.nrows;
+    /* ten steps of 12 KB results each, rebuilt under a 2 KB cap */
+    aq_task_step *rows = committed(&f, whole.task->task_id, 10, -1, &n);
+    aq_session_past past = {rows, n, 0};
+    run again;
+    start_resumed(&f, &again, body, 2, &past);
+    run_all(&f, 20000);
+    assert_outcome(&again, "max_steps", false, 12);
+    size_t llm = 0;
+    for (size_t i = first; i < f.nrows; i++) {
+        row *w = &f.rows[i];
+        if (strcmp(w->kind, "llm")) continue;
+        llm++;
+        ck_assert_msg(w->prompt_tokens * 4 <= CAP + 512, "a resumed request carried %lld bytes (cap %d)",
+                      (long long)w->prompt_tokens * 4, CAP);
+    }
+    ck_assert_uint_eq(llm, 2);
+    free(rows);
+    run_free(&again);
+    run_free(&whole);
+    fx_stop(&f);
+}
+END_TEST
+
+START_TEST(test_ask_human_waits_then_resumes)
+{
+    fx f;
+    fx_start_default(&f);
+    const char *body = "{\"user_id\":\"u1\",\"goal\":\"steps=1 tool=ask_human\","
+                       "\"skills\":[\"calculator\",\"ask_human\"]}";
+    run r;
+    start(&f, &r, body);
+    run_all(&f, 10000);
+    /* it asked, and waits without a result for the call */
+    ck_assert_str_eq(r.status, "waiting");
+    ck_assert_int_eq(r.steps, 1);
+    ck_assert_uint_eq(count_rows(&f, NULL, "tool", "waiting"), 1);
+    ck_assert_ptr_null(f.rows[f.nrows - 1].message);
+    ck_assert_str_eq(f.rows[f.nrows - 1].name, "ask_human");
+    /* The answer becomes the call's result (what agentq.answer writes):
+     * the next attempt resumes with it and finishes. */
+    size_t n;
+    aq_task_step *rows = committed(&f, r.task->task_id, 0, 0, &n);
+    ck_assert_uint_eq(n, 1);
+    json_t *d = json_loads(f.rows[f.nrows - 1].detail, 0, NULL);
+    char *answer = json_dumps(json_pack("{s:s, s:s, s:s, s:s}", "role", "tool", "tool_call_id",
+                                        json_string_value(json_object_get(d, "tool_call_id")), "name",
+                                        "ask_human", "content", "blue"),
+                              JSON_COMPACT);
+    json_decref(d);
+    aq_task_step v[2] = {rows[0], {1, 1, 1, true, answer, strlen(answer), 0, 0, 0}};
+    aq_session_past past = {v, 2, 0};
+    uint64_t before = mock_requests(&f);
+    run again;
+    start_resumed(&f, &again, body, 2, &past);
+    run_all(&f, 10000);
+    ck_assert_str_eq(again.status, "completed");
+    ck_assert_uint_eq(mock_requests(&f) - before, 1);
+    ck_assert_msg(strstr(again.result, "blue"), "the model saw the answer: %s", again.result);
+    free(answer);
+    free(rows);
+    run_free(&again);
+    run_free(&r);
+
+    /* Not listed in the task's skills: never offered, and refused if called. */
+    start(&f, &r, "{\"user_id\":\"u1\",\"goal\":\"steps=1 tool=ask_human\"}");
+    run_all(&f, 10000);
+    ck_assert_str_eq(r.status, "completed");
+    run_free(&r);
+    fx_stop(&f);
+}
+END_TEST
+
 static Suite *agent_suite(void)
 {
     const TTest *core[] = {test_completed, test_parallel_tools, test_calculator_verified,
@@ -1281,7 +1560,11 @@ static Suite *agent_suite(void)
     const TTest *errors[] = {test_rate_limited, test_server_errors_exhausted, test_client_error,
                              test_api_key, test_key_echo_masked, test_skill_subset,
                              test_connection_refused_retried};
+    const TTest *durable[] = {test_resume_after_committed_steps, test_resume_budgets_span_attempts,
+                              test_resume_refuses_broken_rows, test_resume_applies_history_cap,
+                              test_ask_human_waits_then_resumes};
     const aq_tcase_spec tcases[] = {
+        {.name = "durable", .tests = durable, .n_tests = AQ_ARRAY_LEN(durable), .timeout_s = 60},
         {.name = "core", .tests = core, .n_tests = AQ_ARRAY_LEN(core), .timeout_s = 30},
         {.name = "limits", .tests = limits, .n_tests = AQ_ARRAY_LEN(limits), .timeout_s = 60},
         {.name = "errors", .tests = errors, .n_tests = AQ_ARRAY_LEN(errors), .timeout_s = 30,

@@ -93,13 +93,18 @@ START_TEST(lists_and_prices)
     ck_assert_double_eq(out, 15.0);
     aq_config_price(&cfg, "other", &in, &out);
     ck_assert_double_eq(in, 0.15);
-    /* The broker's default consumer_timeout here (2 h) leaves room for the
-     * longest task timeout (1 h) after a tenth for the claim and record and
-     * a fifth for waiting held; a 60 s one leaves 38 s. */
-    ck_assert_double_eq(aq_config_max_task_timeout(&cfg), 5040.0);
+    /* A session hands itself over at half the broker's consumer_timeout
+     * (2 h here), and is stopped at the latest a tenth (at least 10 s)
+     * plus the longest hold (a fifth) before the broker would act. */
+    int64_t soft, hard;
+    aq_config_handover_ms(&cfg, &soft, &hard);
+    ck_assert_int_eq(soft, 3600000);
+    ck_assert_int_eq(hard, 5040000);
     ck_assert_int_eq(aq_config_max_hold_ms(&cfg), 1440000);
     cfg.amqp_consumer_timeout_ms = 60000;
-    ck_assert_double_eq(aq_config_max_task_timeout(&cfg), 38.0);
+    aq_config_handover_ms(&cfg, &soft, &hard);
+    ck_assert_int_eq(soft, 30000);
+    ck_assert_int_eq(hard, 38000);
     ck_assert_int_eq(aq_config_max_hold_ms(&cfg), 12000);
     long d[8];
     ck_assert_int_eq(aq_config_retry_delays(&cfg, d, 8), 4);

@@ -579,6 +579,19 @@ START_TEST(test_stats_and_healthz)
     ck_assert_int_eq(stat_of(st, "completion_tokens"), ct);
     json_decref(st);
 
+    /* GET /calls: requests per goal, what a test of resumed tasks counts */
+    char calls[128];
+    snprintf(calls, sizeof calls, "http://127.0.0.1:%d/calls", s.port);
+    r = http_do(calls, NULL, NULL, NULL, 0);
+    ck_assert_int_eq(r.code, 200);
+    json_t *per_goal = body_json(&r);
+    resp_free(&r);
+    ck_assert_int_eq(json_object_size(per_goal), 2);
+    ck_assert_int_eq(json_integer_value(json_object_get(per_goal, "hi")), 2);
+    ck_assert_int_eq(json_integer_value(json_object_get(per_goal, "a longer goal to make more prompt tokens here")),
+                     1);
+    json_decref(per_goal);
+
     aq_mockllm_stats api;
     srv_stop(&s, &api);
     ck_assert_int_eq(api.requests, 4);

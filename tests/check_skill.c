@@ -426,8 +426,10 @@ START_TEST(test_tools_json)
 {
     struct fx f;
     fx_start(&f, "");
-    ck_assert_str_eq(aq_skills_names(f.skills), "calculator,http_get,current_time,weather");
+    /* ask_human is in every set, but offered only to a task that lists it */
+    ck_assert_str_eq(aq_skills_names(f.skills), "calculator,http_get,current_time,weather,ask_human");
     ck_assert(aq_skills_has(f.skills, "weather"));
+    ck_assert(aq_skills_has(f.skills, "ask_human"));
     ck_assert(!aq_skills_has(f.skills, "shell"));
 
     json_error_t je;
@@ -909,7 +911,7 @@ START_TEST(test_config_errors)
     set(&cfg, "skills.enabled", "");
     aq_skills *s = build(&cfg, base, NULL, err, sizeof err);
     ck_assert_msg(s != NULL, "%s", err);
-    ck_assert_str_eq(aq_skills_names(s), "");
+    ck_assert_str_eq(aq_skills_names(s), "ask_human");
     ck_assert_str_eq(aq_skills_tools_json(s), "[]");
     aq_skills_free(s);
     aq_config_free(&cfg);

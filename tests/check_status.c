@@ -8,8 +8,8 @@
 
 START_TEST(names_round_trip_and_finals_are_the_contracts)
 {
-    /* docs/contract.md: not final queued, running, retrying; the rest final. */
-    static const char *const open[] = {"queued", "running", "retrying"};
+    /* docs/contract.md: not final queued, running, retrying, waiting; the rest final. */
+    static const char *const open[] = {"queued", "running", "retrying", "waiting"};
     static const char *const finals[] = {"completed", "failed", "timeout", "budget_exceeded",
                                          "max_steps", "cancelled", "expired", "rejected"};
     int seen = 0;

@@ -300,10 +300,14 @@ static const struct bound_case {
     {"budget_usd", "1000", 1000.0, NULL},
     {"budget_usd", "-0.01", 0, "budget_usd: must be a number >= 0 (got -0.01)"},
     {"budget_usd", "-1", 0, "(got -1)"},
-    {"timeout_seconds", "3600", 3600.0, NULL},
+    {"timeout_seconds", "86400", 86400.0, NULL},
     {"timeout_seconds", "0.001", 0.001, NULL},
-    {"timeout_seconds", "0", 0, "timeout_seconds: must be a number > 0 and <= 3600 (got 0)"},
-    {"timeout_seconds", "3600.5", 0, "(got 3600.5)"},
+    {"timeout_seconds", "0", 0, "timeout_seconds: must be a number > 0 and <= 86400 (got 0)"},
+    {"timeout_seconds", "86400.5", 0, "(got 86400.5)"},
+    {"wait_timeout_seconds", "60", 60.0, NULL},
+    {"wait_timeout_seconds", "2592000", 2592000.0, NULL},
+    {"wait_timeout_seconds", "0", 0, "wait_timeout_seconds: must be a number > 0 and <= 2.592e+06 (got 0)"},
+    {"wait_timeout_seconds", "2592001", 0, "(got 2592001)"},
     {"timeout_seconds", "-1.0", 0, "(got -1.0)"},
 };
 
@@ -311,6 +315,7 @@ static double number_field(const aq_task *t, const char *field)
 {
     if (!strcmp(field, "max_steps")) return t->max_steps;
     if (!strcmp(field, "budget_usd")) return t->budget_usd;
+    if (!strcmp(field, "wait_timeout_seconds")) return t->wait_timeout_seconds;
     ck_assert_str_eq(field, "timeout_seconds");
     return t->timeout_seconds;
 }
@@ -337,6 +342,15 @@ static void check_bounds(const char *field)
     }
     ck_assert_uint_gt(rows, 0);
 }
+
+START_TEST(test_wait_timeout_bounds)
+{
+    check_bounds("wait_timeout_seconds");
+    aq_task *t = parse_ok("{\"user_id\":\"u\",\"goal\":\"g\"}");
+    ck_assert_double_eq(t->wait_timeout_seconds, AQ_TASK_WAIT_TIMEOUT_DEFAULT); /* a day */
+    aq_task_free(t);
+}
+END_TEST
 
 START_TEST(test_max_steps_bounds)
 {
@@ -467,7 +481,7 @@ START_TEST(test_type_errors)
         {"max_steps", "1e1", "max_steps: must be an integer from 1 to 100 (got 10.0)"},
         {"max_steps", "true", "max_steps: must be an integer from 1 to 100 (got boolean)"},
         {"budget_usd", "\"1\"", "budget_usd: must be a number >= 0 (got string)"},
-        {"timeout_seconds", "null", "timeout_seconds: must be a number > 0 and <= 3600 (got null)"},
+        {"timeout_seconds", "null", "timeout_seconds: must be a number > 0 and <= 86400 (got null)"},
         {"skills", "\"calculator\"", "skills: must be an array of skill names (got string)"},
         {"skills", "[\"weather\",1]", "skills[1]: must be a skill name string (got number)"},
         {"skills", "[{}]", "skills[0]: must be a skill name string (got object)"},
@@ -655,34 +669,13 @@ START_TEST(test_null_error_buffer)
 }
 END_TEST
 
-START_TEST(test_timeout_bound_by_broker)
-{
-    /* A broker whose consumer_timeout allows only 30 s of work. */
-    aq_task_limits lim = LIM;
-    lim.max_timeout_seconds = 30;
-    aq_task *t = NULL;
-    aq_task_error e;
-    const char *ok = "{\"user_id\":\"u\",\"goal\":\"g\",\"timeout_seconds\":30}";
-    ck_assert_int_eq(aq_task_parse(ok, strlen(ok), NULL, &lim, &t, &e), AQ_OK);
-    aq_task_free(t);
-    const char *over = "{\"user_id\":\"u\",\"goal\":\"g\",\"timeout_seconds\":31}";
-    ck_assert_int_eq(aq_task_parse(over, strlen(over), NULL, &lim, &t, &e), AQ_EINVAL);
-    ck_assert_str_eq(e.field, "timeout_seconds");
-    ck_assert_msg(strstr(e.message, "consumer_timeout"), "%s", e.message);
-    /* The default (60 s) does not fit either: said so, not silently cut. */
-    const char *dflt = "{\"user_id\":\"u\",\"goal\":\"g\"}";
-    ck_assert_int_eq(aq_task_parse(dflt, strlen(dflt), NULL, &lim, &t, &e), AQ_EINVAL);
-    ck_assert_msg(strstr(e.message, "the default 60"), "%s", e.message);
-}
-END_TEST
-
 static Suite *task_suite(void)
 {
     const TTest *core[] = {test_defaults, test_all_fields, test_task_id_sources, test_props,
                            test_round_trip, test_from_json_copies_metadata,
                            test_body_not_nul_terminated, test_unchecked_names, test_uuid};
     const TTest *limits[] = {test_max_steps_bounds, test_budget_bounds, test_timeout_bounds,
-                             test_timeout_bound_by_broker, test_user_id_bounds, test_goal_bounds,
+                             test_wait_timeout_bounds, test_user_id_bounds, test_goal_bounds,
                              test_skills_bounds, test_priority_clamp, test_expiration_bounds};
     const TTest *errors[] = {test_type_errors, test_bad_task_id, test_missing_fields,
                              test_unknown_field, test_not_json, test_top_level_not_object,

@@ -1020,9 +1020,11 @@ START_TEST(duplicate_then_owner_killed_completes_once)
     aq_test_proc_signal(a, SIGKILL);
     aq_test_proc_wait(a, 5000);
     wait_status(id, "completed", 20000, b, "worker-b");
-    assert_pg("wb,2,1,0", "SELECT concat_ws(',', worker_id, attempt, interruptions, failures) FROM agentq.tasks"
-              " WHERE task_id = '%s'", id);
-    assert_pg("2", "SELECT count(*) FROM agentq.steps WHERE task_id = '%s' AND attempt = 2 AND kind = 'llm'", id);
+    assert_pg("wb,2,1,0,2", "SELECT concat_ws(',', worker_id, attempt, interruptions, failures, steps)"
+              " FROM agentq.tasks WHERE task_id = '%s'", id);
+    /* attempt 2 went on from what attempt 1 committed: each step's reply once */
+    assert_pg("1,2", "SELECT string_agg(step::text, ',' ORDER BY step) FROM agentq.steps WHERE task_id = '%s'"
+              " AND kind = 'llm' AND status = 'ok'", id);
     aq_test_proc_signal(b, SIGTERM);
     ck_assert_int_eq(aq_test_proc_wait(b, 10000), 0);
     ck_assert_int_eq(tasks_left(), 0);
@@ -1157,6 +1159,214 @@ START_TEST(sigterm_with_an_unreachable_database_exits_in_time)
 }
 END_TEST
 
+/* ---- durable sessions ---------------------------------------------------- */
+
+/* Chat requests the mock got for `goal` (GET /calls): what the task paid. */
+static long mock_calls(const char *goal)
+{
+    char buf[1 << 16];
+    ck_assert_int_eq(http_get(E.mock_port, "/calls", buf, sizeof buf), 200);
+    json_t *o = json_loads(buf, 0, NULL);
+    ck_assert_ptr_nonnull(o);
+    long n = (long)json_integer_value(json_object_get(o, goal));
+    json_decref(o);
+    return n;
+}
+
+/* Every task of the test completed with `steps` steps, each step's LLM
+ * reply recorded once over all its attempts, and its totals the sum of
+ * those replies: cost and steps as an uninterrupted run's. */
+static void assert_each_step_paid_once(int ntasks, int steps)
+{
+    char want[64];
+    snprintf(want, sizeof want, "%d", ntasks);
+    assert_pg(want, "SELECT count(*) FROM agentq.tasks WHERE status = 'completed' AND steps = %d", steps);
+    assert_pg("0", "SELECT count(*) FROM (SELECT task_id, step FROM agentq.steps WHERE kind = 'llm' AND status = 'ok'"
+              " GROUP BY 1, 2 HAVING count(*) > 1) twice");
+    assert_pg("0", "SELECT count(*) FROM agentq.tasks t WHERE cost_usd::float8 <> (SELECT round(sum(cost_usd), 8)::float8"
+              " FROM agentq.steps s WHERE s.task_id = t.task_id AND kind = 'llm' AND status = 'ok')"
+              " OR prompt_tokens <> (SELECT sum(prompt_tokens) FROM agentq.steps s WHERE s.task_id = t.task_id"
+              " AND kind = 'llm' AND status = 'ok')");
+}
+
+/* Tasks of 6 LLM calls, killed at step 3: the next attempt goes on from
+ * the committed steps, and no task paid for more than one call twice. */
+START_TEST(kill9_mid_task_resumes_at_the_last_committed_step)
+{
+    const char *mock[] = {"--latency-ms", "700", NULL};
+    setup_env("resume9", mock);
+    aq_test_proc *a = start_worker("worker-a", NULL);
+    char file[300];
+    snprintf(file, sizeof file, "%s/tasks.jsonl", E.logdir);
+    FILE *f = fopen(file, "w");
+    for (int i = 0; i < 4; i++) fprintf(f, "{\"user_id\":\"u%d\",\"goal\":\"steps=5 resume %d\"}\n", i, i);
+    fclose(f);
+    const char *args[] = {"--file", file, NULL};
+    ck_assert_int_eq(produce(args, NULL), 0);
+    /* live progress: the rows count steps while the tasks run */
+    ck_assert_msg(aq_test_pg_wait_value(E.dsn, "SELECT count(*) FROM agentq.tasks WHERE status = 'running'"
+                                               " AND steps >= 3", "4", 20000),
+                  "the running rows did not show 3 steps");
+    aq_test_proc_signal(a, SIGKILL);
+    aq_test_proc_wait(a, 5000);
+    aq_test_proc *b = start_worker("worker-b", NULL);
+    ck_assert(aq_test_pg_wait_value(E.dsn, "SELECT count(*) FROM agentq.tasks WHERE status = 'completed'", "4", 30000));
+    for (int i = 0; i < 4; i++) {
+        char goal[64];
+        snprintf(goal, sizeof goal, "steps=5 resume %d", i);
+        long calls = mock_calls(goal);
+        ck_assert_msg(calls >= 6 && calls <= 7, "%s: %ld LLM calls (6 without the crash)", goal, calls);
+    }
+    assert_each_step_paid_once(4, 6);
+    assert_pg("4", "SELECT count(*) FROM agentq.tasks WHERE attempt = 2 AND interruptions = 1 AND failures = 0");
+    aq_test_proc_free(a);
+    aq_test_proc_free(b);
+    teardown_env();
+}
+END_TEST
+
+/* A drain that runs out, and a retry after a provider's 5xx: both go on
+ * from the committed steps. */
+START_TEST(drained_and_retried_tasks_resume)
+{
+    const char *mock[] = {"--latency-ms", "600", NULL};
+    setup_env("resumedrain", mock);
+    const char *short_drain[] = {"AGENTQ_WORKER_DRAIN_SECONDS=1", NULL};
+    aq_test_proc *w = start_worker("worker", short_drain);
+    char id[40];
+    const char *one[] = {"--user", "d", "--goal", "steps=5 drained", NULL};
+    ck_assert_int_eq(produce(one, id), 0);
+    char sql[256];
+    snprintf(sql, sizeof sql, "SELECT steps >= 3 FROM agentq.tasks WHERE task_id = '%s'", id);
+    ck_assert(aq_test_pg_wait_value(E.dsn, sql, "t", 20000));
+    aq_test_proc_signal(w, SIGTERM);
+    ck_assert_int_eq(aq_test_proc_wait(w, 10000), 0);
+    assert_task(id, "status", "queued");
+    aq_test_proc_free(w);
+    w = start_worker("worker-2", NULL);
+    wait_status(id, "completed", 20000, w, "worker-2");
+    long calls = mock_calls("steps=5 drained");
+    ck_assert_msg(calls >= 6 && calls <= 7, "drained: %ld LLM calls", calls);
+
+    /* 5xx to everything for a while: the attempt fails (llm.max_retries 0)
+     * and its retry, a second later, goes on from step 3. */
+    const char *two[] = {"--user", "r", "--goal", "steps=5 retried", NULL};
+    ck_assert_int_eq(produce(two, id), 0);
+    snprintf(sql, sizeof sql, "SELECT steps >= 3 FROM agentq.tasks WHERE task_id = '%s'", id);
+    ck_assert(aq_test_pg_wait_value(E.dsn, sql, "t", 20000));
+    char body[64];
+    snprintf(body, sizeof body, "{\"fail_rate\": 1}");
+    char cmd[512];
+    snprintf(cmd, sizeof cmd, "curl -s -o /dev/null -d '%s' http://127.0.0.1:%d/control", body, E.mock_port);
+    ck_assert_int_eq(system(cmd), 0);
+    snprintf(sql, sizeof sql, "SELECT status FROM agentq.tasks WHERE task_id = '%s'", id);
+    ck_assert(aq_test_pg_wait_value(E.dsn, sql, "retrying", 10000));
+    snprintf(cmd, sizeof cmd, "curl -s -o /dev/null -d '{}' http://127.0.0.1:%d/control", E.mock_port);
+    ck_assert_int_eq(system(cmd), 0);
+    wait_status(id, "completed", 20000, w, "worker-2");
+    assert_task(id, "attempt || ',' || failures || ',' || steps", "2,1,6");
+    assert_each_step_paid_once(2, 6);
+    aq_test_proc_free(w);
+    teardown_env();
+}
+END_TEST
+
+/* ask_human: the task waits without a slot, is answered through SQL and
+ * through agentqctl, resumes with the answer; a waiting task can be
+ * cancelled, and one nobody answers expires. */
+START_TEST(ask_human_waits_and_resumes_with_the_answer)
+{
+    const char *mock[] = {"--latency-ms", "100", NULL};
+    setup_env("askhuman", mock);
+    const char *one_slot[] = {"AGENTQ_WORKER_CONCURRENCY=1", "AGENTQ_WORKER_LEASE_SECONDS=3", NULL};
+    aq_test_proc *w = start_worker("worker", one_slot);
+    const char *ids[] = {"0b7c1a52-6d3e-4f80-9a1b-2c3d4e5f6071", "0b7c1a52-6d3e-4f80-9a1b-2c3d4e5f6072",
+                         "0b7c1a52-6d3e-4f80-9a1b-2c3d4e5f6073", "0b7c1a52-6d3e-4f80-9a1b-2c3d4e5f6074"};
+    const char *extra[] = {"", "", "", ",\"wait_timeout_seconds\":1"};
+    for (int i = 0; i < 4; i++) {
+        char body[400];
+        snprintf(body, sizeof body,
+                 "{\"task_id\":\"%s\",\"user_id\":\"h\",\"goal\":\"steps=1 tool=ask_human ask %d\","
+                 "\"skills\":[\"ask_human\",\"calculator\"]%s}", ids[i], i, extra[i]);
+        publish_raw(body, NULL, 0, NULL);
+    }
+    /* one slot, four questions: each frees the slot for the next */
+    for (int i = 0; i < 3; i++) wait_status(ids[i], "waiting", 15000, w, "worker");
+    assert_task(ids[0], "question || ',' || (wait_until > now() + interval '23 hours')", "mock input,true");
+    assert_pg("3", "SELECT count(*) FROM agentq.steps WHERE kind = 'tool' AND name = 'ask_human' AND status = 'waiting'"
+              " AND task_id <> '%s'", ids[3]);
+    /* the one with a 1 s wait expires at the next sweep */
+    wait_status(ids[3], "expired", 15000, w, "worker");
+    assert_task(ids[3], "error LIKE '%wait_timeout_seconds%'", "t");
+    assert_pg("expired", "SELECT reason FROM agentq.dead_letters WHERE task_id = '%s'", ids[3]);
+
+    /* answered through SQL, as an application would */
+    char sql[300], err[512];
+    snprintf(sql, sizeof sql, "SELECT agentq.answer('%s', 'blue')", ids[0]);
+    ck_assert_msg(aq_test_pg_exec(E.dsn, sql, err, sizeof err) == 0, "%s", err);
+    wait_status(ids[0], "completed", 15000, w, "worker");
+    assert_task(ids[0], "attempt || ',' || steps || ',' || (result LIKE '%blue%')", "2,2,true");
+    /* a second answer is refused, naming the status */
+    ck_assert(aq_test_pg_exec(E.dsn, sql, err, sizeof err) != 0);
+    ck_assert_msg(strstr(err, "is completed, not waiting"), "%s", err);
+    snprintf(sql, sizeof sql, "SELECT agentq.answer('0b7c1a52-6d3e-4f80-9a1b-2c3d4e5f6079', 'x')");
+    ck_assert(aq_test_pg_exec(E.dsn, sql, err, sizeof err) != 0);
+    ck_assert_msg(strstr(err, "no task"), "%s", err);
+
+    /* answered through agentqctl */
+    const char *answer[] = {"answer", ids[1], "green", NULL};
+    ck_assert_int_eq(ctl(answer), 0);
+    wait_status(ids[1], "completed", 15000, w, "worker");
+    assert_task(ids[1], "result LIKE '%green%'", "t");
+    ck_assert_int_eq(ctl(answer), 1); /* not waiting any more */
+
+    /* cancelled while waiting */
+    const char *cancel[] = {"cancel", ids[2], NULL};
+    ck_assert_int_eq(ctl(cancel), 0);
+    wait_status(ids[2], "cancelled", 15000, w, "worker");
+    assert_task(ids[2], "error", "cancelled while waiting for an answer");
+    aq_test_proc_free(w);
+    teardown_env();
+}
+END_TEST
+
+/* The broker's consumer_timeout set to 60 s, and a task of ~70 s: the
+ * session hands itself over to a new delivery twice and completes, each
+ * step paid once, and the channel is never closed under it. */
+START_TEST(long_task_hands_itself_over_before_consumer_timeout)
+{
+    const char *mock[] = {"--latency-ms", "1000", NULL};
+    setup_env("handover", mock);
+    char cmd[600];
+    const char *ctl_bin = aq_test_env_require("AGENTQ_TEST_RABBITMQCTL");
+    snprintf(cmd, sizeof cmd, "'%s' -q eval 'application:set_env(rabbit, consumer_timeout, 60000).' >/dev/null",
+             ctl_bin);
+    ck_assert_int_eq(system(cmd), 0);
+    const char *short_timeout[] = {"AGENTQ_AMQP_CONSUMER_TIMEOUT_MS=60000", "AGENTQ_WORKER_LEASE_SECONDS=3", NULL};
+    aq_test_proc *w = start_worker("worker", short_timeout);
+    char id[40];
+    const char *args[] = {"--user", "long", "--goal", "steps=65 long haul", "--max-steps", "80", "--timeout",
+                          "300", NULL};
+    ck_assert_int_eq(produce(args, id), 0);
+    char sql[200];
+    snprintf(sql, sizeof sql, "SELECT status FROM agentq.tasks WHERE task_id = '%s'", id);
+    bool done = aq_test_pg_wait_value(E.dsn, sql, "completed", 150000);
+    snprintf(cmd, sizeof cmd, "'%s' -q eval 'application:set_env(rabbit, consumer_timeout, 7200000).' >/dev/null",
+             ctl_bin);
+    ck_assert_int_eq(system(cmd), 0);
+    if (!done) wait_status(id, "completed", 1, w, "worker");
+    assert_task(id, "steps || ',' || failures || ',' || interruptions || ',' || (attempt >= 2)", "66,0,0,true");
+    assert_each_step_paid_once(1, 66);
+    ck_assert_int_eq(mock_calls("steps=65 long haul"), 66);
+    snprintf(cmd, sizeof cmd, "grep -q 'handing the session over' '%s/worker.log'", E.logdir);
+    ck_assert_msg(WEXITSTATUS(system(cmd)) == 0, "no hand-over logged");
+    snprintf(cmd, sizeof cmd, "grep -q 'broker connection lost' '%s/worker.log'", E.logdir);
+    ck_assert_msg(WEXITSTATUS(system(cmd)) == 1, "the worker lost its broker connection");
+    aq_test_proc_free(w);
+    teardown_env();
+}
+END_TEST
+
 int main(void)
 {
     const TTest *core[] = {producer_to_completed_row, priority_runs_first,
@@ -1176,7 +1386,11 @@ int main(void)
                              crashes_do_not_use_up_attempts, spoofed_retry_headers_are_ignored,
                              sweeper_republishes_running_tasks_nobody_holds,
                              sigterm_with_an_unreachable_database_exits_in_time};
+    const TTest *durable[] = {kill9_mid_task_resumes_at_the_last_committed_step, drained_and_retried_tasks_resume,
+                              ask_human_waits_and_resumes_with_the_answer,
+                              long_task_hands_itself_over_before_consumer_timeout};
     const aq_tcase_spec tcases[] = {
+        {.name = "durable", .tests = durable, .n_tests = AQ_ARRAY_LEN(durable), .timeout_s = 200},
         {.name = "core", .tests = core, .n_tests = AQ_ARRAY_LEN(core), .timeout_s = 120},
         {.name = "limits", .tests = limits, .n_tests = AQ_ARRAY_LEN(limits), .timeout_s = 120},
         {.name = "errors", .tests = errors, .n_tests = AQ_ARRAY_LEN(errors), .timeout_s = 120},

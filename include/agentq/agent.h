@@ -19,6 +19,31 @@
  * (N, seq 1, 2, ...) in the llm kind, so no two rows of an attempt share
  * the store's key (task, attempt, step, kind, seq).
  *
+ * Durable sessions. Every row that changes the conversation carries the
+ * change (aq_step_event.message): the LLM's reply, or a tool result as the
+ * history holds it. A new attempt given the rows earlier attempts
+ * committed (aq_session_past) rebuilds the conversation from them — the
+ * history cap applies as it did during the run — and goes on from there:
+ * a reply whose tool calls all have results is not asked again, a tool
+ * call without a result runs again (HTTP skills get the same
+ * Idempotency-Key), and a committed final answer completes the task with
+ * no call at all. Steps, tokens, cost and running time count over all
+ * attempts, so max_steps, budget_usd and timeout_seconds mean the same
+ * with or without crashes. Before each LLM call after the first, the
+ * session hands its totals to deps.on_checkpoint and waits for
+ * aq_session_checkpointed(): once the rows of a step are committed, a
+ * crash repeats at most the one LLM call in flight.
+ *
+ * Waiting for a person. A task that lists ask_human in its skills may
+ * call it ({"question": ...}); once the reply's other calls are done the
+ * session ends as AQ_STATUS_WAITING with the question (its tool row says
+ * "waiting" and has no result: the answer becomes that result, and the
+ * next attempt resumes with it).
+ *
+ * Hand-over. aq_session_hand_over() asks a session to stop at its next
+ * step boundary (after a checkpoint, or at once while it waits for a
+ * grant or a backoff) with AQ_STATUS_QUEUED, for a new attempt to resume.
+ *
  * Memory: a session costs its struct (~300 bytes), its history (capped
  * at agent.max_context_bytes, see chat.h) and, while a call is in flight,
  * the request body and curl's transfer state. */
@@ -52,7 +77,29 @@ typedef struct aq_step_event {
     int64_t completion_tokens;
     double cost_usd;
     const char *detail;    /* JSON text, secrets masked; may be NULL */
+    const char *message;   /* what the call added to the conversation (JSON
+                            * text, message_len bytes, not NUL-terminated),
+                            * or NULL: see "Durable sessions" */
+    size_t message_len;
 } aq_step_event;
+
+/* A session's counts over all its task's attempts. */
+typedef struct aq_session_totals {
+    int steps;            /* LLM calls that made a step */
+    int64_t prompt_tokens;
+    int64_t completion_tokens;
+    double cost_usd;
+    double run_seconds;   /* running time: earlier attempts' and this one's */
+} aq_session_totals;
+
+/* What earlier attempts committed: the rows (ordered by step, the llm
+ * kind before tool, then attempt and seq, as agentq.session_log gives
+ * them) and their running time. Borrowed for aq_session_start. */
+typedef struct aq_session_past {
+    const aq_task_step *rows;
+    size_t n;
+    double run_seconds;
+} aq_session_past;
 
 typedef struct aq_engine_deps {
     const aq_config *cfg;      /* borrowed; outlives the engine */
@@ -63,18 +110,21 @@ typedef struct aq_engine_deps {
     /* Every LLM and tool call, as it ends. Row borrowed for the call. */
     void (*on_step)(const aq_step_event *step, void *arg);
     void *step_arg;
+    /* A step is over (its tool results are in): make its rows durable and
+     * record `totals` on the task, then call aq_session_checkpointed(s, ok)
+     * — exactly once, from the loop, later. NULL: no waiting. `arg` is the
+     * session's own (aq_session_start). */
+    void (*on_checkpoint)(aq_session *s, const aq_session_totals *totals, void *arg);
 } aq_engine_deps;
 
 typedef struct aq_session_result {
     aq_status status;     /* completed, failed, timeout, budget_exceeded, max_steps, cancelled, or
                            * the status a cancel gave (the worker's drain: queued) */
     bool retryable;       /* failed, and another attempt may succeed */
-    int steps;            /* LLM calls made */
-    int64_t prompt_tokens;
-    int64_t completion_tokens;
-    double cost_usd;
+    aq_session_totals totals; /* over all attempts */
     const char *result;   /* final answer, or NULL */
     const char *error;    /* why it stopped, or NULL */
+    const char *question; /* AQ_STATUS_WAITING: what it asks (ask_human) */
 } aq_session_result;
 
 /* Called exactly once per started session, from the loop (never from
@@ -87,9 +137,21 @@ void aq_engine_free(aq_engine *e);
 
 /* Starts a session for `task` (borrowed: must outlive the session) as
  * attempt `attempt`, with an absolute wall-clock deadline in epoch
- * microseconds. */
+ * microseconds, resuming from `past` (NULL or no rows: from the start; the
+ * rows are copied). Rows that cannot be resumed from (a step missing, a
+ * message that does not parse, a result for no call) fail the task with
+ * an error naming the step. */
 aq_session *aq_session_start(aq_engine *e, const aq_task *task, int attempt, int64_t deadline_us,
-                             aq_session_done_cb cb, void *arg);
+                             const aq_session_past *past, aq_session_done_cb cb, void *arg);
+
+/* The checkpoint deps.on_checkpoint asked for is over: committed (`ok`),
+ * or not (the session stops: AQ_STATUS_QUEUED, for the next claim to
+ * decide). */
+void aq_session_checkpointed(aq_session *s, bool ok);
+
+/* Asks the session to stop at its next step boundary with
+ * AQ_STATUS_QUEUED (see "Hand-over"). */
+void aq_session_hand_over(aq_session *s);
 
 /* Stops a session: in-flight calls are aborted and the callback reports
  * `status` (AQ_STATUS_NONE: cancelled). The first stop decided wins. */

@@ -99,6 +99,20 @@ AQ_MUSTCHECK int aq_chat_add_tool_result(aq_chat *c, const char *tool_call_id,
 AQ_MUSTCHECK int aq_chat_add_user(aq_chat *c, const char *text, size_t len,
                                   char *err, size_t errlen);
 
+/* The newest message as the history holds it (an assistant message, a
+ * tool result as cut to its share, or a user message): JSON text of
+ * *len bytes, borrowed until the next append. What a step row stores so
+ * that a later attempt rebuilds the same history (aq_chat_parse_message,
+ * aq_chat_add_tool_result). NULL (and *len 0) before the first turn. */
+const char *aq_chat_last_message(const aq_chat *c, size_t *len);
+
+/* Parses an assistant message (JSON text, as aq_chat_last_message gave it
+ * after aq_chat_add_reply) back into a reply that aq_chat_add_reply takes,
+ * with the rules and errors of aq_chat_parse_reply; the fields a message
+ * does not hold (finish_reason, model, usage) stay empty. */
+AQ_MUSTCHECK int aq_chat_parse_message(const char *message, size_t len, struct aq_chat_reply *out,
+                                       char *err, size_t errlen);
+
 /* Size in bytes of the serialised "messages" array, system prompt and goal
  * included: what the cap measures. */
 size_t aq_chat_bytes(const aq_chat *c);

@@ -136,11 +136,14 @@ void aq_config_price(const aq_config *cfg, const char *model,
  * many, or AQ_EINVAL. */
 int aq_config_retry_delays(const aq_config *cfg, long *ms, int max);
 
-/* The longest task timeout the broker's consumer_timeout lets a worker
- * finish: a delivery must be acked before consumer_timeout or the broker
- * closes the channel, and a task also waits for its claim and its record,
- * and may first wait held (aq_config_max_hold_ms). */
-double aq_config_max_task_timeout(const aq_config *cfg);
+/* How long a session runs on one delivery before it hands itself over
+ * (agent.h, "Hand-over"): a delivery must be acked before the broker's
+ * consumer_timeout or the broker closes the channel, and it may first
+ * have waited held (aq_config_max_hold_ms). At *soft_ms of a delivery's
+ * age the session is asked to stop at its next step boundary; at
+ * *hard_ms (a tenth of consumer_timeout, at least 10 s, before the broker
+ * would act, less the hold) it is stopped whatever it is doing. */
+void aq_config_handover_ms(const aq_config *cfg, int64_t *soft_ms, int64_t *hard_ms);
 
 /* How long a worker holds a delivery it has not started (its user at a
  * cap, or every slot busy) before sending it back to its lane: a fifth of

@@ -33,6 +33,10 @@
  *                  {"fail_rate", "malformed_rate", "hang_rate", "latency_ms",
  *                   "jitter_ms", "storm_seconds_left", "retry_after"}
  *   GET  /stats    counters as JSON (see aq_mockllm_stats)
+ *   GET  /calls    chat requests per goal (the first user message), as a
+ *                  JSON object {"<goal>": n}: what each task paid for, so a
+ *                  test can tell a resumed task from one that started over
+ *                  (the first 1,000,000 goals are counted)
  *   GET  /healthz  200 "ok"
  *
  * /control and /stats take no key: bind the simulator to loopback.

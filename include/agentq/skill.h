@@ -40,6 +40,11 @@
  * "+HH" (optionally after "UTC"), up to 14 hours. Named zones are a tool
  * error: their rules need the tz database.
  *
+ * ask_human ({"question": text}) is in every set, offered only to a task
+ * that lists it in its `skills` (not in aq_skills_tools_json): the agent
+ * handles its calls itself (the session waits for a person's answer), so
+ * aq_skills_call never runs one.
+ *
  * Threads: an aq_skills and its calls belong to the thread running its
  * event loop. */
 #ifndef AGENTQ_SKILL_H
@@ -53,6 +58,9 @@
 #include "agentq/http.h"
 
 struct event_base;
+
+/* The built-in skill through which a session asks a person (agent.h). */
+#define AQ_SKILL_ASK_HUMAN "ask_human"
 
 /* Largest tool output handed to the callback, marker included. */
 #define AQ_SKILL_MAX_OUTPUT 16384
@@ -87,7 +95,7 @@ const char *aq_skills_names(const aq_skills *s);
 /* True when `name` (borrowed) is a configured skill. */
 bool aq_skills_has(const aq_skills *s, const char *name);
 
-/* The OpenAI "tools" array text for every skill, as aq_chat_request()
+/* The OpenAI "tools" array text for every skill but ask_human, as aq_chat_request()
  * takes it; "[]" when there are none. Built once; borrowed, valid as long
  * as the set. */
 const char *aq_skills_tools_json(const aq_skills *s);

@@ -15,6 +15,7 @@ typedef enum aq_status {
     AQ_STATUS_QUEUED,
     AQ_STATUS_RUNNING,
     AQ_STATUS_RETRYING,
+    AQ_STATUS_WAITING,    /* for an answer to its question (ask_human) */
     /* final: a task never leaves these (agentq.is_final) */
     AQ_STATUS_COMPLETED,
     AQ_STATUS_FAILED,

@@ -29,6 +29,7 @@
 
 #include "agentq/common.h"
 #include "agentq/status.h"
+#include "agentq/task.h"
 
 struct event_base;
 
@@ -107,6 +108,7 @@ typedef struct aq_store_claimed {
     aq_status status;
     const char *reason;    /* AQ_STORE_BUSY: why, naming the setting; "" otherwise */
     int weight;            /* AQ_STORE_RUN: the user's weight (agentq.users), 1 by default */
+    double run_seconds;    /* AQ_STORE_RUN: running time of the earlier attempts */
 } aq_store_claimed;
 
 /* Where a message of the ingress queue goes (agentq.route in
@@ -145,6 +147,13 @@ typedef struct aq_store_result {
                             * record a dead letter (reason = status, this
                             * error) with this body, in the same statement */
     size_t dead_len;
+    double run_seconds;    /* running time over all attempts */
+    const char *question;  /* AQ_STATUS_WAITING: the open question */
+    double wait_seconds;   /* AQ_STATUS_WAITING: how long it may wait */
+    bool handed_over;      /* AQ_STATUS_QUEUED: a hand-over (the session
+                            * continues on another attempt), not an
+                            * interruption: amqp.max_interruptions does
+                            * not count it and the TTL no longer applies */
 } aq_store_result;
 
 /* One agentq.steps row. Strings borrowed for the call. (task_id, attempt,
@@ -165,6 +174,9 @@ typedef struct aq_store_step_row {
     int64_t completion_tokens;
     double cost_usd;
     const char *detail;    /* JSON text; NULL: SQL NULL */
+    const char *message;   /* what the call added to the conversation, JSON
+                            * text of message_len bytes; NULL: SQL NULL */
+    size_t message_len;
 } aq_store_step_row;
 
 /* A dead letter, and optionally the task row's final status, written in
@@ -240,6 +252,34 @@ int aq_store_finish(aq_store *s, const aq_store_result *r, aq_store_done_cb cb,
 /* Queues one step row; no callback (a row PostgreSQL rejects is logged and
  * dropped). `row` is borrowed. Returns 0, AQ_EINVAL or AQ_ECLOSED. */
 int aq_store_step(aq_store *s, const aq_store_step_row *row) AQ_MUSTCHECK;
+
+/* A running task's totals as its steps commit (live progress). */
+typedef struct aq_store_progress {
+    const char *task_id;
+    int attempt;           /* the row changes only while it runs this attempt */
+    int steps;
+    int64_t prompt_tokens;
+    int64_t completion_tokens;
+    double cost_usd;
+    double run_seconds;
+} aq_store_progress;
+
+/* Records `p` on the task row, after every step row queued before it. cb
+ * runs after COMMIT with 0 (the rows before it are committed too), or
+ * AQ_ENOTFOUND when the row no longer runs this attempt, or another AQ_E*
+ * code. `p` is borrowed; `cb` may be NULL. Returns 0, AQ_EINVAL or
+ * AQ_ECLOSED. */
+int aq_store_progress_write(aq_store *s, const aq_store_progress *p, aq_store_done_cb cb,
+                            void *arg) AQ_MUSTCHECK;
+
+/* The committed rows a task's new attempt resumes from (agentq.session_log
+ * in sql/014_sessions.sql), borrowed for the callback; on an error code,
+ * none. */
+typedef void (*aq_store_load_cb)(void *arg, const aq_task_step *rows, size_t n, int code);
+
+/* Reads the rows of `task_id` that changed its conversation. `cb` is
+ * required. Returns 0, AQ_EINVAL or AQ_ECLOSED. */
+int aq_store_load_session(aq_store *s, const char *task_id, aq_store_load_cb cb, void *arg) AQ_MUSTCHECK;
 
 /* Records a dead letter (and the task's final status, see aq_store_dead).
  * cb gets 0 after COMMIT. `d` is borrowed; `cb` may be NULL. Returns 0,

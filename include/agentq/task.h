@@ -42,8 +42,10 @@
 #define AQ_TASK_MAX_STEPS_MAX 100
 #define AQ_TASK_MAX_STEPS_DEFAULT 15
 #define AQ_TASK_BUDGET_DEFAULT 0.50  /* USD; 0 means no budget */
-#define AQ_TASK_TIMEOUT_MAX 3600.0   /* seconds */
+#define AQ_TASK_TIMEOUT_MAX 86400.0  /* seconds of running time, over all attempts */
 #define AQ_TASK_TIMEOUT_DEFAULT 60.0
+#define AQ_TASK_WAIT_TIMEOUT_DEFAULT 86400.0 /* seconds a task waits for an answer */
+#define AQ_TASK_WAIT_TIMEOUT_MAX 2592000.0   /* 30 days */
 #define AQ_TASK_PRIORITY_MAX 9       /* the queue's x-max-priority */
 #define AQ_TASK_MAX_SKILLS 256       /* only reachable when names are unchecked */
 
@@ -52,8 +54,6 @@ typedef struct aq_task_limits {
     const char *skills;        /* configured skills, comma-separated */
     const char *models;        /* configured models, comma-separated */
     const char *default_model; /* used when the body names none */
-    double max_timeout_seconds; /* below AQ_TASK_TIMEOUT_MAX when the broker's
-                                 * consumer_timeout allows less; 0: no extra bound */
 } aq_task_limits;
 
 /* The AMQP properties and agentq headers of a delivery. A zeroed struct
@@ -78,6 +78,7 @@ typedef struct aq_task {
     int max_steps;
     double budget_usd;
     double timeout_seconds;
+    double wait_timeout_seconds; /* how long a question (ask_human) waits */
     char **skills;      /* NULL with n_skills 0: every configured skill */
     int n_skills;
     char *model;        /* never NULL when limits->default_model was set */
@@ -89,6 +90,22 @@ typedef struct aq_task {
     int user_weight;    /* the user's share (agentq.users.weight) from the
                          * claim that started it; 1 until then */
 } aq_task;
+
+/* One committed change to a task's conversation — an agentq.steps row
+ * with a message — as an earlier attempt stored it: what a new attempt
+ * resumes from. The store reads them (aq_store_load_session) and the
+ * engine rebuilds the conversation from them (aq_session_start). */
+typedef struct aq_task_step {
+    int attempt;
+    int step;
+    int seq;
+    bool tool;             /* a tool result; else the LLM's reply */
+    char *message;         /* JSON text of the message, NUL-terminated */
+    size_t message_len;
+    int64_t prompt_tokens;
+    int64_t completion_tokens;
+    double cost_usd;
+} aq_task_step;
 
 /* Why a message is not a task. */
 typedef struct aq_task_error {

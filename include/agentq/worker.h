@@ -21,6 +21,9 @@ typedef struct aq_worker_stats {
     uint64_t received, completed, failed, retried, rejected, dead_recorded, redelivered_final;
     uint64_t duplicates, conflicts, swept;
     uint64_t routed, waited; /* ingress messages moved to lanes; claims told to wait (cap, budget) */
+    uint64_t resumed;     /* sessions that went on from an earlier attempt's committed steps */
+    uint64_t waiting;     /* sessions that ended waiting for a person (ask_human) */
+    uint64_t handed_over; /* sessions handed to a new delivery near consumer_timeout */
     uint64_t running;
     uint64_t held, held_blocked; /* deliveries waiting for a slot; of those, users at their cap */
     uint64_t lanes_paused;       /* lanes not consumed while their users wait */

@@ -33,8 +33,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef enum { S_WAIT_GRANT, S_LLM, S_TOOLS, S_BACKOFF, S_STOPPING, S_DONE } sstate;
-static const char *const state_names[] = {"wait_grant", "llm", "tools", "backoff", "stopping", "done"};
+typedef enum { S_WAIT_GRANT, S_LLM, S_TOOLS, S_COMMIT, S_BACKOFF, S_STOPPING, S_DONE } sstate;
+static const char *const state_names[] = {"wait_grant", "llm", "tools", "commit", "backoff", "stopping", "done"};
 
 typedef struct tool_slot {
     aq_skill_call *call;
@@ -43,7 +43,10 @@ typedef struct tool_slot {
     size_t len;
     bool is_error;
     bool done;
-    int64_t started_us, mono_start;
+    bool restored;          /* its result came from an earlier attempt's row */
+    bool added;             /* its result is in the history and its row made */
+    bool asks;              /* an ask_human call: no result until a person answers */
+    int64_t started_us, mono_start, mono_end;
 } tool_slot;
 
 struct aq_engine {
@@ -70,14 +73,20 @@ struct aq_session {
     int64_t est_tokens;
     int retries;
     int tries;              /* calls of the coming step that did not make it (row seq) */
-    int steps;
+    int steps;              /* over all attempts, as the totals below */
     int64_t prompt_tokens, completion_tokens;
     double cost;
+    double run_base;        /* seconds earlier attempts ran */
+    int64_t mono_start;     /* when this attempt started */
+    bool committing;        /* deps.on_checkpoint has not answered yet */
+    bool hand_over;         /* stop at the next step boundary (QUEUED) */
+    char *question;         /* an ask_human call of the newest reply waits for it */
     int64_t llm_started_us, llm_mono;
     aq_chat_reply reply;    /* the reply whose tool calls are running */
     bool have_reply;
     tool_slot *tools_run;
     size_t ntools, tools_left;
+    size_t next_add;        /* results go into the history in call order from here */
     /* the outcome, once known */
     aq_status stop_status;  /* AQ_STATUS_NONE until a stop is decided */
     bool stop_retryable;
@@ -90,6 +99,7 @@ struct aq_session {
 static void next_step(aq_session *s);
 static void send_llm(aq_session *s);
 static void tools_done(aq_session *s);
+static void run_tools(aq_session *s);
 
 static unsigned jitter(aq_engine *e, unsigned max)
 {
@@ -163,7 +173,7 @@ static void free_tools(aq_session *s)
     }
     free(s->tools_run);
     s->tools_run = NULL;
-    s->ntools = s->tools_left = 0;
+    s->ntools = s->tools_left = s->next_add = 0;
     if (s->have_reply) aq_chat_reply_free(&s->reply);
     s->have_reply = false;
 }
@@ -178,8 +188,16 @@ static void session_free(aq_session *s)
     free(s->tools_owned);
     free(s->stop_error);
     free(s->result);
+    free(s->question);
     s->e->sessions--;
     free(s);
+}
+
+static aq_session_totals totals_of(const aq_session *s)
+{
+    aq_session_totals t = {s->steps, s->prompt_tokens, s->completion_tokens, s->cost,
+                           s->run_base + (double)(aq_mono_us() - s->mono_start) / 1e6};
+    return t;
 }
 
 /* Reports the outcome and frees the session. Only from loop callbacks. */
@@ -189,12 +207,10 @@ static void finish(aq_session *s)
     aq_session_result r = {
         .status = s->stop_status != AQ_STATUS_NONE ? s->stop_status : AQ_STATUS_FAILED,
         .retryable = s->stop_retryable,
-        .steps = s->steps,
-        .prompt_tokens = s->prompt_tokens,
-        .completion_tokens = s->completion_tokens,
-        .cost_usd = s->cost,
+        .totals = totals_of(s),
         .result = s->result,
         .error = s->stop_error,
+        .question = s->stop_status == AQ_STATUS_WAITING ? s->question : NULL,
     };
     s->cb(s, &r, s->cb_arg);
     session_free(s);
@@ -214,6 +230,10 @@ static void stop_now(aq_session *s)
     if (s->call) {
         set_state(s, S_STOPPING);
         aq_llm_cancel(s->call);
+        return;
+    }
+    if (s->committing) { /* aq_session_checkpointed finishes */
+        set_state(s, S_STOPPING);
         return;
     }
     finish(s);
@@ -282,8 +302,8 @@ static char *detail_text(json_t *d)
 /* The one place a step row is made; takes the reference to `detail_json`
  * (may be NULL). */
 static void emit_step(aq_session *s, int step, int seq, const char *kind, const char *name, const char *status,
-                      int64_t started_us, int64_t mono_start, int64_t ptok, int64_t ctok, double cost,
-                      json_t *detail_json)
+                      int64_t started_us, double duration_ms, int64_t ptok, int64_t ctok, double cost,
+                      json_t *detail_json, const char *message, size_t message_len)
 {
     if (!s->e->d.on_step) {
         json_decref(detail_json);
@@ -302,11 +322,13 @@ static void emit_step(aq_session *s, int step, int seq, const char *kind, const 
         .name = shown_name ? shown_name : name,
         .status = status,
         .started_at_us = started_us,
-        .duration_ms = (double)(aq_mono_us() - mono_start) / 1000.0,
+        .duration_ms = duration_ms,
         .prompt_tokens = ptok,
         .completion_tokens = ctok,
         .cost_usd = cost,
         .detail = detail,
+        .message = message,
+        .message_len = message_len,
     };
     s->e->d.on_step(&row, s->e->d.step_arg);
     free(detail);
@@ -326,8 +348,8 @@ static void emit_llm_failure(aq_session *s, const char *status, long http_status
         json_t *w = json_string(why);
         json_object_set_new(d, "error", w ? w : json_string("(not UTF-8)"));
     }
-    emit_step(s, s->steps + 1, ++s->tries, "llm", s->task->model, status, s->llm_started_us, s->llm_mono, 0, 0, 0,
-              d);
+    emit_step(s, s->steps + 1, ++s->tries, "llm", s->task->model, status, s->llm_started_us,
+              (double)(aq_mono_us() - s->llm_mono) / 1000.0, 0, 0, 0, d, NULL, 0);
 }
 
 static void backoff(aq_session *s, int64_t ms)
@@ -354,20 +376,30 @@ static void retry_or_fail(aq_session *s, const char *why)
     backoff(s, ms);
 }
 
+/* Hands the step's totals over to be made durable; the next step starts
+ * in aq_session_checkpointed. */
+static void checkpoint(aq_session *s)
+{
+    if (!s->e->d.on_checkpoint) {
+        next_step(s);
+        return;
+    }
+    set_state(s, S_COMMIT);
+    s->committing = true;
+    aq_session_totals t = totals_of(s);
+    s->e->d.on_checkpoint(s, &t, s->cb_arg);
+}
+
+/* Every call of the reply has its result (ask_human's aside). */
 static void tools_done(aq_session *s)
 {
-    char err[256];
-    for (size_t i = 0; i < s->ntools; i++) {
-        tool_slot *t = &s->tools_run[i];
-        aq_chat_tool_call *tc = &s->reply.tool_calls[i];
-        if (aq_chat_add_tool_result(s->chat, tc->id, tc->name, t->output ? t->output : "", t->len, err, sizeof err)) {
-            set_stop(s, AQ_STATUS_FAILED, false, "cannot record a tool result: %s", err);
-            stop_now(s);
-            return;
-        }
-    }
     free_tools(s);
-    next_step(s);
+    if (s->question) { /* the reply's other calls are in: wait for the person */
+        set_stop(s, AQ_STATUS_WAITING, false, NULL);
+        stop_now(s);
+        return;
+    }
+    checkpoint(s);
 }
 
 static void on_tool(const char *output, size_t len, bool is_error, void *arg);
@@ -377,7 +409,9 @@ typedef struct tool_ctx {
     size_t index;
 } tool_ctx;
 
-static void record_tool(aq_session *s, size_t i)
+/* The one place a tool call's row is made. `message` is the result as the
+ * history holds it (NULL: no result yet). */
+static void record_tool(aq_session *s, size_t i, const char *status, const char *message, size_t message_len)
 {
     tool_slot *t = &s->tools_run[i];
     aq_chat_tool_call *tc = &s->reply.tool_calls[i];
@@ -390,8 +424,49 @@ static void record_tool(aq_session *s, size_t i)
     while (shown && shown < t->len && ((unsigned char)t->output[shown] & 0xC0) == 0x80) shown--;
     json_t *out = json_stringn(t->output ? t->output : "", shown);
     json_object_set_new(d, "output", out ? out : json_string("(not UTF-8)"));
-    emit_step(s, s->steps, (int)i + 1, "tool", tc->name, t->is_error ? "error" : "ok", t->started_us,
-              t->mono_start, 0, 0, 0, d);
+    double ms = t->mono_end > t->mono_start ? (double)(t->mono_end - t->mono_start) / 1000.0 : 0;
+    emit_step(s, s->steps, (int)i + 1, "tool", tc->name, status, t->started_us, ms, 0, 0, 0, d, message,
+              message_len);
+}
+
+/* Puts the results that are in into the history, in call order (the
+ * same calls give the same history, whatever order they end in), making
+ * each one's row as it goes in: the row carries the result as the history
+ * holds it, so a later attempt need not run that call again. False when
+ * the history refused one: the session is stopping. */
+static bool add_results(aq_session *s)
+{
+    char err[256];
+    for (; s->next_add < s->ntools; s->next_add++) {
+        size_t i = s->next_add;
+        tool_slot *t = &s->tools_run[i];
+        if (t->restored || t->asks || t->added) continue;
+        if (!t->done) break;
+        aq_chat_tool_call *tc = &s->reply.tool_calls[i];
+        if (aq_chat_add_tool_result(s->chat, tc->id, tc->name, t->output, t->len, err, sizeof err)) {
+            set_stop(s, AQ_STATUS_FAILED, false, "cannot record a tool result: %s", err);
+            return false;
+        }
+        t->added = true;
+        size_t mlen;
+        const char *m = aq_chat_last_message(s->chat, &mlen);
+        record_tool(s, i, t->is_error ? "error" : "ok", m, mlen);
+    }
+    return true;
+}
+
+/* Call i ended with `output`. */
+static bool tool_result(aq_session *s, size_t i, const char *output, size_t len, bool is_error)
+{
+    tool_slot *t = &s->tools_run[i];
+    t->done = true;
+    t->call = NULL;
+    t->ctx = NULL;
+    t->mono_end = aq_mono_us();
+    t->output = aq_xstrndup(output ? output : "", len);
+    t->len = len;
+    t->is_error = is_error;
+    return add_results(s);
 }
 
 static void on_tool(const char *output, size_t len, bool is_error, void *arg)
@@ -400,30 +475,59 @@ static void on_tool(const char *output, size_t len, bool is_error, void *arg)
     aq_session *s = c->s;
     size_t i = c->index;
     free(c);
-    tool_slot *t = &s->tools_run[i];
-    t->done = true;
-    t->call = NULL;
-    t->ctx = NULL;
-    t->output = aq_xstrndup(output ? output : "", len);
-    t->len = len;
-    t->is_error = is_error;
-    record_tool(s, i);
+    if (!tool_result(s, i, output, len, is_error)) {
+        stop_now(s);
+        return;
+    }
     if (--s->tools_left == 0) tools_done(s);
 }
 
-/* Runs every tool call of s->reply at once. */
+/* Why ask_human call `tc` cannot wait for a person, or NULL when it can
+ * (then *question is its question, which the caller frees). */
+static const char *refuse_question(aq_session *s, const aq_chat_tool_call *tc, char **question, char *why,
+                                   size_t whylen)
+{
+    *question = NULL;
+    const aq_task *t = s->task;
+    /* A task that did not list it was not offered it: it never waits. */
+    if (t->n_skills == 0 || !aq_task_skill_allowed(t, AQ_SKILL_ASK_HUMAN)) {
+        snprintf(why, whylen, "tool '%s' is not available to this task", tc->name);
+        return why;
+    }
+    if (s->question) {
+        snprintf(why, whylen, "%s: ask one question at a time (another call of this reply waits for its answer)",
+                 tc->name);
+        return why;
+    }
+    json_t *args = json_loadb(tc->args, tc->args_len, 0, NULL);
+    const char *q = json_string_value(json_object_get(args, "question"));
+    if (!q || !*q) {
+        json_decref(args);
+        snprintf(why, whylen, "%s: missing string argument 'question'", tc->name);
+        return why;
+    }
+    *question = aq_log_mask_secrets(q, strlen(q), NULL);
+    json_decref(args);
+    return NULL;
+}
+
+/* Runs every tool call of s->reply at once, but those an earlier attempt
+ * has the results of (slots restored by restore()). */
 static void run_tools(aq_session *s)
 {
     aq_engine *e = s->e;
     size_t n = s->reply.n_tool_calls;
     set_state(s, S_TOOLS);
-    s->tools_run = aq_xcalloc(n, sizeof *s->tools_run);
+    if (!s->tools_run) s->tools_run = aq_xcalloc(n, sizeof *s->tools_run);
     s->ntools = n;
-    s->tools_left = n;
+    s->tools_left = 0;
+    for (size_t i = 0; i < n; i++)
+        if (!s->tools_run[i].restored) s->tools_left++;
     size_t immediate = 0;
-    for (size_t i = 0; i < n; i++) {
+    for (size_t i = 0; i < n && s->stop_status == AQ_STATUS_NONE; i++) {
         aq_chat_tool_call *tc = &s->reply.tool_calls[i];
         tool_slot *t = &s->tools_run[i];
+        if (t->restored) continue;
         t->started_us = aq_now_us();
         t->mono_start = aq_mono_us();
         const char *refuse = NULL;
@@ -435,41 +539,42 @@ static void run_tools(aq_session *s)
         } else if (tc->args_error) {
             snprintf(why, sizeof why, "%s: %s", tc->name, tc->args_error);
             refuse = why;
+        } else if (!strcmp(tc->name, AQ_SKILL_ASK_HUMAN)) {
+            char *question;
+            refuse = refuse_question(s, tc, &question, why, sizeof why);
+            if (!refuse) { /* no result until a person answers */
+                s->question = question;
+                t->done = t->asks = true;
+                record_tool(s, i, "waiting", NULL, 0);
+                immediate++;
+                continue;
+            }
         } else if (!aq_task_skill_allowed(s->task, tc->name)) {
             snprintf(why, sizeof why, "tool '%s' is not available to this task", tc->name);
             refuse = why;
         }
-        if (refuse) {
-            t->output = aq_xstrdup(refuse);
-            t->len = strlen(refuse);
-            t->is_error = true;
-            t->done = true;
-            record_tool(s, i);
-            immediate++;
-            continue;
-        }
-        tool_ctx *c = aq_xmalloc(sizeof *c);
-        c->s = s;
-        c->index = i;
-        t->ctx = c;
-        /* task, step, call: what names this call in every attempt */
-        char key[AQ_TASK_ID_LEN + 32];
-        snprintf(key, sizeof key, "%s/%d/%zu", s->task->task_id, s->steps, i + 1);
-        t->call = aq_skills_call(e->d.skills, tc->name, tc->args, tc->args_len, s->task->task_id, s->task->user_id,
-                                 key, on_tool, c);
-        if (!t->call) {
+        if (!refuse) {
+            tool_ctx *c = aq_xmalloc(sizeof *c);
+            c->s = s;
+            c->index = i;
+            t->ctx = c;
+            /* task, step, call: what names this call in every attempt */
+            char key[AQ_TASK_ID_LEN + 32];
+            snprintf(key, sizeof key, "%s/%d/%zu", s->task->task_id, s->steps, i + 1);
+            t->call = aq_skills_call(e->d.skills, tc->name, tc->args, tc->args_len, s->task->task_id,
+                                     s->task->user_id, key, on_tool, c);
+            if (t->call) continue;
             free(c);
             t->ctx = NULL;
-            t->output = aq_xstrdup("tool could not be started");
-            t->len = strlen(t->output);
-            t->is_error = true;
-            t->done = true;
-            immediate++;
+            refuse = "tool could not be started";
         }
+        tool_result(s, i, refuse, strlen(refuse), true);
+        immediate++;
     }
     s->tools_left -= immediate;
-    /* Every call was refused: go on from the loop (on_wake). */
-    if (s->tools_left == 0) event_active(s->wake_ev, EV_TIMEOUT, 0);
+    /* Every call was refused, or the history refused a result: go on from
+     * the loop (on_wake). */
+    if (s->tools_left == 0 || s->stop_status != AQ_STATUS_NONE) event_active(s->wake_ev, EV_TIMEOUT, 0);
 }
 
 /* Acts on the outcome llm classified. Every call that did not make its
@@ -528,8 +633,10 @@ static void on_llm(aq_llm_result *res, void *arg)
     /* finish_reason is the provider's text: jansson escapes it (detail is jsonb) */
     json_t *dj = json_pack("{s:s?, s:I, s:I}", "finish_reason", reply.finish_reason, "tool_calls",
                            (json_int_t)reply.n_tool_calls, "http_ms", (json_int_t)res->total_ms);
+    /* The reply as the history keeps it: what a later attempt resumes from. */
     emit_step(s, s->steps, 0, "llm", reply.model ? reply.model : s->task->model, "ok", s->llm_started_us,
-              s->llm_mono, reply.prompt_tokens, reply.completion_tokens, cost, dj);
+              (double)(aq_mono_us() - s->llm_mono) / 1000.0, reply.prompt_tokens, reply.completion_tokens, cost, dj,
+              reply.message_json, reply.message_len);
     if (reply.n_tool_calls == 0) {
         /* the model's words, stored as the task's result */
         char *content = aq_xstrndup(reply.content ? reply.content : "", reply.content_len);
@@ -587,6 +694,11 @@ static void next_step(aq_session *s)
         stop_now(s);
         return;
     }
+    if (s->hand_over) {
+        set_stop(s, AQ_STATUS_QUEUED, false, "handed over after step %d", s->steps);
+        stop_now(s);
+        return;
+    }
     if (s->steps >= t->max_steps) {
         set_stop(s, AQ_STATUS_MAX_STEPS, false, "stopped after %d steps (max_steps) without a final answer", s->steps);
         stop_now(s);
@@ -605,10 +717,127 @@ static void next_step(aq_session *s)
         send_llm(s);
 }
 
+/* A resume that cannot go on: the task fails (another attempt would read
+ * the same rows), naming the step. */
+static bool resume_fail(aq_session *s, const char *fmt, ...) AQ_PRINTF(2, 3);
+
+static bool resume_fail(aq_session *s, const char *fmt, ...)
+{
+    char why[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(why, sizeof why, fmt, ap);
+    va_end(ap);
+    set_stop(s, AQ_STATUS_FAILED, false, "cannot resume from the committed steps: %s", why);
+    return false;
+}
+
+/* The result of call `id` among the tool rows rows[0..n), parsed (the
+ * caller decrefs), or NULL. Rows of calls another reply made (a worker
+ * that lost its lease and kept writing) match no call and are skipped. */
+static json_t *find_result(const aq_task_step *rows, size_t n, const char *id)
+{
+    for (size_t i = 0; i < n; i++) {
+        json_t *m = json_loadb(rows[i].message, rows[i].message_len, 0, NULL);
+        const char *mid = json_string_value(json_object_get(m, "tool_call_id"));
+        if (mid && !strcmp(mid, id) && json_is_string(json_object_get(m, "content"))) return m;
+        json_decref(m);
+    }
+    return NULL;
+}
+
+/* Rebuilds the conversation from what earlier attempts committed (see
+ * "Durable sessions" in agent.h): each step's reply (the earliest
+ * attempt's) and the results of its calls, through the same appends as
+ * the run, so the history cap applies as it did. A newest step with calls
+ * still open leaves them in s->reply for run_tools; a committed final
+ * answer completes the session. False (the stop set) when the rows
+ * cannot be resumed from. */
+static bool restore(aq_session *s, const aq_session_past *past)
+{
+    const aq_task_step *r = past->rows;
+    size_t n = past->n, i = 0;
+    char err[256];
+    while (i < n) {
+        int step = r[i].step;
+        if (r[i].tool)
+            return resume_fail(s, "step %d has tool results but no committed LLM reply", step);
+        if (step != s->steps + 1)
+            return resume_fail(s, "step %d has no committed LLM reply (the next committed step is %d)",
+                               s->steps + 1, step);
+        const aq_task_step *llm = &r[i];
+        while (i < n && r[i].step == step && !r[i].tool) i++;
+        size_t from = i;
+        while (i < n && r[i].step == step) i++;
+        aq_chat_reply reply;
+        if (aq_chat_parse_message(llm->message, llm->message_len, &reply, err, sizeof err) != AQ_OK) {
+            aq_chat_reply_free(&reply);
+            return resume_fail(s, "step %d: its stored LLM reply does not parse: %s", step, err);
+        }
+        s->steps = step;
+        s->prompt_tokens += llm->prompt_tokens;
+        s->completion_tokens += llm->completion_tokens;
+        s->cost += llm->cost_usd;
+        if (reply.n_tool_calls == 0) { /* the answer was in; only its status write was lost */
+            bool last = i == n;
+            if (last) {
+                s->result = aq_log_mask_secrets(reply.content ? reply.content : "", reply.content_len, NULL);
+                set_stop(s, AQ_STATUS_COMPLETED, false, NULL);
+            }
+            aq_chat_reply_free(&reply);
+            return last ? true : resume_fail(s, "step %d is a final answer, yet step %d follows", step, r[i].step);
+        }
+        if (aq_chat_add_reply(s->chat, &reply, err, sizeof err) != AQ_OK) {
+            aq_chat_reply_free(&reply);
+            return resume_fail(s, "step %d: %s", step, err);
+        }
+        tool_slot *slots = aq_xcalloc(reply.n_tool_calls, sizeof *slots);
+        size_t open = 0;
+        for (size_t c = 0; c < reply.n_tool_calls; c++) {
+            aq_chat_tool_call *tc = &reply.tool_calls[c];
+            json_t *m = find_result(r + from, i - from, tc->id);
+            if (!m) {
+                open++;
+                continue;
+            }
+            json_t *content = json_object_get(m, "content");
+            int rc = aq_chat_add_tool_result(s->chat, tc->id, tc->name, json_string_value(content),
+                                             json_string_length(content), err, sizeof err);
+            json_decref(m);
+            if (rc != AQ_OK) {
+                free(slots);
+                aq_chat_reply_free(&reply);
+                return resume_fail(s, "step %d: %s", step, err);
+            }
+            slots[c].restored = slots[c].done = true;
+        }
+        if (open && i < n) {
+            free(slots);
+            aq_chat_reply_free(&reply);
+            return resume_fail(s, "step %d: %zu of its tool calls have no committed result, yet step %d follows",
+                               step, open, r[i].step);
+        }
+        if (!open) {
+            free(slots);
+            aq_chat_reply_free(&reply);
+            continue;
+        }
+        s->reply = reply; /* run_tools runs the open calls */
+        s->have_reply = true;
+        s->tools_run = slots;
+        s->ntools = reply.n_tool_calls;
+    }
+    return true;
+}
+
 static void on_start(evutil_socket_t fd, short what, void *arg)
 {
     aq_session *s = arg;
     event_assign(s->wake_ev, s->e->d.base, -1, 0, on_wake, s);
+    if (s->stop_status != AQ_STATUS_NONE) { /* resumed to its end, or not resumable */
+        stop_now(s);
+        return;
+    }
     /* A redelivered task may arrive past its deadline: this event runs
      * before the deadline timer does, so look first, or a call goes out
      * only to be aborted. */
@@ -616,11 +845,12 @@ static void on_start(evutil_socket_t fd, short what, void *arg)
         on_deadline(-1, EV_TIMEOUT, s);
         return;
     }
-    next_step(s);
+    if (s->have_reply) run_tools(s); /* resumed in the middle of a step */
+    else next_step(s);
 }
 
 aq_session *aq_session_start(aq_engine *e, const aq_task *task, int attempt, int64_t deadline_us,
-                             aq_session_done_cb cb, void *arg)
+                             const aq_session_past *past, aq_session_done_cb cb, void *arg)
 {
     aq_session *s = aq_xcalloc(1, sizeof *s);
     s->e = e;
@@ -640,6 +870,11 @@ aq_session *aq_session_start(aq_engine *e, const aq_task *task, int attempt, int
     aq_config_price(e->d.cfg, task->model, &in, &out);
     s->price_in = in / 1e6;
     s->price_out = out / 1e6;
+    s->mono_start = aq_mono_us();
+    if (past) {
+        s->run_base = past->run_seconds > 0 ? past->run_seconds : 0;
+        if (past->n) restore(s, past); /* a failure sets the stop, which on_start reports */
+    }
     s->deadline_ev = evtimer_new(e->d.base, on_deadline, s);
     s->wake_ev = evtimer_new(e->d.base, on_start, s);
     if (!s->deadline_ev || !s->wake_ev) aq_oom("session timers");
@@ -662,4 +897,29 @@ void aq_session_cancel(aq_session *s, aq_status status)
     event_del(s->wake_ev);
     event_assign(s->wake_ev, s->e->d.base, -1, 0, on_wake, s);
     event_active(s->wake_ev, EV_TIMEOUT, 0);
+}
+
+void aq_session_checkpointed(aq_session *s, bool ok)
+{
+    if (!s->committing) return;
+    s->committing = false;
+    if (!ok) set_stop(s, AQ_STATUS_QUEUED, false, "its step %d could not be recorded", s->steps);
+    if (s->state == S_STOPPING) { /* a stop came while the rows were written */
+        finish(s);
+        return;
+    }
+    next_step(s);
+}
+
+void aq_session_hand_over(aq_session *s)
+{
+    if (s->state == S_DONE || s->state == S_STOPPING) return;
+    s->hand_over = true;
+    /* Nothing in flight to lose: stop now rather than at the boundary. */
+    if (s->state == S_WAIT_GRANT || s->state == S_BACKOFF) {
+        set_stop(s, AQ_STATUS_QUEUED, false, "handed over before step %d", s->steps + 1);
+        event_del(s->wake_ev);
+        event_assign(s->wake_ev, s->e->d.base, -1, 0, on_wake, s);
+        event_active(s->wake_ev, EV_TIMEOUT, 0);
+    }
 }

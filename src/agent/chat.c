@@ -229,6 +229,7 @@ struct aq_chat {
     size_t dropped;
     pending_call *calls;  /* the tool calls of the newest turn */
     size_t ncalls, nanswered;
+    size_t last_len;      /* the newest message's length in hist, comma included */
 };
 
 aq_chat *aq_chat_new(const char *system_prompt, const char *goal, size_t max_bytes)
@@ -343,8 +344,10 @@ int aq_chat_add_reply(aq_chat *c, const aq_chat_reply *r, char *err, size_t errl
         c->ncalls = r->n_tool_calls;
     }
     start_turn(c);
+    size_t start = c->hist.len;
     sb_putc(&c->hist, ',');
     sb_put(&c->hist, r->message_json, r->message_len);
+    c->last_len = c->hist.len - start;
     enforce_cap(c);
     return AQ_OK;
 }
@@ -379,6 +382,7 @@ int aq_chat_add_tool_result(aq_chat *c, const char *tool_call_id, const char *na
     if (limit < AQ_CHAT_RESULT_MIN) limit = AQ_CHAT_RESULT_MIN;
 
     sbuf *h = &c->hist;
+    size_t start = h->len;
     sb_puts(h, ",{\"role\":\"tool\",\"tool_call_id\":");
     put_jstrz(h, pc->id);
     sb_puts(h, ",\"name\":");
@@ -386,6 +390,7 @@ int aq_chat_add_tool_result(aq_chat *c, const char *tool_call_id, const char *na
     sb_puts(h, ",\"content\":");
     put_jstr_cut(h, content ? content : "", content ? len : 0, limit);
     sb_putc(h, '}');
+    c->last_len = h->len - start;
     pc->answered = true;
     c->nanswered++;
     enforce_cap(c);
@@ -398,11 +403,40 @@ int aq_chat_add_user(aq_chat *c, const char *text, size_t len, char *err, size_t
     if (rc) return rc;
     clear_calls(c);
     start_turn(c);
+    size_t start = c->hist.len;
     sb_puts(&c->hist, ",{\"role\":\"user\",\"content\":");
     put_jstr(&c->hist, text ? text : "", text ? len : 0);
     sb_putc(&c->hist, '}');
+    c->last_len = c->hist.len - start;
     enforce_cap(c);
     return AQ_OK;
+}
+
+const char *aq_chat_last_message(const aq_chat *c, size_t *len)
+{
+    /* The newest turn is never dropped, so the newest message is still
+     * the end of hist; its leading comma is not part of it. */
+    if (!c->last_len || c->last_len > c->hist.len) {
+        if (len) *len = 0;
+        return NULL;
+    }
+    if (len) *len = c->last_len - 1;
+    return c->hist.p + c->hist.len - c->last_len + 1;
+}
+
+int aq_chat_parse_message(const char *message, size_t len, aq_chat_reply *out, char *err, size_t errlen)
+{
+    /* The reply parser is the one judge of what an assistant message may
+     * hold: wrap the message as the reply it came in. */
+    static const char pre[] = "{\"choices\":[{\"index\":0,\"message\":", post[] = "}]}";
+    size_t n = sizeof pre - 1 + len + sizeof post - 1;
+    char *body = aq_xmalloc(n + 1);
+    memcpy(body, pre, sizeof pre - 1);
+    if (len) memcpy(body + sizeof pre - 1, message, len);
+    memcpy(body + sizeof pre - 1 + len, post, sizeof post);
+    int rc = aq_chat_parse_reply(body, n, out, err, errlen);
+    free(body);
+    return rc;
 }
 
 /* ---- request ---------------------------------------------------------- */

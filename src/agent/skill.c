@@ -47,6 +47,7 @@ typedef enum skill_kind {
     SK_CURRENT_TIME,
     SK_HTTP_GET,
     SK_HTTP, /* declared in the config */
+    SK_ASK_HUMAN, /* the session waits for a person (agent.c): never run here */
 } skill_kind;
 
 static const struct builtin {
@@ -72,6 +73,12 @@ static const struct builtin {
      "{\"type\":\"object\",\"properties\":{\"url\":{\"type\":\"string\","
      "\"description\":\"An http:// or https:// URL\"}},"
      "\"required\":[\"url\"],\"additionalProperties\":false}"},
+    {AQ_SKILL_ASK_HUMAN, SK_ASK_HUMAN,
+     "Ask a person a question and wait for the answer, which may take hours. Use it only when "
+     "a person must decide or supply something you cannot find out yourself; ask one clear question.",
+     "{\"type\":\"object\",\"properties\":{\"question\":{\"type\":\"string\","
+     "\"description\":\"The question, complete enough to answer without other context\"}},"
+     "\"required\":[\"question\"],\"additionalProperties\":false}"},
 };
 
 struct skill {
@@ -321,8 +328,19 @@ aq_skills *aq_skills_new(const aq_config *cfg, struct event_base *base, aq_http 
         }
     }
 
+    /* ask_human is always there, and offered only to a task that lists it:
+     * a task that did not ask for a person never waits for one. */
+    if (!find_skill(s, AQ_SKILL_ASK_HUMAN)) {
+        const struct builtin *b = find_builtin(AQ_SKILL_ASK_HUMAN);
+        add_skill(s, &(struct skill){.name = b->name, .kind = b->kind, .description = b->description,
+                                     .parameters = b->parameters});
+    }
     char tools_err[256] = "";
-    if (build_tools(s, NULL, &s->tools_json, tools_err, sizeof tools_err) != AQ_OK) {
+    bool *offered = aq_xcalloc(s->n, sizeof *offered);
+    for (size_t i = 0; i < s->n; i++) offered[i] = s->skills[i].kind != SK_ASK_HUMAN;
+    int trc = build_tools(s, offered, &s->tools_json, tools_err, sizeof tools_err);
+    free(offered);
+    if (trc != AQ_OK) {
         aq_seterr(err, errlen, "skills: %s", tools_err);
         goto fail;
     }
@@ -756,6 +774,7 @@ aq_skill_call *aq_skills_call(aq_skills *s, const char *name, const char *args_j
     case SK_CURRENT_TIME: run_current_time(c, args); break;
     case SK_HTTP_GET: run_http_get(c, args); break;
     case SK_HTTP: run_http_skill(c, sk, args, task_id, user_id, idempotency_key); break;
+    case SK_ASK_HUMAN: fail_later(c, "ask_human is answered by a person, not run as a call"); break;
     }
     json_decref(args);
     return c;

@@ -64,8 +64,8 @@ static const config_key config_keys[] = {
     {"amqp", "route_prefetch", K_INT, OFF(amqp_route_prefetch), "256", 1, 65535, false,
      "Prefetch of the routing consumer on amqp.queue (messages being recorded and moved to lanes)."},
     {"amqp", "consumer_timeout_ms", K_INT, OFF(amqp_consumer_timeout_ms), "7200000", 60000, 2147483647, false,
-     "The broker's consumer_timeout; task timeouts must stay well below it (a tenth is kept for the claim and"
-     " the record, a fifth for waiting held: a delivery held that long goes back to its lane)."},
+     "The broker's consumer_timeout: say what the broker does. A delivery held unstarted for a fifth of it goes"
+     " back to its lane, and a session on one delivery for half of it hands itself over to a new one."},
 
     {"postgres", "dsn", K_STR, OFF(pg_dsn), "postgresql://agentq@127.0.0.1:5432/agentq", 0, 0, true,
      "libpq connection string or URI of the result store."},
@@ -655,14 +655,14 @@ int aq_config_lane_prefetch(const aq_config *cfg)
 
 int64_t aq_config_max_hold_ms(const aq_config *cfg) { return cfg->amqp_consumer_timeout_ms / 5; }
 
-double aq_config_max_task_timeout(const aq_config *cfg)
+void aq_config_handover_ms(const aq_config *cfg, int64_t *soft_ms, int64_t *hard_ms)
 {
-    /* Keep a tenth (at least 10 s) for queueing behind the claim, the
-     * final write and the ack, and the time a delivery may wait held
-     * before it starts. */
-    double limit = cfg->amqp_consumer_timeout_ms / 1000.0;
-    double margin = limit / 10 > 10 ? limit / 10 : 10;
-    return limit - margin - (double)aq_config_max_hold_ms(cfg) / 1000.0;
+    /* Keep a tenth (at least 10 s) for the claim, the last write and the
+     * ack, and the time a delivery may wait held before it starts. */
+    int64_t limit = cfg->amqp_consumer_timeout_ms;
+    int64_t margin = limit / 10 > 10000 ? limit / 10 : 10000;
+    *hard_ms = limit - margin - aq_config_max_hold_ms(cfg);
+    *soft_ms = limit / 2 < *hard_ms ? limit / 2 : *hard_ms;
 }
 
 bool aq_config_list_has(const char *list, const char *name)

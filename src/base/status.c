@@ -5,7 +5,7 @@
 
 static const char *const names[AQ_STATUS_COUNT] = {
     [AQ_STATUS_NONE] = "none",             [AQ_STATUS_QUEUED] = "queued",         [AQ_STATUS_RUNNING] = "running",
-    [AQ_STATUS_RETRYING] = "retrying",     [AQ_STATUS_COMPLETED] = "completed",
+    [AQ_STATUS_RETRYING] = "retrying",     [AQ_STATUS_WAITING] = "waiting",     [AQ_STATUS_COMPLETED] = "completed",
     [AQ_STATUS_FAILED] = "failed",         [AQ_STATUS_TIMEOUT] = "timeout",
     [AQ_STATUS_BUDGET_EXCEEDED] = "budget_exceeded", [AQ_STATUS_MAX_STEPS] = "max_steps",
     [AQ_STATUS_CANCELLED] = "cancelled",   [AQ_STATUS_EXPIRED] = "expired",

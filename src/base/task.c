@@ -27,7 +27,7 @@
 
 static const char *const known_fields[] = {
     "task_id", "user_id", "goal", "max_steps", "budget_usd",
-    "timeout_seconds", "skills", "model", "metadata",
+    "timeout_seconds", "skills", "model", "metadata", "wait_timeout_seconds",
 };
 
 /* ---- text helpers ------------------------------------------------------ */
@@ -362,23 +362,37 @@ static int parse_budget(const json_t *body, aq_task *t, aq_task_error *e)
     return AQ_OK;
 }
 
-static int parse_timeout(const json_t *body, const aq_task_limits *limits, aq_task *t, aq_task_error *e)
+static int parse_timeout(const json_t *body, aq_task *t, aq_task_error *e)
 {
     const json_t *v = json_object_get(body, "timeout_seconds");
+    /* No bound from the broker's consumer_timeout: a long session hands
+     * itself over to a new delivery (agent.h). */
     double max = AQ_TASK_TIMEOUT_MAX;
-    bool broker_bound = limits && limits->max_timeout_seconds > 0 && limits->max_timeout_seconds < max;
-    if (broker_bound) max = limits->max_timeout_seconds;
     t->timeout_seconds = AQ_TASK_TIMEOUT_DEFAULT;
-    if (!v && t->timeout_seconds <= max) return AQ_OK;
-    double d = !v ? t->timeout_seconds : json_is_number(v) ? json_number_value(v) : -1;
-    if ((v && !json_is_number(v)) || !(d > 0 && d <= max)) {
+    if (!v) return AQ_OK;
+    double d = json_is_number(v) ? json_number_value(v) : -1;
+    if (!json_is_number(v) || !(d > 0 && d <= max)) {
         char got[64];
-        if (v) got_number(got, sizeof got, v);
-        else snprintf(got, sizeof got, "the default %g", d);
-        return fail(e, "timeout_seconds", "timeout_seconds: must be a number > 0 and <= %g%s (got %s)", max,
-                    broker_bound ? ", the most the broker's consumer_timeout allows" : "", got);
+        got_number(got, sizeof got, v);
+        return fail(e, "timeout_seconds", "timeout_seconds: must be a number > 0 and <= %g (got %s)", max, got);
     }
     t->timeout_seconds = d;
+    return AQ_OK;
+}
+
+static int parse_wait_timeout(const json_t *body, aq_task *t, aq_task_error *e)
+{
+    const json_t *v = json_object_get(body, "wait_timeout_seconds");
+    t->wait_timeout_seconds = AQ_TASK_WAIT_TIMEOUT_DEFAULT;
+    if (!v) return AQ_OK;
+    double d = json_is_number(v) ? json_number_value(v) : -1;
+    if (!json_is_number(v) || !(d > 0 && d <= AQ_TASK_WAIT_TIMEOUT_MAX)) {
+        char got[64];
+        got_number(got, sizeof got, v);
+        return fail(e, "wait_timeout_seconds", "wait_timeout_seconds: must be a number > 0 and <= %g (got %s)",
+                    AQ_TASK_WAIT_TIMEOUT_MAX, got);
+    }
+    t->wait_timeout_seconds = d;
     return AQ_OK;
 }
 
@@ -538,7 +552,7 @@ static int check_unknown(const json_t *body, aq_task_error *e)
             /* the error must name something even for a key "" */
             return fail(e, ex[0] ? ex : "(empty name)",
                         "unknown field '%s' (allowed: task_id, user_id, goal, max_steps, "
-                        "budget_usd, timeout_seconds, skills, model, metadata)", ex);
+                        "budget_usd, timeout_seconds, skills, model, metadata, wait_timeout_seconds)", ex);
         }
     }
     return AQ_OK;
@@ -564,7 +578,8 @@ int aq_task_from_json(const json_t *body, const aq_task_props *props,
     if (rc == AQ_OK) rc = parse_string(body, "goal", AQ_TASK_GOAL_MAX, &t->goal, e);
     if (rc == AQ_OK) rc = parse_max_steps(body, t, e);
     if (rc == AQ_OK) rc = parse_budget(body, t, e);
-    if (rc == AQ_OK) rc = parse_timeout(body, limits, t, e);
+    if (rc == AQ_OK) rc = parse_timeout(body, t, e);
+    if (rc == AQ_OK) rc = parse_wait_timeout(body, t, e);
     if (rc == AQ_OK) rc = parse_skills(body, limits, t, e);
     if (rc == AQ_OK) rc = parse_model(body, limits, t, e);
     if (rc == AQ_OK) rc = parse_metadata(body, t, e);
@@ -617,6 +632,8 @@ json_t *aq_task_to_json(const aq_task *t)
     set_new(o, "max_steps", json_integer(t->max_steps));
     set_new(o, "budget_usd", json_real(t->budget_usd));
     set_new(o, "timeout_seconds", json_real(t->timeout_seconds));
+    if (t->wait_timeout_seconds != AQ_TASK_WAIT_TIMEOUT_DEFAULT)
+        set_new(o, "wait_timeout_seconds", json_real(t->wait_timeout_seconds));
     if (t->n_skills > 0) {
         json_t *a = json_array();
         if (!a) aq_oom("task JSON");

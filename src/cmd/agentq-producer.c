@@ -7,6 +7,7 @@
 #include "agentq/config.h"
 #include "agentq/log.h"
 #include "agentq/pgconn.h"
+#include "agentq/skill.h"
 #include "agentq/status.h"
 #include "agentq/task.h"
 
@@ -310,10 +311,12 @@ static int parse_args(int argc, char **argv, opts *o)
 /* The worker's skills (built-in + HTTP, comma-separated); caller frees. */
 static char *worker_skills(const aq_config *cfg)
 {
-    size_t sl = strlen(cfg->skills_enabled) + 1;
+    /* ask_human is every worker's (skill.h) */
+    size_t sl = strlen(cfg->skills_enabled) + sizeof "," AQ_SKILL_ASK_HUMAN;
     for (int i = 0; i < cfg->n_http_skills; i++) sl += strlen(cfg->http_skills[i].name) + 1;
     char *skills = aq_xmalloc(sl + 1);
     strcpy(skills, cfg->skills_enabled);
+    strcat(skills, *skills ? "," AQ_SKILL_ASK_HUMAN : AQ_SKILL_ASK_HUMAN);
     for (int i = 0; i < cfg->n_http_skills; i++) {
         strcat(skills, ",");
         strcat(skills, cfg->http_skills[i].name);
@@ -496,8 +499,7 @@ int main(int argc, char **argv)
 
     /* The worker's limits: its skills (built-in + HTTP) and models. */
     char *skills = worker_skills(&cfg);
-    aq_task_limits limits = {skills, *cfg.llm_models ? cfg.llm_models : cfg.llm_model, cfg.llm_model,
-                             aq_config_max_task_timeout(&cfg)};
+    aq_task_limits limits = {skills, *cfg.llm_models ? cfg.llm_models : cfg.llm_model, cfg.llm_model};
     run r = {.o = &o, .cfg = &cfg};
     r.b = aq_broker_connect(cfg.amqp_url, 0, 10000, err, sizeof err);
     if (!r.b || aq_broker_declare(r.b, &cfg, err, sizeof err) != AQ_OK) {

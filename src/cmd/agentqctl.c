@@ -28,6 +28,8 @@ static void usage(FILE *out)
           "  status                  queue depths and task counts by status\n"
           "  result ID               one task's row and its steps, as JSON\n"
           "  cancel ID               ask for a task to stop (it ends as 'cancelled')\n"
+          "  answer ID TEXT          answer the question of a task that is 'waiting' (ask_human);\n"
+          "                          it resumes with TEXT as the answer (TEXT '-': read stdin)\n"
           "  requeue ID              send a task's dead letter back to the task queue\n"
           "  requeue --dead [--reason R] [--limit N]\n"
           "                          send every parked dead letter (of reason R) back;\n"
@@ -183,6 +185,38 @@ static int cmd_cancel(PGconn *pg, const char *id)
         printf("cancel requested for task %s (now %s)\n", id, PQgetvalue(r, 0, 0));
     }
     PQclear(r);
+    return rc;
+}
+
+/* agentq.answer (sql/014_sessions.sql) says what is wrong: not waiting,
+ * answered already, no such task. */
+static int cmd_answer(PGconn *pg, const char *id, const char *text)
+{
+    char *owned = NULL;
+    if (!strcmp(text, "-")) { /* a long answer, or one with quotes, from stdin */
+        size_t len = 0;
+        FILE *m = open_memstream(&owned, &len);
+        char buf[4096];
+        size_t n;
+        while ((n = fread(buf, 1, sizeof buf, stdin)) > 0) fwrite(buf, 1, n, m);
+        fclose(m);
+        while (len && (owned[len - 1] == '\n' || owned[len - 1] == '\r')) owned[--len] = '\0';
+        text = owned;
+    }
+    const char *p[] = {id, text};
+    PGresult *r = PQexecParams(pg, "SELECT agentq.answer($1::uuid, $2::text)", 2, NULL, p, NULL, NULL, 0);
+    int rc = 0;
+    if (PQresultStatus(r) == PGRES_TUPLES_OK) {
+        printf("task %s answered; it resumes with the answer (now %s)\n", id, PQgetvalue(r, 0, 0));
+    } else {
+        const char *state = PQresultErrorField(r, PG_DIAG_SQLSTATE);
+        const char *msg = PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY);
+        fprintf(stderr, "agentqctl: %s\n", msg ? msg : PQresultErrorMessage(r));
+        /* no such task, or not waiting: nothing done; anything else is the database's */
+        rc = state && (!strcmp(state, "P0002") || !strcmp(state, "55000")) ? 1 : 3;
+    }
+    PQclear(r);
+    free(owned);
     return rc;
 }
 
@@ -348,6 +382,16 @@ int main(int argc, char **argv)
                 fflush(stdout);
                 usleep((useconds_t)(every * 1e6));
             }
+        }
+    } else if (!strcmp(cmd, "answer")) {
+        if (sargc != 3) {
+            fprintf(stderr, "agentqctl: answer needs a task id and the answer: agentqctl answer ID TEXT\n");
+        } else if (!aq_task_uuid_valid(sargv[1])) {
+            fprintf(stderr, "agentqctl: '%s' is not a task id (a UUID like 6f1c...-...)\n", sargv[1]);
+        } else if (!(pg = db(&cfg))) {
+            rc = 3;
+        } else {
+            rc = cmd_answer(pg, sargv[1], sargv[2]);
         }
     } else if (!strcmp(cmd, "result") || !strcmp(cmd, "cancel") || !strcmp(cmd, "requeue")) {
         bool dead = sargc > 1 && !strcmp(sargv[1], "--dead");

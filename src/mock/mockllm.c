@@ -14,6 +14,7 @@
  * file descriptor forever. */
 #include "agentq/mockllm.h"
 #include "agentq/log.h"
+#include "agentq/strmap.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -87,8 +88,12 @@ struct aq_mockllm {
     mock_bucket rpm, tpm;
     mock_faults f;
     aq_mockllm_stats st;
+    aq_strmap *calls;        /* goal -> requests that carried it (a count in the pointer) */
     mock_pending *pending;   /* every parked request, for aq_mockllm_free */
 };
+
+/* Most goals GET /calls keeps count of; later ones are not counted. */
+#define MOCK_MAX_COUNTED_GOALS 1000000
 
 /* A request parked until its reply is due (or forever, for OUT_HANG). */
 struct mock_pending {
@@ -1100,6 +1105,11 @@ static void mock_chat(aq_mockllm *m, struct evhttp_request *req)
         return;
     }
 
+    if (c.goal) { /* what a task paid for: a test compares it with an uninterrupted run */
+        uintptr_t n = (uintptr_t)aq_strmap_get(m->calls, c.goal);
+        if (n || aq_strmap_size(m->calls) < MOCK_MAX_COUNTED_GOALS)
+            aq_strmap_put(m->calls, c.goal, (void *)(n + 1));
+    }
     mock_dirs d;
     mock_parse_dirs(c.goal, &d);
     /* Prompt tokens: the usual ~4 bytes per token over the messages. */
@@ -1200,6 +1210,22 @@ static void mock_stats_reply(aq_mockllm *m, struct evhttp_request *req)
     char *text = o ? json_dumps(o, JSON_COMPACT) : NULL;
     json_decref(o);
     if (!text) aq_oom("stats");
+    mock_send_now(req, 200, text);
+}
+
+static void add_count(const char *goal, void *value, void *arg)
+{
+    json_object_set_new(arg, goal, json_integer((json_int_t)(uintptr_t)value));
+}
+
+/* GET /calls: {"<goal>": requests, ...} for every goal seen. */
+static void mock_calls_reply(aq_mockllm *m, struct evhttp_request *req)
+{
+    json_t *o = json_object();
+    aq_strmap_each(m->calls, add_count, o);
+    char *text = json_dumps(o, JSON_COMPACT);
+    json_decref(o);
+    if (!text) aq_oom("calls");
     mock_send_now(req, 200, text);
 }
 
@@ -1448,6 +1474,8 @@ static void mock_on_request(struct evhttp_request *req, void *arg)
         evhttp_send_reply(req, 200, "OK", NULL);
     } else if (!strcmp(path, "/stats") && cmd == EVHTTP_REQ_GET) {
         mock_stats_reply(m, req);
+    } else if (!strcmp(path, "/calls") && cmd == EVHTTP_REQ_GET) {
+        mock_calls_reply(m, req);
     } else if (!strcmp(path, "/control")) {
         mock_control(m, req);
     } else {
@@ -1570,6 +1598,7 @@ aq_mockllm *aq_mockllm_new(struct event_base *base, const aq_mockllm_config *cfg
     if (m->cfg.backlog <= 0) m->cfg.backlog = MOCK_DEFAULT_BACKLOG;
     if (m->cfg.max_body_bytes == 0) m->cfg.max_body_bytes = MOCK_DEFAULT_MAX_BODY;
     if (m->cfg.idle_timeout_s <= 0) m->cfg.idle_timeout_s = MOCK_DEFAULT_IDLE_S;
+    m->calls = aq_strmap_new();
     m->rng = cfg->seed ? cfg->seed : (uint64_t)aq_now_us() ^ ((uint64_t)getpid() << 32);
     int64_t now = aq_mono_us();
     bucket_init(&m->rpm, cfg->rpm, now);
@@ -1611,6 +1640,7 @@ void aq_mockllm_free(aq_mockllm *m)
         pending_unlink(p);
         free(p);
     }
+    aq_strmap_free(m->calls);
     free(m->host);
     free(m->api_key);
     free(m);

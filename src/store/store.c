@@ -53,7 +53,8 @@
 
 /* ------------------------------------------------------------ statements */
 
-enum { S_CLAIM, S_ROUTE, S_FINISH, S_STEP, S_DEAD, S_DEAD_TASK, S_RENEW, S_SWEEP, S_HOLD, S_COUNT };
+enum { S_CLAIM, S_ROUTE, S_FINISH, S_STEP, S_DEAD, S_DEAD_TASK, S_RENEW, S_SWEEP, S_HOLD, S_PROGRESS, S_LOAD,
+       S_COUNT };
 
 static const struct {
     const char *name;
@@ -64,7 +65,7 @@ static const struct {
     /* agentq.claim (sql/012_leases.sql, with caps and budgets from
      * sql/013_fair.sql) decides under the row's lock. */
     [S_CLAIM] = {"aq_claim", 19, 9,
-        "SELECT o_outcome, o_attempt, o_failures, o_status, o_reason, o_weight FROM agentq.claim("
+        "SELECT o_outcome, o_attempt, o_failures, o_status, o_reason, o_weight, o_run_seconds FROM agentq.claim("
         "$1::uuid, $2::text, $3::text, $4::int, $5::int, $6::float8, $7::float8, $8::text,"
         " $9::bytea, $10::bool, $11::bigint, $12::bigint, $13::text, $14::text, $15::int,"
         " $16::float8, $17::int, $18::int, $19::text)"},
@@ -78,15 +79,21 @@ static const struct {
      * replayed" from "not ours". A failed attempt counts toward
      * amqp.max_attempts, a drained one toward amqp.max_interruptions. With
      * a body ($10), the same statement records the dead letter of a task
-     * that ended other than completed, if this finish took effect. */
-    [S_FINISH] = {"aq_finish", 11, 10,
+     * that ended other than completed, if this finish took effect. A
+     * waiting task keeps its question ($13) until wait_until ($14 s from
+     * now); a hand-over ($15) is no interruption (sql/014_sessions.sql). */
+    [S_FINISH] = {"aq_finish", 15, 10,
         "WITH u AS ("
         " UPDATE agentq.tasks SET status = $3::text, steps = $4::int,"
         "   prompt_tokens = $5::bigint, completion_tokens = $6::bigint,"
         "   cost_usd = $7::float8, result = $8::text, error = $9::text,"
         "   finished_at = CASE WHEN agentq.is_final($3::text) THEN now() END,"
         "   failures = failures + CASE WHEN $3::text IN ('retrying', 'failed') THEN 1 ELSE 0 END,"
-        "   interruptions = interruptions + CASE WHEN $3::text = 'queued' THEN 1 ELSE 0 END,"
+        "   interruptions = interruptions + CASE WHEN $3::text = 'queued' AND NOT $15::bool THEN 1 ELSE 0 END,"
+        "   run_seconds = greatest(run_seconds, $12::float8),"
+        "   question = CASE WHEN $3::text = 'waiting' THEN $13::text END,"
+        "   wait_until = CASE WHEN $3::text = 'waiting' THEN now() + $14::float8 * interval '1 second' END,"
+        "   resume_reason = CASE WHEN $3::text = 'queued' AND $15::bool THEN 'handover' END,"
         "   lease_owner = NULL, lease_until = NULL"
         " WHERE task_id = $1::uuid AND ($2::int <= 0 OR attempt = $2::int)"
         "   AND status = 'running'"
@@ -97,12 +104,12 @@ static const struct {
         " ON CONFLICT (store_key) DO NOTHING)"
         " SELECT (SELECT count(*) FROM u)::int, t.status, t.attempt"
         "   FROM (SELECT 1) one LEFT JOIN agentq.tasks t ON t.task_id = $1::uuid"},
-    [S_STEP] = {"aq_step", 13, 0,
+    [S_STEP] = {"aq_step", 14, 0,
         "INSERT INTO agentq.steps (task_id, attempt, step, seq, kind, name, status,"
-        "   started_at, duration_ms, prompt_tokens, completion_tokens, cost_usd, detail)"
+        "   started_at, duration_ms, prompt_tokens, completion_tokens, cost_usd, detail, message)"
         " VALUES ($1::uuid, $2::int, $3::int, $4::int, $5::text, $6::text, $7::text,"
         "   timestamptz 'epoch' + $8::bigint * interval '1 microsecond',"
-        "   $9::float8, $10::bigint, $11::bigint, $12::float8, $13::jsonb)"
+        "   $9::float8, $10::bigint, $11::bigint, $12::float8, $13::jsonb, $14::text)"
         " ON CONFLICT (task_id, attempt, step, kind, seq) DO NOTHING"},
     [S_DEAD] = {"aq_dead", 6, 4,
         "INSERT INTO agentq.dead_letters (task_id, reason, error, body, headers, store_key)"
@@ -125,13 +132,22 @@ static const struct {
     [S_SWEEP] = {"aq_sweep", 2, 0,
         "SELECT swept_task_id, swept_body, swept_priority FROM agentq.sweep_leases($1::int, $2::float8)"},
     [S_HOLD] = {"aq_hold", 1, 0, "SELECT agentq.hold_owner_lock($1::int)"},
+    /* Live progress; never moves run_seconds back (a replay). */
+    [S_PROGRESS] = {"aq_progress", 7, 0,
+        "UPDATE agentq.tasks SET steps = $3::int, prompt_tokens = $4::bigint,"
+        "   completion_tokens = $5::bigint, cost_usd = $6::float8,"
+        "   run_seconds = greatest(run_seconds, $7::float8)"
+        " WHERE task_id = $1::uuid AND attempt = $2::int AND status = 'running'"},
+    [S_LOAD] = {"aq_load", 1, 0,
+        "SELECT attempt, step, seq, kind, message, prompt_tokens, completion_tokens, cost_usd"
+        " FROM agentq.session_log($1::uuid)"},
 };
 
 /* -------------------------------------------------------------- requests */
 
-enum { REQ_CLAIM, REQ_ROUTE, REQ_FINISH, REQ_STEP, REQ_DEAD, REQ_RENEW, REQ_SWEEP };
+enum { REQ_CLAIM, REQ_ROUTE, REQ_FINISH, REQ_STEP, REQ_DEAD, REQ_RENEW, REQ_SWEEP, REQ_PROGRESS, REQ_LOAD };
 static const char *const req_names[] = {"claim", "route", "finish", "step", "dead letter", "lease renewal",
-                                        "lease sweep"};
+                                        "lease sweep", "progress", "session load"};
 
 typedef struct stmt {
     int id;
@@ -153,6 +169,7 @@ typedef struct req {
     aq_store_done_cb done_cb;
     aq_store_sweep_cb sweep_cb;
     aq_store_renew_cb renew_cb;
+    aq_store_load_cb load_cb;
     void *arg;
     /* Set by the writer before the request reaches the done list. */
     int code;
@@ -168,6 +185,9 @@ typedef struct req {
     size_t nswept;
     char **lost;            /* REQ_RENEW: task ids no longer held */
     size_t nlost;
+    double run_seconds;     /* REQ_CLAIM */
+    aq_task_step *rows;     /* REQ_LOAD */
+    size_t nrows;
 } req;
 
 enum { LINK_UNKNOWN, LINK_UP, LINK_DOWN };
@@ -266,6 +286,8 @@ static void req_free(req *r)
     free(r->swept);
     for (size_t i = 0; i < r->nlost; i++) free(r->lost[i]);
     free(r->lost);
+    for (size_t i = 0; i < r->nrows; i++) free(r->rows[i].message);
+    free(r->rows);
     free(r);
 }
 
@@ -308,7 +330,8 @@ static void complete(aq_store *s, req **v, size_t n, bool committed)
         req *r = v[i];
         s->pending--;
         if (r->code != AQ_OK) s->counters.failed++;
-        if (!r->claim_cb && !r->route_cb && !r->done_cb && !r->sweep_cb && !r->renew_cb) { /* nobody waits */
+        if (!r->claim_cb && !r->route_cb && !r->done_cb && !r->sweep_cb && !r->renew_cb &&
+            !r->load_cb) { /* nobody waits */
             req_free(r);
             continue;
         }
@@ -349,7 +372,8 @@ static void deliver(aq_store *s)
         req *r = list;
         list = r->next;
         if (r->kind == REQ_CLAIM) {
-            aq_store_claimed c = {r->outcome, r->attempt, r->failures, r->status, r->reason, r->weight};
+            aq_store_claimed c = {r->outcome, r->attempt, r->failures, r->status, r->reason, r->weight,
+                                  r->run_seconds};
             if (r->claim_cb) r->claim_cb(r->arg, r->code == AQ_OK ? &c : NULL, r->code);
         } else if (r->kind == REQ_ROUTE) {
             aq_store_routed rt = {r->outcome == AQ_STORE_FINAL, r->lane, r->ttl_ms};
@@ -358,6 +382,8 @@ static void deliver(aq_store *s)
             if (r->sweep_cb) r->sweep_cb(r->arg, r->swept, r->nswept, r->code);
         } else if (r->kind == REQ_RENEW) {
             if (r->renew_cb) r->renew_cb(r->arg, (const char *const *)r->lost, r->nlost, r->code);
+        } else if (r->kind == REQ_LOAD) {
+            r->load_cb(r->arg, r->code == AQ_OK ? r->rows : NULL, r->code == AQ_OK ? r->nrows : 0, r->code);
         } else if (r->done_cb) {
             r->done_cb(r->arg, r->code);
         }
@@ -688,6 +714,7 @@ static void interpret_claim(req *r, const PGresult *res)
     if (PQnfields(res) > 4 && !PQgetisnull(res, 0, 4))
         snprintf(r->reason, sizeof r->reason, "%s", PQgetvalue(res, 0, 4));
     r->weight = PQnfields(res) > 5 && !PQgetisnull(res, 0, 5) ? atoi(PQgetvalue(res, 0, 5)) : 1;
+    r->run_seconds = PQnfields(res) > 6 && !PQgetisnull(res, 0, 6) ? strtod(PQgetvalue(res, 0, 6), NULL) : 0;
     for (size_t i = 0; i < AQ_ARRAY_LEN(outcomes); i++) {
         if (strcmp(outcome, outcomes[i].name)) continue;
         r->outcome = outcomes[i].outcome;
@@ -760,6 +787,32 @@ static void interpret_sweep(req *r, const PGresult *res)
         PQfreemem(b);
         w->priority = atoi(PQgetvalue(res, i, 2));
         r->nswept++;
+    }
+}
+
+static void interpret_progress(req *r, const PGresult *res)
+{
+    r->code = atoi(PQcmdTuples((PGresult *)res)) > 0 ? AQ_OK : AQ_ENOTFOUND;
+}
+
+/* The rows a resume reads, copied for the loop thread. */
+static void interpret_load(req *r, const PGresult *res)
+{
+    int n = PQntuples(res);
+    r->code = AQ_OK;
+    if (n <= 0) return;
+    r->rows = aq_xcalloc((size_t)n, sizeof *r->rows);
+    for (int i = 0; i < n; i++) {
+        aq_task_step *w = &r->rows[r->nrows++];
+        w->attempt = atoi(PQgetvalue(res, i, 0));
+        w->step = atoi(PQgetvalue(res, i, 1));
+        w->seq = atoi(PQgetvalue(res, i, 2));
+        w->tool = !strcmp(PQgetvalue(res, i, 3), "tool");
+        w->message_len = (size_t)PQgetlength(res, i, 4);
+        w->message = aq_xstrndup(PQgetvalue(res, i, 4), w->message_len);
+        w->prompt_tokens = strtoll(PQgetvalue(res, i, 5), NULL, 10);
+        w->completion_tokens = strtoll(PQgetvalue(res, i, 6), NULL, 10);
+        w->cost_usd = strtod(PQgetvalue(res, i, 7), NULL);
     }
 }
 
@@ -854,6 +907,10 @@ static int run_txn(aq_store *s, req **v, size_t n, size_t *bad, char *msg, size_
                 interpret_sweep(q, res[k]);
             else if (q->kind == REQ_RENEW)
                 interpret_renew(q, res[k]);
+            else if (q->kind == REQ_PROGRESS)
+                interpret_progress(q, res[k]);
+            else if (q->kind == REQ_LOAD)
+                interpret_load(q, res[k]);
             else
                 q->code = AQ_OK;
         }
@@ -1253,6 +1310,10 @@ int aq_store_finish(aq_store *s, const aq_store_result *res, aq_store_done_cb cb
         p_str(st, NULL);
         p_str(st, NULL);
     }
+    p_dbl(st, isfinite(res->run_seconds) && res->run_seconds > 0 ? res->run_seconds : 0);
+    p_str(st, res->question);
+    p_dbl(st, isfinite(res->wait_seconds) ? res->wait_seconds : 0);
+    p_str(st, res->handed_over ? "t" : "f");
     r->attempt = res->attempt; /* what interpret_finish compares the row with */
     r->status = res->status;
     r->done_cb = cb;
@@ -1285,6 +1346,42 @@ int aq_store_step(aq_store *s, const aq_store_step_row *row)
     p_int(st, row->completion_tokens);
     p_dbl(st, row->cost_usd);
     p_str(st, row->detail);
+    if (row->message) {
+        st->v[st->n++] = aq_xstrndup(row->message, row->message_len);
+    } else {
+        p_str(st, NULL);
+    }
+    return submit(s, r);
+}
+
+int aq_store_progress_write(aq_store *s, const aq_store_progress *p, aq_store_done_cb cb, void *arg)
+{
+    if (!s || !p || !aq_task_uuid_valid(p->task_id) || !isfinite(p->cost_usd) || !isfinite(p->run_seconds))
+        return AQ_EINVAL;
+    req *r = req_new(REQ_PROGRESS, p->task_id);
+    stmt *st = &r->st[r->nstmt++];
+    stmt_init(st, S_PROGRESS);
+    p_str(st, p->task_id);
+    p_int(st, p->attempt);
+    p_int(st, p->steps);
+    p_int(st, p->prompt_tokens);
+    p_int(st, p->completion_tokens);
+    p_dbl(st, p->cost_usd);
+    p_dbl(st, p->run_seconds > 0 ? p->run_seconds : 0);
+    r->done_cb = cb;
+    r->arg = arg;
+    return submit(s, r);
+}
+
+int aq_store_load_session(aq_store *s, const char *task_id, aq_store_load_cb cb, void *arg)
+{
+    if (!s || !cb || !aq_task_uuid_valid(task_id)) return AQ_EINVAL;
+    req *r = req_new(REQ_LOAD, task_id);
+    stmt *st = &r->st[r->nstmt++];
+    stmt_init(st, S_LOAD);
+    p_str(st, task_id);
+    r->load_cb = cb;
+    r->arg = arg;
     return submit(s, r);
 }
 

@@ -41,6 +41,8 @@ typedef struct job {
     aq_session *session;
     int attempt;           /* the row's, from the claim */
     int failures;          /* failed attempts before this one, from the claim */
+    double run_seconds;    /* earlier attempts' running time, from the claim */
+    bool handing_over;     /* its session goes to a new delivery (hand-over) */
     char *error;           /* kept across the retry publish */
     bool in_map;
     bool routing;          /* an ingress message on its way to a lane */
@@ -76,6 +78,7 @@ struct aq_worker {
     struct event *lease_ev;
     struct event *unblock_ev; /* users at their cap: claim again */
     struct event *start_ev;   /* fills free slots once the deliveries at hand are held */
+    struct event *sweep_ev;   /* a sweep soon: a task was answered or cancelled */
     aq_worker_stats st;
 };
 
@@ -148,14 +151,18 @@ static void record(job *j, aq_status status, const aq_session_result *r, const c
         .task_id = j->task->task_id,
         .attempt = j->attempt,
         .status = status,
-        .steps = r ? r->steps : 0,
-        .prompt_tokens = r ? r->prompt_tokens : 0,
-        .completion_tokens = r ? r->completion_tokens : 0,
-        .cost_usd = r ? r->cost_usd : 0,
+        .steps = r ? r->totals.steps : 0,
+        .prompt_tokens = r ? r->totals.prompt_tokens : 0,
+        .completion_tokens = r ? r->totals.completion_tokens : 0,
+        .cost_usd = r ? r->totals.cost_usd : 0,
         .result = r ? r->result : NULL,
         .error = error,
         .dead_body = dead ? j->d->body : NULL,
         .dead_len = dead ? j->d->len : 0,
+        .run_seconds = r ? r->totals.run_seconds : j->run_seconds,
+        .question = r ? r->question : NULL,
+        .wait_seconds = j->task->wait_timeout_seconds,
+        .handed_over = status == AQ_STATUS_QUEUED && j->handing_over,
     };
     if (aq_store_finish(j->w->store, &res, cb, j) != AQ_OK) {
         aq_log_task(AQ_LOG_ERROR, j->task->task_id, j->task->user_id, "store refused the status write");
@@ -171,6 +178,39 @@ static void on_requeued(void *arg, int code)
     (void)code; /* requeued either way: the row decides at the next claim */
     requeue(j);
     job_free(j);
+}
+
+/* A hand-over's row says queued: a copy goes to the ingress queue (routed
+ * to its user's lane like any task), and the original is acked once the
+ * broker confirms it (on_retry_published). Not written: the original goes
+ * back, and its next claim continues the session just the same. */
+static void on_handed_over(void *arg, int code)
+{
+    job *j = arg;
+    aq_worker *w = j->w;
+    if (code != AQ_OK) {
+        on_requeued(j, code);
+        return;
+    }
+    /* The copy may come back here before its confirm: it is the task's
+     * next delivery, not a duplicate of this one. */
+    if (j->in_map) {
+        aq_strmap_del(w->jobs, j->task->task_id);
+        j->in_map = false;
+    }
+    json_t *h = json_pack("{s:s}", "x-agentq-reason", "handover");
+    aq_publish p = {
+        .exchange = w->cfg->amqp_exchange,
+        .routing_key = "task",
+        .body = j->d->body,
+        .len = j->d->len,
+        .message_id = j->task->task_id,
+        .priority = j->task->priority,
+        .timestamp = j->task->enqueued_at_us / 1000000,
+        .headers = h,
+    };
+    aq_consumer_publish(w->consumer, &p, j);
+    json_decref(h);
 }
 
 /* Publishes a copy of the task's message to retry tier `tier` (its
@@ -242,6 +282,18 @@ static void on_retry_published(void *cookie, bool ok, void *arg)
         job_free(j);
         return;
     }
+    if (j->handing_over) { /* the continuation is queued: this delivery may go */
+        if (ok) {
+            ack(j);
+            j->w->st.handed_over++;
+        } else {
+            aq_log_task(AQ_LOG_WARN, j->task->task_id, j->task->user_id,
+                        "hand-over copy not confirmed; the delivery goes back to its queue");
+            requeue(j);
+        }
+        job_free(j);
+        return;
+    }
     if (j->routing) { /* the lane has its copy: the ingress message may go */
         if (ok) {
             ack(j);
@@ -275,10 +327,20 @@ static void on_session_done(aq_session *s, const aq_session_result *r, void *arg
     w->st.running--;
     bool completed = r->status == AQ_STATUS_COMPLETED;
     aq_log_task(r->retryable || !completed ? AQ_LOG_INFO : AQ_LOG_DEBUG, j->task->task_id, j->task->user_id,
-                "task %s after %d steps ($%.6f)%s%s", aq_status_name(r->status), r->steps, r->cost_usd,
-                r->error ? ": " : "", r->error ? r->error : "");
-    if (r->status == AQ_STATUS_QUEUED) { /* drain ran out, or the lease was lost: back to the queue */
+                "task %s after %d steps ($%.6f)%s%s", aq_status_name(r->status), r->totals.steps,
+                r->totals.cost_usd, r->error ? ": " : "", r->error ? r->error : "");
+    if (r->status == AQ_STATUS_QUEUED) {
+        if (j->handing_over) { /* near the broker's consumer_timeout: a new delivery goes on */
+            record(j, AQ_STATUS_QUEUED, r, NULL, false, on_handed_over);
+            return;
+        }
+        /* drain ran out, or the lease was lost: back to the queue */
         record(j, AQ_STATUS_QUEUED, r, NULL, false, on_requeued);
+        return;
+    }
+    if (r->status == AQ_STATUS_WAITING) { /* its slot is free; agentq.answer() sends it back */
+        w->st.waiting++;
+        record(j, AQ_STATUS_WAITING, r, NULL, false, on_finished);
         return;
     }
     if (r->retryable) {
@@ -288,6 +350,39 @@ static void on_session_done(aq_session *s, const aq_session_result *r, void *arg
     if (completed) w->st.completed++;
     else w->st.failed++;
     record(j, r->status, r, r->error, !completed, on_finished);
+}
+
+/* Runs the claimed task, resuming from `past` (NULL: from the start). Its
+ * deadline is what timeout_seconds leaves after the earlier attempts. */
+static void start_session(job *j, const aq_session_past *past)
+{
+    aq_worker *w = j->w;
+    w->st.running++;
+    if (past && past->n) w->st.resumed++;
+    double left = j->task->timeout_seconds - j->run_seconds;
+    int64_t session_deadline = aq_now_us() + (int64_t)((left > 0 ? left : 0) * 1e6);
+    j->session = aq_session_start(w->engine, j->task, j->attempt, session_deadline, past, on_session_done, j);
+    if (w->drain_expired) aq_session_cancel(j->session, AQ_STATUS_QUEUED);
+}
+
+static void on_session_loaded(void *arg, const aq_task_step *rows, size_t n, int code)
+{
+    job *j = arg;
+    if (code != AQ_OK) {
+        if (code != AQ_ECLOSED && code != AQ_ETIMEDOUT) {
+            aq_log_task(AQ_LOG_WARN, j->task->task_id, j->task->user_id,
+                        "could not read the committed steps (%s); back to the queue", aq_strerror(code));
+            requeue(j);
+        }
+        job_free(j);
+        return;
+    }
+    aq_session_past past = {rows, n, j->run_seconds};
+    if (n)
+        aq_log_task(AQ_LOG_INFO, j->task->task_id, j->task->user_id,
+                    "attempt %d resumes from %zu committed rows (%.1f s run before)", j->attempt, n,
+                    j->run_seconds);
+    start_session(j, &past);
 }
 
 /* A message whose task_id names a task another body defined: recorded as
@@ -361,18 +456,23 @@ static void on_claimed(void *arg, const aq_store_claimed *c, int code)
     }
     j->attempt = c->attempt;
     j->failures = c->failures;
+    j->run_seconds = c->run_seconds;
     j->task->user_weight = c->weight > 0 ? c->weight : 1;
     aq_fairq_set_weight(w->held, user, j->task->user_weight);
-    w->st.running++;
-    int64_t session_deadline = aq_now_us() + (int64_t)(j->task->timeout_seconds * 1e6);
-    j->session = aq_session_start(w->engine, j->task, j->attempt, session_deadline, on_session_done, j);
-    if (w->drain_expired) aq_session_cancel(j->session, AQ_STATUS_QUEUED);
+    if (j->attempt > 1) { /* an earlier attempt may have committed steps */
+        if (aq_store_load_session(w->store, id, on_session_loaded, j) != AQ_OK) {
+            requeue(j);
+            job_free(j);
+        }
+        return;
+    }
+    start_session(j, NULL);
 }
 
 static aq_task_limits limits_of(const aq_worker *w)
 {
     aq_task_limits l = {w->skill_names, *w->cfg->llm_models ? w->cfg->llm_models : w->cfg->llm_model,
-                        w->cfg->llm_model, aq_config_max_task_timeout(w->cfg)};
+                        w->cfg->llm_model};
     return l;
 }
 
@@ -747,11 +847,39 @@ static void on_step(const aq_step_event *e, void *arg)
                              .kind = e->kind, .name = e->name, .status = e->status,
                              .started_at_us = e->started_at_us, .duration_ms = e->duration_ms,
                              .prompt_tokens = e->prompt_tokens, .completion_tokens = e->completion_tokens,
-                             .cost_usd = e->cost_usd, .detail = e->detail};
+                             .cost_usd = e->cost_usd, .detail = e->detail, .message = e->message,
+                             .message_len = e->message_len};
     if (aq_store_step(w->store, &row) != AQ_OK)
         aq_log_task(AQ_LOG_WARN, e->task_id, NULL, "step row dropped: store not accepting");
 }
 
+static void on_progress(void *arg, int code)
+{
+    job *j = arg;
+    if (code != AQ_OK)
+        aq_log_task(AQ_LOG_WARN, j->task->task_id, j->task->user_id,
+                    code == AQ_ENOTFOUND ? "attempt %d no longer holds the task; stopping it"
+                                         : "could not record attempt %d's progress; stopping it",
+                    j->attempt);
+    aq_session_checkpointed(j->session, code == AQ_OK);
+}
+
+/* A step is over: its rows are queued before this, so the progress
+ * write's commit says they are all in (store.h), and the next LLM call
+ * may go out. */
+static void on_checkpoint(aq_session *s, const aq_session_totals *t, void *arg)
+{
+    job *j = arg;
+    aq_store_progress p = {j->task->task_id, j->attempt, t->steps, t->prompt_tokens, t->completion_tokens,
+                           t->cost_usd, t->run_seconds};
+    if (aq_store_progress_write(j->w->store, &p, on_progress, j) != AQ_OK) aq_session_checkpointed(s, false);
+}
+
+static void on_sweep_soon(evutil_socket_t fd, short what, void *arg);
+
+/* NOTIFY agentq_cancel: a task was cancelled, or answered (sql/014). A
+ * session here stops; any other task may be one a sweep ends or sends
+ * back (a waiting one), so a sweep runs soon. */
 static void on_cancel_request(const char *task_id, void *arg)
 {
     aq_worker *w = arg;
@@ -759,6 +887,11 @@ static void on_cancel_request(const char *task_id, void *arg)
     if (j && j->session) {
         aq_log_task(AQ_LOG_INFO, task_id, j->task->user_id, "cancel requested; stopping the session");
         aq_session_cancel(j->session, AQ_STATUS_CANCELLED);
+        return;
+    }
+    if (!evtimer_pending(w->sweep_ev, NULL)) {
+        struct timeval tv = {0, 50000}; /* one sweep for a burst of them */
+        evtimer_add(w->sweep_ev, &tv);
     }
 }
 
@@ -779,8 +912,9 @@ static void on_swept(void *arg, const aq_store_swept *rows, size_t n, int code)
     aq_worker *w = arg;
     if (code != AQ_OK) return;
     for (size_t i = 0; i < n; i++) {
-        aq_log_task(AQ_LOG_WARN, rows[i].task_id, NULL,
-                    "running with an expired lease and no live worker; publishing it again");
+        aq_log_task(AQ_LOG_INFO, rows[i].task_id, NULL,
+                    "no message carries it (an answered task, or a running one with an expired lease and no"
+                    " live worker); publishing it again");
         job *j = aq_xcalloc(1, sizeof *j);
         j->w = w;
         snprintf(j->swept, sizeof j->swept, "%s", rows[i].task_id);
@@ -830,6 +964,26 @@ static void on_leases_renewed(void *arg, const char *const *lost, size_t n, int 
     }
 }
 
+/* Sessions whose delivery nears the broker's consumer_timeout hand
+ * themselves over (aq_config_handover_ms): asked at the soft age, stopped
+ * at the hard one. */
+static void hand_over_old(const char *key, void *value, void *arg)
+{
+    (void)key;
+    job *j = value;
+    const int64_t *age_ms = arg; /* soft, hard */
+    if (!j->session || !j->held_since_us) return;
+    int64_t age = (aq_mono_us() - j->held_since_us) / 1000;
+    if (age < age_ms[0]) return;
+    if (!j->handing_over)
+        aq_log_task(AQ_LOG_INFO, j->task->task_id, j->task->user_id,
+                    "delivered %lld s ago (amqp.consumer_timeout_ms nears): handing the session over",
+                    (long long)(age / 1000));
+    j->handing_over = true;
+    if (age >= age_ms[1]) aq_session_cancel(j->session, AQ_STATUS_QUEUED);
+    else aq_session_hand_over(j->session);
+}
+
 /* Held deliveries that waited a fifth of the broker's consumer_timeout go
  * back to their lane (the broker would close the channel on the whole
  * prefetch once one passed it); whichever worker has room takes them. */
@@ -850,8 +1004,19 @@ static void return_stale_held(aq_worker *w)
     }
 }
 
+/* Publishes again what nobody holds: running tasks with an expired lease
+ * and answered ones; ends waiting tasks cancelled or out of time. */
+static void sweep(aq_worker *w)
+{
+    if (!w->draining && aq_consumer_connected(w->consumer) &&
+        aq_store_sweep(w->store, SWEEP_LIMIT, (double)w->cfg->worker_lease_seconds * RESWEEP_LEASES, on_swept,
+                       w) != AQ_OK)
+        aq_log(AQ_LOG_WARN, "store refused the lease sweep");
+}
+
 /* Every third of a lease: renew the leases of every task this process
- * holds (one statement), then sweep for running tasks nobody holds. */
+ * holds (one statement), hand over sessions near the broker's
+ * consumer_timeout, then sweep. */
 static void on_lease_tick(evutil_socket_t fd, short what, void *arg)
 {
     aq_worker *w = arg;
@@ -863,10 +1028,17 @@ static void on_lease_tick(evutil_socket_t fd, short what, void *arg)
         aq_log(AQ_LOG_WARN, "store refused the lease renewal");
     free(l.ids);
     return_stale_held(w);
-    if (!w->draining && aq_consumer_connected(w->consumer) &&
-        aq_store_sweep(w->store, SWEEP_LIMIT, (double)w->cfg->worker_lease_seconds * RESWEEP_LEASES, on_swept,
-                       w) != AQ_OK)
-        aq_log(AQ_LOG_WARN, "store refused the lease sweep");
+    int64_t age_ms[2];
+    aq_config_handover_ms(w->cfg, &age_ms[0], &age_ms[1]);
+    aq_strmap_each(w->jobs, hand_over_old, age_ms);
+    sweep(w);
+}
+
+static void on_sweep_soon(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    sweep(arg);
 }
 
 /* Seconds the requeue writes may take after the drain time is up before
@@ -931,6 +1103,7 @@ aq_worker *aq_worker_new(const aq_config *cfg, struct event_base *base, char *er
     w->lease_ev = event_new(base, -1, EV_PERSIST, on_lease_tick, w);
     w->unblock_ev = evtimer_new(base, on_unblock_tick, w);
     w->start_ev = event_new(base, -1, 0, on_start, w);
+    w->sweep_ev = evtimer_new(base, on_sweep_soon, w);
     w->held = aq_fairq_new();
     w->paused = aq_xcalloc((size_t)cfg->amqp_lanes, sizeof *w->paused);
 
@@ -950,7 +1123,7 @@ aq_worker *aq_worker_new(const aq_config *cfg, struct event_base *base, char *er
                                    cfg->llm_tokens_per_minute};
         if (!(w->fleet = aq_fleetlimit_new(&fc, w->rl, base, err, errlen))) goto fail;
     }
-    aq_engine_deps deps = {cfg, base, w->http, w->skills, w->rl, on_step, w};
+    aq_engine_deps deps = {cfg, base, w->http, w->skills, w->rl, on_step, w, on_checkpoint};
     if (!(w->engine = aq_engine_new(&deps, err, errlen))) goto fail;
     aq_store_config sc = {.dsn = cfg->pg_dsn,
                           .worker_id = w->worker_id,
@@ -995,6 +1168,7 @@ void aq_worker_free(aq_worker *w)
     if (w->lease_ev) event_free(w->lease_ev);
     if (w->unblock_ev) event_free(w->unblock_ev);
     if (w->start_ev) event_free(w->start_ev);
+    if (w->sweep_ev) event_free(w->sweep_ev);
     aq_strmap_free(w->jobs);
     aq_fairq_free(w->held, NULL); /* its jobs are gone with the map's */
     free(w->paused);
@@ -1058,6 +1232,12 @@ char *aq_worker_metrics(const aq_worker *w)
          (double)s.routed},
         {"agentq_tasks_waited_total", "counter",
          "Claims told to wait: the user was at its cap of running tasks or over its daily budget.", (double)s.waited},
+        {"agentq_sessions_resumed_total", "counter",
+         "Sessions that went on from the steps an earlier attempt committed.", (double)s.resumed},
+        {"agentq_sessions_waiting_total", "counter", "Sessions that ended waiting for a person's answer (ask_human).",
+         (double)s.waiting},
+        {"agentq_sessions_handed_over_total", "counter",
+         "Sessions handed to a new delivery before the broker's consumer_timeout.", (double)s.handed_over},
         {"agentq_sessions_running", "gauge", "Agent sessions running now.", (double)s.running},
         {"agentq_tasks_held", "gauge", "Lane deliveries held for a free slot (the lookahead).", (double)s.held},
         {"agentq_tasks_held_blocked", "gauge", "Held deliveries whose user is at its cap or over budget.",

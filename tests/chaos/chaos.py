@@ -948,13 +948,20 @@ def run_checks(ledger, fleet, chaos, sites, echo_key, marker, queues_end, driver
           "%d completed attempts have a step written more than once, e.g. %s:\n%s"
           % (len(ids), ", ".join("%s step %s %s x%s" % (r["id"][:8], r["step"], r["kind"], r["n"])
                                  for r in doubled[:5]), describe(ids)))
-    # Not a check: how much an interrupted or retried task ran again (a
-    # new attempt starts at step 1 until sessions resume).
-    rerun = sql_rows(
-        "SELECT count(DISTINCT s.task_id) AS n FROM agentq.steps s JOIN agentq.tasks t USING (task_id) "
-        "WHERE t.status = 'completed' AND s.kind = 'llm' AND s.status = 'ok' AND s.attempt < t.attempt")
-    log("note: %s completed tasks ran LLM steps again in a later attempt (after a kill, a drain or a "
-        "failure: a new attempt starts at step 1)" % rerun[0]["n"])
+    # Not a check: how much interrupted or retried tasks ran again. A new
+    # attempt resumes at the last committed step, so a step's reply is
+    # recorded twice only when a worker cut off from the database longer
+    # than a lease kept writing for an attempt that had been taken over.
+    again = sql_rows(
+        "SELECT count(*) AS steps, count(DISTINCT task_id) AS tasks FROM ("
+        " SELECT s.task_id, s.step FROM agentq.steps s JOIN agentq.tasks t USING (task_id)"
+        " WHERE t.status = 'completed' AND s.kind = 'llm' AND s.status = 'ok'"
+        " GROUP BY 1, 2 HAVING count(*) > 1) d")
+    resumed = sql_rows(
+        "SELECT count(*) AS n FROM agentq.tasks WHERE status = 'completed' AND attempt > 1")
+    log("note: %s completed tasks ran more than one attempt; %s steps of %s tasks have their LLM reply "
+        "recorded twice (a new attempt resumes at the last committed step)"
+        % (resumed[0]["n"], again[0]["steps"], again[0]["tasks"]))
     flips = sql_rows(
         "SELECT task_id::text AS id, old_status, new_status FROM chaos.status_log "
         "WHERE old_status IN %s AND new_status IS DISTINCT FROM old_status ORDER BY id" % (FINAL,))
