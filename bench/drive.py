@@ -9,6 +9,7 @@ workers; this file only measures.
   drive.py latency --system agentq|celery ...  one task at a time (S4)
   drive.py burst   --system agentq|celery ...  fairness under a burst (S5)
   drive.py tokens  --system agentq ...         token fairness under a limit (S5T)
+  drive.py crash   --system agentq|celery ...  LLM calls and tokens per task, with kills or not (S6)
   drive.py table RESULTS.jsonl                  the Markdown table
 
 Clocks: every timestamp compared here comes from this machine's clock (the
@@ -723,6 +724,169 @@ def cmd_burst(a):
     return 0 if completed == n_total and not late_err else 1
 
 
+# --------------------------------------------------------------- crash --
+
+def mock_calls(url):
+    """The mock's GET /calls: {goal: chat requests that carried it}."""
+    try:
+        with urllib.request.urlopen(url + "/calls", timeout=30) as r:
+            return json.loads(r.read())
+    except Exception as e:
+        log("cannot read the mock's /calls: %s" % e)
+        return {}
+
+
+def read_kills(path, t_until):
+    """The kill loop's log (lib.sh crash_loop): one "EPOCH_S INDEX PID" a
+    kill. Returns (kills up to t_until, kills after it)."""
+    before = after = 0
+    try:
+        with open(path) as f:
+            for line in f:
+                p = line.split()
+                if len(p) >= 3:
+                    if float(p[0]) <= t_until:
+                        before += 1
+                    else:
+                        after += 1
+    except OSError:
+        pass
+    return before, after
+
+
+def cmd_crash(a):
+    """S6: --tasks tasks of the goal --goal plus " #i" (one goal per task, so
+    that the mock's GET /calls counts each task's LLM requests), enqueued at
+    once; waits until every task is final and then writes --done-file, which
+    ends bench/run's kill loop (lib.sh crash_loop). The cost is the mock's:
+    requests and tokens (GET /stats, after minus before; a fresh mock per
+    run) per completed task, and per task from /calls. --kill-log is the
+    loop's record of its kills (none in an uninterrupted run); --baseline
+    the uninterrupted run's JSON line, to which the ratios refer."""
+    n = a.tasks
+    goals = ["%s #%d" % (a.goal, i) for i in range(n)]
+    if a.system == "agentq":
+        sysobj = Agentq(a)
+        path = os.path.join(a.workdir, "crash-%d.jsonl" % os.getpid())
+        with open(path, "w") as f:
+            for i, g in enumerate(goals):
+                b = agentq_body(str(uuid.uuid4()), "bench-%d" % (i % 16), g)
+                f.write(json.dumps(b) + "\n")
+    else:
+        sysobj = CeleryBase(a)
+    stats0 = mock_stats(a.mock_url)
+    load = loadavg()
+    t0 = time.time()
+    if a.start_file:  # the kill loop's clock starts here
+        with open(a.start_file, "w") as f:
+            f.write("%.6f\n" % t0)
+    if a.system == "agentq":
+        try:
+            subprocess.run([a.producer, "--file", path, "--quiet", "--window", "1000"], check=True)
+        finally:
+            os.unlink(path)
+    else:
+        sysobj.ids = []
+        with sysobj.tasks.app.producer_or_acquire() as prod:
+            for g in goals:
+                r = sysobj.tasks.agent.apply_async(args=[g], kwargs={"max_steps": 10}, producer=prod)
+                sysobj.ids.append(r.id)
+    t_enq = time.time()
+    final = 0
+    while time.time() < t0 + a.timeout:
+        final, _ = sysobj.progress()
+        if final >= n:
+            break
+        time.sleep(a.poll_s)
+    t_seen = time.time()
+    if a.done_file:
+        with open(a.done_file, "w") as f:
+            f.write("%.6f\n" % t_seen)
+    final, completed = sysobj.progress(final=True)
+    t_end, steps = sysobj.finish_times()
+    if not t_end or final < n:
+        t_end = t_seen
+    stats1 = mock_stats(a.mock_url)
+    calls = mock_calls(a.mock_url)
+
+    extra = {}
+    if a.system == "agentq":
+        with sysobj.db.cursor() as c:
+            c.execute("SELECT count(*) FILTER (WHERE status = 'completed' AND steps = %s),"
+                      " coalesce(sum(interruptions), 0), count(*) FILTER (WHERE interruptions > 0),"
+                      " coalesce(max(interruptions), 0), coalesce(max(attempt), 0),"
+                      " count(*) FILTER (WHERE status = 'failed')"
+                      " FROM agentq.tasks", (a.llm_calls,))
+            full, ints, tasks_int, max_int, max_att, failed = c.fetchone()
+            c.execute("SELECT status, count(*) FROM agentq.tasks GROUP BY status ORDER BY status")
+            by_status = dict(c.fetchall())
+        extra = {"completed_all_steps": full, "interruptions": int(ints), "tasks_interrupted": tasks_int,
+                 "max_interruptions_per_task": max_int, "max_attempt": max_att, "failed": failed,
+                 "by_status": by_status, "llm_steps_recorded": int(steps or 0)}
+    else:
+        be = sysobj.tasks.app.backend
+        sess = be.ResultSession()
+        full = 0
+        by_status = {}
+        try:
+            for t in sess.query(be.task_cls).filter(be.task_cls.task_id.in_(sysobj.ids)).all():
+                res = t.result if isinstance(t.result, dict) else {}
+                st = res.get("status") if t.status == "SUCCESS" else t.status
+                by_status[st] = by_status.get(st, 0) + 1
+                if st == "completed" and res.get("steps") == a.llm_calls:
+                    full += 1
+        finally:
+            sess.close()
+        # completed = SUCCESS rows whose agent loop reached its final answer
+        completed = by_status.get("completed", 0)
+        extra = {"completed_all_steps": full, "by_status": by_status}
+
+    kills, kills_after = read_kills(a.kill_log, t_end) if a.kill_log else (0, 0)
+
+    def d(k):
+        return stats1.get(k, 0) - stats0.get(k, 0)
+
+    reqs = d("requests")
+    ptok, ctok = d("prompt_tokens"), d("completion_tokens")
+    per = [calls.get(g, 0) for g in goals]
+    wall = t_end - t0
+    out = {
+        "scenario": a.scenario, "system": a.system, "settings": a.settings, "mode": a.mode,
+        "tasks": n, "llm_calls_nominal": a.llm_calls, "completed": completed, "lost": n - completed,
+        "timed_out": final < n, "kills": kills, "kills_after_done": kills_after, "kill_every_s": a.kill_every_s if a.mode == "crash" else None,
+        "wall_s": round(wall, 3), "enqueue_s": round(t_enq - t0, 3),
+        "llm_calls": reqs, "llm_answered": d("completed"), "llm_cancelled": d("cancelled"),
+        "prompt_tokens": ptok, "completion_tokens": ctok, "tokens": ptok + ctok,
+        "calls_per_task": round(reqs / completed, 3) if completed else None,
+        "tokens_per_task": round((ptok + ctok) / completed, 1) if completed else None,
+        "calls_per_task_p50": pct(per, 50), "calls_per_task_p99": pct(per, 99),
+        "calls_per_task_max": max(per) if per else None,
+        "tasks_with_repeated_calls": sum(1 for x in per if x > a.llm_calls),
+        "calls_counted_by_goal": sum(per),
+        "load1_before": load, "load1_after": loadavg(),
+    }
+    out.update(extra)
+    if a.baseline:
+        try:
+            with open(a.baseline) as f:
+                base = json.loads(f.read().strip().splitlines()[-1])
+        except (OSError, ValueError, IndexError) as e:
+            log("no baseline (%s): no ratios" % e)
+            base = {}
+        out["calls_ratio"] = ratio(out["calls_per_task"], base.get("calls_per_task"), 3)
+        out["tokens_ratio"] = ratio(out["tokens_per_task"], base.get("tokens_per_task"), 3)
+        out["wall_ratio"] = ratio(out["wall_s"], base.get("wall_s"), 2)
+        out["target_ratio"] = a.target_ratio
+        out["calls_ok"] = out["calls_ratio"] is not None and out["calls_ratio"] <= a.target_ratio
+        out["tokens_ok"] = out["tokens_ratio"] is not None and out["tokens_ratio"] <= a.target_ratio
+    print(json.dumps(out), flush=True)
+    if completed != n:
+        log("%s %s: %d of %d tasks completed (%s)" % (a.system, a.mode, completed, n, out["by_status"]))
+    if a.mode == "crash" and kills == 0:
+        log("%s: the crash run made no kill (the run ended before the first one)" % a.system)
+    return 0 if completed == n and (a.mode != "crash" or kills > 0) else 1
+
+
 # -------------------------------------------------------------- tokens --
 
 def goal_max_bytes():
@@ -916,10 +1080,10 @@ def cmd_table(a):
     for r in rows:
         size = r.get("tasks") if r["scenario"] != "raw" else None  # raw: ops done vary per run
         groups.setdefault((r["scenario"], r["system"], r["settings"], size), []).append(r)
-    order = {"s1": 0, "s2": 1, "s0": 2, "s4": 3, "s5": 4, "s5t": 5, "raw": 6}
+    order = {"s1": 0, "s2": 1, "s0": 2, "s4": 3, "s5": 4, "s5t": 5, "s6": 6, "raw": 7}
     keys = sorted(groups, key=lambda k: (order.get(k[0], 9), k[1] != "agentq", k[1], k[2], k[3] or 0))
 
-    main = [k for k in keys if k[0] not in ("s4", "s5", "s5t", "raw")]
+    main = [k for k in keys if k[0] not in ("s4", "s5", "s5t", "s6", "raw")]
     if main:
         print("| scenario | system | settings | tasks | runs | wall s | tasks/s | ideal tasks/s | "
               "peak RSS MB | peak PSS MB | worker CPU s | CPU µs / LLM call |")
@@ -982,6 +1146,33 @@ def cmd_table(a):
                 span(g, "window_s", 1), span(g, "heavy_tokens", 0), span(g, "light_tokens", 0),
                 span(g, "heavy_share", 3), span(g, "light_share", 3),
                 "/".join("✓" if r.get("shares_ok") else "✗" for r in g)))
+
+    crash = sorted((k for k in keys if k[0] == "s6"),
+                   key=lambda k: (k[1] != "agentq", k[1], groups[k][0].get("mode") == "crash", k[2], k[3]))
+    if crash:
+        g0 = groups[crash[0]][0]
+        print()
+        print("S6 crash cost: %d tasks of %d LLM calls each; crash runs SIGKILL one worker process in turn "
+              "and start it again; cost = the mock's requests and tokens per completed task (target for "
+              "agentq: ≤ %.2f × uninterrupted)" % (g0["tasks"], g0.get("llm_calls_nominal") or 0,
+                                                   g0.get("target_ratio") or 1.05))
+        print()
+        print("| S6 | settings | runs | completed | kills | LLM calls / task | calls / task p99 / max | "
+              "tokens / task | wall s | calls ÷ uninterrupted | tokens ÷ uninterrupted | ≤ target |")
+        print("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|:-:|")
+        for k in crash:
+            g = groups[k]
+            comp = "/".join("%d/%d" % (r["completed"], r["tasks"]) + ("" if r["completed"] == r["tasks"] else " ✗")
+                            for r in g)
+            ok = "–"
+            if any("calls_ratio" in r for r in g):
+                ok = "/".join(("calls ✓" if r.get("calls_ok") else "calls ✗") + ", " +
+                              ("tokens ✓" if r.get("tokens_ok") else "tokens ✗") for r in g)
+            print("| %s | %s | %d | %s | %s | %s | %s / %s | %s | %s | %s | %s | %s |" % (
+                k[1], k[2], len(g), comp, span(g, "kills", 0), span(g, "calls_per_task", 3),
+                span(g, "calls_per_task_p99", 0), span(g, "calls_per_task_max", 0),
+                span(g, "tokens_per_task", 0), span(g, "wall_s", 1),
+                span(g, "calls_ratio", 3), span(g, "tokens_ratio", 3), ok))
 
     raw = [k for k in keys if k[0] == "raw"]
     if raw:
@@ -1079,7 +1270,24 @@ def main():
     k.add_argument("--timeout", type=float, default=600)
     k.add_argument("--sample-s", type=float, default=0.25)
     k.add_argument("--poll-s", type=float, default=0.2)
-    for x in (b, k):
+    x = sub.add_parser("crash")
+    x.add_argument("--system", choices=["agentq", "celery"], required=True)
+    x.add_argument("--scenario", default="s6")
+    x.add_argument("--settings", required=True)
+    x.add_argument("--mode", choices=["uninterrupted", "crash"], required=True)
+    x.add_argument("--tasks", type=int, required=True)
+    x.add_argument("--goal", default="bench steps=5", help="each task's goal is this + ' #i'")
+    x.add_argument("--llm-calls", type=int, default=6, help="LLM calls of one uninterrupted task")
+    x.add_argument("--producer", default="")
+    x.add_argument("--start-file", default="", help="written just before the first publish")
+    x.add_argument("--done-file", default="", help="written once every task is final")
+    x.add_argument("--kill-log", default="", help="the kill loop's record (crash runs)")
+    x.add_argument("--kill-every-s", type=float, default=0)
+    x.add_argument("--baseline", default="", help="the uninterrupted run's JSON line")
+    x.add_argument("--target-ratio", type=float, default=1.05)
+    x.add_argument("--timeout", type=float, default=900)
+    x.add_argument("--poll-s", type=float, default=0.1)
+    for x in (b, k, x):
         x.add_argument("--mock-url", default="")
         x.add_argument("--mock-pid", type=int, default=0)
         x.add_argument("--broker-pid", type=int, default=0)
@@ -1096,6 +1304,8 @@ def main():
         return cmd_burst(a)
     if a.cmd == "tokens":
         return cmd_tokens(a)
+    if a.cmd == "crash":
+        return cmd_crash(a)
     return cmd_latency(a)
 
 

@@ -276,3 +276,71 @@ celery_stop() {
     bench_forget "$CELERY_PID"
     CELERY_PID=
 }
+
+# ------------------------------------------------------- crash (S6) --
+
+# crash_loop agentq|celery EVERY_S DRIVER_PID RUN CONCURRENCY [ARGS...]:
+# the kill loop of S6. From the moment the run's driver (drive.py crash,
+# pid DRIVER_PID) writes RUN.started (just before its first publish) until
+# it writes RUN.done (every task final) or exits, every EVERY_S seconds one
+# worker process, chosen in turn, is SIGKILLed and at once started again.
+# Each kill is a line "EPOCH_S INDEX PID" in RUN.kills, which drive.py
+# counts. The processes are the current WORKER_PIDS (agentq, started by
+# agentq_start_n; ARGS: their extra environment, KEY=VALUE) or CELERY_PIDS
+# (Celery, by celery_start_n; ARGS: the pool, e.g. gevent); the loop puts
+# each new pid in its place, so that agentq_stop_n / celery_stop_n stop
+# what runs at the end.
+crash_loop() {
+    local sys=$1 every=$2 dpid=$3 run=$4 conc=$5
+    shift 5
+    local n i=0 step_us next_us pid
+    if [[ "$sys" == agentq ]]; then n=${#WORKER_PIDS[@]}; else n=${#CELERY_PIDS[@]}; fi
+    : >"$run.kills"
+    while [[ ! -e "$run.started" ]]; do
+        kill -0 "$dpid" 2>/dev/null || return 0
+        sleep 0.02
+    done
+    # EPOCHREALTIME: seconds.micros (bash 5). The schedule is absolute from
+    # the first publish, so a slow restart does not push later kills back.
+    step_us=$("$BENCH_PY" -c "import sys; print(int(float(sys.argv[1]) * 1e6))" "$every")
+    next_us=$((${EPOCHREALTIME/./} + step_us))
+    while :; do
+        while ((${EPOCHREALTIME/./} < next_us)); do
+            [[ -e "$run.done" ]] && return 0
+            kill -0 "$dpid" 2>/dev/null || return 0
+            sleep 0.02
+        done
+        [[ -e "$run.done" ]] && return 0
+        if [[ "$sys" == agentq ]]; then
+            pid=${WORKER_PIDS[i]}
+            kill -KILL "$pid" 2>/dev/null || true
+            echo "$EPOCHREALTIME $i $pid" >>"$run.kills"
+            wait "$pid" 2>/dev/null || true
+            bench_forget "$pid"
+            # The same worker id, a new process (with a new lease key);
+            # agentq_start returns once its /readyz answers.
+            AGENTQ_WORKER_ID=bench-worker-$((i + 1)) agentq_start "$conc" "$@"
+            WORKER_PIDS[i]=$WORKER_PID
+            WORKER_METRICS_URLS[i]=$WORKER_METRICS
+        else
+            pid=${CELERY_PIDS[i]}
+            # Only a worker that consumes is worth killing: one restarted
+            # n kills ago gets the time it needs to be ready first.
+            celery_wait_ready "bench$((i + 1))" "$pid"
+            [[ -e "$run.done" ]] && return 0
+            # gevent: one process, no pool children. Its broker connection
+            # closes with it, and RabbitMQ requeues every unacked message.
+            kill -KILL "$pid" 2>/dev/null || true
+            echo "$EPOCHREALTIME $i $pid" >>"$run.kills"
+            wait "$pid" 2>/dev/null || true
+            bench_forget "$pid"
+            # Started again at once but not waited for (a Celery start
+            # takes seconds here): its readiness is awaited before its next
+            # kill, n kills later.
+            celery_launch "$1" "$conc" "bench$((i + 1))"
+            CELERY_PIDS[i]=$CELERY_PID
+        fi
+        i=$(((i + 1) % n))
+        next_us=$((next_us + step_us))
+    done
+}

@@ -45,6 +45,18 @@ ALTER TABLE agentq.tasks ADD CONSTRAINT tasks_status_check CHECK (status IN (
     'completed', 'failed', 'timeout', 'budget_exceeded',
     'max_steps', 'cancelled', 'expired', 'rejected'));
 
+-- Every status with its count, `waiting` included.
+CREATE OR REPLACE VIEW agentq.status_counts AS
+SELECT s.status,
+       agentq.is_final(s.status)  AS final,
+       coalesce(c.n, 0)           AS tasks
+  FROM (VALUES (1, 'queued'), (2, 'running'), (3, 'retrying'), (4, 'waiting'), (5, 'completed'),
+               (6, 'failed'), (7, 'timeout'), (8, 'budget_exceeded'), (9, 'max_steps'),
+               (10, 'cancelled'), (11, 'expired'), (12, 'rejected')) AS s(ord, status)
+  LEFT JOIN (SELECT status, count(*) AS n FROM agentq.tasks GROUP BY status) c
+         ON c.status = s.status
+ ORDER BY s.ord;
+
 -- The sweeper's scans: waiting tasks (to expire or cancel) and answered
 -- ones (to publish).
 CREATE INDEX tasks_waiting_idx ON agentq.tasks (wait_until) WHERE status = 'waiting';

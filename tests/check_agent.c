@@ -1523,10 +1523,11 @@ START_TEST(test_ask_human_waits_then_resumes)
     aq_task_step *rows = committed(&f, r.task->task_id, 0, 0, &n);
     ck_assert_uint_eq(n, 1);
     json_t *d = json_loads(f.rows[f.nrows - 1].detail, 0, NULL);
-    char *answer = json_dumps(json_pack("{s:s, s:s, s:s, s:s}", "role", "tool", "tool_call_id",
-                                        json_string_value(json_object_get(d, "tool_call_id")), "name",
-                                        "ask_human", "content", "blue"),
-                              JSON_COMPACT);
+    json_t *msg = json_pack("{s:s, s:s, s:s, s:s}", "role", "tool", "tool_call_id",
+                            json_string_value(json_object_get(d, "tool_call_id")), "name", "ask_human", "content",
+                            "blue");
+    char *answer = json_dumps(msg, JSON_COMPACT);
+    json_decref(msg);
     json_decref(d);
     aq_task_step v[2] = {rows[0], {1, 1, 1, true, answer, strlen(answer), 0, 0, 0}};
     aq_session_past past = {v, 2, 0};

@@ -1330,9 +1330,10 @@ START_TEST(ask_human_waits_and_resumes_with_the_answer)
 }
 END_TEST
 
-/* The broker's consumer_timeout set to 60 s, and a task of ~70 s: the
- * session hands itself over to a new delivery twice and completes, each
- * step paid once, and the channel is never closed under it. */
+/* The broker's consumer_timeout set to 60 s (the least the worker's
+ * config takes), and a task of ~36 s: at 30 s on its delivery the session
+ * hands itself over to a new delivery and completes there, each step paid
+ * once, and the channel is never closed under it. */
 START_TEST(long_task_hands_itself_over_before_consumer_timeout)
 {
     const char *mock[] = {"--latency-ms", "1000", NULL};
@@ -1345,7 +1346,7 @@ START_TEST(long_task_hands_itself_over_before_consumer_timeout)
     const char *short_timeout[] = {"AGENTQ_AMQP_CONSUMER_TIMEOUT_MS=60000", "AGENTQ_WORKER_LEASE_SECONDS=3", NULL};
     aq_test_proc *w = start_worker("worker", short_timeout);
     char id[40];
-    const char *args[] = {"--user", "long", "--goal", "steps=65 long haul", "--max-steps", "80", "--timeout",
+    const char *args[] = {"--user", "long", "--goal", "steps=35 long haul", "--max-steps", "50", "--timeout",
                           "300", NULL};
     ck_assert_int_eq(produce(args, id), 0);
     char sql[200];
@@ -1355,9 +1356,9 @@ START_TEST(long_task_hands_itself_over_before_consumer_timeout)
              ctl_bin);
     ck_assert_int_eq(system(cmd), 0);
     if (!done) wait_status(id, "completed", 1, w, "worker");
-    assert_task(id, "steps || ',' || failures || ',' || interruptions || ',' || (attempt >= 2)", "66,0,0,true");
-    assert_each_step_paid_once(1, 66);
-    ck_assert_int_eq(mock_calls("steps=65 long haul"), 66);
+    assert_task(id, "steps || ',' || failures || ',' || interruptions || ',' || (attempt >= 2)", "36,0,0,true");
+    assert_each_step_paid_once(1, 36);
+    ck_assert_int_eq(mock_calls("steps=35 long haul"), 36);
     snprintf(cmd, sizeof cmd, "grep -q 'handing the session over' '%s/worker.log'", E.logdir);
     ck_assert_msg(WEXITSTATUS(system(cmd)) == 0, "no hand-over logged");
     snprintf(cmd, sizeof cmd, "grep -q 'broker connection lost' '%s/worker.log'", E.logdir);

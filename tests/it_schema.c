@@ -290,7 +290,7 @@ START_TEST(test_views_count_what_was_inserted)
                "completed=3,failed=1,running=1,timeout=1");
     assert_sql("SELECT count(*) || '/' || count(*) FILTER (WHERE final)"
                " FROM agentq.status_counts",
-               "11/8");
+               "12/8");
     drop_dsn();
 }
 END_TEST
@@ -592,6 +592,9 @@ START_TEST(test_reader_role_cannot_write)
     ck_assert_msg(strstr(err, "permission denied") != NULL, "%s", err);
     ck_assert_int_ne(aq_test_pg_exec(dsn, "SELECT agentq.take_tokens('x', 1)", err, sizeof err),
                      0);
+    ck_assert_msg(strstr(err, "permission denied") != NULL, "%s", err);
+    /* answering a waiting task is the writer's */
+    ck_assert_int_ne(aq_test_pg_exec(dsn, "SELECT agentq.answer(gen_random_uuid(), 'yes')", err, sizeof err), 0);
     ck_assert_msg(strstr(err, "permission denied") != NULL, "%s", err);
 
     /* Reading every table and view works. */

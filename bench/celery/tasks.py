@@ -20,6 +20,8 @@ bench/lib.sh sets:
   BENCH_DB_POOL      1: keep result-backend connections pooled in a worker
                      that never forks (gevent); see below
   BENCH_PREFETCH_MULTIPLIER  worker_prefetch_multiplier (default 4, Celery's)
+  BENCH_REJECT_ON_WORKER_LOST  1: task_reject_on_worker_lost (S6, the crash
+                     runs): a task whose worker died goes back to the queue
 
 Not the product: a fair, simple version of what a Celery user would write.
 """
@@ -54,6 +56,14 @@ app.conf.update(
     # slow here: with no message in reserve, a freed slot waits for the next
     # delivery after its ack (S5 took 2.1x as long as with 4).
     worker_prefetch_multiplier=int(os.environ.get("BENCH_PREFETCH_MULTIPLIER", "4")),
+    # S6 (bench/run s6) sets it: with acks_late, what Celery advises for
+    # tasks that must survive their worker's death. It acts when a prefork
+    # child dies under its parent (the message is requeued rather than
+    # acked as failed); when a whole worker process dies (the gevent pool
+    # S6 runs, SIGKILLed), its broker connection closes and RabbitMQ
+    # requeues every unacked message anyway. Off elsewhere, so that the
+    # other scenarios run as they did.
+    task_reject_on_worker_lost=os.environ.get("BENCH_REJECT_ON_WORKER_LOST") == "1",
     worker_hijack_root_logger=False,
     broker_connection_retry_on_startup=True,
 )

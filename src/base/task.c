@@ -389,7 +389,7 @@ static int parse_wait_timeout(const json_t *body, aq_task *t, aq_task_error *e)
     if (!json_is_number(v) || !(d > 0 && d <= AQ_TASK_WAIT_TIMEOUT_MAX)) {
         char got[64];
         got_number(got, sizeof got, v);
-        return fail(e, "wait_timeout_seconds", "wait_timeout_seconds: must be a number > 0 and <= %g (got %s)",
+        return fail(e, "wait_timeout_seconds", "wait_timeout_seconds: must be a number > 0 and <= %.0f (got %s)",
                     AQ_TASK_WAIT_TIMEOUT_MAX, got);
     }
     t->wait_timeout_seconds = d;

@@ -22,7 +22,7 @@
 
 typedef struct opts {
     const char *config, *user, *goal, *skills, *model, *metadata, *task_id, *file;
-    const char *max_steps, *budget, *timeout, *ttl;
+    const char *max_steps, *budget, *timeout, *ask_timeout, *ttl;
     int priority;
     int window;
     bool strict, json, record, wait, quiet;
@@ -48,7 +48,9 @@ static void usage(FILE *out)
           "  --ttl MS             drop the task if still queued after MS milliseconds\n"
           "  --max-steps N        1-100 (default 15)\n"
           "  --budget USD         cost budget, 0 = none (default 0.50)\n"
-          "  --timeout S          wall-clock limit in seconds, <= 3600 (default 60)\n"
+          "  --timeout S          running time in seconds over all attempts, <= 86400 (default 60)\n"
+          "  --ask-timeout S      how long a question (skill ask_human) waits for its answer\n"
+          "                       (default 86400; then the task expires)\n"
           "  --skills A,B         only these skills\n"
           "  --model NAME         a configured model (default llm.model)\n"
           "  --metadata JSON      object stored with the task\n"
@@ -248,6 +250,7 @@ static int parse_args(int argc, char **argv, opts *o)
         {"goal", required_argument, 0, 'g'},   {"priority", required_argument, 0, 'p'},
         {"ttl", required_argument, 0, 't'},    {"max-steps", required_argument, 0, 's'},
         {"budget", required_argument, 0, 'b'}, {"timeout", required_argument, 0, 'T'},
+        {"ask-timeout", required_argument, 0, 'A'},
         {"skills", required_argument, 0, 'k'}, {"model", required_argument, 0, 'm'},
         {"metadata", required_argument, 0, 'M'}, {"task-id", required_argument, 0, 'i'},
         {"file", required_argument, 0, 'f'},   {"strict", no_argument, 0, 'S'},
@@ -274,6 +277,7 @@ static int parse_args(int argc, char **argv, opts *o)
         case 's': o->max_steps = optarg; break;
         case 'b': o->budget = optarg; break;
         case 'T': o->timeout = optarg; break;
+        case 'A': o->ask_timeout = optarg; break;
         case 'k': o->skills = optarg; break;
         case 'm': o->model = optarg; break;
         case 'M': o->metadata = optarg; break;
@@ -333,8 +337,9 @@ static json_t *body_from_flags(const opts *o)
     json_object_set_new(body, "goal", json_string(o->goal));
     if (o->task_id) json_object_set_new(body, "task_id", json_string(o->task_id));
     if (o->model) json_object_set_new(body, "model", json_string(o->model));
-    const char *nums[][2] = {{"max_steps", o->max_steps}, {"budget_usd", o->budget}, {"timeout_seconds", o->timeout}};
-    for (size_t i = 0; i < 3; i++) {
+    const char *nums[][2] = {{"max_steps", o->max_steps}, {"budget_usd", o->budget}, {"timeout_seconds", o->timeout},
+                             {"wait_timeout_seconds", o->ask_timeout}};
+    for (size_t i = 0; i < AQ_ARRAY_LEN(nums); i++) {
         if (!nums[i][1]) continue;
         json_error_t jerr;
         json_t *v = json_loads(nums[i][1], JSON_DECODE_ANY, &jerr);
