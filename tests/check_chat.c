@@ -847,9 +847,71 @@ START_TEST(test_tools_json_errors)
 }
 END_TEST
 
+/* What a step row stores (the newest message as the history holds it)
+ * rebuilds the same history in another chat: the same request, byte for
+ * byte, under the same cap. */
+START_TEST(test_last_message_rebuilds_the_history)
+{
+    enum { CAP = 1200 };
+    aq_chat *a = aq_chat_new(SYS, GOAL, CAP), *b = aq_chat_new(SYS, GOAL, CAP);
+    size_t len;
+    ck_assert_ptr_null(aq_chat_last_message(a, &len));
+    ck_assert_uint_eq(len, 0);
+    char err[256] = "", big[900];
+    memset(big, 'x', sizeof big - 1);
+    big[sizeof big - 1] = '\0';
+    for (int turn = 0; turn < 4; turn++) {
+        char prefix[16];
+        snprintf(prefix, sizeof prefix, "t%d", turn);
+        aq_chat_reply r;
+        add_calls(a, prefix, 2, &r);
+        const char *m = aq_chat_last_message(a, &len);
+        ck_assert_ptr_nonnull(m);
+        aq_chat_reply again;
+        ck_assert_msg(aq_chat_parse_message(m, len, &again, err, sizeof err) == AQ_OK, "%s", err);
+        ck_assert_uint_eq(again.n_tool_calls, 2);
+        ck_assert_str_eq(again.tool_calls[1].id, r.tool_calls[1].id);
+        ck_assert_int_eq(aq_chat_add_reply(b, &again, err, sizeof err), AQ_OK);
+        for (int i = 0; i < 2; i++) {
+            /* a result over its share: the stored text is the cut one */
+            ck_assert_int_eq(aq_chat_add_tool_result(a, r.tool_calls[i].id, NULL, big, strlen(big), err, sizeof err),
+                             AQ_OK);
+            m = aq_chat_last_message(a, &len);
+            json_t *j = json_loadb(m, len, 0, NULL);
+            ck_assert_ptr_nonnull(j);
+            json_t *content = json_object_get(j, "content");
+            ck_assert_msg(strstr(json_string_value(content), "[truncated]"), "%.*s", (int)len, m);
+            ck_assert_str_eq(json_string_value(json_object_get(j, "tool_call_id")), r.tool_calls[i].id);
+            ck_assert_int_eq(aq_chat_add_tool_result(b, r.tool_calls[i].id, NULL, json_string_value(content),
+                                                     json_string_length(content), err, sizeof err),
+                             AQ_OK);
+            json_decref(j);
+        }
+        aq_chat_reply_free(&again);
+        aq_chat_reply_free(&r);
+    }
+    ck_assert_uint_gt(aq_chat_dropped(a), 0);
+    ck_assert_uint_eq(aq_chat_dropped(b), aq_chat_dropped(a));
+    char *ra = NULL, *rb = NULL;
+    ck_assert_int_eq(aq_chat_request(a, "m", NULL, &ra, NULL), AQ_OK);
+    ck_assert_int_eq(aq_chat_request(b, "m", NULL, &rb, NULL), AQ_OK);
+    ck_assert_str_eq(ra, rb);
+    free(ra);
+    free(rb);
+    /* a stored message that is not an assistant message is refused, named */
+    const char *bad = "{\"role\":\"assistant\",\"tool_calls\":[{\"function\":{}}]}";
+    aq_chat_reply r;
+    ck_assert_int_eq(aq_chat_parse_message(bad, strlen(bad), &r, err, sizeof err), AQ_EPROTO);
+    ck_assert_msg(strstr(err, "tool_calls[0].function.name"), "%s", err);
+    aq_chat_reply_free(&r);
+    aq_chat_free(a);
+    aq_chat_free(b);
+}
+END_TEST
+
 static Suite *chat_suite(void)
 {
-    const TTest *core[] = {test_request_order_and_tools, test_round_trip_ids,
+    const TTest *core[] = {test_request_order_and_tools, test_round_trip_ids, test_last_message_rebuilds_the_history,
                            test_user_turn_and_escaping, test_parse_content_reply,
                            test_parse_two_tool_calls, test_parse_missing_usage,
                            test_parse_bad_arguments, test_parse_lenient_servers, test_tools_json};
