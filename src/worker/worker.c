@@ -43,6 +43,7 @@ typedef struct job {
     int failures;          /* failed attempts before this one, from the claim */
     double run_seconds;    /* earlier attempts' running time, from the claim */
     bool handing_over;     /* its session goes to a new delivery (hand-over) */
+    int dup_checks;        /* claims again of a redelivered copy that found a live lease */
     char *error;           /* kept across the retry publish */
     bool in_map;
     bool routing;          /* an ingress message on its way to a lane */
@@ -389,6 +390,20 @@ static void on_session_loaded(void *arg, const aq_task_step *rows, size_t n, int
  * a duplicate dead letter (so a hijack attempt is visible), then acked. */
 static void record_conflict(aq_worker *w, aq_delivery *d, const char *task_id, aq_status status);
 
+static void claim(job *j);
+
+/* A redelivered copy that found a live lease is claimed again after
+ * DUP_RECHECK_MS, up to DUP_RECHECKS times. */
+#define DUP_RECHECKS 5
+#define DUP_RECHECK_MS 200
+
+static void on_claim_again(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    claim(arg);
+}
+
 static void on_claimed(void *arg, const aq_store_claimed *c, int code)
 {
     job *j = arg;
@@ -417,6 +432,15 @@ static void on_claimed(void *arg, const aq_store_claimed *c, int code)
         job_free(j);
         return;
     case AQ_STORE_DUPLICATE:
+        if (j->d->redelivered && j->dup_checks < DUP_RECHECKS) {
+            /* The broker gave this copy back: it may be the only one, of
+             * an owner killed a moment ago whose database session (and so
+             * its liveness lock) has not ended yet. Look again shortly
+             * rather than ack it and leave the task to the sweeper. */
+            j->dup_checks++;
+            struct timeval tv = {0, DUP_RECHECK_MS * 1000};
+            if (event_base_once(w->base, -1, EV_TIMEOUT, on_claim_again, j, &tv) == 0) return;
+        }
         aq_log_task(AQ_LOG_INFO, id, user, "a live worker runs this task (attempt %d); duplicate copy acked",
                     c->attempt);
         w->st.duplicates++;
