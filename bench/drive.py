@@ -738,20 +738,21 @@ def mock_calls(url):
 
 def read_kills(path, t_until):
     """The kill loop's log (lib.sh crash_loop): one "EPOCH_S INDEX PID" a
-    kill. Returns (kills up to t_until, kills after it)."""
-    before = after = 0
+    kill. Returns the times of the kills up to t_until, and how many came
+    after it."""
+    times, after = [], 0
     try:
         with open(path) as f:
             for line in f:
                 p = line.split()
                 if len(p) >= 3:
                     if float(p[0]) <= t_until:
-                        before += 1
+                        times.append(float(p[0]))
                     else:
                         after += 1
     except OSError:
         pass
-    return before, after
+    return sorted(times), after
 
 
 def cmd_crash(a):
@@ -841,7 +842,9 @@ def cmd_crash(a):
         completed = by_status.get("completed", 0)
         extra = {"completed_all_steps": full, "by_status": by_status}
 
-    kills, kills_after = read_kills(a.kill_log, t_end) if a.kill_log else (0, 0)
+    kill_times, kills_after = read_kills(a.kill_log, t_end) if a.kill_log else ([], 0)
+    kills = len(kill_times)
+    gaps = [y - x for x, y in zip([t0] + kill_times, kill_times)]  # the first from the first publish
 
     def d(k):
         return stats1.get(k, 0) - stats0.get(k, 0)
@@ -853,7 +856,10 @@ def cmd_crash(a):
     out = {
         "scenario": a.scenario, "system": a.system, "settings": a.settings, "mode": a.mode,
         "tasks": n, "llm_calls_nominal": a.llm_calls, "completed": completed, "lost": n - completed,
-        "timed_out": final < n, "kills": kills, "kills_after_done": kills_after, "kill_every_s": a.kill_every_s if a.mode == "crash" else None,
+        "timed_out": final < n, "kills": kills, "kills_after_done": kills_after,
+        "kill_every_s": a.kill_every_s if a.mode == "crash" else None,
+        "kill_gap_mean_s": rnd(statistics.mean(gaps), 3) if gaps else None,
+        "kill_gap_min_s": rnd(min(gaps), 3) if gaps else None, "kill_gap_max_s": rnd(max(gaps), 3) if gaps else None,
         "wall_s": round(wall, 3), "enqueue_s": round(t_enq - t0, 3),
         "llm_calls": reqs, "llm_answered": d("completed"), "llm_cancelled": d("cancelled"),
         "prompt_tokens": ptok, "completion_tokens": ctok, "tokens": ptok + ctok,

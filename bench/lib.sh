@@ -282,8 +282,14 @@ celery_stop() {
 # crash_loop agentq|celery EVERY_S DRIVER_PID RUN CONCURRENCY [ARGS...]:
 # the kill loop of S6. From the moment the run's driver (drive.py crash,
 # pid DRIVER_PID) writes RUN.started (just before its first publish) until
-# it writes RUN.done (every task final) or exits, every EVERY_S seconds one
-# worker process, chosen in turn, is SIGKILLed and at once started again.
+# it writes RUN.done (every task final) or exits, every EVERY_S seconds on
+# average one worker process, chosen in turn, is SIGKILLed and at once
+# started again. The gaps are drawn uniformly from 0.5-1.5 x EVERY_S, from
+# a fixed seed (S6_KILL_SEED, default 6: the same gaps in every run): with
+# a fixed period, kills beat in step with tasks of the same length (S6's
+# are 6 x 500 ms = 3 s), and a task that restarts from scratch can be
+# killed just before its end every time (Celery's last task did 1,168 LLM
+# calls in 10 minutes that way, about 6 per kill).
 # Each kill is a line "EPOCH_S INDEX PID" in RUN.kills, which drive.py
 # counts. The processes are the current WORKER_PIDS (agentq, started by
 # agentq_start_n; ARGS: their extra environment, KEY=VALUE) or CELERY_PIDS
@@ -303,7 +309,8 @@ crash_loop() {
     # EPOCHREALTIME: seconds.micros (bash 5). The schedule is absolute from
     # the first publish, so a slow restart does not push later kills back.
     step_us=$("$BENCH_PY" -c "import sys; print(int(float(sys.argv[1]) * 1e6))" "$every")
-    next_us=$((${EPOCHREALTIME/./} + step_us))
+    RANDOM=${S6_KILL_SEED:-6}
+    next_us=$((${EPOCHREALTIME/./} + step_us * (16384 + RANDOM) / 32768))
     while :; do
         while ((${EPOCHREALTIME/./} < next_us)); do
             [[ -e "$run.done" ]] && return 0
@@ -341,6 +348,6 @@ crash_loop() {
             CELERY_PIDS[i]=$CELERY_PID
         fi
         i=$(((i + 1) % n))
-        next_us=$((next_us + step_us))
+        next_us=$((next_us + step_us * (16384 + RANDOM) / 32768))
     done
 }
