@@ -62,7 +62,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     check(aq_task_uuid_valid(t->task_id), "task_id");
     check(t->max_steps >= 1 && t->max_steps <= 100, "max_steps");
     check(t->budget_usd >= 0, "budget_usd");
-    check(t->timeout_seconds > 0 && t->timeout_seconds <= 3600, "timeout_seconds");
+    check(t->timeout_seconds > 0 && t->timeout_seconds <= AQ_TASK_TIMEOUT_MAX, "timeout_seconds");
+    check(t->wait_timeout_seconds > 0 && t->wait_timeout_seconds <= AQ_TASK_WAIT_TIMEOUT_MAX, "wait_timeout_seconds");
     check(strlen(t->goal) >= 1 && strlen(t->goal) <= AQ_TASK_GOAL_MAX, "goal");
 
     json_t *j = aq_task_to_json(t);
@@ -79,6 +80,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     check(t->max_steps == u->max_steps, "round trip max_steps");
     check(t->budget_usd == u->budget_usd, "round trip budget_usd");
     check(t->timeout_seconds == u->timeout_seconds, "round trip timeout_seconds");
+    check(t->wait_timeout_seconds == u->wait_timeout_seconds, "round trip wait_timeout_seconds");
     check(t->n_skills == u->n_skills, "round trip skills");
     for (int i = 0; i < t->n_skills; i++)
         check(strcmp(t->skills[i], u->skills[i]) == 0, "round trip skill");
