@@ -150,21 +150,11 @@ BEGIN
     UPDATE agentq.tasks t
        SET swept_at = now()
       FROM (SELECT c.task_id FROM agentq.tasks c
-             WHERE c.status = 'running' AND c.body IS NOT NULL
-               AND (c.lease_until IS NULL OR c.lease_until < now())
+             WHERE c.body IS NOT NULL
+               AND ((c.status = 'running' AND (c.lease_until IS NULL OR c.lease_until < now()))
+                    OR (c.status = 'queued' AND c.resume_reason = 'answered'))
                AND (c.swept_at IS NULL OR c.swept_at < now() - p_resweep_seconds * interval '1 second')
              ORDER BY c.lease_until NULLS FIRST
-             LIMIT p_limit
-             FOR UPDATE SKIP LOCKED) s
-     WHERE t.task_id = s.task_id
-    RETURNING t.task_id, t.body, t.priority;
-
-    RETURN QUERY
-    UPDATE agentq.tasks t
-       SET swept_at = now()
-      FROM (SELECT c.task_id FROM agentq.tasks c
-             WHERE c.resume_reason = 'answered' AND c.status = 'queued' AND c.body IS NOT NULL
-               AND (c.swept_at IS NULL OR c.swept_at < now() - p_resweep_seconds * interval '1 second')
              LIMIT p_limit
              FOR UPDATE SKIP LOCKED) s
      WHERE t.task_id = s.task_id

@@ -1543,10 +1543,14 @@ START_TEST(test_ask_human_waits_then_resumes)
     run_free(&again);
     run_free(&r);
 
-    /* Not listed in the task's skills: never offered, and refused if called. */
+    /* Not listed in the task's skills: never offered, so it never waits. */
     start(&f, &r, "{\"user_id\":\"u1\",\"goal\":\"steps=1 tool=ask_human\"}");
     run_all(&f, 10000);
     ck_assert_str_eq(r.status, "completed");
+    ck_assert_uint_eq(count_rows(&f, r.task->task_id, "tool", "waiting"), 0);
+    ck_assert_uint_eq(count_rows(&f, r.task->task_id, "tool", NULL), 1);
+    for (size_t i = 0; i < f.nrows; i++)
+        if (!strcmp(f.rows[i].task_id, r.task->task_id)) ck_assert_str_ne(f.rows[i].name, "ask_human");
     run_free(&r);
     fx_stop(&f);
 }

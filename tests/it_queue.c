@@ -1254,10 +1254,9 @@ START_TEST(drained_and_retried_tasks_resume)
     ck_assert_int_eq(produce(two, id), 0);
     snprintf(sql, sizeof sql, "SELECT steps >= 3 FROM agentq.tasks WHERE task_id = '%s'", id);
     ck_assert(aq_test_pg_wait_value(E.dsn, sql, "t", 20000));
-    char body[64];
-    snprintf(body, sizeof body, "{\"fail_rate\": 1}");
     char cmd[512];
-    snprintf(cmd, sizeof cmd, "curl -s -o /dev/null -d '%s' http://127.0.0.1:%d/control", body, E.mock_port);
+    snprintf(cmd, sizeof cmd, "curl -s -o /dev/null -d '{\"fail_rate\": 1}' http://127.0.0.1:%d/control",
+             E.mock_port);
     ck_assert_int_eq(system(cmd), 0);
     snprintf(sql, sizeof sql, "SELECT status FROM agentq.tasks WHERE task_id = '%s'", id);
     ck_assert(aq_test_pg_wait_value(E.dsn, sql, "retrying", 10000));

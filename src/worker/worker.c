@@ -181,6 +181,24 @@ static void on_requeued(void *arg, int code)
     job_free(j);
 }
 
+/* Publishes a copy of the job's message (its body, id, priority and
+ * timestamp) with `headers`; the confirm reaches on_retry_published with
+ * j as cookie. */
+static void publish_copy(job *j, const char *exchange, const char *routing_key, json_t *headers)
+{
+    aq_publish p = {
+        .exchange = exchange,
+        .routing_key = routing_key,
+        .body = j->d->body,
+        .len = j->d->len,
+        .message_id = j->task->task_id,
+        .priority = j->task->priority,
+        .timestamp = j->task->enqueued_at_us / 1000000,
+        .headers = headers,
+    };
+    aq_consumer_publish(j->w->consumer, &p, j);
+}
+
 /* A hand-over's row says queued: a copy goes to the ingress queue (routed
  * to its user's lane like any task), and the original is acked once the
  * broker confirms it (on_retry_published). Not written: the original goes
@@ -200,17 +218,7 @@ static void on_handed_over(void *arg, int code)
         j->in_map = false;
     }
     json_t *h = json_pack("{s:s}", "x-agentq-reason", "handover");
-    aq_publish p = {
-        .exchange = w->cfg->amqp_exchange,
-        .routing_key = "task",
-        .body = j->d->body,
-        .len = j->d->len,
-        .message_id = j->task->task_id,
-        .priority = j->task->priority,
-        .timestamp = j->task->enqueued_at_us / 1000000,
-        .headers = h,
-    };
-    aq_consumer_publish(w->consumer, &p, j);
+    publish_copy(j, w->cfg->amqp_exchange, "task", h);
     json_decref(h);
 }
 
@@ -227,23 +235,13 @@ static void send_copy(job *j, int tier, int attempt, const char *error, const ch
     json_object_set_new(h, "x-agentq-attempt", json_integer(attempt));
     if (error) json_object_set_new(h, "x-agentq-error", json_string(error));
     if (reason) json_object_set_new(h, "x-agentq-reason", json_string(reason));
-    aq_publish p = {
-        .exchange = w->cfg->amqp_dlx,
-        .routing_key = "task",
-        .body = j->d->body,
-        .len = j->d->len,
-        .message_id = j->task->task_id,
-        .priority = j->task->priority,
-        .timestamp = j->task->enqueued_at_us / 1000000,
-        .headers = h,
-    };
-    if (tier >= 0) {
+    if (tier < 0) {
+        publish_copy(j, w->cfg->amqp_dlx, "task", h);
+    } else {
         aq_broker_retry_queue(w->cfg, w->retry_delays[tier < w->nretry_delays ? tier : w->nretry_delays - 1],
                               queue, sizeof queue);
-        p.exchange = ""; /* the default exchange routes by queue name */
-        p.routing_key = queue;
+        publish_copy(j, "", queue, h); /* the default exchange routes by queue name */
     }
-    aq_consumer_publish(w->consumer, &p, j);
     json_decref(h);
 }
 
