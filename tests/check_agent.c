@@ -239,7 +239,7 @@ typedef struct fx {
     aq_config cfg;
     aq_http *http;
     aq_skills *skills;
-    aq_ratelimit *rl;
+    aq_router *router;
     aq_engine *engine;
     row *rows;
     size_t nrows, caprows;
@@ -351,9 +351,10 @@ static void fx_start(fx *f)
     ck_assert_msg(f->http != NULL, "aq_http_new: %s", err);
     f->skills = aq_skills_new(&f->cfg, f->base, f->http, err, sizeof err);
     ck_assert_msg(f->skills != NULL, "aq_skills_new: %s", err);
-    f->rl = aq_ratelimit_new(f->base, f->cfg.llm_requests_per_minute,
-                             f->cfg.llm_tokens_per_minute);
-    aq_engine_deps deps = {&f->cfg, f->base, f->http, f->skills, f->rl, on_step, f, NULL};
+    aq_router_deps rd = {&f->cfg, f->base, f->http, NULL, false};
+    f->router = aq_router_new(&rd, err, sizeof err);
+    ck_assert_msg(f->router != NULL, "aq_router_new: %s", err);
+    aq_engine_deps deps = {&f->cfg, f->base, f->http, f->skills, f->router, on_step, f, NULL};
     f->engine = aq_engine_new(&deps, err, sizeof err);
     ck_assert_msg(f->engine != NULL, "aq_engine_new: %s", err);
 }
@@ -369,7 +370,7 @@ static void fx_stop(fx *f)
 {
     ck_assert_uint_eq(aq_engine_sessions(f->engine), 0);
     aq_engine_free(f->engine);
-    aq_ratelimit_free(f->rl);
+    aq_router_free(f->router);
     aq_skills_free(f->skills);
     aq_http_free(f->http);
     aq_mockllm_free(f->mock);
@@ -990,9 +991,11 @@ START_TEST(test_rate_limited)
     enum { N = 25 };
     fx f;
     aq_mockllm_config mc = mock_defaults();
-    /* a full minute's bucket of 120 requests, then 2 a second: 125 calls
-     * make the last few wait on 429s */
-    mc.rpm = 120;
+    /* 30 requests a second, counted in fixed windows and saying no limit
+     * (had it said one, the limiter would pace to it and see no 429):
+     * 25 sessions' second calls overrun the first window */
+    mc.window_requests = 30;
+    mc.window_ms = 1000;
     fx_init(&f, &mc);
     fx_start(&f);
     run r[N];
@@ -1125,17 +1128,21 @@ START_TEST(test_api_key)
     fx_init(&f, &mc);
     set(&f.cfg, "llm.api_key_env", "CHECK_AGENT_KEY");
     setenv("CHECK_AGENT_KEY", "sk-check-agent", 1);
-    fx_start(&f); /* the engine reads the key here */
+    fx_start(&f); /* the router reads the key here */
     run ok;
     start(&f, &ok, "{\"user_id\":\"u1\",\"goal\":\"steps=1\"}");
     run_all(&f, 5000);
     ck_assert_str_eq(ok.status, "completed");
     run_free(&ok);
     aq_engine_free(f.engine);
+    aq_router_free(f.router);
 
     setenv("CHECK_AGENT_KEY", "sk-wrong", 1);
-    aq_engine_deps deps = {&f.cfg, f.base, f.http, f.skills, f.rl, on_step, &f, NULL};
     char err[256] = "";
+    aq_router_deps rd = {&f.cfg, f.base, f.http, NULL, false};
+    f.router = aq_router_new(&rd, err, sizeof err); /* the router's clients read the key */
+    ck_assert_ptr_nonnull(f.router);
+    aq_engine_deps deps = {&f.cfg, f.base, f.http, f.skills, f.router, on_step, &f, NULL};
     f.engine = aq_engine_new(&deps, err, sizeof err);
     ck_assert_ptr_nonnull(f.engine);
     run bad;

@@ -55,7 +55,7 @@ static json_t *request_json(const aq_chat *c, const char *tools, json_t **messag
 {
     char *body = NULL;
     size_t len = 0;
-    ck_assert_int_eq(aq_chat_request(c, "gpt-test", tools, &body, &len), AQ_OK);
+    ck_assert_int_eq(aq_chat_request(c, "gpt-test", tools, NULL, &body, &len), AQ_OK);
     ck_assert_uint_eq(len, strlen(body));
     json_error_t je;
     json_t *root = json_loadb(body, len, JSON_REJECT_DUPLICATES, &je);
@@ -175,7 +175,7 @@ START_TEST(test_request_order_and_tools)
 
     /* aq_chat_bytes is exactly the messages array of the body. */
     char *req = NULL;
-    ck_assert_int_eq(aq_chat_request(c, "gpt-test", tools, &req, NULL), AQ_OK);
+    ck_assert_int_eq(aq_chat_request(c, "gpt-test", tools, NULL, &req, NULL), AQ_OK);
     const char *m = strstr(req, "\"messages\":") + strlen("\"messages\":");
     const char *end = strstr(req, ",\"tools\":");
     ck_assert_uint_eq((size_t)(end - m), aq_chat_bytes(c));
@@ -738,7 +738,7 @@ START_TEST(test_history_misuse)
 
     /* Unanswered calls block the next request and the next turn. */
     char *req = (char *)"sentinel";
-    ck_assert_int_eq(aq_chat_request(c, "m", NULL, &req, NULL), AQ_EINVAL);
+    ck_assert_int_eq(aq_chat_request(c, "m", NULL, NULL, &req, NULL), AQ_EINVAL);
     ck_assert_ptr_null(req);
     ck_assert_int_eq(aq_chat_add_user(c, "more", 4, err, sizeof err), AQ_EINVAL);
     ck_assert_str_eq(err, "tool call call_0 (calculator) of the last reply has no result yet");
@@ -751,13 +751,13 @@ START_TEST(test_history_misuse)
     ck_assert_int_eq(aq_chat_add_tool_result(c, "call_0", NULL, "r", 1, err, sizeof err), AQ_EINVAL);
     ck_assert_str_eq(err, "tool call call_0 already has a result");
     ck_assert_int_eq(aq_chat_add_tool_result(c, "call_9", NULL, "r", 1, err, sizeof err), AQ_EINVAL);
-    ck_assert_int_eq(aq_chat_request(c, "m", NULL, &req, NULL), AQ_EINVAL);
+    ck_assert_int_eq(aq_chat_request(c, "m", NULL, NULL, &req, NULL), AQ_EINVAL);
     ck_assert_uint_gt(aq_chat_bytes(c), bytes);
 
     /* A NULL content is an empty result. */
     ck_assert_int_eq(aq_chat_add_tool_result(c, "call_1", NULL, NULL, 5, err, sizeof err), AQ_OK);
-    ck_assert_int_eq(aq_chat_request(c, "", NULL, &req, NULL), AQ_EINVAL);
-    ck_assert_int_eq(aq_chat_request(c, "m", NULL, &req, NULL), AQ_OK);
+    ck_assert_int_eq(aq_chat_request(c, "", NULL, NULL, &req, NULL), AQ_EINVAL);
+    ck_assert_int_eq(aq_chat_request(c, "m", NULL, NULL, &req, NULL), AQ_OK);
     free(req);
 
     /* A zeroed reply (a failed parse) cannot be appended. */
@@ -893,8 +893,8 @@ START_TEST(test_last_message_rebuilds_the_history)
     ck_assert_uint_gt(aq_chat_dropped(a), 0);
     ck_assert_uint_eq(aq_chat_dropped(b), aq_chat_dropped(a));
     char *ra = NULL, *rb = NULL;
-    ck_assert_int_eq(aq_chat_request(a, "m", NULL, &ra, NULL), AQ_OK);
-    ck_assert_int_eq(aq_chat_request(b, "m", NULL, &rb, NULL), AQ_OK);
+    ck_assert_int_eq(aq_chat_request(a, "m", NULL, NULL, &ra, NULL), AQ_OK);
+    ck_assert_int_eq(aq_chat_request(b, "m", NULL, NULL, &rb, NULL), AQ_OK);
     ck_assert_str_eq(ra, rb);
     free(ra);
     free(rb);

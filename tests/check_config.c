@@ -59,7 +59,7 @@ START_TEST(file_then_env_then_set)
     aq_config cfg;
     char err[256] = "";
     const char *p = write_conf("worker = { concurrency = 50; drain_seconds = 7; };\n"
-                               "llm = { model = \"m1\"; price_input_per_mtok = 2; };\n");
+                               "llm = { model = \"m1\"; price_input_per_mtok = 2; price_output_per_mtok = 8; };\n");
     setenv("AGENTQ_WORKER_CONCURRENCY", "70", 1);
     setenv("AGENTQ_AMQP_URL", "amqp://u:p@h:1/v", 1);
     ck_assert_int_eq(aq_config_load(&cfg, p, err, sizeof err), AQ_OK);
@@ -87,12 +87,22 @@ START_TEST(lists_and_prices)
     ck_assert_int_eq(cfg.n_http_skills, 1);
     ck_assert_str_eq(cfg.http_skills[0].name, "weather");
     ck_assert_int_eq(cfg.http_skills[0].timeout_ms, 500);
-    double in, out;
-    aq_config_price(&cfg, "big", &in, &out);
-    ck_assert_double_eq(in, 5.0);
-    ck_assert_double_eq(out, 15.0);
-    aq_config_price(&cfg, "other", &in, &out);
-    ck_assert_double_eq(in, 0.15);
+    /* The llm.* keys make one provider, "default", whose models share
+     * its limits; a listed price prices its model. */
+    ck_assert_int_eq(aq_config_set(&cfg, "llm.models", "big,mock-1", err, sizeof err), AQ_OK);
+    ck_assert_msg(aq_config_check(&cfg, err, sizeof err) == AQ_OK, "%s", err);
+    int n;
+    aq_provider *pv = aq_config_providers(&cfg, &n);
+    ck_assert_int_eq(n, 1);
+    ck_assert_str_eq(pv[0].name, "default");
+    ck_assert(pv[0].shared_limits);
+    ck_assert_int_eq(pv[0].n_models, 2); /* llm.model (mock-1) once, then big */
+    ck_assert_str_eq(pv[0].models[0].name, "mock-1");
+    ck_assert_double_eq(pv[0].models[0].price_in, 0.0); /* the simulator's */
+    ck_assert_str_eq(pv[0].models[1].name, "big");
+    ck_assert_double_eq(pv[0].models[1].price_in, 5.0);
+    ck_assert_double_eq(pv[0].models[1].price_out, 15.0);
+    aq_config_providers_free(pv, n);
     /* A session hands itself over at half the broker's consumer_timeout
      * (2 h here), and is stopped at the latest a tenth (at least 10 s)
      * plus the longest hold (a fifth) before the broker would act. */
@@ -151,6 +161,112 @@ START_TEST(wrong_types)
                                  "worker.concurrency"));
     teardown();
     ck_assert_ptr_nonnull(strstr(load_error("amqp = { url = 5; };\n"), "amqp.url"));
+}
+END_TEST
+
+
+/* A fleet of providers: OpenAI (bearer), Azure OpenAI (api-key header,
+ * api-version, {model} deployments) and a local server (no key). */
+static const char providers_conf[] =
+    "llm = { model = \"gpt-4o\"; };\n"
+    "providers = (\n"
+    "  { name = \"openai\"; base_url = \"https://api.openai.com/v1\"; api_key_env = \"OPENAI_API_KEY\";\n"
+    "    models = ( { name = \"gpt-4o\"; requests_per_minute = 500; tokens_per_minute = 30000;\n"
+    "                 input_per_mtok = 2.5; output_per_mtok = 10.0; },\n"
+    "               { name = \"gpt-4o-mini\"; input_per_mtok = 0.15; output_per_mtok = 0.6; } ); },\n"
+    "  { name = \"azure\"; base_url = \"https://r.openai.azure.com/openai/deployments/{model}\";\n"
+    "    api_key_env = \"AZURE_OPENAI_API_KEY\"; auth = \"header\"; auth_header = \"api-key\";\n"
+    "    query = \"api-version=2024-10-21\"; weight = 3;\n"
+    "    models = ( { name = \"gpt-4o\"; upstream = \"gpt4o-prod\"; max_concurrent = 20;\n"
+    "                 input_per_mtok = 2.5; output_per_mtok = 10; } ); },\n"
+    "  { name = \"local\"; base_url = \"http://127.0.0.1:8000/v1\"; auth = \"none\";\n"
+    "    models = ( { name = \"llama-3.1-8b\"; upstream = \"meta-llama/Llama-3.1-8B-Instruct\";\n"
+    "                 input_per_mtok = 0.0; output_per_mtok = 0.0; } ); }\n"
+    ");\n";
+
+START_TEST(providers_list)
+{
+    aq_config cfg;
+    char err[512] = "";
+    ck_assert_msg(aq_config_load(&cfg, write_conf(providers_conf), err, sizeof err) == AQ_OK, "%s", err);
+    int n;
+    aq_provider *pv = aq_config_providers(&cfg, &n);
+    ck_assert_int_eq(n, 3);
+    ck_assert_str_eq(pv[0].name, "openai");
+    ck_assert_int_eq(pv[0].auth, AQ_AUTH_BEARER);
+    ck_assert(!pv[0].shared_limits);
+    ck_assert_int_eq(pv[0].n_models, 2);
+    ck_assert_int_eq(pv[0].models[0].rpm, 500);
+    ck_assert_int_eq(pv[0].models[0].tpm, 30000);
+    ck_assert_str_eq(pv[0].models[0].upstream, "gpt-4o"); /* upstream defaults to the name */
+    ck_assert_int_eq(pv[1].auth, AQ_AUTH_HEADER);
+    ck_assert_str_eq(pv[1].auth_header, "api-key");
+    ck_assert_str_eq(pv[1].query, "api-version=2024-10-21");
+    ck_assert_int_eq(pv[1].weight, 3);
+    ck_assert_str_eq(pv[1].models[0].upstream, "gpt4o-prod");
+    ck_assert_int_eq(pv[1].models[0].max_concurrent, 20);
+    ck_assert_double_eq(pv[1].models[0].price_out, 10.0); /* an integer price reads as a number */
+    ck_assert_int_eq(pv[2].auth, AQ_AUTH_NONE);
+    aq_config_providers_free(pv, n);
+    char *models = aq_config_task_models(&cfg);
+    ck_assert_str_eq(models, "gpt-4o,gpt-4o-mini,llama-3.1-8b");
+    free(models);
+    aq_config_free(&cfg);
+}
+END_TEST
+
+/* Each mistake stops the program naming file, line and key. */
+START_TEST(providers_errors)
+{
+    struct {
+        const char *text, *want1, *want2;
+    } cases[] = {
+        {"providers = ( { name = \"a\"; base_url = \"http://x/v1\"; models = ( { name = \"m\"; input_per_mtok = 1.0;"
+         " output_per_mtok = 1.0; } ); },\n"
+         "  { name = \"a\"; base_url = \"http://y/v1\"; models = ( { name = \"m\"; input_per_mtok = 1.0;"
+         " output_per_mtok = 1.0; } ); } );\n",
+         ":2: key 'providers[1].name'", "declared twice"},
+        {"providers = ( { name = \"a\"; base_url = \"http://x/v1\";\n auth = \"basic\";\n"
+         " models = ( { name = \"m\"; input_per_mtok = 1.0; output_per_mtok = 1.0; } ); } );\n",
+         ":2: key 'providers[0].auth'", "unknown auth style 'basic'"},
+        {"providers = ( { name = \"a\"; base_url = \"http://x/v1\";\n"
+         " models = ( { name = \"m\";\n requests_per_minute = -5; input_per_mtok = 1.0; output_per_mtok = 1.0; } );"
+         " } );\n",
+         ":3: key 'providers[0].models[0].requests_per_minute'", "must be from 0"},
+        {"providers = ( { name = \"a\"; base_url = \"http://x/v1\";\n"
+         " models = (\n { name = \"gpt-4o\"; input_per_mtok = 2.5; } ); } );\n",
+         ":3: key 'providers[0].models[0]'", "model 'gpt-4o' of provider 'a' has no price"},
+        {"llm = { model = \"nowhere\"; };\n"
+         "providers = ( { name = \"a\"; base_url = \"http://x/v1\";\n"
+         " models = ( { name = \"m\"; input_per_mtok = 1.0; output_per_mtok = 1.0; } ); } );\n",
+         "key 'llm.model'", "model 'nowhere' is served by no provider"},
+        {"providers = ( { name = \"a\"; base_url = \"http://x/v1\";\n keys = 3;\n"
+         " models = ( { name = \"m\"; input_per_mtok = 1.0; output_per_mtok = 1.0; } ); } );\n",
+         ":2: key 'providers[0].keys'", "unknown (known: name, base_url"},
+        {"llm = { model = \"gpt-4o\"; };\n", "key 'llm.prices'", "model 'gpt-4o' has no price"},
+    };
+    for (size_t i = 0; i < AQ_ARRAY_LEN(cases); i++) {
+        const char *err = load_error(cases[i].text);
+        ck_assert_msg(strstr(err, cases[i].want1) && strstr(err, cases[i].want2) && strstr(err, path),
+                      "case %zu: %s", i, err);
+        teardown();
+    }
+}
+END_TEST
+
+/* A price of 0 is a price when it is said; a model without one is not
+ * silently priced. */
+START_TEST(prices_are_explicit)
+{
+    aq_config cfg;
+    char err[512] = "";
+    ck_assert_msg(aq_config_load(&cfg, write_conf("llm = { model = \"local\"; price_input_per_mtok = 0.0;"
+                                                  " price_output_per_mtok = 0.0; };\n"),
+                                 err, sizeof err) == AQ_OK, "%s", err);
+    aq_config_free(&cfg);
+    teardown();
+    ck_assert_ptr_nonnull(strstr(load_error("llm = { model = \"x\"; price_input_per_mtok = 1.0; };\n"),
+                                 "set both or neither"));
 }
 END_TEST
 
@@ -235,7 +351,8 @@ static Suite *config_suite(void)
 {
     const TTest *core[] = {defaults_without_file, file_then_env_then_set, lists_and_prices,
                            list_membership, example_parses_back, dump_masks_passwords};
-    const TTest *limits[] = {bounds_name_file_line_key, cross_checks};
+    const TTest *limits[] = {bounds_name_file_line_key, cross_checks, providers_list, providers_errors,
+                             prices_are_explicit};
     const TTest *errors[] = {unknown_key_named, syntax_error_has_line, wrong_types,
                              bad_env_value_named, missing_file};
     const aq_tcase_spec tcases[] = {

@@ -57,6 +57,7 @@ typedef struct script {
 
 static const script scripts[] = {
     {"content", 200, NULL, CONTENT_REPLY},
+    {"limits", 200, NULL, CONTENT_REPLY},
     {"tools", 200, NULL, TOOLS_REPLY},
     {"429", 429, "7", OPENAI_ERROR("Rate limit reached for requests", "requests")},
     {"429-bare", 429, NULL, "slow down"},
@@ -85,7 +86,9 @@ typedef struct srv {
     int requests;
     /* the last request, copied */
     char path[256];
+    char query[256];
     char auth[256];
+    char api_key[256];
     char content_type[64];
     bool had_auth;
     char *body;
@@ -108,6 +111,10 @@ static void srv_handle(struct evhttp_request *r, void *arg)
     const char *path = evhttp_uri_get_path(evhttp_request_get_evhttp_uri(r));
     struct evkeyvalq *in_h = evhttp_request_get_input_headers(r);
     snprintf(s->path, sizeof s->path, "%s", path);
+    const char *q = evhttp_uri_get_query(evhttp_request_get_evhttp_uri(r));
+    snprintf(s->query, sizeof s->query, "%s", q ? q : "");
+    const char *ak = evhttp_find_header(in_h, "api-key");
+    snprintf(s->api_key, sizeof s->api_key, "%s", ak ? ak : "");
     const char *auth = evhttp_find_header(in_h, "Authorization");
     s->had_auth = auth != NULL;
     snprintf(s->auth, sizeof s->auth, "%s", auth ? auth : "");
@@ -134,6 +141,15 @@ static void srv_handle(struct evhttp_request *r, void *arg)
         if (strcmp(path, want)) continue;
         evhttp_add_header(out_h, "Content-Type", "application/json");
         if (scripts[i].retry_after) evhttp_add_header(out_h, "Retry-After", scripts[i].retry_after);
+        if (!strcmp(scripts[i].name, "limits") || !strcmp(scripts[i].name, "429")) {
+            /* OpenAI's headers, as it sends them with every reply */
+            evhttp_add_header(out_h, "x-ratelimit-limit-requests", "500");
+            evhttp_add_header(out_h, "x-ratelimit-limit-tokens", "30000");
+            evhttp_add_header(out_h, "x-ratelimit-remaining-requests", "499");
+            evhttp_add_header(out_h, "x-ratelimit-remaining-tokens", "29900");
+            evhttp_add_header(out_h, "x-ratelimit-reset-requests", "120ms");
+            evhttp_add_header(out_h, "x-ratelimit-reset-tokens", "6m0s");
+        }
         evbuffer_add(evhttp_request_get_output_buffer(r), scripts[i].body, strlen(scripts[i].body));
         evhttp_send_reply(r, scripts[i].status, "Scripted", NULL);
         return;
@@ -156,6 +172,8 @@ typedef struct got {
     char *message, *reason;
     bool take;       /* take the reply (else the client frees it) */
     aq_chat_reply reply;
+    aq_llm_limits limits;
+    char *body;      /* ANSWERED: the body as sent */
 } got;
 
 typedef struct fx {
@@ -165,6 +183,10 @@ typedef struct fx {
     aq_http *http;
     aq_llm *llm;
     aq_chat *chat;
+    /* the endpoint's key style (the base URL and key variable are the cfg's) */
+    aq_auth_style auth;
+    const char *auth_header;
+    const char *query;
 } fx;
 
 static void set(aq_config *cfg, const char *key, const char *value)
@@ -201,14 +223,18 @@ static void fx_start(fx *f)
     aq_http_config hc = {.connect_timeout_ms = 2000, .timeout_ms = 10000, .user_agent = "check_llm"};
     f->http = aq_http_new(f->base, &hc, err, sizeof err);
     ck_assert_msg(f->http != NULL, "aq_http_new: %s", err);
-    f->llm = aq_llm_new(&f->cfg, f->http, err, sizeof err);
+    aq_llm_endpoint ep = {f->cfg.llm_base_url, f->query, f->auth, f->auth_header, f->cfg.llm_api_key_env,
+                          f->cfg.llm_timeout_ms, true};
+    f->llm = aq_llm_new(&ep, f->http, err, sizeof err);
     ck_assert_msg(f->llm != NULL, "aq_llm_new: %s", err);
 }
+
 
 static void got_free(got *g)
 {
     free(g->message);
     free(g->reason);
+    free(g->body);
     aq_chat_reply_free(&g->reply);
 }
 
@@ -240,6 +266,8 @@ static void on_result(aq_llm_result *res, void *arg)
     ck_assert_ptr_nonnull(res->reason);
     g->message = strdup(res->message);
     g->reason = strdup(res->reason);
+    g->limits = res->limits;
+    if (res->body) g->body = strndup(res->body, res->body_len);
     if (res->outcome != AQ_LLM_ANSWERED) {
         /* nothing to take, nothing to free */
         ck_assert_ptr_null(res->reply.content);
@@ -247,6 +275,22 @@ static void on_result(aq_llm_result *res, void *arg)
         ck_assert_uint_eq(res->reply.n_tool_calls, 0);
     }
     if (g->take) aq_llm_take_reply(res, &g->reply);
+}
+
+/* Builds the request for `chat` as aq_chat_request does and sends it:
+ * AQ_EINVAL (err "cannot build the LLM request") when it cannot be built. */
+static int llm_send(fx *f, const aq_chat *chat, const char *model, const char *tools, got *g, aq_llm_call **c,
+                    char *err, size_t errlen)
+{
+    char *body = NULL;
+    size_t len = 0;
+    if (aq_chat_request(chat, model, tools, NULL, &body, &len) != AQ_OK) {
+        snprintf(err, errlen, "cannot build the LLM request");
+        return AQ_EINVAL;
+    }
+    int rc = aq_llm_send(f->llm, model, body, len, on_result, g, c, err, errlen);
+    free(body);
+    return rc;
 }
 
 static void on_expire(evutil_socket_t fd, short what, void *arg)
@@ -273,7 +317,7 @@ static void call(fx *f, got *g, int ms)
 {
     char err[256] = "";
     g->in_call = true;
-    int rc = aq_llm_send(f->llm, f->chat, "gpt-test", NULL, on_result, g, NULL, err, sizeof err);
+    int rc = llm_send(f, f->chat, "gpt-test", NULL, g, NULL, err, sizeof err);
     g->in_call = false;
     ck_assert_msg(rc == AQ_OK, "aq_llm_send: %s", err);
     ck_assert_int_eq(g->calls, 0); /* never from inside send */
@@ -372,7 +416,7 @@ START_TEST(test_request)
     ck_assert_int_eq(aq_chat_tools_json(defs, 1, &tools, err, sizeof err), AQ_OK);
     got g = {0};
     aq_llm_call *c = NULL;
-    ck_assert_int_eq(aq_llm_send(f.llm, f.chat, "gpt-test", tools, on_result, &g, &c, err, sizeof err),
+    ck_assert_int_eq(llm_send(&f, f.chat, "gpt-test", tools, &g, &c, err, sizeof err),
                      AQ_OK);
     ck_assert_ptr_nonnull(c);
     wait_for(&f, &g, 5000);
@@ -383,7 +427,7 @@ START_TEST(test_request)
     ck_assert_str_eq(f.srv->content_type, "application/json");
     char *want = NULL;
     size_t want_len = 0;
-    ck_assert_int_eq(aq_chat_request(f.chat, "gpt-test", tools, &want, &want_len), AQ_OK);
+    ck_assert_int_eq(aq_chat_request(f.chat, "gpt-test", tools, NULL, &want, &want_len), AQ_OK);
     ck_assert_uint_eq(f.srv->body_len, want_len);
     ck_assert_str_eq(f.srv->body, want);
     free(want);
@@ -542,7 +586,7 @@ static aq_llm_call *send_held(fx *f, got *g)
     fx_start(f);
     aq_llm_call *c = NULL;
     char err[256] = "";
-    ck_assert_int_eq(aq_llm_send(f->llm, f->chat, "gpt-test", NULL, on_result, g, &c, err, sizeof err),
+    ck_assert_int_eq(llm_send(f, f->chat, "gpt-test", NULL, g, &c, err, sizeof err),
                      AQ_OK);
     return c;
 }
@@ -598,14 +642,14 @@ START_TEST(test_send_unbuildable)
     fx_start(&f);
     got g = {0};
     char err[256] = "";
-    ck_assert_int_eq(aq_llm_send(f.llm, f.chat, "", NULL, on_result, &g, NULL, err, sizeof err),
+    ck_assert_int_eq(llm_send(&f, f.chat, "", NULL, &g, NULL, err, sizeof err),
                      AQ_EINVAL);
     ck_assert_str_eq(err, "cannot build the LLM request");
     /* a tool call without its result: providers reject that history */
     got a = {.take = true};
     call(&f, &a, 5000);
     ck_assert_int_eq(aq_chat_add_reply(f.chat, &a.reply, err, sizeof err), AQ_OK);
-    ck_assert_int_eq(aq_llm_send(f.llm, f.chat, "gpt-test", NULL, on_result, &g, NULL, err, sizeof err),
+    ck_assert_int_eq(llm_send(&f, f.chat, "gpt-test", NULL, &g, NULL, err, sizeof err),
                      AQ_EINVAL);
     event_base_loop(f.base, EVLOOP_NONBLOCK);
     ck_assert_int_eq(g.calls, 0);
@@ -624,7 +668,7 @@ START_TEST(test_send_refused)
     fx_start(&f);
     got g = {0};
     char err[256] = "";
-    ck_assert_int_eq(aq_llm_send(f.llm, f.chat, "gpt-test", NULL, on_result, &g, NULL, err, sizeof err),
+    ck_assert_int_eq(llm_send(&f, f.chat, "gpt-test", NULL, &g, NULL, err, sizeof err),
                      AQ_EAGAIN);
     ck_assert_msg(*err, "no reason given");
     event_base_loop(f.base, EVLOOP_NONBLOCK);
@@ -653,10 +697,109 @@ START_TEST(test_key_registered_text_unmasked)
 }
 END_TEST
 
+
+/* Azure OpenAI's style: the key in api-key (no Authorization), the
+ * api-version query on every request, the deployment in the path. */
+START_TEST(test_header_auth_and_query)
+{
+    fx f;
+    fx_init(&f, "content");
+    char url[160];
+    snprintf(url, sizeof url, "http://127.0.0.1:%d/v1/{model}/", f.srv->port);
+    set(&f.cfg, "llm.base_url", url);
+    f.auth = AQ_AUTH_HEADER;
+    f.auth_header = "api-key";
+    f.query = "api-version=2024-10-21";
+    fx_start(&f);
+    got g = {0};
+    char err[256] = "";
+    /* the provider's name for the model fills {model}: here the script */
+    ck_assert_int_eq(llm_send(&f, f.chat, "content", NULL, &g, NULL, err, sizeof err), AQ_OK);
+    wait_for(&f, &g, 5000);
+    ck_assert_int_eq(g.outcome, AQ_LLM_ANSWERED);
+    ck_assert_str_eq(f.srv->path, "/v1/content/chat/completions");
+    ck_assert_str_eq(f.srv->query, "api-version=2024-10-21");
+    ck_assert_str_eq(f.srv->api_key, KEY);
+    ck_assert(!f.srv->had_auth);
+    ck_assert_ptr_nonnull(g.body); /* the body as sent, for the cache */
+    ck_assert_ptr_nonnull(strstr(g.body, "\"Paris.\""));
+    got_free(&g);
+    fx_stop(&f);
+}
+END_TEST
+
+/* A local server that takes no key gets none, even when one is set. */
+START_TEST(test_no_auth)
+{
+    fx f;
+    fx_init(&f, "content");
+    f.auth = AQ_AUTH_NONE;
+    fx_start(&f);
+    got g = {0};
+    call(&f, &g, 5000);
+    ck_assert_int_eq(g.outcome, AQ_LLM_ANSWERED);
+    ck_assert(!f.srv->had_auth);
+    ck_assert_str_eq(f.srv->api_key, "");
+    got_free(&g);
+    fx_stop(&f);
+}
+END_TEST
+
+/* The x-ratelimit-* headers come back with the outcome, answered or not. */
+START_TEST(test_ratelimit_headers)
+{
+    const char *paths[] = {"limits", "429"};
+    for (int i = 0; i < 2; i++) {
+        fx f;
+        got g = {0};
+        fx_init(&f, paths[i]);
+        fx_start(&f);
+        call(&f, &g, 5000);
+        ck_assert_int_eq(g.outcome, i == 0 ? AQ_LLM_ANSWERED : AQ_LLM_RATE_LIMITED);
+        ck_assert_int_eq(g.limits.limit_requests, 500);
+        ck_assert_int_eq(g.limits.limit_tokens, 30000);
+        ck_assert_int_eq(g.limits.remaining_requests, 499);
+        ck_assert_int_eq(g.limits.remaining_tokens, 29900);
+        ck_assert_int_eq(g.limits.reset_requests_ms, 120);
+        ck_assert_int_eq(g.limits.reset_tokens_ms, 360000);
+        got_free(&g);
+        fx_stop(&f);
+    }
+    /* none sent: all -1 */
+    fx f;
+    got g = {0};
+    fx_init(&f, "content");
+    fx_start(&f);
+    call(&f, &g, 5000);
+    ck_assert_int_eq(g.limits.remaining_requests, -1);
+    ck_assert_int_eq(g.limits.reset_tokens_ms, -1);
+    got_free(&g);
+    fx_stop(&f);
+}
+END_TEST
+
+START_TEST(test_parse_duration)
+{
+    struct {
+        const char *text;
+        int64_t ms;
+    } cases[] = {
+        {"20ms", 20}, {"1s", 1000}, {"1.5s", 1500}, {"6m0s", 360000}, {"1h2m3s", 3723000}, {"7", 7000},
+        {"0s", 0}, {" 2s ", 2000}, {"0.001ms", 1},
+        {"", -1}, {"soon", -1}, {"-1s", -1}, {"1m30", -1}, {"5x", -1}, {"1s junk", -1}, {NULL, -1},
+    };
+    for (size_t i = 0; i < AQ_ARRAY_LEN(cases); i++)
+        ck_assert_msg(aq_llm_parse_duration(cases[i].text) == cases[i].ms, "'%s': got %lld, want %lld",
+                      cases[i].text ? cases[i].text : "(null)", (long long)aq_llm_parse_duration(cases[i].text),
+                      (long long)cases[i].ms);
+}
+END_TEST
+
 static Suite *llm_suite(void)
 {
     const TTest *core[] = {test_answered_content, test_answered_tool_calls, test_answered_not_taken,
-                           test_request, test_request_without_key};
+                           test_request, test_request_without_key, test_header_auth_and_query, test_no_auth,
+                           test_ratelimit_headers, test_parse_duration};
     const TTest *limits[] = {test_send_unbuildable, test_send_refused,
                              test_key_registered_text_unmasked};
     const TTest *errors[] = {test_connection_refused, test_timeout, test_cancel, test_http_closed};

@@ -626,11 +626,23 @@ START_TEST(test_binary_help_and_version)
     ck_assert_ptr_nonnull(strstr(out, "POST /control"));
     ck_assert_ptr_nonnull(strstr(out, "storm_seconds"));
     ck_assert_ptr_nonnull(strstr(out, "--echo-key"));
+    ck_assert_ptr_nonnull(strstr(out, "--auth-header"));
+    ck_assert_ptr_nonnull(strstr(out, "--require-query"));
+    ck_assert_ptr_nonnull(strstr(out, "--window-requests"));
+    ck_assert_ptr_nonnull(strstr(out, "--window-ms"));
+    ck_assert_ptr_nonnull(strstr(out, "window_requests"));
+    ck_assert_ptr_nonnull(strstr(out, "GET /requests"));
     ck_assert_int_eq(run_bin("--version", out, sizeof out), 0);
     ck_assert(!strncmp(out, "agentq-mockllm ", 15));
     ck_assert_int_eq(run_bin("--fail-rate 2", out, sizeof out), 2);
     ck_assert_ptr_nonnull(strstr(out, "--fail-rate"));
     ck_assert_int_eq(run_bin("--mode banana", out, sizeof out), 2);
+    ck_assert_int_eq(run_bin("--require-query api-version", out, sizeof out), 2);
+    ck_assert_ptr_nonnull(strstr(out, "NAME=VALUE"));
+    ck_assert_int_eq(run_bin("--auth-header api-key", out, sizeof out), 2);
+    ck_assert_ptr_nonnull(strstr(out, "--api-key-env"));
+    ck_assert_int_eq(run_bin("--window-ms 0", out, sizeof out), 2);
+    ck_assert_int_eq(run_bin("--window-requests -1", out, sizeof out), 2);
 }
 END_TEST
 
@@ -1281,6 +1293,12 @@ START_TEST(test_control_bad_bodies)
         {"{\"fail_rate\":0.5,\"fail_rate\":0.6}", "body", "duplicate"},
         {"{\"fail_rate\":0.5,\"hang_rate\":2}", "hang_rate", "hang_rate"},
         {"{\"fail_rate\":\"\xff\"}", "body", "not valid JSON"},
+        {"{\"window_ms\":0}", "window_ms",
+         "window_ms: must be an integer from 1 to 3600000 (got 0)"},
+        {"{\"window_requests\":-1}", "window_requests",
+         "window_requests: must be an integer from 0"},
+        {"{\"window_requests\":1.5}", "window_requests", "(got 1.5)"},
+        {"{\"window_requests\":1000001}", "window_requests", "1000000"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         char url[128];
@@ -1458,6 +1476,26 @@ START_TEST(test_bad_config)
     c = cfg_default();
     c.mode = (aq_mockllm_mode)7;
     ck_assert_ptr_null(aq_mockllm_new(base, &c, err, sizeof err));
+    c = cfg_default();
+    c.auth_header = "api key";
+    ck_assert_ptr_null(aq_mockllm_new(base, &c, err, sizeof err));
+    ck_assert_msg(strstr(err, "auth_header"), "err '%s'", err);
+    c = cfg_default();
+    c.require_query = "api-version";
+    ck_assert_ptr_null(aq_mockllm_new(base, &c, err, sizeof err));
+    ck_assert_msg(strstr(err, "require_query"), "err '%s'", err);
+    c.require_query = "=2024-10-21";
+    ck_assert_ptr_null(aq_mockllm_new(base, &c, err, sizeof err));
+    c.require_query = "api version=2024-10-21";
+    ck_assert_ptr_null(aq_mockllm_new(base, &c, err, sizeof err));
+    c = cfg_default();
+    c.window_requests = -1;
+    ck_assert_ptr_null(aq_mockllm_new(base, &c, err, sizeof err));
+    ck_assert_msg(strstr(err, "window"), "err '%s'", err);
+    c = cfg_default();
+    c.window_requests = 5;
+    c.window_ms = 3600001;
+    ck_assert_ptr_null(aq_mockllm_new(base, &c, err, sizeof err));
     /* a port already taken */
     c = cfg_default();
     aq_mockllm *a = aq_mockllm_new(base, &c, err, sizeof err);
@@ -1473,6 +1511,455 @@ START_TEST(test_bad_config)
 }
 END_TEST
 
+/* ---- provider styles: header auth, required query, fixed window ---------- */
+
+/* A reset header ("784ms", "1.5s", "0s", "6m0s") in milliseconds. */
+static long dur_ms(const char *v)
+{
+    ck_assert_ptr_nonnull(v);
+    char *end;
+    double mins = 0, x = strtod(v, &end);
+    if (*end == 'm' && end[1] != 's') {
+        mins = x;
+        x = strtod(end + 1, &end);
+    }
+    if (!strcmp(end, "ms")) return (long)ceil(x);
+    ck_assert_msg(!strcmp(end, "s"), "duration '%s'", v);
+    return (long)ceil((mins * 60 + x) * 1000);
+}
+
+/* The error's "param" of a reply (NULL when null); copied into buf. */
+static const char *error_param(const resp *r, char *buf, size_t len)
+{
+    json_t *j = body_json(r);
+    const char *p = json_string_value(json_object_get(json_object_get(j, "error"), "param"));
+    if (p) snprintf(buf, len, "%s", p);
+    json_decref(j);
+    return p ? buf : NULL;
+}
+
+START_TEST(test_auth_header)
+{
+    aq_mockllm_config c = cfg_default();
+    char hdr[] = "api-key";
+    c.api_key = "az-key-789";
+    c.auth_header = hdr;
+    srv s;
+    srv_start(&s, &c);
+    memset(hdr, 'x', sizeof hdr - 1); /* the simulator copied it */
+    /* Azure style passes, in any case of the header name */
+    resp r = http_do(s.url, NULL, chat_body, "api-key: az-key-789", 0);
+    ck_assert_int_eq(r.code, 200);
+    resp_free(&r);
+    r = http_do(s.url, NULL, chat_body, "API-Key: az-key-789", 0);
+    ck_assert_int_eq(r.code, 200);
+    resp_free(&r);
+    /* the right key the OpenAI way does not */
+    r = http_do(s.url, NULL, chat_body, "Authorization: Bearer az-key-789", 0);
+    expect_error(&r, 401, "invalid_request_error", "api-key: <key>");
+    resp_free(&r);
+    /* no key; a wrong one */
+    r = http_do(s.url, NULL, chat_body, NULL, 0);
+    expect_error(&r, 401, NULL, "missing API key: send 'api-key: <key>'");
+    resp_free(&r);
+    r = http_do(s.url, NULL, chat_body, "api-key: az-key-78", 0);
+    ck_assert_int_eq(r.code, 401);
+    resp_free(&r);
+    json_t *st = get_stats(&s);
+    ck_assert_int_eq(stat_of(st, "completed"), 2);
+    ck_assert_int_eq(stat_of(st, "failures"), 3);
+    json_decref(st);
+    srv_stop(&s, NULL);
+
+    /* echo_key quotes the configured header, not Authorization */
+    c.auth_header = "api-key";
+    c.echo_key = true;
+    srv_start(&s, &c);
+    r = http_do(s.url, NULL, chat_body, "api-key: az-wrong-1", 0);
+    expect_error(&r, 401, NULL, "provided: az-wrong-1.");
+    resp_free(&r);
+    r = http_do(s.url, NULL, chat_body, "Authorization: Bearer az-wrong-2", 0);
+    expect_error(&r, 401, NULL, "missing API key");
+    ck_assert_ptr_null(strstr(r.body, "az-wrong-2"));
+    resp_free(&r);
+    srv_stop(&s, NULL);
+}
+END_TEST
+
+START_TEST(test_require_query)
+{
+    aq_mockllm_config c = cfg_default();
+    char q[] = "api-version=2024-10-21";
+    c.require_query = q;
+    srv s;
+    srv_start(&s, &c);
+    memset(q, 'x', sizeof q - 1); /* the simulator copied it */
+    char url[256], p[64];
+    /* missing: 400 naming the parameter */
+    resp r = http_post(&s, chat_body);
+    expect_error(&r, 400, "invalid_request_error", "'api-version'");
+    ck_assert_str_eq(error_param(&r, p, sizeof p), "api-version");
+    resp_free(&r);
+    /* another value, or another parameter only */
+    snprintf(url, sizeof url, "%s?api-version=2023-05-15", s.url);
+    r = http_do(url, NULL, chat_body, NULL, 0);
+    expect_error(&r, 400, NULL, "api-version=2024-10-21");
+    ck_assert_str_eq(error_param(&r, p, sizeof p), "api-version");
+    ck_assert_ptr_nonnull(strstr(r.body, "2023-05-15"));
+    resp_free(&r);
+    snprintf(url, sizeof url, "%s?api-versions=2024-10-21", s.url);
+    r = http_do(url, NULL, chat_body, NULL, 0);
+    ck_assert_int_eq(r.code, 400);
+    resp_free(&r);
+    /* with it (among others, percent-encoded or not) the path still matches */
+    snprintf(url, sizeof url, "%s?api-version=2024-10-21", s.url);
+    r = http_do(url, NULL, chat_body, NULL, 0);
+    ck_assert_int_eq(r.code, 200);
+    json_decref(body_json(&r));
+    resp_free(&r);
+    snprintf(url, sizeof url,
+             "http://127.0.0.1:%d/chat/completions?x=1&api%%2Dversion=2024%%2D10-21", s.port);
+    r = http_do(url, NULL, chat_body, NULL, 0);
+    ck_assert_int_eq(r.code, 200);
+    resp_free(&r);
+    /* the other endpoints ask for nothing */
+    snprintf(url, sizeof url, "%s?x=1", s.stats);
+    r = http_do(url, NULL, NULL, NULL, 0);
+    ck_assert_int_eq(r.code, 200);
+    json_t *st = body_json(&r);
+    resp_free(&r);
+    ck_assert_int_eq(stat_of(st, "requests"), 5);
+    ck_assert_int_eq(stat_of(st, "failures"), 3);
+    ck_assert_int_eq(stat_of(st, "completed"), 2);
+    json_decref(st);
+    srv_stop(&s, NULL);
+
+    /* with a key too, Azure's pair: the key is checked first */
+    c.require_query = "api-version=2024-10-21";
+    c.api_key = "az";
+    c.auth_header = "api-key";
+    srv_start(&s, &c);
+    r = http_post(&s, chat_body);
+    ck_assert_int_eq(r.code, 401);
+    resp_free(&r);
+    r = http_do(s.url, NULL, chat_body, "api-key: az", 0);
+    ck_assert_int_eq(r.code, 400);
+    resp_free(&r);
+    snprintf(url, sizeof url, "%s?api-version=2024-10-21", s.url);
+    r = http_do(url, NULL, chat_body, "api-key: az", 0);
+    ck_assert_int_eq(r.code, 200);
+    resp_free(&r);
+    srv_stop(&s, NULL);
+}
+END_TEST
+
+START_TEST(test_window_quota)
+{
+    aq_mockllm_config c = cfg_default();
+    c.window_requests = 2;
+    c.window_ms = 800;
+    srv s;
+    srv_start(&s, &c);
+    char v[64];
+    long reset[3];
+    for (int i = 0; i < 2; i++) {
+        resp r = http_post(&s, chat_body);
+        ck_assert_int_eq(r.code, 200);
+        ck_assert_ptr_null(header(&r, "x-ratelimit-limit-requests", v, sizeof v));
+        ck_assert_int_eq(atoi(header(&r, "x-ratelimit-remaining-requests", v, sizeof v)), 1 - i);
+        reset[i] = dur_ms(header(&r, "x-ratelimit-reset-requests", v, sizeof v));
+        ck_assert_msg(reset[i] > 0 && reset[i] <= 800, "reset %ld ms", reset[i]);
+        resp_free(&r);
+    }
+    ck_assert_int_le(reset[1], reset[0]);
+    resp r = http_post(&s, chat_body);
+    expect_error(&r, 429, NULL, "2 per 800 ms");
+    ck_assert_str_eq(header(&r, "Retry-After", v, sizeof v), "1");
+    ck_assert_ptr_null(header(&r, "x-ratelimit-limit-requests", v, sizeof v));
+    ck_assert_str_eq(header(&r, "x-ratelimit-remaining-requests", v, sizeof v), "0");
+    reset[2] = dur_ms(header(&r, "x-ratelimit-reset-requests", v, sizeof v));
+    ck_assert_msg(reset[2] <= reset[1], "reset %ld ms after %ld ms", reset[2], reset[1]);
+    json_t *j = body_json(&r);
+    ck_assert_str_eq(json_string_value(json_object_get(json_object_get(j, "error"), "code")),
+                     "rate_limit_exceeded");
+    json_decref(j);
+    resp_free(&r);
+    /* past the window's end the next request opens a new one */
+    usleep((useconds_t)(reset[2] + 50) * 1000);
+    r = http_post(&s, chat_body);
+    ck_assert_int_eq(r.code, 200);
+    ck_assert_str_eq(header(&r, "x-ratelimit-remaining-requests", v, sizeof v), "1");
+    ck_assert_int_gt(dur_ms(header(&r, "x-ratelimit-reset-requests", v, sizeof v)), 700);
+    resp_free(&r);
+    json_t *st = get_stats(&s);
+    ck_assert_int_eq(stat_of(st, "rate_limited"), 1);
+    ck_assert_int_eq(stat_of(st, "completed"), 3);
+    json_decref(st);
+    srv_stop(&s, NULL);
+
+    /* with the rpm bucket on as well: both apply, the window's headers
+     * replace the bucket's requests headers, the tokens ones stay */
+    c = cfg_default();
+    c.rpm = 100;
+    c.tpm = 100000;
+    c.window_requests = 1;
+    c.window_ms = 60000;
+    srv_start(&s, &c);
+    r = http_post(&s, chat_body);
+    ck_assert_int_eq(r.code, 200);
+    ck_assert_ptr_null(header(&r, "x-ratelimit-limit-requests", v, sizeof v));
+    ck_assert_str_eq(header(&r, "x-ratelimit-remaining-requests", v, sizeof v), "0");
+    ck_assert_int_gt(dur_ms(header(&r, "x-ratelimit-reset-requests", v, sizeof v)), 59000);
+    ck_assert_str_eq(header(&r, "x-ratelimit-limit-tokens", v, sizeof v), "100000");
+    resp_free(&r);
+    r = http_post(&s, chat_body);
+    ck_assert_int_eq(r.code, 429);
+    int ra = atoi(header(&r, "Retry-After", v, sizeof v));
+    ck_assert_msg(ra >= 59 && ra <= 60, "Retry-After %d with a 60 s window", ra);
+    resp_free(&r);
+    srv_stop(&s, NULL);
+    /* the bucket says no first: the window is not charged for it */
+    c.rpm = 1;
+    c.window_requests = 5;
+    srv_start(&s, &c);
+    r = http_post(&s, chat_body);
+    ck_assert_int_eq(r.code, 200);
+    ck_assert_str_eq(header(&r, "x-ratelimit-remaining-requests", v, sizeof v), "4");
+    resp_free(&r);
+    r = http_post(&s, chat_body);
+    expect_error(&r, 429, NULL, "RPM");
+    ck_assert_str_eq(header(&r, "x-ratelimit-remaining-requests", v, sizeof v), "4");
+    resp_free(&r);
+    srv_stop(&s, NULL);
+}
+END_TEST
+
+START_TEST(test_control_window)
+{
+    aq_mockllm_config c = cfg_default();
+    srv s;
+    srv_start(&s, &c);
+    json_t *st = control_state(&s);
+    ck_assert(num_of(st, "window_requests") == 0 && num_of(st, "window_ms") == 1000);
+    json_decref(st);
+    ck_assert_int_eq(control(&s, "{\"window_requests\":1,\"window_ms\":500}", &st), 200);
+    ck_assert(num_of(st, "window_requests") == 1 && num_of(st, "window_ms") == 500);
+    json_decref(st);
+    char v[64];
+    resp r = http_post(&s, chat_body);
+    ck_assert_int_eq(r.code, 200);
+    ck_assert_str_eq(header(&r, "x-ratelimit-remaining-requests", v, sizeof v), "0");
+    ck_assert_int_le(dur_ms(header(&r, "x-ratelimit-reset-requests", v, sizeof v)), 500);
+    resp_free(&r);
+    r = http_post(&s, chat_body);
+    ck_assert_int_eq(r.code, 429);
+    resp_free(&r);
+    /* a bad value names the field and changes nothing */
+    char url[128], p[64];
+    snprintf(url, sizeof url, "http://127.0.0.1:%d/control", s.port);
+    r = http_do(url, NULL, "{\"window_ms\":0}", NULL, 0);
+    expect_error(&r, 400, "invalid_request_error",
+                 "window_ms: must be an integer from 1 to 3600000");
+    ck_assert_str_eq(error_param(&r, p, sizeof p), "window_ms");
+    resp_free(&r);
+    r = http_do(url, NULL, "{\"window_requests\":3,\"window_ms\":3600001}", NULL, 0);
+    expect_error(&r, 400, NULL, "window_ms");
+    resp_free(&r);
+    st = control_state(&s);
+    ck_assert(num_of(st, "window_requests") == 1 && num_of(st, "window_ms") == 500);
+    json_decref(st);
+    /* naming the window starts a new one under the new terms */
+    ck_assert_int_eq(control(&s, "{\"window_requests\":2}", NULL), 200);
+    r = http_post(&s, chat_body);
+    ck_assert_int_eq(r.code, 200);
+    ck_assert_str_eq(header(&r, "x-ratelimit-remaining-requests", v, sizeof v), "1");
+    resp_free(&r);
+    /* reset restores the start-up settings: no window, no window headers */
+    ck_assert_int_eq(control(&s, "{}", &st), 200);
+    ck_assert(num_of(st, "window_requests") == 0 && num_of(st, "window_ms") == 1000);
+    json_decref(st);
+    for (int i = 0; i < 4; i++) {
+        r = http_post(&s, chat_body);
+        ck_assert_int_eq(r.code, 200);
+        ck_assert_ptr_null(header(&r, "x-ratelimit-remaining-requests", v, sizeof v));
+        resp_free(&r);
+    }
+    srv_stop(&s, NULL);
+
+    /* reset goes back to the start-up window, not to none */
+    c.window_requests = 1;
+    c.window_ms = 250;
+    srv_start(&s, &c);
+    ck_assert_int_eq(control(&s, "{\"window_requests\":0}", NULL), 200);
+    ck_assert_int_eq(control(&s, "{\"reset\":true}", &st), 200);
+    ck_assert(num_of(st, "window_requests") == 1 && num_of(st, "window_ms") == 250);
+    json_decref(st);
+    r = http_post(&s, chat_body);
+    ck_assert_int_eq(r.code, 200);
+    resp_free(&r);
+    r = http_post(&s, chat_body);
+    ck_assert_int_eq(r.code, 429);
+    resp_free(&r);
+    srv_stop(&s, NULL);
+}
+END_TEST
+
+/* GET /requests, parsed (caller decrefs). */
+static json_t *get_requests(const srv *s)
+{
+    char url[128];
+    snprintf(url, sizeof url, "http://127.0.0.1:%d/requests", s->port);
+    resp r = http_do(url, NULL, NULL, NULL, 0);
+    ck_assert_int_eq(r.code, 200);
+    char ct[64];
+    ck_assert_str_eq(header(&r, "Content-Type", ct, sizeof ct), "application/json");
+    json_t *j = body_json(&r);
+    resp_free(&r);
+    ck_assert(json_is_array(j));
+    return j;
+}
+
+static long long arrival_at(json_t *log, size_t i)
+{
+    json_t *at = json_object_get(json_array_get(log, i), "at_ms");
+    ck_assert_msg(json_is_integer(at), "entry %zu has no integer at_ms", i);
+    return json_integer_value(at);
+}
+
+static long long arrival_status(json_t *log, size_t i)
+{
+    json_t *st = json_object_get(json_array_get(log, i), "status");
+    ck_assert_msg(json_is_integer(st), "entry %zu has no integer status", i);
+    return json_integer_value(st);
+}
+
+START_TEST(test_requests_log)
+{
+    aq_mockllm_config c = cfg_default();
+    c.window_requests = 1;
+    c.window_ms = 400;
+    srv s;
+    srv_start(&s, &c);
+    json_t *log = get_requests(&s);
+    ck_assert_int_eq(json_array_size(log), 0);
+    json_decref(log);
+    long long t0 = aq_mono_us() / 1000;
+    char v[64];
+    resp r = http_post(&s, chat_body); /* 200, remaining 0 */
+    ck_assert_int_eq(r.code, 200);
+    long reset = dur_ms(header(&r, "x-ratelimit-reset-requests", v, sizeof v));
+    resp_free(&r);
+    r = http_post(&s, chat_body); /* 429 */
+    ck_assert_int_eq(r.code, 429);
+    resp_free(&r);
+    usleep((useconds_t)(reset + 20) * 1000);
+    r = http_post(&s, "{\"model\":\"m\",\"messages\":[{\"role\":\"user\","
+                      "\"content\":\"x fail=500\"}]}");
+    ck_assert_int_eq(r.code, 500);
+    resp_free(&r);
+    usleep(420000);
+    r = http_post(&s, "not json"); /* 400, refused before the limits */
+    ck_assert_int_eq(r.code, 400);
+    resp_free(&r);
+    r = http_do(s.url, "GET", NULL, NULL, 0); /* 405 */
+    ck_assert_int_eq(r.code, 405);
+    resp_free(&r);
+    /* a delayed reply is listed with the status it will get, at once */
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)s.port)};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ck_assert_int_eq(connect(fd, (struct sockaddr *)&a, sizeof a), 0);
+    const char *held = "{\"model\":\"m\",\"messages\":[{\"role\":\"user\","
+                       "\"content\":\"x fail=503 sleep=60000\"}]}";
+    char req[512];
+    int n = snprintf(req, sizeof req,
+                     "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     "application/json\r\nContent-Length: %zu\r\n\r\n%s",
+                     strlen(held), held);
+    ck_assert_int_eq(write(fd, req, (size_t)n), n);
+    for (int i = 0; i < 200; i++) {
+        log = get_requests(&s);
+        if (json_array_size(log) == 6) break;
+        json_decref(log);
+        log = NULL;
+        usleep(10000);
+    }
+    ck_assert_msg(log != NULL, "the held request was never listed");
+    long long t1 = aq_mono_us() / 1000;
+    static const int want[] = {200, 429, 500, 400, 405, 503};
+    for (size_t i = 0; i < 6; i++) {
+        ck_assert_msg(arrival_status(log, i) == want[i], "entry %zu: status %lld, not %d", i,
+                      arrival_status(log, i), want[i]);
+        ck_assert_int_ge(arrival_at(log, i), i ? arrival_at(log, i - 1) : t0);
+        ck_assert_int_le(arrival_at(log, i), t1);
+    }
+    /* the 429 came inside the window; the next admitted one after its end */
+    ck_assert_int_lt(arrival_at(log, 1), arrival_at(log, 0) + 400);
+    ck_assert_int_ge(arrival_at(log, 2), arrival_at(log, 0) + 400);
+    json_decref(log);
+    json_t *st = get_stats(&s);
+    ck_assert_int_eq(stat_of(st, "in_flight"), 1);
+    ck_assert_int_eq(stat_of(st, "requests"), 6);
+    json_decref(st);
+    close(fd);
+    srv_stop(&s, NULL);
+}
+END_TEST
+
+START_TEST(test_binary_azure_style)
+{
+    char dir[] = "/tmp/mockllm-test-XXXXXX";
+    ck_assert_ptr_nonnull(mkdtemp(dir));
+    char portfile[128];
+    snprintf(portfile, sizeof portfile, "%s/port", dir);
+    pid_t pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        FILE *lf = freopen("/dev/null", "w", stderr);
+        (void)lf;
+        setenv("MOCK_AZ_KEY", "az-bin-key", 1);
+        execl(aq_test_bin("agentq-mockllm"), "agentq-mockllm", "--listen", "127.0.0.1:0",
+              "--port-file", portfile, "--api-key-env", "MOCK_AZ_KEY", "--auth-header", "api-key",
+              "--require-query", "api-version=2024-10-21", "--window-requests", "1",
+              "--window-ms", "30000", (char *)NULL);
+        _exit(127);
+    }
+    int port = 0;
+    for (int i = 0; i < 200 && port == 0; i++) {
+        FILE *f = fopen(portfile, "r");
+        if (f) {
+            if (fscanf(f, "%d", &port) != 1) port = 0;
+            fclose(f);
+        }
+        if (!port) usleep(20000);
+    }
+    ck_assert_int_gt(port, 0);
+    char url[160], v[64];
+    snprintf(url, sizeof url, "http://127.0.0.1:%d/v1/chat/completions", port);
+    resp r = http_do(url, NULL, chat_body, "api-key: az-bin-key", 0);
+    ck_assert_int_eq(r.code, 400);
+    resp_free(&r);
+    snprintf(url, sizeof url, "http://127.0.0.1:%d/v1/chat/completions?api-version=2024-10-21",
+             port);
+    r = http_do(url, NULL, chat_body, "Authorization: Bearer az-bin-key", 0);
+    ck_assert_int_eq(r.code, 401);
+    resp_free(&r);
+    r = http_do(url, NULL, chat_body, "api-key: az-bin-key", 0);
+    ck_assert_int_eq(r.code, 200);
+    ck_assert_str_eq(header(&r, "x-ratelimit-remaining-requests", v, sizeof v), "0");
+    resp_free(&r);
+    r = http_do(url, NULL, chat_body, "api-key: az-bin-key", 0);
+    ck_assert_int_eq(r.code, 429);
+    resp_free(&r);
+    ck_assert_int_eq(kill(pid, SIGTERM), 0);
+    int st;
+    ck_assert_int_eq(waitpid(pid, &st, 0), pid);
+    ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0, "exit status %d", st);
+    unlink(portfile);
+    rmdir(dir);
+}
+END_TEST
+
 static Suite *mockllm_suite(void)
 {
     const TTest *core[] = {test_plain_completion, test_steps_two_then_final, test_parallel_three,
@@ -1480,12 +1967,15 @@ static Suite *mockllm_suite(void)
                            test_calc_goal_catches_wrong_result, test_latency_applied,
                            test_stats_and_healthz, test_binary_help_and_version,
                            test_binary_serves_and_stops, test_url_directive,
-                           test_control_changes_and_reset_restores};
+                           test_control_changes_and_reset_restores, test_requests_log,
+                           test_binary_azure_style};
     const TTest *limits[] = {test_rpm_limit_429, test_tpm_limit_429, test_thousand_concurrent,
                              test_hang_until_client_leaves, test_free_with_requests_held,
-                             test_control_storm_429_then_recovers};
+                             test_control_storm_429_then_recovers, test_window_quota,
+                             test_control_window};
     const TTest *errors[] = {test_fail_directives, test_bad_bodies, test_body_too_large,
-                             test_api_key, test_api_key_echo, test_control_bad_bodies,
+                             test_api_key, test_api_key_echo, test_auth_header,
+                             test_require_query, test_control_bad_bodies,
                              test_injected_failures, test_unknown_path_and_method, test_bad_config};
     const aq_tcase_spec tcases[] = {
         {.name = "core", .tests = core, .n_tests = AQ_ARRAY_LEN(core), .timeout_s = 60},

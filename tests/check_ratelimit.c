@@ -23,7 +23,7 @@ typedef struct waiter {
     const char *user;
 } waiter;
 
-static void on_grant(void *arg)
+static void on_grant(void *arg, int pool)
 {
     waiter *w = arg;
     grant_log *g = w->log;
@@ -102,7 +102,7 @@ START_TEST(cancel_and_pause)
     grant_log g = {0};
     waiter x = {&g, "u"};
     aq_rl_wait *w;
-    aq_ratelimit_pause(rl, 300);
+    aq_ratelimit_pause(rl, 0, 300);
     int64_t start = aq_mono_us();
     ck_assert(!aq_ratelimit_acquire(rl, "u", 1, on_grant, &x, &w));
     aq_rl_wait *w2;
@@ -136,7 +136,7 @@ START_TEST(credit_mode_grants_only_what_is_credited)
     aq_ratelimit *rl = aq_ratelimit_new(base, 600, 0);
     aq_rl_source src = {on_need, on_pause, NULL};
     needs = 0;
-    aq_ratelimit_set_source(rl, &src);
+    aq_ratelimit_set_source(rl, 0, &src);
     grant_log g = {0};
     waiter x = {&g, "u"};
     aq_rl_wait *w;
@@ -145,12 +145,12 @@ START_TEST(credit_mode_grants_only_what_is_credited)
     ck_assert(needs_req && !needs_tok); /* only the short bucket */
     run_until(base, &g, 1, 200);
     ck_assert_int_eq(g.n, 0); /* time alone grants nothing */
-    aq_ratelimit_credit(rl, 3, 0);
+    aq_ratelimit_credit(rl, 0, 3, 0);
     ck_assert_int_eq(g.n, 3);
     ck_assert_int_eq(needs, 2); /* still short: asks again */
-    aq_ratelimit_credit(rl, 2, 0);
+    aq_ratelimit_credit(rl, 0, 2, 0);
     ck_assert_int_eq(g.n, 5);
-    aq_ratelimit_pause(rl, 1500);
+    aq_ratelimit_pause(rl, 0, 1500);
     ck_assert_int_eq(paused_ms, 1500); /* passed on to the fleet */
     aq_ratelimit_free(rl);
     event_base_free(base);
@@ -159,7 +159,7 @@ END_TEST
 
 static void no_need(void *arg, bool requests, bool tokens) {}
 static void no_pause(void *arg, int64_t ms) {}
-static void count_grant(void *arg) { (*(long *)arg)++; }
+static void count_grant(void *arg, int pool) { (*(long *)arg)++; }
 
 #if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
 #define AQ_SANITIZED 1
@@ -189,7 +189,7 @@ static void churn_batch(aq_ratelimit *rl, int first, int n, long *granted)
         ck_assert(!aq_ratelimit_acquire(rl, name, 1, count_grant, granted, &w));
     }
     ck_assert_uint_eq(aq_ratelimit_users(rl), (size_t)n);
-    aq_ratelimit_credit(rl, n, 0);
+    aq_ratelimit_credit(rl, 0, n, 0);
 }
 
 START_TEST(idle_users_are_evicted)
@@ -207,7 +207,7 @@ START_TEST(idle_users_are_evicted)
     struct event_base *base = event_base_new();
     aq_ratelimit *rl = aq_ratelimit_new(base, 600, 0);
     aq_rl_source src = {no_need, no_pause, NULL};
-    aq_ratelimit_set_source(rl, &src);
+    aq_ratelimit_set_source(rl, 0, &src);
     long granted = 0;
     churn_batch(rl, 0, BATCH, &granted); /* warm up: the map's buckets, malloc's arenas */
     ck_assert_uint_eq(aq_ratelimit_users(rl), 0);
@@ -243,14 +243,14 @@ START_TEST(evicted_user_rejoins_fairly)
     struct event_base *base = event_base_new();
     aq_ratelimit *rl = aq_ratelimit_new(base, 600, 0);
     aq_rl_source src = {no_need, no_pause, NULL};
-    aq_ratelimit_set_source(rl, &src);
+    aq_ratelimit_set_source(rl, 0, &src);
     grant_log g = {0};
     waiter a = {&g, "alice"}, b = {&g, "bob"}, c = {&g, "carol"}, d = {&g, "dave"};
     aq_rl_wait *w;
     for (int i = 0; i < 6; i++) ck_assert(!aq_ratelimit_acquire(rl, "alice", 1, on_grant, &a, &w));
     ck_assert(!aq_ratelimit_acquire(rl, "bob", 1, on_grant, &b, &w));
     ck_assert_uint_eq(aq_ratelimit_users(rl), 2);
-    aq_ratelimit_credit(rl, 2, 0);
+    aq_ratelimit_credit(rl, 0, 2, 0);
     expect_grants(&g, 0, (const char *const[]){"alice", "bob"}, 2);
     ck_assert_uint_eq(aq_ratelimit_users(rl), 1); /* bob is gone */
 
@@ -258,7 +258,7 @@ START_TEST(evicted_user_rejoins_fairly)
     ck_assert(!aq_ratelimit_acquire(rl, "bob", 1, on_grant, &b, &w));
     ck_assert(!aq_ratelimit_acquire(rl, "carol", 1, on_grant, &c, &w));
     ck_assert_uint_eq(aq_ratelimit_users(rl), 3);
-    aq_ratelimit_credit(rl, 4, 0);
+    aq_ratelimit_credit(rl, 0, 4, 0);
     expect_grants(&g, 2, (const char *const[]){"alice", "bob", "carol", "alice"}, 4);
     ck_assert_uint_eq(aq_ratelimit_users(rl), 1);
 
@@ -268,7 +268,7 @@ START_TEST(evicted_user_rejoins_fairly)
     ck_assert_uint_eq(aq_ratelimit_users(rl), 1);
     ck_assert(!aq_ratelimit_acquire(rl, "bob", 1, on_grant, &b, &w));
     ck_assert(!aq_ratelimit_acquire(rl, "dave", 1, on_grant, &d, &w));
-    aq_ratelimit_credit(rl, 3, 0);
+    aq_ratelimit_credit(rl, 0, 3, 0);
     expect_grants(&g, 6, (const char *const[]){"alice", "bob", "dave"}, 3);
     ck_assert_uint_eq(aq_ratelimit_users(rl), 1); /* alice, 2 calls left */
 
@@ -281,11 +281,11 @@ START_TEST(evicted_user_rejoins_fairly)
     for (int r = 0; r < 20; r++) {
         size_t v = (size_t)r % AQ_ARRAY_LEN(visitors);
         ck_assert(!aq_ratelimit_acquire(rl, visitors[v], 1, on_grant, &vw[v], &w));
-        aq_ratelimit_credit(rl, 2, 0);
+        aq_ratelimit_credit(rl, 0, 2, 0);
         expect_grants(&g, 9 + 2 * r, (const char *const[]){"alice", visitors[v]}, 2);
         ck_assert_uint_eq(aq_ratelimit_users(rl), 1);
     }
-    aq_ratelimit_credit(rl, 2, 0); /* alice's last two */
+    aq_ratelimit_credit(rl, 0, 2, 0); /* alice's last two */
     ck_assert_int_eq(g.n, 51);
     ck_assert_uint_eq(aq_ratelimit_users(rl), 0);
     aq_ratelimit_free(rl);

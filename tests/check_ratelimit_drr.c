@@ -24,7 +24,7 @@ static aq_ratelimit *credited_limiter(struct event_base *base, int64_t rpm, int6
 {
     aq_ratelimit *rl = aq_ratelimit_new(base, rpm, tpm);
     static const aq_rl_source src = {no_need, no_pause, NULL};
-    aq_ratelimit_set_source(rl, &src);
+    aq_ratelimit_set_source(rl, 0, &src);
     return rl;
 }
 
@@ -44,7 +44,7 @@ typedef struct load {
 
 static void queue_call(load *l);
 
-static void on_grant(void *arg)
+static void on_grant(void *arg, int pool)
 {
     load *l = arg;
     l->calls++;
@@ -73,7 +73,7 @@ static void queue_calls(load *l, int n)
 static void drain(aq_ratelimit *rl, load *const *loads, int n)
 {
     for (int i = 0; i < n; i++) loads[i]->keep = false;
-    aq_ratelimit_credit(rl, 1e9, 1e12);
+    aq_ratelimit_credit(rl, 0, 1e9, 1e12);
     size_t users = 1;
     ck_assert_uint_eq(aq_ratelimit_waiting(rl, &users), 0);
     ck_assert_uint_eq(users, 0);
@@ -127,7 +127,7 @@ START_TEST(shares_follow_tokens_and_weights)
     for (int n = 0; n < 4; n++) /* several waiters each, interleaved */
         for (int i = 0; i < 2; i++) queue_call(&loads[i]);
     ck_assert_uint_eq(aq_ratelimit_users(rl), 2);
-    for (int s = 0; s < c->steps; s++) aq_ratelimit_credit(rl, c->credit_req, c->credit_tok);
+    for (int s = 0; s < c->steps; s++) aq_ratelimit_credit(rl, 0, c->credit_req, c->credit_tok);
 
     double got[2], total = 0;
     for (int i = 0; i < 2; i++) {
@@ -164,7 +164,7 @@ START_TEST(leaving_forfeits_the_deficit)
     load b = {.rl = rl, .user = "b", .weight = 1, .tokens = 1000, .order = order};
     queue_calls(&a, 20);
     queue_calls(&b, 1);
-    aq_ratelimit_credit(rl, 0, 8000);
+    aq_ratelimit_credit(rl, 0, 0, 8000);
     /* a: 4096 → 4 calls (96 left); b: 1 call and leaves with 3096 unused;
      * a: 4192 → 3 calls before the credit runs out, turn still open. */
     ck_assert_str_eq(order, "aaaabaaa");
@@ -172,7 +172,7 @@ START_TEST(leaving_forfeits_the_deficit)
 
     queue_calls(&b, 8);
     order[0] = '\0';
-    aq_ratelimit_credit(rl, 0, 13000);
+    aq_ratelimit_credit(rl, 0, 0, 13000);
     /* a finishes its open turn (1 more), then b starts from 0, not 3096:
      * four calls a turn, not seven. */
     ck_assert_str_eq(order, "abbbbaaaabbbb");
@@ -195,9 +195,9 @@ START_TEST(requests_only_is_round_robin)
     queue_calls(&a, 4);
     queue_calls(&b, 4);
     queue_calls(&c, 6);
-    aq_ratelimit_credit(rl, 8, 0);
+    aq_ratelimit_credit(rl, 0, 8, 0);
     ck_assert_str_eq(order, "abccabcc");
-    aq_ratelimit_credit(rl, 6, 0);
+    aq_ratelimit_credit(rl, 0, 6, 0);
     ck_assert_str_eq(order, "abccabccabccab");
     ck_assert_uint_eq(aq_ratelimit_users(rl), 0);
     aq_ratelimit_free(rl);
@@ -222,7 +222,7 @@ START_TEST(big_call_is_not_starved)
         queue_calls(&small, 3);
         queue_call(&big);
         while (big.calls == 0 && credited < 1000000) {
-            aq_ratelimit_credit(rl, 0, 1000);
+            aq_ratelimit_credit(rl, 0, 0, 1000);
             credited += 1000;
         }
         ck_assert_msg(big.calls == 1, "a %lld-token call never granted", (long long)sizes[k]);
@@ -282,13 +282,13 @@ START_TEST(cancel_frees_entries_mid_turn)
         ck_assert(!aq_ratelimit_acquire_weighted(rl, "a", 1, 1000, on_grant, &a, &aw[i]));
         ck_assert(!aq_ratelimit_acquire_weighted(rl, "b", 1, 1000, on_grant, &b, &bw[i]));
     }
-    aq_ratelimit_credit(rl, 0, 1000); /* a's turn opens: one call, then the bucket is empty */
+    aq_ratelimit_credit(rl, 0, 0, 1000); /* a's turn opens: one call, then the bucket is empty */
     ck_assert_str_eq(order, "a");
     ck_assert_uint_eq(aq_ratelimit_users(rl), 2);
     aq_ratelimit_cancel(rl, aw[1]);
     aq_ratelimit_cancel(rl, aw[2]);
     ck_assert_uint_eq(aq_ratelimit_users(rl), 1);
-    aq_ratelimit_credit(rl, 0, 2000);
+    aq_ratelimit_credit(rl, 0, 0, 2000);
     ck_assert_str_eq(order, "abb");
     aq_ratelimit_cancel(rl, bw[2]);
     size_t users = 1;
@@ -297,7 +297,7 @@ START_TEST(cancel_frees_entries_mid_turn)
     ck_assert_uint_eq(aq_ratelimit_users(rl), 0);
     /* A user coming back after that is served as a newcomer. */
     ck_assert(!aq_ratelimit_acquire_weighted(rl, "b", 1, 1000, on_grant, &b, &bw[0]));
-    aq_ratelimit_credit(rl, 0, 1000);
+    aq_ratelimit_credit(rl, 0, 0, 1000);
     ck_assert_str_eq(order, "abbb");
     ck_assert_uint_eq(aq_ratelimit_users(rl), 0);
     aq_ratelimit_free(rl);

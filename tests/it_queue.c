@@ -82,6 +82,10 @@ static void setup_env(const char *name, const char *const *mock_flags)
     add_var("AGENTQ_AMQP_RETRY_DELAYS", "1s");
     add_var("AGENTQ_AMQP_MAX_ATTEMPTS", "3");
     add_var("AGENTQ_LLM_MAX_RETRIES", "0");
+    /* gpt-4o-mini's prices: the simulator's model is free by default, and
+     * the tests account for cost */
+    add_var("AGENTQ_LLM_PRICE_INPUT_PER_MTOK", "0.15");
+    add_var("AGENTQ_LLM_PRICE_OUTPUT_PER_MTOK", "0.60");
     add_var("AGENTQ_METRICS_LISTEN", "127.0.0.1:0");
     add_var("AGENTQ_LOG_LEVEL", "debug");
     for (int i = 0; i < E.nvars; i++) putenv(E.vars[i]); /* for in-process config and the producer */
@@ -1367,6 +1371,188 @@ START_TEST(long_task_hands_itself_over_before_consumer_timeout)
 }
 END_TEST
 
+/* ---- providers ------------------------------------------------------------ */
+
+/* Writes a config file holding `text` into the test's log dir; returns
+ * its path (static). */
+static const char *write_conf(const char *name, const char *text)
+{
+    static char path[300];
+    snprintf(path, sizeof path, "%s/%s.conf", E.logdir, name);
+    FILE *f = fopen(path, "w");
+    ck_assert_ptr_nonnull(f);
+    fputs(text, f);
+    fclose(f);
+    return path;
+}
+
+static aq_test_proc *start_worker_conf(const char *name, const char *conf, const char *const *extra_env)
+{
+    char log[300];
+    snprintf(log, sizeof log, "%s/%s.log", E.logdir, name);
+    const char *argv[] = {aq_test_bin("agentq-worker"), "--config", conf, NULL};
+    const char *envv[40];
+    int n = 0;
+    for (int i = 0; i < E.nvars; i++) envv[n++] = E.vars[i];
+    for (int i = 0; extra_env && extra_env[i]; i++) envv[n++] = extra_env[i];
+    envv[n] = NULL;
+    return aq_test_spawn(argv, envv, log);
+}
+
+/* Two providers of 600 calls a minute each for model "m", two workers in
+ * fleet mode: the fleet's 1,200 a minute is both providers' sum, and
+ * each provider's own limit holds across the workers. */
+START_TEST(provider_limits_hold_fleet_wide)
+{
+    setup_env("providers", NULL);
+    char var[160];
+    aq_test_proc *mock_b = extra_mock(NULL, "mock-b", var);
+    const char *port_b = strrchr(var, ':') + 1;
+    char text[2048];
+    snprintf(text, sizeof text,
+             "llm = { model = \"m\"; };\nlimits = { mode = \"fleet\"; };\n"
+             "providers = (\n"
+             " { name = \"a\"; base_url = \"http://127.0.0.1:%d/v1\";\n"
+             "   models = ( { name = \"m\"; requests_per_minute = 600; input_per_mtok = 1.0; output_per_mtok = 2.0; } ); },\n"
+             " { name = \"b\"; base_url = \"http://127.0.0.1:%.*s/v1\";\n"
+             "   models = ( { name = \"m\"; requests_per_minute = 600; input_per_mtok = 1.0; output_per_mtok = 2.0; } ); }\n"
+             ");\n",
+             E.mock_port, (int)strcspn(port_b, "/"), port_b);
+    const char *conf = write_conf("providers", text);
+    aq_test_proc *a = start_worker_conf("worker-a", conf, NULL);
+    aq_test_proc *b = start_worker_conf("worker-b", conf, NULL);
+    char file[300];
+    snprintf(file, sizeof file, "%s/tasks.jsonl", E.logdir);
+    write_tasks(file, 120, "quick answer");
+    sleep(1);
+    const char *args[] = {"--file", file, NULL};
+    ck_assert_int_eq(produce(args, NULL), 0);
+    ck_assert_msg(aq_test_pg_wait_value(E.dsn, "SELECT count(*) FROM agentq.tasks WHERE status = 'completed'", "120",
+                                        40000),
+                  "not all tasks completed");
+    /* 120 calls at 2 x 10/s with 2 x 1 s of burst: at least (120-20)/20 = 5 s */
+    char *v = aq_test_pg_value(E.dsn, "SELECT extract(epoch FROM max(finished_at) - min(started_at)) FROM agentq.tasks");
+    double span = atof(v);
+    free(v);
+    ck_assert_msg(span >= 4.4 && span <= 12.0, "120 calls at 2 providers of 10/s took %.2f s", span);
+    /* each provider served its share, within its own limit */
+    for (int i = 0; i < 2; i++) {
+        char sql[400];
+        snprintf(sql, sizeof sql,
+                 "SELECT count(*) <= 10 + 10 * extract(epoch FROM max(started_at) - min(started_at)) + 1"
+                 " AND count(*) >= 20 FROM agentq.steps WHERE kind = 'llm' AND status = 'ok' AND provider = '%s'",
+                 i ? "b" : "a");
+        assert_pg("t", "%s", sql);
+    }
+    assert_pg("2", "SELECT count(DISTINCT worker_id) FROM agentq.tasks");
+    assert_pg("10,10", "SELECT string_agg(refill_per_sec::text, ',' ORDER BY name) FROM agentq.rate_limits"
+                       " WHERE name IN ('llm:a:m:requests', 'llm:b:m:requests')");
+    aq_test_proc_free(a);
+    aq_test_proc_free(b);
+    aq_test_proc_free(mock_b);
+    teardown_env();
+}
+END_TEST
+
+/* A reply saying nothing is left until a reset pauses the fleet's bucket:
+ * a worker started afterwards sends nothing until the reset, and no call
+ * is refused. */
+START_TEST(reset_header_pauses_the_fleet)
+{
+    const char *mock[] = {"--window-requests", "1", "--window-ms", "8000", NULL};
+    setup_env("resetpause", mock);
+    const char *fleet[] = {"AGENTQ_LIMITS_MODE=fleet", "AGENTQ_LLM_REQUESTS_PER_MINUTE=6000", NULL};
+    aq_test_proc *a = start_worker("worker-a", fleet);
+    char id[40];
+    const char *first[] = {"--user", "u", "--goal", "quick one", NULL};
+    ck_assert_int_eq(produce(first, id), 0);
+    wait_status(id, "completed", 20000, a, "worker-a");
+    aq_test_proc_free(a); /* its pause must outlive it, in the database */
+    aq_test_proc *b = start_worker("worker-b", fleet);
+    const char *second[] = {"--user", "u", "--goal", "quick two", NULL};
+    ck_assert_int_eq(produce(second, id), 0);
+    wait_status(id, "completed", 20000, b, "worker-b");
+    char buf[4096];
+    ck_assert_int_eq(http_get(E.mock_port, "/requests", buf, sizeof buf), 200);
+    json_t *arr = json_loads(buf, 0, NULL);
+    ck_assert_ptr_nonnull(arr);
+    ck_assert_uint_eq(json_array_size(arr), 2); /* nothing refused, nothing in between */
+    json_int_t t0 = json_integer_value(json_object_get(json_array_get(arr, 0), "at_ms"));
+    json_int_t t1 = json_integer_value(json_object_get(json_array_get(arr, 1), "at_ms"));
+    ck_assert_int_eq(json_integer_value(json_object_get(json_array_get(arr, 1), "status")), 200);
+    ck_assert_msg(t1 - t0 >= 7900, "the second call went %lld ms after the first, inside the reset",
+                  (long long)(t1 - t0));
+    json_decref(arr);
+    aq_test_proc_free(b);
+    teardown_env();
+}
+END_TEST
+
+/* cache.enabled: a deterministic task run on one worker answers the same
+ * task on another from Postgres — no call reaches the provider, the rows
+ * say cached at cost 0. */
+START_TEST(cache_shared_by_two_workers)
+{
+    setup_env("cache", NULL);
+    const char *cached[] = {"AGENTQ_CACHE_ENABLED=1", NULL};
+    aq_test_proc *a = start_worker("worker-a", cached);
+    char file[300], id[40];
+    snprintf(file, sizeof file, "%s/one.jsonl", E.logdir);
+    FILE *f = fopen(file, "w");
+    ck_assert_ptr_nonnull(f);
+    fputs("{\"user_id\":\"alice\",\"goal\":\"steps=2 cached twice\",\"temperature\":0}\n", f);
+    fclose(f);
+    const char *args[] = {"--file", file, NULL};
+    ck_assert_int_eq(produce(args, id), 0);
+    wait_status(id, "completed", 20000, a, "worker-a");
+    ck_assert_int_eq(mock_calls("steps=2 cached twice"), 3);
+    aq_test_proc_free(a);
+    aq_test_proc *b = start_worker("worker-b", cached);
+    f = fopen(file, "w");
+    ck_assert_ptr_nonnull(f);
+    fputs("{\"user_id\":\"bob\",\"goal\":\"steps=2 cached twice\",\"temperature\":0}\n", f);
+    fclose(f);
+    ck_assert_int_eq(produce(args, id), 0);
+    wait_status(id, "completed", 20000, b, "worker-b");
+    ck_assert_int_eq(mock_calls("steps=2 cached twice"), 3); /* all three from the cache */
+    assert_task(id, "steps || ',' || cost_usd::float8", "3,0");
+    char sql[300];
+    snprintf(sql, sizeof sql,
+             "SELECT string_agg(status || '/' || provider || '/' || cost_usd::float8, ',' ORDER BY step)"
+             " FROM agentq.steps WHERE task_id = '%s' AND kind = 'llm'", id);
+    assert_pg("cached/cache/0,cached/cache/0,cached/cache/0", "%s", sql);
+    assert_pg("3", "SELECT count(*) FROM agentq.llm_cache WHERE hits >= 1");
+    aq_test_proc_free(b);
+    teardown_env();
+}
+END_TEST
+
+/* A model without a price stops the worker at start, naming the file,
+ * the line and the key. */
+START_TEST(unpriced_model_stops_the_worker)
+{
+    setup_env("unpriced", NULL);
+    char text[512];
+    snprintf(text, sizeof text,
+             "llm = { model = \"gpt-4o\"; };\n"
+             "providers = ( { name = \"openai\"; base_url = \"http://127.0.0.1:%d/v1\";\n"
+             "  models = ( { name = \"gpt-4o\"; requests_per_minute = 500; } ); } );\n",
+             E.mock_port);
+    const char *conf = write_conf("unpriced", text);
+    aq_test_proc *w = start_worker_conf("worker", conf, NULL);
+    int rc = aq_test_proc_wait(w, 10000);
+    ck_assert_msg(rc > 0, "worker exit status %d", rc);
+    char cmd[900];
+    snprintf(cmd, sizeof cmd,
+             "grep -q \"%s:3: key 'providers\\[0\\].models\\[0\\]': model 'gpt-4o' of provider 'openai' has no price\" "
+             "'%s/worker.log'",
+             conf, E.logdir);
+    ck_assert_msg(WEXITSTATUS(system(cmd)) == 0, "the error does not name file, line, key and model");
+    aq_test_proc_free(w);
+    teardown_env();
+}
+END_TEST
+
 int main(void)
 {
     const TTest *core[] = {producer_to_completed_row, priority_runs_first,
@@ -1389,7 +1575,10 @@ int main(void)
     const TTest *durable[] = {kill9_mid_task_resumes_at_the_last_committed_step, drained_and_retried_tasks_resume,
                               ask_human_waits_and_resumes_with_the_answer,
                               long_task_hands_itself_over_before_consumer_timeout};
+    const TTest *providers[] = {provider_limits_hold_fleet_wide, reset_header_pauses_the_fleet,
+                                cache_shared_by_two_workers, unpriced_model_stops_the_worker};
     const aq_tcase_spec tcases[] = {
+        {.name = "providers", .tests = providers, .n_tests = AQ_ARRAY_LEN(providers), .timeout_s = 120},
         {.name = "durable", .tests = durable, .n_tests = AQ_ARRAY_LEN(durable), .timeout_s = 200},
         {.name = "core", .tests = core, .n_tests = AQ_ARRAY_LEN(core), .timeout_s = 120},
         {.name = "limits", .tests = limits, .n_tests = AQ_ARRAY_LEN(limits), .timeout_s = 120},

@@ -389,6 +389,203 @@ START_TEST(test_cancel_request_notifies_listeners)
 }
 END_TEST
 
+/* sql/015_providers.sql: the provider column, the cache's table, its
+ * running total and the functions, with the signatures the store and the
+ * fleet limiter call. */
+START_TEST(test_provider_objects_exist)
+{
+    migrated_db();
+    assert_sql("SELECT format_type(atttypid, atttypmod) || ',' || NOT attnotnull FROM pg_attribute"
+               " WHERE attrelid = 'agentq.steps'::regclass AND attname = 'provider'",
+               "text,true");
+    assert_sql("SELECT col_description('agentq.steps'::regclass,"
+               " (SELECT attnum FROM pg_attribute WHERE attrelid = 'agentq.steps'::regclass"
+               "  AND attname = 'provider')) LIKE '%cache%'",
+               "t");
+    assert_sql("SELECT string_agg(attname || ':' || format_type(atttypid, atttypmod)"
+               " || CASE WHEN attnotnull THEN '!' ELSE '' END, ',' ORDER BY attnum)"
+               " FROM pg_attribute WHERE attrelid = 'agentq.llm_cache'::regclass AND attnum > 0"
+               " AND NOT attisdropped",
+               "key:bytea!,model:text,response:text!,bytes:integer,hits:bigint!,"
+               "created_at:timestamp with time zone!,expires_at:timestamp with time zone!");
+    assert_sql("SELECT string_agg(indexdef, ';' ORDER BY indexname) FROM pg_indexes"
+               " WHERE schemaname = 'agentq' AND tablename = 'llm_cache' AND indexname <> 'llm_cache_pkey'",
+               "CREATE INDEX llm_cache_created_idx ON agentq.llm_cache USING btree (created_at);"
+               "CREATE INDEX llm_cache_expires_idx ON agentq.llm_cache USING btree (expires_at)");
+    assert_sql("SELECT bytes FROM agentq.llm_cache_size", "0");
+    assert_sql("SELECT string_agg(to_regprocedure(f)::text || '->' ||"
+               " pg_get_function_result(to_regprocedure(f)), ';')"
+               " FROM unnest(ARRAY['agentq.cache_get(text)',"
+               " 'agentq.cache_put(text, text, text, integer, bigint)',"
+               " 'agentq.clamp_bucket(text, double precision)',"
+               " 'agentq.pause_bucket(text, timestamptz)']) AS f",
+               "agentq.cache_get(text)->text;"
+               "agentq.cache_put(text,text,text,integer,bigint)->void;"
+               "agentq.clamp_bucket(text,double precision)->double precision;"
+               "agentq.pause_bucket(text,timestamp with time zone)->timestamp with time zone");
+    drop_dsn();
+}
+END_TEST
+
+/* The response under request `req` as the cache holds it: "resp/hits". */
+#define CACHE_ROW(req)                                                         \
+    "SELECT response || '/' || hits FROM agentq.llm_cache"                     \
+    " WHERE key = sha256(convert_to(" req ", 'UTF8'))"
+
+START_TEST(test_cache_get_and_put)
+{
+    migrated_db();
+    /* A miss, then a put and its hits. */
+    assert_sql("SELECT agentq.cache_get('{\"q\": 1}')", NULL);
+    exec_ok("SELECT agentq.cache_put('{\"q\": 1}', 'm-1', '{\"a\": \"☃\"}', 60, 1000)");
+    assert_sql("SELECT agentq.cache_get('{\"q\": 1}')", "{\"a\": \"☃\"}");
+    assert_sql("SELECT agentq.cache_get('{\"q\": 1}')", "{\"a\": \"☃\"}");
+    assert_sql(CACHE_ROW("'{\"q\": 1}'"), "{\"a\": \"☃\"}/2");
+    assert_sql("SELECT model || ',' || bytes || ',' || (expires_at - created_at)"
+               " FROM agentq.llm_cache", "m-1,12,00:01:00");
+    /* The key is the request's sha256, to the byte. */
+    assert_sql("SELECT agentq.cache_get('{\"q\":1}')", NULL);
+
+    /* A second put of a live key is no error and keeps the first answer
+     * (another worker may have served it already) and its hits. */
+    exec_ok("SELECT agentq.cache_put('{\"q\": 1}', 'm-2', 'second', 60, 1000)");
+    assert_sql(CACHE_ROW("'{\"q\": 1}'"), "{\"a\": \"☃\"}/2");
+
+    /* An expired row is a miss (and no hit), and the next put replaces it. */
+    exec_ok("UPDATE agentq.llm_cache SET expires_at = now() - interval '1 s'");
+    assert_sql("SELECT agentq.cache_get('{\"q\": 1}')", NULL);
+    assert_sql(CACHE_ROW("'{\"q\": 1}'"), "{\"a\": \"☃\"}/2");
+    exec_ok("SELECT agentq.cache_put('{\"q\": 1}', 'm-2', 'second', 60, 1000)");
+    assert_sql(CACHE_ROW("'{\"q\": 1}'"), "second/0");
+    assert_sql("SELECT agentq.cache_get('{\"q\": 1}')", "second");
+    assert_sql("SELECT bytes FROM agentq.llm_cache_size", "6");
+
+    /* Nothing stored: no TTL, a response larger than the bound, NULLs. */
+    exec_ok("SELECT agentq.cache_put('t0', 'm', 'x', 0, 1000),"
+            " agentq.cache_put('big', 'm', repeat('x', 1001), 60, 1000),"
+            " agentq.cache_put(NULL, 'm', 'x', 60, 1000), agentq.cache_put('n', 'm', NULL, 60, 1000)");
+    assert_sql("SELECT count(*) FROM agentq.llm_cache", "1");
+    /* A NULL model is allowed. */
+    exec_ok("SELECT agentq.cache_put('nomodel', NULL, 'x', 60, 1000)");
+    assert_sql("SELECT agentq.cache_get('nomodel')", "x");
+    drop_dsn();
+}
+END_TEST
+
+/* The byte bound: a put that goes over it evicts expired rows first, then
+ * the oldest, only as many as it takes; the running total stays the sum,
+ * also under deletes and TRUNCATE by hand. */
+START_TEST(test_cache_bound_evicts_expired_then_oldest)
+{
+    migrated_db();
+    /* Five rows of 10 bytes, r1 the oldest; a bound of 50 holds them. */
+    for (int i = 1; i <= 5; i++) {
+        char sql[256];
+        snprintf(sql, sizeof sql,
+                 "SELECT agentq.cache_put('r%d', 'm', 'response-%d', 60, 50);"
+                 " UPDATE agentq.llm_cache SET created_at = now() - interval '1 hour' * (10 - %d)"
+                 " WHERE key = sha256(convert_to('r%d', 'UTF8'))",
+                 i, i, i, i);
+        exec_ok(sql);
+    }
+    assert_sql("SELECT count(*) || '/' || sum(bytes) || '/' || (SELECT bytes FROM agentq.llm_cache_size)"
+               " FROM agentq.llm_cache", "5/50/50");
+    /* r6 (10 bytes) at 50: the oldest, r1, goes. */
+    exec_ok("SELECT agentq.cache_put('r6', 'm', 'response-6', 60, 50)");
+    assert_sql("SELECT string_agg(response, ',' ORDER BY response) FROM agentq.llm_cache",
+               "response-2,response-3,response-4,response-5,response-6");
+    /* An expired row goes before any older live one. */
+    exec_ok("UPDATE agentq.llm_cache SET expires_at = now() - interval '1 s'"
+            " WHERE key = sha256(convert_to('r4', 'UTF8'))");
+    exec_ok("SELECT agentq.cache_put('r7', 'm', 'response-7', 60, 50)");
+    assert_sql("SELECT string_agg(response, ',' ORDER BY response) FROM agentq.llm_cache",
+               "response-2,response-3,response-5,response-6,response-7");
+    /* A put of 25 bytes at 50 takes three rows, the oldest three. */
+    exec_ok("SELECT agentq.cache_put('r8', 'm', repeat('8', 25), 60, 50)");
+    assert_sql("SELECT string_agg(left(response, 10), ',' ORDER BY response) FROM agentq.llm_cache",
+               "8888888888,response-6,response-7");
+    assert_sql("SELECT sum(bytes) || '/' || (SELECT bytes FROM agentq.llm_cache_size)"
+               " FROM agentq.llm_cache", "45/45");
+    /* A smaller bound (another worker's configuration) trims to it, and
+     * never evicts the row just put. */
+    exec_ok("SELECT agentq.cache_put('r9', 'm', 'response-9', 60, 12)");
+    assert_sql("SELECT string_agg(response, ',') FROM agentq.llm_cache", "response-9");
+    assert_sql("SELECT bytes FROM agentq.llm_cache_size", "10");
+
+    /* The total follows deletes and TRUNCATE made by hand. */
+    exec_ok("SELECT agentq.cache_put('a', 'm', 'aaaa', 60, 100), agentq.cache_put('b', 'm', 'bbbbbb', 60, 100)");
+    assert_sql("SELECT bytes FROM agentq.llm_cache_size", "20");
+    exec_ok("DELETE FROM agentq.llm_cache WHERE response IN ('aaaa', 'response-9')");
+    assert_sql("SELECT bytes FROM agentq.llm_cache_size", "6");
+    exec_ok("TRUNCATE agentq.llm_cache");
+    assert_sql("SELECT bytes FROM agentq.llm_cache_size", "0");
+    drop_dsn();
+}
+END_TEST
+
+START_TEST(test_clamp_bucket_lowers_and_never_raises)
+{
+    migrated_db();
+    exec_ok("SELECT agentq.define_bucket('c', 10, 0)");
+    assert_sql("SELECT agentq.clamp_bucket('c', 4)", "4");
+    assert_sql("SELECT agentq.clamp_bucket('c', 8)", "4"); /* never raises */
+    assert_sql("SELECT agentq.take_tokens('c', 10)", "4");
+    assert_sql("SELECT agentq.clamp_bucket('c', -3)", "0");
+    assert_sql("SELECT agentq.clamp_bucket('nope', 1)", NULL);
+    /* It refills first, as take_tokens would: 1/s for five seconds (the
+     * upper bounds leave a second for slow connections). */
+    exec_ok("SELECT agentq.define_bucket('r', 10, 1)");
+    assert_sql("SELECT agentq.take_tokens('r', 10)", "10");
+    exec_ok("UPDATE agentq.rate_limits SET updated_at = clock_timestamp() - interval '5 s'"
+            " WHERE name = 'r'");
+    assert_sql("SELECT agentq.clamp_bucket('r', 100) BETWEEN 5 AND 6", "t");
+    assert_sql("SELECT agentq.clamp_bucket('r', 3)", "3");
+    assert_sql("SELECT tokens FROM agentq.rate_limits WHERE name = 'r'", "3");
+    /* NULL only refills; a paused bucket stays empty until its pause ends. */
+    assert_sql("SELECT agentq.clamp_bucket('r', NULL) BETWEEN 3 AND 4", "t");
+    exec_ok("SELECT agentq.pause_bucket('r', now() + interval '1 hour')");
+    assert_sql("SELECT agentq.clamp_bucket('r', 100)", "0");
+    assert_sql("SELECT updated_at > now() + interval '59 minutes' FROM agentq.rate_limits"
+               " WHERE name = 'r'", "t");
+    drop_dsn();
+}
+END_TEST
+
+/* A pause tells every worker at once: agentq_limits, '<name> <epoch>'. */
+START_TEST(test_pause_bucket_notifies_limits)
+{
+    migrated_db();
+    exec_ok("SELECT agentq.define_bucket('fleet llm', 10, 1)");
+    PGconn *listener = PQconnectdb(dsn);
+    ck_assert_int_eq(PQstatus(listener), CONNECTION_OK);
+    PGresult *res = PQexec(listener, "LISTEN agentq_limits");
+    ck_assert_int_eq(PQresultStatus(res), PGRES_COMMAND_OK);
+    PQclear(res);
+
+    assert_sql("SELECT extract(epoch FROM agentq.pause_bucket('fleet llm',"
+               " timestamptz '2100-01-01 00:00:00.5+00'))",
+               "4102444800.500000");
+    PGnotify *n = wait_notify(listener, 5000);
+    ck_assert_ptr_nonnull(n);
+    ck_assert_str_eq(n->relname, "agentq_limits");
+    ck_assert_str_eq(n->extra, "fleet llm 4102444800.500000");
+    PQfreemem(n);
+    /* 001's semantics: a shorter pause keeps the longer one, which is
+     * what it announces; a bucket that does not exist announces nothing. */
+    assert_sql("SELECT agentq.pause_bucket('fleet llm', now() + interval '1 minute')",
+               "2100-01-01 00:00:00.5+00");
+    n = wait_notify(listener, 5000);
+    ck_assert_ptr_nonnull(n);
+    ck_assert_str_eq(n->extra, "fleet llm 4102444800.500000");
+    PQfreemem(n);
+    assert_sql("SELECT agentq.pause_bucket('nope', now())", NULL);
+    assert_sql("SELECT tokens || ',' || (updated_at = paused_until) FROM agentq.rate_limits", "0,true");
+    ck_assert_ptr_null(wait_notify(listener, 300));
+    PQfinish(listener);
+    drop_dsn();
+}
+END_TEST
+
 START_TEST(test_worker_role_can_write)
 {
     migrated_db();
@@ -409,6 +606,14 @@ START_TEST(test_worker_role_can_write)
     exec_ok("SELECT agentq.define_bucket('w', 5, 1)");
     assert_sql("SELECT agentq.take_tokens('w', 2)", "2");
     assert_sql("SELECT count(*) FROM agentq.usage_by_user", "1");
+    exec_ok("UPDATE agentq.steps SET provider = 'openai'"
+            " WHERE task_id = '00000000-0000-0000-0000-000000000077'");
+    /* The cache and the limits of sql/015_providers.sql. */
+    exec_ok("SELECT agentq.cache_put('req', 'm', 'resp', 60, 100)");
+    assert_sql("SELECT agentq.cache_get('req')", "resp");
+    exec_ok("DELETE FROM agentq.llm_cache");
+    assert_sql("SELECT agentq.clamp_bucket('w', 1)", "1");
+    assert_sql("SELECT agentq.pause_bucket('w', now()) IS NOT NULL", "t");
 
     char err[1024] = "";
     ck_assert_int_ne(aq_test_pg_exec(dsn, "CREATE TABLE agentq.mine (x int)", err, sizeof err), 0);
@@ -473,6 +678,64 @@ START_TEST(test_take_tokens_never_overgrants_under_contention)
     /* 240 asks for a bucket of 100 that does not refill: exactly 100. */
     ck_assert_double_eq(total, 100.0);
     assert_sql("SELECT tokens FROM agentq.rate_limits WHERE name = 'c'", "0");
+    drop_dsn();
+}
+END_TEST
+
+/* Racing puts: several workers putting the same keys and new ones at
+ * once neither fail nor break the bound. */
+#define PUTTERS 4
+#define PUTS_EACH 40
+
+struct putter {
+    const char *dsn;
+    int id;
+    int failures;
+    char err[512];
+};
+
+static void *put_loop(void *arg)
+{
+    struct putter *t = arg;
+    PGconn *c = PQconnectdb(t->dsn);
+    if (PQstatus(c) != CONNECTION_OK) {
+        t->failures++;
+        PQfinish(c);
+        return NULL;
+    }
+    for (int i = 0; i < PUTS_EACH; i++) {
+        char sql[256];
+        /* Even i: a key every putter puts; odd: one of its own. */
+        snprintf(sql, sizeof sql,
+                 "SELECT agentq.cache_put('k%d-%d', 'm', repeat('x', 100 + %d), 60, 2000)",
+                 i % 2 ? t->id : 0, i, i);
+        PGresult *r = PQexec(c, sql);
+        if (PQresultStatus(r) != PGRES_TUPLES_OK) {
+            t->failures++;
+            snprintf(t->err, sizeof t->err, "%s", PQresultErrorMessage(r));
+        }
+        PQclear(r);
+    }
+    PQfinish(c);
+    return NULL;
+}
+
+START_TEST(test_racing_cache_puts_keep_the_bound)
+{
+    migrated_db();
+    pthread_t th[PUTTERS];
+    struct putter pt[PUTTERS];
+    for (int i = 0; i < PUTTERS; i++) {
+        pt[i] = (struct putter){.dsn = dsn, .id = i + 1};
+        ck_assert_int_eq(pthread_create(&th[i], NULL, put_loop, &pt[i]), 0);
+    }
+    for (int i = 0; i < PUTTERS; i++) {
+        pthread_join(th[i], NULL);
+        ck_assert_msg(pt[i].failures == 0, "putter %d: %d failures: %s", i, pt[i].failures, pt[i].err);
+    }
+    assert_sql("SELECT sum(bytes) <= 2000 AND sum(bytes) > 1800"
+               " AND sum(bytes) = (SELECT bytes FROM agentq.llm_cache_size) FROM agentq.llm_cache",
+               "t");
     drop_dsn();
 }
 END_TEST
@@ -596,6 +859,23 @@ START_TEST(test_reader_role_cannot_write)
     /* answering a waiting task is the writer's */
     ck_assert_int_ne(aq_test_pg_exec(dsn, "SELECT agentq.answer(gen_random_uuid(), 'yes')", err, sizeof err), 0);
     ck_assert_msg(strstr(err, "permission denied") != NULL, "%s", err);
+    /* The cache and the limits are the writer's too: not even a lookup
+     * (it counts its hit). */
+    static const char *const refused[] = {
+        "SELECT agentq.cache_put('r', 'm', 'x', 60, 100)",
+        "SELECT agentq.cache_get('r')",
+        "SELECT agentq.clamp_bucket('x', 1)",
+        "SELECT agentq.pause_bucket('x', now())",
+        "INSERT INTO agentq.llm_cache (key, response, expires_at) VALUES ('\\x00', 'x', now())",
+        "UPDATE agentq.llm_cache SET hits = 0",
+        "DELETE FROM agentq.llm_cache",
+        "TRUNCATE agentq.llm_cache",
+        "UPDATE agentq.llm_cache_size SET bytes = 0",
+    };
+    for (size_t i = 0; i < AQ_ARRAY_LEN(refused); i++) {
+        ck_assert_msg(aq_test_pg_exec(dsn, refused[i], err, sizeof err) != 0, "%s was allowed", refused[i]);
+        ck_assert_msg(strstr(err, "permission denied") != NULL, "%s: %s", refused[i], err);
+    }
 
     /* Reading every table and view works. */
     assert_sql("SELECT count(*) FROM agentq.tasks", "6");
@@ -607,6 +887,8 @@ START_TEST(test_reader_role_cannot_write)
     assert_sql("SELECT count(*) FROM agentq.latency_percentiles", "2");
     assert_sql("SELECT sum(tasks) FROM agentq.status_counts", "6");
     assert_sql("SELECT count(*) FROM agentq.dead_letters_text", "0");
+    assert_sql("SELECT count(*) FROM agentq.llm_cache", "0");
+    assert_sql("SELECT bytes FROM agentq.llm_cache_size", "0");
     free(dsn);
     dsn = super;
     drop_dsn();
@@ -779,8 +1061,12 @@ static Suite *schema_suite(void)
                            test_steps_and_dead_letters_store_what_workers_write,
                            test_views_count_what_was_inserted, test_take_tokens_refills_and_takes,
                            test_cancel_request_notifies_listeners, test_worker_role_can_write,
+                           test_provider_objects_exist, test_cache_get_and_put,
+                           test_cache_bound_evicts_expired_then_oldest,
+                           test_clamp_bucket_lowers_and_never_raises, test_pause_bucket_notifies_limits,
                            test_rabbitmq_answers};
     const TTest *limits[] = {test_take_tokens_never_overgrants_under_contention,
+                             test_racing_cache_puts_keep_the_bound,
                              test_concurrent_migrators_apply_each_file_once,
                              test_task_counters_cannot_go_negative};
     const TTest *errors[] = {test_status_check_rejects_unknown_status,

@@ -30,6 +30,7 @@
 static char *dsn;                /* the current test's migrated database */
 static struct event_base *base;
 static int claims_done, dones;   /* callbacks seen in this test */
+static int caches_done;          /* cache lookups answered in this test */
 
 static void migrate(const char *d)
 {
@@ -42,7 +43,7 @@ static void migrate(const char *d)
 static void setup(void)
 {
     /* Reset here too, so the suite also runs with CK_FORK=no. */
-    claims_done = dones = 0;
+    claims_done = dones = caches_done = 0;
     dsn = aq_test_fresh_db("it_store");
     migrate(dsn);
     base = event_base_new();
@@ -199,6 +200,69 @@ static void on_renew(void *arg, const char *const *lost, size_t n, int code)
     r->code = code;
     r->n = n;
     if (n) snprintf(r->first, sizeof r->first, "%s", lost[0]);
+}
+
+typedef struct cache_rec {
+    int calls, code;
+    char *response;  /* a copy (NULL: none); the test frees it */
+    size_t len;
+    bool terminated; /* the store's text ended in a NUL at len */
+    int64_t at_us;   /* when it came (monotonic) */
+} cache_rec;
+
+static void on_cache(void *arg, const char *response, size_t len, int code)
+{
+    cache_rec *c = arg;
+    c->calls++;
+    c->code = code;
+    c->len = len;
+    free(c->response);
+    c->response = NULL;
+    if (response) {
+        c->response = aq_xmalloc(len + 1);
+        memcpy(c->response, response, len + 1);
+        c->terminated = response[len] == '\0';
+    }
+    c->at_us = aq_mono_us();
+    caches_done++;
+}
+
+/* A lookup, waited for; asserts it came back once, and not inside the
+ * call. The caller frees r.response. */
+static cache_rec cache_get_sync(aq_store *s, const char *request, size_t len)
+{
+    cache_rec c = {0};
+    int before = caches_done;
+    ck_assert_int_eq(aq_store_cache_get(s, request, len, on_cache, &c), 0);
+    ck_assert_int_eq(c.calls, 0);
+    ck_assert_msg(aq_test_loop_until(base, &caches_done, before + 1, 10000), "cache callback never came");
+    ck_assert_int_eq(c.calls, 1);
+    return c;
+}
+
+/* Runs the loop until the store has written `n` puts. */
+static void wait_cache_puts(aq_store *s, uint64_t n)
+{
+    aq_store_counters k;
+    for (int i = 0; i < 500; i++) {
+        aq_store_stats(s, &k);
+        if (k.cache_puts >= n) return;
+        aq_test_loop_for(base, 10);
+    }
+    ck_abort_msg("%llu cache puts written, want %llu (%llu dropped)", (unsigned long long)k.cache_puts,
+                 (unsigned long long)n, (unsigned long long)k.cache_dropped);
+}
+
+/* Runs the loop until the store is connected (or not), up to 10 s. */
+static void wait_connected(aq_store *s, bool want)
+{
+    aq_store_counters k;
+    for (int i = 0; i < 1000; i++) {
+        aq_store_stats(s, &k);
+        if (k.connected == want) return;
+        aq_test_loop_for(base, 10);
+    }
+    ck_abort_msg("the store never became %s", want ? "connected" : "disconnected");
 }
 
 /* The body the worker would have parsed these fields from. */
@@ -803,7 +867,7 @@ START_TEST(test_steps_round_trip_and_are_written_once)
                              .name = "mock-1", .status = "ok",
                              .started_at_us = 1700000001000001LL, .duration_ms = 812.5,
                              .prompt_tokens = 100, .completion_tokens = 20, .cost_usd = 0.0001,
-                             .detail = "{\"finish\": \"tool_calls\"}"};
+                             .detail = "{\"finish\": \"tool_calls\"}", .provider = "openai-eu"};
     aq_store_step_row t0 = {.task_id = id, .attempt = 1, .step = 1, .seq = 0, .kind = "tool",
                             .name = "calculator", .status = "ok", .duration_ms = 0.25,
                             .detail = "{\"args\": \"2+3\"}"};
@@ -827,6 +891,93 @@ START_TEST(test_steps_round_trip_and_are_written_once)
                      "llm:0:mock-1:ok:812.5:100:20:0.00010000:tool_calls:1700000001000001|"
                      "tool:0:calculator:ok:0.25:0:0:0.00000000:2+3|"
                      "tool:1:calculator:ok:0.25:0:0:0.00000000:4*5");
+    /* steps.provider: the llm row's, NULL for tool rows. */
+    ck_assert_str_eq(val(sqlf("SELECT string_agg(kind || '=' || coalesce(provider, 'NULL'), ','"
+                              " ORDER BY kind, seq) FROM agentq.steps WHERE task_id = '%s'", id)),
+                     "llm=openai-eu,tool=NULL,tool=NULL");
+    aq_store_free(s);
+}
+END_TEST
+
+/* The fleet's response cache through the store: what a put stores a get
+ * returns byte for byte (multibyte UTF-8, 100 KB), a missing key is a
+ * miss (code 0, NULL), and the counters say so. */
+START_TEST(test_cache_put_then_get_returns_the_same_bytes)
+{
+    aq_store *s = store_open(dsn, 0, 0);
+    wait_connected(s, true);
+    static const char req1[] = "{\"model\": \"m\", \"messages\": [{\"role\": \"user\", \"content\": \"2+3\"}]}";
+    static const char resp1[] = "{\"id\": \"c-1\", \"choices\": [{\"message\": {\"content\": \"5\"}}]}";
+    static const char req2[] = "{\"messages\": [{\"content\": \"Grüße, ☃\"}]}";
+    static const char resp2[] = "{\"choices\": [{\"message\": {\"content\": \"☃ é 𝄞 — \\u0000 kept as text\"}}]}";
+    /* 100 KB of a reply, multibyte characters all through it. */
+    size_t big_len = 0, cap = 100 * 1024 + 64;
+    char *big = aq_xmalloc(cap + 1);
+    static const char unit[] = "{\"k\": \"é☃𝄞\"},";
+    while (big_len + sizeof unit - 1 <= cap) {
+        memcpy(big + big_len, unit, sizeof unit - 1);
+        big_len += sizeof unit - 1;
+    }
+    big[big_len] = '\0';
+    ck_assert_uint_ge(big_len, 100 * 1024);
+    char bigreq[64];
+    snprintf(bigreq, sizeof bigreq, "{\"big\": %zu}", big_len);
+
+    /* The texts are not NUL-terminated: only len counts. */
+    char *r1 = aq_xmalloc(sizeof req1 - 1);
+    memcpy(r1, req1, sizeof req1 - 1);
+    ck_assert_int_eq(aq_store_cache_put(s, r1, sizeof req1 - 1, "m", resp1, sizeof resp1 - 1, 60, 1 << 20), 0);
+    free(r1);
+    ck_assert_int_eq(aq_store_cache_put(s, req2, sizeof req2 - 1, NULL, resp2, sizeof resp2 - 1, 60, 1 << 20), 0);
+    ck_assert_int_eq(aq_store_cache_put(s, bigreq, strlen(bigreq), "m", big, big_len, 60, 1 << 20), 0);
+    wait_cache_puts(s, 3);
+    ck_assert_str_eq(val("SELECT count(*) || ',' || sum(bytes) FROM agentq.llm_cache"),
+                     sqlf("3,%zu", sizeof resp1 - 1 + sizeof resp2 - 1 + big_len));
+    /* The key is the request text's sha256, the response the bytes put. */
+    ck_assert_str_eq(val(sqlf("SELECT response = '%s' FROM agentq.llm_cache"
+                              " WHERE key = sha256(convert_to('%s', 'UTF8'))", resp2, req2)), "t");
+
+    cache_rec c = cache_get_sync(s, req1, sizeof req1 - 1);
+    ck_assert_int_eq(c.code, 0);
+    ck_assert_uint_eq(c.len, sizeof resp1 - 1);
+    ck_assert_mem_eq(c.response, resp1, c.len);
+    ck_assert(c.terminated);
+    free(c.response);
+    c = cache_get_sync(s, req2, sizeof req2 - 1);
+    ck_assert_int_eq(c.code, 0);
+    ck_assert_uint_eq(c.len, sizeof resp2 - 1);
+    ck_assert_mem_eq(c.response, resp2, c.len);
+    free(c.response);
+    c = cache_get_sync(s, bigreq, strlen(bigreq));
+    ck_assert_int_eq(c.code, 0);
+    ck_assert_uint_eq(c.len, big_len);
+    ck_assert_mem_eq(c.response, big, big_len);
+    ck_assert(c.terminated);
+    free(c.response);
+    /* A request one byte off is another key: a miss. */
+    c = cache_get_sync(s, req1, sizeof req1 - 2);
+    ck_assert_int_eq(c.code, 0);
+    ck_assert_ptr_null(c.response);
+    ck_assert_uint_eq(c.len, 0);
+    c = cache_get_sync(s, "{}", 2);
+    ck_assert_int_eq(c.code, 0);
+    ck_assert_ptr_null(c.response);
+
+    ck_assert_str_eq(val("SELECT sum(hits) FROM agentq.llm_cache"), "3");
+    aq_store_counters k;
+    aq_store_stats(s, &k);
+    ck_assert_uint_eq(k.cache_hits, 3);
+    ck_assert_uint_eq(k.cache_misses, 2);
+    ck_assert_uint_eq(k.cache_errors, 0);
+    ck_assert_uint_eq(k.cache_dropped, 0);
+    ck_assert_uint_eq(k.failed, 0);
+    ck_assert_uint_eq(aq_store_pending(s), 0);
+
+    /* The store's bound is the put's: a put over it evicts the oldest. */
+    ck_assert_int_eq(aq_store_cache_put(s, "{\"q\": 4}", 8, "m", big, big_len, 60, (int64_t)big_len + 100), 0);
+    wait_cache_puts(s, 4);
+    ck_assert_str_eq(val("SELECT string_agg(bytes::text, ',') FROM agentq.llm_cache"), sqlf("%zu", big_len));
+    free(big);
     aq_store_free(s);
 }
 END_TEST
@@ -1119,7 +1270,17 @@ START_TEST(test_bad_input_refused_without_callback)
     ck_assert_int_eq(aq_store_step(s, &row), AQ_EINVAL);
     aq_store_dead d = {.reason = "rejected", .status = AQ_STATUS_RUNNING};
     ck_assert_int_eq(aq_store_dead_letter(s, &d, on_done, NULL), AQ_EINVAL);
+    /* The cache's: no callback, a NUL in a text, no TTL or bound. */
+    cache_rec cr = {0};
+    ck_assert_int_eq(aq_store_cache_get(s, "q", 1, NULL, NULL), AQ_EINVAL);
+    ck_assert_int_eq(aq_store_cache_get(s, "q\0r", 3, on_cache, &cr), AQ_EINVAL);
+    ck_assert_int_eq(aq_store_cache_get(s, NULL, 1, on_cache, &cr), AQ_EINVAL);
+    ck_assert_int_eq(aq_store_cache_put(s, "q", 1, "m", "r\0", 2, 60, 100), AQ_EINVAL);
+    ck_assert_int_eq(aq_store_cache_put(s, "q", 1, "m", NULL, 0, 60, 100), AQ_EINVAL);
+    ck_assert_int_eq(aq_store_cache_put(s, "q", 1, "m", "r", 1, 0, 100), AQ_EINVAL);
+    ck_assert_int_eq(aq_store_cache_put(s, "q", 1, "m", "r", 1, 60, 0), AQ_EINVAL);
     aq_test_loop_for(base, 200);
+    ck_assert_int_eq(cr.calls, 0);
     ck_assert_int_eq(c.calls, 0);
     ck_assert_int_eq(dones, 0);
     ck_assert_uint_eq(aq_store_pending(s), 0);
@@ -1172,6 +1333,125 @@ START_TEST(test_one_bad_row_does_not_sink_its_batch)
     ck_assert_uint_eq(k.requests, N - 2);
     ck_assert_str_eq(val("SELECT count(*) FROM agentq.steps"), "0");
     aq_store_free(s);
+}
+END_TEST
+
+/* A lookup never makes a session wait out an outage: with the database
+ * unreachable, gone, or not answering, it is answered with an error
+ * within moments (the timeout at most), exactly once, and never replayed;
+ * puts meanwhile are dropped. */
+START_TEST(test_cache_lookup_never_waits_out_an_outage)
+{
+    /* A store pointed at a port where nothing listens. */
+    int dead_port = 0;
+    int dead_fd = aq_test_loopback_socket(0, &dead_port);
+    char dead_dsn[256];
+    snprintf(dead_dsn, sizeof dead_dsn, "host=127.0.0.1 port=%d user=postgres dbname=postgres connect_timeout=2",
+             dead_port);
+    aq_store *s = store_open(dead_dsn, 0, 0);
+    aq_test_loop_for(base, 100);
+    int64_t t0 = aq_mono_us();
+    cache_rec c = cache_get_sync(s, "{\"q\": 1}", 8);
+    ck_assert_int_eq(c.code, AQ_EIO);
+    ck_assert_ptr_null(c.response);
+    ck_assert_msg(c.at_us - t0 < 2000000, "answered after %.1f s", (double)(c.at_us - t0) / 1e6);
+    ck_assert_int_eq(aq_store_cache_put(s, "{\"q\": 1}", 8, "m", "r", 1, 60, 100), 0);
+    aq_store_counters k;
+    aq_store_stats(s, &k);
+    ck_assert_uint_eq(k.cache_dropped, 1);
+    ck_assert_uint_eq(k.cache_errors, 1);
+    aq_store_free(s);
+    close(dead_fd);
+
+    /* Through the proxy: up, then not answering, then gone, then back. */
+    proxy *p = proxy_start(P_UP);
+    char *pdsn = proxied_dsn(p);
+    aq_store_config cfg = store_config(pdsn, 0, 0);
+    cfg.cache_timeout_ms = 500;
+    s = store_new(&cfg);
+    wait_connected(s, true);
+    ck_assert_int_eq(aq_store_cache_put(s, "{\"q\": 2}", 8, "m", "cached", 6, 60, 100), 0);
+    wait_cache_puts(s, 1);
+    c = cache_get_sync(s, "{\"q\": 2}", 8);
+    ck_assert_int_eq(c.code, 0);
+    ck_assert_str_eq(c.response, "cached");
+    free(c.response);
+
+    /* The server's replies are lost: the lookup and one behind it are
+     * answered at their deadline, though the writer still waits. */
+    proxy_set(p, P_BLACKHOLE, false);
+    cache_rec slow[2] = {{0}};
+    t0 = aq_mono_us();
+    ck_assert_int_eq(aq_store_cache_get(s, "{\"q\": 2}", 8, on_cache, &slow[0]), 0);
+    aq_test_loop_for(base, 100);
+    ck_assert_int_eq(aq_store_cache_get(s, "{\"q\": 2}", 8, on_cache, &slow[1]), 0);
+    ck_assert(aq_test_loop_until(base, &caches_done, 4, 3000));
+    for (int i = 0; i < 2; i++) {
+        ck_assert_int_eq(slow[i].calls, 1);
+        ck_assert_int_eq(slow[i].code, AQ_ETIMEDOUT);
+        ck_assert_ptr_null(slow[i].response);
+        ck_assert_msg(slow[i].at_us - t0 < 2000000, "answered after %.1f s", (double)(slow[i].at_us - t0) / 1e6);
+    }
+    ck_assert_msg(slow[0].at_us - t0 >= 450000, "answered before its timeout");
+
+    /* The connection goes: its late results call nobody back again, and
+     * while the store reconnects a lookup is answered at once, also with
+     * a claim waiting for the database. */
+    proxy_set(p, P_DOWN, true);
+    wait_connected(s, false);
+    char id[AQ_TASK_ID_LEN + 1];
+    new_id(id);
+    claim_rec cl = {0};
+    aq_store_task t = task_of(id);
+    ck_assert_int_eq(aq_store_claim(s, &t, on_claim, &cl), 0);
+    t0 = aq_mono_us();
+    c = cache_get_sync(s, "{\"q\": 2}", 8);
+    ck_assert_int_eq(c.code, AQ_EIO);
+    ck_assert_msg(c.at_us - t0 < 1000000, "answered after %.1f s", (double)(c.at_us - t0) / 1e6);
+    ck_assert_int_eq(aq_store_cache_put(s, "{\"q\": 3}", 8, "m", "dropped", 7, 60, 100), 0);
+    ck_assert_int_eq(slow[0].calls + slow[1].calls, 2);
+    ck_assert_int_eq(cl.calls, 0);
+
+    /* Back: the claim is written, the cache answers again, and nothing
+     * of the outage was replayed (the dropped put is not there). */
+    proxy_set(p, P_UP, false);
+    ck_assert(aq_test_loop_until(base, &claims_done, 1, 10000));
+    ck_assert_int_eq(cl.code, 0);
+    c = cache_get_sync(s, "{\"q\": 2}", 8);
+    ck_assert_int_eq(c.code, 0);
+    ck_assert_str_eq(c.response, "cached");
+    free(c.response);
+    c = cache_get_sync(s, "{\"q\": 3}", 8);
+    ck_assert_int_eq(c.code, 0);
+    ck_assert_ptr_null(c.response);
+    ck_assert_int_eq(slow[0].calls + slow[1].calls, 2);
+    /* Three hits: the lookup whose answer the black hole swallowed ran
+     * on the server; the one behind it was past its deadline and not sent. */
+    ck_assert_str_eq(val("SELECT count(*) || ',' || sum(hits) FROM agentq.llm_cache"), "1,3");
+    aq_store_stats(s, &k);
+    ck_assert_uint_eq(k.cache_errors, 3);
+    ck_assert_uint_eq(k.cache_dropped, 1);
+    ck_assert_uint_eq(k.failed, 0);
+    aq_store_free(s);
+
+    /* Freed with a lookup in flight on a server that does not answer:
+     * called back once, with an error, within the flush timeout. */
+    cfg.cache_timeout_ms = 60000;
+    cfg.flush_timeout_ms = 500;
+    s = store_new(&cfg);
+    wait_connected(s, true);
+    proxy_set(p, P_BLACKHOLE, false);
+    cache_rec last = {0};
+    ck_assert_int_eq(aq_store_cache_get(s, "{\"q\": 2}", 8, on_cache, &last), 0);
+    aq_test_loop_for(base, 200);
+    ck_assert_int_eq(last.calls, 0);
+    t0 = aq_mono_us();
+    aq_store_free(s);
+    ck_assert_int_eq(last.calls, 1);
+    ck_assert_int_lt(last.code, 0);
+    ck_assert_msg(aq_mono_us() - t0 < 3000000, "free took %.1f s", (double)(aq_mono_us() - t0) / 1e6);
+    proxy_stop(p);
+    free(pdsn);
 }
 END_TEST
 
@@ -1433,6 +1713,7 @@ static Suite *store_suite(void)
                            test_renew_and_sweep,
                            test_finish_records_the_dead_letter_of_a_task_that_did_not_complete,
                            test_steps_round_trip_and_are_written_once,
+                           test_cache_put_then_get_returns_the_same_bytes,
                            test_dead_letter_body_round_trips_byte_exact,
                            test_dead_letter_finalises_only_a_waiting_task_of_its_body};
     const TTest *limits[] = {test_thousands_of_rows_in_few_transactions,
@@ -1441,6 +1722,7 @@ static Suite *store_suite(void)
     const TTest *errors[] = {test_bad_input_refused_without_callback,
                              test_one_bad_row_does_not_sink_its_batch,
                              test_free_with_database_unreachable_calls_back_with_error,
+                             test_cache_lookup_never_waits_out_an_outage,
                              test_unmigrated_database_is_waited_for};
     const aq_tcase_spec tcases[] = {
         {.name = "core", .tests = core, .n_tests = AQ_ARRAY_LEN(core), .timeout_s = 60,

@@ -7,16 +7,21 @@
  * wall-clock deadline aborts whatever is in flight), budget_exceeded (a
  * step that would start at or past the budget is not started), cancelled.
  *
- * Provider errors: 429 waits Retry-After (pausing the limiter for every
- * session) and does not use a step; 5xx, 408, network errors, timeouts and
- * malformed replies are retried llm.max_retries times with backoff, then
- * the attempt fails as retryable; any other 4xx (400/401/403/404/422...)
- * fails the task with the provider's message, not retryable.
+ * Provider errors (router.h routes the call and acts on what a reply says
+ * about its route): a 429 asks again at once — another route of the
+ * model, or this one after its pause — and does not use a step; 5xx, 408,
+ * network errors, timeouts and malformed replies fail over at once to a
+ * route of the model not yet tried in this step, and once every route has
+ * failed they are retried llm.max_retries times with backoff, then the
+ * attempt fails as retryable; any other 4xx (400/401/403/404/422...)
+ * fails the task with the provider's message, not retryable. A reply from
+ * the fleet's cache makes its step like any other, at cost 0.
  *
  * Step rows (deps.on_step): the LLM call that makes step N is (N, seq 0);
  * tool call i of its reply is (N, seq i+1) in the tool kind; a call that
  * did not make step N (error, rate_limited, aborted by a stop) is
- * (N, seq 1, 2, ...) in the llm kind, so no two rows of an attempt share
+ * (N, seq 1, 2, ...) in the llm kind (status error, rate_limited or
+ * aborted; a cache hit's row says "cached"), so no two rows of an attempt share
  * the store's key (task, attempt, step, kind, seq).
  *
  * Durable sessions. Every row that changes the conversation carries the
@@ -52,7 +57,7 @@
 
 #include "agentq/config.h"
 #include "agentq/http.h"
-#include "agentq/ratelimit.h"
+#include "agentq/router.h"
 #include "agentq/skill.h"
 #include "agentq/status.h"
 #include "agentq/task.h"
@@ -70,6 +75,8 @@ typedef struct aq_step_event {
     int seq;               /* see "Step rows" above */
     const char *kind;      /* "llm" or "tool" */
     const char *name;      /* model or skill name; may be NULL */
+    const char *provider;  /* llm: who answered ("cache" for a cache hit), NULL for a call
+                            * that never went out and for tool rows */
     const char *status;    /* "ok", "error", "rate_limited", "aborted"; may be NULL */
     int64_t started_at_us; /* epoch microseconds */
     double duration_ms;
@@ -106,7 +113,7 @@ typedef struct aq_engine_deps {
     struct event_base *base;
     aq_http *http;             /* borrowed */
     aq_skills *skills;         /* borrowed */
-    aq_ratelimit *ratelimit;   /* borrowed */
+    aq_router *router;         /* borrowed: providers, limits, the cache */
     /* Every LLM and tool call, as it ends. Row borrowed for the call. */
     void (*on_step)(const aq_step_event *step, void *arg);
     void *step_arg;

@@ -127,18 +127,27 @@ size_t aq_chat_pending(const aq_chat *c);
 
 /* ---- request ---------------------------------------------------------- */
 
+/* Sampling parameters of a request: part of what it asks, so part of
+ * what a cached reply is keyed on. */
+typedef struct aq_chat_sampling {
+    double temperature;  /* < 0: not sent (the provider's default) */
+    int max_tokens;      /* 0: not sent */
+} aq_chat_sampling;
+
 /* Builds the POST body
- *     {"model":M,"messages":[...],"tools":T,"tool_choice":"auto"}
+ *     {"model":M,"messages":[...],"tools":T,"tool_choice":"auto",
+ *      "temperature":X,"max_tokens":N}
  * by concatenating the stored messages (no parsing). model is borrowed and
  * must be non-empty. tools_json is borrowed JSON array text as
  * aq_chat_tools_json() builds it, inserted as is; NULL or an empty array
  * leaves out "tools" and "tool_choice", which providers reject empty.
+ * `sampling` NULL sends neither temperature nor max_tokens.
  * On success *out is NUL-terminated, the caller frees it with free(), and
  * *outlen (if not NULL) is its length. AQ_EINVAL when model is empty or a
  * tool call of the newest turn has no result yet (providers reject that);
  * *out is then NULL. */
-AQ_MUSTCHECK int aq_chat_request(const aq_chat *c, const char *model,
-                                 const char *tools_json, char **out, size_t *outlen);
+AQ_MUSTCHECK int aq_chat_request(const aq_chat *c, const char *model, const char *tools_json,
+                                 const aq_chat_sampling *sampling, char **out, size_t *outlen);
 
 /* ---- reply ------------------------------------------------------------ */
 

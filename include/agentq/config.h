@@ -33,6 +33,41 @@ typedef struct aq_model_price {
     double output_per_mtok;
 } aq_model_price;
 
+/* How a provider wants its API key. */
+typedef enum aq_auth_style {
+    AQ_AUTH_BEARER = 0, /* Authorization: Bearer KEY (OpenAI, vLLM, llama.cpp, most) */
+    AQ_AUTH_HEADER,     /* <auth_header>: KEY (Azure OpenAI's api-key) */
+    AQ_AUTH_NONE,       /* no key is sent */
+} aq_auth_style;
+
+/* One model a provider serves, with its limits and price. */
+typedef struct aq_provider_model {
+    char *name;          /* the model as tasks name it */
+    char *upstream;      /* as the provider names it: the request's "model",
+                          * and {model} in base_url (an Azure deployment) */
+    int64_t rpm, tpm;    /* requests and tokens per minute; 0: no limit */
+    int max_concurrent;  /* requests in flight from one worker; 0: no limit */
+    double price_in, price_out; /* USD per million prompt / completion tokens */
+} aq_provider_model;
+
+/* An LLM endpoint (aq_config_providers). */
+typedef struct aq_provider {
+    char *name;
+    char *base_url;      /* OpenAI-style ".../v1"; may hold {model} */
+    char *api_key_env;   /* the variable holding its key; "": none */
+    aq_auth_style auth;
+    char *auth_header;   /* AQ_AUTH_HEADER: the header's name */
+    char *query;         /* "name=value&..." added to every request's URL; "" none */
+    int weight;          /* share of the calls under llm.routing = "weight" */
+    bool shared_limits;  /* one rpm/tpm bucket for all its models (the llm.* provider) */
+    aq_provider_model *models;
+    int n_models;
+} aq_provider;
+
+/* The model the defaults name: the simulator, priced 0 unless llm.prices
+ * or llm.price_* say otherwise. */
+#define AQ_DEFAULT_MODEL "mock-1"
+
 typedef struct aq_config {
     /* amqp */
     char *amqp_url;
@@ -65,8 +100,18 @@ typedef struct aq_config {
     int llm_retry_backoff_ms;
     int llm_requests_per_minute;
     int llm_tokens_per_minute;
-    double llm_price_input_per_mtok;
+    double llm_price_input_per_mtok;   /* < 0: not set */
     double llm_price_output_per_mtok;
+    char *llm_routing;
+    int llm_breaker_failures;
+    int llm_breaker_cooldown_ms;
+    double llm_temperature;            /* < 0: not sent */
+    int llm_max_tokens;                /* 0: not sent */
+    /* cache */
+    int cache_enabled;
+    int cache_ttl_seconds;
+    int cache_max_mb;
+    double cache_max_temperature;
     /* worker */
     char *worker_id;
     int worker_concurrency;
@@ -97,6 +142,8 @@ typedef struct aq_config {
     int n_http_skills;
     aq_model_price *prices;
     int n_prices;
+    aq_provider *providers; /* the file's providers list; NULL: the llm.* keys make one */
+    int n_providers;
 } aq_config;
 
 /* Fills every key with its default. The caller frees with aq_config_free(). */
@@ -128,9 +175,19 @@ void aq_config_print_env_help(FILE *out);
  * from the environment. */
 const char *aq_config_api_key(const aq_config *cfg);
 
-/* The price of `model` (falls back on llm.price_* for unlisted models). */
-void aq_config_price(const aq_config *cfg, const char *model,
-                     double *input_per_mtok, double *output_per_mtok);
+/* The providers a worker routes to: the file's `providers` list, or else
+ * one provider named "default" made of the llm.* keys (base_url,
+ * api_key_env, requests_per_minute and tokens_per_minute shared by all its
+ * models, which are llm.model and llm.models, priced by llm.prices, else
+ * llm.price_*). A deep copy the caller frees with aq_config_providers_free;
+ * *n gets the count. aq_config_check has checked it: every model priced,
+ * llm.model served. */
+aq_provider *aq_config_providers(const aq_config *cfg, int *n);
+void aq_config_providers_free(aq_provider *p, int n);
+
+/* The models tasks may name, comma-separated (malloc'd): llm.models (or
+ * llm.model) of the llm.* provider, or every model the providers serve. */
+char *aq_config_task_models(const aq_config *cfg);
 
 /* Parses amqp.retry_delays into up to `max` delays in ms; returns how
  * many, or AQ_EINVAL. */

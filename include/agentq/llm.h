@@ -1,12 +1,16 @@
-/* llm.h — the LLM provider client: sends one OpenAI-style chat completion
- * request over aq_http and sorts what came back into a typed outcome.
+/* llm.h — the client of one LLM provider endpoint: sends one OpenAI-style
+ * chat completion request over aq_http and sorts what came back into a
+ * typed outcome, with the provider's rate-limit headers.
  *
- * It owns the provider's URL (llm.base_url + "/chat/completions"), the
- * Authorization header made from the API key, the request (built from a
- * conversation by chat.h) and the reading of the reply: HTTP status,
- * Retry-After, the error body, the chat.completion. It keeps no session
- * state: no retry count, no backoff, no clock, no limiter. What to do
- * about an outcome is the caller's (the agent's, see agent.h).
+ * It owns the endpoint's URL (base_url, its {model} filled with the
+ * model the provider knows, + "/chat/completions", + "?" query), the key
+ * header (Authorization: Bearer KEY, or <auth_header>: KEY, or none) made
+ * from the key in the environment, and the reading of the reply: HTTP
+ * status, Retry-After, the x-ratelimit-* headers, the error body, the
+ * chat.completion. It keeps no session state: no retry count, no backoff,
+ * no clock, no limiter, and it does not build the request (aq_chat_request
+ * does: the router keys its cache on the same text). What to do about an
+ * outcome is the caller's (router.h, agent.h).
  *
  * Outcomes, and what res->code says inside each:
  *   AQ_LLM_ANSWERED      a 2xx whose body is a chat.completion: res->reply
@@ -37,15 +41,15 @@
  * aq_llm_send() or aq_llm_cancel(). aq_http_free() calls back every call
  * still outstanding (RETRYABLE, AQ_ECLOSED, "client closed").
  *
- * Secrets: aq_llm_new() registers the API key with aq_log_add_secret(), so
+ * Secrets: aq_llm_new() registers the endpoint's key with aq_log_add_secret(), so
  * every log line masks it. The text in a result is the provider's own,
  * unmasked: whoever stores it masks it (aq_log_mask_secrets), as the
  * agent does for a session's error and its step rows. This module logs
  * nothing the provider said, nor the URL or headers.
  *
- * Cost: one small allocation per call besides the request body, which is
- * built once, handed to aq_http (which copies it) and freed; the reply is
- * parsed once and moved, not copied, to the caller.
+ * Cost: two small allocations per call (the handle, the URL); aq_http
+ * copies the body; the reply is parsed once and moved, not copied, to the
+ * caller.
  *
  * Threads: the loop thread of the aq_http it was made with. */
 #ifndef AGENTQ_LLM_H
@@ -70,6 +74,15 @@ typedef enum aq_llm_outcome {
 /* Its name, e.g. "rate_limited"; "?" for a value out of range. */
 const char *aq_llm_outcome_name(aq_llm_outcome o);
 
+/* What the provider's rate-limit headers said (OpenAI's names, also
+ * sent by Azure OpenAI, vLLM's gateways and most proxies); -1 where a
+ * header was absent or unreadable. */
+typedef struct aq_llm_limits {
+    int64_t limit_requests, limit_tokens;         /* x-ratelimit-limit-*: per minute */
+    int64_t remaining_requests, remaining_tokens; /* x-ratelimit-remaining-* */
+    int64_t reset_requests_ms, reset_tokens_ms;   /* x-ratelimit-reset-*: "1s", "6m0s", "20ms" */
+} aq_llm_limits;
+
 typedef struct aq_llm_result {
     aq_llm_outcome outcome;
     int code;             /* the kind within the outcome: see the top */
@@ -78,9 +91,15 @@ typedef struct aq_llm_result {
     /* ANSWERED: the parsed reply, owned by the result until the callback
      * takes it with aq_llm_take_reply(); any other outcome: all zero. */
     aq_chat_reply reply;
+    /* ANSWERED: the body as the provider sent it (what a cache keeps);
+     * borrowed until the callback returns. NULL otherwise. */
+    const char *body;
+    size_t body_len;
     /* RATE_LIMITED: the wait Retry-After asks for, in ms, or -1 when the
      * response named none (the caller picks a default). -1 otherwise. */
     int64_t retry_after_ms;
+    /* Any response: its rate-limit headers. */
+    aq_llm_limits limits;
     /* What the provider said, for the record: its error message (from
      * {"error":{"message":M}}, {"error":M}, {"message":M}, else the start
      * of the body) for a non-2xx; what went wrong for a network error, a
@@ -104,29 +123,42 @@ typedef struct aq_llm_result {
  * other calls, and free the client. */
 typedef void (*aq_llm_cb)(aq_llm_result *res, void *arg);
 
-/* A client for the provider llm.base_url names. `cfg` and `http` are
- * borrowed and must outlive the client; the API key (aq_config_api_key)
- * is read now and registered as a secret (a warning is logged when it
- * cannot be masked). Returns NULL and fills err only when the client
- * cannot be made. The caller frees it with aq_llm_free(). */
-aq_llm *aq_llm_new(const aq_config *cfg, aq_http *http, char *err, size_t errlen);
+/* Where a client sends and how it presents its key. Strings borrowed for
+ * aq_llm_new (copied). */
+typedef struct aq_llm_endpoint {
+    const char *base_url;    /* ".../v1"; "{model}" in it is replaced per call */
+    const char *query;       /* "api-version=..." or NULL/"" */
+    aq_auth_style auth;
+    const char *auth_header; /* AQ_AUTH_HEADER: the header's name */
+    const char *api_key_env; /* the variable holding the key; NULL/"": none */
+    long timeout_ms;         /* of one request once sent */
+    bool warn_no_key;        /* log a warning when api_key_env is unset */
+} aq_llm_endpoint;
+
+/* A client for `ep`. `http` is borrowed and must outlive the client; the
+ * key is read from the environment now and registered as a secret (a
+ * warning is logged when it cannot be masked, and, with warn_no_key,
+ * when the variable is unset: the provider will answer 401).
+ * Returns NULL and fills err only when the client cannot be made. The
+ * caller frees it with aq_llm_free(). */
+aq_llm *aq_llm_new(const aq_llm_endpoint *ep, aq_http *http, char *err, size_t errlen);
 
 /* Frees the client; NULL is allowed. Calls in flight are not touched:
  * they call back as usual (their callbacks do not use the client). */
 void aq_llm_free(aq_llm *llm);
 
-/* Builds the request for `chat` (borrowed) as `model` offering
- * `tools_json` (borrowed; NULL or "[]" for none; see aq_chat_request) and
- * sends it with llm.timeout_ms. On success the handle is stored in *out
- * (when not NULL), valid until the callback returns. Fails, never calling
- * back, with
- *   AQ_EINVAL  the request cannot be built (empty model, a tool call of
- *              the newest turn without a result): the same chat fails the
- *              same way;
- *   AQ_EAGAIN  aq_http_submit refused it (err says why): may pass later. */
-AQ_MUSTCHECK int aq_llm_send(aq_llm *llm, const aq_chat *chat, const char *model,
-                             const char *tools_json, aq_llm_cb cb, void *arg,
-                             aq_llm_call **out, char *err, size_t errlen);
+/* Sends `body` (borrowed, `len` bytes: a request aq_chat_request built)
+ * for `model` (the provider's name for it: fills {model} in the URL). On
+ * success the handle is stored in *out (when not NULL), valid until the
+ * callback returns. Fails, never calling back, with AQ_EAGAIN when
+ * aq_http_submit refused it (err says why): may pass later. */
+AQ_MUSTCHECK int aq_llm_send(aq_llm *llm, const char *model, const char *body, size_t len, aq_llm_cb cb,
+                             void *arg, aq_llm_call **out, char *err, size_t errlen);
+
+/* Milliseconds in a rate-limit reset header: "20ms", "1s", "1.5s",
+ * "6m0s", "1h2m3s", or a plain number of seconds ("7"); -1 when the text
+ * is none of these. */
+int64_t aq_llm_parse_duration(const char *text);
 
 /* Aborts a call; its callback then runs once, from the loop, with
  * AQ_LLM_ABORTED, even if the response had already arrived. Must not be

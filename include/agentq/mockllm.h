@@ -24,22 +24,44 @@
  *                       the calculator keeps its own arguments
  *        plus rate limits (429 + Retry-After + x-ratelimit-* headers),
  *        injected 5xx, malformed and never-answered replies, and an
- *        optional bearer key (401 without it; with echo_key the 401 quotes
- *        the key the client presented, as some providers do).
+ *        optional key (401 without it; with echo_key the 401 quotes the
+ *        key the client presented, as some providers do).
+ *        Checks, in order: the key (api_key, in `Authorization: Bearer KEY`
+ *        or in the auth_header), the required query parameter
+ *        (require_query: 400 naming it), a 429 storm, the body (400), then
+ *        the limits: the rpm/tpm token buckets, whose replies carry
+ *        x-ratelimit-{limit,remaining,reset}-{requests,tokens}, and the
+ *        fixed window (window_requests per window_ms), whose replies carry
+ *        x-ratelimit-remaining-requests and x-ratelimit-reset-requests
+ *        (no limit header: a client would read it as per minute) in place
+ *        of the bucket's requests headers. A 429 from either limit has a
+ *        Retry-After of whole seconds, at least 1.
  *   POST /control  changes the faults while the simulator runs (see
  *                  aq_mockllm_control for the body); replies 200 with the
  *                  faults now in force, or 400 naming the bad field
  *   GET  /control  the faults now in force, as JSON:
  *                  {"fail_rate", "malformed_rate", "hang_rate", "latency_ms",
- *                   "jitter_ms", "storm_seconds_left", "retry_after"}
+ *                   "jitter_ms", "storm_seconds_left", "retry_after",
+ *                   "window_requests", "window_ms"}
  *   GET  /stats    counters as JSON (see aq_mockllm_stats)
+ *   GET  /requests every chat request's arrival, in order, as a JSON array
+ *                  [{"at_ms": 123, "status": 200}, ...]: at_ms is
+ *                  aq_mono_us() / 1000 when the request arrived (the same
+ *                  clock as the caller's in-process, and the instant the
+ *                  limits judged it), status the one sent or, for a reply
+ *                  still waiting out its latency, the one that will be
+ *                  (0: never answered, hang_rate). A test reads it to prove
+ *                  a client sent nothing between "remaining 0" and the
+ *                  reset. The first 100,000 chat requests are kept.
  *   GET  /calls    chat requests per goal (the first user message), as a
  *                  JSON object {"<goal>": n}: what each task paid for, so a
  *                  test can tell a resumed task from one that started over
  *                  (the first 1,000,000 goals are counted)
  *   GET  /healthz  200 "ok"
  *
- * /control and /stats take no key: bind the simulator to loopback.
+ * /control, /stats, /calls and /requests take no key and no query
+ * parameter: bind the simulator to loopback. Paths match with or without
+ * a query string.
  *
  * Every reply is scheduled with a timer on the loop; nothing sleeps, and a
  * waiting request costs one small struct plus its reply, so one loop holds
@@ -76,12 +98,30 @@ typedef struct aq_mockllm_config {
     double hang_rate;        /* fraction never answered, 0..1 */
     aq_mockllm_mode mode;
     uint64_t seed;           /* PRNG seed; 0 = seeded from clock and pid */
-    const char *api_key;     /* required bearer key (copied); NULL = no auth */
+    const char *api_key;     /* required key (copied); NULL or "" = no auth */
+    const char *auth_header; /* the header that carries api_key (copied), e.g.
+                              * "api-key" for Azure OpenAI's `api-key: KEY`;
+                              * then an Authorization header does not do.
+                              * NULL or "" = `Authorization: Bearer KEY` */
+    const char *require_query; /* "name=value" (copied; the name printable
+                              * ASCII without space or '&'), e.g. Azure's
+                              * "api-version=2024-10-21": a chat request
+                              * without that query parameter, or with another
+                              * value (compared percent-decoded), gets 400
+                              * naming it. NULL or "" = none */
     bool echo_key;           /* a 401 quotes the presented key, the way OpenAI's
                               * "Incorrect API key provided: <key>" does (cut
                               * to 200 printable ASCII bytes): lets tests prove
                               * a client keeps a provider's echo of its key out
                               * of logs and rows */
+    int window_requests;     /* fixed-window quota, as many providers count:
+                              * the first chat request to reach the limits
+                              * opens a window of window_ms; its first
+                              * window_requests requests are admitted, the
+                              * rest get 429 until it ends; the next request
+                              * after that opens a new one. 0..1000000;
+                              * 0 = off. Applies on top of rpm/tpm */
+    int window_ms;           /* the window's length, 0..3600000; 0 = 1000 */
     size_t max_body_bytes;   /* largest request body; default 8 MiB */
     int idle_timeout_s;      /* idle keep-alive connection timeout; default 120 */
 } aq_mockllm_config;
@@ -90,7 +130,7 @@ typedef struct aq_mockllm_config {
 typedef struct aq_mockllm_stats {
     uint64_t requests;          /* chat completion requests received */
     uint64_t completed;         /* valid completions sent */
-    uint64_t rate_limited;      /* 429 replies from the rpm/tpm limits */
+    uint64_t rate_limited;      /* 429 replies: limits, storms, fail=429 */
     uint64_t failures;          /* other error replies (4xx, 5xx) and malformed ones */
     uint64_t malformed;         /* of failures: 200 with broken JSON */
     uint64_t hung;              /* requests chosen never to be answered */
@@ -123,6 +163,10 @@ aq_mockllm *aq_mockllm_new(struct event_base *base, const aq_mockllm_config *cfg
  *                   answered 429 with Retry-After (0 ends a storm)
  *   retry_after     integer 1..3600, only with storm_seconds: the storm's
  *                   Retry-After (default: the seconds the storm has left)
+ *   window_requests integer 0..1000000: the fixed window's quota (0 = off)
+ *   window_ms       integer 1..3600000: the fixed window's length
+ *                   (naming either, or a reset, closes the window now open:
+ *                   the next request opens a new one under the new terms)
  *   reset           true: back to the start-up settings (cfg) and no storm,
  *                   then the other fields of the body apply
  * An empty object {} resets too. Fields not named keep their value. The

@@ -1,12 +1,20 @@
-/* ratelimit.h — keeps a worker's LLM calls inside the provider's
- * requests/min and tokens/min, and shares the waiting fairly.
+/* ratelimit.h — keeps LLM calls inside the providers' requests/min and
+ * tokens/min, and shares the waiting fairly.
  *
- * Two token buckets (requests, tokens) refill continuously at limit/60 per
- * second. A bucket holds at most one second's worth (at least one
- * request, or one call's tokens), so no sliding minute ever sees more than
- * the limit plus that second: the fleet spends the limit fully without
- * bursting past it. Token use is estimated when a call starts and corrected
- * with the reported usage when it ends (the bucket may go into debt).
+ * A limiter holds one or more pools: the capacity of one provider+model
+ * (routes of a model, see router.h). Each pool has two token buckets
+ * (requests, tokens) that refill continuously at limit/60 per second and
+ * hold at most one second's worth (at least one request, or one call's
+ * tokens), so no sliding minute ever sees more than the limit plus that
+ * second: the fleet spends the limit fully without bursting past it.
+ * Token use is estimated when a call starts and corrected with the
+ * reported usage when it ends (a bucket may go into debt). A grant names
+ * the pool it came from: the first pool that can take the call (in the
+ * order they were added), or under weighted routing the one whose share
+ * is furthest behind (smooth weighted round robin); a pool paused (a
+ * 429), held (its owner's choice: a cooled-down provider, a concurrency
+ * cap) or short is passed over, so one waiting queue spends the capacity
+ * of every pool.
  *
  * Sessions that must wait are shared between users by deficit round robin
  * (Shreedhar & Varghese) on estimated tokens: each user has a FIFO and a
@@ -25,10 +33,10 @@
  * the quota, and a call bigger than the quantum is granted after a few
  * turns (at most 60), never starved. A user who stops waiting keeps no
  * deficit. With no tokens limit (tpm 0) every call costs one and the
- * quantum is one: round robin by calls, `weight` calls a turn.
+ * quantum is one: round robin by calls, `weight` calls a turn. (rpm and
+ * tpm here are the sums over the pools.)
  *
- * A 429's Retry-After pauses every grant until it has passed. All calls are
- * on the loop thread. */
+ * All calls are on the loop thread. */
 #ifndef AGENTQ_RATELIMIT_H
 #define AGENTQ_RATELIMIT_H
 
@@ -40,17 +48,30 @@
 struct event_base;
 typedef struct aq_ratelimit aq_ratelimit;
 typedef struct aq_rl_wait aq_rl_wait;
-typedef void (*aq_rl_cb)(void *arg);
+/* A grant: `pool` is the pool it came from. */
+typedef void (*aq_rl_cb)(void *arg, int pool);
 
-/* rpm, tpm: 0 = unlimited. Free with aq_ratelimit_free(), which drops
- * waiters without calling them. */
+/* Most pools of one limiter. */
+#define AQ_RL_POOLS_MAX 64
+
+/* A limiter with one pool (index 0) of rpm, tpm (0 = unlimited). Free with
+ * aq_ratelimit_free(), which drops waiters without calling them. */
 aq_ratelimit *aq_ratelimit_new(struct event_base *base, int64_t rpm, int64_t tpm);
 void aq_ratelimit_free(aq_ratelimit *rl);
 
+/* Adds a pool of rpm, tpm and routing `weight` (1..1000; the first pool's
+ * is 1 until set here: aq_ratelimit_set_weight); returns its index, or
+ * AQ_EINVAL past AQ_RL_POOLS_MAX. */
+int aq_ratelimit_add_pool(aq_ratelimit *rl, int64_t rpm, int64_t tpm, int weight);
+void aq_ratelimit_set_weight(aq_ratelimit *rl, int pool, int weight);
+/* true: grants go by the pools' weights; false (the default): to the first
+ * pool that can take the call. */
+void aq_ratelimit_set_weighted(aq_ratelimit *rl, bool weighted);
+
 /* Takes one request and `tokens` estimated tokens for `user` (borrowed).
  * Returns true if granted now (cb is not called). Otherwise queues the
- * caller, sets *wait, and calls cb(arg) on the loop once granted; cancel
- * with aq_ratelimit_cancel() before then. */
+ * caller, sets *wait, and calls cb(arg, pool) on the loop once granted;
+ * cancel with aq_ratelimit_cancel() before then. */
 bool aq_ratelimit_acquire(aq_ratelimit *rl, const char *user, int64_t tokens,
                           aq_rl_cb cb, void *arg, aq_rl_wait **wait);
 /* The same, for a user of `weight` (1 for acquire(); below 1 counts as 1,
@@ -62,13 +83,29 @@ bool aq_ratelimit_acquire(aq_ratelimit *rl, const char *user, int64_t tokens,
 #define AQ_RL_WEIGHT_MAX 1000
 bool aq_ratelimit_acquire_weighted(aq_ratelimit *rl, const char *user, int weight, int64_t tokens,
                                    aq_rl_cb cb, void *arg, aq_rl_wait **wait);
+/* The general form: `avoid` is a bit set of pools (bit i: pool i) the
+ * call should not come from — the ones that just failed it — unless no
+ * other pool is left unheld; *pool (when not NULL) gets the pool of a
+ * grant made now. */
+bool aq_ratelimit_acquire_from(aq_ratelimit *rl, const char *user, int weight, int64_t tokens, uint64_t avoid,
+                               aq_rl_cb cb, void *arg, aq_rl_wait **wait, int *pool);
 /* Removes a queued waiter; its cb is never called. */
 void aq_ratelimit_cancel(aq_ratelimit *rl, aq_rl_wait *wait);
 
-/* Corrects the token bucket by `delta` (actual - estimated). */
-void aq_ratelimit_adjust(aq_ratelimit *rl, int64_t delta);
-/* Pauses grants for `ms` (a 429's Retry-After). */
-void aq_ratelimit_pause(aq_ratelimit *rl, int64_t ms);
+/* Corrects `pool`'s token bucket by `delta` (actual - estimated). */
+void aq_ratelimit_adjust(aq_ratelimit *rl, int pool, int64_t delta);
+/* Pauses `pool`'s grants for `ms` (a 429's Retry-After, a reset header). */
+void aq_ratelimit_pause(aq_ratelimit *rl, int pool, int64_t ms);
+/* Holds `pool` (no grant comes from it) or releases it. */
+void aq_ratelimit_hold(aq_ratelimit *rl, int pool, bool held);
+/* What the provider said is left: `pool`'s buckets hold no more than
+ * `requests` and `tokens` (< 0: that bucket is left alone). */
+void aq_ratelimit_clamp(aq_ratelimit *rl, int pool, double requests, double tokens);
+/* New limits for `pool` (the provider's real ones, when lower than the
+ * configuration's); 0 = unlimited. */
+void aq_ratelimit_set_limits(aq_ratelimit *rl, int pool, int64_t rpm, int64_t tpm);
+/* `pool`'s limits now. */
+void aq_ratelimit_limits(const aq_ratelimit *rl, int pool, int64_t *rpm, int64_t *tpm);
 
 /* Where tokens come from instead of the clock: the fleet-wide buckets in
  * Postgres (fleetlimit.h). need(arg, requests, tokens) is called on the
@@ -81,13 +118,13 @@ typedef struct aq_rl_source {
     void *arg;
 } aq_rl_source;
 
-/* Switches the limiter to credits from `src`: the buckets no longer refill
+/* Switches `pool` to credits from `src`: its buckets no longer refill
  * with time, and hold what aq_ratelimit_credit() adds (at least one
  * second's worth may be held). */
-void aq_ratelimit_set_source(aq_ratelimit *rl, const aq_rl_source *src);
+void aq_ratelimit_set_source(aq_ratelimit *rl, int pool, const aq_rl_source *src);
 
-/* Adds leased requests and tokens, then serves waiters. */
-void aq_ratelimit_credit(aq_ratelimit *rl, double requests, double tokens);
+/* Adds leased requests and tokens to `pool`, then serves waiters. */
+void aq_ratelimit_credit(aq_ratelimit *rl, int pool, double requests, double tokens);
 
 /* Number of waiting sessions, and of users with waiters. */
 size_t aq_ratelimit_waiting(const aq_ratelimit *rl, size_t *users);

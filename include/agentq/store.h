@@ -22,6 +22,15 @@
  * The queue is not bounded: while the database is away requests pile up in
  * memory. Callers that care watch aq_store_pending().
  *
+ * Cache lookups and puts (the fleet's LLM response cache, agentq.llm_cache
+ * in sql/015_providers.sql) are the exception to all of the above: they
+ * are optimisations, so they are never waited for nor replayed. Each runs
+ * as a transaction of its own beside the batches (a cache statement never
+ * sinks or holds up a batch's writes, and its locks last one statement);
+ * while the store is not connected they are answered or dropped at once,
+ * and a lookup not answered within cache_timeout_ms is answered with
+ * AQ_ETIMEDOUT whatever the writer is doing.
+ *
  * What it does not own: the schema (sql/), migrations (migrate.h), the
  * decision of what status a task gets (the worker's), acking deliveries. */
 #ifndef AGENTQ_STORE_H
@@ -56,6 +65,8 @@ typedef struct aq_store_config {
     int max_interruptions; /* a claim that would start the task's
                             * (max_interruptions + 1)th interrupted
                             * execution ends it as failed; <= 0: 10 */
+    int cache_timeout_ms;  /* a cache lookup not answered by then is
+                            * answered AQ_ETIMEDOUT; <= 0: 1000 */
 } aq_store_config;
 
 /* What a claim found (see agentq.claim in sql/012_leases.sql). */
@@ -167,6 +178,8 @@ typedef struct aq_store_step_row {
                             * index (from 1) among the step's calls */
     const char *kind;      /* "llm" or "tool" */
     const char *name;      /* model or skill name; NULL allowed */
+    const char *provider;  /* llm: the provider that answered, "cache" for
+                            * a cache hit; NULL: SQL NULL */
     const char *status;    /* e.g. "ok", "error"; NULL allowed */
     int64_t started_at_us; /* epoch microseconds; 0: NULL */
     double duration_ms;
@@ -205,6 +218,13 @@ typedef struct aq_store_counters {
     uint64_t reconnects;   /* connections made after the first */
     uint64_t pending;      /* as aq_store_pending() */
     bool connected;
+    /* The cache's requests, apart: they are not transactions, requests
+     * or failures above. */
+    uint64_t cache_hits;   /* lookups answered with a response */
+    uint64_t cache_misses; /* lookups answered with none */
+    uint64_t cache_errors; /* lookups answered with an error code */
+    uint64_t cache_puts;   /* puts written */
+    uint64_t cache_dropped;/* puts dropped */
 } aq_store_counters;
 
 /* Starts the writer thread, which connects in the background (a database
@@ -316,6 +336,47 @@ typedef void (*aq_store_sweep_cb)(void *arg, const aq_store_swept *rows, size_t 
  * Returns 0, AQ_EINVAL or AQ_ECLOSED. */
 int aq_store_sweep(aq_store *s, int limit, double resweep_seconds, aq_store_sweep_cb cb,
                    void *arg) AQ_MUSTCHECK;
+
+/* A cache lookup's answer. code 0: `response` is the cached reply, `len`
+ * bytes (NUL-terminated too; borrowed for the callback), or NULL and 0 on
+ * a miss. A negative AQ_E* code: the lookup could not be made, `response`
+ * is NULL — treat it as a miss. AQ_EIO: the store is not connected, or
+ * the connection broke under the lookup; AQ_ETIMEDOUT: no answer within
+ * cache_timeout_ms; AQ_EAGAIN: too many cache requests are queued (the
+ * writer is not keeping up), or the database was busy (a transient error,
+ * not retried); AQ_EINVAL: PostgreSQL refused it (logged); AQ_ECLOSED:
+ * the store was freed first. */
+typedef void (*aq_store_cache_cb)(void *arg, const char *response, size_t len, int code);
+
+/* Looks up the response cached for the request text `request` (`len`
+ * bytes, not NUL-terminated, copied; the whole chat completion request as
+ * it would be sent: its sha256 is the key) in agentq.cache_get. `cb` is
+ * required and is called exactly once, from the loop, never inside this
+ * call. A lookup never makes its session wait out a database outage: a
+ * miss costs one LLM call, a stall the whole session. So while the store
+ * is disconnected or reconnecting it is answered AQ_EIO at once, one the
+ * connection loses is answered AQ_EIO, never replayed, and one that gets
+ * no answer within cache_timeout_ms (behind a stuck batch, on a server
+ * that stopped answering) is answered AQ_ETIMEDOUT. Returns 0 (cb will be
+ * called), AQ_EINVAL (bad input, a NUL byte in the request) or
+ * AQ_ECLOSED (freeing). */
+int aq_store_cache_get(aq_store *s, const char *request, size_t len, aq_store_cache_cb cb,
+                       void *arg) AQ_MUSTCHECK;
+
+/* Caches `response` (`rlen` bytes, the provider's reply to `request`, `len`
+ * bytes; neither NUL-terminated; both copied) made by `model` (borrowed;
+ * NULL allowed) for `ttl_seconds`, and keeps the fleet's cache within
+ * `max_bytes` of responses (agentq.cache_put: expired rows go first, then
+ * the oldest; a response larger than max_bytes is not cached). Fire and
+ * forget, no callback: a put is an optimisation, so it is dropped rather
+ * than replayed or waited for — at once while the store is not connected
+ * or too many cache requests are queued already, and when the connection
+ * is lost under it or PostgreSQL refuses it (logged). Returns 0 (queued or
+ * dropped as said), AQ_EINVAL (bad input, a NUL byte in either text,
+ * ttl_seconds or max_bytes not positive) or AQ_ECLOSED (freeing). */
+int aq_store_cache_put(aq_store *s, const char *request, size_t len, const char *model,
+                       const char *response, size_t rlen, int ttl_seconds,
+                       int64_t max_bytes) AQ_MUSTCHECK;
 
 /* Requests accepted and not yet committed or failed. Any thread. */
 size_t aq_store_pending(aq_store *s);

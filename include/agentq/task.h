@@ -48,6 +48,7 @@
 #define AQ_TASK_WAIT_TIMEOUT_MAX 2592000.0   /* 30 days */
 #define AQ_TASK_PRIORITY_MAX 9       /* the queue's x-max-priority */
 #define AQ_TASK_MAX_SKILLS 256       /* only reachable when names are unchecked */
+#define AQ_TASK_TEMPERATURE_MAX 2.0  /* OpenAI's range */
 
 /* What the caller allows; all strings borrowed for the call only. */
 typedef struct aq_task_limits {
@@ -79,6 +80,7 @@ typedef struct aq_task {
     double budget_usd;
     double timeout_seconds;
     double wait_timeout_seconds; /* how long a question (ask_human) waits */
+    double temperature; /* sampling temperature, 0..AQ_TASK_TEMPERATURE_MAX; < 0: not set */
     char **skills;      /* NULL with n_skills 0: every configured skill */
     int n_skills;
     char *model;        /* never NULL when limits->default_model was set */

@@ -25,6 +25,7 @@
 #include "agentq/chat.h"
 #include "agentq/llm.h"
 #include "agentq/log.h"
+#include "agentq/router.h"
 
 #include <event2/event.h>
 #include <math.h>
@@ -33,8 +34,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef enum { S_WAIT_GRANT, S_LLM, S_TOOLS, S_COMMIT, S_BACKOFF, S_STOPPING, S_DONE } sstate;
-static const char *const state_names[] = {"wait_grant", "llm", "tools", "commit", "backoff", "stopping", "done"};
+/* S_LLM: the router has the call, waiting for a grant or sent. */
+typedef enum { S_LLM, S_TOOLS, S_COMMIT, S_BACKOFF, S_STOPPING, S_DONE } sstate;
+static const char *const state_names[] = {"llm", "tools", "commit", "backoff", "stopping", "done"};
 
 typedef struct tool_slot {
     aq_skill_call *call;
@@ -51,7 +53,6 @@ typedef struct tool_slot {
 
 struct aq_engine {
     aq_engine_deps d;
-    aq_llm *llm;
     size_t sessions;
     unsigned rng;
 };
@@ -64,13 +65,12 @@ struct aq_session {
     aq_chat *chat;
     char *tools_owned;      /* a task's subset of tools, or NULL */
     const char *tools;      /* the tools JSON offered */
-    double price_in, price_out; /* USD per token */
+    aq_chat_sampling sampling;
     struct event *deadline_ev;
     int64_t deadline_us;    /* epoch microseconds */
     struct event *wake_ev;  /* backoff, and deferred finish */
-    aq_rl_wait *rl_wait;
-    aq_llm_call *call;      /* the LLM call in flight, or NULL */
-    int64_t est_tokens;
+    aq_router_call *call;   /* the LLM call (waiting or in flight), or NULL */
+    uint64_t avoid;         /* routes that failed the coming step (router.h) */
     int retries;
     int tries;              /* calls of the coming step that did not make it (row seq) */
     int steps;              /* over all attempts, as the totals below */
@@ -81,7 +81,6 @@ struct aq_session {
     bool committing;        /* deps.on_checkpoint has not answered yet */
     bool hand_over;         /* stop at the next step boundary (QUEUED) */
     char *question;         /* an ask_human call of the newest reply waits for it */
-    int64_t llm_started_us, llm_mono;
     aq_chat_reply reply;    /* the reply whose tool calls are running */
     bool have_reply;
     tool_slot *tools_run;
@@ -97,7 +96,6 @@ struct aq_session {
 };
 
 static void next_step(aq_session *s);
-static void send_llm(aq_session *s);
 static void tools_done(aq_session *s);
 static void run_tools(aq_session *s);
 
@@ -109,13 +107,10 @@ static unsigned jitter(aq_engine *e, unsigned max)
 
 aq_engine *aq_engine_new(const aq_engine_deps *deps, char *err, size_t errlen)
 {
+    (void)err;
+    (void)errlen;
     aq_engine *e = aq_xcalloc(1, sizeof *e);
     e->d = *deps;
-    e->llm = aq_llm_new(deps->cfg, deps->http, err, errlen);
-    if (!e->llm) {
-        free(e);
-        return NULL;
-    }
     e->rng = (unsigned)aq_now_us();
     return e;
 }
@@ -123,7 +118,6 @@ aq_engine *aq_engine_new(const aq_engine_deps *deps, char *err, size_t errlen)
 void aq_engine_free(aq_engine *e)
 {
     if (!e) return;
-    aq_llm_free(e->llm);
     free(e);
 }
 
@@ -181,7 +175,6 @@ static void free_tools(aq_session *s)
 static void session_free(aq_session *s)
 {
     free_tools(s);
-    if (s->rl_wait) aq_ratelimit_cancel(s->e->d.ratelimit, s->rl_wait);
     event_free(s->deadline_ev);
     event_free(s->wake_ev);
     aq_chat_free(s->chat);
@@ -220,16 +213,12 @@ static void finish(aq_session *s)
  * call calls back. */
 static void stop_now(aq_session *s)
 {
-    if (s->rl_wait) {
-        aq_ratelimit_cancel(s->e->d.ratelimit, s->rl_wait);
-        s->rl_wait = NULL;
-    }
     free_tools(s);
     event_del(s->wake_ev);
     event_del(s->deadline_ev);
-    if (s->call) {
+    if (s->call) { /* on_route finishes, ABORTED */
         set_state(s, S_STOPPING);
-        aq_llm_cancel(s->call);
+        aq_router_cancel(s->call);
         return;
     }
     if (s->committing) { /* aq_session_checkpointed finishes */
@@ -301,9 +290,9 @@ static char *detail_text(json_t *d)
 
 /* The one place a step row is made; takes the reference to `detail_json`
  * (may be NULL). */
-static void emit_step(aq_session *s, int step, int seq, const char *kind, const char *name, const char *status,
-                      int64_t started_us, double duration_ms, int64_t ptok, int64_t ctok, double cost,
-                      json_t *detail_json, const char *message, size_t message_len)
+static void emit_step(aq_session *s, int step, int seq, const char *kind, const char *name, const char *provider,
+                      const char *status, int64_t started_us, double duration_ms, int64_t ptok, int64_t ctok,
+                      double cost, json_t *detail_json, const char *message, size_t message_len)
 {
     if (!s->e->d.on_step) {
         json_decref(detail_json);
@@ -320,6 +309,7 @@ static void emit_step(aq_session *s, int step, int seq, const char *kind, const 
         .seq = seq,
         .kind = kind,
         .name = shown_name ? shown_name : name,
+        .provider = provider,
         .status = status,
         .started_at_us = started_us,
         .duration_ms = duration_ms,
@@ -339,8 +329,9 @@ static void emit_step(aq_session *s, int step, int seq, const char *kind, const 
  * step it tried (s->steps + 1) and takes seq 1, 2, ... in that step, so the
  * store's key (task, attempt, step, kind, seq) never clashes with the call
  * that does make it (seq 0) nor with another failed try. */
-static void emit_llm_failure(aq_session *s, const char *status, long http_status, const char *why)
+static void emit_llm_failure(aq_session *s, const aq_router_result *rr, const char *status, const char *why)
 {
+    long http_status = rr->llm->http_status;
     if (!s->e->d.on_step) return;
     json_t *d = json_object();
     if (http_status) json_object_set_new(d, "http_status", json_integer(http_status));
@@ -348,8 +339,8 @@ static void emit_llm_failure(aq_session *s, const char *status, long http_status
         json_t *w = json_string(why);
         json_object_set_new(d, "error", w ? w : json_string("(not UTF-8)"));
     }
-    emit_step(s, s->steps + 1, ++s->tries, "llm", s->task->model, status, s->llm_started_us,
-              (double)(aq_mono_us() - s->llm_mono) / 1000.0, 0, 0, 0, d, NULL, 0);
+    emit_step(s, s->steps + 1, ++s->tries, "llm", s->task->model, rr->provider, status, rr->started_us,
+              rr->duration_ms, 0, 0, 0, d, NULL, 0);
 }
 
 static void backoff(aq_session *s, int64_t ms)
@@ -425,7 +416,7 @@ static void record_tool(aq_session *s, size_t i, const char *status, const char 
     json_t *out = json_stringn(t->output ? t->output : "", shown);
     json_object_set_new(d, "output", out ? out : json_string("(not UTF-8)"));
     double ms = t->mono_end > t->mono_start ? (double)(t->mono_end - t->mono_start) / 1000.0 : 0;
-    emit_step(s, s->steps, (int)i + 1, "tool", tc->name, status, t->started_us, ms, 0, 0, 0, d, message,
+    emit_step(s, s->steps, (int)i + 1, "tool", tc->name, NULL, status, t->started_us, ms, 0, 0, 0, d, message,
               message_len);
 }
 
@@ -577,43 +568,49 @@ static void run_tools(aq_session *s)
     if (s->tools_left == 0 || s->stop_status != AQ_STATUS_NONE) event_active(s->wake_ev, EV_TIMEOUT, 0);
 }
 
-/* Acts on the outcome llm classified. Every call that did not make its
- * step gives back its token estimate and leaves a row. */
-static void on_llm(aq_llm_result *res, void *arg)
+/* Acts on the outcome the router reports. Every call that went out and
+ * did not make its step leaves a row. What a route's failure does to the
+ * route (a pause, its breaker, its tokens back) the router has done. */
+static void on_route(const aq_router_result *rr, void *arg)
 {
     aq_session *s = arg;
-    aq_engine *e = s->e;
+    aq_llm_result *res = rr->llm;
     s->call = NULL;
     if (s->state == S_STOPPING || res->outcome == AQ_LLM_ABORTED) {
-        /* Aborted by a stop (stop_now's aq_llm_cancel: nothing was read,
-         * even if it ended just before): the time it took is still worth
+        /* Aborted by a stop (stop_now's cancel: nothing was read, even if
+         * it ended just before): the time a sent one took is still worth
          * a row. */
-        emit_llm_failure(s, "aborted", res->http_status, aq_status_name(s->stop_status));
+        if (rr->sent) emit_llm_failure(s, rr, "aborted", aq_status_name(s->stop_status));
         finish(s);
         return;
     }
+    uint64_t bit = rr->route >= 0 ? (uint64_t)1 << rr->route : 0;
     switch (res->outcome) {
     case AQ_LLM_ANSWERED:
         break;
-    case AQ_LLM_RATE_LIMITED: {
-        emit_llm_failure(s, "rate_limited", res->http_status, res->message);
-        aq_ratelimit_adjust(e->d.ratelimit, -s->est_tokens);
-        int64_t ms = res->retry_after_ms >= 0 ? res->retry_after_ms : e->d.cfg->llm_retry_backoff_ms;
-        aq_ratelimit_pause(e->d.ratelimit, ms);
-        aq_log_task(AQ_LOG_DEBUG, s->task->task_id, s->task->user_id, "LLM rate limited; waiting %lld ms",
-                    (long long)ms);
-        next_step(s); /* queues behind the pause; uses no step */
+    case AQ_LLM_RATE_LIMITED:
+        emit_llm_failure(s, rr, "rate_limited", res->message);
+        aq_log_task(AQ_LOG_DEBUG, s->task->task_id, s->task->user_id, "LLM rate limited at %s; asking again",
+                    rr->provider ? rr->provider : "?");
+        s->avoid |= bit;
+        next_step(s); /* another route, or this one after its pause; uses no step */
         return;
-    }
     case AQ_LLM_RETRYABLE:
-        emit_llm_failure(s, "error", res->http_status, res->message);
-        aq_ratelimit_adjust(e->d.ratelimit, -s->est_tokens);
+        emit_llm_failure(s, rr, "error", res->message);
+        if (rr->other_route) {
+            /* Fail over now; the retries count once every route failed. */
+            aq_log_task(AQ_LOG_INFO, s->task->task_id, s->task->user_id, "LLM call to %s failed (%s); failing over",
+                        rr->provider ? rr->provider : "?", res->reason);
+            s->avoid |= bit;
+            next_step(s);
+            return;
+        }
+        s->avoid = 0;
         retry_or_fail(s, res->reason);
         return;
     case AQ_LLM_FATAL:
     default:
-        emit_llm_failure(s, "error", res->http_status, res->message);
-        aq_ratelimit_adjust(e->d.ratelimit, -s->est_tokens);
+        emit_llm_failure(s, rr, "error", res->message);
         set_stop(s, AQ_STATUS_FAILED, false, "LLM provider refused the request (HTTP %ld): %s", res->http_status,
                  *res->message ? res->message : "no message");
         stop_now(s);
@@ -624,19 +621,18 @@ static void on_llm(aq_llm_result *res, void *arg)
     aq_llm_take_reply(res, &reply);
     s->retries = 0;
     s->tries = 0;
+    s->avoid = 0;
     s->steps++;
     s->prompt_tokens += reply.prompt_tokens;
     s->completion_tokens += reply.completion_tokens;
-    double cost = (double)reply.prompt_tokens * s->price_in + (double)reply.completion_tokens * s->price_out;
-    s->cost += cost;
-    aq_ratelimit_adjust(e->d.ratelimit, reply.prompt_tokens + reply.completion_tokens - s->est_tokens);
+    s->cost += rr->cost_usd;
     /* finish_reason is the provider's text: jansson escapes it (detail is jsonb) */
     json_t *dj = json_pack("{s:s?, s:I, s:I}", "finish_reason", reply.finish_reason, "tool_calls",
                            (json_int_t)reply.n_tool_calls, "http_ms", (json_int_t)res->total_ms);
     /* The reply as the history keeps it: what a later attempt resumes from. */
-    emit_step(s, s->steps, 0, "llm", reply.model ? reply.model : s->task->model, "ok", s->llm_started_us,
-              (double)(aq_mono_us() - s->llm_mono) / 1000.0, reply.prompt_tokens, reply.completion_tokens, cost, dj,
-              reply.message_json, reply.message_len);
+    emit_step(s, s->steps, 0, "llm", reply.model ? reply.model : s->task->model, rr->provider,
+              rr->cached ? "cached" : "ok", rr->started_us, rr->duration_ms, reply.prompt_tokens,
+              reply.completion_tokens, rr->cost_usd, dj, reply.message_json, reply.message_len);
     if (reply.n_tool_calls == 0) {
         /* the model's words, stored as the task's result */
         char *content = aq_xstrndup(reply.content ? reply.content : "", reply.content_len);
@@ -663,29 +659,6 @@ static void on_llm(aq_llm_result *res, void *arg)
     run_tools(s);
 }
 
-static void send_llm(aq_session *s)
-{
-    aq_engine *e = s->e;
-    char err[256];
-    s->rl_wait = NULL;
-    set_state(s, S_LLM);
-    s->llm_started_us = aq_now_us();
-    s->llm_mono = aq_mono_us();
-    int rc = aq_llm_send(e->llm, s->chat, s->task->model, s->tools, on_llm, s, &s->call, err, sizeof err);
-    if (rc == AQ_EINVAL) { /* the same history would fail the same way */
-        set_stop(s, AQ_STATUS_FAILED, false, "%s", err);
-        stop_now(s);
-    } else if (rc != AQ_OK) {
-        s->call = NULL;
-        retry_or_fail(s, err);
-    }
-}
-
-static void on_grant(void *arg)
-{
-    send_llm(arg);
-}
-
 /* Starts the next LLM call, unless a limit says stop. */
 static void next_step(aq_session *s)
 {
@@ -709,12 +682,15 @@ static void next_step(aq_session *s)
         stop_now(s);
         return;
     }
-    set_state(s, S_WAIT_GRANT);
-    /* Tokens: the prompt (about 4 bytes each) and a typical reply. */
-    s->est_tokens = (int64_t)(aq_chat_bytes(s->chat) / 4) + 256;
-    if (aq_ratelimit_acquire_weighted(s->e->d.ratelimit, t->user_id, t->user_weight, s->est_tokens, on_grant, s,
-                                      &s->rl_wait))
-        send_llm(s);
+    set_state(s, S_LLM);
+    char err[256];
+    aq_router_ask ask = {t->model, t->user_id, t->user_weight, s->chat, s->tools, s->sampling, s->avoid};
+    if (aq_router_send(s->e->d.router, &ask, on_route, s, &s->call, err, sizeof err) != AQ_OK) {
+        /* the same history, or model, would fail the same way */
+        s->call = NULL;
+        set_stop(s, AQ_STATUS_FAILED, false, "%s", err);
+        stop_now(s);
+    }
 }
 
 /* A resume that cannot go on: the task fails (another attempt would read
@@ -866,10 +842,8 @@ aq_session *aq_session_start(aq_engine *e, const aq_task *task, int attempt, int
     } else {
         s->tools = aq_skills_tools_json(e->d.skills);
     }
-    double in, out;
-    aq_config_price(e->d.cfg, task->model, &in, &out);
-    s->price_in = in / 1e6;
-    s->price_out = out / 1e6;
+    s->sampling.temperature = task->temperature >= 0 ? task->temperature : e->d.cfg->llm_temperature;
+    s->sampling.max_tokens = e->d.cfg->llm_max_tokens;
     s->mono_start = aq_mono_us();
     if (past) {
         s->run_base = past->run_seconds > 0 ? past->run_seconds : 0;
@@ -916,7 +890,7 @@ void aq_session_hand_over(aq_session *s)
     if (s->state == S_DONE || s->state == S_STOPPING) return;
     s->hand_over = true;
     /* Nothing in flight to lose: stop now rather than at the boundary. */
-    if (s->state == S_WAIT_GRANT || s->state == S_BACKOFF) {
+    if ((s->state == S_LLM && s->call && aq_router_waiting(s->call)) || s->state == S_BACKOFF) {
         set_stop(s, AQ_STATUS_QUEUED, false, "handed over before step %d", s->steps + 1);
         event_del(s->wake_ev);
         event_assign(s->wake_ev, s->e->d.base, -1, 0, on_wake, s);

@@ -452,7 +452,7 @@ static bool tools_empty(const char *t)
 }
 
 int aq_chat_request(const aq_chat *c, const char *model, const char *tools_json,
-                    char **out, size_t *outlen)
+                    const aq_chat_sampling *sampling, char **out, size_t *outlen)
 {
     *out = NULL;
     if (outlen) *outlen = 0;
@@ -471,6 +471,17 @@ int aq_chat_request(const aq_chat *c, const char *model, const char *tools_json,
         sb_puts(&b, ",\"tools\":");
         sb_put(&b, tools_json, tlen);
         sb_puts(&b, ",\"tool_choice\":\"auto\"");
+    }
+    if (sampling && sampling->temperature >= 0) {
+        char num[48];
+        /* %.17g round-trips, and a fixed text keeps the cache key stable */
+        snprintf(num, sizeof num, ",\"temperature\":%.17g", sampling->temperature);
+        sb_puts(&b, num);
+    }
+    if (sampling && sampling->max_tokens > 0) {
+        char num[48];
+        snprintf(num, sizeof num, ",\"max_tokens\":%d", sampling->max_tokens);
+        sb_puts(&b, num);
     }
     sb_putc(&b, '}');
     *out = sb_take(&b, outlen);

@@ -4,7 +4,9 @@
  * type, where it lives in struct aq_config, its default as text, its bounds
  * and its doc. Defaults go through the same parser as file, environment and
  * flag values, so a default can never be out of its own bounds unnoticed.
- * The two lists (skills.http, llm.prices) are file-only and parsed by hand. */
+ * The lists (skills.http, llm.prices, providers) are file-only and parsed
+ * by hand; a providers list is checked in full as it is read, so each
+ * error names the file and line of the entry at fault. */
 #include "agentq/config.h"
 #include "agentq/log.h"
 
@@ -97,10 +99,35 @@ static const config_key config_keys[] = {
      "Provider request limit for this fleet (0: unlimited)."},
     {"llm", "tokens_per_minute", K_INT, OFF(llm_tokens_per_minute), "0", 0, 2000000000, false,
      "Provider token limit for this fleet (0: unlimited)."},
-    {"llm", "price_input_per_mtok", K_DBL, OFF(llm_price_input_per_mtok), "0.15", 0, 1e6, false,
-     "USD per million prompt tokens, for models not in llm.prices."},
-    {"llm", "price_output_per_mtok", K_DBL, OFF(llm_price_output_per_mtok), "0.60", 0, 1e6, false,
-     "USD per million completion tokens, for models not in llm.prices."},
+    {"llm", "price_input_per_mtok", K_DBL, OFF(llm_price_input_per_mtok), "-1", -1, 1e6, false,
+     "USD per million prompt tokens of the models llm.prices does not list (-1: not set; then every"
+     " model but the simulator's mock-1 needs an llm.prices entry, and a worker refuses to start without)."},
+    {"llm", "price_output_per_mtok", K_DBL, OFF(llm_price_output_per_mtok), "-1", -1, 1e6, false,
+     "USD per million completion tokens of the models llm.prices does not list (-1: not set)."},
+    {"llm", "routing", K_STR, OFF(llm_routing), "order", 0, 0, false,
+     "Which provider serves a model several serve: 'order' (the first in the providers list with capacity)"
+     " or 'weight' (spread by the providers' weight among those with capacity)."},
+    {"llm", "breaker_failures", K_INT, OFF(llm_breaker_failures), "3", 1, 1000, false,
+     "Failures in a row (5xx, connect errors, timeouts, malformed replies; a 429 pauses the provider+model for its"
+     " Retry-After instead) after which a provider+model is cooled down:"
+     " no call goes to it until a probe after llm.breaker_cooldown_ms succeeds."},
+    {"llm", "breaker_cooldown_ms", K_INT, OFF(llm_breaker_cooldown_ms), "10000", 100, 3600000, false,
+     "First cooldown of a failing provider+model; doubles with each failed probe, up to 32 times it."},
+    {"llm", "temperature", K_DBL, OFF(llm_temperature), "-1", -1, 2, false,
+     "Sampling temperature sent with every call of tasks that set none (-1: not sent, the provider's default)."},
+    {"llm", "max_tokens", K_INT, OFF(llm_max_tokens), "0", 0, 10000000, false,
+     "max_tokens sent with every call (0: not sent); also what a call reserves of tokens/min for its reply"
+     " (256 when not sent)."},
+
+    {"cache", "enabled", K_INT, OFF(cache_enabled), "0", 0, 1, false,
+     "1: replies to deterministic calls (temperature at most cache.max_temperature) are kept in Postgres"
+     " (agentq.llm_cache) and an identical call anywhere in the fleet is answered from there: no grant, cost 0."},
+    {"cache", "ttl_seconds", K_INT, OFF(cache_ttl_seconds), "86400", 1, 31536000, false,
+     "How long a cached reply is used."},
+    {"cache", "max_mb", K_INT, OFF(cache_max_mb), "256", 1, 1048576, false,
+     "Most MiB of cached replies; the oldest go first."},
+    {"cache", "max_temperature", K_DBL, OFF(cache_max_temperature), "0", 0, 2, false,
+     "Highest temperature a call may have and be cached (a call that sends none is never cached)."},
 
     {"worker", "id", K_STR, OFF(worker_id), "", 0, 0, false,
      "Worker id in rows and logs (empty: hostname-pid)."},
@@ -320,6 +347,263 @@ static int parse_prices(aq_config *cfg, config_setting_t *list, const char *path
     return AQ_OK;
 }
 
+/* ---- providers ---------------------------------------------------- */
+
+/* Refuses a setting of group `g` not in `allowed` (a typo must not pass as
+ * a default). */
+static int only_keys(const config_setting_t *g, const char *const *allowed, const char *path, const char *what,
+                     char *err, size_t errlen)
+{
+    for (int i = 0; i < config_setting_length(g); i++) {
+        config_setting_t *s = config_setting_get_elem(g, (unsigned)i);
+        const char *name = config_setting_name(s);
+        bool ok = false;
+        for (const char *const *a = allowed; *a && !ok; a++) ok = name && !strcmp(*a, name);
+        if (!ok) {
+            char where[512];
+            where_prefix(s, path, where, sizeof where);
+            aq_seterr(err, errlen, "%skey '%s.%s': unknown (known: ", where, what, name ? name : "?");
+            size_t l = strlen(err);
+            for (const char *const *a = allowed; *a && l + 1 < errlen; a++)
+                l += (size_t)snprintf(err + l, errlen - l, "%s%s", a == allowed ? "" : ", ", *a);
+            if (l + 1 < errlen) snprintf(err + l, errlen - l, ")");
+            return AQ_EINVAL;
+        }
+    }
+    return AQ_OK;
+}
+
+/* A number written as an integer or with a decimal point; false if absent. */
+static bool lookup_number(const config_setting_t *g, const char *name, double *v, bool *is_number)
+{
+    config_setting_t *s = config_setting_get_member(g, name);
+    *is_number = true;
+    if (!s) return false;
+    switch (config_setting_type(s)) {
+    case CONFIG_TYPE_INT: *v = config_setting_get_int(s); return true;
+    case CONFIG_TYPE_INT64: *v = (double)config_setting_get_int64(s); return true;
+    case CONFIG_TYPE_FLOAT: *v = config_setting_get_float(s); return true;
+    default: *is_number = false; return true;
+    }
+}
+
+/* Reads the number `name` of `g` into *v within [min, max]; absent leaves
+ * *v as it is unless `required`. */
+static int group_number(const config_setting_t *g, const char *name, double min, double max, bool required,
+                        double *v, const char *path, const char *what, char *err, size_t errlen)
+{
+    char where[512];
+    double x;
+    bool is_number;
+    if (!lookup_number(g, name, &x, &is_number)) {
+        if (!required) return AQ_OK;
+        where_prefix(g, path, where, sizeof where);
+        aq_seterr(err, errlen, "%skey '%s.%s': required", where, what, name);
+        return AQ_EINVAL;
+    }
+    where_prefix(config_setting_get_member(g, name), path, where, sizeof where);
+    if (!is_number) {
+        aq_seterr(err, errlen, "%skey '%s.%s': expected a number", where, what, name);
+        return AQ_EINVAL;
+    }
+    if (!isfinite(x) || x < min || x > max) {
+        aq_seterr(err, errlen, "%skey '%s.%s': must be from %g to %g (got %g)", where, what, name, min, max, x);
+        return AQ_EINVAL;
+    }
+    *v = x;
+    return AQ_OK;
+}
+
+/* The string `name` of `g`, copied, or `def` (copied; NULL: required). */
+static int group_string(const config_setting_t *g, const char *name, const char *def, char **out, const char *path,
+                        const char *what, char *err, size_t errlen)
+{
+    char where[512];
+    config_setting_t *s = config_setting_get_member(g, name);
+    if (!s) {
+        if (def) {
+            *out = aq_xstrdup(def);
+            return AQ_OK;
+        }
+        where_prefix(g, path, where, sizeof where);
+        aq_seterr(err, errlen, "%skey '%s.%s': required", where, what, name);
+        return AQ_EINVAL;
+    }
+    where_prefix(s, path, where, sizeof where);
+    if (config_setting_type(s) != CONFIG_TYPE_STRING) {
+        aq_seterr(err, errlen, "%skey '%s.%s': expected a string in double quotes", where, what, name);
+        return AQ_EINVAL;
+    }
+    *out = aq_xstrdup(config_setting_get_string(s));
+    return AQ_OK;
+}
+
+static bool name_ok(const char *n)
+{
+    if (!*n || strlen(n) > 100) return false;
+    for (const char *p = n; *p; p++)
+        if (!isalnum((unsigned char)*p) && !strchr("_-.:/@", *p)) return false;
+    return true;
+}
+
+static int parse_model(aq_provider *pv, aq_provider_model *m, const config_setting_t *g, const char *path,
+                       const char *what, char *err, size_t errlen)
+{
+    static const char *const keys[] = {"name", "upstream", "requests_per_minute", "tokens_per_minute",
+                                       "max_concurrent", "input_per_mtok", "output_per_mtok", NULL};
+    char where[512];
+    where_prefix(g, path, where, sizeof where);
+    if (!config_setting_is_group(g)) {
+        aq_seterr(err, errlen, "%skey '%s': must be a group { name = ...; }", where, what);
+        return AQ_EINVAL;
+    }
+    int rc = only_keys(g, keys, path, what, err, errlen);
+    if (rc == AQ_OK) rc = group_string(g, "name", NULL, &m->name, path, what, err, errlen);
+    if (rc == AQ_OK && !name_ok(m->name)) {
+        aq_seterr(err, errlen, "%skey '%s.name': '%s' must be 1 to 100 letters, digits or _-.:/@", where, what,
+                  m->name);
+        rc = AQ_EINVAL;
+    }
+    if (rc == AQ_OK) rc = group_string(g, "upstream", m->name, &m->upstream, path, what, err, errlen);
+    double rpm = 0, tpm = 0, conc = 0;
+    m->price_in = m->price_out = -1;
+    if (rc == AQ_OK) rc = group_number(g, "requests_per_minute", 0, 1e8, false, &rpm, path, what, err, errlen);
+    if (rc == AQ_OK) rc = group_number(g, "tokens_per_minute", 0, 2e9, false, &tpm, path, what, err, errlen);
+    if (rc == AQ_OK) rc = group_number(g, "max_concurrent", 0, 100000, false, &conc, path, what, err, errlen);
+    if (rc == AQ_OK && (rpm != floor(rpm) || tpm != floor(tpm) || conc != floor(conc))) {
+        aq_seterr(err, errlen, "%skey '%s': requests_per_minute, tokens_per_minute and max_concurrent are whole numbers",
+                  where, what);
+        rc = AQ_EINVAL;
+    }
+    /* A price is never assumed: a wrong one makes every budget wrong. */
+    if (rc == AQ_OK) rc = group_number(g, "input_per_mtok", 0, 1e6, false, &m->price_in, path, what, err, errlen);
+    if (rc == AQ_OK) rc = group_number(g, "output_per_mtok", 0, 1e6, false, &m->price_out, path, what, err, errlen);
+    if (rc == AQ_OK && (m->price_in < 0 || m->price_out < 0)) {
+        aq_seterr(err, errlen,
+                  "%skey '%s': model '%s' of provider '%s' has no price: set input_per_mtok and output_per_mtok"
+                  " (USD per million tokens; 0.0 for a free model)",
+                  where, what, m->name, pv->name);
+        rc = AQ_EINVAL;
+    }
+    m->rpm = (int64_t)rpm;
+    m->tpm = (int64_t)tpm;
+    m->max_concurrent = (int)conc;
+    return rc;
+}
+
+static int parse_provider(aq_provider *pv, const config_setting_t *g, int index, const char *path, char *err,
+                          size_t errlen)
+{
+    static const char *const keys[] = {"name", "base_url", "api_key_env", "auth", "auth_header", "query",
+                                       "weight", "models", NULL};
+    char where[512], what[64];
+    snprintf(what, sizeof what, "providers[%d]", index);
+    where_prefix(g, path, where, sizeof where);
+    if (!config_setting_is_group(g)) {
+        aq_seterr(err, errlen, "%skey '%s': must be a group { name = ...; base_url = ...; models = (...); }", where,
+                  what);
+        return AQ_EINVAL;
+    }
+    int rc = only_keys(g, keys, path, what, err, errlen);
+    if (rc == AQ_OK) rc = group_string(g, "name", NULL, &pv->name, path, what, err, errlen);
+    if (rc == AQ_OK && !name_ok(pv->name)) {
+        aq_seterr(err, errlen, "%skey '%s.name': '%s' must be 1 to 100 letters, digits or _-.:/@", where, what,
+                  pv->name);
+        return AQ_EINVAL;
+    }
+    if (rc == AQ_OK) rc = group_string(g, "base_url", NULL, &pv->base_url, path, what, err, errlen);
+    if (rc == AQ_OK && strncmp(pv->base_url, "http://", 7) && strncmp(pv->base_url, "https://", 8)) {
+        aq_seterr(err, errlen, "%skey '%s.base_url': '%s' must be an http:// or https:// URL", where, what,
+                  pv->base_url);
+        return AQ_EINVAL;
+    }
+    if (rc == AQ_OK) rc = group_string(g, "api_key_env", "", &pv->api_key_env, path, what, err, errlen);
+    char *auth = NULL;
+    if (rc == AQ_OK) rc = group_string(g, "auth", "bearer", &auth, path, what, err, errlen);
+    if (rc == AQ_OK) {
+        if (!strcmp(auth, "bearer")) pv->auth = AQ_AUTH_BEARER;
+        else if (!strcmp(auth, "header")) pv->auth = AQ_AUTH_HEADER;
+        else if (!strcmp(auth, "none")) pv->auth = AQ_AUTH_NONE;
+        else {
+            config_setting_t *s = config_setting_get_member(g, "auth");
+            where_prefix(s, path, where, sizeof where);
+            aq_seterr(err, errlen, "%skey '%s.auth': unknown auth style '%s' (bearer, header or none)", where, what,
+                      auth);
+            rc = AQ_EINVAL;
+        }
+    }
+    free(auth);
+    if (rc == AQ_OK) rc = group_string(g, "auth_header", "api-key", &pv->auth_header, path, what, err, errlen);
+    if (rc == AQ_OK && pv->auth_header[strcspn(pv->auth_header, ": \t\r\n")]) {
+        aq_seterr(err, errlen, "%skey '%s.auth_header': '%s' is not a header name", where, what, pv->auth_header);
+        rc = AQ_EINVAL;
+    }
+    if (rc == AQ_OK) rc = group_string(g, "query", "", &pv->query, path, what, err, errlen);
+    if (rc == AQ_OK && pv->query[strcspn(pv->query, " #?\r\n")]) {
+        aq_seterr(err, errlen, "%skey '%s.query': '%s' must be name=value pairs joined by '&'", where, what,
+                  pv->query);
+        rc = AQ_EINVAL;
+    }
+    double weight = 1;
+    if (rc == AQ_OK) rc = group_number(g, "weight", 1, 1000, false, &weight, path, what, err, errlen);
+    pv->weight = (int)weight;
+    if (rc != AQ_OK) return rc;
+    config_setting_t *models = config_setting_get_member(g, "models");
+    if (!models || !(config_setting_is_list(models) || config_setting_is_array(models)) ||
+        config_setting_length(models) == 0) {
+        if (models) where_prefix(models, path, where, sizeof where);
+        aq_seterr(err, errlen, "%skey '%s.models': must list the models it serves ( { name = ...; ... }, ... )",
+                  where, what);
+        return AQ_EINVAL;
+    }
+    int n = config_setting_length(models);
+    pv->models = aq_xcalloc((size_t)n, sizeof *pv->models);
+    for (int i = 0; i < n; i++) {
+        config_setting_t *mg = config_setting_get_elem(models, (unsigned)i);
+        char mwhat[96];
+        snprintf(mwhat, sizeof mwhat, "%s.models[%d]", what, i);
+        aq_provider_model *m = &pv->models[pv->n_models++];
+        if ((rc = parse_model(pv, m, mg, path, mwhat, err, errlen)) != AQ_OK) return rc;
+        for (int j = 0; j < i; j++)
+            if (!strcmp(pv->models[j].name, m->name)) {
+                where_prefix(mg, path, where, sizeof where);
+                aq_seterr(err, errlen, "%skey '%s.name': provider '%s' lists model '%s' twice", where, mwhat,
+                          pv->name, m->name);
+                return AQ_EINVAL;
+            }
+    }
+    return AQ_OK;
+}
+
+static int parse_providers(aq_config *cfg, config_setting_t *list, const char *path, char *err, size_t errlen)
+{
+    char where[512];
+    where_prefix(list, path, where, sizeof where);
+    if (!(config_setting_is_list(list) || config_setting_is_array(list)) || config_setting_length(list) == 0) {
+        aq_seterr(err, errlen, "%skey 'providers': must be a list of groups ( { name = ...; }, ... )", where);
+        return AQ_EINVAL;
+    }
+    aq_config_providers_free(cfg->providers, cfg->n_providers);
+    int n = config_setting_length(list);
+    cfg->providers = aq_xcalloc((size_t)n, sizeof *cfg->providers);
+    cfg->n_providers = 0;
+    for (int i = 0; i < n; i++) {
+        config_setting_t *g = config_setting_get_elem(list, (unsigned)i);
+        aq_provider *pv = &cfg->providers[cfg->n_providers++];
+        int rc = parse_provider(pv, g, i, path, err, errlen);
+        if (rc != AQ_OK) return rc;
+        for (int j = 0; j < i; j++)
+            if (!strcmp(cfg->providers[j].name, pv->name)) {
+                config_setting_t *s = config_setting_get_member(g, "name");
+                where_prefix(s ? s : g, path, where, sizeof where);
+                aq_seterr(err, errlen, "%skey 'providers[%d].name': provider '%s' is declared twice", where, i,
+                          pv->name);
+                return AQ_EINVAL;
+            }
+    }
+    return AQ_OK;
+}
+
 static int load_file(aq_config *cfg, const char *path, char *err, size_t errlen)
 {
     config_t lc;
@@ -340,6 +624,10 @@ static int load_file(aq_config *cfg, const char *path, char *err, size_t errlen)
         config_setting_t *sec = config_setting_get_elem(root, (unsigned)i);
         const char *sname = config_setting_name(sec);
         where_prefix(sec, path, where, sizeof where);
+        if (sname && !strcmp(sname, "providers")) {
+            rc = parse_providers(cfg, sec, path, err, errlen);
+            continue;
+        }
         if (!config_setting_is_group(sec)) {
             aq_seterr(err, errlen, "%s'%s': expected a section { ... }", where, sname);
             rc = AQ_EINVAL;
@@ -453,6 +741,181 @@ int aq_config_retry_delays(const aq_config *cfg, long *ms, int max)
     return n > 0 ? n : AQ_EINVAL;
 }
 
+/* The price of a model of the llm.* provider: its llm.prices entry, else
+ * llm.price_* when set, else 0 for the simulator's default model; false
+ * when it has none. */
+static bool legacy_price(const aq_config *cfg, const char *model, double *in, double *out)
+{
+    for (int i = 0; i < cfg->n_prices; i++)
+        if (!strcmp(cfg->prices[i].model, model)) {
+            *in = cfg->prices[i].input_per_mtok;
+            *out = cfg->prices[i].output_per_mtok;
+            return true;
+        }
+    if (cfg->llm_price_input_per_mtok >= 0 && cfg->llm_price_output_per_mtok >= 0) {
+        *in = cfg->llm_price_input_per_mtok;
+        *out = cfg->llm_price_output_per_mtok;
+        return true;
+    }
+    *in = *out = 0;
+    return !strcmp(model, AQ_DEFAULT_MODEL);
+}
+
+static bool served(const aq_config *cfg, const char *model, void *arg)
+{
+    (void)arg;
+    for (int i = 0; i < cfg->n_providers; i++)
+        for (int j = 0; j < cfg->providers[i].n_models; j++)
+            if (!strcmp(cfg->providers[i].models[j].name, model)) return true;
+    return false;
+}
+
+/* Calls fn(model) for llm.model and each of llm.models; stops at the
+ * first that returns false and gives its name. */
+typedef bool (*model_fn)(const aq_config *cfg, const char *model, void *arg);
+
+static bool each_listed_model(const aq_config *cfg, model_fn fn, void *arg, char *bad, size_t badlen)
+{
+    if (!fn(cfg, cfg->llm_model, arg)) {
+        snprintf(bad, badlen, "%s", cfg->llm_model);
+        return false;
+    }
+    const char *p = cfg->llm_models;
+    while (*p) {
+        while (*p == ' ' || *p == ',') p++;
+        size_t len = strcspn(p, ",");
+        size_t l = len;
+        while (l && p[l - 1] == ' ') l--;
+        if (l) {
+            snprintf(bad, badlen, "%.*s", (int)l, p);
+            if (!fn(cfg, bad, arg)) return false;
+        }
+        p += len;
+    }
+    return true;
+}
+
+static bool priced(const aq_config *cfg, const char *model, void *arg)
+{
+    (void)arg;
+    double in, out;
+    return legacy_price(cfg, model, &in, &out);
+}
+
+/* Every model a task may name has a provider and a price. */
+static int check_models(const aq_config *cfg, char *err, size_t errlen)
+{
+    char bad[256];
+    if (cfg->n_providers) {
+        if (!each_listed_model(cfg, served, NULL, bad, sizeof bad)) {
+            aq_seterr(err, errlen, "key '%s': model '%s' is served by no provider (add it to a provider's models)",
+                      !strcmp(bad, cfg->llm_model) ? "llm.model" : "llm.models", bad);
+            return AQ_EINVAL;
+        }
+        return AQ_OK;
+    }
+    if (!each_listed_model(cfg, priced, NULL, bad, sizeof bad)) {
+        aq_seterr(err, errlen,
+                  "key 'llm.prices': model '%s' has no price: add { model = \"%s\"; input_per_mtok = ...;"
+                  " output_per_mtok = ...; } to llm.prices (USD per million tokens; 0.0 for a free model), or set"
+                  " llm.price_input_per_mtok and llm.price_output_per_mtok",
+                  bad, bad);
+        return AQ_EINVAL;
+    }
+    return AQ_OK;
+}
+
+static void copy_provider(aq_provider *d, const aq_provider *s)
+{
+    *d = *s;
+    d->name = aq_xstrdup(s->name);
+    d->base_url = aq_xstrdup(s->base_url);
+    d->api_key_env = aq_xstrdup(s->api_key_env);
+    d->auth_header = aq_xstrdup(s->auth_header);
+    d->query = aq_xstrdup(s->query);
+    d->models = aq_xcalloc((size_t)s->n_models, sizeof *d->models);
+    for (int i = 0; i < s->n_models; i++) {
+        d->models[i] = s->models[i];
+        d->models[i].name = aq_xstrdup(s->models[i].name);
+        d->models[i].upstream = aq_xstrdup(s->models[i].upstream);
+    }
+}
+
+/* Appends `model` to the llm.* provider `arg` (each_listed_model's callback). */
+static bool add_legacy_model(const aq_config *cfg, const char *model, void *arg)
+{
+    aq_provider *pv = arg;
+    for (int i = 0; i < pv->n_models; i++)
+        if (!strcmp(pv->models[i].name, model)) return true;
+    pv->models = aq_xrealloc(pv->models, (size_t)(pv->n_models + 1) * sizeof *pv->models);
+    aq_provider_model *m = &pv->models[pv->n_models++];
+    memset(m, 0, sizeof *m);
+    m->name = aq_xstrdup(model);
+    m->upstream = aq_xstrdup(model);
+    m->rpm = cfg->llm_requests_per_minute;
+    m->tpm = cfg->llm_tokens_per_minute;
+    legacy_price(cfg, model, &m->price_in, &m->price_out);
+    return true;
+}
+
+aq_provider *aq_config_providers(const aq_config *cfg, int *n)
+{
+    if (cfg->n_providers) {
+        aq_provider *p = aq_xcalloc((size_t)cfg->n_providers, sizeof *p);
+        for (int i = 0; i < cfg->n_providers; i++) copy_provider(&p[i], &cfg->providers[i]);
+        *n = cfg->n_providers;
+        return p;
+    }
+    aq_provider *pv = aq_xcalloc(1, sizeof *pv);
+    pv->name = aq_xstrdup("default");
+    pv->base_url = aq_xstrdup(cfg->llm_base_url);
+    pv->api_key_env = aq_xstrdup(cfg->llm_api_key_env);
+    pv->auth = AQ_AUTH_BEARER;
+    pv->auth_header = aq_xstrdup("");
+    pv->query = aq_xstrdup("");
+    pv->weight = 1;
+    pv->shared_limits = true; /* llm.requests_per_minute was always the provider's, not a model's */
+    char bad[256];
+    each_listed_model(cfg, add_legacy_model, pv, bad, sizeof bad);
+    *n = 1;
+    return pv;
+}
+
+void aq_config_providers_free(aq_provider *p, int n)
+{
+    for (int i = 0; p && i < n; i++) {
+        free(p[i].name);
+        free(p[i].base_url);
+        free(p[i].api_key_env);
+        free(p[i].auth_header);
+        free(p[i].query);
+        for (int j = 0; j < p[i].n_models; j++) {
+            free(p[i].models[j].name);
+            free(p[i].models[j].upstream);
+        }
+        free(p[i].models);
+    }
+    free(p);
+}
+
+char *aq_config_task_models(const aq_config *cfg)
+{
+    if (!cfg->n_providers) return aq_xstrdup(*cfg->llm_models ? cfg->llm_models : cfg->llm_model);
+    size_t cap = 1;
+    for (int i = 0; i < cfg->n_providers; i++)
+        for (int j = 0; j < cfg->providers[i].n_models; j++) cap += strlen(cfg->providers[i].models[j].name) + 1;
+    char *list = aq_xmalloc(cap);
+    list[0] = '\0';
+    for (int i = 0; i < cfg->n_providers; i++)
+        for (int j = 0; j < cfg->providers[i].n_models; j++) {
+            const char *m = cfg->providers[i].models[j].name;
+            if (aq_config_list_has(list, m)) continue;
+            if (*list) strcat(list, ",");
+            strcat(list, m);
+        }
+    return list;
+}
+
 int aq_config_check(const aq_config *cfg, char *err, size_t errlen)
 {
     long delays[32];
@@ -493,6 +956,15 @@ int aq_config_check(const aq_config *cfg, char *err, size_t errlen)
         aq_seterr(err, errlen, "key 'llm.model': must name a model");
         return AQ_EINVAL;
     }
+    if (strcmp(cfg->llm_routing, "order") && strcmp(cfg->llm_routing, "weight")) {
+        aq_seterr(err, errlen, "key 'llm.routing': '%s' must be 'order' or 'weight'", cfg->llm_routing);
+        return AQ_EINVAL;
+    }
+    if ((cfg->llm_price_input_per_mtok < 0) != (cfg->llm_price_output_per_mtok < 0)) {
+        aq_seterr(err, errlen, "keys 'llm.price_input_per_mtok' and 'llm.price_output_per_mtok': set both or neither");
+        return AQ_EINVAL;
+    }
+    if (check_models(cfg, err, errlen) != AQ_OK) return AQ_EINVAL;
     for (int i = 0; i < cfg->n_http_skills; i++)
         for (int j = 0; j < i; j++)
             if (!strcmp(cfg->http_skills[i].name, cfg->http_skills[j].name)) {
@@ -507,7 +979,12 @@ int aq_config_load(aq_config *cfg, const char *path, char *err, size_t errlen)
     aq_config_init(cfg);
     int rc = path ? load_file(cfg, path, err, errlen) : AQ_OK;
     if (rc == AQ_OK) rc = load_env(cfg, err, errlen);
-    if (rc == AQ_OK) rc = aq_config_check(cfg, err, errlen);
+    if (rc == AQ_OK && (rc = aq_config_check(cfg, err, errlen)) != AQ_OK && path && err && errlen) {
+        /* A check across keys has no one line: name the file at least. */
+        char *why = aq_xstrdup(err);
+        aq_seterr(err, errlen, "%s: %s", path, why);
+        free(why);
+    }
     return rc;
 }
 
@@ -527,6 +1004,9 @@ void aq_config_free(aq_config *cfg)
         free(s->url);
     }
     free(cfg->http_skills);
+    aq_config_providers_free(cfg->providers, cfg->n_providers);
+    cfg->providers = NULL;
+    cfg->n_providers = 0;
     for (int i = 0; i < cfg->n_prices; i++) free(cfg->prices[i].model);
     free(cfg->prices);
     cfg->http_skills = NULL;
@@ -603,6 +1083,21 @@ void aq_config_dump(const aq_config *cfg, FILE *out)
     for (int i = 0; i < cfg->n_prices; i++)
         fprintf(out, "# llm.prices: %s in %.4f out %.4f per Mtok\n", cfg->prices[i].model,
                 cfg->prices[i].input_per_mtok, cfg->prices[i].output_per_mtok);
+    static const char *const auth_names[] = {"bearer", "header", "none"};
+    for (int i = 0; i < cfg->n_providers; i++) {
+        const aq_provider *pv = &cfg->providers[i];
+        char url[2048];
+        aq_log_redact(pv->base_url, url, sizeof url);
+        fprintf(out, "# provider %s: %s auth %s%s%s key from %s weight %d\n", pv->name, url, auth_names[pv->auth],
+                pv->auth == AQ_AUTH_HEADER ? " " : "", pv->auth == AQ_AUTH_HEADER ? pv->auth_header : "",
+                *pv->api_key_env ? pv->api_key_env : "(none)", pv->weight);
+        for (int j = 0; j < pv->n_models; j++) {
+            const aq_provider_model *m = &pv->models[j];
+            fprintf(out, "#   model %s (upstream %s): %lld rpm, %lld tpm, %d concurrent, in %.4f out %.4f per Mtok\n",
+                    m->name, m->upstream, (long long)m->rpm, (long long)m->tpm, m->max_concurrent, m->price_in,
+                    m->price_out);
+        }
+    }
 }
 
 void aq_config_write_example(FILE *out)
@@ -614,6 +1109,19 @@ void aq_config_write_example(FILE *out)
           "# API keys are never written here: llm.api_key_env names the variable holding it.\n\n",
           out);
     dump(out, &cfg, true);
+    fputs("\n# Several LLM providers (file only; docs/providers.md). Without this list the llm.*\n"
+          "# keys make one provider, \"default\". Every model needs its price (0.0 for a free one).\n"
+          "# providers = (\n"
+          "#   { name = \"openai\"; base_url = \"https://api.openai.com/v1\"; api_key_env = \"OPENAI_API_KEY\";\n"
+          "#     models = ( { name = \"gpt-4o-mini\"; requests_per_minute = 5000; tokens_per_minute = 4000000;\n"
+          "#                  input_per_mtok = 0.15; output_per_mtok = 0.60; } ); },\n"
+          "#   { name = \"azure\"; base_url = \"https://RESOURCE.openai.azure.com/openai/deployments/{model}\";\n"
+          "#     api_key_env = \"AZURE_OPENAI_API_KEY\"; auth = \"header\"; auth_header = \"api-key\";\n"
+          "#     query = \"api-version=2024-10-21\"; weight = 1;\n"
+          "#     models = ( { name = \"gpt-4o-mini\"; upstream = \"DEPLOYMENT\"; max_concurrent = 100;\n"
+          "#                  input_per_mtok = 0.15; output_per_mtok = 0.60; } ); }\n"
+          "# );\n",
+          out);
     aq_config_free(&cfg);
 }
 
@@ -633,17 +1141,6 @@ const char *aq_config_api_key(const aq_config *cfg)
     return v && *v ? v : NULL;
 }
 
-void aq_config_price(const aq_config *cfg, const char *model, double *in, double *out)
-{
-    for (int i = 0; model && i < cfg->n_prices; i++)
-        if (!strcmp(cfg->prices[i].model, model)) {
-            *in = cfg->prices[i].input_per_mtok;
-            *out = cfg->prices[i].output_per_mtok;
-            return;
-        }
-    *in = cfg->llm_price_input_per_mtok;
-    *out = cfg->llm_price_output_per_mtok;
-}
 
 int aq_config_lane_prefetch(const aq_config *cfg)
 {

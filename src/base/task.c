@@ -27,7 +27,7 @@
 
 static const char *const known_fields[] = {
     "task_id", "user_id", "goal", "max_steps", "budget_usd",
-    "timeout_seconds", "skills", "model", "metadata", "wait_timeout_seconds",
+    "timeout_seconds", "skills", "model", "metadata", "wait_timeout_seconds", "temperature",
 };
 
 /* ---- text helpers ------------------------------------------------------ */
@@ -396,6 +396,22 @@ static int parse_wait_timeout(const json_t *body, aq_task *t, aq_task_error *e)
     return AQ_OK;
 }
 
+static int parse_temperature(const json_t *body, aq_task *t, aq_task_error *e)
+{
+    const json_t *v = json_object_get(body, "temperature");
+    t->temperature = -1;
+    if (!v) return AQ_OK;
+    double d = json_is_number(v) ? json_number_value(v) : -1;
+    if (!json_is_number(v) || !(d >= 0 && d <= AQ_TASK_TEMPERATURE_MAX)) {
+        char got[64];
+        got_number(got, sizeof got, v);
+        return fail(e, "temperature", "temperature: must be a number from 0 to %g (got %s)",
+                    AQ_TASK_TEMPERATURE_MAX, got);
+    }
+    t->temperature = d + 0.0; /* folds -0.0 into 0.0 */
+    return AQ_OK;
+}
+
 static int parse_skills(const json_t *body, const aq_task_limits *limits,
                         aq_task *t, aq_task_error *e)
 {
@@ -552,7 +568,7 @@ static int check_unknown(const json_t *body, aq_task_error *e)
             /* the error must name something even for a key "" */
             return fail(e, ex[0] ? ex : "(empty name)",
                         "unknown field '%s' (allowed: task_id, user_id, goal, max_steps, "
-                        "budget_usd, timeout_seconds, skills, model, metadata, wait_timeout_seconds)", ex);
+                        "budget_usd, timeout_seconds, skills, model, metadata, wait_timeout_seconds, temperature)", ex);
         }
     }
     return AQ_OK;
@@ -580,6 +596,7 @@ int aq_task_from_json(const json_t *body, const aq_task_props *props,
     if (rc == AQ_OK) rc = parse_budget(body, t, e);
     if (rc == AQ_OK) rc = parse_timeout(body, t, e);
     if (rc == AQ_OK) rc = parse_wait_timeout(body, t, e);
+    if (rc == AQ_OK) rc = parse_temperature(body, t, e);
     if (rc == AQ_OK) rc = parse_skills(body, limits, t, e);
     if (rc == AQ_OK) rc = parse_model(body, limits, t, e);
     if (rc == AQ_OK) rc = parse_metadata(body, t, e);
@@ -634,6 +651,7 @@ json_t *aq_task_to_json(const aq_task *t)
     set_new(o, "timeout_seconds", json_real(t->timeout_seconds));
     if (t->wait_timeout_seconds != AQ_TASK_WAIT_TIMEOUT_DEFAULT)
         set_new(o, "wait_timeout_seconds", json_real(t->wait_timeout_seconds));
+    if (t->temperature >= 0) set_new(o, "temperature", json_real(t->temperature));
     if (t->n_skills > 0) {
         json_t *a = json_array();
         if (!a) aq_oom("task JSON");

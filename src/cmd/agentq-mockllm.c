@@ -34,12 +34,25 @@ static const char usage_text[] =
     "  --jitter-ms MS         uniform +/- jitter around the latency (default 0)\n"
     "  --rpm N                requests per minute before 429 (default 0 = unlimited)\n"
     "  --tpm N                tokens per minute before 429 (default 0 = unlimited)\n"
+    "  --window-requests N    a fixed-window quota as many providers count: the first\n"
+    "                         request opens a window of --window-ms in which N\n"
+    "                         requests pass and the rest get 429; replies carry\n"
+    "                         x-ratelimit-remaining-requests and -reset-requests\n"
+    "                         (no -limit-) instead of the --rpm ones (default 0 = off;\n"
+    "                         applies on top of --rpm/--tpm)\n"
+    "  --window-ms MS         the window's length (default 1000)\n"
     "  --fail-rate P          fraction of requests answered with 500 (0..1)\n"
     "  --malformed-rate P     fraction answered 200 with truncated JSON (0..1)\n"
     "  --hang-rate P          fraction never answered until the client leaves (0..1)\n"
     "  --mode MODE            script (default) or calc\n"
     "  --seed N               seed of the random choices (default: from the clock)\n"
     "  --api-key-env NAME     require 'Authorization: Bearer $NAME' when NAME is set\n"
+    "  --auth-header HEADER   with --api-key-env: the key must come as 'HEADER: $NAME'\n"
+    "                         (Azure OpenAI: --auth-header api-key); Authorization\n"
+    "                         does not do then\n"
+    "  --require-query N=V    every chat request must carry the query parameter N=V\n"
+    "                         (Azure OpenAI: --require-query api-version=2024-10-21);\n"
+    "                         without it, or with another value: 400 naming N\n"
     "  --echo-key             a 401 quotes the key the client presented, as OpenAI's\n"
     "                         does (\"Incorrect API key provided: <key>...\"), so tests\n"
     "                         can prove a client keeps it out of its logs and rows\n"
@@ -66,6 +79,8 @@ static const char usage_text[] =
     "  storm_seconds S    answer every chat request 429 for S seconds (0 ends it)\n"
     "  retry_after N      with storm_seconds: the storm's Retry-After (default:\n"
     "                     the seconds it has left)\n"
+    "  window_requests N  the fixed window's quota (0 = off), as --window-requests\n"
+    "  window_ms MS       its length, 1..3600000 (either one starts a new window)\n"
     "  reset true         back to the flags' settings, then apply the rest\n"
     "{} resets too. The reply is the faults now in force (also GET /control);\n"
     "a bad body gets 400 naming the field and changes nothing. Examples:\n"
@@ -74,7 +89,10 @@ static const char usage_text[] =
     "  curl -d '{}' http://127.0.0.1:PORT/control\n"
     "\n"
     "Endpoints: POST /v1/chat/completions, POST and GET /control, GET /stats\n"
-    "(counters as JSON), GET /healthz. /control and /stats take no key: listen\n"
+    "(counters as JSON), GET /calls (chat requests per goal), GET /requests (every\n"
+    "chat request's arrival, [{\"at_ms\": aq_mono_us()/1000, \"status\": S}, ...], the\n"
+    "first 100000; S is the status sent or decided, 0 for never answered), GET\n"
+    "/healthz. Only the chat endpoint asks for a key or a query parameter: listen\n"
     "on loopback.\n";
 
 enum {
@@ -90,6 +108,10 @@ enum {
     OPT_MODE,
     OPT_SEED,
     OPT_API_KEY_ENV,
+    OPT_AUTH_HEADER,
+    OPT_REQUIRE_QUERY,
+    OPT_WINDOW_REQUESTS,
+    OPT_WINDOW_MS,
     OPT_ECHO_KEY,
     OPT_LOG_LEVEL,
     OPT_HELP,
@@ -109,6 +131,10 @@ static const struct option long_opts[] = {
     {"mode", required_argument, NULL, OPT_MODE},
     {"seed", required_argument, NULL, OPT_SEED},
     {"api-key-env", required_argument, NULL, OPT_API_KEY_ENV},
+    {"auth-header", required_argument, NULL, OPT_AUTH_HEADER},
+    {"require-query", required_argument, NULL, OPT_REQUIRE_QUERY},
+    {"window-requests", required_argument, NULL, OPT_WINDOW_REQUESTS},
+    {"window-ms", required_argument, NULL, OPT_WINDOW_MS},
     {"echo-key", no_argument, NULL, OPT_ECHO_KEY},
     {"log-level", required_argument, NULL, OPT_LOG_LEVEL},
     {"help", no_argument, NULL, OPT_HELP},
@@ -235,6 +261,22 @@ int main(int argc, char **argv)
         }
         case OPT_SEED: cfg.seed = (uint64_t)parse_int("--seed", optarg, 0, LLONG_MAX); break;
         case OPT_API_KEY_ENV: key_env = optarg; break;
+        case OPT_AUTH_HEADER:
+            if (!*optarg || strchr(optarg, ':'))
+                die_usage("--auth-header wants a header name such as api-key, not '%s'", optarg);
+            cfg.auth_header = optarg;
+            break;
+        case OPT_REQUIRE_QUERY:
+            if (!strchr(optarg, '=') || optarg[0] == '=')
+                die_usage("--require-query wants NAME=VALUE, not '%s'", optarg);
+            cfg.require_query = optarg;
+            break;
+        case OPT_WINDOW_REQUESTS:
+            cfg.window_requests = (int)parse_int("--window-requests", optarg, 0, 1000000);
+            break;
+        case OPT_WINDOW_MS:
+            cfg.window_ms = (int)parse_int("--window-ms", optarg, 1, 3600000);
+            break;
         case OPT_ECHO_KEY: cfg.echo_key = true; break;
         case OPT_LOG_LEVEL: {
             int level = aq_log_level_parse(optarg);
@@ -249,6 +291,7 @@ int main(int argc, char **argv)
         }
     }
     if (optind < argc) die_usage("unexpected argument '%s'", argv[optind]);
+    if (cfg.auth_header && !key_env) die_usage("--auth-header needs --api-key-env");
     if (key_env) {
         const char *key = getenv(key_env);
         if (key && *key) {
@@ -289,11 +332,16 @@ int main(int argc, char **argv)
     bool v6 = strchr(host, ':') != NULL;
     aq_log(AQ_LOG_INFO,
            "agentq-mockllm listening on http://%s%s%s:%d/v1 (port %d, mode %s, latency %d+-%d ms, "
-           "rpm %lld, tpm %lld, fail %g, malformed %g, hang %g, auth %s%s)",
+           "rpm %lld, tpm %lld, window %d per %d ms, fail %g, malformed %g, hang %g, "
+           "auth %s%s%s%s)",
            v6 ? "[" : "", host, v6 ? "]" : "", port, port,
            cfg.mode == AQ_MOCKLLM_CALC ? "calc" : "script", cfg.latency_ms, cfg.jitter_ms,
-           (long long)cfg.rpm, (long long)cfg.tpm, cfg.fail_rate, cfg.malformed_rate,
-           cfg.hang_rate, cfg.api_key ? "on" : "off", cfg.echo_key ? ", echoing keys" : "");
+           (long long)cfg.rpm, (long long)cfg.tpm, cfg.window_requests,
+           cfg.window_ms ? cfg.window_ms : 1000, cfg.fail_rate, cfg.malformed_rate,
+           cfg.hang_rate,
+           !cfg.api_key ? "off" : cfg.auth_header ? cfg.auth_header : "bearer",
+           cfg.echo_key ? ", echoing keys" : "", cfg.require_query ? ", query " : "",
+           cfg.require_query ? cfg.require_query : "");
 
     event_base_dispatch(base);
 

@@ -22,7 +22,7 @@
 
 typedef struct opts {
     const char *config, *user, *goal, *skills, *model, *metadata, *task_id, *file;
-    const char *max_steps, *budget, *timeout, *ask_timeout, *ttl;
+    const char *max_steps, *budget, *timeout, *ask_timeout, *temperature, *ttl;
     int priority;
     int window;
     bool strict, json, record, wait, quiet;
@@ -51,8 +51,10 @@ static void usage(FILE *out)
           "  --timeout S          running time in seconds over all attempts, <= 86400 (default 60)\n"
           "  --ask-timeout S      how long a question (skill ask_human) waits for its answer\n"
           "                       (default 86400; then the task expires)\n"
+          "  --temperature T      sampling temperature 0-2 (default llm.temperature; 0 with\n"
+          "                       cache.enabled: the fleet answers a repeat from its cache)\n"
           "  --skills A,B         only these skills\n"
-          "  --model NAME         a configured model (default llm.model)\n"
+          "  --model NAME         a model a provider serves (default llm.model)\n"
           "  --metadata JSON      object stored with the task\n"
           "  --task-id UUID       use this id (default: a new UUID)\n"
           "\n"
@@ -250,7 +252,7 @@ static int parse_args(int argc, char **argv, opts *o)
         {"goal", required_argument, 0, 'g'},   {"priority", required_argument, 0, 'p'},
         {"ttl", required_argument, 0, 't'},    {"max-steps", required_argument, 0, 's'},
         {"budget", required_argument, 0, 'b'}, {"timeout", required_argument, 0, 'T'},
-        {"ask-timeout", required_argument, 0, 'A'},
+        {"ask-timeout", required_argument, 0, 'A'}, {"temperature", required_argument, 0, 'E'},
         {"skills", required_argument, 0, 'k'}, {"model", required_argument, 0, 'm'},
         {"metadata", required_argument, 0, 'M'}, {"task-id", required_argument, 0, 'i'},
         {"file", required_argument, 0, 'f'},   {"strict", no_argument, 0, 'S'},
@@ -278,6 +280,7 @@ static int parse_args(int argc, char **argv, opts *o)
         case 'b': o->budget = optarg; break;
         case 'T': o->timeout = optarg; break;
         case 'A': o->ask_timeout = optarg; break;
+        case 'E': o->temperature = optarg; break;
         case 'k': o->skills = optarg; break;
         case 'm': o->model = optarg; break;
         case 'M': o->metadata = optarg; break;
@@ -338,7 +341,7 @@ static json_t *body_from_flags(const opts *o)
     if (o->task_id) json_object_set_new(body, "task_id", json_string(o->task_id));
     if (o->model) json_object_set_new(body, "model", json_string(o->model));
     const char *nums[][2] = {{"max_steps", o->max_steps}, {"budget_usd", o->budget}, {"timeout_seconds", o->timeout},
-                             {"wait_timeout_seconds", o->ask_timeout}};
+                             {"wait_timeout_seconds", o->ask_timeout}, {"temperature", o->temperature}};
     for (size_t i = 0; i < AQ_ARRAY_LEN(nums); i++) {
         if (!nums[i][1]) continue;
         json_error_t jerr;
@@ -504,7 +507,8 @@ int main(int argc, char **argv)
 
     /* The worker's limits: its skills (built-in + HTTP) and models. */
     char *skills = worker_skills(&cfg);
-    aq_task_limits limits = {skills, *cfg.llm_models ? cfg.llm_models : cfg.llm_model, cfg.llm_model};
+    char *models = aq_config_task_models(&cfg);
+    aq_task_limits limits = {skills, models, cfg.llm_model};
     run r = {.o = &o, .cfg = &cfg};
     r.b = aq_broker_connect(cfg.amqp_url, 0, 10000, err, sizeof err);
     if (!r.b || aq_broker_declare(r.b, &cfg, err, sizeof err) != AQ_OK) {
@@ -544,6 +548,7 @@ out:
     if (r.pg) PQfinish(r.pg);
     aq_broker_free(r.b);
     free(skills);
+    free(models);
     aq_config_free(&cfg);
     return rc;
 }

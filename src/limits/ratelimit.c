@@ -6,9 +6,14 @@
  * is, and rl->turn_open says its quantum has been added for this turn, so
  * a turn cut short by an empty bucket resumes where it stopped instead of
  * adding the quantum again. Each step of serve() either grants the head
- * of the current user or passes the turn on, so a grant costs O(1) plus
- * the turns that grant nothing, at most 60 per waiting user (a call costs
- * at most 60 quanta, see cost()); nothing scans the waiters.
+ * of the current user or passes the turn on, so a grant costs O(pools)
+ * plus the turns that grant nothing, at most 60 per waiting user (a call
+ * costs at most 60 quanta, see cost()); nothing scans the waiters.
+ *
+ * The head waiter takes the first pool that can serve it (choose()); when
+ * none can, the turn stays open and the timer is set for the soonest pool
+ * (a credit-mode pool asks its source instead, a held pool waits for its
+ * release), so the fairness order is the same whichever pool serves.
  *
  * Eviction rule: a user's entry lives exactly as long as the user has a
  * waiter. It is made when the first waiter queues and freed when the last
@@ -33,6 +38,7 @@ struct aq_rl_wait {
     aq_rl_wait *next, *prev; /* within the user's FIFO */
     user_q *user;
     int64_t tokens;
+    uint64_t avoid;          /* pools it should not come from */
     aq_rl_cb cb;
     void *arg;
 };
@@ -51,14 +57,26 @@ typedef struct bucket {
     double cap;
     double level;
     bool limited;  /* rate > 0: a limit was configured */
+    int64_t per_min;
 } bucket;
+
+typedef struct pool {
+    bucket req, tok;
+    int64_t paused_until;
+    bool held;
+    int weight;            /* routing weight, 1..1000 */
+    int64_t current;       /* smooth weighted round robin */
+    aq_rl_source src;      /* credits instead of the clock, when src.need */
+    bool asked;            /* src.need called, no credit since */
+} pool;
 
 struct aq_ratelimit {
     struct event_base *base;
     struct event *timer;
-    bucket req, tok;
+    pool pools[AQ_RL_POOLS_MAX];
+    int npools;
+    bool weighted;
     int64_t last_us;
-    int64_t paused_until;
     aq_strmap *users;      /* name -> user_q, users with waiters only */
     user_q *ring;  /* the user whose turn it is */
     bool turn_open;        /* ring has had its quantum for this turn */
@@ -66,12 +84,11 @@ struct aq_ratelimit {
     int64_t quantum;       /* added per turn, times the weight */
     int64_t cost_min, cost_max; /* of one call, in the unit */
     size_t nwaiting, nring;
-    aq_rl_source src;      /* credits instead of the clock, when src.need */
-    bool asked;            /* src.need called, no credit since */
 };
 
 static void bucket_init(bucket *b, int64_t per_min, double min_cap)
 {
+    b->per_min = per_min > 0 ? per_min : 0;
     b->rate = per_min > 0 ? (double)per_min / 60e6 : 0;
     b->limited = per_min > 0;
     double second = (double)per_min / 60.0;
@@ -84,54 +101,102 @@ static void refill(aq_ratelimit *rl)
     int64_t now = aq_mono_us();
     double dt = (double)(now - rl->last_us);
     rl->last_us = now;
-    if (rl->src.need) return; /* credited, not refilled */
-    bucket *bs[] = {&rl->req, &rl->tok};
-    for (int i = 0; i < 2; i++) {
-        bucket *b = bs[i];
-        if (!b->rate) continue;
-        b->level += dt * b->rate;
-        if (b->level > b->cap) b->level = b->cap;
+    for (int i = 0; i < rl->npools; i++) {
+        pool *p = &rl->pools[i];
+        if (p->src.need) continue; /* credited, not refilled */
+        bucket *bs[] = {&p->req, &p->tok};
+        for (int k = 0; k < 2; k++) {
+            bucket *b = bs[k];
+            if (!b->rate) continue;
+            b->level += dt * b->rate;
+            if (b->level > b->cap) b->level = b->cap;
+        }
     }
 }
 
-/* Can a call with `tokens` go now? If not, *wait_us says how long. */
-static bool can_take(aq_ratelimit *rl, int64_t tokens, int64_t *wait_us)
+/* Can pool `p` take a call with `tokens` now? If not, *wait_us says how
+ * long (-1: until a credit or a release, no timer). */
+static bool can_take(aq_ratelimit *rl, pool *p, int64_t tokens, int64_t *wait_us)
 {
     int64_t now = aq_mono_us();
-    if (rl->paused_until > now) {
-        *wait_us = rl->paused_until - now;
+    if (p->held) {
+        *wait_us = -1;
+        return false;
+    }
+    if (p->paused_until > now) {
+        *wait_us = p->paused_until - now;
         return false;
     }
     /* A call larger than the bucket may go once the bucket is full. */
-    double need = (double)tokens < rl->tok.cap ? (double)tokens : rl->tok.cap;
-    if (rl->src.need) {
-        bool req_short = rl->req.limited && rl->req.level < 1.0;
-        bool tok_short = rl->tok.limited && rl->tok.level < need;
+    double need = (double)tokens < p->tok.cap ? (double)tokens : p->tok.cap;
+    if (p->src.need) {
+        bool req_short = p->req.limited && p->req.level < 1.0;
+        bool tok_short = p->tok.limited && p->tok.level < need;
         if (!req_short && !tok_short) return true;
-        if (!rl->asked) {
+        if (!p->asked) {
             /* Only the short bucket: leasing the other would hoard what the
              * rest of the fleet could spend. */
-            rl->asked = true;
-            rl->src.need(rl->src.arg, req_short, tok_short);
+            p->asked = true;
+            p->src.need(p->src.arg, req_short, tok_short);
         }
         *wait_us = -1; /* no timer: the credit serves the waiters */
         return false;
     }
     double w = 0;
-    if (rl->req.rate && rl->req.level < 1.0) w = (1.0 - rl->req.level) / rl->req.rate;
-    if (rl->tok.rate && rl->tok.level < need) {
-        double wt = (need - rl->tok.level) / rl->tok.rate;
+    if (p->req.rate && p->req.level < 1.0) w = (1.0 - p->req.level) / p->req.rate;
+    if (p->tok.rate && p->tok.level < need) {
+        double wt = (need - p->tok.level) / p->tok.rate;
         if (wt > w) w = wt;
     }
     *wait_us = (int64_t)w + 1;
     return w <= 0;
 }
 
-/* Sets DRR's unit from the limits: tokens when there is a tokens limit,
- * calls otherwise (each costs 1 and a turn is `weight` calls: at weight 1,
- * plain round robin by calls). */
-static void drr_init(aq_ratelimit *rl, int64_t rpm, int64_t tpm)
+/* The pool a call of `tokens` avoiding `avoid` can have now, or -1 with
+ * *wait_us the soonest any candidate could (-1: none by the clock). */
+static int choose(aq_ratelimit *rl, int64_t tokens, uint64_t avoid, int64_t *wait_us)
 {
+    uint64_t unheld = 0;
+    for (int i = 0; i < rl->npools; i++)
+        if (!rl->pools[i].held) unheld |= (uint64_t)1 << i;
+    uint64_t set = unheld & ~avoid ? unheld & ~avoid : unheld;
+    int64_t soonest = -1;
+    int best = -1;
+    int64_t total = 0;
+    for (int i = 0; i < rl->npools; i++) {
+        if (!(set >> i & 1)) continue;
+        pool *p = &rl->pools[i];
+        int64_t w;
+        if (!can_take(rl, p, tokens, &w)) {
+            if (w >= 0 && (soonest < 0 || w < soonest)) soonest = w;
+            continue;
+        }
+        if (!rl->weighted) return i;
+        /* Smooth weighted round robin (nginx's) over the pools that can
+         * serve now: each gains its weight, the furthest ahead is chosen
+         * and pays back the sum, so over time each serves its share. */
+        p->current += p->weight;
+        total += p->weight;
+        if (best < 0 || p->current > rl->pools[best].current) best = i;
+    }
+    if (best >= 0) {
+        rl->pools[best].current -= total;
+        return best;
+    }
+    *wait_us = soonest;
+    return -1;
+}
+
+/* Sets DRR's unit from the limits (summed over the pools): tokens when
+ * there is a tokens limit, calls otherwise (each costs 1 and a turn is
+ * `weight` calls: at weight 1, plain round robin by calls). */
+static void drr_init(aq_ratelimit *rl)
+{
+    int64_t rpm = 0, tpm = 0;
+    for (int i = 0; i < rl->npools; i++) {
+        rpm += rl->pools[i].req.per_min;
+        tpm += rl->pools[i].tok.per_min;
+    }
     if (tpm <= 0) {
         rl->quantum = rl->cost_min = rl->cost_max = 1;
         return;
@@ -158,10 +223,10 @@ static int64_t cost(const aq_ratelimit *rl, const aq_rl_wait *w)
     return w->tokens;
 }
 
-static void take(aq_ratelimit *rl, int64_t tokens)
+static void take(pool *p, int64_t tokens)
 {
-    if (rl->req.limited) rl->req.level -= 1.0;
-    if (rl->tok.limited) rl->tok.level -= (double)tokens;
+    if (p->req.limited) p->req.level -= 1.0;
+    if (p->tok.limited) p->tok.level -= (double)tokens;
 }
 
 /* The entry of `name`, made if the user has none (that is, no waiters). */
@@ -241,7 +306,7 @@ static void arm(aq_ratelimit *rl, int64_t us)
     event_add(rl->timer, &tv);
 }
 
-/* Grants waiters in deficit round robin order while the buckets allow. */
+/* Grants waiters in deficit round robin order while the pools allow. */
 static void serve(aq_ratelimit *rl)
 {
     refill(rl);
@@ -261,17 +326,18 @@ static void serve(aq_ratelimit *rl)
             continue;
         }
         int64_t wait_us;
-        if (!can_take(rl, w->tokens, &wait_us)) {
+        int pi = choose(rl, w->tokens, w->avoid, &wait_us);
+        if (pi < 0) {
             arm(rl, wait_us); /* the turn stays open: it resumes here */
             return;
         }
-        take(rl, w->tokens);
+        take(&rl->pools[pi], w->tokens);
         u->deficit -= c;
         unlink_wait(rl, w); /* the last one: u leaves, and its deficit with it */
         aq_rl_cb cb = w->cb;
         void *arg = w->arg;
         free(w);
-        cb(arg);
+        cb(arg, pi);
     }
 }
 
@@ -280,19 +346,43 @@ static void on_timer(evutil_socket_t fd, short what, void *arg)
     serve(arg);
 }
 
+static void pool_init(pool *p, int64_t rpm, int64_t tpm, int weight)
+{
+    memset(p, 0, sizeof *p);
+    bucket_init(&p->req, rpm, 1.0);
+    bucket_init(&p->tok, tpm, 1.0);
+    p->weight = weight < 1 ? 1 : weight > 1000 ? 1000 : weight;
+}
+
 aq_ratelimit *aq_ratelimit_new(struct event_base *base, int64_t rpm, int64_t tpm)
 {
     aq_ratelimit *rl = aq_xcalloc(1, sizeof *rl);
     rl->base = base;
     rl->timer = evtimer_new(base, on_timer, rl);
     if (!rl->timer) aq_oom("a timer");
-    bucket_init(&rl->req, rpm, 1.0);
-    bucket_init(&rl->tok, tpm, 1.0);
-    drr_init(rl, rpm, tpm);
+    pool_init(&rl->pools[0], rpm, tpm, 1);
+    rl->npools = 1;
+    drr_init(rl);
     rl->last_us = aq_mono_us();
     rl->users = aq_strmap_new();
     return rl;
 }
+
+int aq_ratelimit_add_pool(aq_ratelimit *rl, int64_t rpm, int64_t tpm, int weight)
+{
+    if (rl->npools >= AQ_RL_POOLS_MAX) return AQ_EINVAL;
+    refill(rl);
+    pool_init(&rl->pools[rl->npools], rpm, tpm, weight);
+    drr_init(rl);
+    return rl->npools++;
+}
+
+void aq_ratelimit_set_weight(aq_ratelimit *rl, int pi, int weight)
+{
+    rl->pools[pi].weight = weight < 1 ? 1 : weight > 1000 ? 1000 : weight;
+}
+
+void aq_ratelimit_set_weighted(aq_ratelimit *rl, bool weighted) { rl->weighted = weighted; }
 
 static void user_free(const char *name, void *value, void *arg)
 {
@@ -316,18 +406,26 @@ void aq_ratelimit_free(aq_ratelimit *rl)
 bool aq_ratelimit_acquire(aq_ratelimit *rl, const char *user, int64_t tokens, aq_rl_cb cb, void *arg,
                           aq_rl_wait **wait)
 {
-    return aq_ratelimit_acquire_weighted(rl, user, 1, tokens, cb, arg, wait);
+    return aq_ratelimit_acquire_from(rl, user, 1, tokens, 0, cb, arg, wait, NULL);
 }
 
 bool aq_ratelimit_acquire_weighted(aq_ratelimit *rl, const char *user, int weight, int64_t tokens,
                                    aq_rl_cb cb, void *arg, aq_rl_wait **wait)
 {
+    return aq_ratelimit_acquire_from(rl, user, weight, tokens, 0, cb, arg, wait, NULL);
+}
+
+bool aq_ratelimit_acquire_from(aq_ratelimit *rl, const char *user, int weight, int64_t tokens, uint64_t avoid,
+                               aq_rl_cb cb, void *arg, aq_rl_wait **wait, int *pool_out)
+{
     *wait = NULL;
+    int64_t wait_us = -1;
     if (!rl->ring) {
-        int64_t wait_us;
         refill(rl);
-        if (can_take(rl, tokens, &wait_us)) {
-            take(rl, tokens);
+        int pi = choose(rl, tokens, avoid, &wait_us);
+        if (pi >= 0) {
+            take(&rl->pools[pi], tokens);
+            if (pool_out) *pool_out = pi;
             return true;
         }
     }
@@ -336,6 +434,7 @@ bool aq_ratelimit_acquire_weighted(aq_ratelimit *rl, const char *user, int weigh
     aq_rl_wait *w = aq_xcalloc(1, sizeof *w);
     w->user = u;
     w->tokens = tokens;
+    w->avoid = avoid;
     w->cb = cb;
     w->arg = arg;
     w->prev = u->tail;
@@ -345,10 +444,10 @@ bool aq_ratelimit_acquire_weighted(aq_ratelimit *rl, const char *user, int weigh
     rl->nwaiting++;
     ring_add(rl, u);
     if (!evtimer_pending(rl->timer, NULL)) {
-        int64_t wait_us;
         refill(rl);
-        can_take(rl, rl->ring->head->tokens, &wait_us);
-        arm(rl, wait_us > 0 ? wait_us : 0);
+        aq_rl_wait *h = rl->ring->head;
+        if (choose(rl, h->tokens, h->avoid, &wait_us) >= 0) wait_us = 0; /* serve() grants it at once */
+        arm(rl, wait_us);
     }
     *wait = w;
     return false;
@@ -361,35 +460,84 @@ void aq_ratelimit_cancel(aq_ratelimit *rl, aq_rl_wait *w)
     free(w);
 }
 
-void aq_ratelimit_adjust(aq_ratelimit *rl, int64_t delta)
+void aq_ratelimit_adjust(aq_ratelimit *rl, int pi, int64_t delta)
 {
-    if (!rl->tok.limited) return;
+    pool *p = &rl->pools[pi];
+    if (!p->tok.limited) return;
     refill(rl);
-    rl->tok.level -= (double)delta;
-    if (rl->tok.level > rl->tok.cap) rl->tok.level = rl->tok.cap;
+    p->tok.level -= (double)delta;
+    if (p->tok.level > p->tok.cap) p->tok.level = p->tok.cap;
+    if (delta < 0 && rl->ring) arm(rl, 0); /* tokens came back: a waiter may fit */
 }
 
-void aq_ratelimit_pause(aq_ratelimit *rl, int64_t ms)
+void aq_ratelimit_pause(aq_ratelimit *rl, int pi, int64_t ms)
 {
+    pool *p = &rl->pools[pi];
     int64_t until = aq_mono_us() + ms * 1000;
-    if (until > rl->paused_until) rl->paused_until = until;
-    if (rl->src.pause) rl->src.pause(rl->src.arg, ms);
-    if (rl->ring) arm(rl, ms * 1000);
+    if (until > p->paused_until) p->paused_until = until;
+    if (p->src.pause) p->src.pause(p->src.arg, ms);
+    /* Waiters go to the other pools now, or wait for this one. */
+    if (rl->ring) arm(rl, 0);
 }
 
-void aq_ratelimit_set_source(aq_ratelimit *rl, const aq_rl_source *src)
+void aq_ratelimit_hold(aq_ratelimit *rl, int pi, bool held)
 {
-    rl->src = *src;
+    pool *p = &rl->pools[pi];
+    if (p->held == held) return;
+    p->held = held;
+    if (!held && rl->ring) arm(rl, 0);
+}
+
+void aq_ratelimit_clamp(aq_ratelimit *rl, int pi, double requests, double tokens)
+{
+    pool *p = &rl->pools[pi];
+    refill(rl);
+    if (requests >= 0 && p->req.limited && p->req.level > requests) p->req.level = requests;
+    if (tokens >= 0 && p->tok.limited && p->tok.level > tokens) p->tok.level = tokens;
+}
+
+static void bucket_relimit(bucket *b, int64_t per_min)
+{
+    double level = b->level;
+    bool was = b->limited;
+    bucket_init(b, per_min, 1.0);
+    if (was && level < b->level) b->level = level;
+}
+
+void aq_ratelimit_set_limits(aq_ratelimit *rl, int pi, int64_t rpm, int64_t tpm)
+{
+    pool *p = &rl->pools[pi];
+    refill(rl);
+    bucket_relimit(&p->req, rpm);
+    bucket_relimit(&p->tok, tpm);
+    if (p->src.need) { /* credit mode: what it holds came from the source */
+        if (p->req.level > p->req.cap) p->req.level = p->req.cap;
+        if (p->tok.level > p->tok.cap) p->tok.level = p->tok.cap;
+    }
+    drr_init(rl);
+}
+
+void aq_ratelimit_limits(const aq_ratelimit *rl, int pi, int64_t *rpm, int64_t *tpm)
+{
+    *rpm = rl->pools[pi].req.per_min;
+    *tpm = rl->pools[pi].tok.per_min;
+}
+
+void aq_ratelimit_set_source(aq_ratelimit *rl, int pi, const aq_rl_source *src)
+{
+    pool *p = &rl->pools[pi];
+    p->src = *src;
     /* Start empty: what the fleet may spend comes from the shared bucket. */
-    if (rl->req.limited) rl->req.level = 0;
-    if (rl->tok.limited) rl->tok.level = 0;
+    if (p->req.limited) p->req.level = 0;
+    if (p->tok.limited) p->tok.level = 0;
 }
 
-void aq_ratelimit_credit(aq_ratelimit *rl, double requests, double tokens)
+void aq_ratelimit_credit(aq_ratelimit *rl, int pi, double requests, double tokens)
 {
-    rl->asked = false;
-    if (rl->req.limited) rl->req.level += requests;
-    if (rl->tok.limited) rl->tok.level += tokens;
+    pool *p = &rl->pools[pi];
+    p->asked = false;
+    if (p->req.limited) p->req.level += requests;
+    if (p->tok.limited) p->tok.level += tokens;
     serve(rl);
 }
 

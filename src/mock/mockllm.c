@@ -1,10 +1,11 @@
 /* mockllm.c — the OpenAI-compatible LLM simulator (see mockllm.h).
  *
- * Owns its evhttp server, listening socket, rate-limit buckets, counters
- * and the requests it holds while their reply waits; it does not own the
- * event_base. A request is parsed, answered in full (JSON written into the
- * request's output buffer) and then parked on a timer, so what a waiting
- * request costs is one mock_pending plus its reply text.
+ * Owns its evhttp server, listening socket, rate-limit buckets and fixed
+ * window, counters, the log of arrivals (GET /requests) and the requests
+ * it holds while their reply waits; it does not own the event_base. A
+ * request is parsed, answered in full (JSON written into the request's
+ * output buffer) and then parked on a timer, so what a waiting request
+ * costs is one mock_pending plus its reply text.
  *
  * Client-gone detection: evhttp 2.1 stops reading a connection once a
  * request is in, so it only notices a vanished client when it writes. A
@@ -51,6 +52,10 @@
 #define MOCK_ECHO_KEY_MAX 200
 #define MOCK_MAX_LATENCY_MS 3600000
 #define MOCK_MAX_STORM_S 3600
+#define MOCK_MAX_WINDOW_REQUESTS 1000000
+#define MOCK_MAX_WINDOW_MS 3600000
+#define MOCK_DEFAULT_WINDOW_MS 1000
+#define MOCK_QUERY_SHOWN_MAX 100 /* bytes of a client's query value quoted in a 400 */
 
 enum mock_outcome {
     OUT_COMPLETED,  /* a valid completion */
@@ -74,7 +79,19 @@ typedef struct mock_faults {
     int latency_ms, jitter_ms;
     int64_t storm_until_us; /* monotonic; 0: no storm */
     int storm_retry_after;  /* seconds; 0: the seconds the storm has left */
+    int window_requests;    /* the fixed window's quota; 0: off */
+    int window_ms;          /* its length, > 0 */
 } mock_faults;
+
+/* One chat request as GET /requests lists it. */
+typedef struct mock_arrival {
+    int64_t at_ms;  /* aq_mono_us() / 1000 on arrival */
+    int status;     /* sent or decided at arrival; 0: never answered */
+} mock_arrival;
+
+/* Most arrivals GET /requests keeps; later ones are not recorded (16
+ * bytes each, so at most 1.6 MB). */
+#define MOCK_MAX_ARRIVALS 100000
 
 struct aq_mockllm {
     struct event_base *base; /* borrowed */
@@ -82,11 +99,18 @@ struct aq_mockllm {
     aq_mockllm_config cfg;   /* strings point at the copies below */
     char *host;
     char *api_key;
+    char *auth_header;       /* NULL: Authorization: Bearer */
+    char *query_name;        /* require_query split at its '=' (one allocation: */
+    const char *query_value; /* the value points into query_name); NULL: none */
     int port;
     uint64_t rng;
     uint64_t next_id;
     mock_bucket rpm, tpm;
     mock_faults f;
+    int64_t window_end_us;   /* monotonic end of the open window; 0: none open */
+    int window_used;         /* requests admitted in it */
+    mock_arrival *arrivals;  /* GET /requests, in arrival order */
+    size_t n_arrivals, cap_arrivals;
     aq_mockllm_stats st;
     aq_strmap *calls;        /* goal -> requests that carried it (a count in the pointer) */
     mock_pending *pending;   /* every parked request, for aq_mockllm_free */
@@ -173,16 +197,18 @@ static void mock_ascii(char *s)
         if ((unsigned char)*s < 0x20 || (unsigned char)*s >= 0x7f) *s = '?';
 }
 
-/* Builds {"error":{"message","type","param":null,"code"}}; caller frees. */
-static char *mock_error_json(const char *type, const char *code, const char *message)
+/* Builds {"error":{"message","type","param","code"}} (param and code
+ * null when NULL; param must be ASCII); caller frees. */
+static char *mock_error_json_param(const char *type, const char *code, const char *param,
+                                   const char *message)
 {
-    json_t *o = json_pack("{s:{s:s, s:s, s:n, s:s?}}", "error", "message", message,
-                          "type", type, "param", "code", code);
+    json_t *o = json_pack("{s:{s:s, s:s, s:s?, s:s?}}", "error", "message", message,
+                          "type", type, "param", param, "code", code);
     if (!o) { /* not UTF-8: say it in ASCII */
         char *clean = aq_xstrdup(message);
         mock_ascii(clean);
-        o = json_pack("{s:{s:s, s:s, s:n, s:s?}}", "error", "message", clean, "type", type,
-                      "param", "code", code);
+        o = json_pack("{s:{s:s, s:s, s:s?, s:s?}}", "error", "message", clean, "type", type,
+                      "param", param, "code", code);
         free(clean);
     }
     if (!o) aq_oom("an error body");
@@ -190,6 +216,12 @@ static char *mock_error_json(const char *type, const char *code, const char *mes
     json_decref(o);
     if (!s) aq_oom("an error body");
     return s;
+}
+
+/* Builds {"error":{"message","type","param":null,"code"}}; caller frees. */
+static char *mock_error_json(const char *type, const char *code, const char *message)
+{
+    return mock_error_json_param(type, code, NULL, message);
 }
 
 static void mock_set_json(struct evhttp_request *req)
@@ -283,24 +315,64 @@ static void bucket_headers(const mock_bucket *b, struct evkeyvalq *h, const char
     evhttp_add_header(h, name, val);
 }
 
-/* Takes one request and `tokens` from the buckets, or returns false and
- * the whole seconds to wait (≥ 1) and which limit said no. */
-static bool mock_admit(aq_mockllm *m, uint64_t tokens, int *retry_after, const char **which)
+/* Seconds until the buckets hold one request and `tokens` (0: now), and
+ * which of them waits longer. Takes nothing: see buckets_take. */
+static double buckets_wait(aq_mockllm *m, int64_t now, uint64_t tokens, const char **which)
 {
-    int64_t now = aq_mono_us();
     bucket_refill(&m->rpm, now);
     bucket_refill(&m->tpm, now);
     double wr = bucket_wait(&m->rpm, 1);
     double wt = bucket_wait(&m->tpm, (double)tokens);
-    if (wr > 0 || wt > 0) {
-        double w = wr > wt ? wr : wt;
-        *which = wr >= wt ? "requests" : "tokens";
-        *retry_after = w < 1 ? 1 : (int)ceil(w);
-        return false;
-    }
+    *which = wr >= wt ? "requests" : "tokens";
+    return wr > wt ? wr : wt;
+}
+
+static void buckets_take(aq_mockllm *m, uint64_t tokens)
+{
     if (m->rpm.cap > 0) m->rpm.level -= 1;
     if (m->tpm.cap > 0) m->tpm.level -= (double)tokens;
-    return true;
+}
+
+/* Seconds until the fixed window admits a request (0: now; always 0 when
+ * the window is off). A request at or after the open window's end opens
+ * a new one: "the first request opens the window", as providers count,
+ * rather than windows aligned to the clock. */
+static double window_wait(aq_mockllm *m, int64_t now)
+{
+    if (m->f.window_requests <= 0) return 0;
+    if (!m->window_end_us || now >= m->window_end_us) {
+        m->window_end_us = now + (int64_t)m->f.window_ms * 1000;
+        m->window_used = 0;
+    }
+    if (m->window_used < m->f.window_requests) return 0;
+    return (double)(m->window_end_us - now) / 1e6;
+}
+
+static void window_take(aq_mockllm *m)
+{
+    if (m->f.window_requests > 0) m->window_used++;
+}
+
+/* The window's x-ratelimit-remaining/reset-requests. No limit header: a
+ * client reads x-ratelimit-limit-requests as per minute, which a window
+ * of window_ms is not. */
+static void window_headers(const aq_mockllm *m, int64_t now, struct evkeyvalq *h)
+{
+    char val[64];
+    int left = m->f.window_requests - m->window_used;
+    snprintf(val, sizeof val, "%d", left > 0 ? left : 0);
+    evhttp_add_header(h, "x-ratelimit-remaining-requests", val);
+    mock_fmt_duration((double)(m->window_end_us - now) / 1e6, val, sizeof val);
+    evhttp_add_header(h, "x-ratelimit-reset-requests", val);
+}
+
+/* Every limit's headers for a reply decided at `now`: the window's take
+ * the place of the rpm bucket's when the window is on. */
+static void limit_headers(aq_mockllm *m, int64_t now, struct evkeyvalq *h)
+{
+    if (m->f.window_requests > 0) window_headers(m, now, h);
+    else bucket_headers(&m->rpm, h, "requests");
+    bucket_headers(&m->tpm, h, "tokens");
 }
 
 /* ---- arithmetic for calc mode ----------------------------------------- */
@@ -1003,12 +1075,8 @@ static long mock_latency(aq_mockllm *m, const mock_dirs *d)
     return ms < 0 ? 0 : ms;
 }
 
-static bool mock_auth_ok(aq_mockllm *m, struct evhttp_request *req)
+static bool mock_key_matches(const aq_mockllm *m, const char *h)
 {
-    const char *h = evhttp_find_header(evhttp_request_get_input_headers(req), "Authorization");
-    if (!h || strncasecmp(h, "Bearer ", 7)) return false;
-    h += 7;
-    while (*h == ' ') h++;
     /* compare every byte, so timing does not reveal a matching prefix */
     size_t kl = strlen(m->api_key), hl = strlen(h);
     unsigned char diff = (unsigned char)(kl != hl);
@@ -1016,13 +1084,35 @@ static bool mock_auth_ok(aq_mockllm *m, struct evhttp_request *req)
     return diff == 0;
 }
 
-/* The key the client presented: the Authorization header after "Bearer "
- * (the whole header when it is not Bearer auth); NULL when there is none. */
-static const char *mock_presented_key(struct evhttp_request *req)
+/* The key arrives as `Authorization: Bearer KEY`, or, with cfg.auth_header,
+ * as `<auth_header>: KEY` (header names match in any case, as HTTP says)
+ * and nothing else will do: a client that sends the Azure key the OpenAI
+ * way must fail here as it would there. */
+static bool mock_auth_ok(aq_mockllm *m, struct evhttp_request *req)
 {
-    const char *h = evhttp_find_header(evhttp_request_get_input_headers(req), "Authorization");
+    struct evkeyvalq *in = evhttp_request_get_input_headers(req);
+    const char *h;
+    if (m->auth_header) {
+        h = evhttp_find_header(in, m->auth_header);
+        if (!h) return false;
+    } else {
+        h = evhttp_find_header(in, "Authorization");
+        if (!h || strncasecmp(h, "Bearer ", 7)) return false;
+        h += 7;
+    }
+    while (*h == ' ') h++;
+    return mock_key_matches(m, h);
+}
+
+/* The key the client presented: the auth_header's value, or the
+ * Authorization header after "Bearer " (the whole header when it is not
+ * Bearer auth); NULL when there is none. */
+static const char *mock_presented_key(const aq_mockllm *m, struct evhttp_request *req)
+{
+    struct evkeyvalq *in = evhttp_request_get_input_headers(req);
+    const char *h = evhttp_find_header(in, m->auth_header ? m->auth_header : "Authorization");
     if (!h) return NULL;
-    if (!strncasecmp(h, "Bearer ", 7)) h += 7;
+    if (!m->auth_header && !strncasecmp(h, "Bearer ", 7)) h += 7;
     while (*h == ' ') h++;
     return h;
 }
@@ -1032,10 +1122,14 @@ static const char *mock_presented_key(struct evhttp_request *req)
  * become '?', so the body stays valid JSON whatever the header held). */
 static void mock_reply_unauthorized(aq_mockllm *m, struct evhttp_request *req)
 {
-    const char *key = m->cfg.echo_key ? mock_presented_key(req) : NULL;
+    const char *key = m->cfg.echo_key ? mock_presented_key(m, req) : NULL;
     if (!key || !*key) {
-        mock_reply_error(m, req, 401, "invalid_api_key",
-                         "Incorrect or missing API key: send 'Authorization: Bearer <key>'.");
+        if (m->auth_header)
+            mock_reply_error(m, req, 401, "invalid_api_key",
+                             "Incorrect or missing API key: send '%s: <key>'.", m->auth_header);
+        else
+            mock_reply_error(m, req, 401, "invalid_api_key",
+                             "Incorrect or missing API key: send 'Authorization: Bearer <key>'.");
         return;
     }
     char shown[MOCK_ECHO_KEY_MAX + 4];
@@ -1055,6 +1149,62 @@ static void mock_reply_unauthorized(aq_mockllm *m, struct evhttp_request *req)
                      shown);
 }
 
+/* The value of query parameter `name` in `query` ("a=1&b=2", may be
+ * NULL), percent-decoded; NULL when absent. The first occurrence wins; a
+ * parameter without '=' has the value "". Caller frees. */
+static char *mock_query_param(const char *query, const char *name)
+{
+    for (const char *p = query; p && *p;) {
+        size_t n = strcspn(p, "&");
+        char *part = aq_xmalloc(n + 1);
+        memcpy(part, p, n);
+        part[n] = '\0';
+        char *eq = strchr(part, '=');
+        if (eq) *eq = '\0';
+        char *key = evhttp_uridecode(part, 1, NULL);
+        bool hit = key && !strcmp(key, name);
+        free(key);
+        char *value = hit ? evhttp_uridecode(eq ? eq + 1 : "", 1, NULL) : NULL;
+        free(part);
+        if (hit) {
+            if (!value) aq_oom("a query parameter");
+            return value;
+        }
+        p += n;
+        if (*p == '&') p++;
+    }
+    return NULL;
+}
+
+/* cfg.require_query: false (the 400 sent, counted as a failure) when the
+ * request's query lacks the parameter or has another value. */
+static bool mock_query_ok(aq_mockllm *m, struct evhttp_request *req)
+{
+    const struct evhttp_uri *uri = evhttp_request_get_evhttp_uri(req);
+    char *got = mock_query_param(uri ? evhttp_uri_get_query(uri) : NULL, m->query_name);
+    bool ok = got && !strcmp(got, m->query_value);
+    if (!ok) {
+        char msg[512];
+        if (!got)
+            snprintf(msg, sizeof msg,
+                     "Missing required query parameter '%s': this endpoint wants ?%s=%s.",
+                     m->query_name, m->query_name, m->query_value);
+        else
+            snprintf(msg, sizeof msg,
+                     "Unsupported value '%.*s' of query parameter '%s': this endpoint wants "
+                     "?%s=%s.",
+                     MOCK_QUERY_SHOWN_MAX, got, m->query_name, m->query_name, m->query_value);
+        m->st.failures++;
+        mock_send_now(req, 400,
+                      mock_error_json_param("invalid_request_error",
+                                            got ? "unsupported_value"
+                                                : "missing_required_parameter",
+                                            m->query_name, msg));
+    }
+    free(got);
+    return ok;
+}
+
 /* True while a 429 storm (aq_mockllm_control) is on; *retry_after gets
  * the seconds its replies ask the client to wait. */
 static bool mock_in_storm(aq_mockllm *m, int *retry_after)
@@ -1072,14 +1222,15 @@ static bool mock_in_storm(aq_mockllm *m, int *retry_after)
     return true;
 }
 
-static void mock_chat(aq_mockllm *m, struct evhttp_request *req)
+/* Answers one chat request that arrived at `now` (monotonic µs); returns
+ * the status sent, or decided and parked (0: never to be answered). */
+static int mock_chat_serve(aq_mockllm *m, struct evhttp_request *req, int64_t now)
 {
-    m->st.requests++;
-    m->next_id++;
     if (m->api_key && !mock_auth_ok(m, req)) {
         mock_reply_unauthorized(m, req);
-        return;
+        return 401;
     }
+    if (m->query_name && !mock_query_ok(m, req)) return 400;
     int storm_ra;
     if (mock_in_storm(m, &storm_ra)) {
         char ra[24], msg[200];
@@ -1090,7 +1241,7 @@ static void mock_chat(aq_mockllm *m, struct evhttp_request *req)
                  storm_ra);
         m->st.rate_limited++;
         mock_send_now(req, 429, mock_error_json("requests", "rate_limit_exceeded", msg));
-        return;
+        return 429;
     }
     struct evbuffer *in = evhttp_request_get_input_buffer(req);
     size_t len = evbuffer_get_length(in);
@@ -1102,7 +1253,7 @@ static void mock_chat(aq_mockllm *m, struct evhttp_request *req)
     if (!ok) {
         mock_conv_free(&c);
         mock_reply_error(m, req, 400, NULL, "%s", err);
-        return;
+        return 400;
     }
 
     if (c.goal) { /* what a task paid for: a test compares it with an uninterrupted run */
@@ -1119,27 +1270,42 @@ static void mock_chat(aq_mockllm *m, struct evhttp_request *req)
     mock_reply r;
     mock_plan(m, &c, &d, &r);
 
+    /* Both limits judge the request before either is charged, so a
+     * request one of them refuses costs the other nothing. */
     struct evkeyvalq *h = evhttp_request_get_output_headers(req);
-    int retry_after;
+    uint64_t tokens = prompt_tokens + r.completion_tokens;
     const char *which;
-    if (!mock_admit(m, prompt_tokens + r.completion_tokens, &retry_after, &which)) {
+    double wait_buckets = buckets_wait(m, now, tokens, &which);
+    double wait_window = window_wait(m, now);
+    if (wait_buckets > 0 || wait_window > 0) {
+        double w = wait_buckets > wait_window ? wait_buckets : wait_window;
+        int retry_after = w < 1 ? 1 : (int)ceil(w);
         char ra[24], msg[256];
         snprintf(ra, sizeof ra, "%d", retry_after);
         evhttp_add_header(h, "Retry-After", ra);
-        bucket_headers(&m->rpm, h, "requests");
-        bucket_headers(&m->tpm, h, "tokens");
-        snprintf(msg, sizeof msg,
-                 "Rate limit reached for %s per min (%s): Limit %.0f. Please try again in %ds.",
-                 which, !strcmp(which, "requests") ? "RPM" : "TPM",
-                 !strcmp(which, "requests") ? m->rpm.cap : m->tpm.cap, retry_after);
+        limit_headers(m, now, h);
+        if (wait_window >= wait_buckets) {
+            which = "requests";
+            snprintf(msg, sizeof msg,
+                     "Rate limit reached for requests (%d per %d ms window). Please try again "
+                     "in %ds.",
+                     m->f.window_requests, m->f.window_ms, retry_after);
+        } else {
+            snprintf(msg, sizeof msg,
+                     "Rate limit reached for %s per min (%s): Limit %.0f. Please try again in "
+                     "%ds.",
+                     which, !strcmp(which, "requests") ? "RPM" : "TPM",
+                     !strcmp(which, "requests") ? m->rpm.cap : m->tpm.cap, retry_after);
+        }
         m->st.rate_limited++;
         mock_send_now(req, 429, mock_error_json(which, "rate_limit_exceeded", msg));
         json_decref(r.message);
         mock_conv_free(&c);
-        return;
+        return 429;
     }
-    bucket_headers(&m->rpm, h, "requests");
-    bucket_headers(&m->tpm, h, "tokens");
+    buckets_take(m, tokens);
+    window_take(m);
+    limit_headers(m, now, h);
     char reqid[32];
     snprintf(reqid, sizeof reqid, "req_mock%llx", (unsigned long long)m->next_id);
     evhttp_add_header(h, "x-request-id", reqid);
@@ -1193,6 +1359,31 @@ static void mock_chat(aq_mockllm *m, struct evhttp_request *req)
     }
     if (outcome == OUT_HANG) m->st.hung++;
     mock_park(m, req, code, outcome, delay, prompt_tokens, r.completion_tokens);
+    return outcome == OUT_HANG ? 0 : code;
+}
+
+/* Appends to the arrivals GET /requests lists, up to MOCK_MAX_ARRIVALS. */
+static void mock_note_arrival(aq_mockllm *m, int64_t now, int status)
+{
+    if (m->n_arrivals >= MOCK_MAX_ARRIVALS) return;
+    if (m->n_arrivals == m->cap_arrivals) {
+        m->cap_arrivals = m->cap_arrivals ? m->cap_arrivals * 2 : 256;
+        if (m->cap_arrivals > MOCK_MAX_ARRIVALS) m->cap_arrivals = MOCK_MAX_ARRIVALS;
+        m->arrivals = aq_xrealloc(m->arrivals, m->cap_arrivals * sizeof *m->arrivals);
+    }
+    m->arrivals[m->n_arrivals].at_ms = now / 1000;
+    m->arrivals[m->n_arrivals].status = status;
+    m->n_arrivals++;
+}
+
+static void mock_chat(aq_mockllm *m, struct evhttp_request *req)
+{
+    /* One instant for the limits and the log: a test compares an arrival
+     * with the reset an earlier reply announced. */
+    int64_t now = aq_mono_us();
+    m->st.requests++;
+    m->next_id++;
+    mock_note_arrival(m, now, mock_chat_serve(m, req, now));
 }
 
 static void mock_stats_reply(aq_mockllm *m, struct evhttp_request *req)
@@ -1218,6 +1409,20 @@ static void add_count(const char *goal, void *value, void *arg)
     json_object_set_new(arg, goal, json_integer((json_int_t)(uintptr_t)value));
 }
 
+/* GET /requests: [{"at_ms": ..., "status": ...}, ...], written straight
+ * into the reply: 100,000 entries as jansson objects would cost tens of MB. */
+static void mock_requests_reply(aq_mockllm *m, struct evhttp_request *req)
+{
+    struct evbuffer *out = evhttp_request_get_output_buffer(req);
+    evbuffer_add(out, "[", 1);
+    for (size_t i = 0; i < m->n_arrivals; i++)
+        evbuffer_add_printf(out, "%s{\"at_ms\":%lld,\"status\":%d}", i ? "," : "",
+                            (long long)m->arrivals[i].at_ms, m->arrivals[i].status);
+    evbuffer_add(out, "]", 1);
+    mock_set_json(req);
+    evhttp_send_reply(req, 200, "OK", NULL);
+}
+
 /* GET /calls: {"<goal>": requests, ...} for every goal seen. */
 static void mock_calls_reply(aq_mockllm *m, struct evhttp_request *req)
 {
@@ -1233,13 +1438,21 @@ static void mock_calls_reply(aq_mockllm *m, struct evhttp_request *req)
 
 static const char *const control_fields[] = {
     "reset", "fail_rate", "malformed_rate", "hang_rate", "latency_ms", "jitter_ms",
-    "storm_seconds", "retry_after",
+    "storm_seconds", "retry_after", "window_requests", "window_ms",
 };
 
+/* `cfg` as aq_mockllm_new normalised it (window_ms > 0). */
 static mock_faults mock_faults_of(const aq_mockllm_config *cfg)
 {
-    mock_faults f = {cfg->fail_rate, cfg->malformed_rate, cfg->hang_rate, cfg->latency_ms,
-                     cfg->jitter_ms, 0, 0};
+    mock_faults f = {
+        .fail_rate = cfg->fail_rate,
+        .malformed_rate = cfg->malformed_rate,
+        .hang_rate = cfg->hang_rate,
+        .latency_ms = cfg->latency_ms,
+        .jitter_ms = cfg->jitter_ms,
+        .window_requests = cfg->window_requests,
+        .window_ms = cfg->window_ms,
+    };
     return f;
 }
 
@@ -1297,21 +1510,25 @@ static int control_rate(const json_t *root, const char *name, double *out, char 
     return AQ_OK;
 }
 
-static int control_ms(const json_t *root, const char *name, int *out, char *field, char *err,
-                      size_t errlen)
+static int control_int(const json_t *root, const char *name, int lo, int hi, int *out,
+                       char *field, char *err, size_t errlen)
 {
     const json_t *v = json_object_get(root, name);
     if (!v) return AQ_OK;
-    if (!json_is_integer(v) || json_integer_value(v) < 0 ||
-        json_integer_value(v) > MOCK_MAX_LATENCY_MS) {
+    if (!json_is_integer(v) || json_integer_value(v) < lo || json_integer_value(v) > hi) {
         char got[64];
         control_got(v, got, sizeof got);
         return control_fail(field, name, err, errlen,
-                            "%s: must be an integer from 0 to %d (got %s)", name,
-                            MOCK_MAX_LATENCY_MS, got);
+                            "%s: must be an integer from %d to %d (got %s)", name, lo, hi, got);
     }
     *out = (int)json_integer_value(v);
     return AQ_OK;
+}
+
+static int control_ms(const json_t *root, const char *name, int *out, char *field, char *err,
+                      size_t errlen)
+{
+    return control_int(root, name, 0, MOCK_MAX_LATENCY_MS, out, field, err, errlen);
 }
 
 static int control_apply(aq_mockllm *m, const json_t *root, char *field, char *err, size_t errlen)
@@ -1328,7 +1545,8 @@ static int control_apply(aq_mockllm *m, const json_t *root, char *field, char *e
         if (!known)
             return control_fail(field, key, err, errlen,
                                 "unknown field '%.64s' (allowed: reset, fail_rate, malformed_rate, "
-                                "hang_rate, latency_ms, jitter_ms, storm_seconds, retry_after)",
+                                "hang_rate, latency_ms, jitter_ms, storm_seconds, retry_after, "
+                                "window_requests, window_ms)",
                                 key);
     }
     const json_t *reset = json_object_get(root, "reset");
@@ -1336,12 +1554,19 @@ static int control_apply(aq_mockllm *m, const json_t *root, char *field, char *e
         return control_fail(field, "reset", err, errlen, "reset: must be true or false (got %s)",
                             json_kind(reset));
     mock_faults nf = m->f;
-    if (json_object_size(root) == 0 || json_is_true(reset)) nf = mock_faults_of(&m->cfg);
+    bool resetting = json_object_size(root) == 0 || json_is_true(reset);
+    if (resetting) nf = mock_faults_of(&m->cfg);
     int rc = control_rate(root, "fail_rate", &nf.fail_rate, field, err, errlen);
     if (!rc) rc = control_rate(root, "malformed_rate", &nf.malformed_rate, field, err, errlen);
     if (!rc) rc = control_rate(root, "hang_rate", &nf.hang_rate, field, err, errlen);
     if (!rc) rc = control_ms(root, "latency_ms", &nf.latency_ms, field, err, errlen);
     if (!rc) rc = control_ms(root, "jitter_ms", &nf.jitter_ms, field, err, errlen);
+    if (!rc)
+        rc = control_int(root, "window_requests", 0, MOCK_MAX_WINDOW_REQUESTS,
+                         &nf.window_requests, field, err, errlen);
+    if (!rc)
+        rc = control_int(root, "window_ms", 1, MOCK_MAX_WINDOW_MS, &nf.window_ms, field, err,
+                         errlen);
     if (rc) return rc;
 
     const json_t *storm = json_object_get(root, "storm_seconds");
@@ -1375,10 +1600,18 @@ static int control_apply(aq_mockllm *m, const json_t *root, char *field, char *e
         nf.storm_retry_after = ra ? (int)json_integer_value(ra) : 0;
     }
     m->f = nf;
+    /* New terms start a new window: one opened under the old ones would
+     * otherwise end at a time the test that changed them cannot predict. */
+    if (resetting || json_object_get(root, "window_requests") ||
+        json_object_get(root, "window_ms")) {
+        m->window_end_us = 0;
+        m->window_used = 0;
+    }
     aq_log(AQ_LOG_INFO,
-           "mockllm: faults now fail %g, malformed %g, hang %g, latency %d+-%d ms, 429 storm %gs",
+           "mockllm: faults now fail %g, malformed %g, hang %g, latency %d+-%d ms, 429 storm %gs, "
+           "window %d per %d ms",
            nf.fail_rate, nf.malformed_rate, nf.hang_rate, nf.latency_ms, nf.jitter_ms,
-           nf.storm_until_us ? secs : 0.0);
+           nf.storm_until_us ? secs : 0.0, nf.window_requests, nf.window_ms);
     return AQ_OK;
 }
 
@@ -1406,11 +1639,12 @@ static void mock_control_state(aq_mockllm *m, struct evhttp_request *req)
         int64_t us = m->f.storm_until_us - aq_mono_us();
         left = us > 0 ? (double)us / 1e6 : 0;
     }
-    json_t *o = json_pack("{s:f, s:f, s:f, s:i, s:i, s:f, s:i}", "fail_rate", m->f.fail_rate,
-                          "malformed_rate", m->f.malformed_rate, "hang_rate", m->f.hang_rate,
-                          "latency_ms", m->f.latency_ms, "jitter_ms", m->f.jitter_ms,
-                          "storm_seconds_left", left, "retry_after",
-                          left > 0 ? m->f.storm_retry_after : 0);
+    json_t *o = json_pack("{s:f, s:f, s:f, s:i, s:i, s:f, s:i, s:i, s:i}", "fail_rate",
+                          m->f.fail_rate, "malformed_rate", m->f.malformed_rate, "hang_rate",
+                          m->f.hang_rate, "latency_ms", m->f.latency_ms, "jitter_ms",
+                          m->f.jitter_ms, "storm_seconds_left", left, "retry_after",
+                          left > 0 ? m->f.storm_retry_after : 0, "window_requests",
+                          m->f.window_requests, "window_ms", m->f.window_ms);
     char *text = o ? json_dumps(o, JSON_COMPACT) : NULL;
     json_decref(o);
     if (!text) aq_oom("the control state");
@@ -1462,6 +1696,7 @@ static void mock_on_request(struct evhttp_request *req, void *arg)
         if (cmd != EVHTTP_REQ_POST) {
             m->st.requests++;
             m->st.failures++;
+            mock_note_arrival(m, aq_mono_us(), 405);
             mock_send_now(req, 405,
                           mock_error_json("invalid_request_error", NULL,
                                           "Only POST is allowed on /v1/chat/completions."));
@@ -1476,6 +1711,8 @@ static void mock_on_request(struct evhttp_request *req, void *arg)
         mock_stats_reply(m, req);
     } else if (!strcmp(path, "/calls") && cmd == EVHTTP_REQ_GET) {
         mock_calls_reply(m, req);
+    } else if (!strcmp(path, "/requests") && cmd == EVHTTP_REQ_GET) {
+        mock_requests_reply(m, req);
     } else if (!strcmp(path, "/control")) {
         mock_control(m, req);
     } else {
@@ -1559,6 +1796,26 @@ static int mock_listen(const char *host, int port, int backlog, int *bound_port,
 
 static bool mock_rate_ok(double r) { return r >= 0 && r <= 1; }
 
+/* require_query's form: a NAME of printable ASCII other than space, '&'
+ * and '=' (it is quoted in the error body's "param"), '=', any VALUE. */
+static bool mock_query_spec_ok(const char *s)
+{
+    const char *eq = strchr(s, '=');
+    if (!eq || eq == s) return false;
+    for (; s < eq; s++)
+        if (*s <= 0x20 || *s >= 0x7f || *s == '&') return false;
+    return true;
+}
+
+/* An HTTP header name (RFC 9110 token). */
+static bool mock_is_token(const char *s)
+{
+    if (!*s) return false;
+    for (; *s; s++)
+        if (!isalnum((unsigned char)*s) && !strchr("!#$%&'*+-.^_`|~", *s)) return false;
+    return true;
+}
+
 aq_mockllm *aq_mockllm_new(struct event_base *base, const aq_mockllm_config *cfg, char *err,
                            size_t errlen)
 {
@@ -1587,6 +1844,23 @@ aq_mockllm *aq_mockllm_new(struct event_base *base, const aq_mockllm_config *cfg
         aq_seterr(err, errlen, "mockllm: unknown mode %d", (int)cfg->mode);
         return NULL;
     }
+    if (cfg->auth_header && *cfg->auth_header && !mock_is_token(cfg->auth_header)) {
+        aq_seterr(err, errlen, "mockllm: auth_header '%.64s' is not an HTTP header name",
+                  cfg->auth_header);
+        return NULL;
+    }
+    if (cfg->require_query && *cfg->require_query && !mock_query_spec_ok(cfg->require_query)) {
+        aq_seterr(err, errlen, "mockllm: require_query '%.64s' is not NAME=VALUE",
+                  cfg->require_query);
+        return NULL;
+    }
+    if (cfg->window_requests < 0 || cfg->window_requests > MOCK_MAX_WINDOW_REQUESTS ||
+        cfg->window_ms < 0 || cfg->window_ms > MOCK_MAX_WINDOW_MS) {
+        aq_seterr(err, errlen,
+                  "mockllm: window_requests must be within 0..%d and window_ms within 0..%d",
+                  MOCK_MAX_WINDOW_REQUESTS, MOCK_MAX_WINDOW_MS);
+        return NULL;
+    }
 
     aq_mockllm *m = aq_xcalloc(1, sizeof *m);
     m->base = base;
@@ -1595,6 +1869,16 @@ aq_mockllm *aq_mockllm_new(struct event_base *base, const aq_mockllm_config *cfg
     m->cfg.host = m->host;
     if (cfg->api_key && *cfg->api_key) m->api_key = aq_xstrdup(cfg->api_key);
     m->cfg.api_key = m->api_key;
+    if (cfg->auth_header && *cfg->auth_header) m->auth_header = aq_xstrdup(cfg->auth_header);
+    m->cfg.auth_header = m->auth_header;
+    if (cfg->require_query && *cfg->require_query) {
+        m->query_name = aq_xstrdup(cfg->require_query);
+        char *eq = strchr(m->query_name, '=');
+        *eq = '\0';
+        m->query_value = eq + 1;
+    }
+    m->cfg.require_query = NULL; /* the split copy above is what counts */
+    if (m->cfg.window_ms == 0) m->cfg.window_ms = MOCK_DEFAULT_WINDOW_MS;
     if (m->cfg.backlog <= 0) m->cfg.backlog = MOCK_DEFAULT_BACKLOG;
     if (m->cfg.max_body_bytes == 0) m->cfg.max_body_bytes = MOCK_DEFAULT_MAX_BODY;
     if (m->cfg.idle_timeout_s <= 0) m->cfg.idle_timeout_s = MOCK_DEFAULT_IDLE_S;
@@ -1641,7 +1925,10 @@ void aq_mockllm_free(aq_mockllm *m)
         free(p);
     }
     aq_strmap_free(m->calls);
+    free(m->arrivals);
     free(m->host);
     free(m->api_key);
+    free(m->auth_header);
+    free(m->query_name);
     free(m);
 }

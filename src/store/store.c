@@ -14,7 +14,18 @@
  *
  * The connection is non-blocking and every wait is a poll() in 100 ms
  * slices, so that aq_store_free() can cut a hung server short at its
- * deadline. */
+ * deadline.
+ *
+ * Cache requests share the queue and the connection but not the batch:
+ * the writer sends them first, each as an implicit transaction of its own
+ * (its own sync), never replays them and never waits for a connection on
+ * their behalf. A lookup's deadline is kept on the loop side, by one timer
+ * over the list of lookups not yet answered (all have the same timeout, so
+ * the list is in deadline order): a lookup is answered by whichever comes
+ * first, its result (deliver) or its deadline (the timer), and the other
+ * only frees the request. Both run on the loop thread, so no lock decides
+ * between them; the request stays the writer's until it comes back
+ * through the done list. */
 #include "agentq/store.h"
 #include "agentq/log.h"
 #include "agentq/pgconn.h"
@@ -50,11 +61,16 @@
 #define STORE_BYTEA_OID 17
 #define STORE_LEASE_DEFAULT_S 30.0
 #define STORE_MAX_INTERRUPTIONS_DEFAULT 10
+#define STORE_CACHE_TIMEOUT_DEFAULT_MS 1000
+/* Request and response texts of queued cache requests, at most: beyond
+ * it lookups are answered AQ_EAGAIN and puts dropped at once, so a writer
+ * stuck on a dead server does not pile up whole conversations. */
+#define STORE_CACHE_QUEUE_BYTES (32u * 1024u * 1024u)
 
 /* ------------------------------------------------------------ statements */
 
 enum { S_CLAIM, S_ROUTE, S_FINISH, S_STEP, S_DEAD, S_DEAD_TASK, S_RENEW, S_SWEEP, S_HOLD, S_PROGRESS, S_LOAD,
-       S_COUNT };
+       S_CACHE_GET, S_CACHE_PUT, S_COUNT };
 
 static const struct {
     const char *name;
@@ -104,12 +120,13 @@ static const struct {
         " ON CONFLICT (store_key) DO NOTHING)"
         " SELECT (SELECT count(*) FROM u)::int, t.status, t.attempt"
         "   FROM (SELECT 1) one LEFT JOIN agentq.tasks t ON t.task_id = $1::uuid"},
-    [S_STEP] = {"aq_step", 14, 0,
+    [S_STEP] = {"aq_step", 15, 0,
         "INSERT INTO agentq.steps (task_id, attempt, step, seq, kind, name, status,"
-        "   started_at, duration_ms, prompt_tokens, completion_tokens, cost_usd, detail, message)"
+        "   started_at, duration_ms, prompt_tokens, completion_tokens, cost_usd, detail, message,"
+        "   provider)"
         " VALUES ($1::uuid, $2::int, $3::int, $4::int, $5::text, $6::text, $7::text,"
         "   timestamptz 'epoch' + $8::bigint * interval '1 microsecond',"
-        "   $9::float8, $10::bigint, $11::bigint, $12::float8, $13::jsonb, $14::text)"
+        "   $9::float8, $10::bigint, $11::bigint, $12::float8, $13::jsonb, $14::text, $15::text)"
         " ON CONFLICT (task_id, attempt, step, kind, seq) DO NOTHING"},
     [S_DEAD] = {"aq_dead", 6, 4,
         "INSERT INTO agentq.dead_letters (task_id, reason, error, body, headers, store_key)"
@@ -141,13 +158,20 @@ static const struct {
     [S_LOAD] = {"aq_load", 1, 0,
         "SELECT attempt, step, seq, kind, message, prompt_tokens, completion_tokens, cost_usd"
         " FROM agentq.session_log($1::uuid)"},
+    /* The fleet's response cache (sql/015_providers.sql); each runs as a
+     * transaction of its own, outside the batches. */
+    [S_CACHE_GET] = {"aq_cache_get", 1, 0, "SELECT agentq.cache_get($1::text)"},
+    [S_CACHE_PUT] = {"aq_cache_put", 5, 0,
+        "SELECT agentq.cache_put($1::text, $2::text, $3::text, $4::int, $5::bigint)"},
 };
 
 /* -------------------------------------------------------------- requests */
 
-enum { REQ_CLAIM, REQ_ROUTE, REQ_FINISH, REQ_STEP, REQ_DEAD, REQ_RENEW, REQ_SWEEP, REQ_PROGRESS, REQ_LOAD };
+enum { REQ_CLAIM, REQ_ROUTE, REQ_FINISH, REQ_STEP, REQ_DEAD, REQ_RENEW, REQ_SWEEP, REQ_PROGRESS, REQ_LOAD,
+       REQ_CACHE_GET, REQ_CACHE_PUT };
 static const char *const req_names[] = {"claim", "route", "finish", "step", "dead letter", "lease renewal",
-                                        "lease sweep", "progress", "session load"};
+                                        "lease sweep", "progress", "session load", "cache lookup",
+                                        "cache put"};
 
 typedef struct stmt {
     int id;
@@ -188,6 +212,15 @@ typedef struct req {
     double run_seconds;     /* REQ_CLAIM */
     aq_task_step *rows;     /* REQ_LOAD */
     size_t nrows;
+    /* REQ_CACHE_GET, REQ_CACHE_PUT */
+    aq_store_cache_cb cache_cb;
+    size_t cache_bytes;     /* its texts, counted in the store's cache_queued */
+    int64_t deadline_us;    /* a lookup's answer is due (monotonic) */
+    char *response;         /* set by the writer: a hit's text, NUL-terminated */
+    size_t response_len;
+    /* Loop thread only: in the store's list of lookups not yet answered. */
+    bool waiting;
+    struct req *wprev, *wnext;
 } req;
 
 enum { LINK_UNKNOWN, LINK_UP, LINK_DOWN };
@@ -206,11 +239,14 @@ struct aq_store {
     int flush_ms;
     int flush_timeout_ms;
     int reconnect_max_ms;
+    int cache_timeout_ms;
     char token_prefix[24];
     uint64_t token_seq; /* atomic */
 
     struct event_base *base;
     struct event *wake_ev;
+    struct event *cache_timer; /* the lookups' deadlines */
+    req *gets_head, *gets_tail; /* loop thread only: lookups not yet answered */
     int efd;
     pthread_t thread;
     bool thread_started;
@@ -225,6 +261,8 @@ struct aq_store {
     bool closing;
     int64_t stop_deadline_us;
     aq_store_counters counters;
+    size_t cache_queued;  /* bytes of cache requests' texts not yet done */
+    size_t q_gets;        /* lookups in the queue (they cut the flush window) */
 
     /* writer thread only */
     PGconn *conn;
@@ -288,6 +326,7 @@ static void req_free(req *r)
     free(r->lost);
     for (size_t i = 0; i < r->nrows; i++) free(r->rows[i].message);
     free(r->rows);
+    free(r->response);
     free(r);
 }
 
@@ -315,6 +354,57 @@ static bool stop_passed(aq_store *s)
 
 /* ------------------------------------------------------- completing side */
 
+static bool is_cache(const req *r) { return r->kind == REQ_CACHE_GET || r->kind == REQ_CACHE_PUT; }
+
+/* The lookups not yet answered: a list in deadline order. Loop thread. */
+static void gets_unlink(aq_store *s, req *r)
+{
+    if (r->wprev)
+        r->wprev->wnext = r->wnext;
+    else
+        s->gets_head = r->wnext;
+    if (r->wnext)
+        r->wnext->wprev = r->wprev;
+    else
+        s->gets_tail = r->wprev;
+    r->wprev = r->wnext = NULL;
+    r->waiting = false;
+}
+
+/* Calls a lookup back once: whichever of its result and its deadline
+ * comes first. Loop thread. */
+static void answer_get(aq_store *s, req *r, int code)
+{
+    if (!r->waiting) return;
+    gets_unlink(s, r);
+    bool hit = code == AQ_OK && r->response;
+    lock(s);
+    if (code != AQ_OK)
+        s->counters.cache_errors++;
+    else if (hit)
+        s->counters.cache_hits++;
+    else
+        s->counters.cache_misses++;
+    unlock(s);
+    r->cache_cb(r->arg, hit ? r->response : NULL, hit ? r->response_len : 0, code);
+}
+
+/* Answers every lookup whose deadline passed, then sleeps until the next
+ * one's. A callback may queue new lookups: they go to the tail, later. */
+static void on_cache_timer(evutil_socket_t fd, short what, void *arg)
+{
+    aq_store *s = arg;
+    (void)fd;
+    (void)what;
+    int64_t now = aq_mono_us();
+    while (s->gets_head && s->gets_head->deadline_us <= now) answer_get(s, s->gets_head, AQ_ETIMEDOUT);
+    if (s->gets_head) {
+        int64_t us = s->gets_head->deadline_us - now;
+        struct timeval tv = {.tv_sec = (time_t)(us / 1000000), .tv_usec = (suseconds_t)(us % 1000000)};
+        evtimer_add(s->cache_timer, &tv);
+    }
+}
+
 /* Moves finished requests to the done list (steps are freed: nobody waits
  * for them) and wakes the loop. Writer thread. */
 static void complete(aq_store *s, req **v, size_t n, bool committed)
@@ -329,9 +419,19 @@ static void complete(aq_store *s, req **v, size_t n, bool committed)
     for (size_t i = 0; i < n; i++) {
         req *r = v[i];
         s->pending--;
-        if (r->code != AQ_OK) s->counters.failed++;
+        if (is_cache(r)) {
+            s->cache_queued -= r->cache_bytes;
+            if (r->kind == REQ_CACHE_PUT) {
+                if (r->code == AQ_OK)
+                    s->counters.cache_puts++;
+                else
+                    s->counters.cache_dropped++;
+            }
+        } else if (r->code != AQ_OK) {
+            s->counters.failed++;
+        }
         if (!r->claim_cb && !r->route_cb && !r->done_cb && !r->sweep_cb && !r->renew_cb &&
-            !r->load_cb) { /* nobody waits */
+            !r->load_cb && !r->cache_cb) { /* nobody waits */
             req_free(r);
             continue;
         }
@@ -384,6 +484,8 @@ static void deliver(aq_store *s)
             if (r->renew_cb) r->renew_cb(r->arg, (const char *const *)r->lost, r->nlost, r->code);
         } else if (r->kind == REQ_LOAD) {
             r->load_cb(r->arg, r->code == AQ_OK ? r->rows : NULL, r->code == AQ_OK ? r->nrows : 0, r->code);
+        } else if (r->kind == REQ_CACHE_GET) {
+            answer_get(s, r, r->code); /* a no-op if its deadline answered it */
         } else if (r->done_cb) {
             r->done_cb(r->arg, r->code);
         }
@@ -1007,6 +1109,108 @@ static void write_batch(aq_store *s, req **v, size_t n)
     }
 }
 
+/* A lookup's result, copied for the loop thread. */
+static void interpret_cache_get(req *r, const PGresult *res)
+{
+    r->code = AQ_OK;
+    if (PQntuples(res) < 1 || PQgetisnull(res, 0, 0)) return;
+    r->response_len = (size_t)PQgetlength(res, 0, 0);
+    r->response = aq_xstrndup(PQgetvalue(res, 0, 0), r->response_len);
+}
+
+/* Runs the cache requests of a batch, each its own implicit transaction
+ * (a statement and a sync), all sent before any is read. Never waits for
+ * a connection and never replays: without one, or when it breaks, what
+ * is left fails at once (a lookup with AQ_EIO, a put is dropped). A
+ * lookup whose deadline passed while it queued is not sent: the loop has
+ * answered it already. */
+static void run_cache(aq_store *s, req **v, size_t n)
+{
+    lock(s);
+    bool closing = s->closing;
+    unlock(s);
+    int64_t now = aq_mono_us();
+    int gone = closing ? AQ_ECLOSED : AQ_EIO;
+    size_t m = 0;
+    for (size_t i = 0; i < n; i++) {
+        req *r = v[i];
+        if (r->kind == REQ_CACHE_GET && now >= r->deadline_us)
+            r->code = AQ_ETIMEDOUT;
+        else if (!s->conn)
+            r->code = gone;
+        else {
+            v[i] = v[m];
+            v[m++] = r;
+        }
+    }
+    if (m < n) complete(s, v + m, n - m, false);
+    if (m == 0) return;
+
+    char msg[1024] = "";
+    size_t sent = 0;
+    while (sent < m) {
+        const stmt *st = &v[sent]->st[0];
+        if (!PQsendQueryPrepared(s->conn, stmts[st->id].name, st->n, (const char *const *)st->v, st->len,
+                                 st->fmt, 0) ||
+            !PQpipelineSync(s->conn))
+            break;
+        sent++;
+    }
+    size_t k = 0;
+    bool broke = sent < m;
+    if (broke) set_msg(msg, sizeof msg, PQerrorMessage(s->conn));
+    for (; !broke && k < sent; k++) {
+        req *r = v[k];
+        PGresult *res = NULL;
+        int io = read_one(s, &res);
+        if (io != IO_OK) {
+            set_msg(msg, sizeof msg, PQerrorMessage(s->conn));
+            gone = io == IO_ABANDON ? AQ_ETIMEDOUT : AQ_EIO;
+            broke = true;
+            break;
+        }
+        if (PQresultStatus(res) == PGRES_TUPLES_OK) {
+            if (r->kind == REQ_CACHE_GET)
+                interpret_cache_get(r, res);
+            else
+                r->code = AQ_OK;
+        } else {
+            int cls = classify(s->conn, res);
+            if (cls == TXN_CONN) {
+                result_msg(res, msg, sizeof msg);
+                PQclear(res);
+                broke = true;
+                break;
+            }
+            /* That request alone fails: its own fault, or a busy database
+             * (a put that did not get the fleet's put lock within its
+             * lock_timeout is one) — not worth a retry either way. */
+            char why[512];
+            result_msg(res, why, sizeof why);
+            r->code = cls == TXN_TRANSIENT ? AQ_EAGAIN : AQ_EINVAL;
+            aq_log(cls == TXN_TRANSIENT ? AQ_LOG_INFO : AQ_LOG_WARN, "store: %s failed: %s",
+                   req_names[r->kind], why);
+        }
+        PQclear(res);
+        int sy = read_sync(s);
+        if (sy != IO_OK) {
+            set_msg(msg, sizeof msg, PQerrorMessage(s->conn));
+            gone = sy == IO_ABANDON ? AQ_ETIMEDOUT : AQ_EIO;
+            k++; /* this one's result is in */
+            broke = true;
+            break;
+        }
+    }
+    if (broke) {
+        for (size_t i = k; i < m; i++) v[i]->code = gone;
+        if (gone == AQ_ETIMEDOUT)
+            drop_conn(s);
+        else
+            lost_conn(s, msg);
+    }
+    complete(s, v, m, false);
+}
+
 /* Takes the next batch, waiting for requests (and the flush window);
  * keeps the connection up meanwhile. Returns 0 when closing and empty. */
 static size_t take_batch(aq_store *s, req **batch)
@@ -1015,7 +1219,8 @@ static size_t take_batch(aq_store *s, req **batch)
     for (;;) {
         int64_t now = aq_mono_us();
         if (s->q_head) {
-            if (s->closing || s->flush_ms <= 0 || s->q_len >= (size_t)s->batch_max) break;
+            /* A lookup does not wait for the flush window: a session waits on it. */
+            if (s->closing || s->flush_ms <= 0 || s->q_len >= (size_t)s->batch_max || s->q_gets) break;
             int64_t due = s->q_head->queued_us + (int64_t)s->flush_ms * 1000;
             if (now >= due) break;
             wait_until(s, due);
@@ -1050,6 +1255,7 @@ static size_t take_batch(aq_store *s, req **batch)
         req *r = s->q_head;
         s->q_head = r->next;
         r->next = NULL;
+        if (r->kind == REQ_CACHE_GET) s->q_gets--;
         batch[n++] = r;
     }
     if (!s->q_head) s->q_tail = NULL;
@@ -1062,8 +1268,22 @@ static void *writer_main(void *arg)
 {
     aq_store *s = arg;
     req **batch = aq_xcalloc((size_t)s->batch_max, sizeof *batch);
+    req **cache = aq_xcalloc((size_t)s->batch_max, sizeof *cache);
     size_t n;
-    while ((n = take_batch(s, batch)) > 0) write_batch(s, batch, n);
+    while ((n = take_batch(s, batch)) > 0) {
+        /* The cache's requests first, apart (a session waits on a lookup);
+         * the rest in order, as one transaction. */
+        size_t nc = 0, nw = 0;
+        for (size_t i = 0; i < n; i++) {
+            if (is_cache(batch[i]))
+                cache[nc++] = batch[i];
+            else
+                batch[nw++] = batch[i];
+        }
+        if (nc) run_cache(s, cache, nc);
+        if (nw) write_batch(s, batch, nw);
+    }
+    free(cache);
     free(batch);
     drop_conn(s);
     return NULL;
@@ -1127,6 +1347,8 @@ aq_store *aq_store_new(const aq_store_config *cfg, struct event_base *base, char
                                                     : STORE_FLUSH_TIMEOUT_DEFAULT_MS;
     s->reconnect_max_ms = cfg->reconnect_max_ms > 0 ? cfg->reconnect_max_ms
                                                     : STORE_RECONNECT_MAX_DEFAULT_MS;
+    s->cache_timeout_ms = cfg->cache_timeout_ms > 0 ? cfg->cache_timeout_ms
+                                                    : STORE_CACHE_TIMEOUT_DEFAULT_MS;
     if (s->reconnect_max_ms < STORE_BACKOFF_MIN_MS) s->reconnect_max_ms = STORE_BACKOFF_MIN_MS;
     s->base = base;
     s->efd = -1;
@@ -1157,6 +1379,11 @@ aq_store *aq_store_new(const aq_store_config *cfg, struct event_base *base, char
         aq_seterr(err, errlen, "store: cannot register the wake-up event");
         goto fail;
     }
+    s->cache_timer = evtimer_new(base, on_cache_timer, s);
+    if (!s->cache_timer) {
+        aq_seterr(err, errlen, "store: cannot make the cache lookups' timer");
+        goto fail;
+    }
 
     /* The writer takes no signals: they belong to the loop (evsignal). */
     sigset_t all, old;
@@ -1185,7 +1412,10 @@ void aq_store_free(aq_store *s)
     pthread_cond_broadcast(&s->cond);
     unlock(s);
     if (s->thread_started) pthread_join(s->thread, NULL);
+    /* Every accepted request comes back through the done list, so this
+     * answers every lookup still waiting. */
     deliver(s);
+    if (s->cache_timer) event_free(s->cache_timer);
     if (s->wake_ev) event_free(s->wake_ev);
     if (s->efd >= 0) close(s->efd);
     pthread_cond_destroy(&s->cond);
@@ -1351,6 +1581,7 @@ int aq_store_step(aq_store *s, const aq_store_step_row *row)
     } else {
         p_str(st, NULL);
     }
+    p_str(st, row->provider);
     return submit(s, r);
 }
 
@@ -1459,6 +1690,111 @@ int aq_store_sweep(aq_store *s, int limit, double resweep_seconds, aq_store_swee
     r->sweep_cb = cb;
     r->arg = arg;
     return submit(s, r);
+}
+
+/* A text parameter of `len` bytes: PostgreSQL text holds no NUL. */
+static bool text_ok(const char *t, size_t len)
+{
+    return (t || !len) && len <= INT_MAX && !(len && memchr(t, '\0', len));
+}
+
+/* Queues a cache request unless the store cannot take it now: not
+ * connected, or over STORE_CACHE_QUEUE_BYTES. Then a lookup is answered
+ * (code `*why`) through the done list, from the loop, and a put is
+ * dropped; either way 0 is returned, as for one queued. */
+static int submit_cache(aq_store *s, req *r)
+{
+    lock(s);
+    if (s->closing) {
+        unlock(s);
+        req_free(r);
+        return AQ_ECLOSED;
+    }
+    int refuse = !s->counters.connected ? AQ_EIO
+                 : s->cache_queued + r->cache_bytes > STORE_CACHE_QUEUE_BYTES ? AQ_EAGAIN
+                                                                                : AQ_OK;
+    if (refuse == AQ_OK) {
+        r->queued_us = aq_mono_us();
+        if (s->q_tail)
+            s->q_tail->next = r;
+        else
+            s->q_head = r;
+        s->q_tail = r;
+        s->q_len++;
+        s->pending++;
+        s->cache_queued += r->cache_bytes;
+        if (r->kind == REQ_CACHE_GET) s->q_gets++;
+        pthread_cond_signal(&s->cond);
+        unlock(s);
+        return AQ_OK;
+    }
+    if (r->kind == REQ_CACHE_PUT) {
+        s->counters.cache_dropped++;
+        unlock(s);
+        req_free(r);
+        return AQ_OK;
+    }
+    r->code = refuse;
+    r->next = NULL;
+    if (s->done_tail)
+        s->done_tail->next = r;
+    else
+        s->done_head = r;
+    s->done_tail = r;
+    unlock(s);
+    uint64_t one = 1;
+    if (write(s->efd, &one, sizeof one) < 0 && errno != EAGAIN)
+        aq_log(AQ_LOG_ERROR, "store: cannot wake the event loop: %s", strerror(errno));
+    return AQ_OK;
+}
+
+int aq_store_cache_get(aq_store *s, const char *request, size_t len, aq_store_cache_cb cb, void *arg)
+{
+    if (!s || !cb || !text_ok(request, len)) return AQ_EINVAL;
+    req *r = req_new(REQ_CACHE_GET, NULL);
+    stmt *st = &r->st[r->nstmt++];
+    stmt_init(st, S_CACHE_GET);
+    st->v[st->n++] = aq_xstrndup(request ? request : "", len);
+    r->cache_cb = cb;
+    r->arg = arg;
+    r->cache_bytes = len;
+    r->deadline_us = aq_mono_us() + (int64_t)s->cache_timeout_ms * 1000;
+    int rc = submit_cache(s, r);
+    if (rc != AQ_OK) return rc;
+    /* Queued, but only deliver() on this thread hands it back (it has a
+     * callback, so the writer never frees it): on the list in time. The
+     * writer touches none of these fields. */
+    r->waiting = true;
+    r->wprev = s->gets_tail;
+    if (s->gets_tail)
+        s->gets_tail->wnext = r;
+    else
+        s->gets_head = r;
+    s->gets_tail = r;
+    if (!evtimer_pending(s->cache_timer, NULL)) {
+        struct timeval tv = {.tv_sec = s->cache_timeout_ms / 1000,
+                             .tv_usec = (suseconds_t)(s->cache_timeout_ms % 1000) * 1000};
+        evtimer_add(s->cache_timer, &tv);
+    }
+    return AQ_OK;
+}
+
+int aq_store_cache_put(aq_store *s, const char *request, size_t len, const char *model, const char *response,
+                       size_t rlen, int ttl_seconds, int64_t max_bytes)
+{
+    if (!s || !text_ok(request, len) || !response || !text_ok(response, rlen) || ttl_seconds <= 0 ||
+        max_bytes <= 0)
+        return AQ_EINVAL;
+    req *r = req_new(REQ_CACHE_PUT, NULL);
+    stmt *st = &r->st[r->nstmt++];
+    stmt_init(st, S_CACHE_PUT);
+    st->v[st->n++] = aq_xstrndup(request ? request : "", len);
+    p_str(st, model);
+    st->v[st->n++] = aq_xstrndup(response, rlen);
+    p_int(st, ttl_seconds);
+    p_int(st, max_bytes);
+    r->cache_bytes = len + rlen;
+    return submit_cache(s, r);
 }
 
 size_t aq_store_pending(aq_store *s)

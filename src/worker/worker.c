@@ -15,7 +15,7 @@
 #include "agentq/cancelwatch.h"
 #include "agentq/consumer.h"
 #include "agentq/fairq.h"
-#include "agentq/fleetlimit.h"
+#include "agentq/router.h"
 #include "agentq/http.h"
 #include "agentq/log.h"
 #include "agentq/ratelimit.h"
@@ -59,8 +59,9 @@ struct aq_worker {
     char worker_id[256];
     aq_http *http;
     aq_skills *skills;
-    aq_ratelimit *rl;
-    aq_fleetlimit *fleet;  /* limits.mode = "fleet": leases for rl */
+    aq_router *router;     /* providers, their limits, the cache */
+    aq_llm_cache cache;    /* the router's view of the store's cache verbs */
+    char *task_models;     /* models tasks may name */
     aq_engine *engine;
     aq_store *store;
     aq_consumer *consumer;
@@ -493,8 +494,7 @@ static void on_claimed(void *arg, const aq_store_claimed *c, int code)
 
 static aq_task_limits limits_of(const aq_worker *w)
 {
-    aq_task_limits l = {w->skill_names, *w->cfg->llm_models ? w->cfg->llm_models : w->cfg->llm_model,
-                        w->cfg->llm_model};
+    aq_task_limits l = {w->skill_names, w->task_models, w->cfg->llm_model};
     return l;
 }
 
@@ -862,11 +862,46 @@ static void on_broker_state(bool connected, void *arg)
     w->st.broker_connected = connected;
 }
 
+/* ---- the fleet's response cache, over the store ---------------------- */
+
+typedef struct cache_wait {
+    aq_cache_done done;
+    void *arg;
+} cache_wait;
+
+static void on_cache_got(void *arg, const char *response, size_t len, int code)
+{
+    cache_wait *cw = arg;
+    /* A lookup that failed is a miss: one more LLM call, never a stall. */
+    cw->done(cw->arg, code == AQ_OK ? response : NULL, code == AQ_OK ? len : 0);
+    free(cw);
+}
+
+static int cache_get(void *ctx, const char *request, size_t len, aq_cache_done done, void *arg)
+{
+    aq_worker *w = ctx;
+    cache_wait *cw = aq_xmalloc(sizeof *cw);
+    cw->done = done;
+    cw->arg = arg;
+    int rc = aq_store_cache_get(w->store, request, len, on_cache_got, cw);
+    if (rc != AQ_OK) free(cw);
+    return rc;
+}
+
+static void cache_put(void *ctx, const char *request, size_t len, const char *model, const char *response,
+                      size_t rlen)
+{
+    aq_worker *w = ctx;
+    if (aq_store_cache_put(w->store, request, len, model, response, rlen, w->cfg->cache_ttl_seconds,
+                           (int64_t)w->cfg->cache_max_mb << 20) != AQ_OK)
+        aq_log(AQ_LOG_DEBUG, "a reply was not cached: the store is not accepting");
+}
+
 static void on_step(const aq_step_event *e, void *arg)
 {
     aq_worker *w = arg;
     aq_store_step_row row = {.task_id = e->task_id, .attempt = e->attempt, .step = e->step, .seq = e->seq,
-                             .kind = e->kind, .name = e->name, .status = e->status,
+                             .kind = e->kind, .name = e->name, .provider = e->provider, .status = e->status,
                              .started_at_us = e->started_at_us, .duration_ms = e->duration_ms,
                              .prompt_tokens = e->prompt_tokens, .completion_tokens = e->completion_tokens,
                              .cost_usd = e->cost_usd, .detail = e->detail, .message = e->message,
@@ -1139,13 +1174,11 @@ aq_worker *aq_worker_new(const aq_config *cfg, struct event_base *base, char *er
     if (!(w->http = aq_http_new(base, &hc, err, errlen))) goto fail;
     if (!(w->skills = aq_skills_new(cfg, base, w->http, err, errlen))) goto fail;
     w->skill_names = aq_xstrdup(aq_skills_names(w->skills));
-    w->rl = aq_ratelimit_new(base, cfg->llm_requests_per_minute, cfg->llm_tokens_per_minute);
-    if (!strcmp(cfg->limits_mode, "fleet") && (cfg->llm_requests_per_minute || cfg->llm_tokens_per_minute)) {
-        aq_fleetlimit_config fc = {cfg->pg_dsn, cfg->limits_bucket, cfg->llm_requests_per_minute,
-                                   cfg->llm_tokens_per_minute};
-        if (!(w->fleet = aq_fleetlimit_new(&fc, w->rl, base, err, errlen))) goto fail;
-    }
-    aq_engine_deps deps = {cfg, base, w->http, w->skills, w->rl, on_step, w, on_checkpoint};
+    w->task_models = aq_config_task_models(cfg);
+    w->cache = (aq_llm_cache){cache_get, cache_put, w};
+    aq_router_deps rd = {cfg, base, w->http, &w->cache, !strcmp(cfg->limits_mode, "fleet")};
+    if (!(w->router = aq_router_new(&rd, err, errlen))) goto fail;
+    aq_engine_deps deps = {cfg, base, w->http, w->skills, w->router, on_step, w, on_checkpoint};
     if (!(w->engine = aq_engine_new(&deps, err, errlen))) goto fail;
     aq_store_config sc = {.dsn = cfg->pg_dsn,
                           .worker_id = w->worker_id,
@@ -1164,8 +1197,9 @@ aq_worker *aq_worker_new(const aq_config *cfg, struct event_base *base, char *er
     /* The worker publishes only retries and dead tasks: every confirm is one. */
     aq_consumer_callbacks cb = {on_delivery, on_retry_published, on_broker_state, w};
     if (!(w->consumer = aq_consumer_new(cfg, base, &cb, true, err, errlen))) goto fail;
-    aq_log(AQ_LOG_INFO, "worker started: concurrency %d, model %s, skills %s", cfg->worker_concurrency,
-           cfg->llm_model, w->skill_names);
+    aq_log(AQ_LOG_INFO, "worker started: concurrency %d, models %s (default %s), skills %s%s",
+           cfg->worker_concurrency, w->task_models, cfg->llm_model, w->skill_names,
+           cfg->cache_enabled ? ", response cache on" : "");
     return w;
 fail:
     aq_worker_free(w);
@@ -1180,10 +1214,11 @@ void aq_worker_free(aq_worker *w)
     aq_consumer_free(w->consumer);
     w->consumer = NULL;
     aq_cancelwatch_free(w->cancels);
-    aq_store_free(w->store);
     aq_engine_free(w->engine);
-    aq_fleetlimit_free(w->fleet);
-    aq_ratelimit_free(w->rl);
+    /* Before the store: a cache lookup the store answers while it closes
+     * finds the call detached. */
+    aq_router_free(w->router);
+    aq_store_free(w->store);
     aq_skills_free(w->skills);
     aq_http_free(w->http);
     if (w->drain_ev) event_free(w->drain_ev);
@@ -1195,6 +1230,7 @@ void aq_worker_free(aq_worker *w)
     aq_fairq_free(w->held, NULL); /* its jobs are gone with the map's */
     free(w->paused);
     free(w->skill_names);
+    free(w->task_models);
     free(w);
 }
 
@@ -1217,6 +1253,99 @@ bool aq_worker_ready(const aq_worker *w)
     return s.broker_connected && s.db_connected && !s.draining;
 }
 
+/* A Prometheus label value: backslash, quote and newline escaped. */
+static void put_label(FILE *f, const char *v)
+{
+    for (; *v; v++) {
+        if (*v == '\\' || *v == '"') fputc('\\', f);
+        if (*v == '\n') {
+            fputs("\\n", f);
+            continue;
+        }
+        fputc(*v, f);
+    }
+}
+
+/* name{provider="..",model=".."[,extra_name="extra"]} and a space. */
+static void put_series(FILE *f, const char *name, const aq_route_stats *st, const char *extra_name,
+                       const char *extra)
+{
+    fprintf(f, "%s{provider=\"", name);
+    put_label(f, st->provider);
+    fputs("\",model=\"", f);
+    put_label(f, st->model);
+    if (extra_name) fprintf(f, "\",%s=\"%s", extra_name, extra);
+    fputs("\"} ", f);
+}
+
+typedef struct route_series {
+    FILE *f;
+    int pass; /* which family this walk writes */
+} route_series;
+
+static void put_route(const aq_route_stats *st, void *arg)
+{
+    route_series *rs = arg;
+    FILE *f = rs->f;
+    const char *names[] = {"agentq_llm_calls_total", "agentq_llm_tokens_total", "agentq_llm_cost_usd_total",
+                           "agentq_llm_route_open", "agentq_llm_route_in_flight", "agentq_llm_route_limit"};
+    bool cache = !strcmp(st->provider, "cache") && !*st->model;
+    if (cache && rs->pass != 0) return;
+    switch (rs->pass) {
+    case 0:
+        if (cache) {
+            put_series(f, names[rs->pass], st, "outcome", "cached");
+            fprintf(f, "%llu\n", (unsigned long long)st->cached);
+            return;
+        }
+        put_series(f, names[rs->pass], st, "outcome", "answered");
+        fprintf(f, "%llu\n", (unsigned long long)st->answered);
+        put_series(f, names[rs->pass], st, "outcome", "rate_limited");
+        fprintf(f, "%llu\n", (unsigned long long)st->rate_limited);
+        put_series(f, names[rs->pass], st, "outcome", "failed");
+        fprintf(f, "%llu\n", (unsigned long long)st->failed);
+        break;
+    case 1:
+        put_series(f, names[rs->pass], st, "kind", "prompt");
+        fprintf(f, "%llu\n", (unsigned long long)st->prompt_tokens);
+        put_series(f, names[rs->pass], st, "kind", "completion");
+        fprintf(f, "%llu\n", (unsigned long long)st->completion_tokens);
+        break;
+    case 2: put_series(f, names[rs->pass], st, NULL, NULL); fprintf(f, "%.17g\n", st->cost_usd); break;
+    case 3: put_series(f, names[rs->pass], st, NULL, NULL); fprintf(f, "%d\n", st->open ? 1 : 0); break;
+    case 4: put_series(f, names[rs->pass], st, NULL, NULL); fprintf(f, "%d\n", st->in_flight); break;
+    case 5:
+        put_series(f, names[rs->pass], st, "per_minute", "requests");
+        fprintf(f, "%lld\n", (long long)st->rpm);
+        put_series(f, names[rs->pass], st, "per_minute", "tokens");
+        fprintf(f, "%lld\n", (long long)st->tpm);
+        break;
+    }
+}
+
+/* One family per walk over the routes: Prometheus wants a family's
+ * series together under its HELP and TYPE. */
+static void route_metrics(const aq_worker *w, FILE *f)
+{
+    static const struct {
+        const char *name, *type, *help;
+    } fam[] = {
+        {"agentq_llm_calls_total", "counter",
+         "LLM calls by the provider and model that took them, and how they ended (cache hits: provider cache)."},
+        {"agentq_llm_tokens_total", "counter", "Tokens the providers reported, by provider, model and kind."},
+        {"agentq_llm_cost_usd_total", "counter", "Cost of the answered calls at the configured prices."},
+        {"agentq_llm_route_open", "gauge", "1 while a provider+model is cooled down (its circuit breaker is open)."},
+        {"agentq_llm_route_in_flight", "gauge", "Calls in flight to a provider+model from this worker."},
+        {"agentq_llm_route_limit", "gauge",
+         "Limits in force per provider+model (0: none), lowered when the provider reports lower ones."},
+    };
+    for (int i = 0; i < (int)AQ_ARRAY_LEN(fam); i++) {
+        fprintf(f, "# HELP %s %s\n# TYPE %s %s\n", fam[i].name, fam[i].help, fam[i].name, fam[i].type);
+        route_series rs = {f, i};
+        aq_router_each(w->router, put_route, &rs);
+    }
+}
+
 char *aq_worker_metrics(const aq_worker *w)
 {
     aq_worker_stats s;
@@ -1225,7 +1354,7 @@ char *aq_worker_metrics(const aq_worker *w)
     aq_store_stats(w->store, &sc);
     aq_http_stats hs;
     aq_http_stats_get(w->http, &hs);
-    size_t users = 0, waiting = aq_ratelimit_waiting(w->rl, &users);
+    size_t users = 0, waiting = aq_router_waiting_calls(w->router, &users);
     char *buf = NULL;
     size_t len = 0;
     FILE *f = open_memstream(&buf, &len);
@@ -1283,6 +1412,7 @@ char *aq_worker_metrics(const aq_worker *w)
     for (size_t i = 0; i < AQ_ARRAY_LEN(m); i++)
         fprintf(f, "# HELP %s %s\n# TYPE %s %s\n%s %.17g\n", m[i].name, m[i].help, m[i].name, m[i].type, m[i].name,
                 m[i].value);
+    route_metrics(w, f);
     fclose(f);
     return buf;
 }

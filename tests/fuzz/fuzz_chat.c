@@ -38,7 +38,7 @@ static void check_request(const aq_chat *c, const char *model)
 {
     char *body = NULL;
     size_t len = 0;
-    if (aq_chat_request(c, model, "[]", &body, &len) != AQ_OK) abort();
+    if (aq_chat_request(c, model, "[]", NULL, &body, &len) != AQ_OK) abort();
     json_t *root = load_strict(body, len);
     if (!root) abort();
     json_t *msgs = json_object_get(root, "messages");

@@ -199,7 +199,7 @@ int aq_test_run_http(Suite *s)
     const char *proxies[] = {"http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"};
     for (size_t i = 0; i < AQ_ARRAY_LEN(proxies); i++) unsetenv(proxies[i]);
     signal(SIGPIPE, SIG_IGN);
-    aq_log_set_level(AQ_LOG_WARN);
+    aq_log_set_level(getenv("CHECK_LOG_DEBUG") ? AQ_LOG_DEBUG : AQ_LOG_WARN);
     if (aq_http_global_init() != AQ_OK) {
         fprintf(stderr, "curl_global_init failed\n");
         return EXIT_FAILURE;
