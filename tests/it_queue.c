@@ -98,17 +98,24 @@ static void teardown_env(void)
     /* E.vars stay: putenv keeps pointers to them */
 }
 
-static aq_test_proc *start_worker(const char *name, const char *const *extra_env)
+/* Starts agentq-worker with the test's environment, `extra_env` on top,
+ * and `--config conf` when conf is not NULL. */
+static aq_test_proc *start_worker_conf(const char *name, const char *conf, const char *const *extra_env)
 {
     char log[300];
     snprintf(log, sizeof log, "%s/%s.log", E.logdir, name);
-    const char *argv[] = {aq_test_bin("agentq-worker"), NULL};
+    const char *argv[] = {aq_test_bin("agentq-worker"), conf ? "--config" : NULL, conf, NULL};
     const char *envv[40];
     int n = 0;
     for (int i = 0; i < E.nvars; i++) envv[n++] = E.vars[i];
     for (int i = 0; extra_env && extra_env[i]; i++) envv[n++] = extra_env[i];
     envv[n] = NULL;
     return aq_test_spawn(argv, envv, log);
+}
+
+static aq_test_proc *start_worker(const char *name, const char *const *extra_env)
+{
+    return start_worker_conf(name, NULL, extra_env);
 }
 
 /* Runs agentq-producer with args; returns its exit status and the first
@@ -1384,19 +1391,6 @@ static const char *write_conf(const char *name, const char *text)
     fputs(text, f);
     fclose(f);
     return path;
-}
-
-static aq_test_proc *start_worker_conf(const char *name, const char *conf, const char *const *extra_env)
-{
-    char log[300];
-    snprintf(log, sizeof log, "%s/%s.log", E.logdir, name);
-    const char *argv[] = {aq_test_bin("agentq-worker"), "--config", conf, NULL};
-    const char *envv[40];
-    int n = 0;
-    for (int i = 0; i < E.nvars; i++) envv[n++] = E.vars[i];
-    for (int i = 0; extra_env && extra_env[i]; i++) envv[n++] = extra_env[i];
-    envv[n] = NULL;
-    return aq_test_spawn(argv, envv, log);
 }
 
 /* Two providers of 600 calls a minute each for model "m", two workers in

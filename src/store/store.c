@@ -1426,14 +1426,9 @@ void aq_store_free(aq_store *s)
     free(s);
 }
 
-static int submit(aq_store *s, req *r)
+/* Appends `r` to the writer's queue and wakes it. Under the lock. */
+static void enqueue_locked(aq_store *s, req *r)
 {
-    lock(s);
-    if (s->closing) {
-        unlock(s);
-        req_free(r);
-        return AQ_ECLOSED;
-    }
     r->queued_us = aq_mono_us();
     if (s->q_tail)
         s->q_tail->next = r;
@@ -1443,6 +1438,17 @@ static int submit(aq_store *s, req *r)
     s->q_len++;
     s->pending++;
     pthread_cond_signal(&s->cond);
+}
+
+static int submit(aq_store *s, req *r)
+{
+    lock(s);
+    if (s->closing) {
+        unlock(s);
+        req_free(r);
+        return AQ_ECLOSED;
+    }
+    enqueue_locked(s, r);
     unlock(s);
     return AQ_OK;
 }
@@ -1714,17 +1720,9 @@ static int submit_cache(aq_store *s, req *r)
                  : s->cache_queued + r->cache_bytes > STORE_CACHE_QUEUE_BYTES ? AQ_EAGAIN
                                                                                 : AQ_OK;
     if (refuse == AQ_OK) {
-        r->queued_us = aq_mono_us();
-        if (s->q_tail)
-            s->q_tail->next = r;
-        else
-            s->q_head = r;
-        s->q_tail = r;
-        s->q_len++;
-        s->pending++;
         s->cache_queued += r->cache_bytes;
         if (r->kind == REQ_CACHE_GET) s->q_gets++;
-        pthread_cond_signal(&s->cond);
+        enqueue_locked(s, r);
         unlock(s);
         return AQ_OK;
     }
