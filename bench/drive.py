@@ -10,6 +10,7 @@ workers; this file only measures.
   drive.py burst   --system agentq|celery ...  fairness under a burst (S5)
   drive.py tokens  --system agentq ...         token fairness under a limit (S5T)
   drive.py crash   --system agentq|celery ...  LLM calls and tokens per task, with kills or not (S6)
+  drive.py rate    --providers a=URL,b=URL ... the providers' limits used by a fleet (S3b)
   drive.py table RESULTS.jsonl                  the Markdown table
 
 Clocks: every timestamp compared here comes from this machine's clock (the
@@ -1050,6 +1051,268 @@ def cmd_tokens(a):
     return 0 if completed == n else 1
 
 
+# ---------------------------------------------------------------- rate --
+
+def mock_requests(url):
+    """The mock's GET /requests: [(at_ms, status), ...], at_ms on the
+    machine's CLOCK_MONOTONIC (Python's time.monotonic())."""
+    with urllib.request.urlopen(url + "/requests", timeout=30) as r:
+        return [(x["at_ms"], x["status"]) for x in json.loads(r.read())]
+
+
+def worker_gauges(url):
+    """(sessions waiting for a grant, {provider: 1 while its breaker is
+    open}) from one worker's /metrics; None if it does not answer."""
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=1) as r:
+            text = r.read().decode()
+    except Exception:
+        return None
+    waiting, open_ = None, {}
+    for line in text.splitlines():
+        if line.startswith("agentq_ratelimit_waiting "):
+            waiting = float(line.split()[1])
+        elif line.startswith("agentq_llm_route_open{"):
+            labels, v = line[len("agentq_llm_route_open{"):].rsplit("} ", 1)
+            prov = labels.split('provider="', 1)[1].split('"', 1)[0]
+            open_[prov] = float(v)
+    return waiting, open_
+
+
+def max_in_span(times, span):
+    """The most of the sorted times in any half-open interval of span s."""
+    best, j = 0, 0
+    for i, t in enumerate(times):
+        while times[j] <= t - span:
+            j += 1
+        best = max(best, i - j + 1)
+    return best
+
+
+def intervals(samples, t_end):
+    """[(t, on)] samples in time order -> [[start, end], ...] while on."""
+    out, start = [], None
+    for t, on in samples:
+        if on and start is None:
+            start = t
+        elif not on and start is not None:
+            out.append([round(start, 2), round(t, 2)])
+            start = None
+    if start is not None:
+        out.append([round(start, 2), round(t_end, 2)])
+    return out
+
+
+def cmd_rate(a):
+    """S3b: --tasks one-call tasks enqueued at once onto a fleet whose
+    providers (--providers NAME=URL,...: one agentq-mockllm each, --rpm
+    requests/min each) together allow far fewer calls than the sessions
+    could make, so the fleet's limiter is the only bound. Everything is
+    measured from the mocks' GET /requests (every chat request's arrival on
+    CLOCK_MONOTONIC and the status it was given) over the steady window
+    [--window-start-s, + --window-s) after the first publish: admitted
+    calls (200) per provider, utilisation = admitted / (limit x window),
+    the share of 429s among all requests. With --outage-log (written by
+    lib.sh outage_loop: when --outage-provider went down and came back),
+    also the other providers' use during the outage, and the fleet's
+    outside it."""
+    provs = []
+    for item in a.providers.split(","):
+        name, url = item.split("=", 1)
+        provs.append((name, url))
+    names = [n for n, _ in provs]
+    before = dict(x.split("=", 1) for x in a.before.split(",") if x) if a.before else {}
+    per_s = a.rpm / 60.0
+    ws, we = a.window_start_s, a.window_start_s + a.window_s
+    db = psycopg2.connect(os.environ["AGENTQ_POSTGRES_DSN"])
+    db.autocommit = True
+    path = os.path.join(a.workdir, "rate-%d.jsonl" % os.getpid())
+    with open(path, "w") as f:
+        for i in range(a.tasks):
+            f.write(json.dumps(agentq_body(str(uuid.uuid4()), "bench-%d" % (i % 16), a.goal)) + "\n")
+
+    samples = []  # (monotonic s, worker index, waiting, {provider: open})
+    stop = threading.Event()
+
+    def sample():
+        while not stop.wait(a.sample_s):
+            for i, u in enumerate(a.metrics_urls):
+                g = worker_gauges(u)
+                if g:
+                    samples.append((time.monotonic(), i, g[0], g[1]))
+
+    sm = threading.Thread(target=sample, daemon=True)
+    load = loadavg()
+    t0, m0 = time.time(), time.monotonic()
+    if a.start_file:
+        with open(a.start_file, "w") as f:
+            f.write("%.6f\n%.6f\n" % (t0, m0))
+    sm.start()
+    try:
+        subprocess.run([a.producer, "--file", path, "--quiet", "--window", "1000"], check=True)
+    finally:
+        os.unlink(path)
+    t_enq = time.monotonic() - m0
+
+    def cpu_now():
+        return {"workers": sum(cpu_tree(p) for p in a.pids), "mocks": sum(cpu_tree(p) for p in a.mock_pids),
+                "broker": cpu_tree(a.broker_pid), "pg": cpu_tree(a.pg_pid, with_dead_children=True),
+                "machine": machine_busy()}
+
+    def sleep_until(rel):
+        d = m0 + rel - time.monotonic()
+        if d > 0:
+            time.sleep(d)
+
+    sleep_until(ws)
+    c0 = cpu_now()
+    sleep_until(we)
+    c1 = cpu_now()
+    with db.cursor() as c:
+        c.execute("SELECT count(*) FILTER (WHERE NOT agentq.is_final(status)),"
+                  " count(*) FILTER (WHERE status = 'completed') FROM agentq.tasks")
+        left, completed = c.fetchone()
+        c.execute("SELECT status, count(*) FROM agentq.tasks GROUP BY status ORDER BY status")
+        by_status = dict(c.fetchall())
+    down = up = None
+    if a.outage_log:
+        deadline = time.monotonic() + 30
+        ev = {}
+        while time.monotonic() < deadline:
+            ev = {}
+            try:
+                with open(a.outage_log) as f:
+                    for line in f:
+                        p = line.split()
+                        if len(p) == 2:
+                            ev[p[0]] = float(p[1]) - t0
+            except OSError:
+                pass
+            if "up" in ev or (time.monotonic() > m0 + we + 1 and "down" not in ev):
+                break
+            time.sleep(0.05)
+        down, up = ev.get("down"), ev.get("up")
+    stop.set()
+    sm.join()
+    calls = {}  # the workers' agentq_llm_calls_total, summed: {provider: {outcome: n}}
+    for u in a.metrics_urls:
+        try:
+            with urllib.request.urlopen(u + "/metrics", timeout=5) as r:
+                for line in r.read().decode().splitlines():
+                    if line.startswith("agentq_llm_calls_total{"):
+                        labels, v = line[len("agentq_llm_calls_total{"):].rsplit("} ", 1)
+                        prov = labels.split('provider="', 1)[1].split('"', 1)[0]
+                        oc = labels.split('outcome="', 1)[1].split('"', 1)[0]
+                        calls.setdefault(prov, {})
+                        calls[prov][oc] = calls[prov].get(oc, 0) + int(float(v))
+        except Exception as e:
+            log("cannot read %s/metrics: %s" % (u, e))
+    reqs, stats = {}, {}
+    for name, url in provs:
+        arr = []
+        if name in before:
+            with open(before[name]) as f:
+                arr += [(x["at_ms"], x["status"]) for x in json.loads(f.read() or "[]")]
+        arr += mock_requests(url)
+        reqs[name] = sorted((at / 1000.0 - m0, st) for at, st in arr)
+        stats[name] = mock_stats(url)
+
+    def n(name, t_from, t_to, pred=lambda s: True):
+        return sum(1 for t, s in reqs[name] if t_from <= t < t_to and pred(s))
+
+    def ok(s):
+        return s == 200
+
+    limit_all = per_s * len(provs)
+    win = we - ws
+    admitted = {p: n(p, ws, we, ok) for p in names}
+    total = {p: n(p, ws, we) for p in names}
+    r429 = {p: n(p, ws, we, lambda s: s == 429) for p in names}
+    r5xx = {p: n(p, ws, we, lambda s: 500 <= s < 600) for p in names}
+    other = {p: total[p] - admitted[p] - r429[p] - r5xx[p] for p in names}
+    all_req = sum(total.values())
+    util = sum(admitted.values()) / (limit_all * win)
+    frac429 = sum(r429.values()) / all_req if all_req else None
+    secs = int(round(win))
+    series = {p: [n(p, ws + i, ws + i + 1, ok) for i in range(secs)] for p in names}
+    warm = {p: [n(p, i, i + 1, ok) for i in range(int(ws))] for p in names}  # before the window: the start's burst
+    both = [sum(series[p][i] for p in names) for i in range(secs)]
+    oks = {p: [t for t, s in reqs[p] if ok(s) and ws <= t < we] for p in names}
+    wait_in = {}
+    for t, i, w, _ in samples:
+        if w is not None and ws <= t - m0 < we:
+            wait_in.setdefault(round(t - m0, 1), {})[i] = w
+    waits = [sum(v.values()) for v in wait_in.values() if len(v) == len(a.metrics_urls)]
+    breakers = {}
+    for i in range(len(a.metrics_urls)):
+        mine = [(t - m0, o) for t, j, _, o in samples if j == i]
+        for p in names:
+            iv = intervals([(t, o.get(p, 0) > 0) for t, o in mine], we)
+            if iv:
+                breakers.setdefault("w%d" % (i + 1), {})[p] = iv
+    cpu = {k: round(c1[k] - c0[k], 2) for k in c0}
+    out = {
+        "scenario": a.scenario, "system": "agentq", "settings": a.settings, "mode": a.mode,
+        "tasks": a.tasks, "providers": names, "rpm_each": a.rpm,
+        "window_s": [round(ws, 3), round(we, 3)], "enqueue_s": round(t_enq, 3),
+        "admitted": admitted, "requests": total, "rate_limited": r429, "server_errors": r5xx, "other": other,
+        "admitted_per_min": round(sum(admitted.values()) / win * 60, 1),
+        "limit_per_min": a.rpm * len(provs),
+        "utilisation": round(util, 4),
+        "utilisation_by_provider": {p: round(admitted[p] / (per_s * win), 4) for p in names},
+        "share_429": round(frac429, 5) if frac429 is not None else None,
+        "admitted_per_s_min": min(both) if both else None, "admitted_per_s_max": max(both) if both else None,
+        # The fleet's own bound: never more than the limit plus a second's worth in any span.
+        "max_admitted_10s_per_min": {p: round(max_in_span(oks[p], 10.0) * 6, 1) for p in names},
+        "max_admitted_1s": {p: max_in_span(oks[p], 1.0) for p in names},
+        "per_s": series, "per_s_before_window": warm,
+        "waiting_min": min(waits) if waits else None, "waiting_median": med_or_none(waits),
+        "tasks_left_at_end": left, "completed_at_end": completed, "tasks_by_status_at_end": by_status,
+        "cpu_window_s": cpu, "machine_busy_share": round(cpu["machine"] / (os.cpu_count() * win), 3),
+        "load1_before": load, "load1_after": loadavg(),
+        "mock_stats": stats, "worker_llm_calls": calls,
+        "target_utilisation": 0.97, "target_share_429": 0.005,
+    }
+    if breakers:
+        out["breaker_open_s"] = breakers
+    # In an outage run the whole limit is not there to use: the utilisation
+    # target is the one outside the outage (below).
+    checks = [bool(a.outage_log) or util >= 0.97, frac429 is not None and frac429 <= 0.005]
+    if a.outage_log:
+        down_p = a.outage_provider
+        rest = [p for p in names if p != down_p]
+        out.update({"outage_provider": down_p, "outage_how": a.outage_how,
+                    "outage_s": [rnd(down, 3), rnd(up, 3)]})
+        if down is not None and up is not None:
+            olen = up - down
+            outside = win - olen
+            adm_out = sum(n(p, ws, down, ok) + n(p, up, we, ok) for p in names)
+            adm_rest = sum(n(p, down, up, ok) for p in rest)
+            u_out = adm_out / (limit_all * outside) if outside > 0 else None
+            u_rest = adm_rest / (per_s * len(rest) * olen) if olen > 0 else None
+            first_ok = next((t for t, s in reqs[down_p] if t >= up and ok(s)), None)
+            back = next((t for t, s in reqs[down_p] if t >= up), None)
+            out.update({
+                "outage_len_s": round(olen, 3),
+                "utilisation_outside_outage": rnd(u_out, 4),
+                "utilisation_others_during_outage": rnd(u_rest, 4),
+                "admitted_during_outage": {p: n(p, down, up, ok) for p in names},
+                "requests_during_outage": {p: n(p, down, up) for p in names},
+                "down_provider_before_s": rnd(None if down <= ws else n(down_p, ws, down, ok) / (per_s * (down - ws)), 4),
+                "down_provider_after_s": rnd(n(down_p, up, we, ok) / (per_s * (we - up)) if we > up else None, 4),
+                "down_provider_first_request_after_up_s": rnd(back - up if back is not None else None, 3),
+                "down_provider_first_ok_after_up_s": rnd(first_ok - up if first_ok is not None else None, 3),
+            })
+            checks += [u_out is not None and u_out >= 0.97, u_rest is not None and u_rest >= 0.97]
+        else:
+            checks.append(False)
+    out["targets_ok"] = all(checks)
+    print(json.dumps(out), flush=True)
+    if left == 0:
+        log("the demand ran out before the window's end: the figures do not measure the limit")
+    return 0 if sum(admitted.values()) > 0 and left > 0 else 1
+
+
 # --------------------------------------------------------------- table --
 
 def med(rows, k):
@@ -1086,10 +1349,10 @@ def cmd_table(a):
     for r in rows:
         size = r.get("tasks") if r["scenario"] != "raw" else None  # raw: ops done vary per run
         groups.setdefault((r["scenario"], r["system"], r["settings"], size), []).append(r)
-    order = {"s1": 0, "s2": 1, "s0": 2, "s4": 3, "s5": 4, "s5t": 5, "s6": 6, "raw": 7}
+    order = {"s1": 0, "s2": 1, "s0": 2, "s3b": 2.5, "s4": 3, "s5": 4, "s5t": 5, "s6": 6, "raw": 7}
     keys = sorted(groups, key=lambda k: (order.get(k[0], 9), k[1] != "agentq", k[1], k[2], k[3] or 0))
 
-    main = [k for k in keys if k[0] not in ("s4", "s5", "s5t", "s6", "raw")]
+    main = [k for k in keys if k[0] not in ("s3b", "s4", "s5", "s5t", "s6", "raw")]
     if main:
         print("| scenario | system | settings | tasks | runs | wall s | tasks/s | ideal tasks/s | "
               "peak RSS MB | peak PSS MB | worker CPU s | CPU µs / LLM call |")
@@ -1100,6 +1363,35 @@ def cmd_table(a):
             k[0].upper(), k[1], k[2], g[0]["tasks"], len(g), span(g, "wall_s", 2), span(g, "tasks_per_s"),
             fmt(med(g, "ideal_tasks_per_s")), span(g, "rss_mb", 0), span(g, "pss_mb", 0),
             span(g, "cpu_s", 2), span(g, "cpu_us_per_llm_call", 0)))
+
+    rate = [k for k in keys if k[0] == "s3b"]
+    if rate:
+        g0 = groups[rate[0]][0]
+        print()
+        print("S3b: %d providers × %d requests/min under one model, measured from the mocks over %s–%s s "
+              "after the first publish (targets: ≥ 97%% of the limit used, ≤ 0.5%% 429s; in an outage, "
+              "≥ 97%% of the others' limit during it and of the whole limit outside it)"
+              % (len(g0["providers"]), g0["rpm_each"], fmt(g0["window_s"][0], 0), fmt(g0["window_s"][1], 0)))
+        print()
+        print("| S3b | settings | runs | admitted / min (limit) | utilisation | by provider | 429 share | "
+              "outage s | others during outage | all outside outage | down one's first 200 after heal s | "
+              "targets |")
+        print("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|:-:|")
+        for k in rate:
+            g = groups[k]
+            byp = " / ".join("%s %s %%" % (p, fmt(100 * statistics.median(r["utilisation_by_provider"][p] for r in g), 1))
+                             for p in g[0]["providers"])
+            out_s = "–"
+            if g[0].get("outage_s"):
+                o = g[0]["outage_s"]
+                out_s = "%s–%s" % (fmt(o[0], 1), fmt(o[1], 1)) if o[0] is not None else "–"
+            pc = lambda f, nd=1: "–" if med(g, f) is None else "%s %%" % span(  # noqa: E731
+                [{f: 100 * r[f]} for r in g if r.get(f) is not None], f, nd)
+            print("| %s | %s | %d | %s (%s) | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+                k[1], k[2], len(g), span(g, "admitted_per_min", 0), fmt(med(g, "limit_per_min"), 0),
+                pc("utilisation"), byp, pc("share_429", 2), out_s, pc("utilisation_others_during_outage"),
+                pc("utilisation_outside_outage"), span(g, "down_provider_first_ok_after_up_s", 1),
+                "/".join("✓" if r.get("targets_ok") else "✗" for r in g)))
 
     lat = [k for k in keys if k[0] == "s4"]
     if lat:
@@ -1299,6 +1591,29 @@ def main():
         x.add_argument("--broker-pid", type=int, default=0)
         x.add_argument("--pg-pid", type=int, default=0)
         x.add_argument("--workdir", default="/tmp")
+    q = sub.add_parser("rate")
+    q.add_argument("--scenario", default="s3b")
+    q.add_argument("--settings", required=True)
+    q.add_argument("--mode", default="steady", help="a label: steady or outage")
+    q.add_argument("--providers", required=True, help="NAME=MOCK_URL,... in the config's order")
+    q.add_argument("--rpm", type=float, required=True, help="each provider's requests/min")
+    q.add_argument("--tasks", type=int, required=True)
+    q.add_argument("--goal", default="bench steps=0")
+    q.add_argument("--producer", required=True)
+    q.add_argument("--window-start-s", type=float, default=5)
+    q.add_argument("--window-s", type=float, default=60)
+    q.add_argument("--start-file", default="", help="the first publish's epoch and monotonic times")
+    q.add_argument("--outage-log", default="", help="lib.sh outage_loop's record (an outage run)")
+    q.add_argument("--outage-provider", default="a")
+    q.add_argument("--outage-how", default="fail")
+    q.add_argument("--before", default="", help="NAME=FILE,...: a killed mock's GET /requests")
+    q.add_argument("--pids", type=lambda v: [int(x) for x in v.split(",") if x], default=[])
+    q.add_argument("--mock-pids", type=lambda v: [int(x) for x in v.split(",") if x], default=[])
+    q.add_argument("--metrics-urls", type=lambda v: [x for x in v.split(",") if x], default=[])
+    q.add_argument("--broker-pid", type=int, default=0)
+    q.add_argument("--pg-pid", type=int, default=0)
+    q.add_argument("--workdir", default="/tmp")
+    q.add_argument("--sample-s", type=float, default=0.25)
     t = sub.add_parser("table")
     t.add_argument("results")
     a = p.parse_args()
@@ -1312,6 +1627,8 @@ def main():
         return cmd_tokens(a)
     if a.cmd == "crash":
         return cmd_crash(a)
+    if a.cmd == "rate":
+        return cmd_rate(a)
     return cmd_latency(a)
 
 

@@ -12,6 +12,7 @@
 BENCH_PY=/usr/bin/python3 # Debian's, with python3-celery & co
 export PYTHONDONTWRITEBYTECODE=1 # no __pycache__ in the source tree
 BENCH_PIDS=()
+WORKER_ARGS=() # agentq_start: the worker's arguments (S3b: --config FILE)
 
 say() { printf '\033[1m== %s\033[0m\n' "$*" >&2; }
 die() { echo "bench: error: $*" >&2; exit 1; }
@@ -123,7 +124,8 @@ agentq_db() {
 }
 
 # agentq_start CONCURRENCY [KEY=VALUE ...]: one worker process on the
-# current mock and database, the extra environment applied; waits until
+# current mock and database, the extra environment applied (and the
+# arguments in WORKER_ARGS, if any); waits until
 # /readyz says it is connected. Sets WORKER_PID (the process itself, so
 # that /proc shows its own memory and CPU).
 agentq_start() {
@@ -134,7 +136,7 @@ agentq_start() {
     env AGENTQ_WORKER_CONCURRENCY="$conc" AGENTQ_LLM_BASE_URL="$MOCK_URL/v1" \
         AGENTQ_METRICS_LISTEN="127.0.0.1:$port" AGENTQ_LOG_LEVEL=warn AGENTQ_WORKER_ID="${AGENTQ_WORKER_ID:-bench-worker}" \
         AGENTQ_WORKER_DRAIN_SECONDS=5 "$@" \
-        "${WORKER_WRAP[@]}" "$BUILD/agentq-worker" 2>>"$BENCH_WORK/worker.log" &
+        "${WORKER_WRAP[@]}" "$BUILD/agentq-worker" "${WORKER_ARGS[@]}" 2>>"$BENCH_WORK/worker.log" &
     WORKER_PID=$!
     BENCH_PIDS+=("$WORKER_PID")
     WORKER_METRICS="http://127.0.0.1:$port"
@@ -174,6 +176,163 @@ agentq_stop_n() { # the processes of agentq_start_n, one by one
     for WORKER_PID in "${WORKER_PIDS[@]}"; do agentq_stop; done
     WORKER_PIDS=()
     WORKER_METRICS_URLS=()
+}
+
+# agentq_stop_n_at_once: the processes of agentq_start_n, TERMed together
+# (each drains in parallel with the others), then waited for one by one;
+# one still there after 30 s is KILLed. Only those pids.
+agentq_stop_n_at_once() {
+    local p i
+    for p in "${WORKER_PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    for p in "${WORKER_PIDS[@]}"; do
+        for ((i = 0; i < 300; i++)); do
+            kill -0 "$p" 2>/dev/null || break
+            sleep 0.1
+        done
+        if kill -0 "$p" 2>/dev/null; then
+            echo "bench: pid $p did not stop in 30s; killing it" >&2
+            kill -KILL "$p" 2>/dev/null || true
+        fi
+        wait "$p" 2>/dev/null || true
+        bench_forget "$p"
+    done
+    WORKER_PIDS=()
+    WORKER_METRICS_URLS=()
+    WORKER_PID=
+}
+
+# agentq_purge: empties agentq's queues of the default names (the task
+# queue, its 32 lanes, the retry tiers, the dead letters), with no worker
+# running. A scenario that stops its fleet with tasks left (S3b) calls it,
+# so that the next run, on a new database, does not get them.
+agentq_purge() {
+    "$BENCH_PY" - <<'PURGE_PY' >&2 || die "cannot purge agentq's queues"
+import os
+import time
+import amqp
+hostport = os.environ["AGENTQ_AMQP_URL"].split("@", 1)[1].split("/", 1)[0]
+conn = amqp.Connection(host=hostport, userid="guest", password="guest", virtual_host="/")
+conn.connect()
+names = (["agentq.tasks", "agentq.dead"] + ["agentq.retry." + d for d in ("5s", "30s", "120s", "600s")] +
+         ["agentq.lane.%d" % i for i in range(33)])
+
+def each(verb):
+    """verb(channel, queue) over the queues that exist."""
+    out = []
+    for q in names:
+        ch = conn.channel()
+        try:
+            out.append(verb(ch, q))
+            ch.close()
+        except amqp.exceptions.NotFound:
+            pass  # not declared (the broker closed the channel)
+    return out
+
+
+# A stopped worker's deliveries go back to their queues once the broker
+# has seen its connection close: wait until no queue has a consumer.
+deadline = time.monotonic() + 10
+while time.monotonic() < deadline:
+    if not any(c for _, _, c in each(lambda ch, q: ch.queue_declare(q, passive=True))):
+        break
+    time.sleep(0.1)
+n = sum(x or 0 for x in each(lambda ch, q: ch.queue_purge(q)))
+conn.close()
+print("bench: purged %d messages from agentq's queues" % n)
+PURGE_PY
+}
+
+# ------------------------------------------------ several mocks (S3b) --
+
+# Mock number N (1, 2, ...): MOCKN_PID[N], MOCKN_URL[N], MOCKN_PORT[N] and
+# the flags it was started with, MOCKN_FLAGS[N] (words without spaces),
+# for mockn_restart. Each has its own port file and log (mock-N.log).
+MOCKN_PID=()
+MOCKN_URL=()
+MOCKN_PORT=()
+MOCKN_FLAGS=()
+
+# mockn_start N PORT [FLAGS...]: a fresh agentq-mockllm as mock N on
+# 127.0.0.1:PORT (0: a free port), with the flags (e.g. --latency-ms 300
+# --rpm 600); returns once it listens.
+mockn_start() {
+    local n=$1 port=$2
+    shift 2
+    local pf=$BENCH_WORK/mock-$n.port i
+    rm -f "$pf"
+    "$BUILD/agentq-mockllm" --listen "127.0.0.1:$port" --port-file "$pf" --log-level warn "$@" \
+        2>>"$BENCH_WORK/mock-$n.log" &
+    MOCKN_PID[n]=$!
+    BENCH_PIDS+=("$!")
+    for ((i = 0; i < 200; i++)); do
+        [[ -s "$pf" ]] && break
+        kill -0 "${MOCKN_PID[n]}" 2>/dev/null || break
+        sleep 0.02
+    done
+    [[ -s "$pf" ]] || die "agentq-mockllm $n did not start on port $port (see $BENCH_WORK/mock-$n.log)"
+    MOCKN_PORT[n]=$(cat "$pf")
+    MOCKN_URL[n]="http://127.0.0.1:${MOCKN_PORT[n]}"
+    MOCKN_FLAGS[n]="$*"
+}
+
+# mockn_restart N: mock N again, on the same port with the same flags.
+mockn_restart() {
+    # shellcheck disable=SC2086  # the flags, one word each
+    mockn_start "$1" "${MOCKN_PORT[$1]}" ${MOCKN_FLAGS[$1]}
+}
+
+mockn_stop() { # N
+    [[ -n "${MOCKN_PID[$1]:-}" ]] || return 0
+    bench_kill "${MOCKN_PID[$1]}" 10
+    bench_forget "${MOCKN_PID[$1]}"
+    MOCKN_PID[$1]=
+}
+
+# outage_loop fail|kill N RUN START_S LEN_S DRIVER_PID: S3b's outage of
+# mock N. From RUN.started (drive.py writes its first publish's epoch time
+# there) START_S later the provider goes down for LEN_S:
+#   fail: POST /control {"fail_rate":1} (every chat request gets a 500
+#         after the mock's latency), then {"fail_rate":0};
+#   kill: its GET /requests so far saved to RUN.requests-N.before, then
+#         SIGKILL (connections refused from then on), then mockn_restart
+#         on the same port (a fresh process: its bucket is full again and
+#         its /requests starts empty).
+# "down EPOCH" and "up EPOCH" in RUN.outage say when each took effect
+# (after the reply of /control; after the kill; once the new process
+# listens). Returns early if the driver exits.
+outage_loop() {
+    local how=$1 n=$2 run=$3 start=$4 len=$5 dpid=$6 t0 at_us
+    : >"$run.outage"
+    while [[ ! -s "$run.started" ]]; do
+        kill -0 "$dpid" 2>/dev/null || return 0
+        sleep 0.01
+    done
+    t0=$(head -n 1 "$run.started")
+    at_us=$("$BENCH_PY" -c "import sys; print(int(float(sys.argv[1]) * 1e6) + int(float(sys.argv[2]) * 1e6))" "$t0" "$start")
+    while ((${EPOCHREALTIME/./} < at_us)); do
+        kill -0 "$dpid" 2>/dev/null || return 0
+        sleep 0.005
+    done
+    if [[ "$how" == fail ]]; then
+        curl -sf -d '{"fail_rate":1}' "${MOCKN_URL[n]}/control" >/dev/null || die "POST /control to mock $n failed"
+    else
+        curl -sf "${MOCKN_URL[n]}/requests" >"$run.requests-$n.before" || die "GET /requests of mock $n failed"
+        kill -KILL "${MOCKN_PID[n]}" 2>/dev/null || true
+        wait "${MOCKN_PID[n]}" 2>/dev/null || true
+        bench_forget "${MOCKN_PID[n]}"
+    fi
+    echo "down $EPOCHREALTIME" >>"$run.outage"
+    at_us=$((at_us + $("$BENCH_PY" -c "import sys; print(int(float(sys.argv[1]) * 1e6))" "$len")))
+    while ((${EPOCHREALTIME/./} < at_us)); do
+        kill -0 "$dpid" 2>/dev/null || break
+        sleep 0.005
+    done
+    if [[ "$how" == fail ]]; then
+        curl -sf -d '{"fail_rate":0}' "${MOCKN_URL[n]}/control" >/dev/null || die "POST /control to mock $n failed"
+    else
+        mockn_restart "$n"
+    fi
+    echo "up $EPOCHREALTIME" >>"$run.outage"
 }
 
 # -------------------------------------------------------------- celery --

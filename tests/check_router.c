@@ -330,7 +330,7 @@ START_TEST(failover_on_5xx_and_back)
     ck_assert_uint_le(a_fail, 12);
     ck_assert_uint_eq(stats(&f, 1).completed, 20);
     ck_assert_int_eq(rows_where(&f, "error", "a"), (int)a_fail);
-    /* healed; after the cooldown (400 ms, doubled at most once) a probe
+    /* healed; after the cooldown (400 ms, a failed probe adds 400 more) a probe
      * goes to a, it answers, and a serves again (it is first in order) */
     control(&f, 0, "{\"fail_rate\":0}");
     spin(&f, 1000);

@@ -84,6 +84,7 @@ typedef struct aq_config {
     char *amqp_lane_prefix;
     int amqp_lanes;
     int amqp_route_prefetch;
+    char *amqp_management_url;         /* "": not configured */
     /* postgres */
     char *pg_dsn;
     int pg_batch_max;

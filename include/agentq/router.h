@@ -30,8 +30,8 @@
  *     timeouts, malformed replies; a 429 pauses instead) open the route's
  *     breaker: no grant
  *     comes from it for llm.breaker_cooldown_ms, then one probe call is
- *     let through; its success closes the breaker, its failure doubles the
- *     cooldown (up to 32 times). Only a model with another route has a
+ *     let through; its success closes the breaker, its failure cools it
+ *     down again (for as long: see breaker_trip). Only a model with another route has a
  *     breaker: with nowhere else to go, cooling down would only stall the
  *     calls that their own retries carry through;
  *   - max_concurrent holds a route while that many of its calls are in
@@ -106,6 +106,8 @@ typedef struct aq_router_result {
     double cost_usd;        /* of an answered call, at the route's price */
     int64_t started_us;     /* epoch us the request went out (or the cache answered) */
     double duration_ms;     /* of the request */
+    double wait_ms;         /* from asking for a grant to getting it (0: a cache hit, or no
+                             * grant came) */
     bool other_route;       /* the model has a route outside avoid and this one, not
                              * cooled down: a retry now may fail over to it */
 } aq_router_result;
@@ -130,6 +132,8 @@ typedef struct aq_route_stats {
     int in_flight;
     bool open;              /* cooled down: the breaker is open */
     int64_t rpm, tpm;       /* the limits in force (learned ones included) */
+    int64_t granted_last_minute; /* grants of its pool in the last 60 s (the routes of the
+                                  * llm.* provider share one pool, and its rpm) */
 } aq_route_stats;
 /* Calls fn once per route, then once for the cache (provider "cache",
  * model ""), when the cache is on. */

@@ -28,6 +28,10 @@
 
 typedef struct group group;
 
+/* Grants a pool counts per second, over the last GRANT_SECONDS: what
+ * /metrics compares with its requests/min limit. */
+#define GRANT_SECONDS 60
+
 typedef struct pool_state {
     aq_router *r;
     group *g;
@@ -40,9 +44,10 @@ typedef struct pool_state {
     int fails;               /* in a row */
     bool open;               /* breaker open: cooling down */
     bool probing;            /* half-open: the one probe call is out */
-    int64_t cooldown_ms;     /* the next one */
     struct event *cool_ev;
     aq_fleetlimit *fleet;
+    uint32_t granted[GRANT_SECONDS];    /* a ring: slot = second % GRANT_SECONDS */
+    int64_t granted_at[GRANT_SECONDS];  /* the second (mono) each slot counts */
 } pool_state;
 
 typedef struct route {
@@ -109,6 +114,8 @@ struct aq_router_call {
     route *rt;
     aq_llm_call *llm_call;
     int64_t started_us, mono_sent;
+    int64_t mono_asked;      /* when it asked for a grant */
+    double wait_ms;          /* from the ask to the grant */
     bool cancelled;
     struct event *done_ev;   /* a result decided outside a library callback */
     aq_llm_result pending;   /* for done_ev */
@@ -134,17 +141,23 @@ static void on_cooled(evutil_socket_t fd, short what, void *arg)
     pool_update(ps);
 }
 
+/* Opens the breaker for one llm.breaker_cooldown_ms. The cooldown does
+ * not grow with failed probes: while other routes are saturated, every
+ * second a healed provider goes unnoticed is capacity lost, and a probe
+ * costs one call (bench S3b: a doubling cooldown noticed a provider back
+ * 11 s late). */
 static void breaker_trip(pool_state *ps, const char *why)
 {
-    aq_router *r = ps->r;
-    int64_t base = r->d.cfg->llm_breaker_cooldown_ms;
-    if (ps->cooldown_ms < base) ps->cooldown_ms = base;
-    int64_t ms = ps->cooldown_ms;
+    int64_t ms = ps->r->d.cfg->llm_breaker_cooldown_ms;
+    bool was_probe = ps->probing;
     ps->open = true;
     ps->probing = false;
-    if (ps->cooldown_ms < base * 32) ps->cooldown_ms *= 2;
-    aq_log(AQ_LOG_WARN, "provider %s model %s: %d failures in a row (last: %s); cooled down for %lld ms",
-           ps->provider, ps->label, ps->fails, why, (long long)ms);
+    if (was_probe)
+        aq_log(AQ_LOG_INFO, "provider %s model %s: probe failed (%s); cooled down for %lld ms more", ps->provider,
+               ps->label, why, (long long)ms);
+    else
+        aq_log(AQ_LOG_WARN, "provider %s model %s: %d failures in a row (last: %s); cooled down for %lld ms",
+               ps->provider, ps->label, ps->fails, why, (long long)ms);
     struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
     event_add(ps->cool_ev, &tv);
     pool_update(ps);
@@ -156,7 +169,6 @@ static void breaker_result(pool_state *ps, bool ok, bool probe, const char *why)
         if (ps->fails >= ps->r->d.cfg->llm_breaker_failures || probe)
             aq_log(AQ_LOG_INFO, "provider %s model %s: answering again", ps->provider, ps->label);
         ps->fails = 0;
-        ps->cooldown_ms = 0;
         ps->probing = false;
         pool_update(ps);
         return;
@@ -170,6 +182,25 @@ static void breaker_result(pool_state *ps, bool ok, bool probe, const char *why)
         breaker_trip(ps, why);
     else
         pool_update(ps);
+}
+
+static void pool_count_grant(pool_state *ps)
+{
+    int64_t sec = aq_mono_us() / 1000000;
+    int slot = (int)(sec % GRANT_SECONDS);
+    if (ps->granted_at[slot] != sec) {
+        ps->granted_at[slot] = sec;
+        ps->granted[slot] = 0;
+    }
+    ps->granted[slot]++;
+}
+
+static int64_t pool_granted_last_minute(const pool_state *ps)
+{
+    int64_t sec = aq_mono_us() / 1000000, n = 0;
+    for (int i = 0; i < GRANT_SECONDS; i++)
+        if (ps->granted_at[i] > sec - GRANT_SECONDS) n += ps->granted[i];
+    return n;
 }
 
 /* How long until a count at 0 has one again (see pool_learn). */
@@ -265,6 +296,7 @@ static void deliver(aq_router_call *c, aq_llm_result *res, bool cached, double c
         .cost_usd = cost,
         .started_us = c->started_us,
         .duration_ms = c->mono_sent ? (double)(aq_mono_us() - c->mono_sent) / 1000.0 : 0,
+        .wait_ms = c->wait_ms,
         .other_route = other_route(c, c->avoid | (bit >= 0 ? (uint64_t)1 << bit : 0)),
     };
     c->llm_call = NULL;
@@ -375,9 +407,11 @@ static void send_on(aq_router_call *c, int pi)
         ps->probing = true;
     ps->in_flight++;
     pool_update(ps);
+    pool_count_grant(ps);
     c->state = C_SENT;
     c->started_us = aq_now_us();
     c->mono_sent = aq_mono_us();
+    c->wait_ms = (double)(c->mono_sent - c->mono_asked) / 1000.0;
     char *body = c->body, *own = NULL;
     size_t len = c->body_len;
     char err[256] = "cannot build the LLM request";
@@ -408,6 +442,7 @@ static void on_grant(void *arg, int pool)
 static void acquire(aq_router_call *c)
 {
     c->state = C_GRANT;
+    c->mono_asked = aq_mono_us();
     int pi = -1;
     if (aq_ratelimit_acquire_from(c->m->g->rl, c->user, c->weight, c->est_tokens, c->avoid, on_grant, c, &c->wait,
                                   &pi))
@@ -544,6 +579,7 @@ void aq_router_each(const aq_router *r, void (*fn)(const aq_route_stats *st, voi
             .open = rt->ps->open,
             .rpm = rt->ps->rpm,
             .tpm = rt->ps->tpm,
+            .granted_last_minute = pool_granted_last_minute(rt->ps),
         };
         fn(&st, arg);
     }

@@ -68,6 +68,9 @@ static const config_key config_keys[] = {
     {"amqp", "consumer_timeout_ms", K_INT, OFF(amqp_consumer_timeout_ms), "7200000", 60000, 2147483647, false,
      "The broker's consumer_timeout: say what the broker does. A delivery held unstarted for a fifth of it goes"
      " back to its lane, and a session on one delivery for half of it hands itself over to a new one."},
+    {"amqp", "management_url", K_STR, OFF(amqp_management_url), "", 0, 0, true,
+     "RabbitMQ management HTTP API, http://user:pass@host:15672 (empty: none). Only agentqctl status and top"
+     " read it, for each queue's unacked count (a passive queue.declare tells only ready messages)."},
 
     {"postgres", "dsn", K_STR, OFF(pg_dsn), "postgresql://agentq@127.0.0.1:5432/agentq", 0, 0, true,
      "libpq connection string or URI of the result store."},
@@ -111,8 +114,9 @@ static const config_key config_keys[] = {
      "Failures in a row (5xx, connect errors, timeouts, malformed replies; a 429 pauses the provider+model for its"
      " Retry-After instead) after which a provider+model is cooled down:"
      " no call goes to it until a probe after llm.breaker_cooldown_ms succeeds."},
-    {"llm", "breaker_cooldown_ms", K_INT, OFF(llm_breaker_cooldown_ms), "10000", 100, 3600000, false,
-     "First cooldown of a failing provider+model; doubles with each failed probe, up to 32 times it."},
+    {"llm", "breaker_cooldown_ms", K_INT, OFF(llm_breaker_cooldown_ms), "2000", 100, 3600000, false,
+     "How long a failing provider+model is cooled down before one probe call; a failed probe cools it down"
+     " as long again (a provider back is noticed within this)."},
     {"llm", "temperature", K_DBL, OFF(llm_temperature), "-1", -1, 2, false,
      "Sampling temperature sent with every call of tasks that set none (-1: not sent, the provider's default)."},
     {"llm", "max_tokens", K_INT, OFF(llm_max_tokens), "0", 0, 10000000, false,
@@ -948,7 +952,12 @@ int aq_config_check(const aq_config *cfg, char *err, size_t errlen)
         aq_seterr(err, errlen, "key 'amqp.url': must be an amqp:// or amqps:// URL");
         return AQ_EINVAL;
     }
-    if (strncmp(cfg->llm_base_url, "http://", 7) && strncmp(cfg->llm_base_url, "https://", 8)) {
+    if (*cfg->amqp_management_url && strncmp(cfg->amqp_management_url, "http://", 7) &&
+        strncmp(cfg->amqp_management_url, "https://", 8)) {
+        aq_seterr(err, errlen, "key 'amqp.management_url': must be empty or an http:// or https:// URL");
+        return AQ_EINVAL;
+    }
+    if (!cfg->n_providers && strncmp(cfg->llm_base_url, "http://", 7) && strncmp(cfg->llm_base_url, "https://", 8)) {
         aq_seterr(err, errlen, "key 'llm.base_url': must be an http:// or https:// URL");
         return AQ_EINVAL;
     }
