@@ -35,7 +35,7 @@ static void setup(void)
     snprintf(q, sizeof q, "%s.lane.", prefix);
     ck_assert(aq_config_set(&cfg, "amqp.lane_prefix", q, err, sizeof err) == 0);
     ck_assert(aq_config_set(&cfg, "amqp.lanes", "3", err, sizeof err) == 0);
-    b = aq_broker_connect(cfg.amqp_url, 0, 5000, err, sizeof err);
+    b = aq_broker_connect(&cfg, 0, 5000, err, sizeof err);
     ck_assert_msg(b != NULL, "%s", err);
     ck_assert_msg(aq_broker_declare(b, &cfg, err, sizeof err) == 0, "%s", err);
 }
@@ -139,11 +139,15 @@ END_TEST
 START_TEST(bad_url_and_refused_connection)
 {
     char err[256];
-    ck_assert_ptr_null(aq_broker_connect("http://nope", 0, 1000, err, sizeof err));
+    aq_config_init(&cfg);
+    ck_assert_int_eq(aq_config_set(&cfg, "amqp.url", "http://nope", err, sizeof err), 0);
+    ck_assert_ptr_null(aq_broker_connect(&cfg, 0, 1000, err, sizeof err));
     ck_assert_msg(strstr(err, "amqp.url") != NULL, "%s", err);
     /* A closed port: refused quickly, the password not shown. */
-    ck_assert_ptr_null(aq_broker_connect("amqp://u:s3cretpw@127.0.0.1:1/%2f", 0, 1000, err, sizeof err));
+    ck_assert_int_eq(aq_config_set(&cfg, "amqp.url", "amqp://u:s3cretpw@127.0.0.1:1/%2f", err, sizeof err), 0);
+    ck_assert_ptr_null(aq_broker_connect(&cfg, 0, 1000, err, sizeof err));
     ck_assert_msg(strstr(err, "cannot connect") && !strstr(err, "s3cretpw"), "%s", err);
+    aq_config_free(&cfg);
 }
 END_TEST
 
@@ -359,7 +363,7 @@ START_TEST(acks_go_several_to_a_frame)
     aq_broker_cancel_consume(b, 6);
     /* Closed and opened again: none of the nine comes back. */
     aq_broker_free(b);
-    b = aq_broker_connect(cfg.amqp_url, 0, 5000, err, sizeof err);
+    b = aq_broker_connect(&cfg, 0, 5000, err, sizeof err);
     ck_assert_msg(b != NULL, "%s", err);
     int64_t depth = -1;
     ck_assert(aq_broker_queue_depth(b, q, &depth, NULL, err, sizeof err) == 0);

@@ -145,7 +145,7 @@ static void publish_raw(const char *body, const char *message_id, int priority, 
     aq_config cfg;
     char err[512];
     ck_assert_msg(aq_config_load(&cfg, NULL, err, sizeof err) == 0, "%s", err);
-    aq_broker *b = aq_broker_connect(cfg.amqp_url, 0, 5000, err, sizeof err);
+    aq_broker *b = aq_broker_connect(&cfg, 0, 5000, err, sizeof err);
     ck_assert_msg(b != NULL, "%s", err);
     ck_assert_msg(aq_broker_declare(b, &cfg, err, sizeof err) == 0, "%s", err);
     json_t *headers = headers_json ? json_loads(headers_json, 0, NULL) : NULL;
@@ -224,7 +224,7 @@ static int64_t tasks_left(void)
     aq_config cfg;
     char err[512];
     ck_assert_msg(aq_config_load(&cfg, NULL, err, sizeof err) == 0, "%s", err);
-    aq_broker *b = aq_broker_connect(cfg.amqp_url, 0, 5000, err, sizeof err);
+    aq_broker *b = aq_broker_connect(&cfg, 0, 5000, err, sizeof err);
     ck_assert_msg(b != NULL, "%s", err);
     int64_t messages = -1, consumers = -1;
     ck_assert_msg(aq_broker_queue_depth(b, cfg.amqp_queue, &messages, &consumers, err, sizeof err) == 0, "%s", err);
@@ -267,10 +267,10 @@ START_TEST(producer_to_completed_row)
     wait_status(id, "completed", 15000, w, "worker");
     assert_task(id, "steps || ' ' || attempt || ' ' || (metadata->>'k') || ' ' || (cost_usd > 0)", "3 1 1 true");
     assert_task(id, "(SELECT count(*) FROM agentq.steps s WHERE s.task_id = tasks.task_id)", "5"); /* 3 LLM calls + 2 tool calls */
-    /* agentqctl result: the row and every step, as JSON. */
+    /* agentqctl result --json: the row and every step. */
     char cmd[1024], out[300];
     snprintf(out, sizeof out, "%s/result.json", E.logdir);
-    snprintf(cmd, sizeof cmd, "'%s' result %s >'%s' 2>&1", aq_test_bin("agentqctl"), id, out);
+    snprintf(cmd, sizeof cmd, "'%s' result --json %s >'%s' 2>&1", aq_test_bin("agentqctl"), id, out);
     ck_assert_int_eq(system(cmd), 0);
     json_error_t jerr;
     json_t *res = json_load_file(out, 0, &jerr);
@@ -603,7 +603,7 @@ START_TEST(broker_connection_loss_loses_nothing)
     ck_assert(aq_config_load(&cfg, NULL, err, sizeof err) == 0);
     int64_t depth = -1;
     for (int i = 0; i < 100 && depth != 0; i++) {
-        aq_broker *b = aq_broker_connect(cfg.amqp_url, 0, 5000, err, sizeof err);
+        aq_broker *b = aq_broker_connect(&cfg, 0, 5000, err, sizeof err);
         ck_assert_msg(b != NULL, "%s", err);
         ck_assert(aq_broker_queue_depth(b, cfg.amqp_queue, &depth, NULL, err, sizeof err) == 0);
         aq_broker_free(b);

@@ -80,6 +80,15 @@ typedef struct aq_step_event {
     const char *status;    /* "ok", "error", "rate_limited", "aborted"; may be NULL */
     int64_t started_at_us; /* epoch microseconds */
     double duration_ms;
+    int http_status;       /* llm: the response's HTTP status (200 for an answered call);
+                            * 0 when none arrived, and for tool rows */
+    const char *error_type; /* llm: why a call failed, as OpenTelemetry's error.type: the HTTP
+                             * status of a response that was not a 2xx ("429", "503"), else
+                             * "timeout", "invalid_response", "aborted" or "error" (no
+                             * response: network, refused); NULL when it answered, and for
+                             * tool rows */
+    double wait_ms;        /* llm: how long the call waited for its rate-limit grant; 0 for a
+                            * cache hit and for tool rows */
     int64_t prompt_tokens;
     int64_t completion_tokens;
     double cost_usd;

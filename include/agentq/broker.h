@@ -74,11 +74,16 @@ typedef struct aq_publish {
     const json_t *headers;   /* object of string/integer/real/bool/object values; NULL: none */
 } aq_publish;
 
-/* Connects, logs in and opens both channels (the publish channel in confirm
- * mode). `timeout_ms` bounds connecting and each blocking call. Returns
- * NULL and fills err (with the URL's password masked) on failure. Caller
- * frees with aq_broker_free(). */
-aq_broker *aq_broker_connect(const char *url, int heartbeat, int timeout_ms,
+/* Connects to cfg->amqp_url, logs in and opens both channels (the
+ * publish channel in confirm mode). An amqps:// URL connects over TLS with
+ * the amqp.ca_file, amqp.cert_file / amqp.key_file and amqp.verify_peer
+ * keys (verify_peer checks both the chain and that the certificate names
+ * the URL's host). `cfg` is borrowed for the call only. `timeout_ms` bounds
+ * connecting (TCP and the TLS handshake together) and each blocking call.
+ * Returns NULL and fills err (with the URL's password masked; naming the
+ * host or the file at fault for a TLS failure) on failure. Caller frees
+ * with aq_broker_free(). */
+aq_broker *aq_broker_connect(const aq_config *cfg, int heartbeat, int timeout_ms,
                              char *err, size_t errlen);
 void aq_broker_free(aq_broker *b);
 

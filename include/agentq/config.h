@@ -85,6 +85,10 @@ typedef struct aq_config {
     int amqp_lanes;
     int amqp_route_prefetch;
     char *amqp_management_url;         /* "": not configured */
+    char *amqp_ca_file;                /* amqps: PEM CA bundle; "": none */
+    char *amqp_cert_file;              /* amqps: client certificate; "": none */
+    char *amqp_key_file;               /* amqps: its private key; "": none */
+    int amqp_verify_peer;              /* amqps: 1 verify chain and host, 0 neither */
     /* postgres */
     char *pg_dsn;
     int pg_batch_max;
@@ -108,6 +112,7 @@ typedef struct aq_config {
     int llm_breaker_cooldown_ms;
     double llm_temperature;            /* < 0: not sent */
     int llm_max_tokens;                /* 0: not sent */
+    char *llm_ca_file;                 /* CA bundle of every HTTPS transfer; "": system store */
     /* cache */
     int cache_enabled;
     int cache_ttl_seconds;

@@ -65,6 +65,12 @@ typedef struct aq_http_config {
     long timeout_ms;            /* default for requests that set none */
     size_t max_response_bytes;  /* default for requests that set none */
     const char *user_agent;     /* borrowed, copied; NULL: "agentq/VERSION" */
+    /* PEM CA bundle that verifies every HTTPS peer of this client
+     * (CURLOPT_CAINFO on every transfer: LLM providers, HTTP skills,
+     * http_get); borrowed, copied. NULL or "": libcurl's default, the
+     * system store. It replaces that store rather than adding to it. Peer
+     * and host verification are always on. */
+    const char *ca_file;
 } aq_http_config;
 
 typedef enum aq_http_method {

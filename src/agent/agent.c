@@ -289,10 +289,13 @@ static char *detail_text(json_t *d)
 }
 
 /* The one place a step row is made; takes the reference to `detail_json`
- * (may be NULL). */
+ * (may be NULL). `rr` is an llm row's call (its HTTP status and grant
+ * wait), NULL for a tool row; `error_type` says why an llm call failed
+ * (agent.h), NULL when it did not. */
 static void emit_step(aq_session *s, int step, int seq, const char *kind, const char *name, const char *provider,
                       const char *status, int64_t started_us, double duration_ms, int64_t ptok, int64_t ctok,
-                      double cost, json_t *detail_json, const char *message, size_t message_len)
+                      double cost, json_t *detail_json, const char *message, size_t message_len,
+                      const aq_router_result *rr, const char *error_type)
 {
     if (!s->e->d.on_step) {
         json_decref(detail_json);
@@ -313,6 +316,9 @@ static void emit_step(aq_session *s, int step, int seq, const char *kind, const 
         .status = status,
         .started_at_us = started_us,
         .duration_ms = duration_ms,
+        .http_status = rr ? (int)rr->llm->http_status : 0,
+        .error_type = error_type,
+        .wait_ms = rr ? rr->wait_ms : 0,
         .prompt_tokens = ptok,
         .completion_tokens = ctok,
         .cost_usd = cost,
@@ -333,6 +339,20 @@ static void emit_llm_failure(aq_session *s, const aq_router_result *rr, const ch
 {
     long http_status = rr->llm->http_status;
     if (!s->e->d.on_step) return;
+    /* error_type (agent.h): a status that is not a 2xx says it all; a
+     * 2xx that failed was no chat.completion */
+    char code[24];
+    const char *error_type = "error";
+    if (!strcmp(status, "aborted")) {
+        error_type = "aborted";
+    } else if (http_status && (http_status < 200 || http_status > 299)) {
+        snprintf(code, sizeof code, "%ld", http_status);
+        error_type = code;
+    } else if (rr->llm->code == AQ_ETIMEDOUT) {
+        error_type = "timeout";
+    } else if (rr->llm->code == AQ_EPROTO) {
+        error_type = "invalid_response";
+    }
     json_t *d = json_object();
     if (http_status) json_object_set_new(d, "http_status", json_integer(http_status));
     if (why && *why) {
@@ -340,7 +360,7 @@ static void emit_llm_failure(aq_session *s, const aq_router_result *rr, const ch
         json_object_set_new(d, "error", w ? w : json_string("(not UTF-8)"));
     }
     emit_step(s, s->steps + 1, ++s->tries, "llm", s->task->model, rr->provider, status, rr->started_us,
-              rr->duration_ms, 0, 0, 0, d, NULL, 0);
+              rr->duration_ms, 0, 0, 0, d, NULL, 0, rr, error_type);
 }
 
 static void backoff(aq_session *s, int64_t ms)
@@ -417,7 +437,7 @@ static void record_tool(aq_session *s, size_t i, const char *status, const char 
     json_object_set_new(d, "output", out ? out : json_string("(not UTF-8)"));
     double ms = t->mono_end > t->mono_start ? (double)(t->mono_end - t->mono_start) / 1000.0 : 0;
     emit_step(s, s->steps, (int)i + 1, "tool", tc->name, NULL, status, t->started_us, ms, 0, 0, 0, d, message,
-              message_len);
+              message_len, NULL, NULL);
 }
 
 /* Puts the results that are in into the history, in call order (the
@@ -632,7 +652,7 @@ static void on_route(const aq_router_result *rr, void *arg)
     /* The reply as the history keeps it: what a later attempt resumes from. */
     emit_step(s, s->steps, 0, "llm", reply.model ? reply.model : s->task->model, rr->provider,
               rr->cached ? "cached" : "ok", rr->started_us, rr->duration_ms, reply.prompt_tokens,
-              reply.completion_tokens, rr->cost_usd, dj, reply.message_json, reply.message_len);
+              reply.completion_tokens, rr->cost_usd, dj, reply.message_json, reply.message_len, rr, NULL);
     if (reply.n_tool_calls == 0) {
         /* the model's words, stored as the task's result */
         char *content = aq_xstrndup(reply.content ? reply.content : "", reply.content_len);

@@ -137,6 +137,7 @@ struct aq_http {
     long connect_timeout_ms, timeout_ms;
     size_t max_response_bytes;
     char *user_agent;
+    char *ca_file;           /* CURLOPT_CAINFO of every transfer; NULL: curl's default */
 
     struct req_list queue, active, done;
     uint64_t nqueued, nactive, ndone;
@@ -899,6 +900,7 @@ aq_http *aq_http_new(struct event_base *base, const aq_http_config *cfg,
     h->max_response_bytes = cfg->max_response_bytes ? cfg->max_response_bytes
                                                     : AQ_HTTP_DEFAULT_MAX_RESPONSE_BYTES;
     h->user_agent = aq_xstrdup(cfg->user_agent ? cfg->user_agent : "agentq/" AGENTQ_VERSION);
+    h->ca_file = cfg->ca_file && *cfg->ca_file ? aq_xstrdup(cfg->ca_file) : NULL;
     TAILQ_INIT(&h->queue);
     TAILQ_INIT(&h->active);
     TAILQ_INIT(&h->done);
@@ -948,6 +950,7 @@ fail:
     free(h->easy_pool);
     if (h->done_ev) event_free(h->done_ev);
     free(h->user_agent);
+    free(h->ca_file);
     free(h);
     return NULL;
 }
@@ -986,6 +989,7 @@ static void teardown(aq_http *h)
     free(h->own.addrs);
     event_free(h->done_ev);
     free(h->user_agent);
+    free(h->ca_file);
     free(h);
 }
 
@@ -1120,6 +1124,8 @@ int aq_http_submit(aq_http *http, const aq_http_request *rq, aq_http_cb cb, void
     SETOPT(CURLOPT_CONNECTTIMEOUT_MS, http->connect_timeout_ms);
     SETOPT(CURLOPT_TCP_KEEPALIVE, 1L);
     SETOPT(CURLOPT_USERAGENT, http->user_agent);
+    /* Per transfer, because pooled easy handles are reset between uses. */
+    if (http->ca_file) SETOPT(CURLOPT_CAINFO, http->ca_file);
     SETOPT(CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)(req->max_bytes > (size_t)INT64_MAX
                                                        ? INT64_MAX : (int64_t)req->max_bytes));
     SETOPT(CURLOPT_WRITEFUNCTION, on_write);

@@ -71,6 +71,17 @@ static const config_key config_keys[] = {
     {"amqp", "management_url", K_STR, OFF(amqp_management_url), "", 0, 0, true,
      "RabbitMQ management HTTP API, http://user:pass@host:15672 (empty: none). Only agentqctl status and top"
      " read it, for each queue's unacked count (a passive queue.declare tells only ready messages)."},
+    {"amqp", "ca_file", K_STR, OFF(amqp_ca_file), "", 0, 0, false,
+     "PEM CA bundle that verifies an amqps:// broker's certificate; required while amqp.verify_peer is 1"
+     " (rabbitmq-c does not read the system store: for a public CA, as Amazon MQ's, give"
+     " /etc/ssl/certs/ca-certificates.crt)."},
+    {"amqp", "cert_file", K_STR, OFF(amqp_cert_file), "", 0, 0, false,
+     "PEM client certificate (chain) for a broker that asks for one (empty: none); needs amqp.key_file."},
+    {"amqp", "key_file", K_STR, OFF(amqp_key_file), "", 0, 0, false,
+     "Unencrypted PEM private key of amqp.cert_file (empty: none); needs amqp.cert_file."},
+    {"amqp", "verify_peer", K_INT, OFF(amqp_verify_peer), "1", 0, 1, false,
+     "1: an amqps:// broker's certificate must chain to amqp.ca_file and name the URL's host;"
+     " 0: neither is checked (encrypted, but anyone can pose as the broker)."},
 
     {"postgres", "dsn", K_STR, OFF(pg_dsn), "postgresql://agentq@127.0.0.1:5432/agentq", 0, 0, true,
      "libpq connection string or URI of the result store."},
@@ -122,6 +133,10 @@ static const config_key config_keys[] = {
     {"llm", "max_tokens", K_INT, OFF(llm_max_tokens), "0", 0, 10000000, false,
      "max_tokens sent with every call (0: not sent); also what a call reserves of tokens/min for its reply"
      " (256 when not sent)."},
+    {"llm", "ca_file", K_STR, OFF(llm_ca_file), "", 0, 0, false,
+     "PEM CA bundle for every HTTPS request a worker makes: LLM providers, HTTP skills and http_get"
+     " (empty: the system store). It replaces the system store: for a private CA and public sites"
+     " alike, give a bundle holding both."},
 
     {"cache", "enabled", K_INT, OFF(cache_enabled), "0", 0, 1, false,
      "1: replies to deterministic calls (temperature at most cache.max_temperature) are kept in Postgres"
@@ -920,6 +935,70 @@ char *aq_config_task_models(const aq_config *cfg)
     return list;
 }
 
+/* A file a TLS key names must be there and readable now: a worker that
+ * starts and then fails every connection says less than one that refuses
+ * to start. An encrypted key is refused too: rabbitmq-c would ask for its
+ * passphrase on the terminal. */
+static int check_tls_file(const char *key, const char *path, bool private_key, char *err, size_t errlen)
+{
+    if (!*path) return AQ_OK;
+    char buf[4096];
+    FILE *f = fopen(path, "r");
+    int e = f ? 0 : errno;
+    size_t n = 0;
+    if (f) {
+        errno = 0;
+        n = fread(buf, 1, sizeof buf - 1, f); /* the first PEM header is near the top */
+        if (ferror(f)) e = errno ? errno : EIO; /* a directory opens, then fails here */
+        fclose(f);
+    }
+    if (e) {
+        aq_seterr(err, errlen, "key '%s': '%s' cannot be read: %s", key, path, strerror(e));
+        return AQ_EINVAL;
+    }
+    buf[n] = '\0';
+    if (!strstr(buf, "-----BEGIN ")) {
+        aq_seterr(err, errlen, "key '%s': '%s' is not a PEM file (no -----BEGIN line)", key, path);
+        return AQ_EINVAL;
+    }
+    if (private_key && strstr(buf, "ENCRYPTED")) {
+        aq_seterr(err, errlen, "key '%s': '%s' is an encrypted private key; give it unencrypted"
+                  " (openssl pkey -in KEY -out KEY.plain), readable by the worker only", key, path);
+        return AQ_EINVAL;
+    }
+    return AQ_OK;
+}
+
+/* The TLS keys against each other and the URLs they apply to. */
+static int check_tls(const aq_config *cfg, char *err, size_t errlen)
+{
+    bool amqps = !strncmp(cfg->amqp_url, "amqps://", 8);
+    if (amqps && cfg->amqp_verify_peer && !*cfg->amqp_ca_file) {
+        aq_seterr(err, errlen, "key 'amqp.ca_file': required for an amqps:// amqp.url while amqp.verify_peer = 1:"
+                  " rabbitmq-c does not use the system CA store (for a public CA, as Amazon MQ's, set it to"
+                  " /etc/ssl/certs/ca-certificates.crt)");
+        return AQ_EINVAL;
+    }
+    if (!*cfg->amqp_cert_file != !*cfg->amqp_key_file) {
+        aq_seterr(err, errlen, "keys 'amqp.cert_file' and 'amqp.key_file': set both or neither (cert_file '%s',"
+                  " key_file '%s')", cfg->amqp_cert_file, cfg->amqp_key_file);
+        return AQ_EINVAL;
+    }
+    const char *set = *cfg->amqp_ca_file ? "amqp.ca_file" : *cfg->amqp_cert_file ? "amqp.cert_file" : NULL;
+    if (set && !amqps) {
+        /* Someone meant TLS; a plain URL would quietly go without it. */
+        aq_seterr(err, errlen, "key '%s': set, but amqp.url is not an amqps:// URL, so the connection would not"
+                  " use TLS: make the URL amqps:// or clear the TLS keys", set);
+        return AQ_EINVAL;
+    }
+    if (check_tls_file("amqp.ca_file", cfg->amqp_ca_file, false, err, errlen) ||
+        check_tls_file("amqp.cert_file", cfg->amqp_cert_file, false, err, errlen) ||
+        check_tls_file("amqp.key_file", cfg->amqp_key_file, true, err, errlen) ||
+        check_tls_file("llm.ca_file", cfg->llm_ca_file, false, err, errlen))
+        return AQ_EINVAL;
+    return AQ_OK;
+}
+
 int aq_config_check(const aq_config *cfg, char *err, size_t errlen)
 {
     long delays[32];
@@ -974,6 +1053,7 @@ int aq_config_check(const aq_config *cfg, char *err, size_t errlen)
         return AQ_EINVAL;
     }
     if (check_models(cfg, err, errlen) != AQ_OK) return AQ_EINVAL;
+    if (check_tls(cfg, err, errlen) != AQ_OK) return AQ_EINVAL;
     for (int i = 0; i < cfg->n_http_skills; i++)
         for (int j = 0; j < i; j++)
             if (!strcmp(cfg->http_skills[i].name, cfg->http_skills[j].name)) {

@@ -510,7 +510,7 @@ int main(int argc, char **argv)
     char *models = aq_config_task_models(&cfg);
     aq_task_limits limits = {skills, models, cfg.llm_model};
     run r = {.o = &o, .cfg = &cfg};
-    r.b = aq_broker_connect(cfg.amqp_url, 0, 10000, err, sizeof err);
+    r.b = aq_broker_connect(&cfg, 0, 10000, err, sizeof err);
     if (!r.b || aq_broker_declare(r.b, &cfg, err, sizeof err) != AQ_OK) {
         fprintf(stderr, "agentq-producer: %s\n", err);
         rc = 3;

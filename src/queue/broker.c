@@ -1,12 +1,15 @@
 /* broker.c — blocking rabbitmq-c client (see broker.h). Owns one AMQP
  * connection, its channels, its consumers and its publisher-confirm
  * tracker; knows agentq's topology. The only file that includes
- * rabbitmq-c. */
+ * rabbitmq-c, so the one place TLS to the broker is set up (amqps://,
+ * rabbitmq-c's OpenSSL socket, from the amqp.* TLS keys). */
 #include "agentq/broker.h"
 #include "agentq/log.h"
 
 #include <amqp.h>
+#include <amqp_ssl_socket.h>
 #include <amqp_tcp_socket.h>
+#include <arpa/inet.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -41,6 +44,7 @@ typedef struct consumer_ref {
 
 struct aq_broker {
     amqp_connection_state_t conn;
+    bool opened;           /* the socket was opened: there is something to close */
     int timeout_ms;
     aq_broker_events ev;
     /* The confirm tracker: publishes in sequence order; [head, n) may
@@ -92,19 +96,113 @@ static int check_reply(aq_broker *b, const char *what, char *err, size_t errlen)
     return AQ_EIO;
 }
 
-aq_broker *aq_broker_connect(const char *url, int heartbeat, int timeout_ms, char *err, size_t errlen)
+/* The TLS half of connecting: a rabbitmq-c SSL socket set up from the
+ * amqp.* TLS keys. Verification is one switch (amqp.verify_peer) for both
+ * of rabbitmq-c's checks: a hostname checked against a certificate nobody
+ * verified proves nothing. rabbitmq-c 0.11 never loads OpenSSL's default
+ * CA paths, so without amqp.ca_file nothing would verify; aq_config_check
+ * refuses that combination, and this says so again for callers that did
+ * not check. Returns NULL with err filled. */
+static amqp_socket_t *tls_socket(amqp_connection_state_t conn, const aq_config *cfg, char *err, size_t errlen)
+{
+    bool verify = cfg->amqp_verify_peer != 0;
+    if (verify && !*cfg->amqp_ca_file) {
+        aq_seterr(err, errlen, "amqps with amqp.verify_peer = 1 needs amqp.ca_file (rabbitmq-c does not use the"
+                               " system CA store)");
+        return NULL;
+    }
+    amqp_socket_t *s = amqp_ssl_socket_new(conn);
+    if (!s) {
+        aq_seterr(err, errlen, "cannot create a TLS socket (OpenSSL failed to initialise)");
+        return NULL;
+    }
+    amqp_ssl_socket_set_verify_peer(s, verify);
+    amqp_ssl_socket_set_verify_hostname(s, verify);
+    if (amqp_ssl_socket_set_ssl_versions(s, AMQP_TLSv1_2, AMQP_TLSvLATEST) != AMQP_STATUS_OK) {
+        aq_seterr(err, errlen, "cannot require TLS 1.2 or later on the broker connection");
+        return NULL;
+    }
+    if (*cfg->amqp_ca_file && amqp_ssl_socket_set_cacert(s, cfg->amqp_ca_file) != AMQP_STATUS_OK) {
+        aq_seterr(err, errlen, "amqp.ca_file '%s': OpenSSL cannot load it as a PEM CA bundle", cfg->amqp_ca_file);
+        return NULL;
+    }
+    if (*cfg->amqp_cert_file &&
+        amqp_ssl_socket_set_key(s, cfg->amqp_cert_file, cfg->amqp_key_file) != AMQP_STATUS_OK) {
+        aq_seterr(err, errlen,
+                  "amqp.cert_file '%s' / amqp.key_file '%s': OpenSSL cannot load them as a PEM certificate"
+                  " and its matching unencrypted private key",
+                  cfg->amqp_cert_file, cfg->amqp_key_file);
+        return NULL;
+    }
+    return s;
+}
+
+static bool ip_literal(const char *host)
+{
+    unsigned char buf[sizeof(struct in6_addr)];
+    return inet_pton(AF_INET, host, buf) == 1 || inet_pton(AF_INET6, host, buf) == 1;
+}
+
+/* Why opening the socket failed, in the words an operator needs: the
+ * library's TLS statuses name no host and no file. */
+static void open_failed(int st, const struct amqp_connection_info *ci, const aq_config *cfg, const char *shown,
+                        int timeout_ms, char *err, size_t errlen)
+{
+    switch (st) {
+    case AMQP_STATUS_SSL_HOSTNAME_VERIFY_FAILED:
+        aq_seterr(err, errlen,
+                  "cannot connect to broker %s: TLS: the broker's certificate is not valid for host '%s'"
+                  " (hostname verification failed: no DNS name of the certificate matches it%s)",
+                  shown, ci->host, ip_literal(ci->host) ? "; rabbitmq-c matches DNS names only, so the URL must name"
+                                                          " the host by the name its certificate gives"
+                                                        : "");
+        return;
+    case AMQP_STATUS_SSL_PEER_VERIFY_FAILED:
+        aq_seterr(err, errlen,
+                  "cannot connect to broker %s: TLS: the certificate of host '%s' was not verified: it is not"
+                  " signed by a CA in amqp.ca_file '%s', or it has expired",
+                  shown, ci->host, cfg->amqp_ca_file);
+        return;
+    case AMQP_STATUS_SSL_CONNECTION_FAILED:
+    case AMQP_STATUS_SSL_ERROR:
+        aq_seterr(err, errlen,
+                  "cannot connect to broker %s: TLS handshake with %s:%d failed (%s; is the port a TLS"
+                  " listener, and does the broker want a client certificate, amqp.cert_file?)",
+                  shown, ci->host, ci->port, amqp_error_string2(st));
+        return;
+    case AMQP_STATUS_TIMEOUT:
+        aq_seterr(err, errlen, "cannot connect to broker %s: the TCP connect%s did not finish within %d ms", shown,
+                  ci->ssl ? " and TLS handshake" : "", timeout_ms);
+        return;
+    default:
+        aq_seterr(err, errlen, "cannot connect to broker %s: %s", shown, amqp_error_string2(st));
+    }
+}
+
+/* What a connection lost during login usually means. A TLS-only listener
+ * reads the AMQP header as a broken TLS record and hangs up; a broker that
+ * wants a client certificate it trusts ends the TLS session after the
+ * handshake (TLS 1.3 reports it there, not in the handshake). */
+static const char *login_hint(const struct amqp_connection_info *ci, amqp_rpc_reply_t r)
+{
+    if (r.reply_type != AMQP_RESPONSE_LIBRARY_EXCEPTION || r.library_error == AMQP_STATUS_TIMEOUT) return "";
+    if (!ci->ssl)
+        return " (the broker hung up on a plain AMQP handshake: if the port is a TLS listener, the URL must be"
+               " amqps://)";
+    return " (the broker ended the TLS session: it may want a client certificate it trusts, amqp.cert_file and"
+           " amqp.key_file)";
+}
+
+aq_broker *aq_broker_connect(const aq_config *cfg, int heartbeat, int timeout_ms, char *err, size_t errlen)
 {
     struct amqp_connection_info ci;
+    const char *url = cfg->amqp_url;
     char *copy = aq_xstrdup(url);
     char shown[512];
     aq_log_redact(url, shown, sizeof shown);
     if (amqp_parse_url(copy, &ci) != AMQP_STATUS_OK) {
-        aq_seterr(err, errlen, "amqp.url '%s' is not a valid amqp://user:pass@host:port/vhost URL", shown);
-        free(copy);
-        return NULL;
-    }
-    if (ci.ssl) {
-        aq_seterr(err, errlen, "amqp.url '%s': amqps is not supported by this build", shown);
+        aq_seterr(err, errlen, "amqp.url '%s' is not a valid amqp:// or amqps://user:pass@host:port/vhost URL",
+                  shown);
         free(copy);
         return NULL;
     }
@@ -112,15 +210,29 @@ aq_broker *aq_broker_connect(const char *url, int heartbeat, int timeout_ms, cha
     b->timeout_ms = timeout_ms;
     b->next_seq = 1;
     b->conn = amqp_new_connection();
-    amqp_socket_t *sock = amqp_tcp_socket_new(b->conn);
-    struct timeval tv = {timeout_ms / 1000, (timeout_ms % 1000) * 1000};
-    int st = sock ? amqp_socket_open_noblock(sock, ci.host, ci.port, &tv) : AMQP_STATUS_NO_MEMORY;
-    if (st != AMQP_STATUS_OK) {
-        aq_seterr(err, errlen, "cannot connect to broker %s: %s", shown, amqp_error_string2(st));
+    /* The connection owns the socket either way (freed with it). */
+    amqp_socket_t *sock = NULL;
+    if (ci.ssl) {
+        char why[400];
+        if (!(sock = tls_socket(b->conn, cfg, why, sizeof why))) {
+            aq_seterr(err, errlen, "cannot connect to broker %s: %s", shown, why);
+            goto fail;
+        }
+    } else if (!(sock = amqp_tcp_socket_new(b->conn))) {
+        aq_seterr(err, errlen, "cannot connect to broker %s: %s", shown, amqp_error_string2(AMQP_STATUS_NO_MEMORY));
         goto fail;
     }
+    /* One deadline for TCP connect and, with amqps, the TLS handshake. */
+    struct timeval tv = {timeout_ms / 1000, (timeout_ms % 1000) * 1000};
+    int st = amqp_socket_open_noblock(sock, ci.host, ci.port, &tv);
+    if (st != AMQP_STATUS_OK) {
+        open_failed(st, &ci, cfg, shown, timeout_ms, err, errlen);
+        goto fail;
+    }
+    b->opened = true;
     /* Guard every later write: a publish must not block forever on a dead
-     * peer (rabbitmq-c 0.11 issue #780). */
+     * peer (rabbitmq-c 0.11 issue #780). The TLS socket writes to the
+     * same fd, so the same timeout holds under it. */
     int fd = amqp_socket_get_sockfd(sock);
     setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
     amqp_set_handshake_timeout(b->conn, &tv);
@@ -129,7 +241,8 @@ aq_broker *aq_broker_connect(const char *url, int heartbeat, int timeout_ms, cha
                                     ci.user, ci.password);
     if (r.reply_type != AMQP_RESPONSE_NORMAL) {
         char buf[256];
-        aq_seterr(err, errlen, "cannot log in to broker %s: %s", shown, reply_text(r, buf, sizeof buf));
+        aq_seterr(err, errlen, "cannot log in to broker %s: %s%s", shown, reply_text(r, buf, sizeof buf),
+                  login_hint(&ci, r));
         goto fail;
     }
     amqp_channel_open(b->conn, AQ_BROKER_CH_MAIN);
@@ -155,7 +268,8 @@ void aq_broker_free(aq_broker *b)
     for (size_t i = b->head; i < b->n; i++)
         if (!b->pend[i].settled && b->pend[i].cookie && b->ev.confirmed)
             b->ev.confirmed(b->pend[i].cookie, false, b->ev.arg);
-    amqp_connection_close(b->conn, AMQP_REPLY_SUCCESS);
+    /* Without a socket rabbitmq-c asserts; destroying closes the fd. */
+    if (b->opened) amqp_connection_close(b->conn, AMQP_REPLY_SUCCESS);
     amqp_destroy_connection(b->conn);
     for (int i = 0; i < BROKER_MAX_CHANNELS; i++) {
         for (size_t k = 0; k < b->nconsumers[i]; k++) {

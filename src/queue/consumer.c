@@ -145,7 +145,7 @@ static int try_connect(aq_consumer *c)
 {
     char err[512];
     const aq_config *cfg = c->cfg;
-    aq_broker *b = aq_broker_connect(cfg->amqp_url, cfg->amqp_heartbeat, 10000, err, sizeof err);
+    aq_broker *b = aq_broker_connect(cfg, cfg->amqp_heartbeat, 10000, err, sizeof err);
     if (!b) goto fail;
     aq_broker_events ev = {on_broker_delivery, on_broker_confirmed, c};
     aq_broker_set_events(b, &ev);

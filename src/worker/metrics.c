@@ -32,7 +32,7 @@ static void on_request(struct evhttp_request *req, void *arg)
     size_t pl = strcspn(uri, "?");
     if (pl == 8 && !strncmp(uri, "/metrics", 8)) {
         char *text = m->src.text(m->src.arg);
-        reply(req, 200, "OK", "text/plain; version=0.0.4", text ? text : "");
+        reply(req, 200, "OK", "text/plain; version=0.0.4; charset=utf-8", text ? text : "");
         free(text);
     } else if (pl == 8 && !strncmp(uri, "/healthz", 8)) {
         reply(req, 200, "OK", "text/plain", "ok\n");

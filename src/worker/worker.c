@@ -18,16 +18,20 @@
 #include "agentq/router.h"
 #include "agentq/http.h"
 #include "agentq/log.h"
+#include "agentq/prom.h"
 #include "agentq/ratelimit.h"
 #include "agentq/skill.h"
 #include "agentq/store.h"
 #include "agentq/strmap.h"
 #include "agentq/task.h"
 
+#include <dirent.h>
 #include <event2/event.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 /* One delivery being handled: a task of a lane (held, then claimed, run
@@ -49,9 +53,28 @@ typedef struct job {
     bool routing;          /* an ingress message on its way to a lane */
     aq_fairq_item *held;   /* waiting for a slot (or for its user's cap) */
     int64_t held_since_us; /* when it was first held (mono) */
+    int64_t started_us;    /* when its session started (mono) */
+    aq_status dead_status; /* a dead letter that ends its task so: counted once recorded */
     bool active;           /* holds one of worker.concurrency slots */
     struct job *next_waiting; /* scratch list (collect_job) */
 } job;
+
+/* Most rows of the table of unlabelled series (flat_rows). */
+#define FLAT_MAX 48
+
+/* The families of /metrics. Those of the first group are recorded as
+ * things happen (a step row, a session's start and end, a final status);
+ * the others are read from the modules' own counters at each scrape
+ * (aq_worker_metrics), which keeps the modules free of the registry. */
+typedef struct metric_families {
+    aq_prom_family *finished, *queue_wait, *run_time, *llm_requests, *token_usage_total, *op_duration,
+        *token_usage, *tool_calls, *tool_duration, *grant_wait;
+    aq_prom_family *flat[FLAT_MAX];
+    size_t nflat;
+    aq_prom_family *route_calls, *route_tokens, *route_cost, *route_open, *route_in_flight, *route_limit,
+        *saturation;
+    aq_prom_family *build_info, *rss, *open_fds, *max_fds;
+} metric_families;
 
 struct aq_worker {
     const aq_config *cfg;
@@ -82,9 +105,14 @@ struct aq_worker {
     struct event *start_ev;   /* fills free slots once the deliveries at hand are held */
     struct event *sweep_ev;   /* a sweep soon: a task was answered or cancelled */
     aq_worker_stats st;
+    aq_prom *prom;            /* /metrics: the registry of m's families */
+    metric_families m;
 };
 
 static void start_held(aq_worker *w);
+static void count_finished(aq_worker *w, aq_status status);
+static void count_step(aq_worker *w, const aq_step_event *e);
+static bool metrics_new(aq_worker *w, char *err, size_t errlen);
 static void start_soon(aq_worker *w);
 static void wait_for_user(aq_worker *w, struct job *keep);
 static void hold(struct job *j);
@@ -313,8 +341,12 @@ static void on_retry_published(void *cookie, bool ok, void *arg)
         return;
     }
     bool dead = out_of_attempts(j);
-    if (dead) j->w->st.failed++;
-    else j->w->st.retried++;
+    if (dead) {
+        j->w->st.failed++;
+        count_finished(j->w, AQ_STATUS_FAILED);
+    } else {
+        j->w->st.retried++;
+    }
     /* out of attempts: the dead-letter consumer records the copy */
     record(j, dead ? AQ_STATUS_FAILED : AQ_STATUS_RETRYING, NULL, j->error, false, on_retry_recorded);
 }
@@ -325,6 +357,11 @@ static void on_session_done(aq_session *s, const aq_session_result *r, void *arg
     aq_worker *w = j->w;
     j->session = NULL;
     w->st.running--;
+    /* The attempt's running time, by how it ended: a retryable failure
+     * is retrying, or failed when it was the last attempt (republish). */
+    aq_status ended = !r->retryable ? r->status : out_of_attempts(j) ? AQ_STATUS_FAILED : AQ_STATUS_RETRYING;
+    aq_prom_observe(aq_prom_with(w->m.run_time, (const char *[]){aq_status_name(ended)}),
+                    (double)(aq_mono_us() - j->started_us) / 1e6);
     bool completed = r->status == AQ_STATUS_COMPLETED;
     aq_log_task(r->retryable || !completed ? AQ_LOG_INFO : AQ_LOG_DEBUG, j->task->task_id, j->task->user_id,
                 "task %s after %d steps ($%.6f)%s%s", aq_status_name(r->status), r->totals.steps,
@@ -349,6 +386,7 @@ static void on_session_done(aq_session *s, const aq_session_result *r, void *arg
     }
     if (completed) w->st.completed++;
     else w->st.failed++;
+    count_finished(w, r->status);
     record(j, r->status, r, r->error, !completed, on_finished);
 }
 
@@ -359,6 +397,11 @@ static void start_session(job *j, const aq_session_past *past)
     aq_worker *w = j->w;
     w->st.running++;
     if (past && past->n) w->st.resumed++;
+    j->started_us = aq_mono_us();
+    /* From the enqueue (the message's timestamp: whole seconds) to this
+     * attempt's start; a producer's clock ahead of ours reads as 0. */
+    double waited = (double)(aq_now_us() - j->task->enqueued_at_us) / 1e6;
+    aq_prom_observe(aq_prom_with(w->m.queue_wait, NULL), waited > 0 ? waited : 0);
     double left = j->task->timeout_seconds - j->run_seconds;
     int64_t session_deadline = aq_now_us() + (int64_t)((left > 0 ? left : 0) * 1e6);
     j->session = aq_session_start(w->engine, j->task, j->attempt, session_deadline, past, on_session_done, j);
@@ -456,6 +499,7 @@ static void on_claimed(void *arg, const aq_store_claimed *c, int code)
     case AQ_STORE_ENDED:
         aq_log_task(AQ_LOG_INFO, id, user, "ended as %s without running", aq_status_name(c->status));
         w->st.failed++;
+        count_finished(w, c->status);
         ack(j);
         job_free(j);
         return;
@@ -517,6 +561,7 @@ static void on_dead_recorded(void *arg, int code)
     if (code == AQ_OK) {
         aq_consumer_ack(j->w->consumer, j->d->tag);
         j->w->st.dead_recorded++;
+        if (j->dead_status != AQ_STATUS_NONE) count_finished(j->w, j->dead_status);
     }
     job_free(j);
 }
@@ -572,6 +617,9 @@ static void handle_dead(aq_worker *w, aq_delivery *d)
     job *j = aq_xcalloc(1, sizeof *j);
     j->w = w;
     j->d = d;
+    /* A failed task's copy was counted when its last attempt failed; a
+     * rejected or expired task ends here. */
+    if (task_id && (status == AQ_STATUS_REJECTED || status == AQ_STATUS_EXPIRED)) j->dead_status = status;
     w->pending++;
     aq_log_task(AQ_LOG_INFO, task_id, t ? t->user_id : NULL, "dead letter (%s): %s", reason, error);
     if (aq_store_dead_letter(w->store, &dl, on_dead_recorded, j) != AQ_OK) job_free(j);
@@ -908,6 +956,7 @@ static void on_step(const aq_step_event *e, void *arg)
                              .message_len = e->message_len};
     if (aq_store_step(w->store, &row) != AQ_OK)
         aq_log_task(AQ_LOG_WARN, e->task_id, NULL, "step row dropped: store not accepting");
+    count_step(w, e);
 }
 
 static void on_progress(void *arg, int code)
@@ -1163,6 +1212,7 @@ aq_worker *aq_worker_new(const aq_config *cfg, struct event_base *base, char *er
     w->sweep_ev = evtimer_new(base, on_sweep_soon, w);
     w->held = aq_fairq_new();
     w->paused = aq_xcalloc((size_t)cfg->amqp_lanes, sizeof *w->paused);
+    if (!metrics_new(w, err, errlen)) goto fail;
 
     if (aq_http_global_init() != AQ_OK) {
         aq_seterr(err, errlen, "cannot initialise libcurl");
@@ -1170,7 +1220,8 @@ aq_worker *aq_worker_new(const aq_config *cfg, struct event_base *base, char *er
     }
     aq_http_config hc = {.max_connections = cfg->llm_max_connections,
                          .connect_timeout_ms = cfg->llm_connect_timeout_ms,
-                         .timeout_ms = cfg->llm_timeout_ms};
+                         .timeout_ms = cfg->llm_timeout_ms,
+                         .ca_file = cfg->llm_ca_file};
     if (!(w->http = aq_http_new(base, &hc, err, errlen))) goto fail;
     if (!(w->skills = aq_skills_new(cfg, base, w->http, err, errlen))) goto fail;
     w->skill_names = aq_xstrdup(aq_skills_names(w->skills));
@@ -1229,6 +1280,7 @@ void aq_worker_free(aq_worker *w)
     aq_strmap_free(w->jobs);
     aq_fairq_free(w->held, NULL); /* its jobs are gone with the map's */
     free(w->paused);
+    aq_prom_free(w->prom);
     free(w->skill_names);
     free(w->task_models);
     free(w);
@@ -1253,97 +1305,263 @@ bool aq_worker_ready(const aq_worker *w)
     return s.broker_connected && s.db_connected && !s.draining;
 }
 
-/* A Prometheus label value: backslash, quote and newline escaped. */
-static void put_label(FILE *f, const char *v)
+/* ---- /metrics ------------------------------------------------------------ */
+
+/* Bucket bounds, in seconds unless named otherwise. The gen_ai ones are
+ * OpenTelemetry's advice for its GenAI client metrics. */
+static const double genai_seconds[] = {0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64,
+                                       1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92};
+static const double genai_tokens[] = {1,      4,       16,      64,       256,      1024,     4096,
+                                      16384,  65536,   262144,  1048576,  4194304,  16777216, 67108864};
+static const double queue_seconds[] = {0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200};
+static const double run_seconds[] = {0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600};
+static const double tool_seconds[] = {0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60};
+static const double grant_seconds[] = {0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120};
+
+typedef struct flat_row {
+    const char *name;
+    aq_prom_type type;
+    const char *help;
+    double value;
+} flat_row;
+
+/* The unlabelled series read from the modules' counters: one table of
+ * name, type, help and value, used both to make the families (with
+ * zeroed counters) and to fill them at each scrape, so the two cannot
+ * drift apart. Returns the row count. */
+static size_t flat_rows(const aq_worker_stats *s, const aq_store_counters *sc, const aq_http_stats *hs,
+                        size_t waiting, size_t users, flat_row *out)
 {
-    for (; *v; v++) {
-        if (*v == '\\' || *v == '"') fputc('\\', f);
-        if (*v == '\n') {
-            fputs("\\n", f);
-            continue;
+    const aq_prom_type C = AQ_PROM_COUNTER, G = AQ_PROM_GAUGE;
+    const flat_row rows[] = {
+        {"agentq_tasks_received_total", C, "Task deliveries received.", (double)s->received},
+        {"agentq_tasks_completed_total", C, "Tasks completed.", (double)s->completed},
+        {"agentq_tasks_failed_total", C, "Tasks that ended in any other final status.", (double)s->failed},
+        {"agentq_tasks_retried_total", C, "Attempts republished to a retry tier.", (double)s->retried},
+        {"agentq_tasks_rejected_total", C, "Messages rejected as invalid.", (double)s->rejected},
+        {"agentq_tasks_already_final_total", C, "Redeliveries acked without running (row already final).",
+         (double)s->redelivered_final},
+        {"agentq_dead_letters_recorded_total", C, "Dead letters written to Postgres.", (double)s->dead_recorded},
+        {"agentq_tasks_duplicates_total", C,
+         "Copies of a task that is running (here or under another live lease) acked without running.",
+         (double)s->duplicates},
+        {"agentq_tasks_conflicts_total", C,
+         "Messages whose task_id names a task another body defined (recorded as duplicate dead letters).",
+         (double)s->conflicts},
+        {"agentq_tasks_swept_total", C, "Running tasks with an expired lease published again by this worker.",
+         (double)s->swept},
+        {"agentq_tasks_routed_total", C, "Messages of the ingress queue recorded and moved to a lane.",
+         (double)s->routed},
+        {"agentq_tasks_waited_total", C,
+         "Claims told to wait: the user was at its cap of running tasks or over its daily budget.",
+         (double)s->waited},
+        {"agentq_sessions_resumed_total", C, "Sessions that went on from the steps an earlier attempt committed.",
+         (double)s->resumed},
+        {"agentq_sessions_waiting_total", C, "Sessions that ended waiting for a person's answer (ask_human).",
+         (double)s->waiting},
+        {"agentq_sessions_handed_over_total", C,
+         "Sessions handed to a new delivery before the broker's consumer_timeout.", (double)s->handed_over},
+        {"agentq_sessions_running", G, "Agent sessions running now.", (double)s->running},
+        {"agentq_tasks_held", G, "Lane deliveries held for a free slot (the lookahead).", (double)s->held},
+        {"agentq_tasks_held_blocked", G, "Held deliveries whose user is at its cap or over budget.",
+         (double)s->held_blocked},
+        {"agentq_lanes_paused", G, "Lanes this worker stopped consuming while their users wait on a cap.",
+         (double)s->lanes_paused},
+        {"agentq_ratelimit_waiting", G, "Sessions waiting for an LLM rate-limit grant.", (double)waiting},
+        {"agentq_ratelimit_waiting_users", G, "Users with sessions waiting for a grant.", (double)users},
+        {"agentq_http_inflight", G, "HTTP requests in flight (LLM and skills).", (double)hs->inflight},
+        {"agentq_http_open_connections", G, "Open HTTP connections, idle kept-alive ones included.",
+         (double)hs->open_sockets},
+        {"agentq_http_sockets_opened_total", C, "HTTP connections opened (LLM and skills).",
+         (double)hs->sockets_opened},
+        {"agentq_http_completed_total", C, "HTTP requests completed.", (double)hs->completed},
+        {"agentq_http_failed_total", C, "HTTP requests that failed (network, timeout, size).", (double)hs->failed},
+        {"agentq_store_pending", G, "Rows queued for Postgres.", (double)sc->pending},
+        {"agentq_store_transactions_total", C, "Transactions committed by the store.", (double)sc->transactions},
+        {"agentq_store_reconnects_total", C, "Postgres reconnections.", (double)sc->reconnects},
+        {"agentq_broker_connected", G, "1 while the broker connection is up.", s->broker_connected},
+        {"agentq_db_connected", G, "1 while the Postgres connection is up.", s->db_connected},
+        {"agentq_draining", G, "1 while the worker drains after SIGTERM.", s->draining},
+    };
+    _Static_assert(AQ_ARRAY_LEN(rows) <= FLAT_MAX, "FLAT_MAX is too small for the table");
+    memcpy(out, rows, sizeof rows);
+    return AQ_ARRAY_LEN(rows);
+}
+
+/* Makes the registry and every family; false (err filled) only when a
+ * definition is wrong, which is this file's bug. */
+static bool metrics_new(aq_worker *w, char *err, size_t errlen)
+{
+    metric_families *m = &w->m;
+    w->prom = aq_prom_new();
+    flat_row rows[FLAT_MAX];
+    aq_worker_stats s0 = {0};
+    aq_store_counters sc0 = {0};
+    aq_http_stats hs0 = {0};
+    m->nflat = flat_rows(&s0, &sc0, &hs0, 0, 0, rows);
+    for (size_t i = 0; i < m->nflat; i++)
+        if (!(m->flat[i] = aq_prom_family_new(w->prom, rows[i].type, rows[i].name, rows[i].help, NULL, NULL, 0))) {
+            aq_seterr(err, errlen, "metrics: family %s is defined wrong", rows[i].name);
+            return false;
         }
-        fputc(*v, f);
+    const aq_prom_type C = AQ_PROM_COUNTER, G = AQ_PROM_GAUGE, H = AQ_PROM_HISTOGRAM;
+#define BOUNDS(b) b, AQ_ARRAY_LEN(b)
+    const struct {
+        aq_prom_family **f;
+        aq_prom_type type;
+        const char *name, *labels;
+        const double *bounds;
+        size_t nbounds;
+        const char *help;
+    } defs[] = {
+        /* the routes' (aq_router_each), read at each scrape */
+        {&m->route_calls, C, "agentq_llm_calls_total", "provider,model,outcome", NULL, 0,
+         "LLM calls by the provider and model that took them, and how they ended (cache hits: provider cache)."},
+        {&m->route_tokens, C, "agentq_llm_tokens_total", "provider,model,kind", NULL, 0,
+         "Tokens the providers reported, by provider, model and kind."},
+        {&m->route_cost, C, "agentq_llm_cost_usd_total", "provider,model", NULL, 0,
+         "Cost of the answered calls at the configured prices."},
+        {&m->route_open, G, "agentq_llm_route_open", "provider,model", NULL, 0,
+         "1 while a provider+model is cooled down (its circuit breaker is open)."},
+        {&m->route_in_flight, G, "agentq_llm_route_in_flight", "provider,model", NULL, 0,
+         "Calls in flight to a provider+model from this worker."},
+        {&m->route_limit, G, "agentq_llm_route_limit", "provider,model,per_minute", NULL, 0,
+         "Limits in force per provider+model (0: none), lowered when the provider reports lower ones."},
+        {&m->saturation, G, "agentq_ratelimit_saturation", "provider,model", NULL, 0,
+         "Fraction of the provider+model's requests/min limit this worker's grants used over the last minute"
+         " (0 when unlimited; in fleet mode the limit is the fleet's: sum over workers)."},
+        /* recorded as tasks and calls end */
+        {&m->finished, C, "agentq_tasks_finished_total", "status", NULL, 0,
+         "Tasks that reached a final status here, by status."},
+        {&m->queue_wait, H, "agentq_task_queue_wait_seconds", NULL, BOUNDS(queue_seconds),
+         "From a task's enqueue (its message timestamp, whole seconds) to the start of an attempt."},
+        {&m->run_time, H, "agentq_task_run_seconds", "status", BOUNDS(run_seconds),
+         "One attempt's running time, by how the attempt ended."},
+        {&m->llm_requests, C, "agentq_llm_requests_total", "model,provider,code", NULL, 0,
+         "LLM requests by model, provider and HTTP status (error: no response; aborted: stopped by the session)."},
+        {&m->token_usage_total, C, "agentq_llm_token_usage_total", "model,type", NULL, 0,
+         "Tokens of the answered LLM calls, by model and type (input, output)."},
+        {&m->op_duration, H, "gen_ai_client_operation_duration_seconds",
+         "gen_ai_operation_name,gen_ai_request_model,gen_ai_provider_name,error_type", BOUNDS(genai_seconds),
+         "Duration of GenAI client operations (OpenTelemetry gen_ai.client.operation.duration)."},
+        {&m->token_usage, H, "gen_ai_client_token_usage",
+         "gen_ai_operation_name,gen_ai_token_type,gen_ai_request_model,gen_ai_provider_name", BOUNDS(genai_tokens),
+         "Tokens per answered GenAI call, by type (OpenTelemetry gen_ai.client.token.usage)."},
+        {&m->tool_calls, C, "agentq_tool_calls_total", "skill,status", NULL, 0,
+         "Tool calls by skill (unknown: a name the LLM made up) and how they ended."},
+        {&m->tool_duration, H, "agentq_tool_duration_seconds", "skill", BOUNDS(tool_seconds),
+         "Duration of the tool calls that ran, by skill."},
+        {&m->grant_wait, H, "agentq_ratelimit_wait_seconds", NULL, BOUNDS(grant_seconds),
+         "How long an LLM call waited for its rate-limit grant."},
+        /* the process */
+        {&m->build_info, G, "agentq_build_info", "version", NULL, 0, "The worker's version; always 1."},
+        {&m->rss, G, "process_resident_memory_bytes", NULL, NULL, 0, "Resident memory size in bytes."},
+        {&m->open_fds, G, "process_open_fds", NULL, NULL, 0, "Open file descriptors."},
+        {&m->max_fds, G, "process_max_fds", NULL, NULL, 0, "The limit of open file descriptors (RLIMIT_NOFILE)."},
+    };
+#undef BOUNDS
+    for (size_t i = 0; i < AQ_ARRAY_LEN(defs); i++)
+        if (!(*defs[i].f = aq_prom_family_new(w->prom, defs[i].type, defs[i].name, defs[i].help, defs[i].labels,
+                                              defs[i].bounds, defs[i].nbounds))) {
+            aq_seterr(err, errlen, "metrics: family %s is defined wrong", defs[i].name);
+            return false;
+        }
+    /* Every final status from the start, so that a rate over it is 0
+     * rather than absent before the first such task. */
+    for (aq_status st = AQ_STATUS_NONE; st < AQ_STATUS_COUNT; st++)
+        if (aq_status_final(st)) aq_prom_with(m->finished, (const char *[]){aq_status_name(st)});
+    aq_prom_set(aq_prom_with(m->build_info, (const char *[]){AGENTQ_VERSION}), 1);
+    return true;
+}
+
+static void count_finished(aq_worker *w, aq_status status)
+{
+    aq_prom_add(aq_prom_with(w->m.finished, (const char *[]){aq_status_name(status)}), 1);
+}
+
+/* What one LLM or tool call adds. Label values from outside the
+ * configuration are mapped to known ones first, so every label set stays
+ * bounded: a tool name the LLM made up is "unknown", and an LLM call is
+ * labelled with the model its task asked for (a reply names its own,
+ * e.g. with a date), which the task's validation bounds to the
+ * configured models. */
+static void count_step(aq_worker *w, const aq_step_event *e)
+{
+    const metric_families *m = &w->m;
+    double seconds = e->duration_ms / 1000.0;
+    if (!strcmp(e->kind, "tool")) {
+        const char *skill = aq_skills_has(w->skills, e->name) ? e->name : "unknown";
+        const char *status = e->status ? e->status : "";
+        aq_prom_add(aq_prom_with(m->tool_calls, (const char *[]){skill, status}), 1);
+        if (strcmp(status, "waiting")) /* ask_human's: no call ran */
+            aq_prom_observe(aq_prom_with(m->tool_duration, (const char *[]){skill}), seconds);
+        return;
+    }
+    /* A cache hit reached no provider: agentq_llm_calls_total counts it. */
+    if (!e->provider || !strcmp(e->provider, "cache")) return;
+    const job *j = aq_strmap_get(w->jobs, e->task_id);
+    const char *model = j && j->task->model ? j->task->model : e->name;
+    const char *provider = e->provider;
+    char code[16];
+    if (e->http_status) snprintf(code, sizeof code, "%d", e->http_status);
+    else snprintf(code, sizeof code, "%s", e->error_type && !strcmp(e->error_type, "aborted") ? "aborted" : "error");
+    aq_prom_add(aq_prom_with(m->llm_requests, (const char *[]){model, provider, code}), 1);
+    aq_prom_observe(aq_prom_with(m->op_duration, (const char *[]){"chat", model, provider, e->error_type}), seconds);
+    aq_prom_observe(aq_prom_with(m->grant_wait, NULL), e->wait_ms / 1000.0);
+    if (e->error_type) return; /* only an answered call has tokens */
+    static const char *const types[] = {"input", "output"};
+    const int64_t tokens[] = {e->prompt_tokens, e->completion_tokens};
+    for (int i = 0; i < 2; i++) {
+        aq_prom_add(aq_prom_with(m->token_usage_total, (const char *[]){model, types[i]}), (double)tokens[i]);
+        aq_prom_observe(aq_prom_with(m->token_usage, (const char *[]){"chat", types[i], model, provider}),
+                        (double)tokens[i]);
     }
 }
-
-/* name{provider="..",model=".."[,extra_name="extra"]} and a space. */
-static void put_series(FILE *f, const char *name, const aq_route_stats *st, const char *extra_name,
-                       const char *extra)
-{
-    fprintf(f, "%s{provider=\"", name);
-    put_label(f, st->provider);
-    fputs("\",model=\"", f);
-    put_label(f, st->model);
-    if (extra_name) fprintf(f, "\",%s=\"%s", extra_name, extra);
-    fputs("\"} ", f);
-}
-
-typedef struct route_series {
-    FILE *f;
-    int pass; /* which family this walk writes */
-} route_series;
 
 static void put_route(const aq_route_stats *st, void *arg)
 {
-    route_series *rs = arg;
-    FILE *f = rs->f;
-    const char *names[] = {"agentq_llm_calls_total", "agentq_llm_tokens_total", "agentq_llm_cost_usd_total",
-                           "agentq_llm_route_open", "agentq_llm_route_in_flight", "agentq_llm_route_limit"};
-    bool cache = !strcmp(st->provider, "cache") && !*st->model;
-    if (cache && rs->pass != 0) return;
-    switch (rs->pass) {
-    case 0:
-        if (cache) {
-            put_series(f, names[rs->pass], st, "outcome", "cached");
-            fprintf(f, "%llu\n", (unsigned long long)st->cached);
-            return;
-        }
-        put_series(f, names[rs->pass], st, "outcome", "answered");
-        fprintf(f, "%llu\n", (unsigned long long)st->answered);
-        put_series(f, names[rs->pass], st, "outcome", "rate_limited");
-        fprintf(f, "%llu\n", (unsigned long long)st->rate_limited);
-        put_series(f, names[rs->pass], st, "outcome", "failed");
-        fprintf(f, "%llu\n", (unsigned long long)st->failed);
-        break;
-    case 1:
-        put_series(f, names[rs->pass], st, "kind", "prompt");
-        fprintf(f, "%llu\n", (unsigned long long)st->prompt_tokens);
-        put_series(f, names[rs->pass], st, "kind", "completion");
-        fprintf(f, "%llu\n", (unsigned long long)st->completion_tokens);
-        break;
-    case 2: put_series(f, names[rs->pass], st, NULL, NULL); fprintf(f, "%.17g\n", st->cost_usd); break;
-    case 3: put_series(f, names[rs->pass], st, NULL, NULL); fprintf(f, "%d\n", st->open ? 1 : 0); break;
-    case 4: put_series(f, names[rs->pass], st, NULL, NULL); fprintf(f, "%d\n", st->in_flight); break;
-    case 5:
-        put_series(f, names[rs->pass], st, "per_minute", "requests");
-        fprintf(f, "%lld\n", (long long)st->rpm);
-        put_series(f, names[rs->pass], st, "per_minute", "tokens");
-        fprintf(f, "%lld\n", (long long)st->tpm);
-        break;
+    const metric_families *m = arg;
+    const char *p = st->provider, *mo = st->model;
+#define AT(...) ((const char *[]){__VA_ARGS__})
+    if (!strcmp(p, "cache") && !*mo) {
+        aq_prom_set(aq_prom_with(m->route_calls, AT(p, mo, "cached")), (double)st->cached);
+        return;
     }
+    aq_prom_set(aq_prom_with(m->route_calls, AT(p, mo, "answered")), (double)st->answered);
+    aq_prom_set(aq_prom_with(m->route_calls, AT(p, mo, "rate_limited")), (double)st->rate_limited);
+    aq_prom_set(aq_prom_with(m->route_calls, AT(p, mo, "failed")), (double)st->failed);
+    aq_prom_set(aq_prom_with(m->route_tokens, AT(p, mo, "prompt")), (double)st->prompt_tokens);
+    aq_prom_set(aq_prom_with(m->route_tokens, AT(p, mo, "completion")), (double)st->completion_tokens);
+    aq_prom_set(aq_prom_with(m->route_cost, AT(p, mo)), st->cost_usd);
+    aq_prom_set(aq_prom_with(m->route_open, AT(p, mo)), st->open ? 1 : 0);
+    aq_prom_set(aq_prom_with(m->route_in_flight, AT(p, mo)), st->in_flight);
+    aq_prom_set(aq_prom_with(m->route_limit, AT(p, mo, "requests")), (double)st->rpm);
+    aq_prom_set(aq_prom_with(m->route_limit, AT(p, mo, "tokens")), (double)st->tpm);
+    double used = st->rpm > 0 ? fmin(1, (double)st->granted_last_minute / (double)st->rpm) : 0;
+    aq_prom_set(aq_prom_with(m->saturation, AT(p, mo)), used);
+#undef AT
 }
 
-/* One family per walk over the routes: Prometheus wants a family's
- * series together under its HELP and TYPE. */
-static void route_metrics(const aq_worker *w, FILE *f)
+/* Resident memory, open descriptors and their limit, from /proc/self
+ * and getrlimit; what cannot be read keeps its last value. */
+static void put_process(const metric_families *m)
 {
-    static const struct {
-        const char *name, *type, *help;
-    } fam[] = {
-        {"agentq_llm_calls_total", "counter",
-         "LLM calls by the provider and model that took them, and how they ended (cache hits: provider cache)."},
-        {"agentq_llm_tokens_total", "counter", "Tokens the providers reported, by provider, model and kind."},
-        {"agentq_llm_cost_usd_total", "counter", "Cost of the answered calls at the configured prices."},
-        {"agentq_llm_route_open", "gauge", "1 while a provider+model is cooled down (its circuit breaker is open)."},
-        {"agentq_llm_route_in_flight", "gauge", "Calls in flight to a provider+model from this worker."},
-        {"agentq_llm_route_limit", "gauge",
-         "Limits in force per provider+model (0: none), lowered when the provider reports lower ones."},
-    };
-    for (int i = 0; i < (int)AQ_ARRAY_LEN(fam); i++) {
-        fprintf(f, "# HELP %s %s\n# TYPE %s %s\n", fam[i].name, fam[i].help, fam[i].name, fam[i].type);
-        route_series rs = {f, i};
-        aq_router_each(w->router, put_route, &rs);
+    FILE *f = fopen("/proc/self/statm", "r");
+    long size, resident;
+    if (f && fscanf(f, "%ld %ld", &size, &resident) == 2)
+        aq_prom_set(aq_prom_with(m->rss, NULL), (double)resident * (double)sysconf(_SC_PAGESIZE));
+    if (f) fclose(f);
+    DIR *d = opendir("/proc/self/fd");
+    if (d) {
+        long n = 0;
+        for (struct dirent *de; (de = readdir(d));)
+            if (de->d_name[0] != '.') n++;
+        aq_prom_set(aq_prom_with(m->open_fds, NULL), (double)(n - 1)); /* not the directory's own */
+        closedir(d);
     }
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0)
+        aq_prom_set(aq_prom_with(m->max_fds, NULL), rl.rlim_cur == RLIM_INFINITY ? INFINITY : (double)rl.rlim_cur);
 }
 
 char *aq_worker_metrics(const aq_worker *w)
@@ -1355,64 +1573,10 @@ char *aq_worker_metrics(const aq_worker *w)
     aq_http_stats hs;
     aq_http_stats_get(w->http, &hs);
     size_t users = 0, waiting = aq_router_waiting_calls(w->router, &users);
-    char *buf = NULL;
-    size_t len = 0;
-    FILE *f = open_memstream(&buf, &len);
-    /* One table: name, type, help, value. */
-    struct {
-        const char *name, *type, *help;
-        double value;
-    } m[] = {
-        {"agentq_tasks_received_total", "counter", "Task deliveries received.", (double)s.received},
-        {"agentq_tasks_completed_total", "counter", "Tasks completed.", (double)s.completed},
-        {"agentq_tasks_failed_total", "counter", "Tasks that ended in any other final status.", (double)s.failed},
-        {"agentq_tasks_retried_total", "counter", "Attempts republished to a retry tier.", (double)s.retried},
-        {"agentq_tasks_rejected_total", "counter", "Messages rejected as invalid.", (double)s.rejected},
-        {"agentq_tasks_already_final_total", "counter", "Redeliveries acked without running (row already final).",
-         (double)s.redelivered_final},
-        {"agentq_dead_letters_recorded_total", "counter", "Dead letters written to Postgres.", (double)s.dead_recorded},
-        {"agentq_tasks_duplicates_total", "counter",
-         "Copies of a task that is running (here or under another live lease) acked without running.",
-         (double)s.duplicates},
-        {"agentq_tasks_conflicts_total", "counter",
-         "Messages whose task_id names a task another body defined (recorded as duplicate dead letters).",
-         (double)s.conflicts},
-        {"agentq_tasks_swept_total", "counter", "Running tasks with an expired lease published again by this worker.",
-         (double)s.swept},
-        {"agentq_tasks_routed_total", "counter", "Messages of the ingress queue recorded and moved to a lane.",
-         (double)s.routed},
-        {"agentq_tasks_waited_total", "counter",
-         "Claims told to wait: the user was at its cap of running tasks or over its daily budget.", (double)s.waited},
-        {"agentq_sessions_resumed_total", "counter",
-         "Sessions that went on from the steps an earlier attempt committed.", (double)s.resumed},
-        {"agentq_sessions_waiting_total", "counter", "Sessions that ended waiting for a person's answer (ask_human).",
-         (double)s.waiting},
-        {"agentq_sessions_handed_over_total", "counter",
-         "Sessions handed to a new delivery before the broker's consumer_timeout.", (double)s.handed_over},
-        {"agentq_sessions_running", "gauge", "Agent sessions running now.", (double)s.running},
-        {"agentq_tasks_held", "gauge", "Lane deliveries held for a free slot (the lookahead).", (double)s.held},
-        {"agentq_tasks_held_blocked", "gauge", "Held deliveries whose user is at its cap or over budget.",
-         (double)s.held_blocked},
-        {"agentq_lanes_paused", "gauge", "Lanes this worker stopped consuming while their users wait on a cap.",
-         (double)s.lanes_paused},
-        {"agentq_ratelimit_waiting", "gauge", "Sessions waiting for an LLM rate-limit grant.", (double)waiting},
-        {"agentq_ratelimit_waiting_users", "gauge", "Users with sessions waiting for a grant.", (double)users},
-        {"agentq_http_inflight", "gauge", "HTTP requests in flight (LLM and skills).", (double)hs.inflight},
-        {"agentq_http_open_connections", "gauge", "Open HTTP connections, idle kept-alive ones included.",
-         (double)hs.open_sockets},
-        {"agentq_http_completed_total", "counter", "HTTP requests completed.", (double)hs.completed},
-        {"agentq_http_failed_total", "counter", "HTTP requests that failed (network, timeout, size).", (double)hs.failed},
-        {"agentq_store_pending", "gauge", "Rows queued for Postgres.", (double)sc.pending},
-        {"agentq_store_transactions_total", "counter", "Transactions committed by the store.", (double)sc.transactions},
-        {"agentq_store_reconnects_total", "counter", "Postgres reconnections.", (double)sc.reconnects},
-        {"agentq_broker_connected", "gauge", "1 while the broker connection is up.", s.broker_connected},
-        {"agentq_db_connected", "gauge", "1 while the Postgres connection is up.", s.db_connected},
-        {"agentq_draining", "gauge", "1 while the worker drains after SIGTERM.", s.draining},
-    };
-    for (size_t i = 0; i < AQ_ARRAY_LEN(m); i++)
-        fprintf(f, "# HELP %s %s\n# TYPE %s %s\n%s %.17g\n", m[i].name, m[i].help, m[i].name, m[i].type, m[i].name,
-                m[i].value);
-    route_metrics(w, f);
-    fclose(f);
-    return buf;
+    flat_row rows[FLAT_MAX];
+    size_t n = flat_rows(&s, &sc, &hs, waiting, users, rows);
+    for (size_t i = 0; i < n && i < w->m.nflat; i++) aq_prom_set(aq_prom_with(w->m.flat[i], NULL), rows[i].value);
+    aq_router_each(w->router, put_route, (void *)&w->m);
+    put_process(&w->m);
+    return aq_prom_text(w->prom);
 }
