@@ -244,6 +244,7 @@ START_TEST(providers_errors)
          " models = ( { name = \"m\"; input_per_mtok = 1.0; output_per_mtok = 1.0; } ); } );\n",
          ":2: key 'providers[0].keys'", "unknown (known: name, base_url"},
         {"llm = { model = \"gpt-4o\"; };\n", "key 'llm.prices'", "model 'gpt-4o' has no price"},
+        {"retention = { older_than = \"30 days\"; };\n", "key 'retention.older_than'", "'30 days' is not a duration"},
     };
     for (size_t i = 0; i < AQ_ARRAY_LEN(cases); i++) {
         const char *err = load_error(cases[i].text);

@@ -1547,10 +1547,36 @@ START_TEST(unpriced_model_stops_the_worker)
 }
 END_TEST
 
+/* retention.older_than: the worker deletes a finished task with its steps
+ * once it is older than that, by itself. */
+START_TEST(retention_prunes_old_finished_tasks)
+{
+    setup_env("retention", NULL);
+    const char *keep[] = {"AGENTQ_RETENTION_OLDER_THAN=2s", "AGENTQ_RETENTION_INTERVAL_SECONDS=1", NULL};
+    aq_test_proc *w = start_worker("worker", keep);
+    char id[40];
+    const char *args[] = {"--user", "u", "--goal", "steps=1 short-lived", NULL};
+    ck_assert_int_eq(produce(args, id), 0);
+    wait_status(id, "completed", 20000, w, "worker");
+    char sql[200];
+    snprintf(sql, sizeof sql, "SELECT count(*) FROM agentq.steps WHERE task_id = '%s'", id);
+    assert_pg("3", "%s", sql); /* kept while younger than 2 s */
+    ck_assert_msg(aq_test_pg_wait_value(E.dsn, "SELECT count(*) FROM agentq.tasks", "0", 15000),
+                  "the finished task was not pruned");
+    assert_pg("0", "%s", sql);
+    char cmd[600];
+    snprintf(cmd, sizeof cmd, "grep -q 'retention: deleted 1 tasks (3 steps)' '%s/worker.log'", E.logdir);
+    ck_assert_msg(WEXITSTATUS(system(cmd)) == 0, "the worker did not log what it pruned");
+    aq_test_proc_free(w);
+    teardown_env();
+}
+END_TEST
+
 int main(void)
 {
     const TTest *core[] = {producer_to_completed_row, priority_runs_first,
-                           plain_amqp_client_task_runs, producer_wait_exit_code_and_ctl_status};
+                           plain_amqp_client_task_runs, producer_wait_exit_code_and_ctl_status,
+                           retention_prunes_old_finished_tasks};
     const TTest *limits[] = {ttl_expiry_recorded, ttl_carries_across_retries,
                              retries_through_tiers_then_failed, sigterm_drains_then_requeues,
                              cancel_stops_running_task, requeue_dead_letters,

@@ -138,6 +138,10 @@ typedef struct aq_config {
     char *limits_bucket;
     int limits_max_inflight_per_user;
     char *limits_over_budget;
+    /* retention */
+    char *retention_older_than;         /* DURATION; "": off */
+    int retention_interval_seconds;
+    int retention_batch;
     /* metrics */
     char *metrics_listen;
     /* log */
@@ -217,6 +221,13 @@ int64_t aq_config_max_hold_ms(const aq_config *cfg);
  * the lookahead (worker.lookahead, or concurrency/4 and at least 8), the
  * prefetch shared by its lanes; at most 65535 (AMQP's 16 bits). */
 int aq_config_lane_prefetch(const aq_config *cfg);
+
+/* Reads a DURATION: whole numbers each followed by a unit, d, h, m or s,
+ * each unit at most once and the largest first (30s, 15m, 12h, 7d, 1d12h,
+ * 2h30m), more than 0 s and at most AQ_DURATION_MAX, into *secs. AQ_EINVAL
+ * with err naming the text otherwise. */
+#define AQ_DURATION_MAX (36500LL * 86400)
+int aq_config_parse_duration(const char *s, long long *secs, char *err, size_t errlen) AQ_MUSTCHECK;
 
 /* True if `name` is in the comma-separated list `list`. */
 bool aq_config_list_has(const char *list, const char *name);

@@ -194,6 +194,14 @@ static const config_key config_keys[] = {
      " with a dead letter naming the budget (requeue it with agentqctl once raised); 'wait' leaves it"
      " waiting, unrun, until the next UTC day or a raised budget (agentq.users.over_budget overrides)."},
 
+    {"retention", "older_than", K_STR, OFF(retention_older_than), "", 0, 0, false,
+     "Workers delete finished tasks (with their steps) and dead letters older than this, e.g. 30d"
+     " (agentq.prune; DURATION: 30s, 15m, 12h, 7d, 1d12h); empty: keep everything."},
+    {"retention", "interval_seconds", K_INT, OFF(retention_interval_seconds), "3600", 1, 604800, false,
+     "How often a worker prunes (every worker may: rows another holds are skipped)."},
+    {"retention", "batch", K_INT, OFF(retention_batch), "1000", 1, 100000, false,
+     "Tasks (and dead letters) deleted per transaction: short ones, so no long lock is held."},
+
     {"metrics", "listen", K_STR, OFF(metrics_listen), "0.0.0.0:9464", 0, 0, false,
      "Address of /metrics, /healthz and /readyz (empty: off)."},
 
@@ -1053,6 +1061,13 @@ int aq_config_check(const aq_config *cfg, char *err, size_t errlen)
         return AQ_EINVAL;
     }
     if (check_models(cfg, err, errlen) != AQ_OK) return AQ_EINVAL;
+    long long keep;
+    char why[256];
+    if (*cfg->retention_older_than &&
+        aq_config_parse_duration(cfg->retention_older_than, &keep, why, sizeof why) != AQ_OK) {
+        aq_seterr(err, errlen, "key 'retention.older_than': %s", why);
+        return AQ_EINVAL;
+    }
     if (check_tls(cfg, err, errlen) != AQ_OK) return AQ_EINVAL;
     for (int i = 0; i < cfg->n_http_skills; i++)
         for (int j = 0; j < i; j++)
@@ -1249,6 +1264,51 @@ void aq_config_handover_ms(const aq_config *cfg, int64_t *soft_ms, int64_t *hard
     int64_t margin = limit / 10 > 10000 ? limit / 10 : 10000;
     *hard_ms = limit - margin - aq_config_max_hold_ms(cfg);
     *soft_ms = limit / 2 < *hard_ms ? limit / 2 : *hard_ms;
+}
+
+/* DURATION: whole numbers each followed by a unit, d, h, m or s, each
+ * unit at most once and the largest first (30s, 15m, 12h, 7d, 1d12h,
+ * 2h30m). More than 0 s, at most AQ_DURATION_MAX (see config.h). */
+int aq_config_parse_duration(const char *s, long long *out, char *err, size_t errlen)
+{
+    static const struct {
+        char unit;
+        long long secs;
+    } units[] = {{'d', 86400}, {'h', 3600}, {'m', 60}, {'s', 1}};
+    size_t next = 0;
+    long long total = 0;
+    const char *p = s;
+    bool ok = *p != '\0';
+    while (ok && *p) {
+        long long n = 0;
+        if (!isdigit((unsigned char)*p)) ok = false;
+        while (ok && isdigit((unsigned char)*p)) {
+            n = n * 10 + (*p++ - '0');
+            if (n > AQ_DURATION_MAX) ok = false;
+        }
+        size_t u = next; /* a unit already used, or a smaller one before, is no match */
+        while (ok && u < AQ_ARRAY_LEN(units) && units[u].unit != *p) u++;
+        if (!ok || u == AQ_ARRAY_LEN(units)) {
+            ok = false;
+            break;
+        }
+        p++;
+        total += n * units[u].secs;
+        next = u + 1;
+        if (total > AQ_DURATION_MAX) ok = false;
+    }
+    if (!ok) {
+        aq_seterr(err, errlen,
+                  "'%s' is not a duration: whole numbers with units d, h, m, s, largest first"
+                  " (30s, 15m, 12h, 7d, 1d12h)", s);
+        return AQ_EINVAL;
+    }
+    if (total == 0) {
+        aq_seterr(err, errlen, "'%s': a duration must be longer than 0s", s);
+        return AQ_EINVAL;
+    }
+    *out = total;
+    return AQ_OK;
 }
 
 bool aq_config_list_has(const char *list, const char *name)

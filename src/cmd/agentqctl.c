@@ -51,7 +51,6 @@ enum {
 #define CTL_ERR_LEN 1024
 /* A DURATION is at most 100 years: beyond that it is a typo, and the
  * seconds stay far from overflowing anything. */
-#define CTL_MAX_DURATION (36500LL * 86400)
 
 /* ------------------------------------------------------------ arguments */
 
@@ -161,49 +160,10 @@ static int parse_seconds(const char *s, double min, double max, double *out, cha
     return 0;
 }
 
-/* DURATION: whole numbers each followed by a unit, d, h, m or s, each
- * unit at most once and the largest first (30s, 15m, 12h, 7d, 1d12h,
- * 2h30m). More than 0 s, at most CTL_MAX_DURATION. */
+/* DURATION: see aq_config_parse_duration. */
 static int parse_duration(const char *s, long long *out, char *err, size_t errlen)
 {
-    static const struct {
-        char unit;
-        long long secs;
-    } units[] = {{'d', 86400}, {'h', 3600}, {'m', 60}, {'s', 1}};
-    size_t next = 0;
-    long long total = 0;
-    const char *p = s;
-    bool ok = *p != '\0';
-    while (ok && *p) {
-        long long n = 0;
-        if (!isdigit((unsigned char)*p)) ok = false;
-        while (ok && isdigit((unsigned char)*p)) {
-            n = n * 10 + (*p++ - '0');
-            if (n > CTL_MAX_DURATION) ok = false;
-        }
-        size_t u = next; /* a unit already used, or a smaller one before, is no match */
-        while (ok && u < AQ_ARRAY_LEN(units) && units[u].unit != *p) u++;
-        if (!ok || u == AQ_ARRAY_LEN(units)) {
-            ok = false;
-            break;
-        }
-        p++;
-        total += n * units[u].secs;
-        next = u + 1;
-        if (total > CTL_MAX_DURATION) ok = false;
-    }
-    if (!ok) {
-        aq_seterr(err, errlen,
-                  "'%s' is not a duration: whole numbers with units d, h, m, s, largest first"
-                  " (30s, 15m, 12h, 7d, 1d12h)", s);
-        return -1;
-    }
-    if (total == 0) {
-        aq_seterr(err, errlen, "'%s': a duration must be longer than 0s", s);
-        return -1;
-    }
-    *out = total;
-    return 0;
+    return aq_config_parse_duration(s, out, err, errlen) == AQ_OK ? 0 : -1;
 }
 
 /* Reads exactly `n` digits at *p into *v and moves *p past them. */

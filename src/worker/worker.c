@@ -20,6 +20,7 @@
 #include "agentq/log.h"
 #include "agentq/prom.h"
 #include "agentq/ratelimit.h"
+#include "agentq/retention.h"
 #include "agentq/skill.h"
 #include "agentq/store.h"
 #include "agentq/strmap.h"
@@ -89,6 +90,7 @@ struct aq_worker {
     aq_store *store;
     aq_consumer *consumer;
     aq_cancelwatch *cancels;
+    aq_retention *retention; /* retention.older_than set: prunes old rows */
     aq_strmap *jobs;       /* task_id -> job, while held, claimed or running */
     aq_fairq *held;        /* lane deliveries waiting for a slot */
     bool *paused;          /* lanes not consumed while their users wait on a cap */
@@ -1245,6 +1247,12 @@ aq_worker *aq_worker_new(const aq_config *cfg, struct event_base *base, char *er
     event_add(w->lease_ev, &lease_tick);
     if (!(w->cancels = aq_cancelwatch_new(cfg->pg_dsn, w->worker_id, base, on_cancel_request, w, err, errlen)))
         goto fail;
+    long long keep;
+    if (*cfg->retention_older_than &&
+        aq_config_parse_duration(cfg->retention_older_than, &keep, err, errlen) == AQ_OK &&
+        !(w->retention = aq_retention_new(cfg->pg_dsn, keep, cfg->retention_interval_seconds, cfg->retention_batch,
+                                          err, errlen)))
+        goto fail;
     /* The worker publishes only retries and dead tasks: every confirm is one. */
     aq_consumer_callbacks cb = {on_delivery, on_retry_published, on_broker_state, w};
     if (!(w->consumer = aq_consumer_new(cfg, base, &cb, true, err, errlen))) goto fail;
@@ -1265,6 +1273,7 @@ void aq_worker_free(aq_worker *w)
     aq_consumer_free(w->consumer);
     w->consumer = NULL;
     aq_cancelwatch_free(w->cancels);
+    aq_retention_free(w->retention);
     aq_engine_free(w->engine);
     /* Before the store: a cache lookup the store answers while it closes
      * finds the call detached. */
