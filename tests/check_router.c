@@ -14,6 +14,7 @@
 #include "suite.h"
 #include "testenv.h"
 #include <event2/event.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,6 +25,7 @@
 
 typedef struct row {
     char task_id[40], kind[8], status[16], provider[32];
+    int64_t prompt_tokens, completion_tokens;
     double cost;
 } row;
 
@@ -70,6 +72,8 @@ static void on_step(const aq_step_event *e, void *arg)
     snprintf(r->kind, sizeof r->kind, "%s", e->kind);
     snprintf(r->status, sizeof r->status, "%s", e->status ? e->status : "");
     snprintf(r->provider, sizeof r->provider, "%s", e->provider ? e->provider : "");
+    r->prompt_tokens = e->prompt_tokens;
+    r->completion_tokens = e->completion_tokens;
     r->cost = e->cost_usd;
 }
 
@@ -304,9 +308,15 @@ START_TEST(failover_on_429)
     ck_assert_int_eq(rows_where(&f, "ok", "a"), 0);
     ck_assert_int_eq(rows_where(&f, "rate_limited", "a"), (int)stats(&f, 0).rate_limited);
     ck_assert_uint_le(stats(&f, 0).rate_limited, 10); /* at most the first burst */
-    /* b's price, not a's */
-    for (int i = 0; i < f.nrows; i++)
-        if (!strcmp(f.rows[i].kind, "llm") && !strcmp(f.rows[i].status, "ok")) ck_assert(f.rows[i].cost > 0);
+    /* each call pays the price of the route that answered it: b's 3 / 4 USD
+     * per million tokens, not a's 1 / 2 */
+    for (int i = 0; i < f.nrows; i++) {
+        const row *w = &f.rows[i];
+        if (strcmp(w->kind, "llm") || strcmp(w->status, "ok")) continue;
+        double want = ((double)w->prompt_tokens * 3.0 + (double)w->completion_tokens * 4.0) / 1e6;
+        ck_assert(w->prompt_tokens > 0);
+        ck_assert_msg(fabs(w->cost - want) < 1e-12, "cost %.12g, want %.12g at b's price", w->cost, want);
+    }
     fx_stop(&f);
 }
 END_TEST

@@ -38,7 +38,6 @@ typedef struct pool_state {
     int index;               /* within g's limiter */
     const char *provider;    /* borrowed from r->prov */
     const char *label;       /* model, or "*" for the llm.* provider's shared pool */
-    int64_t rpm, tpm;        /* in force: configured, or lower ones the provider reported */
     int max_concurrent;
     int in_flight;
     int fails;               /* in a row */
@@ -215,16 +214,16 @@ static int64_t until_one(int64_t reset_ms, int64_t limit)
 static void pool_learn(pool_state *ps, const aq_llm_limits *l)
 {
     aq_ratelimit *rl = ps->g->rl;
-    int64_t rpm = ps->rpm, tpm = ps->tpm;
+    int64_t was_rpm, was_tpm;
+    aq_ratelimit_limits(rl, ps->index, &was_rpm, &was_tpm);
+    int64_t rpm = was_rpm, tpm = was_tpm;
     /* A configured limit above the provider's own is a mistake the
      * provider corrects: the lower one holds from now on. */
     if (l->limit_requests > 0 && (rpm == 0 || l->limit_requests < rpm)) rpm = l->limit_requests;
     if (l->limit_tokens > 0 && (tpm == 0 || l->limit_tokens < tpm)) tpm = l->limit_tokens;
-    if (rpm != ps->rpm || tpm != ps->tpm) {
+    if (rpm != was_rpm || tpm != was_tpm) {
         aq_log(AQ_LOG_WARN, "provider %s model %s reports limits of %lld requests/min and %lld tokens/min,"
                " below the configuration's: using them", ps->provider, ps->label, (long long)rpm, (long long)tpm);
-        ps->rpm = rpm;
-        ps->tpm = tpm;
         aq_ratelimit_set_limits(rl, ps->index, rpm, tpm);
         if (ps->fleet) aq_fleetlimit_set_limits(ps->fleet, rpm, tpm);
     }
@@ -252,8 +251,8 @@ static void pool_learn(pool_state *ps, const aq_llm_limits *l)
     /* The fleet's bucket too, once the provider's count nears a second's
      * worth: above that the bucket's own cap already keeps it lower. */
     if (ps->fleet) {
-        bool near_req = req >= 0 && ps->rpm && req < (double)ps->rpm / 60.0 * 2;
-        bool near_tok = tok >= 0 && ps->tpm && tok < (double)ps->tpm / 60.0 * 2;
+        bool near_req = req >= 0 && rpm && req < (double)rpm / 60.0 * 2;
+        bool near_tok = tok >= 0 && tpm && tok < (double)tpm / 60.0 * 2;
         if (near_req || near_tok) aq_fleetlimit_clamp(ps->fleet, near_req ? req : -1, near_tok ? tok : -1);
     }
 }
@@ -566,6 +565,8 @@ void aq_router_each(const aq_router *r, void (*fn)(const aq_route_stats *st, voi
 {
     for (int i = 0; i < r->nroutes; i++) {
         const route *rt = &r->routes[i];
+        int64_t rpm, tpm;
+        aq_ratelimit_limits(rt->ps->g->rl, rt->ps->index, &rpm, &tpm);
         aq_route_stats st = {
             .provider = rt->prov->name,
             .model = rt->pm->name,
@@ -577,8 +578,8 @@ void aq_router_each(const aq_router *r, void (*fn)(const aq_route_stats *st, voi
             .cost_usd = rt->cost,
             .in_flight = rt->ps->in_flight,
             .open = rt->ps->open,
-            .rpm = rt->ps->rpm,
-            .tpm = rt->ps->tpm,
+            .rpm = rpm,
+            .tpm = tpm,
             .granted_last_minute = pool_granted_last_minute(rt->ps),
         };
         fn(&st, arg);
@@ -630,8 +631,6 @@ static pool_state *pool_new(aq_router *r, group *g, const aq_provider *pv, const
     ps->index = index;
     ps->provider = pv->name;
     ps->label = label;
-    ps->rpm = rpm;
-    ps->tpm = tpm;
     ps->max_concurrent = max_concurrent;
     ps->cool_ev = evtimer_new(r->d.base, on_cooled, ps);
     if (!ps->cool_ev) aq_oom("a timer");
