@@ -808,6 +808,12 @@ START_TEST(test_parse_error_body)
     ck_assert_str_eq(tiny, "ab");
     ck_assert_int_eq(aq_chat_parse_error("x\xff", 2, m, sizeof m), AQ_ENOTFOUND);
     ck_assert_str_eq(m, "x\xef\xbf\xbd");
+
+    /* A message of only control bytes and blanks is no message: the body is
+     * shown instead (found by fuzz_chat). */
+    const char *blank = "[{\"error\":{\"code\":400,\"message\":\"\x7f \\t\"}}]";
+    ck_assert_int_eq(aq_chat_parse_error(blank, strlen(blank), m, sizeof m), AQ_ENOTFOUND);
+    ck_assert_str_eq(m, "[{\"error\":{\"code\":400,\"message\":\"  \\t\"}}]");
 }
 END_TEST
 

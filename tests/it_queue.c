@@ -294,6 +294,71 @@ START_TEST(producer_to_completed_row)
 }
 END_TEST
 
+/* The user of the log line that ends at `end` in buf if it says "waiting:"
+ * (a claim told to wait), else NULL. */
+static const char *waiting_user(const char *buf, const char *end, char *user, size_t len)
+{
+    const char *start = end;
+    while (start > buf && start[-1] != '\n') start--;
+    size_t n = (size_t)(end - start);
+    char line[1024];
+    if (n >= sizeof line) return NULL;
+    memcpy(line, start, n);
+    line[n] = '\0';
+    const char *u = strstr(line, "\"user_id\":\"");
+    if (!strstr(line, "\"msg\":\"waiting:") || !u) return NULL;
+    u += strlen("\"user_id\":\"");
+    size_t k = strcspn(u, "\"");
+    if (k >= len) return NULL;
+    memcpy(user, u, k);
+    user[k] = '\0';
+    return user;
+}
+
+/* Waits until a worker's log has just gained, as its last two "waiting:"
+ * lines, user a's then user b's: both users' held deliveries were just
+ * claimed and told to wait, in priority order, and the next such round
+ * (the unblock timer) is half a second away. Changing the users then
+ * cannot fall between the two claims of one round. */
+static void wait_claim_round(const char *name, const char *a, const char *b, int timeout_ms)
+{
+    char path[300];
+    snprintf(path, sizeof path, "%s/%s.log", E.logdir, name);
+    long seen = -1; /* the size at the last look; a round counts only if newer */
+    for (int waited = 0; waited < timeout_ms; waited += 2, usleep(2000)) {
+        FILE *f = fopen(path, "r");
+        ck_assert_ptr_nonnull(f);
+        fseek(f, 0, SEEK_END);
+        long size = ftell(f);
+        static char buf[8192];
+        long from = size > (long)sizeof buf - 1 ? size - (long)sizeof buf + 1 : 0;
+        fseek(f, from, SEEK_SET);
+        size_t n = fread(buf, 1, sizeof buf - 1, f);
+        buf[n] = '\0';
+        fclose(f);
+        /* The last two complete lines that say "waiting:", and where the
+         * last one ends. */
+        char u1[64] = "", u2[64] = "";
+        long last_end = -1;
+        int found = 0;
+        for (char *end = buf + n; end > buf && found < 2; end--) {
+            if (end[-1] != '\n') continue;
+            char u[64];
+            if (!waiting_user(buf, end - 1, u, sizeof u)) continue;
+            if (found++ == 0) {
+                snprintf(u2, sizeof u2, "%s", u);
+                last_end = from + (long)(end - buf);
+            } else {
+                snprintf(u1, sizeof u1, "%s", u);
+            }
+        }
+        bool fresh = seen >= 0 && last_end > seen;
+        seen = from + (long)n;
+        if (fresh && found == 2 && !strcmp(u1, a) && !strcmp(u2, b)) return;
+    }
+    ck_abort_msg("%s never logged a round of claims told to wait (%s, then %s)", name, a, b);
+}
+
 /* A backlog of low-priority tasks of one user and a high-priority task of
  * another, all waiting (their users may run nothing yet, so the worker
  * holds them or they wait in their lanes); once they may run, the high
@@ -318,7 +383,8 @@ START_TEST(priority_runs_first)
     const char *hi[] = {"--user", "vip", "--goal", "urgent", "--priority", "9", NULL};
     ck_assert_int_eq(produce(hi, high), 0);
     ck_assert(aq_test_pg_wait_value(E.dsn, "SELECT count(*) FROM agentq.tasks WHERE status = 'queued'", "16", 10000));
-    sleep(1); /* claimed, told to wait, held */
+    /* Both held, claimed and told to wait; lift the caps between rounds. */
+    wait_claim_round("worker", "vip", "low", 10000);
     ck_assert_msg(aq_test_pg_exec(E.dsn, "UPDATE agentq.users SET max_inflight = NULL", err, sizeof err) == 0, "%s",
                   err);
     wait_status(high, "completed", 15000, w, "worker");

@@ -822,6 +822,9 @@ static int error_message(const json_t *root, char *msg, size_t msglen)
     if (!json_is_string(m)) m = json_object_get(root, "message");
     if (!json_is_string(m) || json_string_length(m) == 0) return AQ_ENOTFOUND;
     clean_text(msg, msglen, json_string_value(m), json_string_length(m));
+    /* A message of nothing but blanks and control bytes says nothing: the
+     * caller then shows the body instead. */
+    if (msg && msglen && msg[0] == '\0') return AQ_ENOTFOUND;
     return AQ_OK;
 }
 
