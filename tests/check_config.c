@@ -164,6 +164,37 @@ START_TEST(wrong_types)
 }
 END_TEST
 
+/* amqp.url as a list of a cluster's nodes: each one is read, and a bad
+ * one is named by its place and its URL (the password masked). */
+START_TEST(amqp_url_lists_nodes)
+{
+    aq_config cfg;
+    char err[256] = "", node[200];
+    ck_assert_int_eq(aq_config_load(&cfg, write_conf("amqp = { url = \" amqp://u:p@a:1/v,amqp://u:p@b:2/v \t"
+                                                      "amqp://u:p@c:3/v \"; };\n"), err, sizeof err), AQ_OK);
+    ck_assert_int_eq(aq_config_amqp_nodes(&cfg), 3);
+    ck_assert(aq_config_amqp_node(&cfg, 0, node, sizeof node));
+    ck_assert_str_eq(node, "amqp://u:p@a:1/v");
+    ck_assert(aq_config_amqp_node(&cfg, 2, node, sizeof node));
+    ck_assert_str_eq(node, "amqp://u:p@c:3/v");
+    ck_assert(!aq_config_amqp_node(&cfg, 3, node, sizeof node));
+    ck_assert(!aq_config_amqp_node(&cfg, 0, node, 5)); /* does not fit */
+    aq_config_free(&cfg);
+    teardown();
+    const char *e = load_error("amqp = { url = \"amqp://u:secret@a/v, a-host:5672\"; };\n");
+    ck_assert_msg(strstr(e, "key 'amqp.url': node 2 of 2, 'a-host:5672', is not an amqp:// or amqps:// URL"), "%s", e);
+    teardown();
+    e = load_error("amqp = { url = \"amqp://u:secret@a/v, amqp:///v\"; };\n");
+    ck_assert_msg(strstr(e, "node 2 of 2, 'amqp:///v', names no host"), "%s", e);
+    teardown();
+    e = load_error("amqp = { url = \"amqps://u:secret@a/v, amqp://u:secret@b/v\"; ca_file = \"/x\"; };\n");
+    ck_assert_msg(strstr(e, "mixes amqp:// and amqps://") && !strstr(e, "secret"), "%s", e);
+    teardown();
+    e = load_error("amqp = { url = \" , \"; };\n");
+    ck_assert_msg(strstr(e, "key 'amqp.url': must be an amqp:// or amqps:// URL"), "%s", e);
+}
+END_TEST
+
 
 /* A fleet of providers: OpenAI (bearer), Azure OpenAI (api-key header,
  * api-version, {model} deployments) and a local server (no key). */
@@ -354,7 +385,7 @@ static Suite *config_suite(void)
                            list_membership, example_parses_back, dump_masks_passwords};
     const TTest *limits[] = {bounds_name_file_line_key, cross_checks, providers_list, providers_errors,
                              prices_are_explicit};
-    const TTest *errors[] = {unknown_key_named, syntax_error_has_line, wrong_types,
+    const TTest *errors[] = {unknown_key_named, syntax_error_has_line, wrong_types, amqp_url_lists_nodes,
                              bad_env_value_named, missing_file};
     const aq_tcase_spec tcases[] = {
         {.name = "core", .tests = core, .n_tests = AQ_ARRAY_LEN(core), .teardown = teardown},

@@ -44,6 +44,23 @@ static void add_var(const char *name, const char *v)
     E.vars[E.nvars] = NULL;
 }
 
+/* Sets NAME=VALUE for the test's programs, in place of an earlier value. */
+static void set_var(const char *name, const char *v)
+{
+    size_t n = strlen(name);
+    char buf[1024];
+    snprintf(buf, sizeof buf, "%s=%s", name, v);
+    for (int i = 0; i < E.nvars; i++) {
+        if (!strncmp(E.vars[i], name, n) && E.vars[i][n] == '=') {
+            E.vars[i] = strdup(buf); /* the old string stays: putenv may hold it */
+            putenv(E.vars[i]);
+            return;
+        }
+    }
+    add_var(name, v);
+    putenv(E.vars[E.nvars - 1]);
+}
+
 /* Sets up a database, AMQP names and a mock LLM started with `mock_flags`. */
 static void setup_env(const char *name, const char *const *mock_flags)
 {
@@ -395,6 +412,59 @@ START_TEST(priority_runs_first)
     char *v = aq_test_pg_value(E.dsn, cmd);
     ck_assert_msg(!strcmp(v, "0"), "%s low-priority tasks started before the high one", v);
     free(v);
+    aq_test_proc_free(w);
+    teardown_env();
+}
+END_TEST
+
+/* A port nothing listens on (bound, then closed). */
+static char *slurp(const char *path);
+
+static int closed_port(void)
+{
+    int port;
+    int fd = aq_test_loopback_socket(1, &port);
+    ck_assert_int_ge(fd, 0);
+    close(fd);
+    return port;
+}
+
+/* amqp.url lists a cluster's nodes, the first one down: the worker and
+ * the producer connect through the second, say so, and tasks run. */
+START_TEST(listed_nodes_tried_in_turn)
+{
+    const char *mock[] = {"--latency-ms", "10", NULL};
+    setup_env("nodes", mock);
+    char urls[600];
+    snprintf(urls, sizeof urls, "amqp://guest:guest@127.0.0.1:%d/%%2f, %s", closed_port(),
+             aq_test_env_require("AGENTQ_TEST_AMQP_URL"));
+    set_var("AGENTQ_AMQP_URL", urls);
+    aq_test_proc *w = start_worker("worker", NULL);
+    char id[40];
+    const char *args[] = {"--user", "n", "--goal", "add things steps=1", NULL};
+    ck_assert_int_eq(produce(args, id), 0);
+    wait_status(id, "completed", 20000, w, "worker");
+    char log[300];
+    snprintf(log, sizeof log, "%s/worker.log", E.logdir);
+    ck_assert_msg(strstr(slurp(log), "\"broker: connected to node 2 of 2, amqp://guest:***@127.0.0.1:"),
+                  "the worker did not say which node it took");
+    snprintf(log, sizeof log, "%s/producer.log", E.logdir);
+    ck_assert_msg(strstr(slurp(log), "connected to node 2 of 2"), "the producer did not take node 2");
+    /* Every node down: the error names each one. */
+    char one[80], two[80];
+    snprintf(one, sizeof one, "amqp://guest:guest@127.0.0.1:%d/%%2f", closed_port());
+    snprintf(two, sizeof two, "amqp://guest:guest@127.0.0.1:%d/%%2f", closed_port());
+    snprintf(urls, sizeof urls, "%s,%s", one, two);
+    set_var("AGENTQ_AMQP_URL", urls);
+    aq_config cfg;
+    char err[1024];
+    ck_assert_msg(aq_config_load(&cfg, NULL, err, sizeof err) == 0, "%s", err);
+    ck_assert_ptr_null(aq_broker_connect(&cfg, 0, 2000, err, sizeof err));
+    ck_assert_msg(strstr(err, "node 1 of 2: cannot connect to broker") && strstr(err, "; node 2 of 2: cannot connect"),
+                  "%s", err);
+    aq_config_free(&cfg);
+    aq_test_proc_signal(w, SIGTERM);
+    ck_assert_int_eq(aq_test_proc_wait(w, 10000), 0);
     aq_test_proc_free(w);
     teardown_env();
 }
@@ -1642,6 +1712,7 @@ int main(void)
 {
     const TTest *core[] = {producer_to_completed_row, priority_runs_first,
                            plain_amqp_client_task_runs, producer_wait_exit_code_and_ctl_status,
+                           listed_nodes_tried_in_turn,
                            retention_prunes_old_finished_tasks};
     const TTest *limits[] = {ttl_expiry_recorded, ttl_carries_across_retries,
                              retries_through_tiers_then_failed, sigterm_drains_then_requeues,

@@ -74,7 +74,9 @@ typedef struct aq_publish {
     const json_t *headers;   /* object of string/integer/real/bool/object values; NULL: none */
 } aq_publish;
 
-/* Connects to cfg->amqp_url, logs in and opens both channels (the
+/* Connects to a node of cfg->amqp_url (a list of a cluster's nodes: the
+ * one that took the process's last connection first, then the others in
+ * turn), logs in and opens both channels (the
  * publish channel in confirm mode). An amqps:// URL connects over TLS with
  * the amqp.ca_file, amqp.cert_file / amqp.key_file and amqp.verify_peer
  * keys (verify_peer checks both the chain and that the certificate names

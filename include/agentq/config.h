@@ -222,6 +222,12 @@ int64_t aq_config_max_hold_ms(const aq_config *cfg);
  * prefetch shared by its lanes; at most 65535 (AMQP's 16 bits). */
 int aq_config_lane_prefetch(const aq_config *cfg);
 
+/* The broker nodes of amqp.url, a list separated by commas or blanks:
+ * how many there are, and node `i`'s URL copied into buf (NUL-terminated;
+ * false if i is out of range or the URL does not fit). */
+int aq_config_amqp_nodes(const aq_config *cfg);
+bool aq_config_amqp_node(const aq_config *cfg, int i, char *buf, size_t len);
+
 /* Reads a DURATION: whole numbers each followed by a unit, d, h, m or s,
  * each unit at most once and the largest first (30s, 15m, 12h, 7d, 1d12h,
  * 2h30m), more than 0 s and at most AQ_DURATION_MAX, into *secs. AQ_EINVAL

@@ -35,7 +35,8 @@ typedef struct config_key {
 
 static const config_key config_keys[] = {
     {"amqp", "url", K_STR, OFF(amqp_url), "amqp://guest:guest@127.0.0.1:5672/%2f", 0, 0, true,
-     "Broker URL: amqp://user:pass@host:port/vhost (vhost '/' is %2f)."},
+     "Broker URL: amqp://user:pass@host:port/vhost (vhost '/' is %2f). The nodes of a cluster: several URLs"
+     " separated by commas, tried in turn from the one that last took a connection."},
     {"amqp", "heartbeat", K_INT, OFF(amqp_heartbeat), "30", 0, 600, false,
      "AMQP heartbeat in seconds (0 disables)."},
     {"amqp", "exchange", K_STR, OFF(amqp_exchange), "agentq", 0, 0, false,
@@ -1035,9 +1036,35 @@ int aq_config_check(const aq_config *cfg, char *err, size_t errlen)
         aq_seterr(err, errlen, "key 'limits.bucket': must be a name of 1 to 100 bytes");
         return AQ_EINVAL;
     }
-    if (!*cfg->amqp_url || strncmp(cfg->amqp_url, "amqp", 4)) {
-        aq_seterr(err, errlen, "key 'amqp.url': must be an amqp:// or amqps:// URL");
+    int nodes = aq_config_amqp_nodes(cfg);
+    if (nodes == 0) {
+        aq_seterr(err, errlen, "key 'amqp.url': must be an amqp:// or amqps:// URL, or several separated by"
+                  " commas");
         return AQ_EINVAL;
+    }
+    for (int i = 0; i < nodes; i++) {
+        char node[1024], shown[1024];
+        if (!aq_config_amqp_node(cfg, i, node, sizeof node)) {
+            aq_seterr(err, errlen, "key 'amqp.url': node %d of %d is longer than %zu bytes", i + 1, nodes,
+                      sizeof node - 1);
+            return AQ_EINVAL;
+        }
+        aq_log_redact(node, shown, sizeof shown);
+        const char *host = strstr(node, "://");
+        if (strncmp(node, "amqp://", 7) && strncmp(node, "amqps://", 8)) {
+            aq_seterr(err, errlen, "key 'amqp.url': node %d of %d, '%s', is not an amqp:// or amqps:// URL",
+                      i + 1, nodes, shown);
+            return AQ_EINVAL;
+        }
+        if (!host || !host[3] || host[3] == '/' || host[3] == ':') {
+            aq_seterr(err, errlen, "key 'amqp.url': node %d of %d, '%s', names no host", i + 1, nodes, shown);
+            return AQ_EINVAL;
+        }
+        if (i > 0 && !strncmp(node, "amqps://", 8) != !strncmp(cfg->amqp_url, "amqps://", 8)) {
+            aq_seterr(err, errlen, "key 'amqp.url': node %d of %d, '%s', mixes amqp:// and amqps:// with node 1:"
+                      " one set of TLS keys serves every node", i + 1, nodes, shown);
+            return AQ_EINVAL;
+        }
     }
     if (*cfg->amqp_management_url && strncmp(cfg->amqp_management_url, "http://", 7) &&
         strncmp(cfg->amqp_management_url, "https://", 8)) {
@@ -1255,6 +1282,40 @@ int aq_config_lane_prefetch(const aq_config *cfg)
 }
 
 int64_t aq_config_max_hold_ms(const aq_config *cfg) { return cfg->amqp_consumer_timeout_ms / 5; }
+
+/* amqp.url's nodes: runs of characters other than commas and blanks. */
+static const char *node_at(const char *s, int i, size_t *len)
+{
+    for (int k = 0;; k++) {
+        s += strspn(s, ", \t\n");
+        if (!*s) return NULL;
+        size_t n = strcspn(s, ", \t\n");
+        if (k == i) {
+            *len = n;
+            return s;
+        }
+        s += n;
+    }
+}
+
+int aq_config_amqp_nodes(const aq_config *cfg)
+{
+    int n = 0;
+    size_t len;
+    while (cfg->amqp_url && node_at(cfg->amqp_url, n, &len)) n++;
+    return n;
+}
+
+bool aq_config_amqp_node(const aq_config *cfg, int i, char *buf, size_t len)
+{
+    size_t n;
+    const char *s = i >= 0 && cfg->amqp_url ? node_at(cfg->amqp_url, i, &n) : NULL;
+    if (!s || n >= len) return false;
+    memcpy(buf, s, n);
+    buf[n] = '\0';
+    return true;
+}
+
 
 void aq_config_handover_ms(const aq_config *cfg, int64_t *soft_ms, int64_t *hard_ms)
 {

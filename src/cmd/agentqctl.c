@@ -518,7 +518,9 @@ static void mgmt_open(mgmt_api *m, const aq_config *cfg)
     if (!m->curl) aq_oom("a curl handle");
     m->base = aq_xstrdup(cfg->amqp_management_url);
     for (size_t n = strlen(m->base); n && m->base[n - 1] == '/'; n--) m->base[n - 1] = '\0';
-    m->vhost = mgmt_vhost(m->curl, cfg->amqp_url);
+    char node[1024] = "";
+    aq_config_amqp_node(cfg, 0, node, sizeof node); /* every node serves the same vhost */
+    m->vhost = mgmt_vhost(m->curl, node);
     aq_log_redact(m->base, m->shown, sizeof m->shown);
     curl_easy_setopt(m->curl, CURLOPT_WRITEFUNCTION, mgmt_collect);
     curl_easy_setopt(m->curl, CURLOPT_WRITEDATA, m);

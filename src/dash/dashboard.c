@@ -1391,7 +1391,9 @@ aq_dashboard *aq_dashboard_new(struct event_base *base, const aq_config *cfg, co
     if (mgmt && *mgmt) {
         aq_http_config hc = {.max_connections = 2, .connect_timeout_ms = DASH_MGMT_TIMEOUT_MS};
         if (!(d->mgmt = aq_http_new(base, &hc, err, errlen))) goto fail;
-        char *vhost = url_vhost(cfg->amqp_url);
+        char node[1024] = "";
+        aq_config_amqp_node(cfg, 0, node, sizeof node); /* every node serves the same vhost */
+        char *vhost = url_vhost(node);
         size_t n = strlen(mgmt);
         while (n && mgmt[n - 1] == '/') n--;
         size_t cap = n + strlen(vhost) + 128;

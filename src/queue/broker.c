@@ -13,6 +13,7 @@
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <stdatomic.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/time.h>
@@ -193,10 +194,10 @@ static const char *login_hint(const struct amqp_connection_info *ci, amqp_rpc_re
            " amqp.key_file)";
 }
 
-aq_broker *aq_broker_connect(const aq_config *cfg, int heartbeat, int timeout_ms, char *err, size_t errlen)
+static aq_broker *connect_node(const aq_config *cfg, const char *url, int heartbeat, int timeout_ms, char *err,
+                               size_t errlen)
 {
     struct amqp_connection_info ci;
-    const char *url = cfg->amqp_url;
     char *copy = aq_xstrdup(url);
     char shown[512];
     aq_log_redact(url, shown, sizeof shown);
@@ -258,6 +259,41 @@ aq_broker *aq_broker_connect(const aq_config *cfg, int heartbeat, int timeout_ms
 fail:
     free(copy);
     aq_broker_free(b);
+    return NULL;
+}
+
+/* The node a connect tries first: the last one that took a connection,
+ * shared by every connection of the process. A node that went away is
+ * tried first once more and refused, and the next one takes over. */
+static atomic_int first_node;
+
+aq_broker *aq_broker_connect(const aq_config *cfg, int heartbeat, int timeout_ms, char *err, size_t errlen)
+{
+    int n = aq_config_amqp_nodes(cfg);
+    if (n <= 1) return connect_node(cfg, cfg->amqp_url, heartbeat, timeout_ms, err, errlen);
+    int start = atomic_load(&first_node) % n;
+    size_t used = 0;
+    if (err && errlen) err[0] = '\0';
+    for (int k = 0; k < n; k++) {
+        int i = (start + k) % n;
+        char url[1024], why[512];
+        if (!aq_config_amqp_node(cfg, i, url, sizeof url)) continue;
+        aq_broker *b = connect_node(cfg, url, heartbeat, timeout_ms, why, sizeof why);
+        if (b) {
+            if (i != start || i != 0) {
+                char shown[512];
+                aq_log_redact(url, shown, sizeof shown);
+                aq_log(AQ_LOG_INFO, "broker: connected to node %d of %d, %s", i + 1, n, shown);
+            }
+            atomic_store(&first_node, i);
+            return b;
+        }
+        /* Every node's reason, so a misconfigured one is not hidden. */
+        if (err && used < errlen) {
+            int w = snprintf(err + used, errlen - used, "%snode %d of %d: %s", k ? "; " : "", i + 1, n, why);
+            used += w > 0 ? (size_t)w : 0;
+        }
+    }
     return NULL;
 }
 
