@@ -10,6 +10,7 @@
 #include "agentq/broker.h"
 #include "agentq/config.h"
 #include "agentq/migrate.h"
+#include "fleet.h"
 #include "proc.h"
 #include "suite.h"
 #include "testenv.h"
@@ -25,56 +26,23 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-typedef struct env {
-    char *dsn;
-    char prefix[48];
-    char logdir[256];
-    char out[300], err[300]; /* the last agentqctl run's stdout and stderr */
-    aq_test_proc *mock;
-} env;
-
-static env E;
-static int test_seq;
+static aq_fleet E;
+static char out_path[300], err_path[300]; /* the last agentqctl run's stdout and stderr */
 
 /* A fresh database, migrated; AMQP names of our own; agentqctl (and
  * anything in-process reading the config) configured by the environment. */
 static void setup_env(const char *name)
 {
-    memset(&E, 0, sizeof E);
-    snprintf(E.prefix, sizeof E.prefix, "itc%d_%d_%s", (int)getpid(), ++test_seq, name);
-    E.dsn = aq_test_fresh_db(E.prefix);
-    int applied = 0;
-    char err[1024], cmd[400], q[128];
-    ck_assert_msg(aq_migrate_apply(E.dsn, aq_migrate_default_dir(), &applied, err, sizeof err) == 0, "%s", err);
-    snprintf(E.logdir, sizeof E.logdir, "%s/logs/%s", aq_test_env_require("AGENTQ_TEST_DIR"), E.prefix);
-    snprintf(cmd, sizeof cmd, "mkdir -p '%s'", E.logdir);
-    ck_assert_int_eq(system(cmd), 0);
-    snprintf(E.out, sizeof E.out, "%s/ctl.out", E.logdir);
-    snprintf(E.err, sizeof E.err, "%s/ctl.err", E.logdir);
-    setenv("AGENTQ_POSTGRES_DSN", E.dsn, 1);
-    setenv("AGENTQ_AMQP_URL", aq_test_env_require("AGENTQ_TEST_AMQP_URL"), 1);
-    setenv("AGENTQ_AMQP_MANAGEMENT_URL", aq_test_env_require("AGENTQ_TEST_MGMT_URL"), 1);
-    setenv("AGENTQ_AMQP_EXCHANGE", E.prefix, 1);
-    snprintf(q, sizeof q, "%s.tasks", E.prefix);
-    setenv("AGENTQ_AMQP_QUEUE", q, 1);
-    snprintf(q, sizeof q, "%s.dlx", E.prefix);
-    setenv("AGENTQ_AMQP_DLX", q, 1);
-    snprintf(q, sizeof q, "%s.dead", E.prefix);
-    setenv("AGENTQ_AMQP_DEAD_QUEUE", q, 1);
-    snprintf(q, sizeof q, "%s.retry.", E.prefix);
-    setenv("AGENTQ_AMQP_RETRY_PREFIX", q, 1);
-    snprintf(q, sizeof q, "%s.lane.", E.prefix);
-    setenv("AGENTQ_AMQP_LANE_PREFIX", q, 1);
-    setenv("AGENTQ_AMQP_LANES", "2", 1);
-    setenv("AGENTQ_AMQP_RETRY_DELAYS", "1s,5s", 1);
-    setenv("AGENTQ_LOG_LEVEL", "warn", 1);
+    aq_fleet_setup(&E, "itc", name);
+    snprintf(out_path, sizeof out_path, "%s/ctl.out", E.logdir);
+    snprintf(err_path, sizeof err_path, "%s/ctl.err", E.logdir);
+    aq_fleet_set("AGENTQ_AMQP_MANAGEMENT_URL", aq_test_env_require("AGENTQ_TEST_MGMT_URL"));
+    aq_fleet_set("AGENTQ_AMQP_LANES", "2");
+    aq_fleet_set("AGENTQ_AMQP_RETRY_DELAYS", "1s,5s");
+    aq_fleet_set("AGENTQ_LOG_LEVEL", "warn");
 }
 
-static void teardown_env(void)
-{
-    aq_test_proc_free(E.mock);
-    free(E.dsn);
-}
+static void teardown_env(void) { aq_fleet_teardown(&E); }
 
 static char *slurp(const char *path, char *buf, size_t len)
 {
@@ -89,13 +57,13 @@ static char *slurp(const char *path, char *buf, size_t len)
 static char *out(void)
 {
     static char buf[1 << 20];
-    return slurp(E.out, buf, sizeof buf);
+    return slurp(out_path, buf, sizeof buf);
 }
 
 static char *errs(void)
 {
     static char buf[65536];
-    return slurp(E.err, buf, sizeof buf);
+    return slurp(err_path, buf, sizeof buf);
 }
 
 /* Runs agentqctl with the NULL-terminated args; returns its exit status. */
@@ -107,7 +75,7 @@ static int ctlv(const char *const *args)
         ck_assert_msg(!strchr(args[i], '\''), "no quotes in test arguments");
         n += snprintf(cmd + n, sizeof cmd - (size_t)n, " '%s'", args[i]);
     }
-    snprintf(cmd + n, sizeof cmd - (size_t)n, " >'%s' 2>'%s' </dev/null", E.out, E.err);
+    snprintf(cmd + n, sizeof cmd - (size_t)n, " >'%s' 2>'%s' </dev/null", out_path, err_path);
     int rc = system(cmd);
     ck_assert_msg(WIFEXITED(rc), "agentqctl died: %d", rc);
     return WEXITSTATUS(rc);
@@ -494,30 +462,18 @@ END_TEST
 /* The mock LLM and a worker for this test's names. */
 static aq_test_proc *start_worker(void)
 {
-    char log[300], url[128];
-    int port = 0;
-    snprintf(log, sizeof log, "%s/mock.log", E.logdir);
-    E.mock = aq_test_start_mock(NULL, log, &port);
-    snprintf(url, sizeof url, "http://127.0.0.1:%d/v1", port);
-    setenv("AGENTQ_LLM_BASE_URL", url, 1);
-    setenv("AGENTQ_LLM_MAX_RETRIES", "0", 1);
-    setenv("AGENTQ_METRICS_LISTEN", "127.0.0.1:0", 1);
-    snprintf(log, sizeof log, "%s/worker.log", E.logdir);
-    const char *argv[] = {aq_test_bin("agentq-worker"), NULL};
-    return aq_test_spawn(argv, NULL, log);
+    aq_fleet_start_mock(&E, NULL);
+    aq_fleet_set("AGENTQ_LLM_MAX_RETRIES", "0");
+    aq_fleet_set("AGENTQ_METRICS_LISTEN", "127.0.0.1:0");
+    return aq_fleet_worker(&E, "worker", NULL, NULL);
 }
 
 /* agentq-producer --record (the row exists before the command returns):
  * the new task's id into id (37 bytes). */
 static void produce(const char *goal, char *id)
 {
-    char cmd[2048], o[300];
-    snprintf(o, sizeof o, "%s/producer.out", E.logdir);
-    snprintf(cmd, sizeof cmd, "'%s' --record --user u --goal '%s' >'%s' 2>>'%s/producer.log'",
-             aq_test_bin("agentq-producer"), goal, o, E.logdir);
-    ck_assert_int_eq(WEXITSTATUS(system(cmd)), 0);
-    char buf[256];
-    ck_assert_msg(sscanf(slurp(o, buf, sizeof buf), "%36s", id) == 1, "producer printed no id");
+    const char *args[] = {"--record", "--user", "u", "--goal", goal, NULL};
+    ck_assert_int_eq(aq_fleet_produce(&E, args, id), 0);
 }
 
 START_TEST(wait_exit_status_says_how_tasks_ended)
@@ -750,8 +706,8 @@ static const struct {
 
 START_TEST(usage_errors_name_the_argument)
 {
-    snprintf(E.out, sizeof E.out, "/tmp/it_ctl_usage_%d.out", (int)getpid());
-    snprintf(E.err, sizeof E.err, "/tmp/it_ctl_usage_%d.err", (int)getpid());
+    snprintf(out_path, sizeof out_path, "/tmp/it_ctl_usage_%d.out", (int)getpid());
+    snprintf(err_path, sizeof err_path, "/tmp/it_ctl_usage_%d.err", (int)getpid());
     setenv("AGENTQ_POSTGRES_DSN", "host=127.0.0.1 port=1", 1); /* nothing is reached: no connection tried */
     int rc = ctlv(bad_usage[_i].args);
     char *e = errs();
@@ -759,15 +715,15 @@ START_TEST(usage_errors_name_the_argument)
     ck_assert_msg(strstr(e, bad_usage[_i].want), "agentqctl %s ...: want '%s' in: %s", bad_usage[_i].args[0],
                   bad_usage[_i].want, e);
     ck_assert_str_eq(out(), "");
-    unlink(E.out);
-    unlink(E.err);
+    unlink(out_path);
+    unlink(err_path);
 }
 END_TEST
 
 START_TEST(help_per_command_names_only_what_applies)
 {
-    snprintf(E.out, sizeof E.out, "/tmp/it_ctl_help_%d.out", (int)getpid());
-    snprintf(E.err, sizeof E.err, "/tmp/it_ctl_help_%d.err", (int)getpid());
+    snprintf(out_path, sizeof out_path, "/tmp/it_ctl_help_%d.out", (int)getpid());
+    snprintf(err_path, sizeof err_path, "/tmp/it_ctl_help_%d.err", (int)getpid());
     static const struct {
         const char *cmd, *has[6], *lacks[4];
     } cases[] = {
@@ -796,8 +752,8 @@ START_TEST(help_per_command_names_only_what_applies)
     const char *all[] = {"migrate", "status", "top", "list", "result", "wait", "cancel", "answer", "requeue", "prune",
                          "4 (wait) timed out"};
     for (size_t i = 0; i < AQ_ARRAY_LEN(all); i++) ck_assert_msg(strstr(out(), all[i]), "--help lacks %s", all[i]);
-    unlink(E.out);
-    unlink(E.err);
+    unlink(out_path);
+    unlink(err_path);
 }
 END_TEST
 

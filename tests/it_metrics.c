@@ -8,6 +8,7 @@
 #include "agentq/broker.h"
 #include "agentq/config.h"
 #include "agentq/migrate.h"
+#include "fleet.h"
 #include "proc.h"
 #include "suite.h"
 #include "testenv.h"
@@ -20,103 +21,34 @@
 #include <string.h>
 #include <unistd.h>
 
-typedef struct env {
-    char *dsn;
-    char prefix[32];
-    char logdir[256];
-    int mock_port;
-    aq_test_proc *mock;
-    char *vars[32];
-    int nvars;
-} env;
-
-static env E;
-
-/* Adds NAME=VALUE to the environment the test's programs get. */
-static void add_var(const char *name, const char *v)
-{
-    char buf[1024];
-    snprintf(buf, sizeof buf, "%s=%s", name, v);
-    E.vars[E.nvars++] = strdup(buf);
-    E.vars[E.nvars] = NULL;
-}
+static aq_fleet E;
 
 /* A database, AMQP names of the test's own and a mock LLM (20 ms). */
 static void setup_env(const char *name)
 {
-    memset(&E, 0, sizeof E);
-    snprintf(E.prefix, sizeof E.prefix, "itm%d_%s", (int)getpid(), name);
-    E.dsn = aq_test_fresh_db(E.prefix);
-    int applied = 0;
-    char err[1024];
-    ck_assert_msg(aq_migrate_apply(E.dsn, aq_migrate_default_dir(), &applied, err, sizeof err) == 0, "%s", err);
-    snprintf(E.logdir, sizeof E.logdir, "%s/logs/%s", aq_test_env_require("AGENTQ_TEST_DIR"), E.prefix);
-    char cmd[400];
-    snprintf(cmd, sizeof cmd, "mkdir -p '%s'", E.logdir);
-    ck_assert_int_eq(system(cmd), 0);
-    char log[300];
-    snprintf(log, sizeof log, "%s/mock.log", E.logdir);
+    aq_fleet_setup(&E, "itm", name);
     const char *mock[] = {"--latency-ms", "20", NULL};
-    E.mock = aq_test_start_mock(mock, log, &E.mock_port);
-
-    char url[128], q[128];
-    snprintf(url, sizeof url, "http://127.0.0.1:%d/v1", E.mock_port);
-    add_var("AGENTQ_AMQP_URL", aq_test_env_require("AGENTQ_TEST_AMQP_URL"));
-    add_var("AGENTQ_POSTGRES_DSN", E.dsn);
-    add_var("AGENTQ_LLM_BASE_URL", url);
-    add_var("AGENTQ_AMQP_EXCHANGE", E.prefix);
-    snprintf(q, sizeof q, "%s.tasks", E.prefix);
-    add_var("AGENTQ_AMQP_QUEUE", q);
-    snprintf(q, sizeof q, "%s.dlx", E.prefix);
-    add_var("AGENTQ_AMQP_DLX", q);
-    snprintf(q, sizeof q, "%s.dead", E.prefix);
-    add_var("AGENTQ_AMQP_DEAD_QUEUE", q);
-    snprintf(q, sizeof q, "%s.retry.", E.prefix);
-    add_var("AGENTQ_AMQP_RETRY_PREFIX", q);
-    snprintf(q, sizeof q, "%s.lane.", E.prefix);
-    add_var("AGENTQ_AMQP_LANE_PREFIX", q);
-    add_var("AGENTQ_AMQP_LANES", "4");
-    add_var("AGENTQ_AMQP_RETRY_DELAYS", "1s");
-    add_var("AGENTQ_AMQP_MAX_ATTEMPTS", "2");
-    add_var("AGENTQ_LLM_MAX_RETRIES", "0");
-    add_var("AGENTQ_LLM_TIMEOUT_MS", "1000");
+    aq_fleet_start_mock(&E, mock);
+    aq_fleet_set("AGENTQ_AMQP_MAX_ATTEMPTS", "2");
+    aq_fleet_set("AGENTQ_LLM_MAX_RETRIES", "0");
+    aq_fleet_set("AGENTQ_LLM_TIMEOUT_MS", "1000");
     /* a limit, so that the saturation has something to be a fraction of */
-    add_var("AGENTQ_LLM_REQUESTS_PER_MINUTE", "6000");
-    add_var("AGENTQ_LLM_PRICE_INPUT_PER_MTOK", "0.15");
-    add_var("AGENTQ_LLM_PRICE_OUTPUT_PER_MTOK", "0.60");
-    add_var("AGENTQ_METRICS_LISTEN", "127.0.0.1:0");
-    add_var("AGENTQ_LOG_LEVEL", "debug");
-    for (int i = 0; i < E.nvars; i++) putenv(E.vars[i]); /* for the producer */
+    aq_fleet_set("AGENTQ_LLM_REQUESTS_PER_MINUTE", "6000");
+    aq_fleet_set("AGENTQ_LLM_PRICE_INPUT_PER_MTOK", "0.15");
+    aq_fleet_set("AGENTQ_LLM_PRICE_OUTPUT_PER_MTOK", "0.60");
+    aq_fleet_set("AGENTQ_METRICS_LISTEN", "127.0.0.1:0");
+    aq_fleet_set("AGENTQ_LOG_LEVEL", "debug");
 }
 
-static void teardown_env(void)
-{
-    aq_test_proc_free(E.mock);
-    free(E.dsn);
-    /* E.vars stay: putenv keeps pointers to them */
-}
+static void teardown_env(void) { aq_fleet_teardown(&E); }
 
-static aq_test_proc *start_worker(const char *name)
-{
-    char log[300];
-    snprintf(log, sizeof log, "%s/%s.log", E.logdir, name);
-    const char *argv[] = {aq_test_bin("agentq-worker"), NULL};
-    return aq_test_spawn(argv, (const char *const *)E.vars, log);
-}
+static aq_test_proc *start_worker(const char *name) { return aq_fleet_worker(&E, name, NULL, NULL); }
 
 /* Enqueues one task for user `user` with `goal`; its id into id (37 bytes). */
 static void produce(const char *user, const char *goal, char *id)
 {
-    char log[300], out[300], cmd[2048];
-    snprintf(log, sizeof log, "%s/producer.log", E.logdir);
-    snprintf(out, sizeof out, "%s/producer.out", E.logdir);
-    snprintf(cmd, sizeof cmd, "'%s' --user '%s' --goal '%s' >'%s' 2>>'%s'", aq_test_bin("agentq-producer"), user,
-             goal, out, log);
-    ck_assert_int_eq(WEXITSTATUS(system(cmd)), 0);
-    FILE *f = fopen(out, "r");
-    ck_assert_ptr_nonnull(f);
-    ck_assert_msg(fscanf(f, "%36s", id) == 1, "producer printed no id");
-    fclose(f);
+    const char *args[] = {"--user", user, "--goal", goal, NULL};
+    ck_assert_int_eq(aq_fleet_produce(&E, args, id), 0);
 }
 
 /* Publishes `body` to the test's exchange as any AMQP client would. */

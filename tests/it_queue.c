@@ -7,6 +7,7 @@
 #include "agentq/broker.h"
 #include "agentq/config.h"
 #include "agentq/migrate.h"
+#include "fleet.h"
 #include "proc.h"
 #include "suite.h"
 #include "testenv.h"
@@ -22,112 +23,33 @@
 #include <sys/socket.h>
 #include <netinet/in.h>
 
-typedef struct env {
-    char *dsn;
-    char prefix[32];
-    char logdir[256];
-    int mock_port;
-    aq_test_proc *mock;
-    char *vars[32];
-    int nvars;
-} env;
+static aq_fleet E;
 
-static env E;
-static int test_seq;
+/* Sets NAME=VALUE for the test's programs (and in-process config). */
+static void set_var(const char *name, const char *v) { aq_fleet_set(name, v); }
 
-/* Adds NAME=VALUE to the environment the test's programs get. */
-static void add_var(const char *name, const char *v)
-{
-    char buf[1024];
-    snprintf(buf, sizeof buf, "%s=%s", name, v);
-    E.vars[E.nvars++] = strdup(buf);
-    E.vars[E.nvars] = NULL;
-}
-
-/* Sets NAME=VALUE for the test's programs, in place of an earlier value. */
-static void set_var(const char *name, const char *v)
-{
-    size_t n = strlen(name);
-    char buf[1024];
-    snprintf(buf, sizeof buf, "%s=%s", name, v);
-    for (int i = 0; i < E.nvars; i++) {
-        if (!strncmp(E.vars[i], name, n) && E.vars[i][n] == '=') {
-            E.vars[i] = strdup(buf); /* the old string stays: putenv may hold it */
-            putenv(E.vars[i]);
-            return;
-        }
-    }
-    add_var(name, v);
-    putenv(E.vars[E.nvars - 1]);
-}
-
-/* Sets up a database, AMQP names and a mock LLM started with `mock_flags`. */
+/* A database, AMQP names and a mock LLM started with `mock_flags`. */
 static void setup_env(const char *name, const char *const *mock_flags)
 {
-    memset(&E, 0, sizeof E);
-    snprintf(E.prefix, sizeof E.prefix, "it%d_%d_%s", (int)getpid(), ++test_seq, name);
-    E.dsn = aq_test_fresh_db(E.prefix);
-    int applied = 0;
-    char err[1024];
-    ck_assert_msg(aq_migrate_apply(E.dsn, aq_migrate_default_dir(), &applied, err, sizeof err) == 0, "%s", err);
-    snprintf(E.logdir, sizeof E.logdir, "%s/logs/%s", aq_test_env_require("AGENTQ_TEST_DIR"), E.prefix);
-    char cmd[400];
-    snprintf(cmd, sizeof cmd, "mkdir -p '%s'", E.logdir);
-    ck_assert_int_eq(system(cmd), 0);
-    char log[300];
-    snprintf(log, sizeof log, "%s/mock.log", E.logdir);
-    E.mock = aq_test_start_mock(mock_flags, log, &E.mock_port);
-
-    char url[128];
-    snprintf(url, sizeof url, "http://127.0.0.1:%d/v1", E.mock_port);
-    add_var("AGENTQ_AMQP_URL", aq_test_env_require("AGENTQ_TEST_AMQP_URL"));
-    add_var("AGENTQ_POSTGRES_DSN", E.dsn);
-    add_var("AGENTQ_LLM_BASE_URL", url);
-    add_var("AGENTQ_AMQP_EXCHANGE", E.prefix);
-    char q[128];
-    snprintf(q, sizeof q, "%s.tasks", E.prefix);
-    add_var("AGENTQ_AMQP_QUEUE", q);
-    snprintf(q, sizeof q, "%s.dlx", E.prefix);
-    add_var("AGENTQ_AMQP_DLX", q);
-    snprintf(q, sizeof q, "%s.dead", E.prefix);
-    add_var("AGENTQ_AMQP_DEAD_QUEUE", q);
-    snprintf(q, sizeof q, "%s.retry.", E.prefix);
-    add_var("AGENTQ_AMQP_RETRY_PREFIX", q);
-    snprintf(q, sizeof q, "%s.lane.", E.prefix);
-    add_var("AGENTQ_AMQP_LANE_PREFIX", q);
-    add_var("AGENTQ_AMQP_LANES", "4");
-    add_var("AGENTQ_AMQP_RETRY_DELAYS", "1s");
-    add_var("AGENTQ_AMQP_MAX_ATTEMPTS", "3");
-    add_var("AGENTQ_LLM_MAX_RETRIES", "0");
+    aq_fleet_setup(&E, "it", name);
+    aq_fleet_start_mock(&E, mock_flags);
+    set_var("AGENTQ_AMQP_MAX_ATTEMPTS", "3");
+    set_var("AGENTQ_LLM_MAX_RETRIES", "0");
     /* gpt-4o-mini's prices: the simulator's model is free by default, and
      * the tests account for cost */
-    add_var("AGENTQ_LLM_PRICE_INPUT_PER_MTOK", "0.15");
-    add_var("AGENTQ_LLM_PRICE_OUTPUT_PER_MTOK", "0.60");
-    add_var("AGENTQ_METRICS_LISTEN", "127.0.0.1:0");
-    add_var("AGENTQ_LOG_LEVEL", "debug");
-    for (int i = 0; i < E.nvars; i++) putenv(E.vars[i]); /* for in-process config and the producer */
+    set_var("AGENTQ_LLM_PRICE_INPUT_PER_MTOK", "0.15");
+    set_var("AGENTQ_LLM_PRICE_OUTPUT_PER_MTOK", "0.60");
+    set_var("AGENTQ_METRICS_LISTEN", "127.0.0.1:0");
+    set_var("AGENTQ_LOG_LEVEL", "debug");
 }
 
-static void teardown_env(void)
-{
-    aq_test_proc_free(E.mock);
-    free(E.dsn);
-    /* E.vars stay: putenv keeps pointers to them */
-}
+static void teardown_env(void) { aq_fleet_teardown(&E); }
 
 /* Starts agentq-worker with the test's environment, `extra_env` on top,
  * and `--config conf` when conf is not NULL. */
 static aq_test_proc *start_worker_conf(const char *name, const char *conf, const char *const *extra_env)
 {
-    char log[300];
-    snprintf(log, sizeof log, "%s/%s.log", E.logdir, name);
-    const char *argv[] = {aq_test_bin("agentq-worker"), conf ? "--config" : NULL, conf, NULL};
-    const char *envv[40];
-    int n = 0;
-    for (int i = 0; i < E.nvars; i++) envv[n++] = E.vars[i];
-    for (int i = 0; extra_env && extra_env[i]; i++) envv[n++] = extra_env[i];
-    envv[n] = NULL;
-    return aq_test_spawn(argv, envv, log);
+    return aq_fleet_worker(&E, name, conf, extra_env);
 }
 
 static aq_test_proc *start_worker(const char *name, const char *const *extra_env)
@@ -137,23 +59,7 @@ static aq_test_proc *start_worker(const char *name, const char *const *extra_env
 
 /* Runs agentq-producer with args; returns its exit status and the first
  * task id it printed in id (37 bytes). */
-static int produce(const char *const *args, char *id)
-{
-    char log[300], out[300], cmd[4096];
-    snprintf(log, sizeof log, "%s/producer.log", E.logdir);
-    snprintf(out, sizeof out, "%s/producer.out", E.logdir);
-    int n = snprintf(cmd, sizeof cmd, "'%s'", aq_test_bin("agentq-producer"));
-    for (int i = 0; args[i]; i++) n += snprintf(cmd + n, sizeof cmd - (size_t)n, " '%s'", args[i]);
-    snprintf(cmd + n, sizeof cmd - (size_t)n, " >'%s' 2>>'%s'", out, log);
-    int rc = system(cmd);
-    if (id) {
-        FILE *f = fopen(out, "r");
-        ck_assert_ptr_nonnull(f);
-        ck_assert_msg(fscanf(f, "%36s", id) == 1, "producer printed no id");
-        fclose(f);
-    }
-    return WEXITSTATUS(rc);
-}
+static int produce(const char *const *args, char *id) { return aq_fleet_produce(&E, args, id); }
 
 /* Publishes body as any AMQP client would; headers_json (an object, or
  * NULL) becomes the message's headers. */
