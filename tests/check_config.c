@@ -195,6 +195,39 @@ START_TEST(amqp_url_lists_nodes)
 }
 END_TEST
 
+/* amqp.queue_type, and the lane queues' priority bands it brings. */
+START_TEST(queue_type_and_bands)
+{
+    const char *e = load_error("amqp = { queue_type = \"mirrored\"; };\n");
+    ck_assert_msg(strstr(e, "key 'amqp.queue_type': 'mirrored' must be 'classic' or 'quorum'"), "%s", e);
+    teardown();
+    e = load_error("amqp = { queue_type = \"quorum\"; priority_bands = 11; };\n");
+    ck_assert_msg(strstr(e, "amqp.priority_bands"), "%s", e);
+    teardown();
+    aq_config cfg;
+    char err[256] = "";
+    ck_assert_int_eq(aq_config_load(&cfg, write_conf("amqp = { lanes = 2; };\n"), err, sizeof err), AQ_OK);
+    ck_assert(!aq_config_quorum(&cfg));
+    ck_assert_int_eq(aq_config_bands(&cfg), 1); /* classic: each lane is a priority queue */
+    ck_assert_int_eq(aq_config_band_of(&cfg, 9), 0);
+    aq_config_free(&cfg);
+    teardown();
+    ck_assert_int_eq(aq_config_load(&cfg, write_conf("amqp = { queue_type = \"quorum\"; };\n"), err, sizeof err),
+                     AQ_OK);
+    ck_assert_int_eq(aq_config_bands(&cfg), 3);
+    int bands[10];
+    for (int p = 0; p < 10; p++) bands[p] = aq_config_band_of(&cfg, p);
+    ck_assert_int_eq(bands[0], 0);
+    ck_assert_int_eq(bands[3], 0);
+    ck_assert_int_eq(bands[4], 1);
+    ck_assert_int_eq(bands[6], 1);
+    ck_assert_int_eq(bands[7], 2);
+    ck_assert_int_eq(bands[9], 2);
+    ck_assert_int_eq(aq_config_band_of(&cfg, 42), 2); /* clamped */
+    aq_config_free(&cfg);
+}
+END_TEST
+
 
 /* A fleet of providers: OpenAI (bearer), Azure OpenAI (api-key header,
  * api-version, {model} deployments) and a local server (no key). */
@@ -385,7 +418,7 @@ static Suite *config_suite(void)
                            list_membership, example_parses_back, dump_masks_passwords};
     const TTest *limits[] = {bounds_name_file_line_key, cross_checks, providers_list, providers_errors,
                              prices_are_explicit};
-    const TTest *errors[] = {unknown_key_named, syntax_error_has_line, wrong_types, amqp_url_lists_nodes,
+    const TTest *errors[] = {unknown_key_named, syntax_error_has_line, wrong_types, amqp_url_lists_nodes, queue_type_and_bands,
                              bad_env_value_named, missing_file};
     const aq_tcase_spec tcases[] = {
         {.name = "core", .tests = core, .n_tests = AQ_ARRAY_LEN(core), .teardown = teardown},

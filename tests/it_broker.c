@@ -75,7 +75,7 @@ START_TEST(topology_as_the_contract_says)
      * like the task queue. */
     for (int i = 0; i < 3; i++) {
         char lane[128];
-        aq_broker_lane_queue(&cfg, i, lane, sizeof lane);
+        aq_broker_lane_queue(&cfg, i, 0, lane, sizeof lane);
         const char *l = strstr(q, lane);
         ck_assert_msg(l != NULL, "no %s in %s", lane, q);
         const char *eol = strchr(l, '\n');
@@ -238,7 +238,7 @@ static void count_lane_delivery(aq_delivery *d, int channel, uint64_t dtag, void
     (void)channel;
     for (int i = 0; i < 3; i++) {
         char lane[128];
-        aq_broker_lane_queue(&cfg, i, lane, sizeof lane);
+        aq_broker_lane_queue(&cfg, i, 0, lane, sizeof lane);
         if (!strcmp(d->routing_key, lane)) r->per_lane[i]++;
     }
     if (r->ntags < 64) r->tags[r->ntags++] = dtag;
@@ -284,7 +284,7 @@ START_TEST(lanes_share_one_prefetch)
 {
     char err[256], lane[128];
     for (int i = 0; i < 3; i++) {
-        aq_broker_lane_queue(&cfg, i, lane, sizeof lane);
+        aq_broker_lane_queue(&cfg, i, 0, lane, sizeof lane);
         publish_confirmed(lane, 20);
     }
     static lane_rec r;
@@ -292,7 +292,7 @@ START_TEST(lanes_share_one_prefetch)
     const char *queues[3];
     char names[3][128];
     for (int i = 0; i < 3; i++) {
-        aq_broker_lane_queue(&cfg, i, names[i], sizeof names[i]);
+        aq_broker_lane_queue(&cfg, i, 0, names[i], sizeof names[i]);
         queues[i] = names[i];
     }
     ck_assert_msg(aq_broker_consume_shared(b, 5, queues, 3, 4, err, sizeof err) == 0, "%s", err);

@@ -3,11 +3,11 @@
  *
  * The cluster is the test's own (scripts/testenv with
  * AGENTQ_TESTENV_RABBIT_ONLY and AGENTQ_TESTENV_JOIN, started and stopped
- * by main around the suite); PostgreSQL is the `servers` fixture's. The
- * queues are classic ones, declared through node 1 (the producer's), so
- * they live on node 1 and outlast the node that stops: what is tested is
- * the client side of a cluster, that a worker whose node goes away goes
- * on through another and that nothing is lost or run twice meanwhile. */
+ * by main around the suite); PostgreSQL is the `servers` fixture's. With
+ * classic queues (declared through node 1, so they live there) node 2,
+ * the worker's, stops: the client side of a cluster. With quorum queues
+ * node 1 stops, the worker's and the queues' leaders' both. Either way
+ * nothing is lost or run twice. */
 #include "agentq/common.h"
 #include "fleet.h"
 #include "suite.h"
@@ -96,14 +96,16 @@ static char *value(const char *sql)
     return v;
 }
 
-/* 40 tasks enqueued through node 1; a worker given nodes 2 and 3 runs
- * them through node 2, which stops once a few have completed: the worker
- * goes on through node 3, and every task completes, each LLM call of each
- * made and recorded once. */
-START_TEST(node_the_worker_uses_stops_mid_run)
+/* 40 tasks enqueued through node 1 (which declares the queues); a worker
+ * given the nodes from `first` on runs them through node `first`, which
+ * stops once a few have completed: the worker goes on through the next
+ * node, and every task completes, each LLM call of each made and recorded
+ * once. */
+static void stop_mid_run(const char *queue_type, int first)
 {
     enum { TASKS = 40 };
-    aq_fleet_setup(&E, "itk", "failover");
+    aq_fleet_setup(&E, "itk", queue_type);
+    aq_fleet_set("AGENTQ_AMQP_QUEUE_TYPE", queue_type);
     const char *mock[] = {"--latency-ms", "150", NULL};
     aq_fleet_start_mock(&E, mock);
     aq_fleet_set("AGENTQ_LLM_MAX_RETRIES", "0");
@@ -121,20 +123,21 @@ START_TEST(node_the_worker_uses_stops_mid_run)
     const char *args[] = {"--file", file, NULL};
     ck_assert_int_eq(aq_fleet_produce(&E, args, NULL), 0);
 
-    char urls[500];
-    snprintf(urls, sizeof urls, "%s,%s", node_url[1], node_url[2]);
+    char urls[700] = "";
+    for (int i = first; i < NODES; i++)
+        snprintf(urls + strlen(urls), sizeof urls - strlen(urls), "%s%s", i > first ? "," : "", node_url[i]);
     aq_fleet_set("AGENTQ_AMQP_URL", urls);
     aq_test_proc *w = aq_fleet_worker(&E, "worker", NULL, NULL);
     ck_assert_msg(aq_test_pg_wait_value(E.dsn, "SELECT count(*) >= 6 FROM agentq.tasks WHERE status = 'completed'",
-                                        "t", 30000), "tasks did not start completing through node 2");
-    ck_assert_int_eq(testenv("rabbit-stop", 1, false), 0);
+                                        "t", 30000), "tasks did not start completing through node %d", first + 1);
+    ck_assert_int_eq(testenv("rabbit-stop", first, false), 0);
     char want[16];
     snprintf(want, sizeof want, "%d", TASKS);
     bool done = aq_test_pg_wait_value(E.dsn, "SELECT count(*) FROM agentq.tasks WHERE status = 'completed'", want, 60000);
     char log[300];
     aq_fleet_log(&E, "worker", log, sizeof log);
     if (!done) aq_test_dump_log(log, 40);
-    ck_assert_msg(done, "not every task completed after node 2 stopped");
+    ck_assert_msg(done, "not every task completed after node %d stopped", first + 1);
     char *v = value("SELECT count(*) FROM agentq.tasks WHERE steps = 2");
     ck_assert_str_eq(v, want);
     free(v);
@@ -153,13 +156,25 @@ START_TEST(node_the_worker_uses_stops_mid_run)
     text[n] = '\0';
     fclose(lf);
     ck_assert_msg(strstr(text, "broker connection lost"), "the worker did not lose its connection");
-    ck_assert_msg(strstr(text, "broker: connected to node 2 of 2"), "the worker did not go on through node 3");
+    char next[64];
+    snprintf(next, sizeof next, "broker: connected to node 2 of %d", NODES - first);
+    ck_assert_msg(strstr(text, next), "the worker did not go on through node %d", first + 2);
     aq_test_proc_signal(w, SIGTERM);
     ck_assert_int_eq(aq_test_proc_wait(w, 15000), 0);
     aq_test_proc_free(w);
-    ck_assert_int_eq(testenv("rabbit-start", 1, false), 0);
+    ck_assert_int_eq(testenv("rabbit-start", first, false), 0);
     aq_fleet_teardown(&E);
 }
+
+/* Classic queues live on node 1: the worker's node 2 stops. */
+START_TEST(node_the_worker_uses_stops_mid_run) { stop_mid_run("classic", 1); }
+END_TEST
+
+/* Quorum queues, replicated on the three nodes and declared through node
+ * 1, which the worker uses too: node 1 stops, taking the queues' leaders
+ * and the worker's connection; the other two elect new leaders and the
+ * worker goes on through node 2. */
+START_TEST(quorum_leader_and_worker_node_stops_mid_run) { stop_mid_run("quorum", 0); }
 END_TEST
 
 int main(void)
@@ -178,7 +193,7 @@ int main(void)
         cluster_stop();
         return 1;
     }
-    const TTest *cluster[] = {node_the_worker_uses_stops_mid_run};
+    const TTest *cluster[] = {node_the_worker_uses_stops_mid_run, quorum_leader_and_worker_node_stops_mid_run};
     const aq_tcase_spec tcases[] = {
         {.name = "cluster", .tests = cluster, .n_tests = AQ_ARRAY_LEN(cluster), .timeout_s = 180},
     };

@@ -41,6 +41,9 @@ static void setup_env(const char *name, const char *const *mock_flags)
     set_var("AGENTQ_LLM_PRICE_OUTPUT_PER_MTOK", "0.60");
     set_var("AGENTQ_METRICS_LISTEN", "127.0.0.1:0");
     set_var("AGENTQ_LOG_LEVEL", "debug");
+    /* The whole suite on quorum queues: AGENTQ_TEST_QUEUE_TYPE=quorum. */
+    const char *type = getenv("AGENTQ_TEST_QUEUE_TYPE");
+    if (type && *type) set_var("AGENTQ_AMQP_QUEUE_TYPE", type);
 }
 
 static void teardown_env(void) { aq_fleet_teardown(&E); }
@@ -287,10 +290,16 @@ static void wait_claim_round(const char *name, const char *a, const char *b, int
  * holds them or they wait in their lanes); once they may run, the high
  * one starts first. (Priority is strict among what a worker holds and
  * within a lane; an idle worker starts what reaches it first.) */
-START_TEST(priority_runs_first)
+static char *slurp(const char *path);
+
+static void priority_case(bool quorum)
 {
     const char *mock[] = {"--latency-ms", "30", NULL};
-    setup_env("prio", mock);
+    setup_env(quorum ? "qprio" : "prio", mock);
+    if (quorum) {
+        set_var("AGENTQ_AMQP_QUEUE_TYPE", "quorum");
+        set_var("AGENTQ_AMQP_PRIORITY_BANDS", "3");
+    }
     char cmd[1024], file[300], err[512];
     ck_assert_msg(aq_test_pg_exec(E.dsn, "INSERT INTO agentq.users (user_id, max_inflight)"
                                          " VALUES ('low', 0), ('vip', 0)", err, sizeof err) == 0, "%s", err);
@@ -321,11 +330,40 @@ START_TEST(priority_runs_first)
     aq_test_proc_free(w);
     teardown_env();
 }
+
+START_TEST(priority_runs_first) { priority_case(false); }
+END_TEST
+
+/* Quorum queues have no priorities: the lanes' bands keep them. */
+START_TEST(quorum_priority_band_runs_first) { priority_case(true); }
+END_TEST
+
+/* One user's tasks, all in one lane, fill every slot of a worker: with
+ * quorum queues (a prefetch per consumer, here 2) the lane queue gets
+ * more consumers as its sessions start. */
+START_TEST(quorum_one_user_fills_every_slot)
+{
+    const char *mock[] = {"--latency-ms", "400", NULL};
+    setup_env("qfill", mock);
+    set_var("AGENTQ_AMQP_QUEUE_TYPE", "quorum");
+    const char *six[] = {"AGENTQ_WORKER_CONCURRENCY=6", NULL};
+    aq_test_proc *w = start_worker("worker", six);
+    char file[300];
+    snprintf(file, sizeof file, "%s/one.jsonl", E.logdir);
+    FILE *f = fopen(file, "w");
+    for (int i = 0; i < 18; i++) fprintf(f, "{\"user_id\":\"solo\",\"goal\":\"solo %d steps=1\"}\n", i);
+    fclose(f);
+    const char *args[] = {"--file", file, NULL};
+    ck_assert_int_eq(produce(args, NULL), 0);
+    ck_assert_msg(aq_test_pg_wait_value(E.dsn, "SELECT count(*) FROM agentq.tasks WHERE status = 'running'", "6", 15000),
+                  "the user's tasks never ran 6 at once");
+    ck_assert(aq_test_pg_wait_value(E.dsn, "SELECT count(*) FROM agentq.tasks WHERE status = 'completed'", "18", 30000));
+    aq_test_proc_free(w);
+    teardown_env();
+}
 END_TEST
 
 /* A port nothing listens on (bound, then closed). */
-static char *slurp(const char *path);
-
 static int closed_port(void)
 {
     int port;
@@ -334,6 +372,52 @@ static int closed_port(void)
     close(fd);
     return port;
 }
+
+/* amqp.url lists two nodes, the first one down; amqp.queue_type quorum:
+ * the worker connects through the second, declares replicated queues
+ * (the ingress with a delivery limit, three bands a lane) and runs tasks
+ * of every band. */
+START_TEST(quorum_queues_through_the_second_listed_node)
+{
+    const char *mock[] = {"--latency-ms", "10", NULL};
+    setup_env("quorum", mock);
+    char urls[600];
+    snprintf(urls, sizeof urls, "amqp://guest:guest@127.0.0.1:%d/%%2f, %s", closed_port(),
+             aq_test_env_require("AGENTQ_TEST_AMQP_URL"));
+    set_var("AGENTQ_AMQP_URL", urls);
+    set_var("AGENTQ_AMQP_QUEUE_TYPE", "quorum");
+    set_var("AGENTQ_AMQP_PRIORITY_BANDS", "3");
+    set_var("AGENTQ_AMQP_DELIVERY_LIMIT", "7");
+    aq_test_proc *w = start_worker("worker", NULL);
+    char ids[3][40];
+    const char *prio[] = {"0", "5", "9"};
+    for (int i = 0; i < 3; i++) {
+        const char *args[] = {"--user", "q", "--goal", "add things steps=1", "--priority", prio[i], NULL};
+        ck_assert_int_eq(produce(args, ids[i]), 0);
+    }
+    for (int i = 0; i < 3; i++) wait_status(ids[i], "completed", 20000, w, "worker");
+    /* The queues, as the broker has them. */
+    char cmd[1024], out[300];
+    snprintf(out, sizeof out, "%s/queues.txt", E.logdir);
+    snprintf(cmd, sizeof cmd, "'%s' -q list_queues name type arguments 2>&1 | grep '%s' >'%s'",
+             aq_test_env_require("AGENTQ_TEST_RABBITMQCTL"), E.prefix, out);
+    ck_assert_int_eq(system(cmd), 0);
+    const char *q = slurp(out);
+    char want[200];
+    snprintf(want, sizeof want, "%s.lane.3.b2\tquorum", E.prefix);
+    ck_assert_msg(strstr(q, want), "no quorum band queue %s in:\n%s", want, q);
+    snprintf(want, sizeof want, "%s.tasks\tquorum", E.prefix);
+    ck_assert_msg(strstr(q, want), "the ingress queue is not a quorum queue:\n%s", q);
+    ck_assert_msg(strstr(q, "{\"x-delivery-limit\",7}"), "no delivery limit 7 on the ingress queue:\n%s", q);
+    snprintf(out, sizeof out, "%s/worker.log", E.logdir);
+    ck_assert_msg(strstr(slurp(out), "connected to node 2 of 2"), "the worker did not say which node it took");
+    aq_test_proc_signal(w, SIGTERM);
+    ck_assert_int_eq(aq_test_proc_wait(w, 10000), 0);
+    aq_test_proc_free(w);
+    teardown_env();
+}
+END_TEST
+
 
 /* amqp.url lists a cluster's nodes, the first one down: the worker and
  * the producer connect through the second, say so, and tasks run. */
@@ -1638,9 +1722,12 @@ int main(void)
     const TTest *durable[] = {kill9_mid_task_resumes_at_the_last_committed_step, drained_and_retried_tasks_resume,
                               ask_human_waits_and_resumes_with_the_answer,
                               long_task_hands_itself_over_before_consumer_timeout};
+    const TTest *quorum[] = {quorum_queues_through_the_second_listed_node, quorum_priority_band_runs_first,
+                             quorum_one_user_fills_every_slot};
     const TTest *providers[] = {provider_limits_hold_fleet_wide, reset_header_pauses_the_fleet,
                                 cache_shared_by_two_workers, unpriced_model_stops_the_worker};
     const aq_tcase_spec tcases[] = {
+        {.name = "quorum", .tests = quorum, .n_tests = AQ_ARRAY_LEN(quorum), .timeout_s = 120},
         {.name = "providers", .tests = providers, .n_tests = AQ_ARRAY_LEN(providers), .timeout_s = 120},
         {.name = "durable", .tests = durable, .n_tests = AQ_ARRAY_LEN(durable), .timeout_s = 200},
         {.name = "core", .tests = core, .n_tests = AQ_ARRAY_LEN(core), .timeout_s = 120},

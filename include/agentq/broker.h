@@ -96,8 +96,14 @@ int aq_broker_declare(aq_broker *b, const aq_config *cfg, char *err, size_t errl
 /* Name of the retry queue for a delay: prefix + "5s", "30s", "2h", "500ms". */
 void aq_broker_retry_queue(const aq_config *cfg, long delay_ms, char *buf, size_t len);
 
-/* Name of lane queue `lane` (0 .. amqp.lanes - 1): the prefix + the number. */
-void aq_broker_lane_queue(const aq_config *cfg, int lane, char *buf, size_t len);
+/* Name of lane queue `lane` (0 .. amqp.lanes - 1) of priority band `band`
+ * (0 .. aq_config_bands() - 1): the prefix + the number for classic
+ * queues, which are priority queues; + ".b" + the band for quorum ones. */
+void aq_broker_lane_queue(const aq_config *cfg, int lane, int band, char *buf, size_t len);
+
+/* The lane of a lane queue's name (and its band in *band), or -1 if the
+ * name is not one of this configuration's lane queues. */
+int aq_broker_lane_of(const aq_config *cfg, const char *queue, int *band);
 
 /* Where deliveries and confirms go (copied; NULL: nowhere). */
 void aq_broker_set_events(aq_broker *b, const aq_broker_events *ev);
@@ -134,6 +140,18 @@ int aq_broker_consume_shared(aq_broker *b, int channel, const char *const *queue
 void aq_broker_cancel_queue(aq_broker *b, int channel, const char *queue);
 int aq_broker_add_queue(aq_broker *b, int channel, const char *queue, char *err, size_t errlen) AQ_MUSTCHECK;
 bool aq_broker_consuming(aq_broker *b, int channel, const char *queue);
+
+/* One consumer more of `queue` on `channel`, under the channel's qos, and
+ * how many consumers of it the channel has. aq_broker_cancel_queue stops
+ * one of them. */
+int aq_broker_add_consumer(aq_broker *b, int channel, const char *queue, char *err, size_t errlen) AQ_MUSTCHECK;
+int aq_broker_consumers(aq_broker *b, int channel, const char *queue);
+
+/* Consumes each of `n` queues on `channel` (opened if need be) with a
+ * prefetch of `prefetch` unacked deliveries per consumer: what quorum
+ * queues take (they refuse a prefetch shared by a channel). */
+int aq_broker_consume_each(aq_broker *b, int channel, const char *const *queues, size_t n, int prefetch,
+                           char *err, size_t errlen) AQ_MUSTCHECK;
 
 /* Stops every consumer on `channel` (no-op when not consuming there). */
 void aq_broker_cancel_consume(aq_broker *b, int channel);

@@ -89,6 +89,9 @@ typedef struct aq_config {
     char *amqp_cert_file;              /* amqps: client certificate; "": none */
     char *amqp_key_file;               /* amqps: its private key; "": none */
     int amqp_verify_peer;              /* amqps: 1 verify chain and host, 0 neither */
+    char *amqp_queue_type;             /* "classic" or "quorum" */
+    int amqp_priority_bands;           /* quorum: lane queues per lane, by priority */
+    int amqp_delivery_limit;           /* quorum: deliveries of an ingress message */
     /* postgres */
     char *pg_dsn;
     int pg_batch_max;
@@ -227,6 +230,13 @@ int aq_config_lane_prefetch(const aq_config *cfg);
  * false if i is out of range or the URL does not fit). */
 int aq_config_amqp_nodes(const aq_config *cfg);
 bool aq_config_amqp_node(const aq_config *cfg, int i, char *buf, size_t len);
+
+/* Priority bands of the lane queues: 1 for classic queues (each lane is
+ * one priority queue), amqp.priority_bands for quorum ones, which have no
+ * priorities; and the band that priority 0-9 falls in (0 lowest). */
+int aq_config_bands(const aq_config *cfg);
+int aq_config_band_of(const aq_config *cfg, int priority);
+bool aq_config_quorum(const aq_config *cfg);
 
 /* Reads a DURATION: whole numbers each followed by a unit, d, h, m or s,
  * each unit at most once and the largest first (30s, 15m, 12h, 7d, 1d12h,

@@ -1,7 +1,8 @@
 /* consumer.h — the worker's broker side: one thread that owns an AMQP
  * connection, consumes the ingress queue (tasks to route), every lane
  * (tasks to run: one prefetch of concurrency + lookahead shared by all
- * lanes) and the dead-letter queue, and carries out acks, rejects and
+ * lanes; with quorum queues, a few consumers per lane queue of each
+ * priority band, see aq_consumer_running) and the dead-letter queue, and carries out acks, rejects and
  * confirmed publishes that the loop thread asks for.
  *
  * rabbitmq-c has no background thread and its calls block, so they stay
@@ -58,6 +59,12 @@ void aq_consumer_stop_consuming(aq_consumer *c);
  * of them would only fill the prefetch that other users' tasks need. A
  * reconnect consumes every lane again. */
 void aq_consumer_pause_lane(aq_consumer *c, int lane, bool paused);
+
+/* A lane delivery's session started (true) or ended (false): with quorum
+ * queues, which take no prefetch shared by a channel, a lane queue gets
+ * a consumer more as its sessions fill the ones it has. No-op with
+ * classic queues (one prefetch shared by every lane). */
+void aq_consumer_running(aq_consumer *c, const aq_delivery *d, bool started);
 
 bool aq_consumer_connected(const aq_consumer *c);
 

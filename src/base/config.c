@@ -37,6 +37,16 @@ static const config_key config_keys[] = {
     {"amqp", "url", K_STR, OFF(amqp_url), "amqp://guest:guest@127.0.0.1:5672/%2f", 0, 0, true,
      "Broker URL: amqp://user:pass@host:port/vhost (vhost '/' is %2f). The nodes of a cluster: several URLs"
      " separated by commas, tried in turn from the one that last took a connection."},
+    {"amqp", "queue_type", K_STR, OFF(amqp_queue_type), "classic", 0, 0, false,
+     "Type of the queues agentq declares: classic (one node's, priority queues) or quorum (replicated over"
+     " a cluster's nodes; each lane becomes amqp.priority_bands queues, drained highest band first)."},
+    {"amqp", "priority_bands", K_INT, OFF(amqp_priority_bands), "3", 1, 10, false,
+     "With quorum queues, which have no priorities: lane queues per lane (prefix + lane + '.b' + band),"
+     " priorities 0-9 split evenly over them; a worker starts a higher band's task first."},
+    {"amqp", "delivery_limit", K_INT, OFF(amqp_delivery_limit), "20", 1, 100000, false,
+     "With quorum queues: deliveries of one message of amqp.queue before the broker dead-letters it (a"
+     " message that brings workers down before it is recorded). Lanes have none: the store counts a"
+     " recorded task's interruptions (amqp.max_interruptions)."},
     {"amqp", "heartbeat", K_INT, OFF(amqp_heartbeat), "30", 0, 600, false,
      "AMQP heartbeat in seconds (0 disables)."},
     {"amqp", "exchange", K_STR, OFF(amqp_exchange), "agentq", 0, 0, false,
@@ -1066,6 +1076,10 @@ int aq_config_check(const aq_config *cfg, char *err, size_t errlen)
             return AQ_EINVAL;
         }
     }
+    if (strcmp(cfg->amqp_queue_type, "classic") && strcmp(cfg->amqp_queue_type, "quorum")) {
+        aq_seterr(err, errlen, "key 'amqp.queue_type': '%s' must be 'classic' or 'quorum'", cfg->amqp_queue_type);
+        return AQ_EINVAL;
+    }
     if (*cfg->amqp_management_url && strncmp(cfg->amqp_management_url, "http://", 7) &&
         strncmp(cfg->amqp_management_url, "https://", 8)) {
         aq_seterr(err, errlen, "key 'amqp.management_url': must be empty or an http:// or https:// URL");
@@ -1316,6 +1330,16 @@ bool aq_config_amqp_node(const aq_config *cfg, int i, char *buf, size_t len)
     return true;
 }
 
+bool aq_config_quorum(const aq_config *cfg) { return !strcmp(cfg->amqp_queue_type, "quorum"); }
+
+int aq_config_bands(const aq_config *cfg) { return aq_config_quorum(cfg) ? cfg->amqp_priority_bands : 1; }
+
+int aq_config_band_of(const aq_config *cfg, int priority)
+{
+    if (priority < 0) priority = 0;
+    if (priority > 9) priority = 9;
+    return priority * aq_config_bands(cfg) / 10;
+}
 
 void aq_config_handover_ms(const aq_config *cfg, int64_t *soft_ms, int64_t *hard_ms)
 {

@@ -604,14 +604,16 @@ static void snapshot_queues(const aq_config *cfg, snapshot *s)
     long delays[32];
     int ndelays = aq_config_retry_delays(cfg, delays, 32);
     if (ndelays < 0) ndelays = 0;
-    s->nq = 2 + cfg->amqp_lanes + ndelays;
+    s->nq = 2 + cfg->amqp_lanes * aq_config_bands(cfg) + ndelays;
     s->queues = aq_xcalloc((size_t)s->nq, sizeof *s->queues);
     int i = 0;
     s->queues[i].role = Q_INGRESS;
     snprintf(s->queues[i++].name, sizeof s->queues[0].name, "%s", cfg->amqp_queue);
-    for (int l = 0; l < cfg->amqp_lanes; l++, i++) {
-        s->queues[i].role = Q_LANE;
-        aq_broker_lane_queue(cfg, l, s->queues[i].name, sizeof s->queues[i].name);
+    for (int l = 0; l < cfg->amqp_lanes; l++) {
+        for (int band = 0; band < aq_config_bands(cfg); band++, i++) {
+            s->queues[i].role = Q_LANE;
+            aq_broker_lane_queue(cfg, l, band, s->queues[i].name, sizeof s->queues[i].name);
+        }
     }
     for (int d = 0; d < ndelays; d++, i++) {
         s->queues[i].role = Q_RETRY;

@@ -1374,9 +1374,11 @@ aq_dashboard *aq_dashboard_new(struct event_base *base, const aq_config *cfg, co
 
     add_queue(d, cfg->amqp_queue, G_TASKS);
     for (int i = 0; i < cfg->amqp_lanes; i++) {
-        char name[256];
-        aq_broker_lane_queue(cfg, i, name, sizeof name);
-        add_queue(d, name, G_LANE);
+        for (int band = 0; band < aq_config_bands(cfg); band++) {
+            char name[256];
+            aq_broker_lane_queue(cfg, i, band, name, sizeof name);
+            add_queue(d, name, G_LANE);
+        }
     }
     long delays[32];
     int nd = aq_config_retry_delays(cfg, delays, (int)AQ_ARRAY_LEN(delays));

@@ -389,6 +389,15 @@ int aq_broker_consume_shared(aq_broker *b, int channel, const char *const *queue
     return rc;
 }
 
+int aq_broker_consume_each(aq_broker *b, int channel, const char *const *queues, size_t n, int prefetch,
+                           char *err, size_t errlen)
+{
+    int rc = open_channel(b, channel, err, errlen);
+    if (rc == AQ_OK) rc = set_prefetch(b, channel, prefetch, false, err, errlen);
+    for (size_t i = 0; rc == AQ_OK && i < n; i++) rc = consume_one(b, channel, queues[i], err, errlen);
+    return rc;
+}
+
 void aq_broker_cancel_consume(aq_broker *b, int channel)
 {
     if (channel <= 0 || channel >= BROKER_MAX_CHANNELS) return;
@@ -426,14 +435,27 @@ void aq_broker_cancel_queue(aq_broker *b, int channel, const char *queue)
     *c = b->consumers[channel][--b->nconsumers[channel]];
 }
 
-int aq_broker_add_queue(aq_broker *b, int channel, const char *queue, char *err, size_t errlen)
+int aq_broker_add_consumer(aq_broker *b, int channel, const char *queue, char *err, size_t errlen)
 {
-    if (find_consumer(b, channel, queue)) return AQ_OK;
     if (channel <= 0 || channel >= BROKER_MAX_CHANNELS || !b->channel_open[channel]) {
         aq_seterr(err, errlen, "channel %d is not consuming", channel);
         return AQ_EINVAL;
     }
     return consume_one(b, channel, queue, err, errlen);
+}
+
+int aq_broker_add_queue(aq_broker *b, int channel, const char *queue, char *err, size_t errlen)
+{
+    if (find_consumer(b, channel, queue)) return AQ_OK;
+    return aq_broker_add_consumer(b, channel, queue, err, errlen);
+}
+
+int aq_broker_consumers(aq_broker *b, int channel, const char *queue)
+{
+    int n = 0;
+    for (size_t k = 0; channel > 0 && channel < BROKER_MAX_CHANNELS && k < b->nconsumers[channel]; k++)
+        if (!strcmp(b->consumers[channel][k].queue, queue)) n++;
+    return n;
 }
 
 /* A delivery handed out on `channel`. */
@@ -556,7 +578,15 @@ static int declare_queue(aq_broker *b, const char *name, amqp_table_entry_t *arg
     char what[300];
     snprintf(what, sizeof what, "declaring queue %s", name);
     amqp_queue_declare(b->conn, AQ_BROKER_CH_MAIN, amqp_cstring_bytes(name), 0, 1, 0, 0, t);
-    return check_reply(b, what, err, errlen);
+    int rc = check_reply(b, what, err, errlen);
+    if (rc && err && strstr(err, "inequivalent arg 'x-queue-type'")) {
+        /* A fleet moved from classic to quorum queues or back: the
+         * broker keeps a queue's type for its life. */
+        size_t n = strlen(err);
+        snprintf(err + n, errlen - n, " (the queue exists with another type than amqp.queue_type: drain and delete"
+                 " it, or give the queues new names)");
+    }
+    return rc;
 }
 
 static int bind_queue(aq_broker *b, const char *queue, const char *exchange, const char *key,
@@ -585,15 +615,38 @@ int aq_broker_declare(aq_broker *b, const aq_config *cfg, char *err, size_t errl
                           amqp_cstring_bytes("fanout"), 0, 1, 0, 0, amqp_empty_table);
     if (check_reply(b, "declaring dead-letter exchange", err, errlen)) return AQ_EIO;
 
-    amqp_table_entry_t task_args[] = {entry_long("x-max-priority", 9), entry_str("x-dead-letter-exchange", cfg->amqp_dlx)};
-    if (declare_queue(b, cfg->amqp_queue, task_args, 2, err, errlen)) return AQ_EIO;
-    if (bind_queue(b, cfg->amqp_queue, cfg->amqp_exchange, "task", err, errlen)) return AQ_EIO;
-    for (int i = 0; i < cfg->amqp_lanes; i++) {
-        char name[256];
-        aq_broker_lane_queue(cfg, i, name, sizeof name);
-        if (declare_queue(b, name, task_args, 2, err, errlen)) return AQ_EIO;
+    if (aq_config_quorum(cfg)) {
+        /* Replicated queues without priorities: the priority is kept by
+         * the lanes' bands. Dead-lettering at least once, which needs
+         * reject-publish (a full queue refuses publishes, never drops). */
+        amqp_table_entry_t in_args[] = {entry_str("x-queue-type", "quorum"),
+                                        entry_str("x-dead-letter-exchange", cfg->amqp_dlx),
+                                        entry_str("x-dead-letter-strategy", "at-least-once"),
+                                        entry_str("x-overflow", "reject-publish"),
+                                        entry_long("x-delivery-limit", cfg->amqp_delivery_limit)};
+        if (declare_queue(b, cfg->amqp_queue, in_args, 5, err, errlen)) return AQ_EIO;
+        if (bind_queue(b, cfg->amqp_queue, cfg->amqp_exchange, "task", err, errlen)) return AQ_EIO;
+        for (int i = 0; i < cfg->amqp_lanes; i++) {
+            for (int band = 0; band < aq_config_bands(cfg); band++) {
+                char name[256];
+                aq_broker_lane_queue(cfg, i, band, name, sizeof name);
+                if (declare_queue(b, name, in_args, 4, err, errlen)) return AQ_EIO;
+            }
+        }
+        amqp_table_entry_t dead_args[] = {entry_str("x-queue-type", "quorum")};
+        if (declare_queue(b, cfg->amqp_dead_queue, dead_args, 1, err, errlen)) return AQ_EIO;
+    } else {
+        amqp_table_entry_t task_args[] = {entry_long("x-max-priority", 9),
+                                          entry_str("x-dead-letter-exchange", cfg->amqp_dlx)};
+        if (declare_queue(b, cfg->amqp_queue, task_args, 2, err, errlen)) return AQ_EIO;
+        if (bind_queue(b, cfg->amqp_queue, cfg->amqp_exchange, "task", err, errlen)) return AQ_EIO;
+        for (int i = 0; i < cfg->amqp_lanes; i++) {
+            char name[256];
+            aq_broker_lane_queue(cfg, i, 0, name, sizeof name);
+            if (declare_queue(b, name, task_args, 2, err, errlen)) return AQ_EIO;
+        }
+        if (declare_queue(b, cfg->amqp_dead_queue, NULL, 0, err, errlen)) return AQ_EIO;
     }
-    if (declare_queue(b, cfg->amqp_dead_queue, NULL, 0, err, errlen)) return AQ_EIO;
     if (bind_queue(b, cfg->amqp_dead_queue, cfg->amqp_dlx, "", err, errlen)) return AQ_EIO;
 
     long delays[32];
@@ -603,15 +656,42 @@ int aq_broker_declare(aq_broker *b, const aq_config *cfg, char *err, size_t errl
         aq_broker_retry_queue(cfg, delays[i], name, sizeof name);
         amqp_table_entry_t args[] = {entry_long("x-message-ttl", delays[i]),
                                      entry_str("x-dead-letter-exchange", cfg->amqp_exchange),
-                                     entry_str("x-dead-letter-routing-key", "task")};
-        if (declare_queue(b, name, args, 3, err, errlen)) return AQ_EIO;
+                                     entry_str("x-dead-letter-routing-key", "task"),
+                                     entry_str("x-queue-type", "quorum"),
+                                     entry_str("x-dead-letter-strategy", "at-least-once"),
+                                     entry_str("x-overflow", "reject-publish")};
+        if (declare_queue(b, name, args, aq_config_quorum(cfg) ? 6 : 3, err, errlen)) return AQ_EIO;
     }
     return AQ_OK;
 }
 
-void aq_broker_lane_queue(const aq_config *cfg, int lane, char *buf, size_t len)
+void aq_broker_lane_queue(const aq_config *cfg, int lane, int band, char *buf, size_t len)
 {
-    snprintf(buf, len, "%s%d", cfg->amqp_lane_prefix, lane);
+    if (aq_config_quorum(cfg))
+        snprintf(buf, len, "%s%d.b%d", cfg->amqp_lane_prefix, lane, band);
+    else
+        snprintf(buf, len, "%s%d", cfg->amqp_lane_prefix, lane);
+}
+
+int aq_broker_lane_of(const aq_config *cfg, const char *queue, int *band)
+{
+    size_t n = strlen(cfg->amqp_lane_prefix);
+    if (band) *band = 0;
+    if (!queue || strncmp(queue, cfg->amqp_lane_prefix, n)) return -1;
+    const char *p = queue + n;
+    char *end;
+    if (*p < '0' || *p > '9') return -1;
+    long lane = strtol(p, &end, 10);
+    if (lane >= cfg->amqp_lanes) return -1;
+    if (aq_config_quorum(cfg)) {
+        if (end[0] != '.' || end[1] != 'b' || end[2] < '0' || end[2] > '9') return -1;
+        long b = strtol(end + 2, &end, 10);
+        if (*end || b >= aq_config_bands(cfg)) return -1;
+        if (band) *band = (int)b;
+    } else if (*end) {
+        return -1;
+    }
+    return (int)lane;
 }
 
 void aq_broker_retry_queue(const aq_config *cfg, long delay_ms, char *buf, size_t len)

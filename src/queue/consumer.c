@@ -24,13 +24,22 @@
 #define TAG_BITS 44
 #define TAG_MASK ((UINT64_C(1) << TAG_BITS) - 1)
 
-typedef enum { OP_ACK, OP_REJECT, OP_PUBLISH, OP_STOP_CONSUMING, OP_PAUSE_LANE, OP_RESUME_LANE, OP_QUIT } op_kind;
+typedef enum {
+    OP_ACK,
+    OP_REJECT,
+    OP_PUBLISH,
+    OP_STOP_CONSUMING,
+    OP_PAUSE_LANE,
+    OP_RESUME_LANE,
+    OP_RUNNING,
+    OP_QUIT
+} op_kind;
 
 typedef struct op {
     op_kind kind;
     uint64_t tag;
-    bool requeue;
-    int lane;            /* OP_PAUSE_LANE, OP_RESUME_LANE */
+    bool requeue;        /* OP_REJECT; OP_RUNNING: started (true) or done */
+    int lane;            /* OP_PAUSE_LANE, OP_RESUME_LANE; OP_RUNNING: the lane queue's index */
     /* OP_PUBLISH */
     char *exchange, *routing_key, *body, *message_id, *expiration;
     size_t len;
@@ -65,6 +74,18 @@ struct aq_consumer {
                           * come from, 0 while disconnected */
     bool consuming;
     bool stop_consuming;
+    /* Quorum queues take no prefetch shared by a channel's consumers,
+     * only one per consumer. So each lane queue (lanes x priority bands)
+     * has consumers of `per_consumer` deliveries each, one more than its
+     * running sessions fill: a worker holds a few unstarted deliveries
+     * of each busy queue (and starts the highest band's first), and a
+     * queue whose sessions fill the worker's slots gets more consumers as
+     * they start, so one user alone can still fill them all. */
+    int nqueues;            /* lanes x bands; 0 with classic queues */
+    int per_consumer;
+    int *running;           /* per lane queue: sessions of this connection */
+    bool *dirty;            /* its consumers are to be counted again */
+    bool *lane_paused;      /* per lane */
     unsigned backoff_ms;
     unsigned rng;
 
@@ -104,6 +125,8 @@ static void on_broker_delivery(aq_delivery *d, int channel, uint64_t dtag, void 
     aq_consumer *c = arg;
     d->tag = make_tag(c, channel, dtag);
     d->source = channel == CH_DEAD ? AQ_FROM_DEAD : channel == CH_INGRESS ? AQ_FROM_INGRESS : AQ_FROM_TASKS;
+    /* d->routing_key names the lane queue it came from (the default
+     * exchange routes by queue name). */
     emit(c, EV_DELIVERY, d, NULL, true);
 }
 
@@ -125,20 +148,61 @@ static void disconnect(aq_consumer *c, const char *why)
     emit(c, EV_STATE, NULL, NULL, false);
 }
 
-/* Every lane, under one prefetch: running sessions plus the lookahead. */
-static int consume_lanes(aq_broker *b, const aq_config *cfg, char *err, size_t errlen)
+static void lane_queue_name(const aq_config *cfg, int q, char *buf, size_t len)
 {
-    size_t n = (size_t)cfg->amqp_lanes;
+    int bands = aq_config_bands(cfg);
+    aq_broker_lane_queue(cfg, q / bands, q % bands, buf, len);
+}
+
+/* Every lane: classic queues under one prefetch shared by the channel
+ * (running sessions plus the lookahead); quorum ones one consumer each to
+ * start with (see per_consumer). */
+static int consume_lanes(aq_consumer *c, aq_broker *b, char *err, size_t errlen)
+{
+    const aq_config *cfg = c->cfg;
+    size_t n = (size_t)cfg->amqp_lanes * (size_t)aq_config_bands(cfg);
     char (*names)[256] = aq_xcalloc(n, sizeof *names);
     const char **queues = aq_xcalloc(n, sizeof *queues);
-    for (size_t i = 0; i < n; i++) {
-        aq_broker_lane_queue(cfg, (int)i, names[i], sizeof names[i]);
-        queues[i] = names[i];
+    for (size_t q = 0; q < n; q++) {
+        lane_queue_name(cfg, (int)q, names[q], sizeof names[q]);
+        queues[q] = names[q];
     }
-    int rc = aq_broker_consume_shared(b, CH_LANES, queues, n, aq_config_lane_prefetch(cfg), err, errlen);
+    int rc;
+    if (c->nqueues) {
+        memset(c->running, 0, (size_t)c->nqueues * sizeof *c->running);
+        memset(c->dirty, 0, (size_t)c->nqueues * sizeof *c->dirty);
+        memset(c->lane_paused, 0, (size_t)cfg->amqp_lanes * sizeof *c->lane_paused);
+        rc = aq_broker_consume_each(b, CH_LANES, queues, n, c->per_consumer, err, errlen);
+    } else {
+        rc = aq_broker_consume_shared(b, CH_LANES, queues, n, aq_config_lane_prefetch(cfg), err, errlen);
+    }
     free(queues);
     free(names);
     return rc;
+}
+
+/* Gives each quorum lane queue whose running count changed the consumers
+ * it now wants: one more than its running sessions fill. */
+static void update_consumers(aq_consumer *c)
+{
+    if (!c->nqueues || !c->b || !c->consuming) return;
+    int bands = aq_config_bands(c->cfg);
+    for (int q = 0; q < c->nqueues && c->b; q++) {
+        if (!c->dirty[q]) continue;
+        c->dirty[q] = false;
+        if (c->lane_paused[q / bands]) continue;
+        char name[256], err[256];
+        lane_queue_name(c->cfg, q, name, sizeof name);
+        int want = c->running[q] / c->per_consumer + 1;
+        int have = aq_broker_consumers(c->b, CH_LANES, name);
+        for (; have > want; have--) aq_broker_cancel_queue(c->b, CH_LANES, name);
+        for (; have < want; have++) {
+            if (aq_broker_add_consumer(c->b, CH_LANES, name, err, sizeof err) != AQ_OK) {
+                disconnect(c, err);
+                return;
+            }
+        }
+    }
 }
 
 static int try_connect(aq_consumer *c)
@@ -151,7 +215,7 @@ static int try_connect(aq_consumer *c)
     aq_broker_set_events(b, &ev);
     if (aq_broker_declare(b, cfg, err, sizeof err)) goto fail;
     if (!c->stop_consuming) {
-        if (consume_lanes(b, cfg, err, sizeof err) ||
+        if (consume_lanes(c, b, err, sizeof err) ||
             aq_broker_consume(b, CH_INGRESS, cfg->amqp_queue, cfg->amqp_route_prefetch, err, sizeof err))
             goto fail;
         c->consuming = true;
@@ -161,8 +225,13 @@ static int try_connect(aq_consumer *c)
     if (++c->gen == 0) c->gen = 1; /* 0 means "no connection" to the loop */
     c->backoff_ms = 0;
     atomic_store(&c->connected, true);
-    aq_log(AQ_LOG_INFO, "broker connected; routing %s into %d lanes, consuming them with prefetch %d",
-           cfg->amqp_queue, cfg->amqp_lanes, aq_config_lane_prefetch(cfg));
+    if (c->nqueues)
+        aq_log(AQ_LOG_INFO, "broker connected; routing %s into %d lanes of %d priority bands (quorum queues),"
+               " consuming each with consumers of prefetch %d", cfg->amqp_queue, cfg->amqp_lanes,
+               aq_config_bands(cfg), c->per_consumer);
+    else
+        aq_log(AQ_LOG_INFO, "broker connected; routing %s into %d lanes, consuming them with prefetch %d",
+               cfg->amqp_queue, cfg->amqp_lanes, aq_config_lane_prefetch(cfg));
     emit(c, EV_STATE, NULL, NULL, true);
     return AQ_OK;
 fail:
@@ -243,12 +312,28 @@ static void do_op(aq_consumer *c, op *o)
     case OP_RESUME_LANE: {
         /* A reconnect consumes every lane again: pauses last one connection. */
         if (!c->b || !c->consuming) break;
-        char name[256], err[256];
-        aq_broker_lane_queue(c->cfg, o->lane, name, sizeof name);
-        if (o->kind == OP_PAUSE_LANE) aq_broker_cancel_queue(c->b, CH_LANES, name);
-        else if (aq_broker_add_queue(c->b, CH_LANES, name, err, sizeof err) != AQ_OK) disconnect(c, err);
+        int bands = aq_config_bands(c->cfg);
+        if (c->nqueues) c->lane_paused[o->lane] = o->kind == OP_PAUSE_LANE;
+        for (int band = 0; band < bands && c->b; band++) {
+            char name[256], err[256];
+            aq_broker_lane_queue(c->cfg, o->lane, band, name, sizeof name);
+            if (o->kind == OP_PAUSE_LANE) {
+                while (aq_broker_consuming(c->b, CH_LANES, name)) aq_broker_cancel_queue(c->b, CH_LANES, name);
+            } else if (c->nqueues) {
+                c->dirty[o->lane * bands + band] = true; /* update_consumers adds them */
+            } else if (aq_broker_add_queue(c->b, CH_LANES, name, err, sizeof err) != AQ_OK) {
+                disconnect(c, err);
+            }
+        }
         break;
     }
+    case OP_RUNNING:
+        /* Counts of a lost connection's deliveries went with it. */
+        if (!c->b || !tag_channel(c, o->tag, &dtag) || o->lane < 0 || o->lane >= c->nqueues) break;
+        c->running[o->lane] += o->requeue ? 1 : -1;
+        if (c->running[o->lane] < 0) c->running[o->lane] = 0;
+        c->dirty[o->lane] = true;
+        break;
     case OP_QUIT: break;
     }
 }
@@ -280,6 +365,7 @@ static void *thread_main(void *arg)
         }
         acks_send(c, &pending);
         free(items);
+        update_consumers(c);
         if (quit || !c->b) continue;
 
         if (!aq_broker_buffered(c->b)) {
@@ -331,6 +417,14 @@ aq_consumer *aq_consumer_new(const aq_config *cfg, struct event_base *base, cons
     c->cb = *cb;
     c->consume_dead = consume_dead;
     c->rng = (unsigned)aq_now_us();
+    if (aq_config_quorum(cfg)) {
+        c->nqueues = cfg->amqp_lanes * aq_config_bands(cfg);
+        int ahead = aq_config_lane_prefetch(cfg) - cfg->worker_concurrency;
+        c->per_consumer = ahead / 8 > 2 ? ahead / 8 : 2;
+        c->running = aq_xcalloc((size_t)c->nqueues, sizeof *c->running);
+        c->dirty = aq_xcalloc((size_t)c->nqueues, sizeof *c->dirty);
+        c->lane_paused = aq_xcalloc((size_t)cfg->amqp_lanes, sizeof *c->lane_paused);
+    }
     c->ops = aq_mailbox_new();
     c->events = aq_mailbox_new();
     if (!c->ops || !c->events || aq_mailbox_attach(c->events, base, on_event, c) != AQ_OK) {
@@ -345,6 +439,9 @@ aq_consumer *aq_consumer_new(const aq_config *cfg, struct event_base *base, cons
 fail:
     aq_mailbox_free(c->ops, NULL);
     aq_mailbox_free(c->events, NULL);
+    free(c->running);
+    free(c->dirty);
+    free(c->lane_paused);
     free(c);
     return NULL;
 }
@@ -371,6 +468,9 @@ void aq_consumer_free(aq_consumer *c)
     free(items);
     aq_mailbox_free(c->ops, NULL);    /* the thread ran every op before quitting */
     aq_mailbox_free(c->events, NULL); /* drained above */
+    free(c->running);
+    free(c->dirty);
+    free(c->lane_paused);
     free(c);
 }
 
@@ -414,6 +514,19 @@ void aq_consumer_pause_lane(aq_consumer *c, int lane, bool paused)
     op *o = aq_xcalloc(1, sizeof *o);
     o->kind = paused ? OP_PAUSE_LANE : OP_RESUME_LANE;
     o->lane = lane;
+    push_op(c, o);
+}
+
+void aq_consumer_running(aq_consumer *c, const aq_delivery *d, bool started)
+{
+    if (!c->nqueues || !d) return; /* classic queues: one shared prefetch */
+    int band, lane = aq_broker_lane_of(c->cfg, d->routing_key, &band);
+    if (lane < 0) return;
+    op *o = aq_xcalloc(1, sizeof *o);
+    o->kind = OP_RUNNING;
+    o->tag = d->tag;
+    o->lane = lane * aq_config_bands(c->cfg) + band; /* the lane queue's index */
+    o->requeue = started;
     push_op(c, o);
 }
 

@@ -128,6 +128,7 @@ static void job_free(job *j)
     if (j->active) {
         /* A slot frees: a user that waited on its cap may fit now. */
         w->active--;
+        aq_consumer_running(w->consumer, j->d, false);
         aq_fairq_finished(w->held, j->task->user_id);
         aq_fairq_block(w->held, j->task->user_id, false);
     }
@@ -755,6 +756,7 @@ static void hold(job *j)
     if (j->active) {
         j->active = false;
         w->active--;
+        aq_consumer_running(w->consumer, j->d, false);
         aq_fairq_finished(w->held, j->task->user_id);
     }
     if (!j->held_since_us) j->held_since_us = aq_mono_us();
@@ -774,6 +776,7 @@ static void start_held(aq_worker *w)
         }
         j->active = true;
         w->active++;
+        aq_consumer_running(w->consumer, j->d, true);
         aq_fairq_started(w->held, j->task->user_id);
         claim(j);
     }
@@ -782,11 +785,7 @@ static void start_held(aq_worker *w)
 /* The lane a delivery came from (its routing key), or -1. */
 static int lane_of(const aq_worker *w, const aq_delivery *d)
 {
-    size_t n = strlen(w->cfg->amqp_lane_prefix);
-    if (!d->routing_key || strncmp(d->routing_key, w->cfg->amqp_lane_prefix, n)) return -1;
-    char *end;
-    long lane = strtol(d->routing_key + n, &end, 10);
-    return *end || end == d->routing_key + n || lane < 0 || lane >= w->cfg->amqp_lanes ? -1 : (int)lane;
+    return aq_broker_lane_of(w->cfg, d->routing_key, NULL);
 }
 
 static void collect_job(void *value, void *arg)
@@ -875,7 +874,7 @@ static void on_routed(void *arg, const aq_store_routed *r, int code)
         return;
     }
     char queue[256], ttl[32];
-    aq_broker_lane_queue(w->cfg, r->lane, queue, sizeof queue);
+    aq_broker_lane_queue(w->cfg, r->lane, aq_config_band_of(w->cfg, j->task->priority), queue, sizeof queue);
     snprintf(ttl, sizeof ttl, "%lld", (long long)r->ttl_ms);
     aq_publish p = {
         .exchange = "", /* the default exchange routes by queue name */
