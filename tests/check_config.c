@@ -412,14 +412,75 @@ START_TEST(dump_masks_passwords)
 }
 END_TEST
 
+/* postgres.pool_mode and postgres.listen_dsn: the defaults leave both as
+ * before; a file or the environment sets them; the listen DSN falls back
+ * to postgres.dsn and is masked in the dump like it. */
+START_TEST(pool_mode_and_listen_dsn)
+{
+    aq_config cfg;
+    char err[256] = "";
+    ck_assert_int_eq(aq_config_load(&cfg, NULL, err, sizeof err), AQ_OK);
+    ck_assert_str_eq(cfg.pg_pool_mode, "session");
+    ck_assert_str_eq(cfg.pg_listen_dsn, "");
+    ck_assert(!aq_config_pg_transaction_pool(&cfg));
+    ck_assert_ptr_eq(aq_config_listen_dsn(&cfg), cfg.pg_dsn);
+    aq_config_free(&cfg);
+
+    const char *conf = write_conf("postgres: { dsn = \"host=pgbouncer port=6432 dbname=agentq\";"
+                                  " pool_mode = \"transaction\";"
+                                  " listen_dsn = \"host=pg dbname=agentq password=listen9\"; };\n");
+    ck_assert_msg(aq_config_load(&cfg, conf, err, sizeof err) == AQ_OK, "%s", err);
+    ck_assert(aq_config_pg_transaction_pool(&cfg));
+    ck_assert_str_eq(aq_config_listen_dsn(&cfg), "host=pg dbname=agentq password=listen9");
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&buf, &len);
+    aq_config_dump(&cfg, f);
+    fclose(f);
+    ck_assert_ptr_null(strstr(buf, "listen9"));
+    ck_assert_ptr_nonnull(strstr(buf, "pool_mode = \"transaction\""));
+    free(buf);
+    aq_config_free(&cfg);
+
+    setenv("AGENTQ_POSTGRES_POOL_MODE", "session", 1);
+    setenv("AGENTQ_POSTGRES_LISTEN_DSN", "host=other", 1);
+    ck_assert_msg(aq_config_load(&cfg, conf, err, sizeof err) == AQ_OK, "%s", err);
+    ck_assert(!aq_config_pg_transaction_pool(&cfg));
+    ck_assert_str_eq(aq_config_listen_dsn(&cfg), "host=other");
+    unsetenv("AGENTQ_POSTGRES_POOL_MODE");
+    unsetenv("AGENTQ_POSTGRES_LISTEN_DSN");
+    aq_config_free(&cfg);
+}
+END_TEST
+
+/* A pool_mode that is neither, or "transaction" with nowhere to LISTEN,
+ * stops the program naming the key and the value. */
+START_TEST(pool_mode_errors)
+{
+    const char *err = load_error("postgres: { pool_mode = \"statement\"; };\n");
+    ck_assert_msg(strstr(err, "postgres.pool_mode") && strstr(err, "'statement'") && strstr(err, "'session'"), "%s",
+                  err);
+    err = load_error("postgres: { pool_mode = \"transaction\"; };\n");
+    ck_assert_msg(strstr(err, "postgres.pool_mode") && strstr(err, "'transaction'") && strstr(err, "postgres.listen_dsn"),
+                  "%s", err);
+    aq_config cfg;
+    char e[256] = "";
+    setenv("AGENTQ_POSTGRES_POOL_MODE", "Transaction", 1);
+    ck_assert_int_eq(aq_config_load(&cfg, NULL, e, sizeof e), AQ_EINVAL);
+    ck_assert_msg(strstr(e, "postgres.pool_mode") && strstr(e, "'Transaction'"), "%s", e);
+    unsetenv("AGENTQ_POSTGRES_POOL_MODE");
+    aq_config_free(&cfg);
+}
+END_TEST
+
 static Suite *config_suite(void)
 {
     const TTest *core[] = {defaults_without_file, file_then_env_then_set, lists_and_prices,
-                           list_membership, example_parses_back, dump_masks_passwords};
+                           list_membership, example_parses_back, dump_masks_passwords, pool_mode_and_listen_dsn};
     const TTest *limits[] = {bounds_name_file_line_key, cross_checks, providers_list, providers_errors,
                              prices_are_explicit};
     const TTest *errors[] = {unknown_key_named, syntax_error_has_line, wrong_types, amqp_url_lists_nodes, queue_type_and_bands,
-                             bad_env_value_named, missing_file};
+                             bad_env_value_named, missing_file, pool_mode_errors};
     const aq_tcase_spec tcases[] = {
         {.name = "core", .tests = core, .n_tests = AQ_ARRAY_LEN(core), .teardown = teardown},
         {.name = "limits", .tests = limits, .n_tests = AQ_ARRAY_LEN(limits), .teardown = teardown},

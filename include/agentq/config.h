@@ -96,6 +96,8 @@ typedef struct aq_config {
     char *pg_dsn;
     int pg_batch_max;
     int pg_flush_ms;
+    char *pg_pool_mode;                /* "session" or "transaction" */
+    char *pg_listen_dsn;               /* "": postgres.dsn (aq_config_listen_dsn) */
     /* llm */
     char *llm_base_url;
     char *llm_api_key_env;
@@ -237,6 +239,15 @@ bool aq_config_amqp_node(const aq_config *cfg, int i, char *buf, size_t len);
 int aq_config_bands(const aq_config *cfg);
 int aq_config_band_of(const aq_config *cfg, int priority);
 bool aq_config_quorum(const aq_config *cfg);
+
+/* The DSN of the connections that need a session of their own (LISTEN;
+ * with pool_mode "transaction", a worker's liveness lock):
+ * postgres.listen_dsn, or postgres.dsn when that is empty. Borrowed. */
+const char *aq_config_listen_dsn(const aq_config *cfg);
+
+/* postgres.pool_mode is "transaction": postgres.dsn is a pooler that may
+ * run each transaction in another server session. */
+bool aq_config_pg_transaction_pool(const aq_config *cfg);
 
 /* Reads a DURATION: whole numbers each followed by a unit, d, h, m or s,
  * each unit at most once and the largest first (30s, 15m, 12h, 7d, 1d12h,

@@ -5,7 +5,8 @@
  * called on the event-loop thread, never block, copy their inputs and
  * queue a request; the writer takes what is queued (up to batch_max,
  * waiting up to flush_ms for more after the first) and writes it as ONE
- * transaction in libpq pipeline mode with prepared statements. A statement
+ * transaction in libpq pipeline mode with prepared statements (unnamed
+ * ones behind a pooler in transaction mode: see transaction_pool). A statement
  * that fails sinks only its own request: the batch is then retried one
  * request per transaction. A lost connection (or a database that is down
  * at start) is waited out with exponential backoff and jitter, and the
@@ -67,6 +68,16 @@ typedef struct aq_store_config {
                             * execution ends it as failed; <= 0: 10 */
     int cache_timeout_ms;  /* a cache lookup not answered by then is
                             * answered AQ_ETIMEDOUT; <= 0: 1000 */
+    bool transaction_pool; /* postgres.pool_mode "transaction": dsn is a
+                            * pooler that may run each transaction in another
+                            * server session (PgBouncer's pool_mode =
+                            * transaction). Statements are then sent unnamed,
+                            * and the worker's liveness lock (a session
+                            * advisory lock) is held by a second connection,
+                            * to session_dsn, made and lost together with the
+                            * first */
+    const char *session_dsn; /* that connection's (postgres.listen_dsn: Postgres
+                            * itself or a session-mode pool); NULL or "": dsn */
 } aq_store_config;
 
 /* What a claim found (see agentq.claim in sql/012_leases.sql). */

@@ -642,7 +642,7 @@ static pool_state *pool_new(aq_router *r, group *g, const aq_provider *pv, const
         char bucket[512];
         if (pv->shared_limits) snprintf(bucket, sizeof bucket, "%s", r->d.cfg->limits_bucket);
         else snprintf(bucket, sizeof bucket, "%s:%s:%s", r->d.cfg->limits_bucket, pv->name, label);
-        aq_fleetlimit_config fc = {r->d.cfg->pg_dsn, bucket, rpm, tpm, index};
+        aq_fleetlimit_config fc = {aq_config_listen_dsn(r->d.cfg), bucket, rpm, tpm, index};
         if (!(ps->fleet = aq_fleetlimit_new(&fc, g->rl, r->d.base, err, errlen))) return NULL;
     }
     return ps;

@@ -101,6 +101,15 @@ static const config_key config_keys[] = {
     {"postgres", "flush_ms", K_INT, OFF(pg_flush_ms), "0", 0, 10000, false,
      "How long a write may wait to be batched with others (0: write at once; under load, writes that queue"
      " while a transaction is in flight are batched anyway)."},
+    {"postgres", "pool_mode", K_STR, OFF(pg_pool_mode), "session", 0, 0, false,
+     "How postgres.dsn reaches the database: 'session' (Postgres itself, or a pooler in session mode) or"
+     " 'transaction' (a pooler that may run each transaction in another server session, as PgBouncer's"
+     " pool_mode = transaction: statements are sent unnamed, and what needs a session of its own goes"
+     " through postgres.listen_dsn, which must then be set)."},
+    {"postgres", "listen_dsn", K_STR, OFF(pg_listen_dsn), "", 0, 0, true,
+     "libpq connection string or URI of the connections that need a session of their own: LISTEN (a"
+     " worker's cancel watcher and fleet limiter, agentqctl wait) and, with pool_mode 'transaction', a"
+     " worker's liveness lock. Postgres itself or a session-mode pool; empty: postgres.dsn."},
 
     {"llm", "base_url", K_STR, OFF(llm_base_url), "http://127.0.0.1:8080/v1", 0, 0, true,
      "OpenAI-compatible API base URL (…/v1)."},
@@ -1038,6 +1047,15 @@ int aq_config_check(const aq_config *cfg, char *err, size_t errlen)
         aq_seterr(err, errlen, "key 'limits.over_budget': '%s' must be 'fail' or 'wait'", cfg->limits_over_budget);
         return AQ_EINVAL;
     }
+    if (strcmp(cfg->pg_pool_mode, "session") && strcmp(cfg->pg_pool_mode, "transaction")) {
+        aq_seterr(err, errlen, "key 'postgres.pool_mode': '%s' must be 'session' or 'transaction'", cfg->pg_pool_mode);
+        return AQ_EINVAL;
+    }
+    if (aq_config_pg_transaction_pool(cfg) && !*cfg->pg_listen_dsn) {
+        aq_seterr(err, errlen, "key 'postgres.pool_mode': 'transaction' needs postgres.listen_dsn, the DSN of Postgres"
+                  " itself or of a session-mode pool (LISTEN and a worker's liveness lock need a session of their own)");
+        return AQ_EINVAL;
+    }
     if (!*cfg->amqp_lane_prefix || strlen(cfg->amqp_lane_prefix) > 200) {
         aq_seterr(err, errlen, "key 'amqp.lane_prefix': must be a queue name prefix of 1 to 200 bytes");
         return AQ_EINVAL;
@@ -1331,6 +1349,13 @@ bool aq_config_amqp_node(const aq_config *cfg, int i, char *buf, size_t len)
 }
 
 bool aq_config_quorum(const aq_config *cfg) { return !strcmp(cfg->amqp_queue_type, "quorum"); }
+
+const char *aq_config_listen_dsn(const aq_config *cfg)
+{
+    return *cfg->pg_listen_dsn ? cfg->pg_listen_dsn : cfg->pg_dsn;
+}
+
+bool aq_config_pg_transaction_pool(const aq_config *cfg) { return !strcmp(cfg->pg_pool_mode, "transaction"); }
 
 int aq_config_bands(const aq_config *cfg) { return aq_config_quorum(cfg) ? cfg->amqp_priority_bands : 1; }
 

@@ -1121,7 +1121,10 @@ static int cmd_wait(const aq_config *cfg, const ctl_args *a)
     wait_task *t = aq_xcalloc((size_t)n, sizeof *t);
     for (int i = 0; i < n; i++) t[i].id = a->pos[i];
     int64_t deadline = a->timeout >= 0 ? aq_mono_us() + (int64_t)(a->timeout * 1e6) : INT64_MAX;
-    PGconn *pg = db(cfg);
+    /* LISTEN needs a session of its own: postgres.listen_dsn when set. */
+    const char *dsn = aq_config_listen_dsn(cfg);
+    PGconn *pg = aq_pg_connect_cli(dsn, "agentqctl");
+    if (pg) PQclear(PQexec(pg, "SET TimeZone TO 'UTC'"));
     int rc = pg ? wait_listen_and_check(pg, t, n) : CTL_UNREACHABLE;
     bool lost = rc == -1;
     aq_pg_backoff backoff;
@@ -1142,7 +1145,7 @@ static int cmd_wait(const aq_config *cfg, const ctl_args *a)
             usleep((useconds_t)(left_ms >= 0 && left_ms < pause ? left_ms : pause) * 1000);
             aq_pg_connect_opts o = {.application_name = "agentqctl",
                                     .timeout_ms = left_ms >= 0 && left_ms < 10000 ? left_ms : 10000};
-            pg = aq_pg_connect(cfg->pg_dsn, &o, why, sizeof why);
+            pg = aq_pg_connect(dsn, &o, why, sizeof why);
             if (!pg) continue;
             PQclear(PQexec(pg, "SET TimeZone TO 'UTC'"));
             aq_pg_backoff_reset(&backoff);
@@ -1171,7 +1174,7 @@ static int cmd_wait(const aq_config *cfg, const ctl_args *a)
         /* said already */
     } else if (pending && lost) {
         char shown[512];
-        aq_log_redact(cfg->pg_dsn, shown, sizeof shown);
+        aq_log_redact(dsn, shown, sizeof shown);
         fprintf(stderr, "agentqctl wait: cannot connect to Postgres (%s): %s\n", shown,
                 *why ? why : "the connection was lost");
         rc = CTL_UNREACHABLE;

@@ -1,6 +1,12 @@
 /* fleetlimit.c — leases from the fleet's shared buckets (see
  * fleetlimit.h). Owns the leasing thread, its connection and the two
- * mailboxes; the local limiter owns the waiting sessions. */
+ * mailboxes; the local limiter owns the waiting sessions.
+ *
+ * The connection LISTENs, so it needs a session of its own: the worker
+ * gives it postgres.listen_dsn (aq_config_listen_dsn), which behind a
+ * pooler in transaction mode names Postgres itself or a session-mode
+ * pool. Nothing else here keeps session state: every other statement is
+ * unnamed and its own transaction. */
 #include "agentq/fleetlimit.h"
 #include "agentq/log.h"
 #include "agentq/mailbox.h"

@@ -1,6 +1,9 @@
 /* cancelwatch.c — LISTEN agentq_cancel on a thread of its own (see
  * cancelwatch.h). Owns the thread and its connection; hands task ids to
- * the loop through a mailbox. */
+ * the loop through a mailbox. The connection is a session of its own
+ * (the worker gives it postgres.listen_dsn): through a pooler in
+ * transaction mode a LISTEN would stay behind in a server session that
+ * the pooler hands to others, and its notifications reach nobody. */
 #include "agentq/cancelwatch.h"
 #include "agentq/log.h"
 #include "agentq/mailbox.h"

@@ -3,7 +3,13 @@
  * Owns: finding NNN_*.sql files, the agentq.schema_migrations table and the
  * advisory lock that serialises migrators. Does not own the schema itself
  * (the files in sql/) nor any long-lived connection: each call connects,
- * works and disconnects, since it runs once per deployment, not per task. */
+ * works and disconnects, since it runs once per deployment, not per task.
+ *
+ * It leaves nothing in the session between transactions (no session SET,
+ * no session lock), so it works through a pooler in transaction mode as
+ * well as against Postgres itself: every step is a transaction that takes
+ * the migration lock for itself (pg_advisory_xact_lock), and a file is
+ * applied only if, under that lock, it is still not recorded. */
 #include "agentq/migrate.h"
 #include "agentq/log.h"
 #include "agentq/pgconn.h"
@@ -232,9 +238,53 @@ static bool is_recorded(const PGresult *recorded, const char *version)
     return false;
 }
 
-/* Applies one file in one transaction with its record row. */
-static int apply_one(PGconn *conn, const char *dir, const mfile *m, char *err, size_t errlen)
+/* BEGIN, notices below warnings left out for this transaction only, and
+ * the migration lock until its end: a second migrator waits here, then
+ * sees what the first recorded. */
+static int begin_locked(PGconn *conn, const char *prefix, char *err, size_t errlen)
 {
+    int rc = exec_cmd(conn, "BEGIN", prefix, err, errlen);
+    if (rc == AQ_OK)
+        rc = exec_cmd(conn, "SET LOCAL client_min_messages = warning", prefix, err, errlen);
+    if (rc == AQ_OK)
+        rc = exec_cmd(conn, "SELECT pg_advisory_xact_lock(" AQ_MIGRATE_LOCK_KEY ")",
+                      "cannot take the migration lock: ", err, errlen);
+    return rc;
+}
+
+/* Ends a transaction that failed (nothing of it stays). */
+static void rollback_failed(PGconn *conn)
+{
+    if (PQstatus(conn) != CONNECTION_OK || PQtransactionStatus(conn) == PQTRANS_IDLE)
+        return;
+    char ignored[16];
+    (void)exec_cmd(conn, "ROLLBACK", "", ignored, sizeof ignored);
+}
+
+/* Whether another migrator recorded `version` meanwhile (under the lock). */
+static int recorded_now(PGconn *conn, const char *version, bool *yes, const char *prefix, char *err,
+                        size_t errlen)
+{
+    const char *params[] = {version};
+    PGresult *res = PQexecParams(conn, "SELECT 1 FROM agentq.schema_migrations WHERE version = $1", 1, NULL,
+                                 params, NULL, NULL, 0);
+    int rc = AQ_OK;
+    if (PQresultStatus(res) == PGRES_TUPLES_OK) {
+        *yes = PQntuples(res) > 0;
+    } else {
+        set_pg_err(err, errlen, prefix, res ? PQresultErrorMessage(res) : PQerrorMessage(conn));
+        rc = PQstatus(conn) == CONNECTION_BAD ? AQ_EIO : AQ_EINVAL;
+    }
+    PQclear(res);
+    return rc;
+}
+
+/* Applies one file in one transaction with its record row, unless another
+ * migrator has recorded it by the time this one holds the lock (*did
+ * says which). */
+static int apply_one(PGconn *conn, const char *dir, const mfile *m, bool *did, char *err, size_t errlen)
+{
+    *did = false;
     char *sql = NULL;
     int rc = read_sql(dir, m->name, &sql, err, errlen);
     if (rc != AQ_OK)
@@ -242,7 +292,15 @@ static int apply_one(PGconn *conn, const char *dir, const mfile *m, char *err, s
 
     char prefix[512];
     snprintf(prefix, sizeof prefix, "%s: ", m->name);
-    rc = exec_cmd(conn, "BEGIN", prefix, err, errlen);
+    bool done = false;
+    rc = begin_locked(conn, prefix, err, errlen);
+    if (rc == AQ_OK)
+        rc = recorded_now(conn, m->version, &done, prefix, err, errlen);
+    if (rc == AQ_OK && done) {
+        rc = exec_cmd(conn, "ROLLBACK", prefix, err, errlen);
+        free(sql);
+        return rc;
+    }
     if (rc == AQ_OK)
         rc = exec_cmd(conn, sql, prefix, err, errlen);
     if (rc == AQ_OK) {
@@ -258,15 +316,15 @@ static int apply_one(PGconn *conn, const char *dir, const mfile *m, char *err, s
         }
         PQclear(res);
     }
-    if (rc == AQ_OK) {
-        rc = exec_cmd(conn, "COMMIT", prefix, err, errlen);
-    } else if (PQstatus(conn) == CONNECTION_OK) {
-        char ignored[16];
-        (void)exec_cmd(conn, "ROLLBACK", "", ignored, sizeof ignored);
-    }
-    free(sql);
     if (rc == AQ_OK)
+        rc = exec_cmd(conn, "COMMIT", prefix, err, errlen);
+    if (rc != AQ_OK)
+        rollback_failed(conn);
+    free(sql);
+    if (rc == AQ_OK) {
+        *did = true;
         aq_log(AQ_LOG_INFO, "applied migration %s", m->name);
+    }
     return rc;
 }
 
@@ -299,15 +357,16 @@ int aq_migrate_apply(const char *dsn, const char *sql_dir, int *applied, char *e
         return rc;
 
     PGresult *recorded = NULL;
-    rc = exec_cmd(conn, "SET client_min_messages = warning", "", err, errlen);
-    /* Session lock, held until the end: a second migrator waits here and
-     * then finds the files recorded. */
-    if (rc == AQ_OK)
-        rc = exec_cmd(conn, "SELECT pg_advisory_lock(" AQ_MIGRATE_LOCK_KEY ")",
-                      "cannot take the migration lock: ", err, errlen);
+    rc = begin_locked(conn, "", err, errlen);
     if (rc == AQ_OK)
         rc = exec_cmd(conn, bootstrap_sql, "cannot create agentq.schema_migrations: ", err,
                       errlen);
+    if (rc == AQ_OK)
+        rc = exec_cmd(conn, "COMMIT", "cannot create agentq.schema_migrations: ", err, errlen);
+    if (rc != AQ_OK)
+        rollback_failed(conn);
+    /* Those recorded already are skipped without a lock; the rest are
+     * looked at again under it (apply_one). */
     if (rc == AQ_OK) {
         recorded = PQexec(conn, "SELECT version FROM agentq.schema_migrations");
         if (PQresultStatus(recorded) != PGRES_TUPLES_OK) {
@@ -319,12 +378,12 @@ int aq_migrate_apply(const char *dsn, const char *sql_dir, int *applied, char *e
     for (size_t i = 0; rc == AQ_OK && i < n; i++) {
         if (is_recorded(recorded, files[i].version))
             continue;
-        rc = apply_one(conn, sql_dir, &files[i], err, errlen);
-        if (rc == AQ_OK && applied)
+        bool did = false;
+        rc = apply_one(conn, sql_dir, &files[i], &did, err, errlen);
+        if (rc == AQ_OK && did && applied)
             (*applied)++;
     }
     PQclear(recorded);
-    /* Closing the session releases the advisory lock. */
     PQfinish(conn);
     mfiles_free(files, n);
     return rc;

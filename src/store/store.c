@@ -16,6 +16,21 @@
  * slices, so that aq_store_free() can cut a hung server short at its
  * deadline.
  *
+ * Behind a pooler in transaction mode (transaction_pool: PgBouncer's
+ * pool_mode = transaction) consecutive transactions of one connection may
+ * run in different server sessions, and a server session serves other
+ * clients in between. So nothing the writer leaves in a session may
+ * outlive its transaction: every statement is sent unnamed (Parse, Bind,
+ * Execute with the same SQL and parameter types; still one pipeline per
+ * batch), and the liveness lock (a session advisory lock, see
+ * agentq.owner_alive) is held by a second connection, to session_dsn,
+ * which does nothing else. A renewal through the pooler runs
+ * agentq.renew_leases, which takes that lock wherever it is free; the same
+ * transaction then releases it again (S_UNHOLD), so a pooled server
+ * session never keeps it for a worker that has gone. The writer takes no
+ * request while the lock connection is down: both connections are lost
+ * and made together.
+ *
  * Cache requests share the queue and the connection but not the batch:
  * the writer sends them first, each as an implicit transaction of its own
  * (its own sync), never replays them and never waits for a connection on
@@ -70,7 +85,7 @@
 /* ------------------------------------------------------------ statements */
 
 enum { S_CLAIM, S_ROUTE, S_FINISH, S_STEP, S_DEAD, S_DEAD_TASK, S_RENEW, S_SWEEP, S_HOLD, S_PROGRESS, S_LOAD,
-       S_CACHE_GET, S_CACHE_PUT, S_COUNT };
+       S_CACHE_GET, S_CACHE_PUT, S_UNHOLD, S_COUNT };
 
 static const struct {
     const char *name;
@@ -163,6 +178,13 @@ static const struct {
     [S_CACHE_GET] = {"aq_cache_get", 1, 0, "SELECT agentq.cache_get($1::text)"},
     [S_CACHE_PUT] = {"aq_cache_put", 5, 0,
         "SELECT agentq.cache_put($1::text, $2::text, $3::text, $4::int, $5::bigint)"},
+    /* Transaction pooling only, after a renewal: releases the liveness
+     * lock (sql/012_leases.sql's namespace and key) if agentq.renew_leases
+     * took it in this pooled server session, where it would outlive us. */
+    [S_UNHOLD] = {"aq_unhold", 1, 0,
+        "SELECT count(pg_advisory_unlock(1634169969, $1::int)) FROM pg_catalog.pg_locks l"
+        " WHERE l.locktype = 'advisory' AND l.granted AND l.pid = pg_backend_pid()"
+        "   AND l.classid = 1634169969::oid AND l.objid = $1::int::oid AND l.objsubid = 2"},
 };
 
 /* -------------------------------------------------------------- requests */
@@ -228,6 +250,9 @@ enum { LINK_UNKNOWN, LINK_UP, LINK_DOWN };
 struct aq_store {
     char *dsn;
     char *dsn_shown; /* the DSN without its password, for log lines */
+    bool pooled;     /* transaction_pool: unnamed statements, lock connection */
+    char *lock_dsn;  /* pooled: the liveness lock's connection's DSN */
+    char *lock_dsn_shown;
     char *worker_id;
     int max_inflight_per_user; /* claim refuses past it (0: no cap) */
     char over_budget[8];        /* "fail" or "wait" */
@@ -266,6 +291,9 @@ struct aq_store {
 
     /* writer thread only */
     PGconn *conn;
+    PGconn *lockc;      /* pooled: holds the liveness lock, nothing else */
+    bool lock_held;     /* pooled: lockc holds it (else renewals retry) */
+    bool pooler_misfit; /* the last failure says a pooler shares sessions */
     int link;
     bool ever_connected;
     aq_pg_backoff backoff;
@@ -534,6 +562,9 @@ static void drop_conn(aq_store *s)
 {
     if (s->conn) PQfinish(s->conn);
     s->conn = NULL;
+    if (s->lockc) PQfinish(s->lockc);
+    s->lockc = NULL;
+    s->lock_held = false;
     lock(s);
     s->counters.connected = false;
     unlock(s);
@@ -543,8 +574,8 @@ static void drop_conn(aq_store *s)
 static void lost_conn(aq_store *s, const char *why)
 {
     if (s->link != LINK_DOWN)
-        aq_log(AQ_LOG_WARN, "store: lost the PostgreSQL connection (%s): %s; reconnecting",
-               s->dsn_shown, why);
+        aq_log(s->pooler_misfit ? AQ_LOG_ERROR : AQ_LOG_WARN,
+               "store: lost the PostgreSQL connection (%s): %s; reconnecting", s->dsn_shown, why);
     s->link = LINK_DOWN;
     drop_conn(s);
     aq_pg_backoff_reset(&s->backoff);
@@ -553,11 +584,10 @@ static void lost_conn(aq_store *s, const char *why)
 
 enum { IO_OK = 0, IO_CONN = -1, IO_ABANDON = -2 };
 
-/* Next result of the pipeline (NULL at the end of a query's results),
- * flushing what is still unsent meanwhile. */
-static int next_result(aq_store *s, PGresult **out)
+/* Next result of the pipeline of `c` (NULL at the end of a query's
+ * results), flushing what is still unsent meanwhile. */
+static int next_result(aq_store *s, PGconn *c, PGresult **out)
 {
-    PGconn *c = s->conn;
     *out = NULL;
     for (;;) {
         int f = PQflush(c);
@@ -578,14 +608,14 @@ static int next_result(aq_store *s, PGresult **out)
 
 /* Reads one query's result and the NULL that ends it. *out is NULL only
  * when something other than IO_OK is returned. */
-static int read_one(aq_store *s, PGresult **out)
+static int read_one(aq_store *s, PGconn *c, PGresult **out)
 {
     PGresult *end;
-    int rc = next_result(s, out);
+    int rc = next_result(s, c, out);
     if (rc != IO_OK) return rc;
     if (!*out) return IO_CONN; /* out of step with the pipeline: start over */
-    if (PQstatus(s->conn) == CONNECTION_BAD) goto bad;
-    rc = next_result(s, &end);
+    if (PQstatus(c) == CONNECTION_BAD) goto bad;
+    rc = next_result(s, c, &end);
     if (rc != IO_OK) goto bad;
     if (end) {
         PQclear(end);
@@ -598,49 +628,92 @@ bad:
     return rc == IO_ABANDON ? IO_ABANDON : IO_CONN;
 }
 
-static int read_sync(aq_store *s)
+static int read_sync(aq_store *s, PGconn *c)
 {
     PGresult *r;
-    int rc = next_result(s, &r);
+    int rc = next_result(s, c, &r);
     if (rc != IO_OK) return rc;
     rc = r && PQresultStatus(r) == PGRES_PIPELINE_SYNC ? IO_OK : IO_CONN;
     PQclear(r);
     return rc;
 }
 
+static void stmt_types(int id, Oid *types)
+{
+    memset(types, 0, sizeof *types * STORE_MAX_PARAMS);
+    if (stmts[id].bytea_param) types[stmts[id].bytea_param - 1] = STORE_BYTEA_OID;
+}
+
+/* Queues statement `id` in the pipeline of `c`: by the name prepare_all
+ * gave it, or under transaction pooling unnamed, with the same SQL and
+ * parameter types (the server parses it again: the price of a session
+ * that is not ours, measured in docs/deploy.md). */
+static int send_stmt(const aq_store *s, PGconn *c, int id, int n, const char *const *v, const int *len,
+                     const int *fmt)
+{
+    if (!s->pooled) return PQsendQueryPrepared(c, stmts[id].name, n, v, len, fmt, 0);
+    Oid types[STORE_MAX_PARAMS];
+    stmt_types(id, types);
+    return PQsendQueryParams(c, stmts[id].sql, n, types, v, len, fmt, 0);
+}
+
+/* What a server session shared with other clients (a pooler in
+ * transaction mode, with postgres.pool_mode left "session") does to named
+ * statements: one this connection prepared is missing (26000), or one
+ * another client prepared is there already (42P05). Either way says so in
+ * msg, with the fix, and returns true. */
+static bool pooler_hint(aq_store *s, const PGresult *r, char *msg, size_t msglen)
+{
+    const char *state = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
+    if (s->pooled || !state || (strcmp(state, "26000") && strcmp(state, "42P05"))) return false;
+    size_t l = strlen(msg);
+    if (l + 1 < msglen)
+        snprintf(msg + l, msglen - l,
+                 " — this connection's server session is shared with other clients, as behind PgBouncer in"
+                 " transaction pooling mode: set postgres.pool_mode = \"transaction\" and postgres.listen_dsn"
+                 " (docs/deploy.md, PgBouncer)");
+    s->pooler_misfit = true;
+    return true;
+}
+
 /* Makes every statement known on the fresh connection. */
 static bool prepare_all(aq_store *s, char *msg, size_t msglen)
 {
+    PGconn *c = s->conn;
     for (int i = 0; i < S_COUNT; i++) {
-        Oid types[STORE_MAX_PARAMS] = {0};
-        if (stmts[i].bytea_param) types[stmts[i].bytea_param - 1] = STORE_BYTEA_OID;
-        if (!PQsendPrepare(s->conn, stmts[i].name, stmts[i].sql, stmts[i].nparams, types)) {
-            set_msg(msg, msglen, PQerrorMessage(s->conn));
+        Oid types[STORE_MAX_PARAMS];
+        stmt_types(i, types);
+        if (!PQsendPrepare(c, stmts[i].name, stmts[i].sql, stmts[i].nparams, types)) {
+            set_msg(msg, msglen, PQerrorMessage(c));
             return false;
         }
     }
-    if (!PQpipelineSync(s->conn)) {
-        set_msg(msg, msglen, PQerrorMessage(s->conn));
+    if (!PQpipelineSync(c)) {
+        set_msg(msg, msglen, PQerrorMessage(c));
         return false;
     }
     bool ok = true;
     for (int i = 0; i < S_COUNT; i++) {
         PGresult *r;
-        if (read_one(s, &r) != IO_OK) {
-            set_msg(msg, msglen, PQerrorMessage(s->conn));
+        if (read_one(s, c, &r) != IO_OK) {
+            set_msg(msg, msglen, PQerrorMessage(c));
             return false;
         }
         if (ok && PQresultStatus(r) != PGRES_COMMAND_OK) {
             const char *primary = PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY);
-            snprintf(msg, msglen, "preparing %s: %s (is the schema migrated? agentqctl migrate)",
-                     stmts[i].name, primary ? primary : PQresStatus(PQresultStatus(r)));
+            snprintf(msg, msglen, "preparing %s: %s", stmts[i].name,
+                     primary ? primary : PQresStatus(PQresultStatus(r)));
             one_line(msg);
+            if (!pooler_hint(s, r, msg, msglen)) {
+                size_t l = strlen(msg);
+                if (l + 1 < msglen) snprintf(msg + l, msglen - l, " (is the schema migrated? agentqctl migrate)");
+            }
             ok = false;
         }
         PQclear(r);
     }
-    if (read_sync(s) != IO_OK && ok) {
-        set_msg(msg, msglen, PQerrorMessage(s->conn));
+    if (read_sync(s, c) != IO_OK && ok) {
+        set_msg(msg, msglen, PQerrorMessage(c));
         ok = false;
     }
     return ok;
@@ -648,54 +721,100 @@ static bool prepare_all(aq_store *s, char *msg, size_t msglen)
 
 static void result_msg(const PGresult *r, char *msg, size_t msglen);
 
-/* Takes this worker's liveness lock on the fresh connection before any
- * claim can name it as a lease owner (see agentq.owner_alive). */
-static bool hold_owner_lock(aq_store *s, char *msg, size_t msglen)
+/* Takes this worker's liveness lock on `c` (the store's connection, or
+ * under transaction pooling the lock connection) before any claim can
+ * name it as a lease owner (see agentq.owner_alive). False when the query
+ * failed (msg says why); the lock may still be another session's. */
+static bool hold_owner_lock(aq_store *s, PGconn *c, char *msg, size_t msglen)
 {
     char owner[16];
     snprintf(owner, sizeof owner, "%d", s->owner);
     const char *v[] = {owner};
     PGresult *r = NULL;
-    if (!PQsendQueryPrepared(s->conn, stmts[S_HOLD].name, 1, v, NULL, NULL, 0) ||
-        !PQpipelineSync(s->conn) || read_one(s, &r) != IO_OK) {
-        set_msg(msg, msglen, PQerrorMessage(s->conn));
+    if (!send_stmt(s, c, S_HOLD, 1, v, NULL, NULL) || !PQpipelineSync(c) || read_one(s, c, &r) != IO_OK) {
+        set_msg(msg, msglen, PQerrorMessage(c));
         return false;
     }
     bool ok = PQresultStatus(r) == PGRES_TUPLES_OK;
+    bool held = ok && PQgetvalue(r, 0, 0)[0] == 't';
     if (!ok) result_msg(r, msg, msglen);
-    else if (PQgetvalue(r, 0, 0)[0] != 't')
+    else if (!held)
         aq_log(AQ_LOG_INFO, "store: lease key %d is held by another session (our previous connection?);"
                " the next lease renewal takes it", s->owner);
     PQclear(r);
-    if (read_sync(s) != IO_OK) {
-        if (ok) set_msg(msg, msglen, PQerrorMessage(s->conn));
+    if (read_sync(s, c) != IO_OK) {
+        if (ok) set_msg(msg, msglen, PQerrorMessage(c));
         return false;
     }
+    if (s->pooled) s->lock_held = held;
     return ok;
 }
 
 static bool stop_cb(void *arg) { return stop_passed(arg); }
 
+/* Transaction pooling: makes the lock connection and takes the lock. */
+static bool connect_lock(aq_store *s, char *msg, size_t msglen)
+{
+    char why[512] = "";
+    aq_pg_connect_opts o = {.application_name = "agentq-worker-lock",
+                            .timeout_ms = STORE_CONNECT_TIMEOUT_MS,
+                            .stop = stop_cb,
+                            .stop_arg = s};
+    PGconn *c = aq_pg_connect(s->lock_dsn, &o, why, sizeof why);
+    if (c && (PQsetnonblocking(c, 1) != 0 || !PQenterPipelineMode(c))) {
+        set_msg(why, sizeof why, PQerrorMessage(c));
+        PQfinish(c);
+        c = NULL;
+    }
+    if (c && !hold_owner_lock(s, c, why, sizeof why)) {
+        PQfinish(c);
+        c = NULL;
+    }
+    if (!c) {
+        snprintf(msg, msglen, "the liveness lock's connection (postgres.listen_dsn: %s): %s", s->lock_dsn_shown,
+                 why);
+        return false;
+    }
+    s->lockc = c;
+    return true;
+}
+
+/* Transaction pooling: false once the lock connection has closed (the
+ * server went away or ended the session): the lock went with it. */
+static bool lock_conn_up(aq_store *s)
+{
+    if (!s->pooled) return true;
+    if (!s->lockc || PQsocket(s->lockc) < 0) return false;
+    struct pollfd pfd = {.fd = PQsocket(s->lockc), .events = POLLIN};
+    if (poll(&pfd, 1, 0) > 0 && !PQconsumeInput(s->lockc)) return false;
+    PGnotify *n;
+    while ((n = PQnotifies(s->lockc))) PQfreemem(n);
+    return PQstatus(s->lockc) == CONNECTION_OK;
+}
+
 /* One connection attempt (bounded by STORE_CONNECT_TIMEOUT_MS and the stop
  * deadline). On failure, schedules the next one with backoff and jitter. */
 static bool try_connect(aq_store *s)
 {
-    char msg[512] = "";
+    char msg[1024] = "";
     aq_pg_connect_opts o = {.application_name = "agentq-worker",
                             .timeout_ms = STORE_CONNECT_TIMEOUT_MS,
                             .stop = stop_cb,
                             .stop_arg = s};
-    PGconn *c = aq_pg_connect(s->dsn, &o, msg, sizeof msg);
+    s->pooler_misfit = false;
+    /* The lock first: nothing may be claimed in this worker's name before. */
+    PGconn *c = !s->pooled || connect_lock(s, msg, sizeof msg) ? aq_pg_connect(s->dsn, &o, msg, sizeof msg) : NULL;
     if (c) {
         s->conn = c;
         if (PQsetnonblocking(c, 1) != 0 || !PQenterPipelineMode(c)) {
             set_msg(msg, sizeof msg, PQerrorMessage(c));
             s->conn = NULL;
-        } else if (!prepare_all(s, msg, sizeof msg) || !hold_owner_lock(s, msg, sizeof msg)) {
+        } else if (!s->pooled && (!prepare_all(s, msg, sizeof msg) || !hold_owner_lock(s, c, msg, sizeof msg))) {
             s->conn = NULL;
         }
         if (!s->conn) PQfinish(c);
     }
+    if (!s->conn) drop_conn(s); /* the lock connection too */
 
     int64_t now = aq_mono_us();
     if (s->conn) {
@@ -706,15 +825,17 @@ static bool try_connect(aq_store *s)
         if (s->link == LINK_DOWN)
             aq_log(AQ_LOG_INFO, "store: PostgreSQL connection restored (%s)", s->dsn_shown);
         else if (s->link == LINK_UNKNOWN)
-            aq_log(AQ_LOG_INFO, "store: connected to PostgreSQL (%s)", s->dsn_shown);
+            aq_log(AQ_LOG_INFO, "store: connected to PostgreSQL (%s%s%s)", s->dsn_shown,
+                   s->pooled ? "; transaction pooling, the liveness lock on " : "",
+                   s->pooled ? s->lock_dsn_shown : "");
         s->link = LINK_UP;
         s->ever_connected = true;
         aq_pg_backoff_reset(&s->backoff);
         s->next_check_us = now + STORE_IDLE_CHECK_US;
         return true;
     }
-    if (s->link != LINK_DOWN)
-        aq_log(AQ_LOG_WARN,
+    if (s->link != LINK_DOWN || s->pooler_misfit)
+        aq_log(s->pooler_misfit ? AQ_LOG_ERROR : AQ_LOG_WARN,
                "store: cannot connect to PostgreSQL (%s): %s; retrying with backoff, "
                "requests queue meanwhile", s->dsn_shown, msg);
     s->link = LINK_DOWN;
@@ -723,9 +844,11 @@ static bool try_connect(aq_store *s)
 }
 
 /* Connects, waiting out an outage; false only once the stop deadline has
- * passed without a connection. */
+ * passed without a connection. A lock connection found closed loses the
+ * store connection too: no claim goes out unless the lock is held. */
 static bool ensure_conn(aq_store *s)
 {
+    if (s->conn && !lock_conn_up(s)) lost_conn(s, "the liveness lock's connection (postgres.listen_dsn) closed");
     while (!s->conn) {
         if (stop_passed(s)) return false;
         if (aq_mono_us() >= s->next_connect_us) {
@@ -745,6 +868,10 @@ static bool ensure_conn(aq_store *s)
  * pg_terminate_backend) before a batch has to. */
 static void check_idle_conn(aq_store *s)
 {
+    if (!lock_conn_up(s)) {
+        lost_conn(s, "the liveness lock's connection (postgres.listen_dsn) closed");
+        return;
+    }
     struct pollfd pfd = {.fd = PQsocket(s->conn), .events = POLLIN};
     if (pfd.fd < 0) {
         lost_conn(s, "no socket");
@@ -926,7 +1053,7 @@ static void rollback(aq_store *s)
     if (ts != PQTRANS_INERROR && ts != PQTRANS_INTRANS) return;
     PGresult *r = NULL;
     if (!PQsendQueryParams(s->conn, "ROLLBACK", 0, NULL, NULL, NULL, NULL, 0) ||
-        !PQpipelineSync(s->conn) || read_one(s, &r) != IO_OK || read_sync(s) != IO_OK) {
+        !PQpipelineSync(s->conn) || read_one(s, s->conn, &r) != IO_OK || read_sync(s, s->conn) != IO_OK) {
         PQclear(r);
         lost_conn(s, "rollback failed");
         return;
@@ -943,6 +1070,7 @@ static int run_txn(aq_store *s, req **v, size_t n, size_t *bad, char *msg, size_
     for (size_t i = 0; i < n; i++) nops += (size_t)v[i]->nstmt;
     PGresult **res = aq_xcalloc(nops, sizeof *res);
     size_t *owner = aq_xcalloc(nops, sizeof *owner);
+    int *first = aq_xcalloc(nops, sizeof *first); /* a request's first statement: its result */
     int rc = TXN_OK;
     *bad = n;
 
@@ -954,8 +1082,8 @@ static int run_txn(aq_store *s, req **v, size_t n, size_t *bad, char *msg, size_
         for (int j = 0; sent && j < v[i]->nstmt; j++, k++) {
             const stmt *st = &v[i]->st[j];
             owner[k] = i;
-            sent = PQsendQueryPrepared(c, stmts[st->id].name, st->n,
-                                       (const char *const *)st->v, st->len, st->fmt, 0);
+            first[k] = j == 0;
+            sent = send_stmt(s, c, st->id, st->n, (const char *const *)st->v, st->len, st->fmt);
         }
     }
     owner[nops - 1] = n;
@@ -968,7 +1096,7 @@ static int run_txn(aq_store *s, req **v, size_t n, size_t *bad, char *msg, size_
     }
 
     for (k = 0; k < nops; k++) {
-        int r = read_one(s, &res[k]);
+        int r = read_one(s, c, &res[k]);
         if (r != IO_OK) {
             set_msg(msg, msglen, PQerrorMessage(c));
             rc = r == IO_ABANDON ? TXN_ABANDONED : TXN_CONN;
@@ -980,7 +1108,7 @@ static int run_txn(aq_store *s, req **v, size_t n, size_t *bad, char *msg, size_
             goto out;
         }
     }
-    int r = read_sync(s);
+    int r = read_sync(s, c);
     if (r != IO_OK) {
         set_msg(msg, msglen, PQerrorMessage(c));
         rc = r == IO_ABANDON ? TXN_ABANDONED : TXN_CONN;
@@ -992,6 +1120,7 @@ static int run_txn(aq_store *s, req **v, size_t n, size_t *bad, char *msg, size_
         if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) continue;
         /* The first error; the rest of the pipeline is merely aborted. */
         result_msg(res[k], msg, msglen);
+        pooler_hint(s, res[k], msg, msglen);
         rc = st == PGRES_FATAL_ERROR ? classify(c, res[k]) : TXN_CONN;
         *bad = owner[k];
         break;
@@ -999,6 +1128,8 @@ static int run_txn(aq_store *s, req **v, size_t n, size_t *bad, char *msg, size_
     if (rc == TXN_OK) {
         for (k = 1; k + 1 < nops; k++) {
             req *q = v[owner[k]];
+            if (!first[k])
+                continue; /* the second statement of a dead letter or a pooled renewal */
             if (q->kind == REQ_CLAIM)
                 interpret_claim(q, res[k]);
             else if (q->kind == REQ_ROUTE)
@@ -1024,6 +1155,7 @@ out:
     for (k = 0; k < nops; k++) PQclear(res[k]);
     free(res);
     free(owner);
+    free(first);
     return rc;
 }
 
@@ -1042,6 +1174,18 @@ static bool pause_before_retry(aq_store *s, int attempt)
     return !stop_passed(s);
 }
 
+/* Transaction pooling: a batch that renews leases first takes the
+ * liveness lock on the lock connection if that did not get it yet (a
+ * stale session of ours held it), as agentq.renew_leases does on the
+ * store's own connection otherwise. False if the lock connection broke. */
+static bool retake_lock(aq_store *s, req **v, size_t n, char *msg, size_t msglen)
+{
+    if (!s->pooled || s->lock_held) return true;
+    for (size_t i = 0; i < n; i++)
+        if (v[i]->kind == REQ_RENEW) return hold_owner_lock(s, s->lockc, msg, msglen);
+    return true;
+}
+
 static void write_batch(aq_store *s, req **v, size_t n)
 {
     int transient = 0, losses = 0;
@@ -1050,6 +1194,11 @@ static void write_batch(aq_store *s, req **v, size_t n)
         if (!ensure_conn(s)) {
             fail_reqs(s, v, n, AQ_ECLOSED, "the store closed before PostgreSQL could be reached");
             return;
+        }
+        msg[0] = '\0';
+        if (!retake_lock(s, v, n, msg, sizeof msg)) {
+            lost_conn(s, msg);
+            continue;
         }
         size_t bad;
         msg[0] = '\0';
@@ -1150,8 +1299,7 @@ static void run_cache(aq_store *s, req **v, size_t n)
     size_t sent = 0;
     while (sent < m) {
         const stmt *st = &v[sent]->st[0];
-        if (!PQsendQueryPrepared(s->conn, stmts[st->id].name, st->n, (const char *const *)st->v, st->len,
-                                 st->fmt, 0) ||
+        if (!send_stmt(s, s->conn, st->id, st->n, (const char *const *)st->v, st->len, st->fmt) ||
             !PQpipelineSync(s->conn))
             break;
         sent++;
@@ -1162,7 +1310,7 @@ static void run_cache(aq_store *s, req **v, size_t n)
     for (; !broke && k < sent; k++) {
         req *r = v[k];
         PGresult *res = NULL;
-        int io = read_one(s, &res);
+        int io = read_one(s, s->conn, &res);
         if (io != IO_OK) {
             set_msg(msg, sizeof msg, PQerrorMessage(s->conn));
             gone = io == IO_ABANDON ? AQ_ETIMEDOUT : AQ_EIO;
@@ -1178,6 +1326,7 @@ static void run_cache(aq_store *s, req **v, size_t n)
             int cls = classify(s->conn, res);
             if (cls == TXN_CONN) {
                 result_msg(res, msg, sizeof msg);
+                pooler_hint(s, res, msg, sizeof msg);
                 PQclear(res);
                 broke = true;
                 break;
@@ -1192,7 +1341,7 @@ static void run_cache(aq_store *s, req **v, size_t n)
                    req_names[r->kind], why);
         }
         PQclear(res);
-        int sy = read_sync(s);
+        int sy = read_sync(s, s->conn);
         if (sy != IO_OK) {
             set_msg(msg, sizeof msg, PQerrorMessage(s->conn));
             gone = sy == IO_ABANDON ? AQ_ETIMEDOUT : AQ_EIO;
@@ -1293,14 +1442,14 @@ static void *writer_main(void *arg)
 
 /* "host=... port=... dbname=... user=..." without the password, or NULL
  * (and err filled) when libpq cannot parse the DSN. */
-static char *dsn_for_logs(const char *dsn, char *err, size_t errlen)
+static char *dsn_for_logs(const char *key, const char *dsn, char *err, size_t errlen)
 {
     char *perr = NULL;
     PQconninfoOption *opts = PQconninfoParse(dsn, &perr);
     if (!opts) {
         char msg[512];
         set_msg(msg, sizeof msg, perr ? perr : "out of memory");
-        aq_seterr(err, errlen, "postgres.dsn: %s", msg);
+        aq_seterr(err, errlen, "%s: %s", key, msg);
         PQfreemem(perr);
         return NULL;
     }
@@ -1327,12 +1476,21 @@ aq_store *aq_store_new(const aq_store_config *cfg, struct event_base *base, char
         aq_seterr(err, errlen, "store: a config with a dsn and an event base are required");
         return NULL;
     }
-    char *shown = dsn_for_logs(cfg->dsn, err, errlen);
+    char *shown = dsn_for_logs("postgres.dsn", cfg->dsn, err, errlen);
     if (!shown) return NULL;
+    const char *lock_dsn = cfg->session_dsn && *cfg->session_dsn ? cfg->session_dsn : cfg->dsn;
+    char *lock_shown = cfg->transaction_pool ? dsn_for_logs("postgres.listen_dsn", lock_dsn, err, errlen) : NULL;
+    if (cfg->transaction_pool && !lock_shown) {
+        free(shown);
+        return NULL;
+    }
 
     aq_store *s = aq_xcalloc(1, sizeof *s);
     s->dsn = aq_xstrdup(cfg->dsn);
     s->dsn_shown = shown;
+    s->pooled = cfg->transaction_pool;
+    s->lock_dsn = s->pooled ? aq_xstrdup(lock_dsn) : NULL;
+    s->lock_dsn_shown = lock_shown;
     s->worker_id = aq_xstrdup(cfg->worker_id ? cfg->worker_id : "");
     s->max_inflight_per_user = cfg->max_inflight_per_user > 0 ? cfg->max_inflight_per_user : 0;
     snprintf(s->over_budget, sizeof s->over_budget, "%s",
@@ -1422,6 +1580,8 @@ void aq_store_free(aq_store *s)
     pthread_mutex_destroy(&s->mu);
     free(s->dsn);
     free(s->dsn_shown);
+    free(s->lock_dsn);
+    free(s->lock_dsn_shown);
     free(s->worker_id);
     free(s);
 }
@@ -1680,6 +1840,11 @@ int aq_store_renew(aq_store *s, const char *const *task_ids, size_t n, aq_store_
     p_int(st, s->owner);
     p_dbl(st, s->lease_seconds);
     st->v[st->n++] = arr;
+    if (s->pooled) {
+        st = &r->st[r->nstmt++];
+        stmt_init(st, S_UNHOLD);
+        p_int(st, s->owner);
+    }
     r->renew_cb = cb;
     r->arg = arg;
     return submit(s, r);

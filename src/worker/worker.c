@@ -1240,11 +1240,14 @@ aq_worker *aq_worker_new(const aq_config *cfg, struct event_base *base, char *er
                           .over_budget = cfg->limits_over_budget,
                           .lanes = cfg->amqp_lanes,
                           .lease_seconds = cfg->worker_lease_seconds,
-                          .max_interruptions = cfg->amqp_max_interruptions};
+                          .max_interruptions = cfg->amqp_max_interruptions,
+                          .transaction_pool = aq_config_pg_transaction_pool(cfg),
+                          .session_dsn = aq_config_listen_dsn(cfg)};
     if (!(w->store = aq_store_new(&sc, base, err, errlen))) goto fail;
     struct timeval lease_tick = {cfg->worker_lease_seconds / 3, (cfg->worker_lease_seconds % 3) * 333333};
     event_add(w->lease_ev, &lease_tick);
-    if (!(w->cancels = aq_cancelwatch_new(cfg->pg_dsn, w->worker_id, base, on_cancel_request, w, err, errlen)))
+    if (!(w->cancels = aq_cancelwatch_new(aq_config_listen_dsn(cfg), w->worker_id, base, on_cancel_request, w, err,
+                                          errlen)))
         goto fail;
     long long keep;
     if (*cfg->retention_older_than &&
