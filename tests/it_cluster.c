@@ -188,11 +188,19 @@ int main(void)
     char cmd[400];
     snprintf(cmd, sizeof cmd, "mkdir -p '%s'", cluster_dir);
     if (system(cmd) != 0) return 1;
-    if (!cluster_start()) {
-        fprintf(stderr, "it_cluster: the cluster did not start; see %s/testenv.log\n", cluster_dir);
-        cluster_stop();
-        return 1;
+    /* A node has been seen to exit during start-up on a loaded machine,
+     * leaving an empty log: start the cluster anew, up to three times. */
+    bool up = false;
+    for (int attempt = 1; attempt <= 3 && !up; attempt++) {
+        up = cluster_start();
+        if (!up) {
+            fprintf(stderr, "it_cluster: the cluster did not start (attempt %d of 3); see %s/testenv.log\n", attempt,
+                    cluster_dir);
+            cluster_stop();
+            memset(node_url, 0, sizeof node_url);
+        }
     }
+    if (!up) return 1;
     const TTest *cluster[] = {node_the_worker_uses_stops_mid_run, quorum_leader_and_worker_node_stops_mid_run};
     const aq_tcase_spec tcases[] = {
         {.name = "cluster", .tests = cluster, .n_tests = AQ_ARRAY_LEN(cluster), .timeout_s = 180},
