@@ -94,21 +94,7 @@ static void sql(const char *fmt, ...)
     ck_assert_msg(aq_test_pg_exec(E.dsn, text, err, sizeof err) == 0, "%s: %s", text, err);
 }
 
-/* The first value of a query, as text ("" for NULL or no row). */
-static const char *value(const char *fmt, ...) AQ_PRINTF(1, 2);
-static const char *value(const char *fmt, ...)
-{
-    static char buf[4096];
-    char text[4096];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(text, sizeof text, fmt, ap);
-    va_end(ap);
-    char *v = aq_test_pg_value(E.dsn, text);
-    snprintf(buf, sizeof buf, "%s", v ? v : "");
-    free(v);
-    return buf;
-}
+#define value(...) aq_fleet_value(&E, __VA_ARGS__)
 
 /* A task row: enqueued `enq` ago, finished `fin` ago (NULL: not finished). */
 static void task(const char *id, const char *user, const char *status, const char *enq, const char *fin,

@@ -99,35 +99,8 @@ static aq_test_proc *start_worker(const char *name, const char *const *extra_env
     return aq_fleet_worker(&E, name, NULL, extra_env);
 }
 
-/* The first value of a query on PostgreSQL itself, as text ("" for NULL
- * or no row); static buffer. */
-static const char *value(const char *fmt, ...) AQ_PRINTF(1, 2);
-static const char *value(const char *fmt, ...)
-{
-    static char buf[4096];
-    char sql[2048];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(sql, sizeof sql, fmt, ap);
-    va_end(ap);
-    char *v = aq_test_pg_value(E.dsn, sql);
-    snprintf(buf, sizeof buf, "%s", v ? v : "");
-    free(v);
-    return buf;
-}
-
-static void assert_pg(const char *want, const char *fmt, ...) AQ_PRINTF(2, 3);
-static void assert_pg(const char *want, const char *fmt, ...)
-{
-    char sql[2048];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(sql, sizeof sql, fmt, ap);
-    va_end(ap);
-    char *v = aq_test_pg_value(E.dsn, sql);
-    ck_assert_msg(v && !strcmp(v, want), "%s: got '%s', want '%s'", sql, v ? v : "(null)", want);
-    free(v);
-}
+#define value(...) aq_fleet_value(&E, __VA_ARGS__)
+#define assert_pg(...) aq_fleet_assert_pg(&E, __VA_ARGS__)
 
 /* Waits for the first value of `sql` to be `want`; on a timeout shows the
  * log of worker `wname` and fails. */

@@ -168,19 +168,7 @@ static void assert_task(const char *id, const char *expr, const char *want)
     free(v);
 }
 
-/* Checks that the first value of the query is `want`. */
-static void assert_pg(const char *want, const char *fmt, ...) AQ_PRINTF(2, 3);
-static void assert_pg(const char *want, const char *fmt, ...)
-{
-    char sql[1024];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(sql, sizeof sql, fmt, ap);
-    va_end(ap);
-    char *v = aq_test_pg_value(E.dsn, sql);
-    ck_assert_msg(v && !strcmp(v, want), "%s: got '%s', want '%s'", sql, v ? v : "(null)", want);
-    free(v);
-}
+#define assert_pg(...) aq_fleet_assert_pg(&E, __VA_ARGS__)
 
 START_TEST(producer_to_completed_row)
 {

@@ -4,6 +4,7 @@
 #include "testenv.h"
 
 #include <check.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -91,4 +92,30 @@ int aq_fleet_produce(const aq_fleet *f, const char *const *args, char *id)
         fclose(o);
     }
     return WEXITSTATUS(rc);
+}
+
+const char *aq_fleet_value(const aq_fleet *f, const char *fmt, ...)
+{
+    static char buf[4096];
+    char sql[4096];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(sql, sizeof sql, fmt, ap);
+    va_end(ap);
+    char *v = aq_test_pg_value(f->dsn, sql);
+    snprintf(buf, sizeof buf, "%s", v ? v : "");
+    free(v);
+    return buf;
+}
+
+void aq_fleet_assert_pg(const aq_fleet *f, const char *want, const char *fmt, ...)
+{
+    char sql[4096];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(sql, sizeof sql, fmt, ap);
+    va_end(ap);
+    char *v = aq_test_pg_value(f->dsn, sql);
+    ck_assert_msg(v && !strcmp(v, want), "%s: got '%s', want '%s'", sql, v ? v : "(null)", want);
+    free(v);
 }

@@ -11,6 +11,7 @@
 #ifndef AGENTQ_TEST_FLEET_H
 #define AGENTQ_TEST_FLEET_H
 
+#include "agentq/common.h" /* AQ_PRINTF */
 #include "proc.h"
 
 #include <stddef.h>
@@ -50,5 +51,11 @@ aq_test_proc *aq_fleet_worker(const aq_fleet *f, const char *name, const char *c
  * "producer"; returns its exit status and the first task id it printed
  * in id (37 bytes; may be NULL). */
 int aq_fleet_produce(const aq_fleet *f, const char *const *args, char *id);
+
+/* The first value of a query (printf-style) on the test's database, as
+ * text ("" for NULL or no row), in a static buffer; and an assertion that
+ * it is `want`, naming the query and both values when it is not. */
+const char *aq_fleet_value(const aq_fleet *f, const char *fmt, ...) AQ_PRINTF(2, 3);
+void aq_fleet_assert_pg(const aq_fleet *f, const char *want, const char *fmt, ...) AQ_PRINTF(3, 4);
 
 #endif
