@@ -1047,7 +1047,9 @@ START_TEST(test_thousand_concurrent)
     ck_assert_msg(rl.rlim_cur >= 2 * N + 64, "open-file limit %llu is too low for this test",
                   (unsigned long long)rl.rlim_cur);
     aq_mockllm_config c = cfg_default();
-    c.latency_ms = 300;
+    /* Long enough that all N are in flight before the first reply, even
+     * under ThreadSanitizer on a busy machine (300 ms once saw 993). */
+    c.latency_ms = 2000;
     srv s;
     srv_start(&s, &c);
     const char *body =
@@ -1097,7 +1099,7 @@ START_TEST(test_thousand_concurrent)
     free(easy);
     free(sinks);
     ck_assert_int_eq(ok, N);
-    /* one after another this would take 300 s */
+    /* one after another this would take 2,000 s */
     ck_assert_msg(secs < 30, "1000 requests took %.1f s", secs);
     json_t *st = get_stats(&s);
     ck_assert_int_eq(stat_of(st, "completed"), N);
