@@ -5,7 +5,8 @@
 -- final, and answers in milliseconds however long the history is.
 --
 -- * A finished task no longer changes, so what it adds to a view is
---   known once it is final. Three row triggers on agentq.tasks append
+--   known once it is final. Three row triggers on agentq.tasks (which
+--   also send 016's NOTIFY agentq_final, in place of its two) append
 --   that contribution to agentq.rollup_pending: +1 row when a row becomes
 --   (or is inserted) final, -1 row with the old values when a final row
 --   changes or is deleted (prune, a requeue, an UPDATE by hand), and so
@@ -38,6 +39,11 @@
 --   agentq.tasks empties them. Rows loaded with triggers off
 --   (session_replication_role = replica, as a restore does) need a
 --   rebuild afterwards.
+--
+-- The index swap and the rebuild run in this migration's transaction and
+-- hold agentq.tasks' writers meanwhile: on a large live database, build
+-- tasks_user_finished_idx beforehand with CREATE INDEX CONCURRENTLY (then
+-- the CREATE here is a no-op) and migrate when the fleet is quiet.
 --
 -- What it costs a task: one pending row (about 100 bytes) when it ends,
 -- and a fold's share (a thousandth of a fold of 1024 rows). agentq.is_final
@@ -293,7 +299,12 @@ COMMENT ON FUNCTION agentq.rollups_rebuild() IS
 
 -- ---------------------------------------------------------- triggers --
 
-CREATE FUNCTION agentq.rollup_track() RETURNS trigger
+-- What a task's row does when it ends, changes once final, or goes: the
+-- NOTIFY of 016 (when it becomes final: agentqctl wait) and the roll-up
+-- deltas, in one trigger function per event. A row trigger's call costs
+-- more than what this one does (PostgreSQL builds NEW and OLD for it:
+-- about 30 us a row here), so one call serves both.
+CREATE FUNCTION agentq.task_final() RETURNS trigger
 LANGUAGE plpgsql
 AS $$
 BEGIN
@@ -310,6 +321,9 @@ BEGIN
             NEW.prompt_tokens, NEW.completion_tokens, NEW.cost_usd,
             agentq.latency_bucket(extract(epoch FROM NEW.started_at - NEW.enqueued_at)::double precision),
             agentq.latency_bucket(extract(epoch FROM NEW.finished_at - NEW.started_at)::double precision));
+        IF TG_OP = 'INSERT' OR NOT agentq.is_final(OLD.status) THEN
+            PERFORM pg_notify('agentq_final', NEW.task_id::text);
+        END IF;
     END IF;
     IF nextval('agentq.rollup_pending_seq') % 1024 = 0 THEN
         PERFORM agentq.rollups_flush();
@@ -331,13 +345,19 @@ BEGIN
 END
 $$;
 
-CREATE TRIGGER tasks_rollup_insert
+DROP TRIGGER tasks_notify_final ON agentq.tasks;
+DROP TRIGGER tasks_notify_final_insert ON agentq.tasks;
+DROP FUNCTION agentq.notify_final();
+
+CREATE TRIGGER tasks_final_insert
     AFTER INSERT ON agentq.tasks
     FOR EACH ROW
     WHEN (agentq.is_final(NEW.status))
-    EXECUTE FUNCTION agentq.rollup_track();
+    EXECUTE FUNCTION agentq.task_final();
 
-CREATE TRIGGER tasks_rollup_update
+-- Off the updates of tasks that are not final (every step's progress),
+-- and off those of final rows that change nothing the views read.
+CREATE TRIGGER tasks_final_update
     AFTER UPDATE ON agentq.tasks
     FOR EACH ROW
     WHEN ((agentq.is_final(OLD.status) OR agentq.is_final(NEW.status))
@@ -346,13 +366,13 @@ CREATE TRIGGER tasks_rollup_update
               IS DISTINCT FROM
               (NEW.status, NEW.user_id, NEW.steps, NEW.prompt_tokens, NEW.completion_tokens,
                NEW.cost_usd, NEW.enqueued_at, NEW.started_at, NEW.finished_at))
-    EXECUTE FUNCTION agentq.rollup_track();
+    EXECUTE FUNCTION agentq.task_final();
 
-CREATE TRIGGER tasks_rollup_delete
+CREATE TRIGGER tasks_final_delete
     AFTER DELETE ON agentq.tasks
     FOR EACH ROW
     WHEN (agentq.is_final(OLD.status))
-    EXECUTE FUNCTION agentq.rollup_track();
+    EXECUTE FUNCTION agentq.task_final();
 
 CREATE TRIGGER tasks_rollup_truncate
     AFTER TRUNCATE ON agentq.tasks

@@ -781,9 +781,9 @@ START_TEST(test_a_wrong_roll_up_shows_and_a_rebuild_mends_it)
         {"UPDATE agentq.rollup_latency SET tasks = tasks + 1"
          " WHERE kind = 'run' AND bucket = (SELECT max(bucket) FROM agentq.rollup_latency WHERE kind = 'run')",
          "latency_percentiles=1 status_counts=0 throughput_per_minute=0 usage_by_user=0"},
-        {"ALTER TABLE agentq.tasks DISABLE TRIGGER tasks_rollup_update;"
+        {"ALTER TABLE agentq.tasks DISABLE TRIGGER tasks_final_update;"
          " UPDATE agentq.tasks SET status = 'completed', finished_at = now() WHERE status = 'running';"
-         " ALTER TABLE agentq.tasks ENABLE TRIGGER tasks_rollup_update",
+         " ALTER TABLE agentq.tasks ENABLE TRIGGER tasks_final_update",
          NULL},
     };
     for (size_t i = 0; i < AQ_ARRAY_LEN(wrongs); i++) {
