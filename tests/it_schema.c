@@ -9,6 +9,7 @@
 #include <libpq-fe.h>
 #include <poll.h>
 #include <pthread.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -639,6 +640,19 @@ START_TEST(test_worker_role_can_write)
 }
 END_TEST
 
+/* Runs `sql` on the thread's own connection; false, with the server's
+ * message in `err`, when it fails. */
+static bool exec_on(PGconn *c, const char *sql, char *err, size_t errlen)
+{
+    PGresult *r = PQexec(c, sql);
+    ExecStatusType st = PQresultStatus(r);
+    bool ok = st == PGRES_TUPLES_OK || st == PGRES_COMMAND_OK;
+    if (!ok)
+        snprintf(err, errlen, "%s", PQresultErrorMessage(r));
+    PQclear(r);
+    return ok;
+}
+
 /* --------------------------------------------------------- rollups --- */
 
 /* sql/018_rollups.sql keeps the views on roll-ups. What they must say is
@@ -837,20 +851,11 @@ static void *end_loop(void *arg)
                  "%s",
                  t->id, i, i % 5, t->id, i, i % 3 ? "completed" : "failed", i % 7, i, t->id, i,
                  i % 10 == 9 ? "SELECT agentq.prune(now() + interval '1 s', 1);" : "");
-        PGresult *r = PQexec(c, sql);
-        if (PQresultStatus(r) != PGRES_TUPLES_OK && PQresultStatus(r) != PGRES_COMMAND_OK) {
+        if (!exec_on(c, sql, t->err, sizeof t->err))
             t->failures++;
-            snprintf(t->err, sizeof t->err, "%s", PQresultErrorMessage(r));
-        }
-        PQclear(r);
-        if (t->id == 0 && i % 50 == 0) {
-            r = PQexec(c, "SELECT agentq.rollups_flush()");
-            if (PQresultStatus(r) != PGRES_TUPLES_OK) {
-                t->failures++;
-                snprintf(t->err, sizeof t->err, "%s", PQresultErrorMessage(r));
-            }
-            PQclear(r);
-        }
+        else if (t->id == 0 && i % 50 == 0 &&
+                 !exec_on(c, "SELECT agentq.rollups_flush()", t->err, sizeof t->err))
+            t->failures++;
     }
     PQfinish(c);
     return NULL;
@@ -962,12 +967,8 @@ static void *put_loop(void *arg)
         snprintf(sql, sizeof sql,
                  "SELECT agentq.cache_put('k%d-%d', 'm', repeat('x', 100 + %d), 60, 2000)",
                  i % 2 ? t->id : 0, i, i);
-        PGresult *r = PQexec(c, sql);
-        if (PQresultStatus(r) != PGRES_TUPLES_OK) {
+        if (!exec_on(c, sql, t->err, sizeof t->err))
             t->failures++;
-            snprintf(t->err, sizeof t->err, "%s", PQresultErrorMessage(r));
-        }
-        PQclear(r);
     }
     PQfinish(c);
     return NULL;
