@@ -1,8 +1,8 @@
 -- 018_rollups.sql — the views of 002 (and 014's status_counts) on a long
--- history. They aggregated every task row on each read: 1.7 to 3.4 s at a
--- million tasks (docs/benchmarks.md, "Views on a long history"). Now each
--- reads a roll-up of the finished tasks plus the few rows that are not
--- final, and answers in milliseconds however long the history is.
+-- history. They aggregated every task row on each read: 0.1 to 2.5 s at a
+-- million tasks. Now each reads a roll-up of the finished tasks plus the
+-- few rows that are not final: 0.5 to 56 ms there (docs/benchmarks.md,
+-- "Views on a long history: roll-ups").
 --
 -- * A finished task no longer changes, so what it adds to a view is
 --   known once it is final. Three row triggers on agentq.tasks (which
@@ -46,7 +46,9 @@
 -- the CREATE here is a no-op) and migrate when the fleet is quiet.
 --
 -- What it costs a task: one pending row (about 100 bytes) when it ends,
--- and a fold's share (a thousandth of a fold of 1024 rows). agentq.is_final
+-- and a fold's share (a thousandth of a fold of 1024 rows, about 6 ms):
+-- 1.9 % more PostgreSQL instructions for a task's writes (bench/write-cost).
+-- agentq.is_final
 -- loses STRICT here: with it PostgreSQL did not inline the function and
 -- called it for each row of each WHEN, claim and view; the answer is the
 -- same for every input, NULL included.
@@ -536,28 +538,6 @@ SELECT s.status,
               GROUP BY x.status) c
          ON c.status = s.status
  ORDER BY s.ord;
-
--- ------------------------------------------------------- dead letters --
-
--- An ASCII body without NUL (most are: JSON escapes what is not) is valid
--- UTF-8 as it is; only the others pay for the exception block's
--- subtransaction. encode(…, 'escape') writes NUL and bytes over 127 as
--- \nnn and a backslash as \\, so a backslash left once the pairs are
--- gone marks one of those.
-CREATE OR REPLACE FUNCTION agentq.utf8_or_null(b bytea) RETURNS text
-LANGUAGE plpgsql IMMUTABLE STRICT
-AS $$
-BEGIN
-    IF strpos(replace(encode(b, 'escape'), '\\', ''), '\') = 0 THEN
-        RETURN convert_from(b, 'UTF8');
-    END IF;
-    BEGIN
-        RETURN convert_from(b, 'UTF8');
-    EXCEPTION WHEN character_not_in_repertoire OR untranslatable_character THEN
-        RETURN NULL;
-    END;
-END
-$$;
 
 -- ------------------------------------------------------------ grants --
 -- The worker's triggers write the pending rows and fold them (003's
