@@ -35,7 +35,7 @@
 --   minimum or maximum cannot be taken back when a row goes, so they are
 --   not rolled up.
 -- * agentq.rollups_rebuild() recomputes every roll-up from the tasks (this
---   migration calls it once; about 5 s per million tasks). A TRUNCATE of
+--   migration calls it once; about 7 s per million tasks). A TRUNCATE of
 --   agentq.tasks empties them. Rows loaded with triggers off
 --   (session_replication_role = replica, as a restore does) need a
 --   rebuild afterwards.
@@ -47,7 +47,7 @@
 --
 -- What it costs a task: one pending row (about 100 bytes) when it ends,
 -- and a fold's share (a thousandth of a fold of 1024 rows, about 6 ms):
--- 1.9 % more PostgreSQL instructions for a task's writes (bench/write-cost).
+-- 2.2 % more PostgreSQL instructions for a task's writes (bench/write-cost).
 -- agentq.is_final
 -- loses STRICT here: with it PostgreSQL did not inline the function and
 -- called it for each row of each WHEN, claim and view; the answer is the
@@ -152,6 +152,18 @@ CREATE TABLE agentq.rollup_pending (
 );
 CREATE SEQUENCE agentq.rollup_pending_seq;
 
+-- A task row's contribution as a pending row, for the triggers and the
+-- rebuild alike. SETOF (one row), so that PostgreSQL inlines it in FROM.
+CREATE FUNCTION agentq.rollup_delta(p_sign smallint, t agentq.tasks)
+RETURNS SETOF agentq.rollup_pending
+LANGUAGE sql STABLE PARALLEL SAFE ROWS 1
+AS $$
+    SELECT p_sign, t.user_id, t.status, date_trunc('minute', t.finished_at), t.steps,
+           t.prompt_tokens, t.completion_tokens, t.cost_usd,
+           agentq.latency_bucket(extract(epoch FROM t.started_at - t.enqueued_at)::double precision),
+           agentq.latency_bucket(extract(epoch FROM t.finished_at - t.started_at)::double precision)
+$$;
+
 -- The final tasks, per user.
 CREATE TABLE agentq.rollup_usage (
     user_id           text PRIMARY KEY,
@@ -250,7 +262,9 @@ END
 $$;
 
 -- Recomputes every roll-up from agentq.tasks; returns the final tasks
--- counted. Waits for a fold in progress, and a fold waits for it.
+-- counted. The pending rows are replaced by one +1 row per final task and
+-- folded as any others are. Waits for a fold in progress, and a fold
+-- waits for it.
 CREATE FUNCTION agentq.rollups_rebuild() RETURNS bigint
 LANGUAGE plpgsql
 AS $$
@@ -265,31 +279,11 @@ BEGIN
     -- One statement, so the pending rows it drops and the tasks it reads
     -- are of the same snapshot: a delta committed after it stays pending,
     -- and its change is not in what was read.
-    WITH p AS (DELETE FROM agentq.rollup_pending),
-    f AS MATERIALIZED (
-        SELECT user_id, status, date_trunc('minute', finished_at) AS finished_minute, steps,
-               prompt_tokens, completion_tokens, cost_usd,
-               agentq.latency_bucket(extract(epoch FROM started_at - enqueued_at)::double precision) AS wait_bucket,
-               agentq.latency_bucket(extract(epoch FROM finished_at - started_at)::double precision) AS run_bucket
-          FROM agentq.tasks WHERE agentq.is_final(status)),
-    u AS (
-        INSERT INTO agentq.rollup_usage
-        SELECT user_id, count(*), count(*) FILTER (WHERE status = 'completed'),
-               count(*) FILTER (WHERE status <> 'completed'), sum(steps), sum(prompt_tokens),
-               sum(completion_tokens), sum(cost_usd)
-          FROM f GROUP BY user_id),
-    t AS (
-        INSERT INTO agentq.rollup_throughput
-        SELECT finished_minute, status, count(*), sum(prompt_tokens + completion_tokens), sum(cost_usd)
-          FROM f WHERE finished_minute IS NOT NULL GROUP BY finished_minute, status),
-    s AS (
-        INSERT INTO agentq.rollup_status SELECT status, count(*) FROM f GROUP BY status),
-    l AS (
-        INSERT INTO agentq.rollup_latency
-        SELECT 'wait', wait_bucket, count(*) FROM f WHERE wait_bucket IS NOT NULL GROUP BY wait_bucket
-        UNION ALL
-        SELECT 'run', run_bucket, count(*) FROM f WHERE run_bucket IS NOT NULL GROUP BY run_bucket)
-    SELECT count(*) INTO n FROM f;
+    WITH p AS (DELETE FROM agentq.rollup_pending)
+    INSERT INTO agentq.rollup_pending
+    SELECT d.* FROM agentq.tasks t, agentq.rollup_delta(1::smallint, t) d WHERE agentq.is_final(t.status);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    PERFORM agentq.rollups_flush(); -- takes the lock this transaction holds
     RETURN n;
 END
 $$;
@@ -320,19 +314,11 @@ BEGIN
         RETURN NULL; -- nothing a view reads changed
     END IF;
     IF TG_OP <> 'INSERT' AND agentq.is_final(OLD.status) THEN
-        INSERT INTO agentq.rollup_pending VALUES (
-            -1, OLD.user_id, OLD.status, date_trunc('minute', OLD.finished_at), OLD.steps,
-            OLD.prompt_tokens, OLD.completion_tokens, OLD.cost_usd,
-            agentq.latency_bucket(extract(epoch FROM OLD.started_at - OLD.enqueued_at)::double precision),
-            agentq.latency_bucket(extract(epoch FROM OLD.finished_at - OLD.started_at)::double precision));
+        INSERT INTO agentq.rollup_pending SELECT * FROM agentq.rollup_delta(-1::smallint, OLD);
         appended := true;
     END IF;
     IF TG_OP <> 'DELETE' AND agentq.is_final(NEW.status) THEN
-        INSERT INTO agentq.rollup_pending VALUES (
-            1, NEW.user_id, NEW.status, date_trunc('minute', NEW.finished_at), NEW.steps,
-            NEW.prompt_tokens, NEW.completion_tokens, NEW.cost_usd,
-            agentq.latency_bucket(extract(epoch FROM NEW.started_at - NEW.enqueued_at)::double precision),
-            agentq.latency_bucket(extract(epoch FROM NEW.finished_at - NEW.started_at)::double precision));
+        INSERT INTO agentq.rollup_pending SELECT * FROM agentq.rollup_delta(1::smallint, NEW);
         appended := true;
         IF TG_OP = 'INSERT' OR NOT agentq.is_final(OLD.status) THEN
             PERFORM pg_notify('agentq_final', NEW.task_id::text);
@@ -345,15 +331,12 @@ BEGIN
 END
 $$;
 
+-- After a TRUNCATE, the rebuild of an empty table empties the roll-ups.
 CREATE FUNCTION agentq.rollup_clear() RETURNS trigger
 LANGUAGE plpgsql
 AS $$
 BEGIN
-    DELETE FROM agentq.rollup_pending;
-    DELETE FROM agentq.rollup_usage;
-    DELETE FROM agentq.rollup_throughput;
-    DELETE FROM agentq.rollup_status;
-    DELETE FROM agentq.rollup_latency;
+    PERFORM agentq.rollups_rebuild();
     RETURN NULL;
 END
 $$;

@@ -397,6 +397,57 @@ START_TEST(test_cancel_request_notifies_listeners)
 }
 END_TEST
 
+/* agentq_final (016's contract, sent by 018's trigger): once for a row
+ * inserted final and once each time a row becomes final; not for a
+ * final row that changes again, nor for a requeue. */
+START_TEST(test_final_status_notifies_listeners)
+{
+    migrated_db();
+    PGconn *listener = PQconnectdb(dsn);
+    ck_assert_int_eq(PQstatus(listener), CONNECTION_OK);
+    PGresult *res = PQexec(listener, "LISTEN agentq_final");
+    ck_assert_int_eq(PQresultStatus(res), PGRES_COMMAND_OK);
+    PQclear(res);
+
+    static const struct {
+        const char *sql, *notified; /* the task_id, or NULL: none */
+    } steps[] = {
+        {"INSERT INTO agentq.tasks (task_id, user_id, goal, status, finished_at)"
+         " VALUES ('00000000-0000-0000-0000-0000000000f1', 'u', 'g', 'rejected', now())",
+         "00000000-0000-0000-0000-0000000000f1"},
+        {"INSERT INTO agentq.tasks (task_id, user_id, goal, status, started_at)"
+         " VALUES ('00000000-0000-0000-0000-0000000000f2', 'u', 'g', 'running', now())",
+         NULL},
+        {"UPDATE agentq.tasks SET steps = 3 WHERE task_id = '00000000-0000-0000-0000-0000000000f2'", NULL},
+        {"UPDATE agentq.tasks SET status = 'completed', finished_at = now()"
+         " WHERE task_id = '00000000-0000-0000-0000-0000000000f2'",
+         "00000000-0000-0000-0000-0000000000f2"},
+        {"UPDATE agentq.tasks SET cost_usd = 1 WHERE task_id = '00000000-0000-0000-0000-0000000000f2'", NULL},
+        {"UPDATE agentq.tasks SET status = 'queued', finished_at = NULL"
+         " WHERE task_id = '00000000-0000-0000-0000-0000000000f2'",
+         NULL},
+        {"UPDATE agentq.tasks SET status = 'failed', finished_at = now()"
+         " WHERE task_id = '00000000-0000-0000-0000-0000000000f2'",
+         "00000000-0000-0000-0000-0000000000f2"},
+        {"DELETE FROM agentq.tasks WHERE task_id = '00000000-0000-0000-0000-0000000000f1'", NULL},
+    };
+    for (size_t i = 0; i < AQ_ARRAY_LEN(steps); i++) {
+        exec_ok(steps[i].sql);
+        PGnotify *n = wait_notify(listener, steps[i].notified ? 5000 : 300);
+        if (steps[i].notified) {
+            ck_assert_msg(n != NULL, "no notification after %s", steps[i].sql);
+            ck_assert_str_eq(n->relname, "agentq_final");
+            ck_assert_str_eq(n->extra, steps[i].notified);
+            PQfreemem(n);
+            n = wait_notify(listener, 300);
+        }
+        ck_assert_msg(n == NULL, "a notification too many after %s: %s", steps[i].sql, n ? n->extra : "");
+    }
+    PQfinish(listener);
+    drop_dsn();
+}
+END_TEST
+
 /* sql/015_providers.sql: the provider column, the cache's table, its
  * running total and the functions, with the signatures the store and the
  * fleet limiter call. */
@@ -1323,7 +1374,8 @@ static Suite *schema_suite(void)
                            test_status_lists_pending_on_a_new_database, test_task_row_round_trips,
                            test_steps_and_dead_letters_store_what_workers_write,
                            test_views_count_what_was_inserted, test_take_tokens_refills_and_takes,
-                           test_cancel_request_notifies_listeners, test_worker_role_can_write,
+                           test_cancel_request_notifies_listeners,
+                           test_final_status_notifies_listeners, test_worker_role_can_write,
                            test_provider_objects_exist, test_cache_get_and_put,
                            test_cache_bound_evicts_expired_then_oldest,
                            test_clamp_bucket_lowers_and_never_raises, test_pause_bucket_notifies_limits,
